@@ -1,0 +1,2 @@
+//! Volume leases and QEMU-compatible image locks.
+#![deny(missing_docs)]

@@ -1,0 +1,2 @@
+//! dir, btrfs and LVM storage pools with offline volume snapshots.
+#![deny(missing_docs)]

@@ -1,0 +1,1 @@
+//! Real test components for virt-snap's tests.

@@ -1,0 +1,116 @@
+//! Argument parsing and dispatch for the `virt-snap` binary.
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use virt_snap::output::{self, Format};
+
+/// The error every subcommand returns: a message (with an optional cause) and an exit code.
+#[derive(Debug, thiserror::Error)]
+#[error("{msg}")]
+pub struct CliError {
+    msg: String,
+    code: u8,
+    #[source]
+    source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
+}
+
+impl CliError {
+    /// A failure with exit code 1.
+    pub fn new(msg: impl Into<String>) -> Self {
+        CliError {
+            msg: msg.into(),
+            code: 1,
+            source: None,
+        }
+    }
+    /// A failure caused by `source`, with exit code 1.
+    pub fn with_source(
+        msg: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        CliError {
+            msg: msg.into(),
+            code: 1,
+            source: Some(Box::new(source)),
+        }
+    }
+    /// The process exit code for this error.
+    pub fn exit_code(&self) -> u8 {
+        self.code
+    }
+}
+
+/// Result of a subcommand.
+pub type CliResult = Result<(), CliError>;
+
+/// virt-snap: snapshots of QEMU/KVM virtual machines and of their disk volumes.
+#[derive(Debug, Parser)]
+#[command(name = "virt-snap", version, about, propagate_version = true)]
+pub struct Cli {
+    /// State directory (pools, domains, snapshot metadata, leases, sockets).
+    #[arg(long, global = true, env = "VIRT_SNAP_STATE_DIR", value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Output format of commands that print data.
+    #[arg(long, short = 'o', global = true, value_enum, default_value_t = Format::Text)]
+    pub output: Format,
+    /// More logging on stderr (-v info, -vv debug, -vvv trace); RUST_LOG overrides.
+    #[arg(long, short = 'v', global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Print the resolved state directory.
+    StateDir,
+}
+
+/// Set up logging on stderr from `-v` and `RUST_LOG`.
+pub fn init_logging(verbose: u8) {
+    use tracing_subscriber::EnvFilter;
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Resolve the state directory or fail with a clear message.
+pub fn state_dir(cli_choice: Option<&std::path::Path>) -> Result<PathBuf, CliError> {
+    virt_snap::state::resolve_from_env(cli_choice).ok_or_else(|| {
+        CliError::new("no state directory: pass --state-dir, or set VIRT_SNAP_STATE_DIR or HOME")
+    })
+}
+
+/// Run the parsed command line.
+pub fn run(cli: Cli) -> CliResult {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| CliError::with_source("cannot start the async runtime", e))?;
+    rt.block_on(dispatch(cli))
+}
+
+async fn dispatch(cli: Cli) -> CliResult {
+    match cli.command {
+        Command::StateDir => {
+            let dir = state_dir(cli.state_dir.as_deref())?;
+            match cli.output {
+                Format::Json => output::print_json(&serde_json::json!({ "state-dir": dir }))
+                    .map_err(|e| CliError::with_source("cannot write output", e)),
+                Format::Text => {
+                    println!("{}", dir.display());
+                    Ok(())
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,34 @@
+//! The `virt-snap` command-line tool.
+//!
+//! Conventions every subcommand follows: `--output json` on every command that prints data;
+//! errors as one line on stderr (`virt-snap: error: ...`) and a non-zero exit code; `-v` (or
+//! `RUST_LOG`) for logs on stderr; state in the state dir (`--state-dir`, `$VIRT_SNAP_STATE_DIR`,
+//! `$XDG_STATE_HOME/virt-snap`, `~/.local/state/virt-snap`).
+
+mod cli;
+
+use clap::Parser;
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let args = cli::Cli::parse();
+    cli::init_logging(args.verbose);
+    match cli::run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line: the error and its causes, joined.
+            let mut msg = e.to_string();
+            let mut src = std::error::Error::source(&e);
+            while let Some(cause) = src {
+                let text = cause.to_string();
+                if !msg.contains(&text) {
+                    msg.push_str(": ");
+                    msg.push_str(&text);
+                }
+                src = cause.source();
+            }
+            eprintln!("virt-snap: error: {}", msg.replace('\n', " "));
+            ExitCode::from(e.exit_code())
+        }
+    }
+}

@@ -1,0 +1,21 @@
+//! Output conventions of the CLI: every command that prints data takes `--output text|json`.
+
+use serde::Serialize;
+
+/// How a command prints its data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Format {
+    /// Human-readable text (the default).
+    #[default]
+    Text,
+    /// One JSON document on stdout.
+    Json,
+}
+
+/// Print `value` as pretty JSON followed by a newline.
+pub fn print_json<T: Serialize + ?Sized>(value: &T) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer_pretty(&mut out, value).map_err(std::io::Error::other)?;
+    writeln!(out)
+}
