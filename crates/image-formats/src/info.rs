@@ -1,0 +1,424 @@
+//! What `qemu-img info` reports about one image, read natively, and its JSON form with
+//! `qemu-img info --output=json`'s field names and values.
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::qcow2::{self, Qcow2, Snapshot};
+use crate::qed::{self, Qed};
+use crate::storage::{FileStorage, Storage};
+use serde_json::{json, Map, Value};
+use std::path::Path;
+
+/// An image format this crate reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Format {
+    /// qcow2 version 2 or 3.
+    Qcow2,
+    /// QED.
+    Qed,
+    /// No recognised header: the bytes are the disk.
+    Raw,
+}
+
+impl Format {
+    /// The name QEMU uses ("qcow2", "qed", "raw").
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Format::Qcow2 => "qcow2",
+            Format::Qed => "qed",
+            Format::Raw => "raw",
+        }
+    }
+    /// Parse a format name as recorded in an image header or given by a user.
+    pub fn from_name(name: &str) -> Result<Format> {
+        match name {
+            "qcow2" => Ok(Format::Qcow2),
+            "qed" => Ok(Format::Qed),
+            "raw" => Ok(Format::Raw),
+            other => Err(Error::new(
+                ErrorKind::Unsupported,
+                format!("image format '{other}' is not supported"),
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for Format {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Formats we recognise only to refuse them (rather than reading them as raw).
+const OTHER_MAGICS: &[(usize, &[u8], &str)] = &[
+    (0, b"KDMV", "vmdk"),
+    (0, b"conectix", "vpc"),
+    (0, b"vhdxfile", "vhdx"),
+    (0, b"LUKS\xba\xbe", "luks"),
+    (0x40, b"\x7f\x10\xda\xbe", "vdi"),
+    (0, b"WithoutFreeSpace", "parallels"),
+    (0, b"WithouFreSpacExt", "parallels"),
+    (0, b"XenSource Bochs", "bochs"),
+];
+
+/// Probe the format from the first bytes. Formats we do not read are an
+/// [`ErrorKind::Unsupported`] error; anything unrecognised is raw.
+pub fn probe<S: Storage + ?Sized>(storage: &S) -> Result<Format> {
+    let len = storage
+        .len()
+        .map_err(|e| Error::io("cannot get the image size", e))?;
+    let mut b = [0u8; 512];
+    let n = len.min(512) as usize;
+    storage
+        .read_at(&mut b[..n], 0)
+        .map_err(|e| Error::io("cannot read the image header", e).at(0))?;
+    let b = &b[..n];
+    if b.starts_with(&qcow2::MAGIC) {
+        if b.len() >= 8 && u32::from_be_bytes([b[4], b[5], b[6], b[7]]) < 2 {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                "qcow (version 1) images are not supported",
+            ));
+        }
+        return Ok(Format::Qcow2);
+    }
+    if b.starts_with(&qed::MAGIC) {
+        return Ok(Format::Qed);
+    }
+    for (off, magic, name) in OTHER_MAGICS {
+        if b.len() >= off + magic.len() && &b[*off..off + magic.len()] == *magic {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                format!("image format '{name}' is not supported"),
+            ));
+        }
+    }
+    Ok(Format::Raw)
+}
+
+/// Format-specific metadata.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Details {
+    /// qcow2 metadata.
+    Qcow2(Box<Qcow2>),
+    /// QED metadata.
+    Qed(Qed),
+    /// A raw image has none.
+    Raw,
+}
+
+/// One image as `qemu-img info` describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageInfo {
+    /// The name the image was opened by (as given; relative names stay relative).
+    pub filename: String,
+    /// Length of the file in bytes.
+    pub file_length: u64,
+    /// Space allocated on the host (st_blocks * 512), if known.
+    pub actual_size: Option<u64>,
+    /// Format-specific metadata.
+    pub details: Details,
+}
+
+fn lossy(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// QEMU's `path_combine`: a relative backing name is relative to the overlay's directory.
+pub fn combine_backing_path(overlay: &str, backing: &str) -> String {
+    if backing.starts_with('/') || backing.is_empty() {
+        return backing.to_string();
+    }
+    match overlay.rfind('/') {
+        Some(i) => format!("{}{}", &overlay[..=i], backing),
+        None => backing.to_string(),
+    }
+}
+
+impl ImageInfo {
+    /// Read the metadata of an image in `storage`; `format` None probes the header.
+    pub fn read<S: Storage + ?Sized>(
+        filename: &str,
+        storage: &S,
+        format: Option<Format>,
+    ) -> Result<ImageInfo> {
+        let go = || -> Result<ImageInfo> {
+            let format = match format {
+                Some(f) => f,
+                None => probe(storage)?,
+            };
+            let file_length = storage
+                .len()
+                .map_err(|e| Error::io("cannot get the image size", e))?;
+            let details = match format {
+                Format::Qcow2 => Details::Qcow2(Box::new(Qcow2::read(storage)?)),
+                Format::Qed => Details::Qed(Qed::read(storage)?),
+                Format::Raw => Details::Raw,
+            };
+            Ok(ImageInfo {
+                filename: filename.to_string(),
+                file_length,
+                actual_size: None,
+                details,
+            })
+        };
+        go().map_err(|e| e.with_path(filename))
+    }
+
+    /// Open `path` read-only, without locks (works on images a running QEMU holds), and read
+    /// its metadata. `format` None probes the header.
+    pub fn open(path: &Path, format: Option<Format>) -> Result<ImageInfo> {
+        let storage = FileStorage::open_read_only(path).map_err(|e| {
+            let kind = if e.kind() == std::io::ErrorKind::NotFound {
+                ErrorKind::BackingMissing
+            } else {
+                ErrorKind::Io
+            };
+            Error::new(kind, format!("cannot open: {e}")).with_path(path)
+        })?;
+        let name = path.to_string_lossy();
+        let mut info = ImageInfo::read(&name, &storage, format)?;
+        {
+            use std::os::unix::fs::MetadataExt;
+            info.actual_size = storage.file().metadata().ok().map(|m| m.blocks() * 512);
+        }
+        Ok(info)
+    }
+
+    /// The format.
+    pub fn format(&self) -> Format {
+        match self.details {
+            Details::Qcow2(_) => Format::Qcow2,
+            Details::Qed(_) => Format::Qed,
+            Details::Raw => Format::Raw,
+        }
+    }
+    /// The qcow2 metadata, if this is a qcow2 image.
+    pub fn qcow2(&self) -> Option<&Qcow2> {
+        match &self.details {
+            Details::Qcow2(q) => Some(q),
+            _ => None,
+        }
+    }
+    /// Virtual disk size as QEMU reports it (whole 512-byte sectors).
+    pub fn virtual_size(&self) -> u64 {
+        match &self.details {
+            Details::Qcow2(q) => q.header.size & !511,
+            Details::Qed(q) => q.header.image_size & !511,
+            Details::Raw => self.file_length.div_ceil(512) * 512,
+        }
+    }
+    /// Cluster size (not for raw).
+    pub fn cluster_size(&self) -> Option<u64> {
+        match &self.details {
+            Details::Qcow2(q) => Some(q.header.cluster_size()),
+            Details::Qed(q) => Some(u64::from(q.header.cluster_size)),
+            Details::Raw => None,
+        }
+    }
+    /// Was the image not closed cleanly (qcow2 dirty bit, QED need-check bit)?
+    pub fn dirty(&self) -> bool {
+        match &self.details {
+            Details::Qcow2(q) => q.header.is_dirty(),
+            Details::Qed(q) => q.header.needs_check(),
+            Details::Raw => false,
+        }
+    }
+    /// Is the image encrypted?
+    pub fn encrypted(&self) -> bool {
+        matches!(&self.details, Details::Qcow2(q) if q.header.crypt_method != 0)
+    }
+    /// The backing file name as recorded.
+    pub fn backing_filename(&self) -> Option<String> {
+        match &self.details {
+            Details::Qcow2(q) => q.backing_file.as_deref().map(lossy),
+            Details::Qed(q) => q.backing_file.as_deref().map(lossy),
+            Details::Raw => None,
+        }
+    }
+    /// The backing file name resolved against this image's directory.
+    pub fn full_backing_filename(&self) -> Option<String> {
+        self.backing_filename()
+            .map(|b| combine_backing_path(&self.filename, &b))
+    }
+    /// The backing file's format, if the image records it (QED records only "raw").
+    pub fn backing_format(&self) -> Option<String> {
+        match &self.details {
+            Details::Qcow2(q) if q.backing_file.is_some() => q.backing_format().map(lossy),
+            Details::Qed(q) if q.backing_file.is_some() && q.header.backing_no_probe() => {
+                Some("raw".into())
+            }
+            _ => None,
+        }
+    }
+    /// The internal snapshots (qcow2 only).
+    pub fn snapshots(&self) -> &[Snapshot] {
+        match &self.details {
+            Details::Qcow2(q) => &q.snapshots,
+            _ => &[],
+        }
+    }
+
+    /// The JSON `qemu-img info --output=json` prints for this image: same names and values
+    /// on every field qemu-img prints, plus `x-`-prefixed extras (unknown features and
+    /// extensions) when there are any.
+    pub fn to_json(&self) -> Value {
+        let mut m = Map::new();
+        m.insert("filename".into(), json!(self.filename));
+        m.insert("format".into(), json!(self.format().as_str()));
+        m.insert("virtual-size".into(), json!(self.virtual_size()));
+        if let Some(a) = self.actual_size {
+            m.insert("actual-size".into(), json!(a));
+        }
+        m.insert("dirty-flag".into(), json!(self.dirty()));
+        if let Some(c) = self.cluster_size() {
+            m.insert("cluster-size".into(), json!(c));
+        }
+        if self.encrypted() {
+            m.insert("encrypted".into(), json!(true));
+        }
+        if let Some(b) = self.backing_filename() {
+            m.insert("backing-filename".into(), json!(b));
+            m.insert(
+                "full-backing-filename".into(),
+                json!(self.full_backing_filename()),
+            );
+            if let Some(f) = self.backing_format() {
+                m.insert("backing-filename-format".into(), json!(f));
+            }
+        }
+        if !self.snapshots().is_empty() {
+            m.insert(
+                "snapshots".into(),
+                Value::Array(self.snapshots().iter().map(snapshot_json).collect()),
+            );
+        }
+        if let Details::Qcow2(q) = &self.details {
+            m.insert("format-specific".into(), qcow2_specific(q));
+            let unknown = q.unknown_features();
+            if !unknown.is_empty() {
+                m.insert(
+                    "x-unknown-features".into(),
+                    Value::Array(
+                        unknown
+                            .iter()
+                            .map(|u| {
+                                json!({"type": u.feature_type.as_str(), "bit": u.bit, "name": u.name})
+                            })
+                            .collect(),
+                    ),
+                );
+            }
+            let exts: Vec<Value> = q
+                .extensions
+                .iter()
+                .filter_map(|e| match e {
+                    qcow2::HeaderExtension::Unknown { ext_type, data } => {
+                        Some(json!({"type": format!("{ext_type:#010x}"), "length": data.len()}))
+                    }
+                    _ => None,
+                })
+                .collect();
+            if !exts.is_empty() {
+                m.insert("x-unknown-header-extensions".into(), Value::Array(exts));
+            }
+        }
+        let mut file = Map::new();
+        file.insert("children".into(), json!([]));
+        file.insert(
+            "virtual-size".into(),
+            json!(self.file_length.div_ceil(512) * 512),
+        );
+        file.insert("filename".into(), json!(self.filename));
+        file.insert("format".into(), json!("file"));
+        if let Some(a) = self.actual_size {
+            file.insert("actual-size".into(), json!(a));
+        }
+        file.insert(
+            "format-specific".into(),
+            json!({"type": "file", "data": {}}),
+        );
+        file.insert("dirty-flag".into(), json!(false));
+        m.insert(
+            "children".into(),
+            json!([{"name": "file", "info": Value::Object(file)}]),
+        );
+        Value::Object(m)
+    }
+}
+
+/// QEMU truncates ids to 127 bytes and names to 255 bytes when it lists snapshots.
+fn truncated(b: &[u8], max: usize) -> String {
+    lossy(&b[..b.len().min(max)])
+}
+
+/// The JSON `qemu-img info --output=json` prints for one snapshot.
+pub fn snapshot_json(s: &Snapshot) -> Value {
+    let mut m = Map::new();
+    m.insert("id".into(), json!(truncated(&s.id, 127)));
+    m.insert("name".into(), json!(truncated(&s.name, 255)));
+    m.insert("vm-state-size".into(), json!(s.vm_state_size()));
+    m.insert("date-sec".into(), json!(s.date_sec));
+    m.insert("date-nsec".into(), json!(s.date_nsec));
+    m.insert(
+        "vm-clock-sec".into(),
+        json!(s.vm_clock_nsec / 1_000_000_000),
+    );
+    m.insert(
+        "vm-clock-nsec".into(),
+        json!(s.vm_clock_nsec % 1_000_000_000),
+    );
+    if let Some(i) = s.icount() {
+        m.insert("icount".into(), json!(i));
+    }
+    Value::Object(m)
+}
+
+fn qcow2_specific(q: &Qcow2) -> Value {
+    let h = &q.header;
+    let mut d = Map::new();
+    if h.version == 2 {
+        d.insert("compat".into(), json!("0.10"));
+    } else {
+        d.insert("compat".into(), json!("1.1"));
+        d.insert("lazy-refcounts".into(), json!(h.lazy_refcounts()));
+        d.insert("corrupt".into(), json!(h.is_corrupt()));
+        d.insert("extended-l2".into(), json!(h.extended_l2()));
+        if !q.bitmaps.is_empty() {
+            d.insert(
+                "bitmaps".into(),
+                Value::Array(
+                    q.bitmaps
+                        .iter()
+                        .map(|b| {
+                            json!({
+                                "name": lossy(&b.name),
+                                "granularity": b.granularity(),
+                                "flags": b.flag_names(),
+                            })
+                        })
+                        .collect(),
+                ),
+            );
+        }
+        if let Some(f) = q.data_file() {
+            d.insert("data-file".into(), json!(lossy(f)));
+        }
+        if q.has_data_file() {
+            d.insert("data-file-raw".into(), json!(q.data_file_raw()));
+        }
+    }
+    d.insert("refcount-bits".into(), json!(h.refcount_bits()));
+    d.insert("compression-type".into(), json!(h.compression_type_name()));
+    match h.crypt_method {
+        1 => {
+            d.insert("encrypt".into(), json!({"format": "aes"}));
+        }
+        2 => {
+            d.insert("encrypt".into(), json!({"format": "luks"}));
+        }
+        _ => {}
+    }
+    json!({"type": "qcow2", "data": Value::Object(d)})
+}
