@@ -1,5 +1,7 @@
 //! Argument parsing and dispatch for the `virt-snap` binary.
 
+mod image;
+
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use virt_snap::output::{self, Format};
@@ -65,6 +67,8 @@ pub struct Cli {
 pub enum Command {
     /// Print the resolved state directory.
     StateDir,
+    /// Inspect disk images: `image info`, `image snapshot list`.
+    Image(image::ImageCmd),
 }
 
 /// Set up logging on stderr from `-v` and `RUST_LOG`.
@@ -101,6 +105,7 @@ pub fn run(cli: Cli) -> CliResult {
 
 async fn dispatch(cli: Cli) -> CliResult {
     match cli.command {
+        Command::Image(cmd) => image::run(cmd, cli.output),
         Command::StateDir => {
             let dir = state_dir(cli.state_dir.as_deref())?;
             match cli.output {

@@ -1,0 +1,356 @@
+//! `virt-snap image ...`: what `qemu-img info` and `qemu-img snapshot -l` report, read
+//! natively (no locks, so it works on images a running QEMU holds).
+
+use super::{CliError, CliResult};
+use clap::{Args, Subcommand};
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use virt_snap::image_formats::{
+    self, backing_chain, qcow2::Snapshot, ChainOptions, Format as ImgFormat, ImageInfo, ProbePolicy,
+};
+use virt_snap::output::{self, Format};
+
+/// Inspect disk images (qcow2, QED, raw).
+#[derive(Debug, Args)]
+pub struct ImageCmd {
+    #[command(subcommand)]
+    cmd: ImageSub,
+}
+
+#[derive(Debug, Subcommand)]
+enum ImageSub {
+    /// Show an image's metadata, like `qemu-img info` (same JSON field names and values).
+    Info {
+        /// Also show every backing file, top first (like `qemu-img info --backing-chain`).
+        #[arg(long)]
+        backing_chain: bool,
+        /// Let --backing-chain guess the format of backing files whose format the overlay
+        /// does not record. Off by default: probing is unsafe with guest-written data.
+        #[arg(long)]
+        allow_probe: bool,
+        /// The image's format (qcow2, qed, raw) instead of probing its header.
+        #[arg(long, short = 'f', value_name = "FMT")]
+        format: Option<String>,
+        /// The image file.
+        file: PathBuf,
+    },
+    /// Internal snapshots of a qcow2 image.
+    Snapshot {
+        #[command(subcommand)]
+        cmd: SnapshotSub,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum SnapshotSub {
+    /// List the internal snapshots, like `qemu-img snapshot -l`.
+    List {
+        /// The image's format instead of probing its header.
+        #[arg(long, short = 'f', value_name = "FMT")]
+        format: Option<String>,
+        /// The image file.
+        file: PathBuf,
+    },
+}
+
+fn img_err(e: image_formats::Error) -> CliError {
+    CliError::with_source("cannot read image", e)
+}
+
+fn parse_format(f: Option<&str>) -> Result<Option<ImgFormat>, CliError> {
+    f.map(ImgFormat::from_name).transpose().map_err(img_err)
+}
+
+fn write_out(s: &str) -> CliResult {
+    use std::io::Write;
+    std::io::stdout()
+        .lock()
+        .write_all(s.as_bytes())
+        .map_err(|e| CliError::with_source("cannot write output", e))
+}
+
+fn print_json(v: &serde_json::Value) -> CliResult {
+    output::print_json(v).map_err(|e| CliError::with_source("cannot write output", e))
+}
+
+/// Run `virt-snap image ...`.
+pub fn run(cmd: ImageCmd, out: Format) -> CliResult {
+    match cmd.cmd {
+        ImageSub::Info {
+            backing_chain: chain,
+            allow_probe,
+            format,
+            file,
+        } => {
+            let fmt = parse_format(format.as_deref())?;
+            if chain {
+                let opts = ChainOptions {
+                    probe: if allow_probe {
+                        ProbePolicy::Allow
+                    } else {
+                        ProbePolicy::Never
+                    },
+                    ..ChainOptions::default()
+                };
+                let images = backing_chain(&file, fmt, opts).map_err(img_err)?;
+                match out {
+                    Format::Json => print_json(&serde_json::Value::Array(
+                        images.iter().map(ImageInfo::to_json).collect(),
+                    )),
+                    Format::Text => {
+                        write_out(&images.iter().map(info_text).collect::<Vec<_>>().join("\n"))
+                    }
+                }
+            } else {
+                let info = ImageInfo::open(&file, fmt).map_err(img_err)?;
+                match out {
+                    Format::Json => print_json(&info.to_json()),
+                    Format::Text => write_out(&info_text(&info)),
+                }
+            }
+        }
+        ImageSub::Snapshot {
+            cmd: SnapshotSub::List { format, file },
+        } => {
+            let fmt = parse_format(format.as_deref())?;
+            let info = ImageInfo::open(&file, fmt).map_err(img_err)?;
+            if info.format() != ImgFormat::Qcow2 {
+                return Err(CliError::new(format!(
+                    "{}: {} images have no internal snapshots",
+                    file.display(),
+                    info.format()
+                )));
+            }
+            match out {
+                Format::Json => print_json(&serde_json::Value::Array(
+                    info.snapshots()
+                        .iter()
+                        .map(image_formats::info::snapshot_json)
+                        .collect(),
+                )),
+                Format::Text => {
+                    let mut s = String::new();
+                    if !info.snapshots().is_empty() {
+                        snapshot_table(&mut s, info.snapshots());
+                    }
+                    write_out(&s)
+                }
+            }
+        }
+    }
+}
+
+/// QEMU's `size_to_str`: three significant digits and a binary unit ("204 KiB", "0 B").
+pub fn size_to_str(val: u64) -> String {
+    const SUFFIXES: [&str; 7] = ["", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei"];
+    // frexp's exponent of val / (1000/1024): the number of bits of that value.
+    let scaled = val as f64 / (1000.0 / 1024.0);
+    let exp = if scaled == 0.0 {
+        0
+    } else {
+        scaled.log2().floor() as i32 + 1
+    };
+    let i = (((exp - 1) / 10).max(0) as usize).min(SUFFIXES.len() - 1);
+    let div = (1u64 << (i * 10)) as f64;
+    format!("{} {}B", fmt_g3(val as f64 / div), SUFFIXES[i])
+}
+
+/// C's `%0.3g`.
+fn fmt_g3(v: f64) -> String {
+    if v == 0.0 {
+        return "0".into();
+    }
+    let e = format!("{v:.2e}");
+    let (mant, exp) = e.split_once('e').unwrap_or((&e, "0"));
+    let exp: i32 = exp.parse().unwrap_or(0);
+    if !(-4..3).contains(&exp) {
+        let mant = strip_zeros(mant);
+        return format!("{mant}e{}{:02}", if exp < 0 { '-' } else { '+' }, exp.abs());
+    }
+    let decimals = (2 - exp).max(0) as usize;
+    strip_zeros(&format!("{v:.decimals$}")).to_string()
+}
+
+fn strip_zeros(s: &str) -> &str {
+    if s.contains('.') {
+        s.trim_end_matches('0').trim_end_matches('.')
+    } else {
+        s
+    }
+}
+
+/// `YYYY-MM-DD HH:MM:SS` in UTC.
+fn format_date(secs: u32) -> String {
+    let days = i64::from(secs) / 86400;
+    let rem = i64::from(secs) % 86400;
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+fn snapshot_table(s: &mut String, snaps: &[Snapshot]) {
+    let _ = writeln!(s, "Snapshot list:");
+    let _ = writeln!(
+        s,
+        "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}",
+        "ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT"
+    );
+    for sn in snaps {
+        let secs = sn.vm_clock_nsec / 1_000_000_000;
+        let clock = format!(
+            "{:04}:{:02}:{:02}.{:03}",
+            secs / 3600,
+            secs / 60 % 60,
+            secs % 60,
+            sn.vm_clock_nsec / 1_000_000 % 1000
+        );
+        let icount = sn.icount().map(|i| i.to_string()).unwrap_or_default();
+        let id = String::from_utf8_lossy(&sn.id[..sn.id.len().min(127)]);
+        let name = String::from_utf8_lossy(&sn.name[..sn.name.len().min(255)]);
+        let _ = writeln!(
+            s,
+            "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}",
+            id,
+            name,
+            size_to_str(sn.vm_state_size()),
+            format_date(sn.date_sec),
+            clock,
+            icount
+        );
+    }
+}
+
+/// The text `qemu-img info` prints for one image.
+pub fn info_text(info: &ImageInfo) -> String {
+    let mut s = String::new();
+    let disk = info
+        .actual_size
+        .map(size_to_str)
+        .unwrap_or_else(|| "unavailable".into());
+    let v = info.virtual_size();
+    let _ = writeln!(s, "image: {}", info.filename);
+    let _ = writeln!(s, "file format: {}", info.format());
+    let _ = writeln!(s, "virtual size: {} ({v} bytes)", size_to_str(v));
+    let _ = writeln!(s, "disk size: {disk}");
+    if info.encrypted() {
+        let _ = writeln!(s, "encrypted: yes");
+    }
+    if let Some(c) = info.cluster_size() {
+        let _ = writeln!(s, "cluster_size: {c}");
+    }
+    if info.dirty() {
+        let _ = writeln!(s, "cleanly shut down: no");
+    }
+    if let Some(b) = info.backing_filename() {
+        let full = info.full_backing_filename().unwrap_or_default();
+        if full != b {
+            let _ = writeln!(s, "backing file: {b} (actual path: {full})");
+        } else {
+            let _ = writeln!(s, "backing file: {b}");
+        }
+        if let Some(f) = info.backing_format() {
+            let _ = writeln!(s, "backing file format: {f}");
+        }
+    }
+    if !info.snapshots().is_empty() {
+        snapshot_table(&mut s, info.snapshots());
+    }
+    if let Some(q) = info.qcow2() {
+        let h = &q.header;
+        let _ = writeln!(s, "Format specific information:");
+        let lossy = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        if h.version == 2 {
+            let _ = writeln!(s, "    compat: 0.10");
+        } else {
+            let _ = writeln!(s, "    compat: 1.1");
+        }
+        let _ = writeln!(s, "    compression type: {}", h.compression_type_name());
+        if h.version >= 3 {
+            let _ = writeln!(s, "    lazy refcounts: {}", h.lazy_refcounts());
+            if !q.bitmaps.is_empty() {
+                let _ = writeln!(s, "    bitmaps:");
+                for (i, b) in q.bitmaps.iter().enumerate() {
+                    let _ = writeln!(s, "        [{i}]:");
+                    let _ = writeln!(s, "            flags:");
+                    for (j, f) in b.flag_names().iter().enumerate() {
+                        let _ = writeln!(s, "                [{j}]: {f}");
+                    }
+                    let _ = writeln!(s, "            name: {}", lossy(&b.name));
+                    let _ = writeln!(s, "            granularity: {}", b.granularity());
+                }
+            }
+        }
+        let _ = writeln!(s, "    refcount bits: {}", h.refcount_bits());
+        if h.crypt_method != 0 {
+            let _ = writeln!(s, "    encrypt:");
+            let _ = writeln!(
+                s,
+                "        format: {}",
+                if h.crypt_method == 1 { "aes" } else { "luks" }
+            );
+        }
+        if h.version >= 3 {
+            if let Some(f) = q.data_file() {
+                let _ = writeln!(s, "    data file: {}", lossy(f));
+            }
+            if q.has_data_file() {
+                let _ = writeln!(s, "    data file raw: {}", q.data_file_raw());
+            }
+            let _ = writeln!(s, "    corrupt: {}", h.is_corrupt());
+            let _ = writeln!(s, "    extended l2: {}", h.extended_l2());
+        }
+        for u in q.unknown_features() {
+            let _ = writeln!(
+                s,
+                "    unknown {} feature bit {}{}",
+                u.feature_type.as_str(),
+                u.bit,
+                u.name.map(|n| format!(" ({n})")).unwrap_or_default()
+            );
+        }
+    }
+    let _ = writeln!(s, "Child node '/file':");
+    let _ = writeln!(s, "    filename: {}", info.filename);
+    let _ = writeln!(s, "    protocol type: file");
+    let len = info.file_length.div_ceil(512) * 512;
+    let _ = writeln!(s, "    file length: {} ({len} bytes)", size_to_str(len));
+    let _ = writeln!(s, "    disk size: {disk}");
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_read_like_qemu() {
+        assert_eq!(size_to_str(0), "0 B");
+        assert_eq!(size_to_str(208_896), "204 KiB");
+        assert_eq!(size_to_str(328_192), "320 KiB");
+        assert_eq!(size_to_str(67_108_864), "64 MiB");
+        assert_eq!(size_to_str(1 << 30), "1 GiB");
+        assert_eq!(size_to_str(147_968), "144 KiB");
+        assert_eq!(size_to_str(1000), "0.977 KiB");
+        assert_eq!(size_to_str(999), "999 B");
+        assert_eq!(size_to_str(1536), "1.5 KiB");
+    }
+
+    #[test]
+    fn dates_are_utc() {
+        assert_eq!(format_date(0), "1970-01-01 00:00:00");
+        assert_eq!(format_date(1_795_770_760), "2026-11-27 09:12:40");
+    }
+}
