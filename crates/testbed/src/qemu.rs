@@ -284,6 +284,13 @@ impl Qemu {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 
+    /// A new QMP connection (QEMU serves one client at a time on this socket).
+    pub async fn qmp(&self) -> Result<qmp_proto::QmpClient> {
+        qmp_proto::QmpClient::connect_unix(&self.qmp_path)
+            .await
+            .map_err(|e| Error(format!("QMP connect to {}: {e}", self.qmp_path.display())))
+    }
+
     /// Has QEMU exited? (reaps it if so)
     pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
         self.process.try_wait()
@@ -346,7 +353,8 @@ impl Qemu {
                 )));
             }
             if let Ok(s) = UnixStream::connect(&self.qmp_path) {
-                if self.monitor_ready(s)? {
+                // A failure here (QEMU exiting under us) is judged by the exit check above.
+                if let Ok(true) = self.monitor_ready(s) {
                     return Ok(());
                 }
             }

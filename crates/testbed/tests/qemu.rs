@@ -42,3 +42,27 @@ fn qemu_start_failure_reports_qemu_stderr() {
         "error should carry QEMU's message: {err}"
     );
 }
+
+#[tokio::test]
+async fn qemu_speaks_qmp() {
+    let qemu = Qemu::builder()
+        .disk("disk0", DiskFormat::Qcow2, 64 << 20)
+        .spawn()
+        .expect("start QEMU");
+    let qmp = qemu.qmp().await.expect("QMP");
+    let (major, minor, micro) = qmp.greeting().version;
+    assert_eq!(format!("{major}.{minor}.{micro}"), testbed::QEMU_VERSION);
+    let status = qmp.execute("query-status", None).await.unwrap();
+    assert_eq!(status["status"], "running");
+    let nodes = qmp.execute("query-named-block-nodes", None).await.unwrap();
+    let names: Vec<&str> = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|n| n["node-name"].as_str())
+        .collect();
+    assert!(
+        names.contains(&"disk0") && names.contains(&"disk0-file"),
+        "{names:?}"
+    );
+}

@@ -1,6 +1,56 @@
 //! `cargo xtask bench NAME`: benchmarks that measure virt-snap and its peer in the same run.
+//!
+//! Each benchmark builds what it measures in release mode, runs ours and the peer side by
+//! side (interleaved), and prints medians and the ratio peer / ours.
 
-/// Run the named benchmark.
+// The process-timing half of the harness serves the image benchmarks being added.
+#[allow(dead_code)]
+pub mod harness;
+mod qemu_start;
+
+use crate::util::{self, step};
+
+/// The benchmarks: name, what it measures.
+const BENCHES: &[(&str, &str)] = &[(
+    "qemu-start",
+    "QEMU spawn to first query-status answer: qmp-proto vs Python qemu.qmp",
+)];
+
+/// Run the named benchmark (or `list`).
 pub fn run(args: &[String]) -> Result<(), String> {
-    Err(format!("unknown benchmark {args:?}"))
+    let name = args.first().map(String::as_str).unwrap_or("list");
+    let rest = &args[args.len().min(1)..];
+    match name {
+        "list" => {
+            for (n, what) in BENCHES {
+                println!("{n:<16} {what}");
+            }
+            Ok(())
+        }
+        "qemu-start" => qemu_start::run(rest),
+        other => Err(format!(
+            "unknown benchmark {other:?}; `cargo xtask bench list` shows them"
+        )),
+    }
+}
+
+/// Build the release binaries of `package` and return the release directory.
+pub fn build_release(package: &str) -> Result<std::path::PathBuf, String> {
+    step(&format!("cargo build --release -p {package}"));
+    util::cargo(&["build", "--release", "--quiet", "-p", package])?;
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(util::target_dir);
+    Ok(target.join("release"))
+}
+
+/// Parse `--runs N` from the benchmark's arguments.
+pub fn runs_arg(args: &[String], default: usize) -> Result<usize, String> {
+    match args.iter().position(|a| a == "--runs") {
+        Some(i) => args
+            .get(i + 1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| "--runs takes a number".to_string()),
+        None => Ok(default),
+    }
 }

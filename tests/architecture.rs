@@ -1,0 +1,176 @@
+//! Checks the invariants stated in docs/ARCHITECTURE.md against the code.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// Our crates that a crate's `[dependencies]` (not dev-dependencies) name.
+fn internal_deps(krate: &str) -> Vec<String> {
+    let ours = [
+        "qmp-proto",
+        "image-formats",
+        "storage-backends",
+        "locking",
+        "snapshot-core",
+        "virt-snap",
+        "testbed",
+        "bench-drivers",
+    ];
+    let text = std::fs::read_to_string(root().join("crates").join(krate).join("Cargo.toml"))
+        .unwrap_or_else(|e| panic!("{krate}/Cargo.toml: {e}"));
+    let mut section = String::new();
+    let mut deps = Vec::new();
+    for line in text.lines() {
+        let line = line.trim();
+        if line.starts_with('[') {
+            section = line.to_string();
+            continue;
+        }
+        if section != "[dependencies]" {
+            continue;
+        }
+        let name = line
+            .split(['=', '.', ' '])
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_string();
+        if ours.contains(&name.as_str()) {
+            deps.push(name);
+        }
+    }
+    deps
+}
+
+#[test]
+fn dependencies_point_down_the_layers() {
+    let allowed: BTreeMap<&str, &[&str]> = BTreeMap::from([
+        ("qmp-proto", &[][..]),
+        ("image-formats", &[][..]),
+        ("locking", &[][..]),
+        (
+            "storage-backends",
+            &["image-formats", "locking", "qmp-proto"][..],
+        ),
+        ("snapshot-core", &[][..]),
+        (
+            "virt-snap",
+            &[
+                "qmp-proto",
+                "image-formats",
+                "storage-backends",
+                "locking",
+                "snapshot-core",
+            ][..],
+        ),
+        ("testbed", &["qmp-proto"][..]),
+    ]);
+    for (krate, ok) in &allowed {
+        for dep in internal_deps(krate) {
+            assert!(
+                ok.contains(&dep.as_str()),
+                "{krate} depends on {dep}, which docs/ARCHITECTURE.md does not allow"
+            );
+        }
+    }
+}
+
+fn rust_sources(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|x| x == "rs") {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+/// Library source of a crate (src/, without #[cfg(test)] modules' own files under tests/).
+fn lib_sources_containing(krate: &str, needles: &[&str]) -> Vec<String> {
+    let mut hits = Vec::new();
+    for f in rust_sources(&root().join("crates").join(krate).join("src")) {
+        let text = std::fs::read_to_string(&f).unwrap();
+        // Only the part before a `#[cfg(test)]` module counts as library code.
+        let lib = text.split("#[cfg(test)]").next().unwrap_or("");
+        for n in needles {
+            if lib.contains(n) {
+                hits.push(format!("{}: {n}", f.display()));
+            }
+        }
+    }
+    hits
+}
+
+#[test]
+fn image_formats_spawns_no_processes_and_takes_no_locks() {
+    let hits = lib_sources_containing(
+        "image-formats",
+        &[
+            "std::process",
+            "tokio::process",
+            "Command::new",
+            "F_OFD_SETLK",
+            "flock(",
+        ],
+    );
+    assert!(hits.is_empty(), "{hits:#?}");
+}
+
+#[test]
+fn only_the_facade_launches_qemu() {
+    for krate in [
+        "qmp-proto",
+        "image-formats",
+        "locking",
+        "storage-backends",
+        "snapshot-core",
+    ] {
+        let hits = lib_sources_containing(krate, &["qemu-system"]);
+        assert!(hits.is_empty(), "{hits:#?}");
+    }
+}
+
+#[test]
+fn snapshot_core_qmp_proto_and_locking_spawn_no_processes() {
+    for krate in ["snapshot-core", "qmp-proto", "locking"] {
+        let hits = lib_sources_containing(
+            krate,
+            &["std::process::Command", "tokio::process", "Command::new"],
+        );
+        assert!(hits.is_empty(), "{hits:#?}");
+    }
+}
+
+#[test]
+fn library_crates_deny_missing_docs() {
+    for krate in [
+        "qmp-proto",
+        "image-formats",
+        "locking",
+        "storage-backends",
+        "snapshot-core",
+        "virt-snap",
+    ] {
+        let lib =
+            std::fs::read_to_string(root().join("crates").join(krate).join("src/lib.rs")).unwrap();
+        assert!(
+            lib.contains("#![deny(missing_docs)]"),
+            "{krate}/src/lib.rs lacks #![deny(missing_docs)]"
+        );
+    }
+}
