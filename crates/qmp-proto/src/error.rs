@@ -10,8 +10,10 @@ pub enum ErrorKind {
     Io,
     /// The peer did not answer within the time allowed.
     Timeout,
-    /// The connection is closed (EOF, reset, or closed by us after a protocol error);
-    /// every command in flight when that happened fails with this kind.
+    /// The connection is closed (EOF, reset, or closed by us after a protocol error).
+    /// Commands in flight when it closed fail with this kind (or with
+    /// [`ErrorKind::Protocol`] when the peer's protocol violation closed it); commands
+    /// issued afterwards always fail with this kind.
     Disconnected,
     /// The peer sent something that breaks the protocol (bad greeting, over-long line, ...).
     Protocol,
