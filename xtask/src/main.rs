@@ -7,6 +7,7 @@
 //! - `cargo xtask demo`         README's main job: show what virt-snap does today
 
 mod bench;
+mod demo;
 mod deps;
 mod guest_image;
 mod util;
@@ -32,7 +33,7 @@ fn main() -> ExitCode {
         }),
         Some("test") => test(&args[1..]),
         Some("bench") => bench::run(&args[1..]),
-        Some("demo") => demo(),
+        Some("demo") => demo::run(),
         Some("-h" | "--help" | "help") | None => {
             print!("{USAGE}");
             Ok(())
@@ -68,9 +69,4 @@ fn test(extra: &[String]) -> Result<(), String> {
     let mut args: Vec<&str> = vec!["test", "--workspace"];
     args.extend(extra.iter().map(String::as_str));
     util::cargo_env(&args, &[("VIRT_SNAP_GUEST_DIR", guest.as_os_str())])
-}
-
-fn demo() -> Result<(), String> {
-    util::step("virt-snap demo");
-    util::cargo(&["run", "--quiet", "-p", "virt-snap", "--example", "demo"])
 }
