@@ -198,3 +198,58 @@ async fn real_closed_resolves_after_quit() {
     assert_eq!(e.kind(), ErrorKind::Disconnected);
     assert!(q.wait_exit(T).is_some(), "QEMU did not exit after quit");
 }
+
+fn signal(q: &Qemu, sig: &str) {
+    let st = std::process::Command::new("kill")
+        .args([sig, &q.pid().to_string()])
+        .status()
+        .expect("run kill(1)");
+    assert!(st.success(), "kill {sig} failed");
+}
+
+#[tokio::test]
+async fn real_timeout_while_qemu_is_frozen_then_recovers() {
+    let q = qemu();
+    let c = connect(&q).await;
+    // A stopped QEMU answers nothing: the command times out and leaves no pending entry.
+    signal(&q, "-STOP");
+    let t0 = Instant::now();
+    let e = c
+        .execute_timeout("query-status", None, Duration::from_millis(200))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Timeout, "{e}");
+    assert!(t0.elapsed() < Duration::from_secs(2));
+    assert_eq!(c.in_flight(), 0);
+    signal(&q, "-CONT");
+    // The late reply to the timed-out command is dropped; new commands get their own.
+    let v = c.execute("query-version", None).await.unwrap();
+    assert_eq!(v["qemu"]["major"], 10);
+    let st = c.execute("query-status", None).await.unwrap();
+    assert_eq!(st["status"], "running");
+}
+
+#[tokio::test]
+async fn real_qemu_killed_mid_command_fails_it_with_disconnected() {
+    let mut q = qemu();
+    let c = connect(&q).await;
+    let mut events = c.subscribe();
+    signal(&q, "-STOP");
+    let pending = tokio::spawn({
+        let c = c.clone();
+        async move { c.execute("query-status", None).await }
+    });
+    while c.in_flight() == 0 {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    q.kill();
+    let e = tokio::time::timeout(T, pending)
+        .await
+        .expect("pending command not failed after QEMU died")
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Disconnected, "{e}");
+    tokio::time::timeout(T, c.closed()).await.unwrap();
+    assert!(events.next().await.is_none());
+    assert_eq!(c.in_flight(), 0);
+}
