@@ -111,6 +111,19 @@ impl Header {
         Ok(h)
     }
 
+    /// QEMU's table offset check: the first and the last cluster of the table must be
+    /// cluster-aligned offsets past the header and before the end of the file (rounded down
+    /// to a cluster). Like QEMU, a table of one cluster never passes (its last cluster is its
+    /// first, which QEMU's overflow check rejects).
+    pub fn table_offset_valid(&self, offset: u64, file_len: u64) -> bool {
+        let cs = u64::from(self.cluster_size);
+        let file_size = file_len / cs * cs;
+        let header_bytes = u64::from(self.header_size) * cs;
+        let cluster_ok = |o: u64| o % cs == 0 && o >= header_bytes && o < file_size;
+        let end = offset.saturating_add(u64::from(self.table_size.saturating_sub(1)) * cs);
+        end > offset && cluster_ok(offset) && cluster_ok(end)
+    }
+
     /// Does the header record a backing file?
     pub fn has_backing_file(&self) -> bool {
         self.features & F_BACKING_FILE != 0
@@ -149,6 +162,12 @@ impl Qed {
             .read_at(&mut b, 0)
             .map_err(|e| Error::io("cannot read the QED header", e).at(0))?;
         let header = Header::parse(&b)?;
+        let file_len = storage
+            .len()
+            .map_err(|e| Error::io("cannot get the image size", e))?;
+        if !header.table_offset_valid(header.l1_table_offset, file_len) {
+            return Err(Error::invalid("QED table offset is invalid", 40));
+        }
         let backing_file = if header.has_backing_file() {
             // QEMU caps the name at 1023 bytes.
             if header.backing_filename_size > 1023 {
