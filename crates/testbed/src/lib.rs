@@ -18,12 +18,14 @@
 
 mod btrfs;
 mod error;
+pub mod guest;
 mod process;
 mod qemu;
 mod registry;
 
 pub use btrfs::Btrfs;
 pub use error::{Error, Result};
+pub use guest::{guest_dir, LvmGuest, TestGuest, TestGuestBuilder};
 pub use process::{require_tool, KillOnDrop};
 pub use qemu::{Accel, Disk, DiskFormat, Qemu, QemuBuilder};
 pub use registry::sweep_stale;
