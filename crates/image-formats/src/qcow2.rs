@@ -420,6 +420,76 @@ pub enum HeaderExtension {
     },
 }
 
+impl HeaderExtension {
+    /// The extension's type number.
+    pub fn ext_type(&self) -> u32 {
+        match self {
+            HeaderExtension::BackingFormat(_) => EXT_BACKING_FORMAT,
+            HeaderExtension::FeatureNames(_) => EXT_FEATURE_NAMES,
+            HeaderExtension::Bitmaps(_) => EXT_BITMAPS,
+            HeaderExtension::Crypto { .. } => EXT_CRYPTO,
+            HeaderExtension::DataFile(_) => EXT_DATA_FILE,
+            HeaderExtension::Unknown { ext_type, .. } => *ext_type,
+        }
+    }
+
+    /// The extension's data, without the 8-byte type/length prefix and without padding.
+    pub fn data(&self) -> Vec<u8> {
+        match self {
+            HeaderExtension::BackingFormat(d) | HeaderExtension::DataFile(d) => d.clone(),
+            HeaderExtension::Unknown { data, .. } => data.clone(),
+            HeaderExtension::FeatureNames(v) => {
+                let mut b = Vec::with_capacity(v.len() * 48);
+                for f in v {
+                    let mut e = [0u8; 48];
+                    e[0] = match f.feature_type {
+                        FeatureType::Incompatible => 0,
+                        FeatureType::Compatible => 1,
+                        FeatureType::Autoclear => 2,
+                        FeatureType::Other(o) => o,
+                    };
+                    e[1] = f.bit;
+                    let n = f.name.len().min(46);
+                    e[2..2 + n].copy_from_slice(&f.name[..n]);
+                    b.extend_from_slice(&e);
+                }
+                b
+            }
+            HeaderExtension::Bitmaps(x) => {
+                let mut b = Vec::with_capacity(24);
+                b.extend_from_slice(&x.nb_bitmaps.to_be_bytes());
+                b.extend_from_slice(&x.reserved.to_be_bytes());
+                b.extend_from_slice(&x.directory_size.to_be_bytes());
+                b.extend_from_slice(&x.directory_offset.to_be_bytes());
+                b
+            }
+            HeaderExtension::Crypto { offset, length } => {
+                let mut b = offset.to_be_bytes().to_vec();
+                b.extend_from_slice(&length.to_be_bytes());
+                b
+            }
+        }
+    }
+
+    /// Encode as stored: type, length, data padded to 8 bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        let data = self.data();
+        let mut b = Vec::with_capacity(8 + align8(data.len() as u64) as usize);
+        b.extend_from_slice(&self.ext_type().to_be_bytes());
+        b.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        b.extend_from_slice(&data);
+        b.resize(align8(b.len() as u64) as usize, 0);
+        b
+    }
+}
+
+/// Encode a list of extensions followed by the end marker.
+pub fn encode_extensions(exts: &[HeaderExtension]) -> Vec<u8> {
+    let mut b: Vec<u8> = exts.iter().flat_map(HeaderExtension::encode).collect();
+    b.extend_from_slice(&[0u8; 8]);
+    b
+}
+
 /// Bitmap flag bit 0: the bitmap was in use (and may be inconsistent).
 pub const BITMAP_IN_USE: u32 = 1 << 0;
 /// Bitmap flag bit 1: the bitmap is enabled (tracks writes).
