@@ -349,7 +349,6 @@ impl Builder {
         for (what, s) in &self.timings {
             eprintln!("    {what}: {s:.2} s");
         }
-        let _ = std::fs::remove_dir_all(&self.stage);
         Ok(())
     }
 
@@ -785,6 +784,13 @@ impl Builder {
             }
         }
         Err(format!("/{path}: too many levels of symlinks"))
+    }
+}
+
+impl Drop for Builder {
+    /// The staging directory goes, whether the build succeeded or not.
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.stage);
     }
 }
 
