@@ -20,6 +20,9 @@ pub enum ErrorKind {
     /// The peer executed the command and answered with an error; see [`Error::class`]
     /// and [`Error::desc`].
     Command,
+    /// A QEMU job (e.g. `snapshot-save`) was started but concluded with an error or was
+    /// cancelled; [`Error::desc`] holds QEMU's message.
+    Job,
 }
 
 impl fmt::Display for ErrorKind {
@@ -30,6 +33,7 @@ impl fmt::Display for ErrorKind {
             ErrorKind::Disconnected => "disconnected",
             ErrorKind::Protocol => "protocol error",
             ErrorKind::Command => "command failed",
+            ErrorKind::Job => "job failed",
         })
     }
 }
@@ -91,6 +95,14 @@ impl Error {
         }
     }
 
+    /// A job that concluded with `desc` as its error.
+    pub(crate) fn job_failed(job_id: &str, desc: String) -> Self {
+        Error {
+            desc: Some(desc),
+            ..Error::new(ErrorKind::Job, format!("job `{job_id}`"))
+        }
+    }
+
     /// Attach the name of the command this error belongs to (context for Display).
     pub(crate) fn with_command(mut self, cmd: &str) -> Self {
         if self.command.is_none() {
@@ -109,8 +121,8 @@ impl Error {
         self.class.as_deref()
     }
 
-    /// The peer's error description for [`ErrorKind::Command`] errors (meant for humans;
-    /// do not match on it).
+    /// The peer's error description for [`ErrorKind::Command`] and [`ErrorKind::Job`]
+    /// errors (meant for humans; do not match on it).
     pub fn desc(&self) -> Option<&str> {
         self.desc.as_deref()
     }
@@ -128,6 +140,9 @@ impl Error {
         match (self.kind, &self.class, &self.desc) {
             (ErrorKind::Command, Some(class), Some(desc)) => {
                 s.push_str(&format!("{class}: {desc}"));
+            }
+            (ErrorKind::Job, _, Some(desc)) => {
+                s.push_str(&format!("{} failed: {desc}", self.message));
             }
             _ => {
                 s.push_str(&self.kind.to_string());

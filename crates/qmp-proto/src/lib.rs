@@ -3,6 +3,7 @@
 
 pub mod error;
 mod framing;
+mod jobs;
 pub mod qga;
 pub mod qmp;
 

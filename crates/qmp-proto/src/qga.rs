@@ -277,6 +277,31 @@ impl QgaClient {
         }
     }
 
+    /// Sends a command that does not answer on success (`guest-shutdown`,
+    /// `guest-suspend-disk`, ...), within `t`, and returns once it is written.
+    ///
+    /// An error reply the agent may still send is discarded by the re-synchronisation
+    /// the next call performs.
+    pub async fn execute_no_reply(
+        &mut self,
+        cmd: &str,
+        args: Option<Value>,
+        t: Duration,
+    ) -> Result<(), Error> {
+        let deadline = Instant::now() + t;
+        if self.needs_sync {
+            self.sync(deadline).await.map_err(|e| e.with_command(cmd))?;
+        }
+        let mut msg = json!({ "execute": cmd });
+        if let Some(args) = args {
+            msg["arguments"] = args;
+        }
+        let mut bytes = msg.to_string().into_bytes();
+        bytes.push(b'\n');
+        self.needs_sync = true;
+        self.write(&bytes, deadline, cmd).await
+    }
+
     /// `guest-ping` within `t`.
     pub async fn ping(&mut self, t: Duration) -> Result<(), Error> {
         self.execute("guest-ping", None, t).await.map(|_| ())

@@ -313,8 +313,22 @@ impl QmpClient {
     /// Connects to QEMU's QMP socket, reads the greeting and negotiates capabilities
     /// (`qmp_capabilities`, enabling `oob` when QEMU offers it).
     ///
-    /// The greeting and negotiation must complete within [`CONNECT_TIMEOUT`].
+    /// The greeting and negotiation must complete within [`CONNECT_TIMEOUT`]; see
+    /// [`QmpClient::connect_unix_timeout`] to choose.
     pub async fn connect_unix(path: impl AsRef<Path>) -> Result<QmpClient, Error> {
+        Self::connect_unix_timeout(path, CONNECT_TIMEOUT).await
+    }
+
+    /// [`QmpClient::connect_unix`], with the greeting and negotiation bounded by `t`.
+    ///
+    /// QEMU serves one client per QMP socket: while another client is connected, the
+    /// connection is accepted but no greeting comes, and this fails with
+    /// [`ErrorKind::Timeout`] after `t`.
+    pub async fn connect_unix_timeout(
+        path: impl AsRef<Path>,
+        t: Duration,
+    ) -> Result<QmpClient, Error> {
+        let deadline = tokio::time::Instant::now() + t;
         let path = path.as_ref().to_path_buf();
         let stream = UnixStream::connect(&path)
             .await
@@ -322,17 +336,17 @@ impl QmpClient {
         let (rd, wr) = stream.into_split();
         let mut reader = BufReader::with_capacity(64 * 1024, rd);
         let mut line = Vec::new();
-        let greeting = match tokio::time::timeout(
-            CONNECT_TIMEOUT,
+        let greeting = match tokio::time::timeout_at(
+            deadline,
             read_line_capped(&mut reader, &mut line, MAX_LINE),
         )
         .await
         {
             Err(_) => {
                 return Err(Error::timeout(format!(
-                    "no QMP greeting from {} within {:?}",
+                    "no QMP greeting from {} within {t:?} (QEMU serves one QMP client at a \
+                     time: is another client connected?)",
                     path.display(),
-                    CONNECT_TIMEOUT
                 )))
             }
             Ok(Err(LineError::Io(e))) => {
@@ -389,7 +403,11 @@ impl QmpClient {
         };
         let args = oob.then(|| json!({ "enable": ["oob"] }));
         client
-            .execute_timeout("qmp_capabilities", args, CONNECT_TIMEOUT)
+            .execute_timeout(
+                "qmp_capabilities",
+                args,
+                deadline.saturating_duration_since(tokio::time::Instant::now()),
+            )
             .await?;
         Ok(client)
     }
@@ -566,6 +584,11 @@ impl EventStream {
     /// The next event; `None` once the connection is closed and the queue is drained.
     pub async fn next(&mut self) -> Option<Event> {
         self.rx.recv().await
+    }
+
+    /// The next event already queued, without waiting.
+    pub fn try_next(&mut self) -> Option<Event> {
+        self.rx.try_recv().ok()
     }
 
     /// Waits up to `t` for the next event called `name`, discarding other events.

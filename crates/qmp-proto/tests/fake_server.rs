@@ -672,6 +672,77 @@ async fn dropping_the_last_clone_closes_the_socket() {
     .await;
 }
 
+#[tokio::test]
+async fn run_job_reads_errors_of_auto_dismissed_block_jobs_and_times_out() {
+    let srv = server();
+    let path = srv.path.clone();
+    let status = |s: &str| {
+        json!({"event": "JOB_STATUS_CHANGE", "data": {"id": "c0", "status": s},
+        "timestamp": {"seconds": 1, "microseconds": 2}})
+    };
+    run(
+        srv,
+        move |l| async move {
+            let mut p = Peer::accept(&l).await;
+            p.negotiate().await;
+            let cmd = p.recv().await;
+            assert_eq!(cmd["execute"], "block-commit");
+            assert_eq!(cmd["arguments"]["job-id"], "c0");
+            p.send(status("created")).await;
+            p.reply(&cmd, json!({})).await;
+            p.send(status("running")).await;
+            // Another job's events are not ours.
+            p.send(
+                json!({"event": "BLOCK_JOB_COMPLETED", "data": {"device": "other", "error": "x"},
+                "timestamp": {"seconds": 1, "microseconds": 2}}),
+            )
+            .await;
+            p.send(status("concluded")).await;
+            p.send(status("null")).await;
+            let q = p.recv().await;
+            assert_eq!(q["execute"], "query-jobs");
+            // The completion event (with the error) arrives while query-jobs runs.
+            p.send(
+                json!({"event": "BLOCK_JOB_COMPLETED", "data": {"device": "c0", "type": "commit",
+                "len": 1, "offset": 0, "speed": 0, "error": "No space left on device"},
+                "timestamp": {"seconds": 1, "microseconds": 3}}),
+            )
+            .await;
+            p.reply(&q, json!([])).await;
+            // A job that never concludes.
+            let cmd = p.recv().await;
+            p.reply(&cmd, json!({})).await;
+            assert!(p.recv_raw().await.is_none());
+        },
+        async {
+            let c = QmpClient::connect_unix(&path).await.unwrap();
+            let e = c
+                .run_job(
+                    "block-commit",
+                    json!({"job-id": "c0", "device": "d"}),
+                    "c0",
+                    T,
+                )
+                .await
+                .unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Job, "{e}");
+            assert_eq!(e.desc(), Some("No space left on device"));
+            assert!(e.to_string().contains("job `c0` failed"), "{e}");
+            let e = c
+                .run_job(
+                    "block-stream",
+                    json!({"job-id": "s0"}),
+                    "s0",
+                    Duration::from_millis(100),
+                )
+                .await
+                .unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Timeout, "{e}");
+        },
+    )
+    .await;
+}
+
 // ---------------------------------------------------------------------------
 // Guest agent
 
@@ -883,6 +954,15 @@ async fn qga_timeout_resyncs_and_drops_the_late_reply() {
             let cmd = a.next_command().await.unwrap();
             assert_eq!(a.syncs, 2);
             a.reply(&cmd, json!({})).await;
+            // No reply on success; the next call re-syncs past the error sent late.
+            let cmd = a.next_command().await.unwrap();
+            assert_eq!(cmd["execute"], "guest-shutdown");
+            assert_eq!(cmd["arguments"], json!({"mode": "powerdown"}));
+            a.p.send(json!({"error": {"class": "GenericError", "desc": "late"}, "id": 1}))
+                .await;
+            let cmd = a.next_command().await.unwrap();
+            assert_eq!(a.syncs, 3);
+            a.reply(&cmd, json!({})).await;
         },
         async {
             let mut g = QgaClient::connect_unix(&path, Duration::from_secs(5))
@@ -905,6 +985,14 @@ async fn qga_timeout_resyncs_and_drops_the_late_reply() {
                 .unwrap_err();
             assert_eq!(e.kind(), ErrorKind::Command);
             assert_eq!(e.class(), Some("CommandNotFound"));
+            g.ping(Duration::from_secs(5)).await.unwrap();
+            g.execute_no_reply(
+                "guest-shutdown",
+                Some(json!({"mode": "powerdown"})),
+                Duration::from_secs(5),
+            )
+            .await
+            .unwrap();
             g.ping(Duration::from_secs(5)).await.unwrap();
         },
     )

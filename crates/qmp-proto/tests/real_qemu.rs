@@ -253,3 +253,89 @@ async fn real_qemu_killed_mid_command_fails_it_with_disconnected() {
     assert!(events.next().await.is_none());
     assert_eq!(c.in_flight(), 0);
 }
+
+#[tokio::test]
+async fn real_second_client_waits_for_the_first() {
+    let q = qemu();
+    let c = connect(&q).await;
+    // QEMU serves one QMP client at a time: no greeting while `c` is connected.
+    let e = QmpClient::connect_unix_timeout(q.qmp_path(), Duration::from_millis(300))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Timeout, "{e}");
+    assert!(e.to_string().contains("another client"), "{e}");
+    c.execute("query-status", None).await.unwrap();
+    drop(c);
+    let c2 = QmpClient::connect_unix_timeout(q.qmp_path(), T)
+        .await
+        .unwrap();
+    c2.execute("query-status", None).await.unwrap();
+}
+
+#[tokio::test]
+async fn real_run_job_snapshot_save_load_delete_and_a_failing_job() {
+    let q = qemu();
+    let c = connect(&q).await;
+    let t0 = Instant::now();
+    c.run_job(
+        "snapshot-save",
+        json!({"job-id": "save0", "tag": "s1", "vmstate": "disk0", "devices": ["disk0"]}),
+        "save0",
+        T,
+    )
+    .await
+    .unwrap();
+    eprintln!("snapshot-save job: {:?}", t0.elapsed());
+    // The job was dismissed, the VM runs again, the internal snapshot exists.
+    assert_eq!(c.execute("query-jobs", None).await.unwrap(), json!([]));
+    let st = c.execute("query-status", None).await.unwrap();
+    assert_eq!(st["status"], "running");
+    let blocks = c.execute("query-block", None).await.unwrap();
+    let disk = blocks
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["inserted"]["node-name"] == "disk0")
+        .unwrap();
+    let snaps = disk["inserted"]["image"]["snapshots"].as_array().unwrap();
+    assert!(snaps.iter().any(|s| s["name"] == "s1"), "{snaps:?}");
+
+    c.run_job(
+        "snapshot-load",
+        json!({"job-id": "load0", "tag": "s1", "vmstate": "disk0", "devices": ["disk0"]}),
+        "load0",
+        T,
+    )
+    .await
+    .unwrap();
+
+    // A snapshot-save that fails inside the job: the command itself returns {}.
+    let e = c
+        .run_job(
+            "snapshot-save",
+            json!({"job-id": "bad0", "tag": "s2", "vmstate": "no-such-node", "devices": ["disk0"]}),
+            "bad0",
+            T,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Job, "{e}");
+    assert!(e.desc().unwrap().contains("no-such-node"), "{e}");
+    assert_eq!(c.execute("query-jobs", None).await.unwrap(), json!([]));
+
+    c.run_job(
+        "snapshot-delete",
+        json!({"job-id": "del0", "tag": "s1", "devices": ["disk0"]}),
+        "del0",
+        T,
+    )
+    .await
+    .unwrap();
+
+    // A command refused outright is a Command error, not a Job error.
+    let e = c
+        .run_job("snapshot-save", json!({"job-id": "x"}), "x", T)
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Command, "{e}");
+}
