@@ -56,7 +56,9 @@ pub struct Error {
 }
 
 impl Error {
-    pub(crate) fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+    /// An error of `kind` with a message (for fakes that inject failures in tests of
+    /// code built on this crate; the clients build their own).
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
         Error {
             kind,
             message: message.into(),
@@ -86,8 +88,9 @@ impl Error {
         Error::new(ErrorKind::Protocol, message)
     }
 
-    /// An error reply `{"error":{"class":..,"desc":..}}` from the peer.
-    pub(crate) fn command_failed(class: String, desc: String) -> Self {
+    /// The error for a reply `{"error":{"class":..,"desc":..}}` (public for fakes that
+    /// inject QEMU's errors in tests of code built on this crate).
+    pub fn command_failed(class: String, desc: String) -> Self {
         Error {
             class: Some(class),
             desc: Some(desc),
@@ -104,7 +107,7 @@ impl Error {
     }
 
     /// Attach the name of the command this error belongs to (context for Display).
-    pub(crate) fn with_command(mut self, cmd: &str) -> Self {
+    pub fn with_command(mut self, cmd: &str) -> Self {
         if self.command.is_none() {
             self.command = Some(cmd.to_owned());
         }

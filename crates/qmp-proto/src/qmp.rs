@@ -209,8 +209,13 @@ impl Shared {
         subs.retain(|s| match s.tx.try_send(ev.clone()) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
-                s.dropped.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(event = %ev.name, "QMP event dropped: subscriber queue full");
+                if s.dropped.fetch_add(1, Ordering::Relaxed) == 0 {
+                    tracing::warn!(
+                        event = %ev.name,
+                        cap = EVENT_QUEUE_CAP,
+                        "QMP subscriber not reading: its queue is full, events are dropped for it"
+                    );
+                }
                 true
             }
             Err(mpsc::error::TrySendError::Closed(_)) => false,
@@ -467,6 +472,8 @@ impl QmpClient {
         let mut subs = shared.subscribers.lock().unwrap_or_else(|e| e.into_inner());
         // Checked under the subscribers lock: shutdown marks the connection closed before
         // it clears the list, so a subscriber added here is either cleared or never added.
+        // Forget streams that were dropped (also done when the next event arrives).
+        subs.retain(|s| !s.tx.is_closed());
         if !shared.is_closed() {
             subs.push(Subscriber {
                 tx,
