@@ -45,7 +45,15 @@ impl Drop for KillOnDrop {
 pub fn run() -> Result<(), String> {
     crate::deps::run()?;
     step("building virt-snap");
-    util::cargo(&["build", "--quiet", "-p", "virt-snap", "-p", "qmp-proto", "--examples"])?;
+    util::cargo(&[
+        "build",
+        "--quiet",
+        "-p",
+        "virt-snap",
+        "-p",
+        "qmp-proto",
+        "--examples",
+    ])?;
     util::cargo(&["build", "--quiet", "-p", "virt-snap"])?;
     let bin_dir = std::env::var_os("CARGO_TARGET_DIR")
         .map(std::path::PathBuf::from)
@@ -68,7 +76,15 @@ pub fn run() -> Result<(), String> {
         &["snapshot", "-c", "installed", "base.qcow2"],
         &["snapshot", "-c", "configured", "base.qcow2"],
         &[
-            "create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "vm.qcow2",
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            "vm.qcow2",
         ],
     ] {
         show(Command::new("qemu-img").args(args).current_dir(&dir))?;
@@ -77,7 +93,14 @@ pub fn run() -> Result<(), String> {
     step("2. virt-snap reads them natively (no qemu-img, no locks)");
     show(virt_snap().args(["image", "info", "--backing-chain", "vm.qcow2"]))?;
     show(virt_snap().args(["image", "snapshot", "list", "base.qcow2"]))?;
-    show(virt_snap().args(["--output", "json", "image", "snapshot", "list", "base.qcow2"]))?;
+    show(virt_snap().args([
+        "--output",
+        "json",
+        "image",
+        "snapshot",
+        "list",
+        "base.qcow2",
+    ]))?;
 
     step("3. a running QEMU 10.0.2 (KVM, no guest OS) opens vm.qcow2");
     let sock = at("qmp.sock");
