@@ -6,15 +6,22 @@
 // The process-timing half of the harness serves the image benchmarks being added.
 #[allow(dead_code)]
 pub mod harness;
+mod image_info;
 mod qemu_start;
 
 use crate::util::{self, step};
 
 /// The benchmarks: name, what it measures.
-const BENCHES: &[(&str, &str)] = &[(
-    "qemu-start",
-    "QEMU spawn to first query-status answer: qmp-proto vs Python qemu.qmp",
-)];
+const BENCHES: &[(&str, &str)] = &[
+    (
+        "qemu-start",
+        "QEMU spawn to first query-status answer: qmp-proto vs Python qemu.qmp",
+    ),
+    (
+        "image-info",
+        "1000-snapshot qcow2: virt-snap image info / snapshot list vs qemu-img info / snapshot -l",
+    ),
+];
 
 /// Run the named benchmark (or `list`).
 pub fn run(args: &[String]) -> Result<(), String> {
@@ -28,6 +35,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
             Ok(())
         }
         "qemu-start" => qemu_start::run(rest),
+        "image-info" => image_info::run(rest),
         other => Err(format!(
             "unknown benchmark {other:?}; `cargo xtask bench list` shows them"
         )),

@@ -220,17 +220,27 @@ fn snapshot_table(s: &mut String, snaps: &[Snapshot]) {
         let icount = sn.icount().map(|i| i.to_string()).unwrap_or_default();
         let id = String::from_utf8_lossy(&sn.id[..sn.id.len().min(127)]);
         let name = String::from_utf8_lossy(&sn.name[..sn.name.len().min(255)]);
+        // printf pads by bytes, not characters: so do we, to print what qemu-img prints.
         let _ = writeln!(
             s,
-            "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}",
-            id,
-            name,
+            "{} {} {:>8} {:>19} {:>15} {:>10}",
+            pad_bytes(&id, 7),
+            pad_bytes(&name, 16),
             size_to_str(sn.vm_state_size()),
             format_date(sn.date_sec),
             clock,
             icount
         );
     }
+}
+
+/// Left-align `s` in `width` bytes (C's `%-Ns`).
+fn pad_bytes(s: &str, width: usize) -> String {
+    let mut out = s.to_string();
+    for _ in s.len()..width {
+        out.push(' ');
+    }
+    out
 }
 
 /// The text `qemu-img info` prints for one image.
