@@ -416,7 +416,12 @@ fn qcow2_specific(q: &Qcow2) -> Value {
             d.insert("encrypt".into(), json!({"format": "aes"}));
         }
         2 => {
-            d.insert("encrypt".into(), json!({"format": "luks"}));
+            let e = q
+                .luks
+                .as_ref()
+                .map(crate::luks::LuksHeader::to_json)
+                .unwrap_or_else(|| json!({"format": "luks"}));
+            d.insert("encrypt".into(), e);
         }
         _ => {}
     }

@@ -4,6 +4,7 @@
 //! - [`qcow2`]: header (every field, offsets documented), extensions (unknown ones kept),
 //!   bitmap directory, snapshot table (unknown extra data kept), QEMU's limits.
 //! - [`qed`]: the QED header and backing file.
+//! - [`luks`]: the LUKS header of LUKS-encrypted qcow2 images (what qemu-img reports).
 //! - [`info`]: one image as `qemu-img info` reports it, and the same JSON.
 //! - [`chain`]: backing chains with an explicit [`ProbePolicy`].
 //!
@@ -15,6 +16,7 @@
 pub mod chain;
 pub mod error;
 pub mod info;
+pub mod luks;
 pub mod qcow2;
 pub mod qed;
 pub mod storage;

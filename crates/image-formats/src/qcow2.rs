@@ -644,6 +644,8 @@ pub struct Qcow2 {
     pub bitmaps: Vec<Bitmap>,
     /// The internal snapshots in table order.
     pub snapshots: Vec<Snapshot>,
+    /// The LUKS header of a LUKS-encrypted image (crypt_method 2).
+    pub luks: Option<crate::luks::LuksHeader>,
 }
 
 impl Qcow2 {
@@ -693,6 +695,7 @@ impl Qcow2 {
             backing_file,
             bitmaps: Vec::new(),
             snapshots: Vec::new(),
+            luks: None,
         };
         img.validate_extensions()?;
         if let Some(ext) = img.bitmaps_extension().cloned() {
@@ -701,6 +704,9 @@ impl Qcow2 {
             }
         }
         img.snapshots = read_snapshot_table(storage, &img.header, file_len)?;
+        if img.header.crypt_method == 2 {
+            img.luks = Some(read_luks(storage, &img)?);
+        }
         Ok(img)
     }
 
@@ -786,6 +792,27 @@ pub struct UnknownFeature {
     pub bit: u8,
     /// Its name from the image's feature name table, if there is one.
     pub name: Option<String>,
+}
+
+fn read_luks<S: Storage + ?Sized>(storage: &S, img: &Qcow2) -> Result<crate::luks::LuksHeader> {
+    let off = img
+        .extensions
+        .iter()
+        .find_map(|e| match e {
+            HeaderExtension::Crypto { offset, .. } => Some(*offset),
+            _ => None,
+        })
+        .ok_or_else(|| {
+            Error::invalid(
+                "LUKS encryption without the crypto header extension",
+                u64::from(img.header.header_length),
+            )
+        })?;
+    let mut b = vec![0u8; crate::luks::HEADER_SIZE];
+    storage
+        .read_at(&mut b, off)
+        .map_err(|e| Error::io("cannot read the LUKS header", e).at(off))?;
+    crate::luks::LuksHeader::parse(&b).map_err(|e| e.at(off))
 }
 
 fn read_extensions<S: Storage + ?Sized>(

@@ -504,3 +504,32 @@ fn reads_an_image_a_running_qemu_holds() {
     assert_eq!(info.snapshots().len(), 1);
     drop(qemu);
 }
+
+#[test]
+fn luks_encrypted_images() {
+    let d = tmp();
+    for (i, extra) in [
+        "",
+        ",encrypt.cipher-alg=aes-128,encrypt.cipher-mode=cbc,encrypt.ivgen-alg=essiv,encrypt.ivgen-hash-alg=sha256",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let p = d.path().join(format!("enc{i}.qcow2"));
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "--object",
+            "secret,id=sec0,data=123456",
+            "-o",
+            &format!("encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10{extra}"),
+            p.to_str().unwrap(),
+            "4M",
+        ]);
+        let info = check(&p);
+        assert!(info.encrypted());
+        assert!(info.qcow2().unwrap().luks.is_some());
+    }
+}

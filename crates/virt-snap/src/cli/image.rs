@@ -234,6 +234,44 @@ fn snapshot_table(s: &mut String, snaps: &[Snapshot]) {
     }
 }
 
+/// The LUKS details in the order qemu-img prints them (its dictionary's hash order).
+fn luks_text(s: &mut String, e: &serde_json::Value) {
+    let scalar = |v: &serde_json::Value| match v {
+        serde_json::Value::String(x) => x.clone(),
+        other => other.to_string(),
+    };
+    for key in [
+        "ivgen-alg",
+        "ivgen-hash-alg",
+        "detached-header",
+        "hash-alg",
+        "cipher-alg",
+        "uuid",
+        "format",
+        "cipher-mode",
+        "slots",
+        "payload-offset",
+        "master-key-iters",
+    ] {
+        let Some(v) = e.get(key) else { continue };
+        let label = key.replace('-', " ");
+        if let Some(slots) = v.as_array() {
+            let _ = writeln!(s, "        {label}:");
+            for (i, slot) in slots.iter().enumerate() {
+                let _ = writeln!(s, "            [{i}]:");
+                for k in ["active", "iters", "key-offset", "stripes"] {
+                    if let Some(x) = slot.get(k) {
+                        let _ =
+                            writeln!(s, "                {}: {}", k.replace('-', " "), scalar(x));
+                    }
+                }
+            }
+        } else {
+            let _ = writeln!(s, "        {label}: {}", scalar(v));
+        }
+    }
+}
+
 /// Left-align `s` in `width` bytes (C's `%-Ns`).
 fn pad_bytes(s: &str, width: usize) -> String {
     let mut out = s.to_string();
@@ -306,11 +344,16 @@ pub fn info_text(info: &ImageInfo) -> String {
         let _ = writeln!(s, "    refcount bits: {}", h.refcount_bits());
         if h.crypt_method != 0 {
             let _ = writeln!(s, "    encrypt:");
-            let _ = writeln!(
-                s,
-                "        format: {}",
-                if h.crypt_method == 1 { "aes" } else { "luks" }
-            );
+            match &q.luks {
+                Some(l) => luks_text(&mut s, &l.to_json()),
+                None => {
+                    let _ = writeln!(
+                        s,
+                        "        format: {}",
+                        if h.crypt_method == 1 { "aes" } else { "luks" }
+                    );
+                }
+            }
         }
         if h.version >= 3 {
             if let Some(f) = q.data_file() {
