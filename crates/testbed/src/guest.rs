@@ -12,6 +12,9 @@
 //! [`TestGuest::qmp`] hand a new connection to the caller (drop it before calling `exec`, or
 //! before code under test connects to the same socket).
 //!
+//! Boots are CPU-bound under TCG, so a process boots at most one guest per CPU at a time (the
+//! others wait for a boot to finish before starting QEMU; the boot timeout starts with QEMU).
+//!
 //! QEMU is killed and reaped when the guest is dropped (also while a test panics) and gets
 //! `PR_SET_PDEATHSIG(SIGKILL)`: it dies with the thread that started it, so start guests on
 //! the test's own thread (`#[tokio::test]` does), not in `spawn_blocking`.
@@ -22,6 +25,7 @@ use crate::{Error, Result};
 use qmp_proto::{ExecOutput, QgaClient, QmpClient};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 /// How to get the guest image when it is missing.
@@ -55,6 +59,15 @@ pub fn check_guest_dir(dir: &Path) -> Result<PathBuf> {
         }
     }
     Ok(dir.to_path_buf())
+}
+
+/// Limits how many guests of this process boot at the same time (one per CPU).
+fn boot_gate() -> &'static tokio::sync::Semaphore {
+    static GATE: OnceLock<tokio::sync::Semaphore> = OnceLock::new();
+    GATE.get_or_init(|| {
+        let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+        tokio::sync::Semaphore::new(cpus)
+    })
 }
 
 /// Builds a [`TestGuest`].
@@ -162,6 +175,12 @@ impl TestGuestBuilder {
         for a in &self.qemu_args {
             b = b.arg(a.clone());
         }
+        // Booting under TCG is CPU-bound: boot at most one guest per CPU at a time (in this
+        // process), so that parallel tests do not slow every boot down together.
+        let _permit = boot_gate()
+            .acquire()
+            .await
+            .map_err(|e| Error(format!("boot gate: {e}")))?;
         let started = Instant::now();
         let qemu = b.spawn()?;
         let mut guest = TestGuest {

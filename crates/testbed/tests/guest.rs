@@ -249,3 +249,25 @@ fn a_missing_guest_image_fails_saying_how_to_build_it() {
     assert!(msg.starts_with("test guest not built"), "{msg}");
     assert!(msg.contains("cargo xtask guest-image"), "{msg}");
 }
+
+#[tokio::test]
+async fn a_guest_that_cannot_boot_fails_fast_with_its_console() {
+    // 72 MiB cannot hold the kernel and the unpacked 22 MB initramfs: the kernel panics (out
+    // of memory), QEMU exits (panic=-1, -no-reboot) and the error shows the console at once
+    // instead of after the 60 s boot timeout.
+    let t = Instant::now();
+    let err = TestGuest::builder()
+        .memory_mib(72)
+        .start()
+        .await
+        .expect_err("a 72 MiB guest must not boot");
+    let msg = err.to_string();
+    assert!(msg.contains("stopped while booting"), "{msg}");
+    assert!(msg.contains("Kernel panic"), "{msg}");
+    assert!(
+        t.elapsed() < Duration::from_secs(50),
+        "took {:?}",
+        t.elapsed()
+    );
+    eprintln!("failed boot reported after {:?}", t.elapsed());
+}
