@@ -1,6 +1,9 @@
 //! The locking crate's error type.
 
-use std::path::PathBuf;
+use crate::qemu::Permission;
+use crate::record::HolderRecord;
+use std::fmt;
+use std::path::{Path, PathBuf};
 
 /// What went wrong, for callers to match on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -8,34 +11,217 @@ use std::path::PathBuf;
 pub enum ErrorKind {
     /// The file could not be opened or a lock call failed.
     Io,
+    /// A lease is held by someone else in a conflicting mode ([`Error::holders`] says who,
+    /// when their records are readable).
+    Conflict,
+    /// Another process (a QEMU, qemu-img, ...) holds QEMU image locks that conflict with the
+    /// access asked for ([`Error::permission`] says which).
+    ImageInUse,
+    /// The resource cannot be named: an empty path, a malformed UUID, a symlink loop.
+    InvalidResource,
 }
 
-/// An error from the locking crate, with the file it concerns.
-#[derive(Debug, thiserror::Error)]
-#[error("{op} {path}: {source}", path = path.display())]
+/// An error from the locking crate: its kind, what was being done, the resource concerned and,
+/// for conflicts, who holds it.
+#[derive(Debug)]
 pub struct Error {
+    inner: Box<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
     kind: ErrorKind,
-    op: &'static str,
-    path: PathBuf,
-    #[source]
-    source: std::io::Error,
+    op: String,
+    resource: String,
+    path: Option<PathBuf>,
+    holders: Vec<HolderRecord>,
+    permission: Option<(Permission, bool)>,
+    waited: Option<std::time::Duration>,
+    source: Option<std::io::Error>,
 }
 
 impl Error {
-    pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error {
+    pub(crate) fn io(
+        op: impl Into<String>,
+        path: impl Into<PathBuf>,
+        source: std::io::Error,
+    ) -> Self {
+        let path = path.into();
+        Error::from(Inner {
             kind: ErrorKind::Io,
-            op,
-            path: path.into(),
-            source,
-        }
+            op: op.into(),
+            resource: path.display().to_string(),
+            path: Some(path),
+            holders: Vec::new(),
+            permission: None,
+            waited: None,
+            source: Some(source),
+        })
     }
+
+    pub(crate) fn invalid(resource: impl Into<String>, why: impl Into<String>) -> Self {
+        Error::from(Inner {
+            kind: ErrorKind::InvalidResource,
+            op: why.into(),
+            resource: resource.into(),
+            path: None,
+            holders: Vec::new(),
+            permission: None,
+            waited: None,
+            source: None,
+        })
+    }
+
+    /// A lease conflict on `resource` (its display name), held by `holders` (possibly none
+    /// known). Public so that other [`crate::LeaseBackend`]s report conflicts the same way.
+    pub fn conflict(resource: impl Into<String>, holders: Vec<HolderRecord>) -> Self {
+        Error::from(Inner {
+            kind: ErrorKind::Conflict,
+            op: String::new(),
+            resource: resource.into(),
+            path: None,
+            holders,
+            permission: None,
+            waited: None,
+            source: None,
+        })
+    }
+
+    /// A QEMU image lock conflict on `path`: `perm` is the permission whose byte is held by
+    /// another process; `unshared` tells whether that process refuses to share it (byte
+    /// 200+n) rather than holding it (byte 100+n).
+    pub(crate) fn image_in_use(path: &Path, perm: Permission, unshared: bool) -> Self {
+        Error::from(Inner {
+            kind: ErrorKind::ImageInUse,
+            op: String::new(),
+            resource: path.display().to_string(),
+            path: Some(path.to_path_buf()),
+            holders: Vec::new(),
+            permission: Some((perm, unshared)),
+            waited: None,
+            source: None,
+        })
+    }
+
+    pub(crate) fn with_holders(mut self, holders: Vec<HolderRecord>) -> Self {
+        self.inner.holders = holders;
+        self
+    }
+
+    pub(crate) fn with_waited(mut self, waited: std::time::Duration) -> Self {
+        self.inner.waited = Some(waited);
+        self
+    }
+
     /// The kind of failure.
     pub fn kind(&self) -> ErrorKind {
-        self.kind
+        self.inner.kind
     }
-    /// The file concerned.
-    pub fn path(&self) -> &std::path::Path {
-        &self.path
+
+    /// Is this a conflict with another holder (a lease or QEMU's image locks)? Waiting and
+    /// retrying may help; for other kinds it will not.
+    pub fn is_conflict(&self) -> bool {
+        matches!(self.inner.kind, ErrorKind::Conflict | ErrorKind::ImageInUse)
+    }
+
+    /// The file concerned, if the error concerns a file.
+    pub fn path(&self) -> Option<&Path> {
+        self.inner.path.as_deref()
+    }
+
+    /// The resource concerned, as it is shown to people (a path, or an LV / subvolume name).
+    pub fn resource(&self) -> &str {
+        &self.inner.resource
+    }
+
+    /// For [`ErrorKind::Conflict`] and [`ErrorKind::ImageInUse`]: the known virt-snap holders.
+    pub fn holders(&self) -> &[HolderRecord] {
+        &self.inner.holders
+    }
+
+    /// For [`ErrorKind::ImageInUse`]: the conflicting QEMU permission, and whether the other
+    /// process refuses to share it (`true`) or holds it (`false`).
+    pub fn permission(&self) -> Option<(Permission, bool)> {
+        self.inner.permission
+    }
+}
+
+fn write_holders(f: &mut fmt::Formatter<'_>, holders: &[HolderRecord]) -> fmt::Result {
+    for (i, h) in holders.iter().enumerate() {
+        if i > 0 {
+            f.write_str(", ")?;
+        }
+        write!(f, "{h}")?;
+    }
+    Ok(())
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.inner.kind {
+            ErrorKind::Io => {
+                write!(f, "{} {}", self.inner.op, self.inner.resource)?;
+                if let Some(s) = &self.inner.source {
+                    write!(f, ": {s}")?;
+                }
+            }
+            ErrorKind::InvalidResource => {
+                write!(
+                    f,
+                    "invalid resource {:?}: {}",
+                    self.inner.resource, self.inner.op
+                )?;
+            }
+            ErrorKind::Conflict => {
+                write!(f, "volume {} in use by ", self.inner.resource)?;
+                if self.inner.holders.is_empty() {
+                    f.write_str(
+                        "another holder (no virt-snap record: another tool, or virtlockd)",
+                    )?;
+                } else {
+                    write_holders(f, &self.inner.holders)?;
+                }
+            }
+            ErrorKind::ImageInUse => {
+                let (perm, unshared) = self.inner.permission.unwrap_or((Permission::Write, false));
+                write!(
+                    f,
+                    "image {} in use by another process: ",
+                    self.inner.resource
+                )?;
+                if unshared {
+                    write!(f, "it does not share the \"{}\" permission", perm.name())?;
+                } else {
+                    write!(f, "it holds the \"{}\" permission", perm.name())?;
+                }
+                f.write_str(" (QEMU image lock")?;
+                if !self.inner.holders.is_empty() {
+                    f.write_str("; lease held by ")?;
+                    write_holders(f, &self.inner.holders)?;
+                }
+                f.write_str(")")?;
+            }
+        }
+        if let Some(w) = self.inner.waited {
+            write!(f, " (waited {:.1} s)", w.as_secs_f64())?;
+        }
+        Ok(())
+    }
+}
+
+impl From<Inner> for Error {
+    fn from(inner: Inner) -> Self {
+        Error {
+            inner: Box::new(inner),
+        }
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.inner
+            .source
+            .as_ref()
+            .map(|e| e as &(dyn std::error::Error + 'static))
     }
 }

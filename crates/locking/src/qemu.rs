@@ -9,10 +9,13 @@
 //! [`probe`] asks the kernel, with `F_OFD_GETLK` for a write lock on each byte, whether any
 //! other open file description holds a lock there. It takes no lock and needs only read access.
 
+use crate::sys::{byte_locked, set_lock, LockType};
 use crate::Error;
 use serde::Serialize;
-use std::os::fd::AsRawFd;
-use std::path::Path;
+use std::fs::File;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
 
 /// One of QEMU's block permissions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -81,23 +84,6 @@ impl LockState {
     }
 }
 
-/// Is a lock held by another open file description on byte `offset` of `file`?
-pub(crate) fn byte_locked(file: &std::fs::File, offset: u64) -> std::io::Result<bool> {
-    // SAFETY: an all-zero flock is a valid value; we set the fields we use.
-    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
-    fl.l_type = libc::F_WRLCK as libc::c_short;
-    fl.l_whence = libc::SEEK_SET as libc::c_short;
-    fl.l_start = offset as libc::off_t;
-    fl.l_len = 1;
-    fl.l_pid = 0; // must be 0 for OFD commands
-                  // SAFETY: F_OFD_GETLK reads and writes the flock we pass, which lives across the call.
-    let r = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_GETLK, &mut fl) };
-    if r < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(fl.l_type != libc::F_UNLCK as libc::c_short)
-}
-
 /// Probe which of QEMU's lock bytes are held on the image at `path`.
 pub fn probe(path: &Path) -> Result<LockState, Error> {
     let file = std::fs::File::open(path).map_err(|e| Error::io("open", path, e))?;
@@ -111,6 +97,176 @@ pub fn probe(path: &Path) -> Result<LockState, Error> {
         }
     }
     Ok(state)
+}
+
+/// The permissions QEMU knows today (QEMU 6.2 and later): consistent read, write,
+/// write-unchanged, resize. Locks are taken and tested on these; graph-mod (104/204) is only
+/// reported by [`probe`].
+const CURRENT: [Permission; 4] = [
+    Permission::ConsistentRead,
+    Permission::Write,
+    Permission::WriteUnchanged,
+    Permission::Resize,
+];
+
+fn bit(p: Permission) -> u8 {
+    1 << (p as u8)
+}
+
+/// What a holder of QEMU's image locks takes: the permissions it holds and those it lets
+/// others have, as QEMU's block layer computes them for a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Access {
+    held: u8,
+    shared: u8,
+}
+
+impl Access {
+    /// Like QEMU's writable disk, sharing only consistent read: holds consistent read, write
+    /// and resize (bytes 100, 101, 103) and refuses to share write, write-unchanged and resize
+    /// (201, 202, 203). QEMU then refuses to open the image for writing ("Failed to get
+    /// \"write\" lock") and for reading without force-share ("Failed to get shared \"write\"
+    /// lock"); `qemu-img info -U` still works. The access of offline volume operations.
+    pub const WRITER: Access = Access {
+        held: 0b1011,
+        shared: 0b0001,
+    };
+    /// [`Access::WRITER`] that also refuses to share consistent read (byte 200): even
+    /// force-share readers that read data are refused. QEMU's message becomes "Failed to get
+    /// \"consistent read\" lock".
+    pub const EXCLUSIVE: Access = Access {
+        held: 0b1011,
+        shared: 0,
+    };
+    /// Like QEMU's read-only disk: holds consistent read (100), refuses to share write (201).
+    pub const READER: Access = Access {
+        held: 0b0001,
+        shared: 0b1101,
+    };
+
+    /// An access holding `held` and sharing `shared`.
+    pub fn new(held: &[Permission], shared: &[Permission]) -> Access {
+        let set = |ps: &[Permission]| {
+            ps.iter()
+                .filter(|p| CURRENT.contains(p))
+                .fold(0u8, |a, &p| a | bit(p))
+        };
+        Access {
+            held: set(held),
+            shared: set(shared),
+        }
+    }
+    /// The permissions held.
+    pub fn held(&self) -> Vec<Permission> {
+        CURRENT
+            .into_iter()
+            .filter(|&p| self.held & bit(p) != 0)
+            .collect()
+    }
+    /// The permissions others may have.
+    pub fn shared(&self) -> Vec<Permission> {
+        CURRENT
+            .into_iter()
+            .filter(|&p| self.shared & bit(p) != 0)
+            .collect()
+    }
+    /// The permissions others may not have.
+    pub fn unshared(&self) -> Vec<Permission> {
+        CURRENT
+            .into_iter()
+            .filter(|&p| self.shared & bit(p) == 0)
+            .collect()
+    }
+    /// The bytes this access locks, ascending.
+    pub fn bytes(&self) -> Vec<u64> {
+        let mut v: Vec<u64> = self.held().iter().map(|p| p.held_byte()).collect();
+        v.extend(self.unshared().iter().map(|p| p.unshared_byte()));
+        v
+    }
+}
+
+fn open_image(path: &Path) -> Result<File, Error> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| Error::io("open image", path, e))
+}
+
+/// Test, as QEMU does after taking its own locks, whether another open file description's
+/// locks conflict with `access`: for each permission held, does anyone refuse to share it;
+/// for each permission not shared, does anyone hold it.
+fn test_conflicts(file: &File, path: &Path, access: Access) -> Result<(), Error> {
+    let t = |off: u64| {
+        crate::sys::conflicts(file, LockType::Write, off)
+            .map_err(|e| Error::io("test image lock", path, e))
+    };
+    for p in access.held() {
+        if t(p.unshared_byte())? {
+            return Err(Error::image_in_use(path, p, true));
+        }
+    }
+    for p in access.unshared() {
+        if t(p.held_byte())? {
+            return Err(Error::image_in_use(path, p, false));
+        }
+    }
+    Ok(())
+}
+
+/// Would QEMU's image locks let a holder with `access` in, right now? Takes no lock: for a
+/// pre-flight check before starting a QEMU, which takes its own locks.
+pub fn check(path: &Path, access: Access) -> Result<(), Error> {
+    let file = open_image(path)?;
+    test_conflicts(&file, path, access)
+}
+
+/// QEMU's image locks, held: while this lives, QEMU (any QEMU, started by any tool) and
+/// qemu-img see the image as in use with [`ImageLock::access`]. Dropping it releases them.
+#[derive(Debug)]
+pub struct ImageLock {
+    file: File,
+    path: PathBuf,
+    access: Access,
+}
+
+impl ImageLock {
+    /// Take QEMU's locks for `access` on the image at `path`, lock first, then test, as QEMU
+    /// does: one-byte OFD read locks on the held bytes (100+n) and the unshared bytes
+    /// (200+n), then `F_OFD_GETLK` on the complementary bytes. On a conflict every lock is
+    /// released and the error ([`crate::ErrorKind::ImageInUse`]) names the image and the
+    /// permission. Two processes racing both fail rather than both succeeding.
+    pub fn acquire(path: &Path, access: Access) -> Result<ImageLock, Error> {
+        let file = open_image(path)?;
+        for off in access.bytes() {
+            let got = set_lock(&file, LockType::Read, off, 1)
+                .map_err(|e| Error::io("lock image", path, e))?;
+            if !got {
+                // Someone holds a write lock on a QEMU byte: not QEMU, but in use all the same.
+                let p = Permission::ALL[(off % 100) as usize];
+                return Err(Error::image_in_use(path, p, off >= 200));
+            }
+        }
+        test_conflicts(&file, path, access)?;
+        Ok(ImageLock {
+            file,
+            path: path.to_path_buf(),
+            access,
+        })
+    }
+    /// The image.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+    /// The access held.
+    pub fn access(&self) -> Access {
+        self.access
+    }
+    /// The fd holding the locks (it must stay open; passing it to a child without
+    /// `FD_CLOEXEC` lets the child keep the locks).
+    pub fn lock_fd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,420 @@
+//! The one `acquire` path callers use.
+
+use crate::lease::{HeldLease, LeaseBackend, LocalBackend};
+use crate::qemu::{self, Access, ImageLock};
+use crate::record::{Holder, HolderRecord, Mode};
+use crate::resource::{Resource, ResourceKey};
+use crate::Error;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// A disk of a VM about to start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskUse {
+    /// The volume.
+    pub resource: Resource,
+    /// Attached read-only.
+    pub read_only: bool,
+    /// Attached shareable (several VMs write it, e.g. a cluster filesystem's disk).
+    pub shareable: bool,
+}
+
+impl DiskUse {
+    /// A writable, not shareable disk.
+    pub fn writable(resource: Resource) -> DiskUse {
+        DiskUse {
+            resource,
+            read_only: false,
+            shareable: false,
+        }
+    }
+    /// A read-only disk.
+    pub fn read_only(resource: Resource) -> DiskUse {
+        DiskUse {
+            resource,
+            read_only: true,
+            shareable: false,
+        }
+    }
+    /// The lease mode this disk needs.
+    pub fn mode(&self) -> Mode {
+        if self.read_only || self.shareable {
+            Mode::Shared
+        } else {
+            Mode::Exclusive
+        }
+    }
+    /// The QEMU image locks the QEMU that will open this disk takes.
+    fn qemu_access(&self) -> Access {
+        use qemu::Permission::*;
+        if self.read_only {
+            Access::READER
+        } else if self.shareable {
+            Access::new(
+                &[ConsistentRead, Write, Resize],
+                &[ConsistentRead, Write, WriteUnchanged],
+            )
+        } else {
+            Access::new(
+                &[ConsistentRead, Write, Resize],
+                &[ConsistentRead, WriteUnchanged],
+            )
+        }
+    }
+}
+
+/// Why leases are asked for; this decides the modes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Purpose {
+    /// Starting a VM: a shared lease for each read-only or shareable disk, an exclusive one
+    /// for the others. QEMU's image locks are checked (not held: the QEMU about to start takes
+    /// them itself) so that a VM started by another tool is seen.
+    VmStart {
+        /// The domain's name.
+        domain: String,
+        /// Its disks.
+        disks: Vec<DiskUse>,
+    },
+    /// An offline operation that modifies volumes: an exclusive lease on each, and QEMU's
+    /// image locks ([`Access::WRITER`]) on each that has a file, so that no QEMU opens it for
+    /// writing until the operation ends.
+    VolumeOp {
+        /// What the operation is, e.g. `"snapshot create"`.
+        op: String,
+        /// The volumes it modifies.
+        volumes: Vec<Resource>,
+    },
+    /// Read-only inspection of headers: takes nothing.
+    Inspect,
+}
+
+impl Purpose {
+    fn holder(&self) -> Option<Holder> {
+        match self {
+            Purpose::VmStart { domain, .. } => Some(Holder::Domain(domain.clone())),
+            Purpose::VolumeOp { op, .. } => Some(Holder::Operation(op.clone())),
+            Purpose::Inspect => None,
+        }
+    }
+}
+
+/// One resource of a request, resolved.
+#[derive(Debug)]
+struct Item {
+    key: ResourceKey,
+    mode: Mode,
+    /// Hold these image locks (volume operations).
+    hold: Option<Access>,
+    /// Only check these image locks (VM start).
+    check: Option<Access>,
+}
+
+/// What [`LockManager::acquire`] took. Dropping it releases everything: QEMU's image locks
+/// first, then the leases.
+#[derive(Debug)]
+pub struct Acquired {
+    images: Vec<ImageLock>,
+    leases: Vec<Box<dyn HeldLease>>,
+}
+
+impl Acquired {
+    /// The leases held, in the order they were taken (sorted by key).
+    pub fn leases(&self) -> &[Box<dyn HeldLease>] {
+        &self.leases
+    }
+    /// QEMU's image locks held.
+    pub fn image_locks(&self) -> &[ImageLock] {
+        &self.images
+    }
+    /// Release everything now (the same as dropping).
+    pub fn release(self) {}
+}
+
+/// Takes leases and QEMU image locks for a [`Purpose`]. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct LockManager {
+    backend: Arc<dyn LeaseBackend>,
+    poll: Duration,
+}
+
+/// The lockspace directory under a state directory.
+pub const LOCKSPACE_SUBDIR: &str = "locks";
+
+impl LockManager {
+    /// Leases in the local lockspace directory `dir` (created if missing).
+    pub fn local(dir: impl Into<std::path::PathBuf>) -> Result<LockManager, Error> {
+        Ok(LockManager::with_backend(Arc::new(LocalBackend::new(dir)?)))
+    }
+
+    /// Leases in `<state_dir>/locks`, the default lockspace.
+    pub fn for_state_dir(state_dir: &Path) -> Result<LockManager, Error> {
+        LockManager::local(state_dir.join(LOCKSPACE_SUBDIR))
+    }
+
+    /// Leases in `backend`.
+    pub fn with_backend(backend: Arc<dyn LeaseBackend>) -> LockManager {
+        LockManager {
+            backend,
+            poll: Duration::from_millis(20),
+        }
+    }
+
+    /// How often [`LockManager::acquire_timeout`] retries (default 20 ms).
+    pub fn poll_interval(mut self, every: Duration) -> LockManager {
+        self.poll = every.max(Duration::from_millis(1));
+        self
+    }
+
+    /// The lease backend.
+    pub fn backend(&self) -> &Arc<dyn LeaseBackend> {
+        &self.backend
+    }
+
+    /// The known holders of `resource`'s lease.
+    pub fn holders(&self, resource: &Resource) -> Result<Vec<HolderRecord>, Error> {
+        self.backend.holders(&resource.key()?)
+    }
+
+    fn plan(purpose: &Purpose) -> Result<Vec<Item>, Error> {
+        let mut items: Vec<Item> = Vec::new();
+        let mut add = |item: Item| match items.iter_mut().find(|i| i.key == item.key) {
+            // The same volume twice: the stronger mode and access win.
+            Some(i) => {
+                i.mode = i.mode.max(item.mode);
+                i.hold = i.hold.or(item.hold);
+                if item.mode == Mode::Exclusive || i.check.is_none() {
+                    i.check = item.check.or(i.check);
+                }
+            }
+            None => items.push(item),
+        };
+        match purpose {
+            Purpose::Inspect => {}
+            Purpose::VmStart { disks, .. } => {
+                for d in disks {
+                    let key = d.resource.key()?;
+                    add(Item {
+                        mode: d.mode(),
+                        hold: None,
+                        check: key.image().map(|_| d.qemu_access()),
+                        key,
+                    });
+                }
+            }
+            Purpose::VolumeOp { volumes, .. } => {
+                for r in volumes {
+                    let key = r.key()?;
+                    add(Item {
+                        mode: Mode::Exclusive,
+                        hold: key.image().map(|_| Access::WRITER),
+                        check: None,
+                        key,
+                    });
+                }
+            }
+        }
+        // One global order, so that two requests for overlapping sets do not keep taking
+        // halves from each other.
+        items.sort_by_cached_key(|i| i.key.hash());
+        Ok(items)
+    }
+
+    /// Take everything `purpose` needs, without waiting: all or nothing. A conflict is an
+    /// error of kind [`crate::ErrorKind::Conflict`] (a lease; the error names the resource and
+    /// its known holders) or [`crate::ErrorKind::ImageInUse`] (QEMU's image locks: a VM or
+    /// qemu-img, started by any tool).
+    ///
+    /// This makes a few non-blocking system calls on local files; from async code prefer
+    /// [`LockManager::acquire_timeout`], which runs them off the runtime's threads.
+    pub fn acquire(&self, purpose: &Purpose) -> Result<Acquired, Error> {
+        let items = LockManager::plan(purpose)?;
+        let mut acquired = Acquired {
+            images: Vec::new(),
+            leases: Vec::new(),
+        };
+        let Some(holder) = purpose.holder() else {
+            return Ok(acquired);
+        };
+        for item in &items {
+            acquired
+                .leases
+                .push(self.backend.try_acquire(&item.key, item.mode, &holder)?);
+        }
+        // Leases first: a conflict among virt-snap's own holders names the holder. Then QEMU's
+        // locks, which also see VMs and tools that take no lease.
+        for item in &items {
+            let Some(image) = item.key.image() else {
+                continue;
+            };
+            let res = match (item.hold, item.check) {
+                (Some(access), _) => ImageLock::acquire(image, access).map(|l| {
+                    acquired.images.push(l);
+                }),
+                (None, Some(access)) => match qemu::check(image, access) {
+                    // A volume that does not exist yet has no QEMU locks to check.
+                    Err(e) if e.kind() == crate::ErrorKind::Io && !image.exists() => Ok(()),
+                    r => r,
+                },
+                (None, None) => Ok(()),
+            };
+            if let Err(e) = res {
+                let holders = self.backend.holders(&item.key).unwrap_or_default();
+                return Err(e.with_holders(holders));
+            }
+        }
+        Ok(acquired)
+    }
+
+    /// [`LockManager::acquire`], retrying conflicts until `timeout` has passed. Each attempt
+    /// runs on tokio's blocking pool (`spawn_blocking`) and the waits between attempts are
+    /// `tokio::time::sleep`, so the runtime's threads are never blocked and dropping the
+    /// future cancels the wait. Errors other than conflicts are returned at once; the last
+    /// conflict is returned when the time is up, saying how long it waited.
+    pub async fn acquire_timeout(
+        &self,
+        purpose: &Purpose,
+        timeout: Duration,
+    ) -> Result<Acquired, Error> {
+        let start = Instant::now();
+        loop {
+            let (me, p) = (self.clone(), purpose.clone());
+            let attempt = tokio::task::spawn_blocking(move || me.acquire(&p))
+                .await
+                .unwrap_or_else(|e| {
+                    Err(Error::io(
+                        "acquire (task failed)",
+                        "",
+                        std::io::Error::other(e.to_string()),
+                    ))
+                });
+            match attempt {
+                Err(e) if e.is_conflict() => {
+                    let waited = start.elapsed();
+                    if waited >= timeout {
+                        return Err(e.with_waited(waited));
+                    }
+                    tokio::time::sleep(self.poll.min(timeout - waited)).await;
+                }
+                r => return r,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lease::MemoryBackend;
+    use crate::ErrorKind;
+
+    fn mgr() -> (LockManager, MemoryBackend) {
+        let b = MemoryBackend::new();
+        (LockManager::with_backend(Arc::new(b.clone())), b)
+    }
+
+    fn uuid(u: &str) -> Resource {
+        Resource::Uuid {
+            kind: crate::UuidKind::LvmLv,
+            uuid: u.into(),
+            display: format!("vg0/{u}"),
+            image: None,
+        }
+    }
+
+    #[test]
+    fn vm_start_modes_follow_the_disk_flags() {
+        let (m, _) = mgr();
+        let a = m
+            .acquire(&Purpose::VmStart {
+                domain: "vm1".into(),
+                disks: vec![
+                    DiskUse::writable(uuid("a")),
+                    DiskUse::read_only(uuid("b")),
+                    DiskUse {
+                        resource: uuid("c"),
+                        read_only: false,
+                        shareable: true,
+                    },
+                ],
+            })
+            .unwrap();
+        let mut modes: Vec<(String, Mode)> = a
+            .leases()
+            .iter()
+            .map(|l| (l.key().display().to_string(), l.mode()))
+            .collect();
+        modes.sort();
+        assert_eq!(
+            modes,
+            vec![
+                ("vg0/a".into(), Mode::Exclusive),
+                ("vg0/b".into(), Mode::Shared),
+                ("vg0/c".into(), Mode::Shared),
+            ]
+        );
+        // A second VM may share b and c but not a.
+        let e = m
+            .acquire(&Purpose::VmStart {
+                domain: "vm2".into(),
+                disks: vec![DiskUse::read_only(uuid("b")), DiskUse::writable(uuid("a"))],
+            })
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Conflict);
+        assert!(
+            e.to_string()
+                .contains("volume vg0/a in use by domain \"vm1\""),
+            "{e}"
+        );
+        // All or nothing: vm2 kept nothing, so an operation on b only conflicts with vm1.
+        let e = m
+            .acquire(&Purpose::VolumeOp {
+                op: "snapshot".into(),
+                volumes: vec![uuid("b")],
+            })
+            .unwrap_err();
+        assert_eq!(e.holders().len(), 1, "{e}");
+        drop(a);
+        m.acquire(&Purpose::VolumeOp {
+            op: "snapshot".into(),
+            volumes: vec![uuid("a"), uuid("b"), uuid("a")],
+        })
+        .unwrap();
+    }
+
+    #[test]
+    fn inspection_takes_nothing() {
+        let (m, b) = mgr();
+        let _x = m
+            .acquire(&Purpose::VolumeOp {
+                op: "revert".into(),
+                volumes: vec![uuid("a")],
+            })
+            .unwrap();
+        let a = m.acquire(&Purpose::Inspect).unwrap();
+        assert!(a.leases().is_empty());
+        assert_eq!(b.holders(&uuid("a").key().unwrap()).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn errors_other_than_conflicts_are_not_retried() {
+        let (m, b) = mgr();
+        b.fail_with(Some(std::io::ErrorKind::PermissionDenied));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let t = Instant::now();
+        let e = rt
+            .block_on(m.acquire_timeout(
+                &Purpose::VolumeOp {
+                    op: "x".into(),
+                    volumes: vec![uuid("a")],
+                },
+                Duration::from_secs(5),
+            ))
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Io);
+        assert!(t.elapsed() < Duration::from_secs(1));
+    }
+}
