@@ -248,9 +248,16 @@ impl LockManager {
                 continue;
             };
             let res = match (item.hold, item.check) {
-                (Some(access), _) => ImageLock::acquire(image, access).map(|l| {
-                    acquired.images.push(l);
-                }),
+                (Some(access), _) => match ImageLock::acquire(image, access) {
+                    Ok(l) => {
+                        acquired.images.push(l);
+                        Ok(())
+                    }
+                    // A volume about to be created: no QEMU can have it open yet, and the
+                    // lease keeps other virt-snap callers away.
+                    Err(e) if e.kind() == crate::ErrorKind::Io && !image.exists() => Ok(()),
+                    Err(e) => Err(e),
+                },
                 (None, Some(access)) => match qemu::check(image, access) {
                     // A volume that does not exist yet has no QEMU locks to check.
                     Err(e) if e.kind() == crate::ErrorKind::Io && !image.exists() => Ok(()),
@@ -259,6 +266,9 @@ impl LockManager {
                 (None, None) => Ok(()),
             };
             if let Err(e) = res {
+                // Let go first, so that the records read are other holders' only (say, the
+                // VM whose QEMU holds the image, sharing a read-only disk with us).
+                drop(acquired);
                 let holders = self.backend.holders(&item.key).unwrap_or_default();
                 return Err(e.with_holders(holders));
             }

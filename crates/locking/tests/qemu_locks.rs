@@ -1,6 +1,7 @@
 //! The probe against a real QEMU holding real images.
 
-use locking::qemu::{probe, Permission::*};
+use locking::qemu::{probe, Access, Permission::*};
+use locking::{DiskUse, ErrorKind, LockManager, Purpose, Resource};
 use testbed::{DiskFormat, Qemu};
 
 #[test]
@@ -32,4 +33,142 @@ fn probe_sees_a_running_qemus_locks_and_their_release() {
     assert!(!probe(&rw).unwrap().in_use());
     assert!(!probe(&keep).unwrap().in_use());
     std::fs::remove_file(keep).unwrap();
+}
+
+fn volume_op(path: &std::path::Path) -> Purpose {
+    Purpose::VolumeOp {
+        op: "snapshot create".into(),
+        volumes: vec![Resource::file(path)],
+    }
+}
+
+#[test]
+fn a_volume_operation_is_refused_while_qemu_runs_and_allowed_after_it_quits() {
+    let space = tempfile::tempdir().unwrap();
+    let locks = LockManager::local(space.path()).unwrap();
+    let mut qemu = Qemu::builder()
+        .disk("d0", DiskFormat::Qcow2, 64 << 20)
+        .spawn()
+        .expect("start QEMU");
+    let d0 = qemu.disk("d0").path.clone();
+    let canon = std::fs::canonicalize(&d0).unwrap();
+
+    // No lease names QEMU (another tool started it): its image locks refuse us.
+    let e = locks.acquire(&volume_op(&d0)).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::ImageInUse);
+    assert_eq!(e.permission(), Some((Write, true)));
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "image {} in use by another process: it does not share the \"write\" permission \
+             (QEMU image lock)",
+            canon.display()
+        )
+    );
+    // All or nothing: the refused attempt left neither a lease nor image locks behind.
+    assert!(locks.holders(&Resource::file(&d0)).unwrap().is_empty());
+    assert_eq!(probe(&d0).unwrap().bytes(), vec![100, 101, 103, 201, 203]);
+    // Starting a second VM on it, writable or read-only, is refused before launching QEMU.
+    for disk in [
+        DiskUse::writable(Resource::file(&d0)),
+        DiskUse::read_only(Resource::file(&d0)),
+    ] {
+        let e = locks
+            .acquire(&Purpose::VmStart {
+                domain: "vm2".into(),
+                disks: vec![disk],
+            })
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::ImageInUse, "{e}");
+        assert!(e.to_string().contains(&canon.display().to_string()), "{e}");
+    }
+    // Reading the header takes no lock and still works.
+    assert_eq!(std::fs::read(&d0).unwrap()[..4], *b"QFI\xfb");
+
+    // QEMU quits: the same acquire succeeds.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let qmp = qemu.qmp().await.expect("QMP");
+        let _ = qmp.execute("quit", None).await;
+    });
+    assert!(
+        qemu.wait_exit(std::time::Duration::from_secs(10)).is_some(),
+        "QEMU did not quit"
+    );
+    let held = locks.acquire(&volume_op(&d0)).unwrap();
+    assert_eq!(held.image_locks().len(), 1);
+    assert_eq!(probe(&d0).unwrap().bytes(), Access::WRITER.bytes());
+    let hs = locks.holders(&Resource::file(&d0)).unwrap();
+    assert_eq!(
+        hs[0].holder,
+        locking::Holder::Operation("snapshot create".into())
+    );
+}
+
+#[test]
+fn qemu_refuses_to_start_on_an_image_we_hold() {
+    let space = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("held.qcow2");
+    let st = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&img)
+        .arg("64M")
+        .status()
+        .expect("qemu-img (run `cargo xtask deps`)");
+    assert!(st.success());
+    let locks = LockManager::local(space.path()).unwrap();
+    let held = locks.acquire(&volume_op(&img)).unwrap();
+
+    let err = Qemu::builder()
+        .existing_disk("d0", DiskFormat::Qcow2, &img)
+        .spawn()
+        .expect_err("QEMU must not start on an image we hold");
+    let msg = err.to_string();
+    assert!(msg.contains("Failed to get \"write\" lock"), "{msg}");
+    let ro = Qemu::builder()
+        .existing_disk("d0", DiskFormat::Qcow2, &img)
+        .read_only()
+        .spawn()
+        .expect_err("nor read-only");
+    assert!(
+        ro.to_string()
+            .contains("Failed to get shared \"write\" lock"),
+        "{ro}"
+    );
+
+    // qemu-img: plain `info` is refused like any reader; `info -U` (force-share) works,
+    // and so does reading the header ourselves.
+    let info = std::process::Command::new("qemu-img")
+        .arg("info")
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(!info.status.success());
+    assert!(String::from_utf8_lossy(&info.stderr).contains("Failed to get shared \"write\" lock"));
+    let info = std::process::Command::new("qemu-img")
+        .args(["info", "-U"])
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(
+        info.status.success(),
+        "{}",
+        String::from_utf8_lossy(&info.stderr)
+    );
+
+    // Released: QEMU starts, and now we are the ones refused.
+    drop(held);
+    let mut qemu = Qemu::builder()
+        .existing_disk("d0", DiskFormat::Qcow2, &img)
+        .spawn()
+        .expect("QEMU starts once we let go");
+    assert_eq!(
+        locks.acquire(&volume_op(&img)).unwrap_err().kind(),
+        ErrorKind::ImageInUse
+    );
+    qemu.kill();
 }

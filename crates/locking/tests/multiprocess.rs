@@ -1,0 +1,458 @@
+//! Leases between real processes: this test binary re-runs itself as the child
+//! (`child_process_entry`, told what to do by environment variables), and parent and children
+//! talk through files in a temporary directory.
+
+use locking::qemu::{probe, Access};
+use locking::{DiskUse, ErrorKind, LockManager, Purpose, Resource, UuidKind};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+const CHILD_TEST: &str = "child_process_entry";
+
+/// The child side. Without `VS_LOCK_CHILD` it is an ordinary, empty test.
+#[test]
+fn child_process_entry() {
+    let Ok(what) = std::env::var("VS_LOCK_CHILD") else {
+        return;
+    };
+    let env = |k: &str| std::env::var(k).unwrap_or_else(|_| panic!("child needs {k}"));
+    // The negative control races with a per-process in-memory table: no real exclusion.
+    let locks = if std::env::var_os("VS_LOCK_NEGATIVE").is_some() {
+        LockManager::with_backend(std::sync::Arc::new(locking::MemoryBackend::new()))
+    } else {
+        LockManager::local(env("VS_LOCK_SPACE")).unwrap()
+    };
+    let out = PathBuf::from(env("VS_LOCK_OUT"));
+    let id = env("VS_LOCK_ID");
+    match what.as_str() {
+        "hold" => {
+            let purpose = purpose(&env("VS_LOCK_PURPOSE"), &id, &out);
+            let held = locks.acquire(&purpose);
+            let msg = match &held {
+                Ok(_) => "ok".to_string(),
+                Err(e) => format!("err {:?}: {e}", e.kind()),
+            };
+            write_atomic(&out.join(format!("ready-{id}")), &msg);
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !out.join(format!("release-{id}")).exists() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            drop(held);
+        }
+        "race" => race(&locks, &out, &id, env("VS_LOCK_ROUNDS").parse().unwrap()),
+        other => panic!("unknown child job {other}"),
+    }
+}
+
+fn file_a(out: &Path) -> Resource {
+    Resource::file(out.join("a.img"))
+}
+
+fn uuid_b() -> Resource {
+    Resource::Uuid {
+        kind: UuidKind::LvmLv,
+        uuid: "dR3kzF-9a2B-Xc4d-Ef5g-Hi6j-Kl7m-No8pQr".into(),
+        display: "vg0/b".into(),
+        image: None,
+    }
+}
+
+/// `exclusive`: a volume operation on a.img; `shared:NAME`: VM NAME starting with a.img
+/// read-only.
+fn purpose(spec: &str, id: &str, out: &Path) -> Purpose {
+    match spec.split_once(':') {
+        Some(("shared", dom)) => Purpose::VmStart {
+            domain: dom.into(),
+            disks: vec![DiskUse::read_only(file_a(out))],
+        },
+        _ => Purpose::VolumeOp {
+            op: format!("hold-child {id}"),
+            volumes: vec![file_a(out)],
+        },
+    }
+}
+
+fn write_atomic(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// Many rounds of: an exclusive volume operation on a.img and LV b, or a shared VM start on
+/// a.img. Inside, markers prove nobody else is inside in a conflicting mode, and a counter is
+/// incremented without any other synchronisation.
+fn race(locks: &LockManager, out: &Path, id: &str, rounds: u32) {
+    // The negative control uses the LV only: a.img's QEMU image locks would exclude too.
+    let negative = std::env::var_os("VS_LOCK_NEGATIVE").is_some();
+    let excl = Purpose::VolumeOp {
+        op: format!("racer {id}"),
+        volumes: if negative {
+            vec![uuid_b()]
+        } else {
+            vec![file_a(out), uuid_b()]
+        },
+    };
+    let shared = Purpose::VmStart {
+        domain: format!("racer-{id}"),
+        disks: vec![DiskUse::read_only(if negative {
+            uuid_b()
+        } else {
+            file_a(out)
+        })],
+    };
+    // Start together: announce, then wait for the parent's "go".
+    write_atomic(&out.join(format!("started-{id}")), "");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !out.join("go").exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    let (mut exclusive_wins, mut shared_wins, mut violations) = (0u32, 0u32, Vec::new());
+    let me = std::process::id();
+    let marker = out.join("inside-exclusive");
+    let shared_dir = out.join("shared");
+    let counter = out.join("counter");
+    for round in 0..rounds {
+        let spin = Duration::from_micros(50 + u64::from((round * 37 + me) % 200));
+        if (round + me) % 3 != 0 {
+            let Ok(_held) = locks.acquire(&excl) else {
+                std::thread::sleep(spin);
+                continue;
+            };
+            if std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&marker)
+                .is_err()
+            {
+                violations.push(format!("round {round}: another exclusive holder inside"));
+            }
+            if std::fs::read_dir(&shared_dir).unwrap().next().is_some() {
+                violations.push(format!("round {round}: exclusive while shared inside"));
+            }
+            let n: u64 = std::fs::read_to_string(&counter)
+                .unwrap_or_default()
+                .trim()
+                .parse()
+                .unwrap_or(0);
+            std::thread::sleep(spin);
+            std::fs::write(&counter, (n + 1).to_string()).unwrap();
+            let _ = std::fs::remove_file(&marker);
+            exclusive_wins += 1;
+        } else {
+            let Ok(_held) = locks.acquire(&shared) else {
+                std::thread::sleep(spin);
+                continue;
+            };
+            let mine = shared_dir.join(format!("{me}"));
+            std::fs::write(&mine, "").unwrap();
+            if marker.exists() {
+                violations.push(format!("round {round}: shared while exclusive inside"));
+            }
+            std::thread::sleep(spin);
+            std::fs::remove_file(&mine).unwrap();
+            shared_wins += 1;
+        }
+    }
+    write_atomic(
+        &out.join(format!("result-{id}")),
+        &format!("{exclusive_wins} {shared_wins}\n{}", violations.join("\n")),
+    );
+}
+
+/// A child process of this test binary (killed with SIGKILL when dropped).
+struct ChildProc {
+    child: Child,
+    id: String,
+    out: PathBuf,
+}
+
+impl ChildProc {
+    fn spawn(space: &Path, out: &Path, job: &str, id: &str, extra: &[(&str, &str)]) -> Self {
+        let exe = std::env::current_exe().unwrap();
+        let mut cmd = Command::new(exe);
+        cmd.args(["--exact", CHILD_TEST, "--test-threads=1", "--nocapture"])
+            .env("VS_LOCK_CHILD", job)
+            .env("VS_LOCK_SPACE", space)
+            .env("VS_LOCK_OUT", out)
+            .env("VS_LOCK_ID", id)
+            .stdout(std::process::Stdio::null());
+        for (k, v) in extra {
+            cmd.env(k, v);
+        }
+        ChildProc {
+            child: cmd.spawn().expect("re-run the test binary as a child"),
+            id: id.into(),
+            out: out.to_path_buf(),
+        }
+    }
+    fn hold(space: &Path, out: &Path, id: &str, purpose: &str) -> Self {
+        ChildProc::spawn(space, out, "hold", id, &[("VS_LOCK_PURPOSE", purpose)])
+    }
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+    /// What the child reported after trying to acquire.
+    fn ready(&mut self) -> String {
+        let f = self.out.join(format!("ready-{}", self.id));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(s) = std::fs::read_to_string(&f) {
+                return s;
+            }
+            if let Ok(Some(st)) = self.child.try_wait() {
+                panic!("child {} exited before it was ready: {st}", self.id);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "child {} never got ready",
+                self.id
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    fn release(mut self) {
+        std::fs::write(self.out.join(format!("release-{}", self.id)), "").unwrap();
+        let st = self.child.wait().unwrap();
+        assert!(st.success(), "child {} failed: {st}", self.id);
+    }
+    fn kill9(mut self) {
+        self.child.kill().unwrap(); // SIGKILL
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for ChildProc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+struct Setup {
+    _tmp: tempfile::TempDir,
+    space: PathBuf,
+    out: PathBuf,
+}
+
+fn setup() -> Setup {
+    let tmp = tempfile::tempdir().unwrap();
+    let space = tmp.path().join("locks");
+    let out = tmp.path().join("out");
+    std::fs::create_dir_all(out.join("shared")).unwrap();
+    std::fs::write(out.join("a.img"), vec![0u8; 4096]).unwrap();
+    Setup {
+        _tmp: tmp,
+        space,
+        out,
+    }
+}
+
+fn exclusive_op(s: &Setup) -> Purpose {
+    Purpose::VolumeOp {
+        op: "parent".into(),
+        volumes: vec![file_a(&s.out)],
+    }
+}
+
+#[test]
+fn a_second_exclusive_acquire_fails_and_names_the_holder() {
+    let s = setup();
+    let mut holder = ChildProc::hold(&s.space, &s.out, "h1", "exclusive");
+    assert_eq!(holder.ready(), "ok");
+    // Its QEMU image locks are visible to any process, as a QEMU writer's would be.
+    assert_eq!(
+        probe(&s.out.join("a.img")).unwrap().bytes(),
+        Access::WRITER.bytes()
+    );
+    let mut second = ChildProc::hold(&s.space, &s.out, "h2", "exclusive");
+    let msg = second.ready();
+    assert!(msg.starts_with("err Conflict: "), "{msg}");
+    second.release();
+
+    let locks = LockManager::local(&s.space).unwrap();
+    let e = locks.acquire(&exclusive_op(&s)).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Conflict);
+    let a = std::fs::canonicalize(s.out.join("a.img")).unwrap();
+    let want = format!(
+        "volume {} in use by operation \"hold-child h1\" (pid {}, since ",
+        a.display(),
+        holder.pid()
+    );
+    assert!(e.to_string().starts_with(&want), "{e}\nwanted: {want}");
+    assert_eq!(e.holders()[0].pid, holder.pid());
+    holder.release();
+    locks.acquire(&exclusive_op(&s)).unwrap();
+}
+
+#[test]
+fn shared_holders_block_an_exclusive_one_until_the_last_leaves() {
+    let s = setup();
+    let mut a = ChildProc::hold(&s.space, &s.out, "a", "shared:vm-a");
+    let mut b = ChildProc::hold(&s.space, &s.out, "b", "shared:vm-b");
+    assert_eq!(a.ready(), "ok");
+    assert_eq!(b.ready(), "ok");
+    let locks = LockManager::local(&s.space).unwrap();
+    // Another VM may share the read-only disk.
+    let vm_c = Purpose::VmStart {
+        domain: "vm-c".into(),
+        disks: vec![DiskUse::read_only(file_a(&s.out))],
+    };
+    drop(locks.acquire(&vm_c).unwrap());
+    let e = locks.acquire(&exclusive_op(&s)).unwrap_err();
+    let text = e.to_string();
+    assert!(text.contains("domain \"vm-a\""), "{text}");
+    assert!(text.contains("domain \"vm-b\""), "{text}");
+    a.release();
+    let e = locks.acquire(&exclusive_op(&s)).unwrap_err();
+    assert_eq!(e.holders().len(), 1, "{e}");
+    assert_eq!(e.holders()[0].pid, b.pid());
+    b.release();
+    locks.acquire(&exclusive_op(&s)).unwrap();
+}
+
+#[test]
+fn kill_9_of_the_holder_releases_the_lease_and_its_record() {
+    let s = setup();
+    let mut holder = ChildProc::hold(&s.space, &s.out, "k", "exclusive");
+    assert_eq!(holder.ready(), "ok");
+    let locks = LockManager::local(&s.space).unwrap();
+    assert_eq!(locks.holders(&file_a(&s.out)).unwrap().len(), 1);
+    assert!(locks.acquire(&exclusive_op(&s)).is_err());
+    holder.kill9();
+    // The record is still in the file but its slot lock died with the process.
+    assert!(locks.holders(&file_a(&s.out)).unwrap().is_empty());
+    assert!(!probe(&s.out.join("a.img")).unwrap().in_use());
+    let held = locks.acquire(&exclusive_op(&s)).unwrap();
+    assert_eq!(
+        locks.holders(&file_a(&s.out)).unwrap()[0].holder.name(),
+        "parent"
+    );
+    drop(held);
+}
+
+/// Run `procs` racers; (exclusive wins, shared wins, violations, counter).
+fn run_race(s: &Setup, procs: u32, rounds: u32, negative: bool) -> (u64, u64, Vec<String>, u64) {
+    let mut env = vec![("VS_LOCK_ROUNDS", rounds.to_string())];
+    if negative {
+        env.push(("VS_LOCK_NEGATIVE", "1".into()));
+    }
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let kids: Vec<ChildProc> = (0..procs)
+        .map(|i| ChildProc::spawn(&s.space, &s.out, "race", &format!("r{i}"), &env))
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while (0..procs).any(|i| !s.out.join(format!("started-r{i}")).exists()) {
+        assert!(Instant::now() < deadline, "racers did not start");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    std::fs::write(s.out.join("go"), "").unwrap();
+    let (mut excl, mut shared, mut violations) = (0u64, 0u64, Vec::new());
+    for mut k in kids {
+        let st = k.child.wait().unwrap();
+        assert!(st.success(), "racer {} failed: {st}", k.id);
+        let r = std::fs::read_to_string(s.out.join(format!("result-{}", k.id))).unwrap();
+        let (counts, v) = r.split_once('\n').unwrap();
+        violations.extend(v.lines().map(|l| format!("racer {}: {l}", k.id)));
+        let (e, sh) = counts.split_once(' ').unwrap();
+        excl += e.parse::<u64>().unwrap();
+        shared += sh.parse::<u64>().unwrap();
+    }
+    let counter: u64 = std::fs::read_to_string(s.out.join("counter"))
+        .unwrap_or_else(|_| "0".into())
+        .parse()
+        .unwrap();
+    (excl, shared, violations, counter)
+}
+
+#[test]
+fn the_race_detects_overlaps_when_nothing_excludes() {
+    let s = setup();
+    let (excl, _, violations, counter) = run_race(&s, 6, 60, true);
+    assert!(
+        !violations.is_empty() || counter != excl,
+        "without real leases the racers should have been caught overlapping"
+    );
+}
+
+#[test]
+fn racing_processes_never_hold_exclusively_together() {
+    let s = setup();
+    const PROCS: u32 = 8;
+    const ROUNDS: u32 = 300;
+    let t = Instant::now();
+    let (excl, shared, violations, counter) = run_race(&s, PROCS, ROUNDS, false);
+    assert!(violations.is_empty(), "{violations:#?}");
+    eprintln!(
+        "{PROCS} processes x {ROUNDS} rounds: {excl} exclusive and {shared} shared holds in {:?}",
+        t.elapsed()
+    );
+    assert_eq!(counter, excl, "an unsynchronised counter lost updates");
+    assert!(excl > 0 && shared > 0, "both modes must have won sometimes");
+    // Nothing is left behind.
+    let locks = LockManager::local(&s.space).unwrap();
+    assert!(locks.holders(&file_a(&s.out)).unwrap().is_empty());
+    assert!(locks.holders(&uuid_b()).unwrap().is_empty());
+    assert!(!probe(&s.out.join("a.img")).unwrap().in_use());
+}
+
+#[test]
+fn acquire_timeout_waits_without_blocking_the_runtime() {
+    let s = setup();
+    let mut holder = ChildProc::hold(&s.space, &s.out, "t", "exclusive");
+    assert_eq!(holder.ready(), "ok");
+    let locks = LockManager::local(&s.space)
+        .unwrap()
+        .poll_interval(Duration::from_millis(10));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let op = exclusive_op(&s);
+    let release = s.out.join("release-t");
+    rt.block_on(async {
+        let ticks = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let t2 = ticks.clone();
+        let ticker = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                t2.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        });
+        let start = Instant::now();
+        let e = locks
+            .acquire_timeout(&op, Duration::from_millis(300))
+            .await
+            .unwrap_err();
+        let waited = start.elapsed();
+        assert_eq!(e.kind(), ErrorKind::Conflict);
+        assert!(e.to_string().contains("(waited 0.3 s)"), "{e}");
+        assert!(waited >= Duration::from_millis(300), "{waited:?}");
+        let n = ticks.load(std::sync::atomic::Ordering::Relaxed);
+        // One thread runs both: the ticker only ticks if acquiring never blocks it.
+        assert!(
+            n >= 30,
+            "the runtime was blocked: {n} ticks of 5 ms in {waited:?}"
+        );
+
+        // The holder leaves after 200 ms; the waiter gets the lease soon after.
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            std::fs::write(release, "").unwrap();
+        });
+        let start = Instant::now();
+        let held = locks
+            .acquire_timeout(&op, Duration::from_secs(10))
+            .await
+            .unwrap();
+        let waited = start.elapsed();
+        assert!(waited >= Duration::from_millis(200), "{waited:?}");
+        assert!(waited < Duration::from_secs(3), "{waited:?}");
+        assert_eq!(held.leases().len(), 1);
+        ticker.abort();
+    });
+    let st = holder.child.wait().unwrap();
+    assert!(st.success());
+}
