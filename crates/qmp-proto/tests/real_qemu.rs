@@ -339,3 +339,34 @@ async fn real_run_job_snapshot_save_load_delete_and_a_failing_job() {
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Command, "{e}");
 }
+
+#[tokio::test]
+async fn real_two_hundred_commands_at_once_none_dropped() {
+    // QEMU queues at most 8 requests per monitor and stops reading beyond that: commands
+    // beyond the queue wait in the socket, none is dropped.
+    let q = qemu();
+    let c = connect(&q).await;
+    let tasks: Vec<_> = (0..200)
+        .map(|i| {
+            let c = c.clone();
+            tokio::spawn(async move {
+                let cmd = if i % 2 == 0 {
+                    "query-status"
+                } else {
+                    "query-name"
+                };
+                (i, c.execute_timeout(cmd, None, T).await)
+            })
+        })
+        .collect();
+    for t in tasks {
+        let (i, r) = t.await.unwrap();
+        let v = r.unwrap_or_else(|e| panic!("command {i}: {e}"));
+        if i % 2 == 0 {
+            assert_eq!(v["status"], "running");
+        } else {
+            assert!(v.is_object());
+        }
+    }
+    assert_eq!(c.in_flight(), 0);
+}
