@@ -429,7 +429,7 @@ impl QmpClient {
 
     /// Runs a command and returns its `return` value, allowing `t` for the reply.
     ///
-    /// An `{"error":..}` reply becomes an [`ErrorKind::Command`](crate::ErrorKind::Command)
+    /// An `{"error":..}` reply becomes an [`ErrorKind::Command`]
     /// error. Dropping the returned future forgets the command (its late reply is dropped).
     pub async fn execute_timeout(
         &self,
