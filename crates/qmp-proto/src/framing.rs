@@ -48,6 +48,14 @@ pub(crate) async fn read_line_capped<R: AsyncBufRead + Unpin>(
     }
 }
 
+/// The instant `t` from now; a `t` too large to represent (e.g. `Duration::MAX`, meaning
+/// "no limit") gives a deadline about 30 years away instead of overflowing.
+pub(crate) fn deadline_after(t: std::time::Duration) -> tokio::time::Instant {
+    let now = tokio::time::Instant::now();
+    now.checked_add(t)
+        .unwrap_or_else(|| now + std::time::Duration::from_secs(30 * 365 * 86_400))
+}
+
 /// A short, printable excerpt of a raw line for log messages.
 pub(crate) fn excerpt(line: &[u8]) -> String {
     const MAX: usize = 200;

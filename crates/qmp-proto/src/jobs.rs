@@ -60,7 +60,7 @@ impl QmpClient {
         job_id: &str,
         t: Duration,
     ) -> Result<(), Error> {
-        let deadline = Instant::now() + t;
+        let deadline = crate::framing::deadline_after(t);
         // Subscribed before the command: the job's events cannot be missed.
         let mut events = self.subscribe();
         self.execute_timeout(cmd, Some(args), left(deadline))

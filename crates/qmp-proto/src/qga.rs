@@ -81,7 +81,7 @@ impl QgaClient {
     /// Fails with [`ErrorKind::Timeout`](crate::ErrorKind::Timeout) when the agent does
     /// not answer (e.g. the guest has not started it yet); callers may retry.
     pub async fn connect_unix(path: impl AsRef<Path>, t: Duration) -> Result<QgaClient, Error> {
-        let deadline = Instant::now() + t;
+        let deadline = crate::framing::deadline_after(t);
         let path = path.as_ref().to_path_buf();
         let stream = match tokio::time::timeout_at(deadline, UnixStream::connect(&path)).await {
             Err(_) => {
@@ -217,7 +217,8 @@ impl QgaClient {
         args: Option<Value>,
         t: Duration,
     ) -> Result<Value, Error> {
-        self.execute_until(cmd, args, Instant::now() + t).await
+        self.execute_until(cmd, args, crate::framing::deadline_after(t))
+            .await
     }
 
     async fn execute_until(
@@ -288,7 +289,7 @@ impl QgaClient {
         args: Option<Value>,
         t: Duration,
     ) -> Result<(), Error> {
-        let deadline = Instant::now() + t;
+        let deadline = crate::framing::deadline_after(t);
         if self.needs_sync {
             self.sync(deadline).await.map_err(|e| e.with_command(cmd))?;
         }
@@ -317,7 +318,7 @@ impl QgaClient {
         stdin: Option<&[u8]>,
         t: Duration,
     ) -> Result<ExecOutput, Error> {
-        let deadline = Instant::now() + t;
+        let deadline = crate::framing::deadline_after(t);
         let b64 = base64::engine::general_purpose::STANDARD;
         let (path, rest) = argv
             .split_first()

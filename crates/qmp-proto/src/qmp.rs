@@ -333,7 +333,7 @@ impl QmpClient {
         path: impl AsRef<Path>,
         t: Duration,
     ) -> Result<QmpClient, Error> {
-        let deadline = tokio::time::Instant::now() + t;
+        let deadline = crate::framing::deadline_after(t);
         let path = path.as_ref().to_path_buf();
         let stream = UnixStream::connect(&path)
             .await

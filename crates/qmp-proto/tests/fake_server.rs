@@ -143,12 +143,18 @@ async fn greeting_and_negotiation_enable_oob() {
             p.reply(&cmd, json!([])).await;
         },
         async {
-            let c = QmpClient::connect_unix(&path).await.unwrap();
+            // Duration::MAX means no limit (no overflow).
+            let c = QmpClient::connect_unix_timeout(&path, Duration::MAX)
+                .await
+                .unwrap();
             let g = c.greeting();
             assert_eq!(g.version, (10, 0, 2));
             assert_eq!(g.package, "Debian 1:10.0.2+ds-2+deb13u1~bpo12+1");
             assert_eq!(g.capabilities, vec!["oob".to_owned()]);
-            let st = c.execute("query-status", None).await.unwrap();
+            let st = c
+                .execute_timeout("query-status", None, Duration::MAX)
+                .await
+                .unwrap();
             assert_eq!(st["status"], "running");
             let r = c
                 .execute("query-block", Some(json!({"device": "x"})))
@@ -830,10 +836,8 @@ async fn qga_sync_discards_stray_output_and_ping_works() {
             assert_eq!(a.syncs, 1, "no re-sync while all goes well");
         },
         async {
-            let mut g = QgaClient::connect_unix(&path, Duration::from_secs(5))
-                .await
-                .unwrap();
-            g.ping(Duration::from_secs(5)).await.unwrap();
+            let mut g = QgaClient::connect_unix(&path, Duration::MAX).await.unwrap();
+            g.ping(Duration::MAX).await.unwrap();
             let info = g
                 .execute("guest-info", None, Duration::from_secs(5))
                 .await
