@@ -1004,6 +1004,36 @@ async fn qga_timeout_resyncs_and_drops_the_late_reply() {
 }
 
 #[tokio::test]
+async fn qga_over_long_line_is_a_protocol_error_then_resyncs() {
+    let srv = server();
+    let path = srv.path.clone();
+    run(
+        srv,
+        |l| async move {
+            let mut a = Agent::accept(&l).await;
+            a.next_command().await.unwrap();
+            let chunk = vec![b'y'; 1 << 20];
+            for _ in 0..(qmp_proto::qga::MAX_LINE / chunk.len() + 1) {
+                a.p.send_raw(&chunk).await;
+            }
+            a.p.send_raw(b"\n").await;
+            let cmd = a.next_command().await.unwrap();
+            assert_eq!(a.syncs, 2);
+            a.reply(&cmd, json!({})).await;
+        },
+        async {
+            let mut g = QgaClient::connect_unix(&path, Duration::from_secs(5))
+                .await
+                .unwrap();
+            let e = g.ping(Duration::from_secs(5)).await.unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Protocol, "{e}");
+            g.ping(Duration::from_secs(5)).await.unwrap();
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
 async fn qga_silent_agent_times_out_and_eof_is_disconnected() {
     // Nobody answers the sync (a guest whose agent has not started yet).
     let srv = server();
