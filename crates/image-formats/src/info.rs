@@ -217,12 +217,12 @@ impl ImageInfo {
             Details::Raw => None,
         }
     }
-    /// Was the image not closed cleanly (qcow2 dirty bit, QED need-check bit)?
+    /// The dirty flag as qemu-img reports it: qcow2's dirty bit. (QEMU does not report
+    /// QED's need-check bit here; see [`qed::Header::needs_check`].)
     pub fn dirty(&self) -> bool {
         match &self.details {
             Details::Qcow2(q) => q.header.is_dirty(),
-            Details::Qed(q) => q.header.needs_check(),
-            Details::Raw => false,
+            _ => false,
         }
     }
     /// Is the image encrypted?

@@ -441,6 +441,16 @@ fn qed_images() {
         let info = check(&dir.join(name));
         assert_eq!(info.format(), Format::Qed);
     }
+    // The need-check bit: qemu-img still reports "dirty-flag": false.
+    let p = dir.join("raw-backed.qed");
+    let mut b = std::fs::read(&p).unwrap();
+    b[16] |= 0x02;
+    std::fs::write(&p, b).unwrap();
+    let info = check(&p);
+    assert!(
+        matches!(&info.details, image_formats::info::Details::Qed(q) if q.header.needs_check())
+    );
+
     // qemu-img creates QED images with one-cluster tables that QEMU itself refuses to open
     // ("QED table offset is invalid"): we refuse them the same way.
     qemu_img_in(
