@@ -84,6 +84,12 @@ impl LocalBackend {
         Ok(LocalBackend { dir })
     }
 
+    /// Use the lockspace directory `dir` without creating it: for read-only inspection
+    /// ([`LeaseBackend::holders`] of a missing directory is empty; acquiring fails).
+    pub fn at(dir: impl Into<PathBuf>) -> LocalBackend {
+        LocalBackend { dir: dir.into() }
+    }
+
     /// The lockspace directory.
     pub fn dir(&self) -> &Path {
         &self.dir

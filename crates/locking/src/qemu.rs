@@ -86,7 +86,7 @@ impl LockState {
 
 /// Probe which of QEMU's lock bytes are held on the image at `path`.
 pub fn probe(path: &Path) -> Result<LockState, Error> {
-    let file = std::fs::File::open(path).map_err(|e| Error::io("open", path, e))?;
+    let file = std::fs::File::open(path).map_err(|e| Error::io("open image", path, e))?;
     let mut state = LockState::default();
     for p in Permission::ALL {
         if byte_locked(&file, p.held_byte()).map_err(|e| Error::io("probe lock", path, e))? {

@@ -1,6 +1,7 @@
 //! Argument parsing and dispatch for the `virt-snap` binary.
 
 mod image;
+mod locks;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -105,7 +106,7 @@ pub fn run(cli: Cli) -> CliResult {
 
 async fn dispatch(cli: Cli) -> CliResult {
     match cli.command {
-        Command::Image(cmd) => image::run(cmd, cli.output),
+        Command::Image(cmd) => image::run(cmd, cli.output, cli.state_dir.as_deref()),
         Command::StateDir => {
             let dir = state_dir(cli.state_dir.as_deref())?;
             match cli.output {

@@ -1,0 +1,114 @@
+//! `virt-snap image locks FILE`: which of QEMU's image locks are held on an image, and which
+//! virt-snap holders (VMs, volume operations) hold its lease. Takes no lock itself.
+
+use super::{CliError, CliResult};
+use clap::Args;
+use std::path::{Path, PathBuf};
+use virt_snap::locking::{
+    self, qemu::Permission, HolderRecord, LeaseBackend, LocalBackend, Resource, LOCKSPACE_SUBDIR,
+};
+use virt_snap::output::{self, Format};
+
+/// Arguments of `virt-snap image locks`.
+#[derive(Debug, Args)]
+pub struct LocksArgs {
+    /// The lockspace directory to read leases from (default: `<state dir>/locks`).
+    #[arg(long, value_name = "DIR")]
+    lockspace: Option<PathBuf>,
+    /// The image file (or block device).
+    file: PathBuf,
+}
+
+/// What `image locks` reports.
+#[derive(Debug, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+struct Report {
+    image: PathBuf,
+    in_use: bool,
+    held: Vec<Permission>,
+    unshared: Vec<Permission>,
+    bytes: Vec<u64>,
+    lease_file: Option<PathBuf>,
+    holders: Option<Vec<HolderRecord>>,
+}
+
+fn names(ps: &[Permission]) -> String {
+    ps.iter().map(|p| p.name()).collect::<Vec<_>>().join(", ")
+}
+
+fn byte_list(bs: impl Iterator<Item = u64>) -> String {
+    bs.map(|b| b.to_string()).collect::<Vec<_>>().join(", ")
+}
+
+/// Run `virt-snap image locks`.
+pub fn run(args: LocksArgs, out: Format, state_dir: Option<&Path>) -> CliResult {
+    let lock_err = |e: locking::Error| CliError::with_source(e.to_string(), e);
+    let key = Resource::file(&args.file).key().map_err(lock_err)?;
+    let image = key.image().unwrap_or(&args.file).to_path_buf();
+    let state = locking::qemu::probe(&image).map_err(lock_err)?;
+    let lockspace = match args.lockspace {
+        Some(d) => Some(d),
+        None => virt_snap::state::resolve_from_env(state_dir).map(|s| s.join(LOCKSPACE_SUBDIR)),
+    };
+    let (lease_file, holders) = match lockspace {
+        Some(dir) => {
+            let backend = LocalBackend::at(dir);
+            let holders = backend.holders(&key).map_err(lock_err)?;
+            (Some(backend.lease_path(&key)), Some(holders))
+        }
+        None => (None, None),
+    };
+    let report = Report {
+        image,
+        in_use: state.in_use() || holders.as_ref().is_some_and(|h| !h.is_empty()),
+        bytes: state.bytes(),
+        held: state.held,
+        unshared: state.unshared,
+        lease_file,
+        holders,
+    };
+    match out {
+        Format::Json => {
+            output::print_json(&report).map_err(|e| CliError::with_source("cannot write output", e))
+        }
+        Format::Text => {
+            let mut s = format!("image: {}\n", report.image.display());
+            s += &format!("in use: {}\n", if report.in_use { "yes" } else { "no" });
+            if report.held.is_empty() && report.unshared.is_empty() {
+                s += "qemu locks: none\n";
+            } else {
+                if !report.held.is_empty() {
+                    s += &format!(
+                        "qemu permissions held: {} (bytes {})\n",
+                        names(&report.held),
+                        byte_list(report.held.iter().map(|p| p.held_byte()))
+                    );
+                }
+                if !report.unshared.is_empty() {
+                    s += &format!(
+                        "qemu permissions not shared: {} (bytes {})\n",
+                        names(&report.unshared),
+                        byte_list(report.unshared.iter().map(|p| p.unshared_byte()))
+                    );
+                }
+            }
+            match (&report.lease_file, &report.holders) {
+                (Some(f), Some(hs)) => {
+                    s += &format!("lease: {}\n", f.display());
+                    if hs.is_empty() {
+                        s += "holders: none\n";
+                    }
+                    for h in hs {
+                        s += &format!("holder: {} {h}\n", h.mode);
+                    }
+                }
+                _ => s += "lease: unknown (no state directory)\n",
+            }
+            use std::io::Write;
+            std::io::stdout()
+                .lock()
+                .write_all(s.as_bytes())
+                .map_err(|e| CliError::with_source("cannot write output", e))
+        }
+    }
+}
