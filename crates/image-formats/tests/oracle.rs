@@ -543,3 +543,61 @@ fn luks_encrypted_images() {
         assert!(info.qcow2().unwrap().luks.is_some());
     }
 }
+
+/// A minimal synchronous QMP exchange: greeting, capabilities, then `cmd`.
+fn qmp(sock: &Path, cmds: &[&str]) -> Vec<Value> {
+    use std::io::{BufRead, BufReader, Write};
+    let s = std::os::unix::net::UnixStream::connect(sock).expect("connect to QMP");
+    s.set_read_timeout(Some(std::time::Duration::from_secs(60)))
+        .unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    let mut w = s;
+    let mut line = String::new();
+    let mut read_reply = |r: &mut BufReader<_>| loop {
+        line.clear();
+        r.read_line(&mut line).expect("QMP reply");
+        let v: Value = serde_json::from_str(&line).expect("QMP JSON");
+        if v.get("return").is_some() || v.get("error").is_some() || v.get("QMP").is_some() {
+            return v;
+        }
+    };
+    read_reply(&mut r);
+    let mut out = Vec::new();
+    for c in std::iter::once(r#"{"execute":"qmp_capabilities"}"#).chain(cmds.iter().copied()) {
+        writeln!(w, "{c}").unwrap();
+        out.push(read_reply(&mut r));
+    }
+    out
+}
+
+#[test]
+fn snapshots_with_vm_state_from_a_running_qemu() {
+    let d = tmp();
+    let p = create(d.path(), "vm.qcow2", "", "64M");
+    let qemu = testbed::Qemu::builder()
+        .existing_disk("d0", testbed::DiskFormat::Qcow2, &p)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start QEMU: {e}"));
+    std::thread::sleep(std::time::Duration::from_millis(1200));
+    let replies = qmp(
+        qemu.qmp_path(),
+        &[
+            r#"{"execute":"human-monitor-command","arguments":{"command-line":"savevm with-state"}}"#,
+            r#"{"execute":"human-monitor-command","arguments":{"command-line":"savevm second"}}"#,
+        ],
+    );
+    for r in &replies {
+        assert!(r.get("error").is_none(), "{r}");
+        if let Some(s) = r["return"].as_str() {
+            assert!(s.is_empty(), "savevm said: {s}");
+        }
+    }
+    // QEMU holds the image: qemu-img needs -U (force share); we need nothing.
+    let theirs = qemu_json(&["info", "-U", "--output=json", p.to_str().unwrap()]);
+    let info = ImageInfo::open(&p, None).unwrap();
+    assert_superset(&info.to_json(), &theirs, "running");
+    let s = &info.snapshots()[0];
+    assert!(s.vm_state_size() > 0, "savevm stores VM state");
+    assert!(s.vm_clock_nsec > 0, "the guest clock ran");
+    drop(qemu);
+}

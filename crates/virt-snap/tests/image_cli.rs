@@ -224,3 +224,49 @@ fn errors_are_one_line_with_exit_code_1() {
     let out = vs(&["image", "info", "-f", "vmdk", "r.raw"], dir);
     assert_eq!(out.status.code(), Some(1));
 }
+
+#[test]
+fn snapshots_with_vm_state_read_like_qemu_img() {
+    use std::io::{BufRead, BufReader, Write};
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path();
+    ok(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "vm.qcow2", "64M"],
+        dir,
+    );
+    let qemu = testbed::Qemu::builder()
+        .existing_disk("d0", testbed::DiskFormat::Qcow2, &dir.join("vm.qcow2"))
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start QEMU: {e}"));
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    let s = std::os::unix::net::UnixStream::connect(qemu.qmp_path()).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(60)))
+        .unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    let mut w = s;
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap(); // greeting
+    for cmd in [
+        r#"{"execute":"qmp_capabilities"}"#,
+        r#"{"execute":"human-monitor-command","arguments":{"command-line":"savevm running"}}"#,
+    ] {
+        writeln!(w, "{cmd}").unwrap();
+        loop {
+            line.clear();
+            r.read_line(&mut line).unwrap();
+            if line.contains("\"return\"") || line.contains("\"error\"") {
+                assert!(line.contains("\"return\""), "{line}");
+                break;
+            }
+        }
+    }
+    // QEMU still holds the image: qemu-img needs -U; we take no lock at all.
+    assert_eq!(
+        vs_ok(&["image", "snapshot", "list", "vm.qcow2"], dir),
+        ok("qemu-img", &["snapshot", "-l", "-U", "vm.qcow2"], dir)
+    );
+    let text = vs_ok(&["image", "info", "vm.qcow2"], dir);
+    assert!(text.contains(" KiB 2") || text.contains(" MiB 2"), "{text}");
+    drop(qemu);
+}

@@ -225,7 +225,10 @@ fn snapshot_table(s: &mut String, snaps: &[Snapshot]) {
             secs % 60,
             sn.vm_clock_nsec / 1_000_000 % 1000
         );
-        let icount = sn.icount().map(|i| i.to_string()).unwrap_or_default();
+        let icount = sn
+            .icount()
+            .map(|i| i.to_string())
+            .unwrap_or_else(|| "--".into());
         let id = String::from_utf8_lossy(&sn.id[..sn.id.len().min(127)]);
         let name = String::from_utf8_lossy(&sn.name[..sn.name.len().min(255)]);
         // printf pads by bytes, not characters: so do we, to print what qemu-img prints.
