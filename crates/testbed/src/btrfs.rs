@@ -14,6 +14,7 @@ const HINT: &str = "run `cargo xtask deps` (installs btrfs-progs)";
 #[derive(Debug)]
 pub struct Btrfs {
     mountpoint: PathBuf,
+    image: PathBuf,
     loop_device: String,
     _entry: Entry,
     _tmp: tempfile::TempDir,
@@ -34,7 +35,7 @@ impl Btrfs {
         let entry = Entry::new()?;
         let out = run(Command::new("losetup").args(["-f", "--show"]).arg(&image))?;
         let loop_device = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        entry.record(&format!("loop {loop_device}"));
+        entry.record(&format!("loop {loop_device} {}", image.display()));
         let mountpoint = tmp.path().join("mnt");
         let made = (|| -> Result<()> {
             run(Command::new("mkfs.btrfs").args(["-q", "-f", &loop_device]))?;
@@ -56,6 +57,7 @@ impl Btrfs {
         }
         Ok(Btrfs {
             mountpoint,
+            image,
             loop_device,
             _entry: entry,
             _tmp: tmp,
@@ -65,6 +67,11 @@ impl Btrfs {
     /// Where the filesystem is mounted.
     pub fn mountpoint(&self) -> &Path {
         &self.mountpoint
+    }
+
+    /// The sparse file behind the loop device.
+    pub fn image_path(&self) -> &Path {
+        &self.image
     }
 
     /// The loop device (`/dev/loopN`).
@@ -77,6 +84,7 @@ impl Drop for Btrfs {
     fn drop(&mut self) {
         registry::unmount(&self.mountpoint);
         registry::detach_loop(&self.loop_device);
+        registry::wait_detached(&self.loop_device, &self.image);
         // _entry and _tmp drop next: the record, then the files.
     }
 }

@@ -2,7 +2,7 @@
 //! process can clean up after one that was killed before its destructors ran.
 //!
 //! Each live resource has a file `/tmp/virt-snap-testbed/<pid>-<seq>` whose lines are
-//! `mount <path>` and `loop <device>`. [`sweep_stale`] undoes the entries of dead processes.
+//! `mount <path>` and `loop <device> <backing file>`. [`sweep_stale`] undoes the entries of dead processes.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -78,8 +78,15 @@ pub fn sweep_stale() -> usize {
             if let Some(p) = line.strip_prefix("mount ") {
                 unmount(Path::new(p));
                 let _ = std::fs::remove_dir(p);
-            } else if let Some(dev) = line.strip_prefix("loop ") {
-                detach_loop(dev);
+            } else if let Some(rest) = line.strip_prefix("loop ") {
+                // Detach only if the device still serves the recorded file: its number may
+                // have been reused by another process since.
+                if let Some((dev, image)) = rest.split_once(' ') {
+                    if loop_backing_file(dev).as_deref() == Some(Path::new(image)) {
+                        detach_loop(dev);
+                        wait_detached(dev, Path::new(image));
+                    }
+                }
             }
         }
         let _ = std::fs::remove_file(e.path());
@@ -100,4 +107,21 @@ pub(crate) fn unmount(p: &Path) {
 
 pub(crate) fn detach_loop(dev: &str) {
     let _ = Command::new("losetup").args(["-d", dev]).output();
+}
+
+/// The file a loop device serves, if it is attached.
+pub(crate) fn loop_backing_file(dev: &str) -> Option<PathBuf> {
+    let name = dev.trim_start_matches("/dev/");
+    std::fs::read_to_string(format!("/sys/block/{name}/loop/backing_file"))
+        .ok()
+        .map(|b| PathBuf::from(b.trim()))
+}
+
+/// Wait (up to 5 s) until `dev` no longer has `image` as its backing file: the kernel detaches a
+/// loop device asynchronously after `losetup -d` when the device was still busy.
+pub(crate) fn wait_detached(dev: &str, image: &Path) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while std::time::Instant::now() < deadline && loop_backing_file(dev).as_deref() == Some(image) {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
 }

@@ -10,11 +10,12 @@ fn mounted(path: &std::path::Path) -> bool {
         .any(|l| l.split_whitespace().nth(1) == Some(path.to_str().unwrap()))
 }
 
-fn loop_attached(dev: &str) -> bool {
-    let out = Command::new("losetup").arg("-a").output().unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .any(|l| l.starts_with(&format!("{dev}:")))
+/// Is `dev` still attached to `image`? (Another test may attach the same device number to
+/// its own file as soon as we let it go, so the device name alone proves nothing.)
+fn loop_attached(dev: &str, image: &std::path::Path) -> bool {
+    let name = dev.trim_start_matches("/dev/");
+    std::fs::read_to_string(format!("/sys/block/{name}/loop/backing_file"))
+        .is_ok_and(|b| std::path::Path::new(b.trim()) == image)
 }
 
 #[test]
@@ -22,6 +23,8 @@ fn btrfs_mounts_snapshots_and_cleans_up() {
     let fs = Btrfs::new(256).expect("btrfs testbed");
     let mnt = fs.mountpoint().to_path_buf();
     let dev = fs.loop_device().to_string();
+    let image = fs.image_path().to_path_buf();
+    assert!(loop_attached(&dev, &image));
     assert!(mounted(&mnt), "{} is not mounted", mnt.display());
     let fstype = Command::new("stat")
         .args(["-f", "-c", "%T"])
@@ -56,7 +59,10 @@ fn btrfs_mounts_snapshots_and_cleans_up() {
 
     drop(fs);
     assert!(!mounted(&mnt), "still mounted after drop");
-    assert!(!loop_attached(&dev), "{dev} still attached after drop");
+    assert!(
+        !loop_attached(&dev, &image),
+        "{dev} still attached after drop"
+    );
     assert!(!mnt.exists(), "temporary directory left behind");
 }
 
@@ -66,14 +72,18 @@ fn btrfs_is_cleaned_up_when_the_test_panics() {
     let s2 = slot.clone();
     let r = std::thread::spawn(move || {
         let fs = Btrfs::new(128).expect("btrfs testbed");
-        *s2.lock().unwrap() = Some((fs.mountpoint().to_path_buf(), fs.loop_device().to_string()));
+        *s2.lock().unwrap() = Some((
+            fs.mountpoint().to_path_buf(),
+            fs.loop_device().to_string(),
+            fs.image_path().to_path_buf(),
+        ));
         panic!("test failure while the filesystem is mounted");
     })
     .join();
     assert!(r.is_err());
-    let (mnt, dev) = slot.lock().unwrap().clone().unwrap();
+    let (mnt, dev, image) = slot.lock().unwrap().clone().unwrap();
     assert!(!mounted(&mnt));
-    assert!(!loop_attached(&dev));
+    assert!(!loop_attached(&dev, &image));
 }
 
 /// Run in a child process by `killed_test_process_is_swept`: mount, report, wait to be killed.
@@ -84,7 +94,12 @@ fn child_that_mounts_and_hangs() {
     }
     let fs = Btrfs::new(128).expect("btrfs testbed");
     let report = std::env::var_os("VS_TESTBED_CHILD").unwrap();
-    let line = format!("{} {}", fs.mountpoint().display(), fs.loop_device());
+    let line = format!(
+        "{}\n{}\n{}",
+        fs.mountpoint().display(),
+        fs.loop_device(),
+        fs.image_path().display()
+    );
     std::fs::write(format!("{}.tmp", report.to_string_lossy()), line).unwrap();
     std::fs::rename(format!("{}.tmp", report.to_string_lossy()), &report).unwrap();
     std::thread::sleep(std::time::Duration::from_secs(120));
@@ -101,10 +116,14 @@ fn killed_test_process_is_swept() {
         .spawn()
         .unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    let (mnt, dev) = loop {
+    let (mnt, dev, image) = loop {
         if let Ok(text) = std::fs::read_to_string(&report) {
-            let (m, d) = text.rsplit_once(' ').unwrap();
-            break (std::path::PathBuf::from(m), d.to_string());
+            let v: Vec<&str> = text.lines().collect();
+            break (
+                std::path::PathBuf::from(v[0]),
+                v[1].to_string(),
+                std::path::PathBuf::from(v[2]),
+            );
         }
         assert!(child.try_wait().unwrap().is_none(), "child exited early");
         assert!(
@@ -119,5 +138,5 @@ fn killed_test_process_is_swept() {
     // Another test process may sweep first; either way the end state is what counts.
     testbed::sweep_stale();
     assert!(!mounted(&mnt), "sweep left {} mounted", mnt.display());
-    assert!(!loop_attached(&dev), "sweep left {dev} attached");
+    assert!(!loop_attached(&dev, &image), "sweep left {dev} attached");
 }
