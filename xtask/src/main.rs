@@ -66,7 +66,7 @@ fn test(extra: &[String]) -> Result<(), String> {
         "warnings",
     ])?;
     util::step("cargo test (whole workspace, real components)");
-    let mut args: Vec<&str> = vec!["test", "--workspace"];
+    let mut args: Vec<&str> = vec!["test", "--workspace", "--no-fail-fast"];
     args.extend(extra.iter().map(String::as_str));
     util::cargo_env(&args, &[("VIRT_SNAP_GUEST_DIR", guest.as_os_str())])
 }
