@@ -188,7 +188,15 @@ fn strip_zeros(s: &str) -> &str {
 }
 
 /// `YYYY-MM-DD HH:MM:SS` in UTC.
+#[cfg(test)]
 fn format_date(secs: u32) -> String {
+    let mut s = String::new();
+    write_date(&mut s, secs);
+    s
+}
+
+/// Append `YYYY-MM-DD HH:MM:SS` (UTC) to `out`.
+fn write_date(out: &mut String, secs: u32) {
     let days = i64::from(secs) / 86400;
     let rem = i64::from(secs) % 86400;
     // Howard Hinnant's civil_from_days.
@@ -201,12 +209,13 @@ fn format_date(secs: u32) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
+    let _ = write!(
+        out,
         "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
         rem / 3600,
         rem / 60 % 60,
         rem % 60
-    )
+    );
 }
 
 fn snapshot_table(s: &mut String, snaps: &[Snapshot]) {
@@ -216,32 +225,57 @@ fn snapshot_table(s: &mut String, snaps: &[Snapshot]) {
         "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}",
         "ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT"
     );
+    // One row per snapshot, written straight into `s` (1000-snapshot tables are common:
+    // no per-field allocations). printf pads by bytes, not characters: so do we.
+    let mut field = String::with_capacity(32);
+    let spaces = |s: &mut String, n: usize| s.extend(std::iter::repeat_n(' ', n));
+    let right = |s: &mut String, field: &str, width: usize| {
+        spaces(s, width.saturating_sub(field.len()));
+        s.push_str(field);
+    };
     for sn in snaps {
+        let id = String::from_utf8_lossy(&sn.id[..sn.id.len().min(127)]);
+        let name = String::from_utf8_lossy(&sn.name[..sn.name.len().min(255)]);
+        s.push_str(&id);
+        spaces(s, 7usize.saturating_sub(id.len()));
+        s.push(' ');
+        s.push_str(&name);
+        spaces(s, 16usize.saturating_sub(name.len()));
+        s.push(' ');
+        field.clear();
+        let vm = sn.vm_state_size();
+        if vm < 1000 {
+            let _ = write!(field, "{vm} B");
+        } else {
+            field.push_str(&size_to_str(vm));
+        }
+        right(s, &field, 8);
+        s.push(' ');
+        field.clear();
+        write_date(&mut field, sn.date_sec);
+        right(s, &field, 19);
+        s.push(' ');
+        field.clear();
         let secs = sn.vm_clock_nsec / 1_000_000_000;
-        let clock = format!(
+        let _ = write!(
+            field,
             "{:04}:{:02}:{:02}.{:03}",
             secs / 3600,
             secs / 60 % 60,
             secs % 60,
             sn.vm_clock_nsec / 1_000_000 % 1000
         );
-        let icount = sn
-            .icount()
-            .map(|i| i.to_string())
-            .unwrap_or_else(|| "--".into());
-        let id = String::from_utf8_lossy(&sn.id[..sn.id.len().min(127)]);
-        let name = String::from_utf8_lossy(&sn.name[..sn.name.len().min(255)]);
-        // printf pads by bytes, not characters: so do we, to print what qemu-img prints.
-        let _ = writeln!(
-            s,
-            "{} {} {:>8} {:>19} {:>15} {:>10}",
-            pad_bytes(&id, 7),
-            pad_bytes(&name, 16),
-            size_to_str(sn.vm_state_size()),
-            format_date(sn.date_sec),
-            clock,
-            icount
-        );
+        right(s, &field, 15);
+        s.push(' ');
+        field.clear();
+        match sn.icount() {
+            Some(i) => {
+                let _ = write!(field, "{i}");
+            }
+            None => field.push_str("--"),
+        }
+        right(s, &field, 10);
+        s.push('\n');
     }
 }
 
@@ -281,15 +315,6 @@ fn luks_text(s: &mut String, e: &serde_json::Value) {
             let _ = writeln!(s, "        {label}: {}", scalar(v));
         }
     }
-}
-
-/// Left-align `s` in `width` bytes (C's `%-Ns`).
-fn pad_bytes(s: &str, width: usize) -> String {
-    let mut out = s.to_string();
-    for _ in s.len()..width {
-        out.push(' ');
-    }
-    out
 }
 
 /// The text `qemu-img info` prints for one image.
