@@ -128,7 +128,7 @@ pub fn backing_chain(
                             ErrorKind::ProbeRefused,
                             format!(
                                 "backing format of '{full}' not recorded; refusing to probe \
-                                 (chain so far: {} -> {full}; allow probing to read it)",
+                                 (chain so far: {} -> {full})",
                                 with_top(&chain, &info)
                             ),
                         )

@@ -100,7 +100,17 @@ pub fn run(cmd: ImageCmd, out: Format, state_dir: Option<&std::path::Path>) -> C
                     },
                     ..ChainOptions::default()
                 };
-                let images = backing_chain(&file, fmt, opts).map_err(img_err)?;
+                let images = backing_chain(&file, fmt, opts).map_err(|e| {
+                    if e.kind() == image_formats::ErrorKind::ProbeRefused {
+                        CliError::with_source(
+                            "cannot read the backing chain (pass --allow-probe to probe \
+                             backing formats the images do not record)",
+                            e,
+                        )
+                    } else {
+                        img_err(e)
+                    }
+                })?;
                 match out {
                     Format::Json => print_json(&serde_json::Value::Array(
                         images.iter().map(ImageInfo::to_json).collect(),
