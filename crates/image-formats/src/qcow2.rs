@@ -221,7 +221,9 @@ impl Header {
             if h.backing_file_offset > h.cluster_size() {
                 return Err(Error::invalid("invalid backing file offset", 8));
             }
-            if h.backing_file_size > MAX_BACKING_FILE_NAME {
+            if h.backing_file_size > MAX_BACKING_FILE_NAME
+                || u64::from(h.backing_file_size) > h.cluster_size() - h.backing_file_offset
+            {
                 return Err(
                     Error::new(ErrorKind::LimitExceeded, "backing file name too long").at(16),
                 );

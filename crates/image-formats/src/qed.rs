@@ -169,8 +169,8 @@ impl Qed {
             return Err(Error::invalid("QED table offset is invalid", 40));
         }
         let backing_file = if header.has_backing_file() {
-            // QEMU caps the name at 1023 bytes.
-            if header.backing_filename_size > 1023 {
+            // QEMU reads the name into a PATH_MAX buffer (with its NUL).
+            if header.backing_filename_size >= 4096 {
                 return Err(
                     Error::new(ErrorKind::LimitExceeded, "backing file name too long").at(60),
                 );
