@@ -428,12 +428,13 @@ fn acquire_timeout_waits_without_blocking_the_runtime() {
             .unwrap_err();
         let waited = start.elapsed();
         assert_eq!(e.kind(), ErrorKind::Conflict);
-        assert!(e.to_string().contains("(waited 0.3 s)"), "{e}");
+        assert!(e.to_string().contains(" (waited "), "{e}");
         assert!(waited >= Duration::from_millis(300), "{waited:?}");
         let n = ticks.load(std::sync::atomic::Ordering::Relaxed);
-        // One thread runs both: the ticker only ticks if acquiring never blocks it.
+        // One thread runs both: the ticker only ticks if acquiring never blocks it (a
+        // blocking wait would leave it near 0; a loaded machine only slows it down).
         assert!(
-            n >= 30,
+            n >= 10,
             "the runtime was blocked: {n} ticks of 5 ms in {waited:?}"
         );
 
