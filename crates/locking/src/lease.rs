@@ -114,6 +114,15 @@ impl LocalBackend {
     }
 }
 
+/// Is `file` still the file at `path`?
+fn same_file(file: &File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (file.metadata(), std::fs::symlink_metadata(path)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
 fn record_offset(slot: u64) -> u64 {
     RECORD_BASE + slot * RECORD_SIZE as u64
 }
@@ -176,12 +185,31 @@ impl LeaseBackend for LocalBackend {
         holder: &Holder,
     ) -> Result<Box<dyn HeldLease>, Error> {
         let path = self.lease_path(key);
-        let file = self.open(key)?;
         let ty = match mode {
             Mode::Shared => LockType::Read,
             Mode::Exclusive => LockType::Write,
         };
-        if !set_lock(&file, ty, LEASE_BYTE, 1).map_err(|e| Error::io("lock lease", &path, e))? {
+        // virtlockd unlinks the lease files it created when it releases them: a lock taken on
+        // a file that was unlinked (and maybe recreated) meanwhile protects nothing, so check
+        // that the locked file is still the one at the path, as virtlockd does.
+        let mut attempts = 0;
+        let (file, locked) = loop {
+            let file = self.open(key)?;
+            let locked = set_lock(&file, ty, LEASE_BYTE, 1)
+                .map_err(|e| Error::io("lock lease", &path, e))?;
+            if !locked || same_file(&file, &path) {
+                break (file, locked);
+            }
+            attempts += 1;
+            if attempts >= 100 {
+                return Err(Error::io(
+                    "lock lease",
+                    &path,
+                    std::io::Error::other("the lease file keeps being replaced"),
+                ));
+            }
+        };
+        if !locked {
             // The holder writes its record just after taking the lease: give it a moment.
             let mut records = Vec::new();
             for _ in 0..5 {
@@ -445,6 +473,25 @@ mod tests {
         let hs = b.holders(&k).unwrap();
         assert_eq!(hs.len(), 1);
         assert!(name.starts_with(hs[0].holder.name()));
+    }
+
+    #[test]
+    fn a_lease_file_replaced_under_a_holder_is_not_trusted() {
+        // virtlockd unlinks lease files on release. A holder of the unlinked inode must not
+        // make a newcomer believe it holds the same lease as the file now at the path.
+        let d = tempfile::tempdir().unwrap();
+        let b = LocalBackend::new(d.path()).unwrap();
+        let k = key("/nonexistent-vs/d");
+        let op = Holder::Operation("x".into());
+        let old = b.try_acquire(&k, Mode::Exclusive, &op).unwrap();
+        std::fs::remove_file(b.lease_path(&k)).unwrap();
+        // The newcomer locks the new file: no conflict with the lock on the unlinked inode.
+        let new = b.try_acquire(&k, Mode::Exclusive, &op).unwrap();
+        assert!(same_file(
+            &File::open(b.lease_path(&k)).unwrap(),
+            &b.lease_path(&k)
+        ));
+        drop((old, new));
     }
 
     #[test]
