@@ -59,6 +59,8 @@ fn check(path: &Path) -> ImageInfo {
     let theirs = qemu_json(&["info", "--output=json", p]);
     let info = ImageInfo::open(path, None).expect("we read the image");
     assert_superset(&info.to_json(), &theirs, p);
+    // The streaming serializer writes the same document.
+    assert_eq!(serde_json::to_value(info.json()).unwrap(), info.to_json());
     info
 }
 

@@ -73,7 +73,7 @@ fn write_out(s: &str) -> CliResult {
 
 /// Pretty JSON in one write: stdout is line-buffered, and a 1000-snapshot document has
 /// 10000 lines (one write each through `output::print_json` costs milliseconds).
-fn print_json(v: &serde_json::Value) -> CliResult {
+fn print_json<T: serde::Serialize + ?Sized>(v: &T) -> CliResult {
     let mut buf = serde_json::to_string_pretty(v)
         .map_err(|e| CliError::with_source("cannot encode output", e))?;
     buf.push('\n');
@@ -112,9 +112,9 @@ pub fn run(cmd: ImageCmd, out: Format, state_dir: Option<&std::path::Path>) -> C
                     }
                 })?;
                 match out {
-                    Format::Json => print_json(&serde_json::Value::Array(
-                        images.iter().map(ImageInfo::to_json).collect(),
-                    )),
+                    Format::Json => {
+                        print_json(&images.iter().map(ImageInfo::json).collect::<Vec<_>>())
+                    }
                     Format::Text => {
                         write_out(&images.iter().map(info_text).collect::<Vec<_>>().join("\n"))
                     }
@@ -122,7 +122,7 @@ pub fn run(cmd: ImageCmd, out: Format, state_dir: Option<&std::path::Path>) -> C
             } else {
                 let info = ImageInfo::open(&file, fmt).map_err(img_err)?;
                 match out {
-                    Format::Json => print_json(&info.to_json()),
+                    Format::Json => print_json(&info.json()),
                     Format::Text => write_out(&info_text(&info)),
                 }
             }
@@ -140,12 +140,7 @@ pub fn run(cmd: ImageCmd, out: Format, state_dir: Option<&std::path::Path>) -> C
                 )));
             }
             match out {
-                Format::Json => print_json(&serde_json::Value::Array(
-                    info.snapshots()
-                        .iter()
-                        .map(image_formats::info::snapshot_json)
-                        .collect(),
-                )),
+                Format::Json => print_json(&image_formats::info::SnapshotsJson(info.snapshots())),
                 Format::Text => {
                     let mut s = String::new();
                     if !info.snapshots().is_empty() {
