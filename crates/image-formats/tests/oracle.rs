@@ -603,3 +603,25 @@ fn snapshots_with_vm_state_from_a_running_qemu() {
     assert!(s.vm_clock_nsec > 0, "the guest clock ran");
     drop(qemu);
 }
+
+#[test]
+fn snapshots_on_v2_and_tiny_clusters() {
+    let d = tmp();
+    for (i, opts) in [
+        "compat=0.10,cluster_size=512",
+        "cluster_size=512,refcount_bits=1",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let p = create(d.path(), &format!("s{i}.qcow2"), opts, "1M");
+        let ps = p.to_str().unwrap();
+        for name in ["a", "b", "c"] {
+            qemu_img(&["snapshot", "-c", name, ps]);
+        }
+        qemu_img(&["snapshot", "-d", "a", ps]);
+        let info = check(&p);
+        assert_eq!(info.snapshots().len(), 2);
+        assert_eq!(info.snapshots()[0].id, b"2");
+    }
+}
