@@ -1,5 +1,5 @@
 //! `virt-snap image info` and `virt-snap image snapshot list` against qemu-img: the same text
-//! (byte for byte; the test machine runs in UTC) and the same JSON fields.
+//! (byte for byte, dates in the local time zone as qemu-img) and the same JSON fields.
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -269,4 +269,30 @@ fn snapshots_with_vm_state_read_like_qemu_img() {
     let text = vs_ok(&["image", "info", "vm.qcow2"], dir);
     assert!(text.contains(" KiB 2") || text.contains(" MiB 2"), "{text}");
     drop(qemu);
+}
+
+#[test]
+fn dates_are_local_time_like_qemu_img() {
+    let d = tree();
+    let dir = d.path();
+    for tz in ["Asia/Kolkata", "America/New_York", "UTC"] {
+        let list = |prog: &str, args: &[&str]| {
+            let out = Command::new(prog)
+                .args(args)
+                .current_dir(dir)
+                .env("TZ", tz)
+                .output()
+                .unwrap_or_else(|e| panic!("cannot run {prog} ({e}): {HINT}"));
+            assert!(out.status.success());
+            String::from_utf8(out.stdout).unwrap()
+        };
+        assert_eq!(
+            list(
+                env!("CARGO_BIN_EXE_virt-snap"),
+                &["image", "snapshot", "list", "sub/mid.qcow2"]
+            ),
+            list("qemu-img", &["snapshot", "-l", "sub/mid.qcow2"]),
+            "TZ={tz}"
+        );
+    }
 }

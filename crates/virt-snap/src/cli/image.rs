@@ -200,6 +200,29 @@ fn format_date(secs: u32) -> String {
     s
 }
 
+/// Append `YYYY-MM-DD HH:MM:SS` in the local time zone (`TZ`), as qemu-img prints dates.
+fn write_local_date(out: &mut String, secs: u32) {
+    let t = libc::time_t::from(secs);
+    // SAFETY: an all-zero `tm` is a valid value for localtime_r to overwrite.
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    // SAFETY: both pointers are valid for the call; localtime_r is thread-safe.
+    let r = unsafe { libc::localtime_r(&t, &mut tm) };
+    if r.is_null() {
+        write_date(out, secs);
+        return;
+    }
+    let _ = write!(
+        out,
+        "{:04}-{:02}-{:02} {:02}:{:02}:{:02}",
+        i64::from(tm.tm_year) + 1900,
+        tm.tm_mon + 1,
+        tm.tm_mday,
+        tm.tm_hour,
+        tm.tm_min,
+        tm.tm_sec
+    );
+}
+
 /// Append `YYYY-MM-DD HH:MM:SS` (UTC) to `out`.
 fn write_date(out: &mut String, secs: u32) {
     let days = i64::from(secs) / 86400;
@@ -257,7 +280,7 @@ fn snapshot_table(s: &mut String, snaps: &[Snapshot]) {
         right(s, &field, 8);
         s.push(' ');
         field.clear();
-        write_date(&mut field, sn.date_sec);
+        write_local_date(&mut field, sn.date_sec);
         right(s, &field, 19);
         s.push(' ');
         field.clear();
