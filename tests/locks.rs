@@ -18,6 +18,8 @@ fn image_locks_shows_a_running_qemus_permissions() {
     let state = tempfile::tempdir().unwrap();
     let qemu = Qemu::builder()
         .disk("d0", DiskFormat::Qcow2, 32 << 20)
+        .arg("-name")
+        .arg("e2e-vm")
         .spawn()
         .expect("start QEMU");
     let d0 = std::fs::canonicalize(&qemu.disk("d0").path).unwrap();
@@ -31,6 +33,9 @@ fn image_locks_shows_a_running_qemus_permissions() {
     assert_eq!(v["unshared"], serde_json::json!(["write", "resize"]));
     assert_eq!(v["bytes"], serde_json::json!([100, 101, 103, 201, 203]));
     assert_eq!(v["holders"], serde_json::json!([]), "QEMU took no lease");
+    assert_eq!(v["processes"][0]["pid"], qemu.pid());
+    assert_eq!(v["processes"][0]["command"], "qemu-system-x86");
+    assert_eq!(v["processes"][0]["guest"], "e2e-vm");
 
     let o = run(virt_snap()
         .args(["image", "locks", "--state-dir"])
@@ -47,6 +52,13 @@ fn image_locks_shows_a_running_qemus_permissions() {
     );
     assert!(
         text.contains("qemu permissions not shared: write, resize (bytes 201, 203)\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "process: qemu-system-x86 (pid {}, guest \"e2e-vm\") (bytes 100, 101, 103, 201, 203)\n",
+            qemu.pid()
+        )),
         "{text}"
     );
 }

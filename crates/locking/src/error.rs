@@ -1,6 +1,6 @@
 //! The locking crate's error type.
 
-use crate::qemu::Permission;
+use crate::qemu::{LockOwner, Permission};
 use crate::record::HolderRecord;
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -35,6 +35,7 @@ struct Inner {
     resource: String,
     path: Option<PathBuf>,
     holders: Vec<HolderRecord>,
+    owners: Vec<LockOwner>,
     permission: Option<(Permission, bool)>,
     waited: Option<std::time::Duration>,
     source: Option<std::io::Error>,
@@ -53,6 +54,7 @@ impl Error {
             resource: path.display().to_string(),
             path: Some(path),
             holders: Vec::new(),
+            owners: Vec::new(),
             permission: None,
             waited: None,
             source: Some(source),
@@ -66,6 +68,7 @@ impl Error {
             resource: resource.into(),
             path: None,
             holders: Vec::new(),
+            owners: Vec::new(),
             permission: None,
             waited: None,
             source: None,
@@ -81,6 +84,7 @@ impl Error {
             resource: resource.into(),
             path: None,
             holders,
+            owners: Vec::new(),
             permission: None,
             waited: None,
             source: None,
@@ -97,6 +101,7 @@ impl Error {
             resource: path.display().to_string(),
             path: Some(path.to_path_buf()),
             holders: Vec::new(),
+            owners: Vec::new(),
             permission: Some((perm, unshared)),
             waited: None,
             source: None,
@@ -105,6 +110,11 @@ impl Error {
 
     pub(crate) fn with_holders(mut self, holders: Vec<HolderRecord>) -> Self {
         self.inner.holders = holders;
+        self
+    }
+
+    pub(crate) fn with_owners(mut self, owners: Vec<LockOwner>) -> Self {
+        self.inner.owners = owners;
         self
     }
 
@@ -137,6 +147,12 @@ impl Error {
     /// For [`ErrorKind::Conflict`] and [`ErrorKind::ImageInUse`]: the known virt-snap holders.
     pub fn holders(&self) -> &[HolderRecord] {
         &self.inner.holders
+    }
+
+    /// For [`ErrorKind::ImageInUse`]: the processes holding QEMU lock bytes on the image, as
+    /// far as `/proc` shows them (a QEMU, with its `-name`).
+    pub fn owners(&self) -> &[LockOwner] {
+        &self.inner.owners
     }
 
     /// For [`ErrorKind::ImageInUse`]: the conflicting QEMU permission, and whether the other
@@ -184,11 +200,17 @@ impl fmt::Display for Error {
             }
             ErrorKind::ImageInUse => {
                 let (perm, unshared) = self.inner.permission.unwrap_or((Permission::Write, false));
-                write!(
-                    f,
-                    "image {} in use by another process: ",
-                    self.inner.resource
-                )?;
+                write!(f, "image {} in use by ", self.inner.resource)?;
+                if self.inner.owners.is_empty() {
+                    f.write_str("another process")?;
+                }
+                for (i, o) in self.inner.owners.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str(", ")?;
+                    }
+                    write!(f, "{o}")?;
+                }
+                f.write_str(": ")?;
                 if unshared {
                     write!(f, "it does not share the \"{}\" permission", perm.name())?;
                 } else {

@@ -4,6 +4,7 @@
 mod error;
 pub mod lease;
 mod manager;
+mod owners;
 pub mod qemu;
 mod record;
 mod resource;

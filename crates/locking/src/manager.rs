@@ -228,6 +228,12 @@ impl LockManager {
     /// This makes a few non-blocking system calls on local files; from async code prefer
     /// [`LockManager::acquire_timeout`], which runs them off the runtime's threads.
     pub fn acquire(&self, purpose: &Purpose) -> Result<Acquired, Error> {
+        self.acquire_inner(purpose, true)
+    }
+
+    /// `identify`: on an [`crate::ErrorKind::ImageInUse`] refusal, scan `/proc` for the
+    /// processes holding the image's QEMU locks (a few ms; skipped while polling).
+    fn acquire_inner(&self, purpose: &Purpose, identify: bool) -> Result<Acquired, Error> {
         let items = LockManager::plan(purpose)?;
         let mut acquired = Acquired {
             images: Vec::new(),
@@ -270,7 +276,12 @@ impl LockManager {
                 // VM whose QEMU holds the image, sharing a read-only disk with us).
                 drop(acquired);
                 let holders = self.backend.holders(&item.key).unwrap_or_default();
-                return Err(e.with_holders(holders));
+                let e = e.with_holders(holders);
+                return Err(if identify && e.kind() == crate::ErrorKind::ImageInUse {
+                    e.with_owners(qemu::lock_owners(image))
+                } else {
+                    e
+                });
             }
         }
         Ok(acquired)
@@ -289,7 +300,7 @@ impl LockManager {
         let start = Instant::now();
         loop {
             let (me, p) = (self.clone(), purpose.clone());
-            let attempt = tokio::task::spawn_blocking(move || me.acquire(&p))
+            let attempt = tokio::task::spawn_blocking(move || me.acquire_inner(&p, false))
                 .await
                 .unwrap_or_else(|e| {
                     Err(Error::io(
@@ -302,6 +313,16 @@ impl LockManager {
                 Err(e) if e.is_conflict() => {
                     let waited = start.elapsed();
                     if waited >= timeout {
+                        let e = match (e.kind(), e.path().map(Path::to_path_buf)) {
+                            (crate::ErrorKind::ImageInUse, Some(image)) => {
+                                let owners =
+                                    tokio::task::spawn_blocking(move || qemu::lock_owners(&image))
+                                        .await
+                                        .unwrap_or_default();
+                                e.with_owners(owners)
+                            }
+                            _ => e,
+                        };
                         return Err(e.with_waited(waited));
                     }
                     tokio::time::sleep(self.poll.min(timeout - waited)).await;

@@ -9,6 +9,7 @@
 //! [`probe`] asks the kernel, with `F_OFD_GETLK` for a write lock on each byte, whether any
 //! other open file description holds a lock there. It takes no lock and needs only read access.
 
+pub use crate::owners::{lock_owners, LockOwner};
 use crate::sys::{byte_locked, set_lock, LockType};
 use crate::Error;
 use serde::Serialize;

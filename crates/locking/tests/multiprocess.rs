@@ -267,6 +267,10 @@ fn a_second_exclusive_acquire_fails_and_names_the_holder() {
         probe(&s.out.join("a.img")).unwrap().bytes(),
         Access::WRITER.bytes()
     );
+    let owners = locking::qemu::lock_owners(&s.out.join("a.img"));
+    assert_eq!(owners.len(), 1, "{owners:?}");
+    assert_eq!(owners[0].pid, holder.pid());
+    assert_eq!(owners[0].bytes, Access::WRITER.bytes());
     let mut second = ChildProc::hold(&s.space, &s.out, "h2", "exclusive");
     let msg = second.ready();
     assert!(msg.starts_with("err Conflict: "), "{msg}");

@@ -48,6 +48,8 @@ fn a_volume_operation_is_refused_while_qemu_runs_and_allowed_after_it_quits() {
     let locks = LockManager::local(space.path()).unwrap();
     let mut qemu = Qemu::builder()
         .disk("d0", DiskFormat::Qcow2, 64 << 20)
+        .arg("-name")
+        .arg("guest=other-tools-vm,debug-threads=on")
         .spawn()
         .expect("start QEMU");
     let d0 = qemu.disk("d0").path.clone();
@@ -57,14 +59,17 @@ fn a_volume_operation_is_refused_while_qemu_runs_and_allowed_after_it_quits() {
     let e = locks.acquire(&volume_op(&d0)).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::ImageInUse);
     assert_eq!(e.permission(), Some((Write, true)));
+    // The refusal names the QEMU, found through /proc/PID/fdinfo.
     assert_eq!(
         e.to_string(),
         format!(
-            "image {} in use by another process: it does not share the \"write\" permission \
-             (QEMU image lock)",
-            canon.display()
+            "image {} in use by qemu-system-x86 (pid {}, guest \"other-tools-vm\"): it does \
+             not share the \"write\" permission (QEMU image lock)",
+            canon.display(),
+            qemu.pid()
         )
     );
+    assert_eq!(e.owners()[0].bytes, vec![100, 101, 103, 201, 203]);
     // All or nothing: the refused attempt left neither a lease nor image locks behind.
     assert!(locks.holders(&Resource::file(&d0)).unwrap().is_empty());
     assert_eq!(probe(&d0).unwrap().bytes(), vec![100, 101, 103, 201, 203]);

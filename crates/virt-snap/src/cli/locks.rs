@@ -28,6 +28,7 @@ struct Report {
     held: Vec<Permission>,
     unshared: Vec<Permission>,
     bytes: Vec<u64>,
+    processes: Vec<locking::qemu::LockOwner>,
     lease_file: Option<PathBuf>,
     holders: Option<Vec<HolderRecord>>,
 }
@@ -59,9 +60,14 @@ pub fn run(args: LocksArgs, out: Format, state_dir: Option<&Path>) -> CliResult 
         None => (None, None),
     };
     let report = Report {
-        image,
+        image: image.clone(),
         in_use: state.in_use() || holders.as_ref().is_some_and(|h| !h.is_empty()),
         bytes: state.bytes(),
+        processes: if state.in_use() {
+            locking::qemu::lock_owners(&image)
+        } else {
+            Vec::new()
+        },
         held: state.held,
         unshared: state.unshared,
         lease_file,
@@ -91,6 +97,12 @@ pub fn run(args: LocksArgs, out: Format, state_dir: Option<&Path>) -> CliResult 
                         byte_list(report.unshared.iter().map(|p| p.unshared_byte()))
                     );
                 }
+            }
+            for p in &report.processes {
+                s += &format!(
+                    "process: {p} (bytes {})\n",
+                    byte_list(p.bytes.iter().copied())
+                );
             }
             match (&report.lease_file, &report.holders) {
                 (Some(f), Some(hs)) => {
