@@ -296,3 +296,46 @@ fn dates_are_local_time_like_qemu_img() {
         );
     }
 }
+
+#[test]
+fn names_that_are_not_utf8_print_as_qemu_img_prints_them() {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path();
+    ok(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "b.qcow2", "1M"],
+        dir,
+    );
+    for name in [&b"n\xff\xfeme"[..], b"\xe6\x97", b"ok"] {
+        let out = Command::new("qemu-img")
+            .args([
+                OsStr::new("snapshot"),
+                OsStr::new("-c"),
+                OsStr::from_bytes(name),
+            ])
+            .arg("b.qcow2")
+            .current_dir(dir)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run qemu-img ({e}): {HINT}"));
+        assert!(out.status.success());
+    }
+    let raw = |prog: &str, args: &[&str]| run(prog, args, dir).stdout;
+    assert_eq!(
+        raw(
+            env!("CARGO_BIN_EXE_virt-snap"),
+            &["image", "snapshot", "list", "b.qcow2"]
+        ),
+        raw("qemu-img", &["snapshot", "-l", "b.qcow2"])
+    );
+    // In JSON both replace invalid sequences with U+FFFD.
+    let ours: serde_json::Value = serde_json::from_slice(&raw(
+        env!("CARGO_BIN_EXE_virt-snap"),
+        &["-o", "json", "image", "info", "b.qcow2"],
+    ))
+    .unwrap();
+    let theirs: serde_json::Value =
+        serde_json::from_slice(&raw("qemu-img", &["info", "--output=json", "b.qcow2"])).unwrap();
+    assert_eq!(ours["snapshots"], theirs["snapshots"]);
+}

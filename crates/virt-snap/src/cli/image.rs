@@ -4,6 +4,7 @@
 use super::{CliError, CliResult};
 use clap::{Args, Subcommand};
 use std::fmt::Write as _;
+use std::io::Write as _;
 use std::path::PathBuf;
 use virt_snap::image_formats::{
     self, backing_chain, qcow2::Snapshot, ChainOptions, Format as ImgFormat, ImageInfo, ProbePolicy,
@@ -63,11 +64,11 @@ fn parse_format(f: Option<&str>) -> Result<Option<ImgFormat>, CliError> {
     f.map(ImgFormat::from_name).transpose().map_err(img_err)
 }
 
-fn write_out(s: &str) -> CliResult {
+fn write_out(s: &[u8]) -> CliResult {
     use std::io::Write;
     std::io::stdout()
         .lock()
-        .write_all(s.as_bytes())
+        .write_all(s)
         .map_err(|e| CliError::with_source("cannot write output", e))
 }
 
@@ -77,7 +78,7 @@ fn print_json<T: serde::Serialize + ?Sized>(v: &T) -> CliResult {
     let mut buf = serde_json::to_string_pretty(v)
         .map_err(|e| CliError::with_source("cannot encode output", e))?;
     buf.push('\n');
-    write_out(&buf)
+    write_out(buf.as_bytes())
 }
 
 /// Run `virt-snap image ...`.
@@ -115,9 +116,13 @@ pub fn run(cmd: ImageCmd, out: Format, state_dir: Option<&std::path::Path>) -> C
                     Format::Json => {
                         print_json(&images.iter().map(ImageInfo::json).collect::<Vec<_>>())
                     }
-                    Format::Text => {
-                        write_out(&images.iter().map(info_text).collect::<Vec<_>>().join("\n"))
-                    }
+                    Format::Text => write_out(
+                        &images
+                            .iter()
+                            .map(info_text)
+                            .collect::<Vec<_>>()
+                            .join(&b'\n'),
+                    ),
                 }
             } else {
                 let info = ImageInfo::open(&file, fmt).map_err(img_err)?;
@@ -142,7 +147,7 @@ pub fn run(cmd: ImageCmd, out: Format, state_dir: Option<&std::path::Path>) -> C
             match out {
                 Format::Json => print_json(&image_formats::info::SnapshotsJson(info.snapshots())),
                 Format::Text => {
-                    let mut s = String::new();
+                    let mut s = Vec::new();
                     if !info.snapshots().is_empty() {
                         snapshot_table(&mut s, info.snapshots());
                     }
@@ -246,7 +251,7 @@ fn write_date(out: &mut String, secs: u32) {
     );
 }
 
-fn snapshot_table(s: &mut String, snaps: &[Snapshot]) {
+fn snapshot_table(s: &mut Vec<u8>, snaps: &[Snapshot]) {
     let _ = writeln!(s, "Snapshot list:");
     let _ = writeln!(
         s,
@@ -256,20 +261,21 @@ fn snapshot_table(s: &mut String, snaps: &[Snapshot]) {
     // One row per snapshot, written straight into `s` (1000-snapshot tables are common:
     // no per-field allocations). printf pads by bytes, not characters: so do we.
     let mut field = String::with_capacity(32);
-    let spaces = |s: &mut String, n: usize| s.extend(std::iter::repeat_n(' ', n));
-    let right = |s: &mut String, field: &str, width: usize| {
+    let spaces = |s: &mut Vec<u8>, n: usize| s.extend(std::iter::repeat_n(b' ', n));
+    let right = |s: &mut Vec<u8>, field: &str, width: usize| {
         spaces(s, width.saturating_sub(field.len()));
-        s.push_str(field);
+        s.extend_from_slice(field.as_bytes());
     };
     for sn in snaps {
-        let id = String::from_utf8_lossy(&sn.id[..sn.id.len().min(127)]);
-        let name = String::from_utf8_lossy(&sn.name[..sn.name.len().min(255)]);
-        s.push_str(&id);
+        // Raw bytes, as printf prints them (names need not be UTF-8).
+        let id = &sn.id[..sn.id.len().min(127)];
+        let name = &sn.name[..sn.name.len().min(255)];
+        s.extend_from_slice(id);
         spaces(s, 7usize.saturating_sub(id.len()));
-        s.push(' ');
-        s.push_str(&name);
+        s.push(b' ');
+        s.extend_from_slice(name);
         spaces(s, 16usize.saturating_sub(name.len()));
-        s.push(' ');
+        s.push(b' ');
         field.clear();
         let vm = sn.vm_state_size();
         if vm < 1000 {
@@ -278,11 +284,11 @@ fn snapshot_table(s: &mut String, snaps: &[Snapshot]) {
             field.push_str(&size_to_str(vm));
         }
         right(s, &field, 8);
-        s.push(' ');
+        s.push(b' ');
         field.clear();
         write_local_date(&mut field, sn.date_sec);
         right(s, &field, 19);
-        s.push(' ');
+        s.push(b' ');
         field.clear();
         let secs = sn.vm_clock_nsec / 1_000_000_000;
         let _ = write!(
@@ -294,7 +300,7 @@ fn snapshot_table(s: &mut String, snaps: &[Snapshot]) {
             sn.vm_clock_nsec / 1_000_000 % 1000
         );
         right(s, &field, 15);
-        s.push(' ');
+        s.push(b' ');
         field.clear();
         match sn.icount() {
             Some(i) => {
@@ -303,12 +309,12 @@ fn snapshot_table(s: &mut String, snaps: &[Snapshot]) {
             None => field.push_str("--"),
         }
         right(s, &field, 10);
-        s.push('\n');
+        s.push(b'\n');
     }
 }
 
 /// The LUKS details in the order qemu-img prints them (its dictionary's hash order).
-fn luks_text(s: &mut String, e: &serde_json::Value) {
+fn luks_text(s: &mut Vec<u8>, e: &serde_json::Value) {
     let scalar = |v: &serde_json::Value| match v {
         serde_json::Value::String(x) => x.clone(),
         other => other.to_string(),
@@ -346,8 +352,8 @@ fn luks_text(s: &mut String, e: &serde_json::Value) {
 }
 
 /// The text `qemu-img info` prints for one image.
-pub fn info_text(info: &ImageInfo) -> String {
-    let mut s = String::new();
+pub fn info_text(info: &ImageInfo) -> Vec<u8> {
+    let mut s = Vec::new();
     let disk = info
         .actual_size
         .map(size_to_str)
