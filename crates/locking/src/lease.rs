@@ -62,6 +62,14 @@ pub trait HeldLease: Send + Sync + fmt::Debug {
     fn lock_fd(&self) -> Option<BorrowedFd<'_>> {
         None
     }
+    /// Hand the lease over to process `pid`, which inherited [`HeldLease::lock_fd`]: record
+    /// `pid` as the holder and let go of this handle without clearing the record. The lease
+    /// then lives exactly as long as that process keeps the fd open. Backends without an fd
+    /// just release.
+    fn hand_over(self: Box<Self>, pid: u32) -> Result<(), Error> {
+        let _ = pid;
+        Ok(())
+    }
 }
 
 const LEASE_BYTE: u64 = 0;
@@ -240,8 +248,8 @@ impl LeaseBackend for LocalBackend {
                 break;
             }
         }
+        let rec = HolderRecord::now(holder, mode, key.display());
         if let Some(i) = slot {
-            let rec = HolderRecord::now(holder, mode, key.display());
             file.write_all_at(&encode_record(&rec), record_offset(i))
                 .map_err(|e| Error::io("write holder record", &path, e))?;
         }
@@ -250,6 +258,8 @@ impl LeaseBackend for LocalBackend {
             key: key.clone(),
             mode,
             slot,
+            record: rec,
+            path,
         }))
     }
 
@@ -279,6 +289,8 @@ pub struct LocalLease {
     key: ResourceKey,
     mode: Mode,
     slot: Option<u64>,
+    record: HolderRecord,
+    path: PathBuf,
 }
 
 impl HeldLease for LocalLease {
@@ -290,6 +302,15 @@ impl HeldLease for LocalLease {
     }
     fn lock_fd(&self) -> Option<BorrowedFd<'_>> {
         Some(self.file.as_fd())
+    }
+    fn hand_over(mut self: Box<Self>, pid: u32) -> Result<(), Error> {
+        if let Some(i) = self.slot.take() {
+            self.record.pid = pid;
+            self.file
+                .write_all_at(&encode_record(&self.record), record_offset(i))
+                .map_err(|e| Error::io("write holder record", &self.path, e))?;
+        }
+        Ok(())
     }
 }
 

@@ -5,6 +5,7 @@ use crate::qemu::{self, Access, ImageLock};
 use crate::record::{Holder, HolderRecord, Mode};
 use crate::resource::{Resource, ResourceKey};
 use crate::Error;
+use std::os::fd::BorrowedFd;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -129,6 +130,33 @@ impl Acquired {
     }
     /// Release everything now (the same as dropping).
     pub fn release(self) {}
+
+    /// The fds whose open file descriptions hold the leases and image locks. To make them
+    /// live as long as a child process (a VM's QEMU), let the child inherit them (clear
+    /// `FD_CLOEXEC` on them between fork and exec), then call [`Acquired::hand_over`].
+    pub fn lock_fds(&self) -> Vec<BorrowedFd<'_>> {
+        self.leases
+            .iter()
+            .filter_map(|l| l.lock_fd())
+            .chain(self.images.iter().map(|i| i.lock_fd()))
+            .collect()
+    }
+
+    /// Hand everything over to process `pid`, which inherited [`Acquired::lock_fds`]: the
+    /// holder records now name `pid`, and this process lets go of its handles. The leases
+    /// and locks stay until `pid` exits (kill -9 included). On an error the rest is released.
+    pub fn hand_over(self, pid: u32) -> Result<(), Error> {
+        let Acquired { images, leases } = self;
+        drop(images);
+        let mut result = Ok(());
+        for l in leases {
+            let r = l.hand_over(pid);
+            if result.is_ok() {
+                result = r;
+            }
+        }
+        result
+    }
 }
 
 /// Takes leases and QEMU image locks for a [`Purpose`]. Cheap to clone.

@@ -41,6 +41,14 @@ fn child_process_entry() {
             drop(held);
         }
         "race" => race(&locks, &out, &id, env("VS_LOCK_ROUNDS").parse().unwrap()),
+        // Hold nothing of our own: just live (with whatever fds we inherited) until released.
+        "sleep" => {
+            write_atomic(&out.join(format!("ready-{id}")), "ok");
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !out.join(format!("release-{id}")).exists() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
         other => panic!("unknown child job {other}"),
     }
 }
@@ -169,6 +177,18 @@ struct ChildProc {
 
 impl ChildProc {
     fn spawn(space: &Path, out: &Path, job: &str, id: &str, extra: &[(&str, &str)]) -> Self {
+        ChildProc::spawn_inheriting(space, out, job, id, extra, Vec::new())
+    }
+    /// Like `spawn`, and the child inherits the fds `inherit` (FD_CLOEXEC cleared in it).
+    fn spawn_inheriting(
+        space: &Path,
+        out: &Path,
+        job: &str,
+        id: &str,
+        extra: &[(&str, &str)],
+        inherit: Vec<std::os::fd::RawFd>,
+    ) -> Self {
+        use std::os::unix::process::CommandExt;
         let exe = std::env::current_exe().unwrap();
         let mut cmd = Command::new(exe);
         cmd.args(["--exact", CHILD_TEST, "--test-threads=1", "--nocapture"])
@@ -179,6 +199,22 @@ impl ChildProc {
             .stdout(std::process::Stdio::null());
         for (k, v) in extra {
             cmd.env(k, v);
+        }
+        if !inherit.is_empty() {
+            // SAFETY: between fork and exec we only call fcntl, which is async-signal-safe.
+            unsafe {
+                cmd.pre_exec(move || {
+                    for &fd in &inherit {
+                        let flags = libc::fcntl(fd, libc::F_GETFD);
+                        if flags < 0
+                            || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0
+                        {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    }
+                    Ok(())
+                });
+            }
         }
         ChildProc {
             child: cmd.spawn().expect("re-run the test binary as a child"),
@@ -379,6 +415,40 @@ fn the_race_detects_overlaps_when_nothing_excludes() {
         !violations.is_empty() || counter != excl,
         "without real leases the racers should have been caught overlapping"
     );
+}
+
+#[test]
+fn a_lease_handed_to_a_child_lives_exactly_as_long_as_the_child() {
+    // What the facade does for a VM: take the lease, start QEMU with the lease fd inherited,
+    // hand the lease over to QEMU's pid, exit. Here the child is this test binary.
+    use std::os::fd::AsRawFd;
+    let s = setup();
+    let locks = LockManager::local(&s.space).unwrap();
+    let held = locks
+        .acquire(&Purpose::VmStart {
+            domain: "handed".into(),
+            disks: vec![DiskUse::writable(file_a(&s.out))],
+        })
+        .unwrap();
+    let fds: Vec<_> = held.lock_fds().iter().map(|f| f.as_raw_fd()).collect();
+    assert_eq!(fds.len(), 1);
+    let mut child = ChildProc::spawn_inheriting(&s.space, &s.out, "sleep", "vm", &[], fds);
+    assert_eq!(child.ready(), "ok");
+    held.hand_over(child.pid()).unwrap();
+
+    // This process let go; the child holds the lease, and the record names it.
+    let e = locks.acquire(&exclusive_op(&s)).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Conflict);
+    assert_eq!(e.holders().len(), 1, "{e}");
+    assert_eq!(e.holders()[0].pid, child.pid());
+    assert!(
+        e.to_string()
+            .contains(&format!("domain \"handed\" (pid {}", child.pid())),
+        "{e}"
+    );
+    child.kill9();
+    assert!(locks.holders(&file_a(&s.out)).unwrap().is_empty());
+    locks.acquire(&exclusive_op(&s)).unwrap();
 }
 
 #[test]
