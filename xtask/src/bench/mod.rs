@@ -8,6 +8,7 @@
 pub mod harness;
 mod image_info;
 mod qemu_start;
+mod qmp;
 
 use crate::util::{self, step};
 
@@ -16,6 +17,10 @@ const BENCHES: &[(&str, &str)] = &[
     (
         "qemu-start",
         "QEMU spawn to first query-status answer: qmp-proto vs Python qemu.qmp",
+    ),
+    (
+        "qmp",
+        "query-status on one QEMU: qmp-proto vs bare-socket floors vs Python qemu.qmp (latency, 8 in flight, CPU)",
     ),
     (
         "image-info",
@@ -36,6 +41,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
         }
         "qemu-start" => qemu_start::run(rest),
         "image-info" => image_info::run(rest),
+        "qmp" => qmp::run(rest),
         other => Err(format!(
             "unknown benchmark {other:?}; `cargo xtask bench list` shows them"
         )),
