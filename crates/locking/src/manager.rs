@@ -52,9 +52,10 @@ impl DiskUse {
         if self.read_only {
             Access::READER
         } else if self.shareable {
+            // A device with share-rw=on: QEMU 10.0.2 holds 100 and 101 only.
             Access::new(
-                &[ConsistentRead, Write, Resize],
-                &[ConsistentRead, Write, WriteUnchanged],
+                &[ConsistentRead, Write],
+                &[ConsistentRead, Write, WriteUnchanged, Resize],
             )
         } else {
             Access::new(

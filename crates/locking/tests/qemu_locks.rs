@@ -177,3 +177,47 @@ fn qemu_refuses_to_start_on_an_image_we_hold() {
     );
     qemu.kill();
 }
+
+#[test]
+fn shareable_disks_can_join_a_qemu_that_shares_writes() {
+    let space = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("shared.raw");
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let mut qemu = Qemu::builder()
+        .arg("-blockdev")
+        .arg(format!(
+            "driver=file,filename={},node-name=f0",
+            img.display()
+        ))
+        .arg("-blockdev")
+        .arg("driver=raw,file=f0,node-name=s0")
+        .arg("-device")
+        .arg("virtio-blk-pci,drive=s0,share-rw=on")
+        .spawn()
+        .expect("start QEMU with a share-rw disk");
+    // A share-rw writer holds consistent read and write, and refuses nothing.
+    assert_eq!(probe(&img).unwrap().bytes(), vec![100, 101]);
+    let locks = LockManager::local(space.path()).unwrap();
+    let start = |disk: DiskUse| Purpose::VmStart {
+        domain: "vm2".into(),
+        disks: vec![disk],
+    };
+    let shareable = DiskUse {
+        resource: Resource::file(&img),
+        read_only: false,
+        shareable: true,
+    };
+    locks
+        .acquire(&start(shareable))
+        .expect("a shareable disk joins");
+    let e = locks
+        .acquire(&start(DiskUse::writable(Resource::file(&img))))
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::ImageInUse, "{e}");
+    assert_eq!(
+        locks.acquire(&volume_op(&img)).unwrap_err().kind(),
+        ErrorKind::ImageInUse
+    );
+    qemu.kill();
+}
