@@ -121,6 +121,8 @@ pub struct ImageInfo {
     pub actual_size: Option<u64>,
     /// Format-specific metadata.
     pub details: Details,
+    /// Is the image a block device (QEMU's `host_device` protocol) rather than a file?
+    pub block_device: bool,
 }
 
 fn lossy(b: &[u8]) -> String {
@@ -163,6 +165,7 @@ impl ImageInfo {
                 file_length,
                 actual_size: None,
                 details,
+                block_device: false,
             })
         };
         go().map_err(|e| e.with_path(filename))
@@ -182,10 +185,21 @@ impl ImageInfo {
         let name = path.to_string_lossy();
         let mut info = ImageInfo::read(&name, &storage, format)?;
         {
-            use std::os::unix::fs::MetadataExt;
-            info.actual_size = storage.file().metadata().ok().map(|m| m.blocks() * 512);
+            use std::os::unix::fs::{FileTypeExt, MetadataExt};
+            let meta = storage.file().metadata().ok();
+            info.actual_size = meta.as_ref().map(|m| m.blocks() * 512);
+            info.block_device = meta.is_some_and(|m| m.file_type().is_block_device());
         }
         Ok(info)
+    }
+
+    /// QEMU's protocol driver for the image: "host_device" for block devices, else "file".
+    pub fn protocol(&self) -> &'static str {
+        if self.block_device {
+            "host_device"
+        } else {
+            "file"
+        }
     }
 
     /// The format.
@@ -344,7 +358,7 @@ impl ImageInfo {
             json!(self.file_length.div_ceil(512) * 512),
         );
         file.insert("filename".into(), json!(self.filename));
-        file.insert("format".into(), json!("file"));
+        file.insert("format".into(), json!(self.protocol()));
         if let Some(a) = self.actual_size {
             file.insert("actual-size".into(), json!(a));
         }

@@ -27,7 +27,8 @@ pub trait Storage: Send + Sync {
     fn set_len(&self, len: u64) -> io::Result<()>;
 }
 
-/// A file on the host. Opening never takes a lock, so images held by a running QEMU can be read.
+/// A file or block device on the host. Opening never takes a lock, so images held by a
+/// running QEMU can be read.
 #[derive(Debug)]
 pub struct FileStorage {
     file: File,
@@ -70,7 +71,16 @@ impl Storage for FileStorage {
         self.file.sync_data()
     }
     fn len(&self) -> io::Result<u64> {
-        Ok(self.file.metadata()?.len())
+        use std::io::Seek;
+        use std::os::unix::fs::FileTypeExt;
+        let meta = self.file.metadata()?;
+        if meta.file_type().is_block_device() {
+            // A block device's size is not in its metadata; I/O is positioned, so moving
+            // the file position does not matter.
+            (&self.file).seek(io::SeekFrom::End(0))
+        } else {
+            Ok(meta.len())
+        }
     }
     fn set_len(&self, len: u64) -> io::Result<()> {
         self.file.set_len(len)

@@ -625,3 +625,36 @@ fn snapshots_on_v2_and_tiny_clusters() {
         assert_eq!(info.snapshots()[0].id, b"2");
     }
 }
+
+/// A loop device over a file, detached on drop.
+struct Loop(String);
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.0]).status();
+    }
+}
+
+#[test]
+fn images_on_block_devices() {
+    let d = tmp();
+    let p = create(d.path(), "dev.qcow2", "", "64M");
+    qemu_img(&["snapshot", "-c", "on-a-device", p.to_str().unwrap()]);
+    // Loop devices cover whole 4 KiB blocks: pad the file so the snapshot table is inside.
+    let len = std::fs::metadata(&p).unwrap().len();
+    let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+    f.set_len(len.div_ceil(4096) * 4096).unwrap();
+    let out = Command::new("losetup")
+        .args(["--find", "--show", "--read-only", p.to_str().unwrap()])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run losetup ({e}): install util-linux (root needed)"));
+    assert!(
+        out.status.success(),
+        "losetup failed (loop devices need root): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dev = Loop(String::from_utf8(out.stdout).unwrap().trim().to_string());
+    let info = check(Path::new(&dev.0));
+    assert!(info.block_device);
+    assert_eq!(info.snapshots().len(), 1);
+}

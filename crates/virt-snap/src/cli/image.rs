@@ -447,7 +447,7 @@ pub fn info_text(info: &ImageInfo) -> Vec<u8> {
     }
     let _ = writeln!(s, "Child node '/file':");
     let _ = writeln!(s, "    filename: {}", info.filename);
-    let _ = writeln!(s, "    protocol type: file");
+    let _ = writeln!(s, "    protocol type: {}", info.protocol());
     let len = info.file_length.div_ceil(512) * 512;
     let _ = writeln!(s, "    file length: {} ({len} bytes)", size_to_str(len));
     let _ = writeln!(s, "    disk size: {disk}");
