@@ -221,3 +221,46 @@ fn shareable_disks_can_join_a_qemu_that_shares_writes() {
     );
     qemu.kill();
 }
+
+#[test]
+fn our_own_qemu_img_runs_under_our_locks_with_locking_off() {
+    let space = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("op,1.qcow2");
+    let st = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&img)
+        .arg("16M")
+        .status()
+        .expect("qemu-img (run `cargo xtask deps`)");
+    assert!(st.success());
+    let locks = LockManager::local(space.path()).unwrap();
+    let _held = locks.acquire(&volume_op(&img)).unwrap();
+    // A plain qemu-img is refused like everyone else...
+    let plain = std::process::Command::new("qemu-img")
+        .args(["snapshot", "-c", "s1"])
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(!plain.status.success());
+    assert!(String::from_utf8_lossy(&plain.stderr).contains("Failed to get \"write\" lock"));
+    // ...the operation's own qemu-img, told not to lock, works under our locks.
+    let ours = std::process::Command::new("qemu-img")
+        .args(["snapshot", "-c", "s1", "--image-opts"])
+        .arg(locking::qemu::image_opts_without_locking("qcow2", &img))
+        .output()
+        .unwrap();
+    assert!(
+        ours.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ours.stderr)
+    );
+    let list = std::process::Command::new("qemu-img")
+        .args(["snapshot", "-l", "-U"])
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&list.stdout).contains(" s1 "));
+    // Our locks are still there.
+    assert_eq!(probe(&img).unwrap().bytes(), Access::WRITER.bytes());
+}
