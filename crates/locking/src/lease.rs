@@ -35,7 +35,7 @@ use std::sync::{Arc, Mutex};
 /// (NFS lockspace, sanlock, etcd) implements the same trait.
 pub trait LeaseBackend: Send + Sync + fmt::Debug {
     /// Take the lease on `key` in `mode` for `holder` without waiting. A conflict is an
-    /// [`ErrorKind::Conflict`] error naming the known holders.
+    /// [`crate::ErrorKind::Conflict`] error naming the known holders.
     fn try_acquire(
         &self,
         key: &ResourceKey,
