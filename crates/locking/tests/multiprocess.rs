@@ -17,8 +17,9 @@ fn child_process_entry() {
         return;
     };
     let env = |k: &str| std::env::var(k).unwrap_or_else(|_| panic!("child needs {k}"));
-    // The negative control races with a per-process in-memory table: no real exclusion.
-    let locks = if std::env::var_os("VS_LOCK_NEGATIVE").is_some() {
+    // Races other than "leases" use a per-process in-memory table: no lease exclusion.
+    let race_mode = std::env::var("VS_LOCK_RACE").unwrap_or_else(|_| "leases".into());
+    let locks = if race_mode != "leases" {
         LockManager::with_backend(std::sync::Arc::new(locking::MemoryBackend::new()))
     } else {
         LockManager::local(env("VS_LOCK_SPACE")).unwrap()
@@ -40,7 +41,13 @@ fn child_process_entry() {
             }
             drop(held);
         }
-        "race" => race(&locks, &out, &id, env("VS_LOCK_ROUNDS").parse().unwrap()),
+        "race" => race(
+            &locks,
+            &out,
+            &id,
+            env("VS_LOCK_ROUNDS").parse().unwrap(),
+            &race_mode,
+        ),
         // Hold nothing of our own: just live (with whatever fds we inherited) until released.
         "sleep" => {
             write_atomic(&out.join(format!("ready-{id}")), "ok");
@@ -89,21 +96,22 @@ fn write_atomic(path: &Path, text: &str) {
 
 /// Many rounds of: an exclusive volume operation on a.img and LV b, or a shared VM start on
 /// a.img. Inside, markers prove nobody else is inside in a conflicting mode, and a counter is
-/// incremented without any other synchronisation.
-fn race(locks: &LockManager, out: &Path, id: &str, rounds: u32) {
-    // The negative control uses the LV only: a.img's QEMU image locks would exclude too.
-    let negative = std::env::var_os("VS_LOCK_NEGATIVE").is_some();
+/// incremented without any other synchronisation. `mode`: "leases" (the real thing), "none"
+/// (the negative control: LV b only, with per-process leases, so nothing excludes) or
+/// "image-only" (per-process leases, exclusive rounds on a.img only: QEMU's image locks alone
+/// must exclude).
+fn race(locks: &LockManager, out: &Path, id: &str, rounds: u32, mode: &str) {
     let excl = Purpose::VolumeOp {
         op: format!("racer {id}"),
-        volumes: if negative {
-            vec![uuid_b()]
-        } else {
-            vec![file_a(out), uuid_b()]
+        volumes: match mode {
+            "none" => vec![uuid_b()],
+            "image-only" => vec![file_a(out)],
+            _ => vec![file_a(out), uuid_b()],
         },
     };
     let shared = Purpose::VmStart {
         domain: format!("racer-{id}"),
-        disks: vec![DiskUse::read_only(if negative {
+        disks: vec![DiskUse::read_only(if mode == "none" {
             uuid_b()
         } else {
             file_a(out)
@@ -122,7 +130,7 @@ fn race(locks: &LockManager, out: &Path, id: &str, rounds: u32) {
     let counter = out.join("counter");
     for round in 0..rounds {
         let spin = Duration::from_micros(50 + u64::from((round * 37 + me) % 200));
-        if (round + me) % 3 != 0 {
+        if mode == "image-only" || (round + me) % 3 != 0 {
             let Ok(_held) = locks.acquire(&excl) else {
                 std::thread::sleep(spin);
                 continue;
@@ -374,12 +382,9 @@ fn kill_9_of_the_holder_releases_the_lease_and_its_record() {
 }
 
 /// Run `procs` racers; (exclusive wins, shared wins, violations, counter).
-fn run_race(s: &Setup, procs: u32, rounds: u32, negative: bool) -> (u64, u64, Vec<String>, u64) {
-    let mut env = vec![("VS_LOCK_ROUNDS", rounds.to_string())];
-    if negative {
-        env.push(("VS_LOCK_NEGATIVE", "1".into()));
-    }
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+fn run_race(s: &Setup, procs: u32, rounds: u32, mode: &str) -> (u64, u64, Vec<String>, u64) {
+    let rounds = rounds.to_string();
+    let env = [("VS_LOCK_ROUNDS", rounds.as_str()), ("VS_LOCK_RACE", mode)];
     let kids: Vec<ChildProc> = (0..procs)
         .map(|i| ChildProc::spawn(&s.space, &s.out, "race", &format!("r{i}"), &env))
         .collect();
@@ -410,11 +415,24 @@ fn run_race(s: &Setup, procs: u32, rounds: u32, negative: bool) -> (u64, u64, Ve
 #[test]
 fn the_race_detects_overlaps_when_nothing_excludes() {
     let s = setup();
-    let (excl, _, violations, counter) = run_race(&s, 6, 60, true);
+    let (excl, _, violations, counter) = run_race(&s, 6, 60, "none");
     assert!(
         !violations.is_empty() || counter != excl,
         "without real leases the racers should have been caught overlapping"
     );
+}
+
+#[test]
+fn qemu_image_locks_alone_exclude_racers_lock_then_test() {
+    // Without leases, only the lock-then-test of QEMU's bytes keeps racers apart: two
+    // racers may both fail, but two never both succeed.
+    let s = setup();
+    let (excl, _, violations, counter) = run_race(&s, 8, 150, "image-only");
+    assert!(violations.is_empty(), "{violations:#?}");
+    assert_eq!(counter, excl, "an unsynchronised counter lost updates");
+    assert!(excl > 0, "somebody must have won");
+    eprintln!("image locks only: {excl} exclusive holds of 1200 attempts");
+    assert!(!probe(&s.out.join("a.img")).unwrap().in_use());
 }
 
 #[test]
@@ -454,10 +472,10 @@ fn a_lease_handed_to_a_child_lives_exactly_as_long_as_the_child() {
 #[test]
 fn racing_processes_never_hold_exclusively_together() {
     let s = setup();
-    const PROCS: u32 = 8;
-    const ROUNDS: u32 = 300;
+    const PROCS: u32 = 16;
+    const ROUNDS: u32 = 200;
     let t = Instant::now();
-    let (excl, shared, violations, counter) = run_race(&s, PROCS, ROUNDS, false);
+    let (excl, shared, violations, counter) = run_race(&s, PROCS, ROUNDS, "leases");
     assert!(violations.is_empty(), "{violations:#?}");
     eprintln!(
         "{PROCS} processes x {ROUNDS} rounds: {excl} exclusive and {shared} shared holds in {:?}",
