@@ -108,6 +108,28 @@ fn image_locks_names_the_virt_snap_holder() {
     drop(held);
     assert_eq!(locks_json(state.path(), &img)["in-use"], false);
 
+    // --lockspace: another lockspace directory than <state dir>/locks.
+    let other = state.path().join("elsewhere");
+    let held = LockManager::local(&other)
+        .unwrap()
+        .acquire(&Purpose::VolumeOp {
+            op: "resize".into(),
+            volumes: vec![Resource::file(&img)],
+        })
+        .unwrap();
+    let o = run(virt_snap()
+        .args(["image", "locks", "-o", "json", "--lockspace"])
+        .arg(&other)
+        .arg(&img));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["holders"][0]["holder"]["name"], "resize");
+    assert!(v["lease-file"]
+        .as_str()
+        .unwrap()
+        .starts_with(other.to_str().unwrap()));
+    drop(held);
+
     let o = run(virt_snap()
         .args(["image", "locks", "--state-dir"])
         .arg(state.path())

@@ -279,7 +279,9 @@ impl LockManager {
         // Leases first: a conflict among virt-snap's own holders names the holder. Then QEMU's
         // locks, which also see VMs and tools that take no lease.
         for item in &items {
-            let Some(image) = item.key.image() else {
+            // QEMU opens files and block devices, never directories (a btrfs subvolume by
+            // path): those only have the lease.
+            let Some(image) = item.key.image().filter(|p| !p.is_dir()) else {
                 continue;
             };
             let res = match (item.hold, item.check) {
@@ -440,6 +442,35 @@ mod tests {
             volumes: vec![uuid("a"), uuid("b"), uuid("a")],
         })
         .unwrap();
+    }
+
+    #[test]
+    fn a_directory_gets_a_lease_but_no_image_locks() {
+        let d = tempfile::tempdir().unwrap();
+        let m = LockManager::local(d.path().join("locks")).unwrap();
+        let vol = d.path().join("subvol");
+        std::fs::create_dir(&vol).unwrap();
+        let op = Purpose::VolumeOp {
+            op: "snapshot".into(),
+            volumes: vec![Resource::file(&vol)],
+        };
+        let a = m.acquire(&op).unwrap();
+        assert_eq!(a.leases().len(), 1);
+        assert!(a.image_locks().is_empty());
+        assert_eq!(m.acquire(&op).unwrap_err().kind(), ErrorKind::Conflict);
+    }
+
+    #[test]
+    fn a_volume_not_created_yet_gets_its_lease() {
+        let d = tempfile::tempdir().unwrap();
+        let m = LockManager::local(d.path().join("locks")).unwrap();
+        let op = Purpose::VolumeOp {
+            op: "create".into(),
+            volumes: vec![Resource::file(d.path().join("new.qcow2"))],
+        };
+        let a = m.acquire(&op).unwrap();
+        assert!(a.image_locks().is_empty());
+        assert_eq!(m.acquire(&op).unwrap_err().kind(), ErrorKind::Conflict);
     }
 
     #[test]
