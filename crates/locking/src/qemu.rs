@@ -87,7 +87,7 @@ impl LockState {
 
 /// Probe which of QEMU's lock bytes are held on the image at `path`.
 pub fn probe(path: &Path) -> Result<LockState, Error> {
-    let file = std::fs::File::open(path).map_err(|e| Error::io("open image", path, e))?;
+    let file = open_image(path)?;
     let mut state = LockState::default();
     for p in Permission::ALL {
         if byte_locked(&file, p.held_byte()).map_err(|e| Error::io("probe lock", path, e))? {
@@ -189,7 +189,8 @@ impl Access {
 fn open_image(path: &Path) -> Result<File, Error> {
     std::fs::OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_CLOEXEC)
+        // O_NONBLOCK: a FIFO given as an image must not hang us (no effect on files).
+        .custom_flags(libc::O_CLOEXEC | libc::O_NONBLOCK)
         .open(path)
         .map_err(|e| Error::io("open image", path, e))
 }
@@ -305,6 +306,17 @@ mod tests {
             image_opts_without_locking("qcow2", Path::new("/a,b/x.qcow2")),
             "driver=qcow2,file.driver=file,file.filename=/a,,b/x.qcow2,file.locking=off"
         );
+    }
+
+    #[test]
+    fn a_fifo_does_not_hang_the_probe() {
+        let d = tempfile::tempdir().unwrap();
+        let fifo = d.path().join("fifo");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo reads the NUL-terminated path we pass.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let _ = probe(&fifo);
+        let _ = ImageLock::acquire(&fifo, Access::WRITER);
     }
 
     #[test]
