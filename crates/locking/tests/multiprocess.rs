@@ -48,6 +48,34 @@ fn child_process_entry() {
             env("VS_LOCK_ROUNDS").parse().unwrap(),
             &race_mode,
         ),
+        // virtlockd's lock call: a classic POSIX F_SETLK on byte 0 of the lease file. Report
+        // whether it was granted, and keep it until released.
+        "posix" => {
+            use std::os::fd::AsRawFd;
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(env("VS_LOCK_FILE"))
+                .unwrap();
+            // SAFETY: an all-zero flock is valid; F_SETLK reads it during the call.
+            let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+            fl.l_type = libc::F_WRLCK as libc::c_short;
+            fl.l_whence = libc::SEEK_SET as libc::c_short;
+            fl.l_start = 0;
+            fl.l_len = 1;
+            // SAFETY: as above.
+            let r = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETLK, &fl) };
+            write_atomic(
+                &out.join(format!("ready-{id}")),
+                if r == 0 { "granted" } else { "refused" },
+            );
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !out.join(format!("release-{id}")).exists() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
         // Hold nothing of our own: just live (with whatever fds we inherited) until released.
         "sleep" => {
             write_atomic(&out.join(format!("ready-{id}")), "ok");
@@ -420,6 +448,36 @@ fn the_race_detects_overlaps_when_nothing_excludes() {
         !violations.is_empty() || counter != excl,
         "without real leases the racers should have been caught overlapping"
     );
+}
+
+#[test]
+fn leases_and_virtlockd_style_posix_locks_exclude_each_other() {
+    // virtlockd locks byte 0 of the same SHA-256-named file with classic POSIX F_SETLK;
+    // OFD and POSIX locks conflict, so a shared lockspace directory excludes both ways.
+    let s = setup();
+    let locks = LockManager::local(&s.space).unwrap();
+    let lease_file = locking::LocalBackend::at(&s.space)
+        .lease_path(&file_a(&s.out).key().unwrap())
+        .to_str()
+        .unwrap()
+        .to_string();
+    let env = [("VS_LOCK_FILE", lease_file.as_str())];
+    let mut posix = ChildProc::spawn(&s.space, &s.out, "posix", "p1", &env);
+    assert_eq!(posix.ready(), "granted");
+    let e = locks.acquire(&exclusive_op(&s)).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Conflict);
+    assert!(
+        e.to_string().ends_with(
+            "in use by another holder (no virt-snap record: another tool, or virtlockd)"
+        ),
+        "{e}"
+    );
+    posix.release();
+    let held = locks.acquire(&exclusive_op(&s)).unwrap();
+    let mut posix = ChildProc::spawn(&s.space, &s.out, "posix", "p2", &env);
+    assert_eq!(posix.ready(), "refused");
+    posix.release();
+    drop(held);
 }
 
 #[test]
