@@ -17,7 +17,7 @@ use std::path::Path;
 pub struct LockOwner {
     /// Its process id.
     pub pid: u32,
-    /// Its command name (`/proc/PID/comm`), e.g. `qemu-system-x86`.
+    /// Its command name (`/proc/PID/comm`; for QEMU, its binary name cut to 15 bytes).
     pub command: String,
     /// The guest name of a QEMU started with `-name`, if any.
     pub guest: Option<String>,
