@@ -359,6 +359,19 @@ fn a_second_exclusive_acquire_fails_and_names_the_holder() {
     );
     assert!(e.to_string().starts_with(&want), "{e}\nwanted: {want}");
     assert_eq!(e.holders()[0].pid, holder.pid());
+    // Starting a VM on the volume, writable or read-only, is refused the same way.
+    for disk in [
+        DiskUse::writable(file_a(&s.out)),
+        DiskUse::read_only(file_a(&s.out)),
+    ] {
+        let e = locks
+            .acquire(&Purpose::VmStart {
+                domain: "vm1".into(),
+                disks: vec![disk],
+            })
+            .unwrap_err();
+        assert!(e.to_string().starts_with(&want), "{e}");
+    }
     holder.release();
     locks.acquire(&exclusive_op(&s)).unwrap();
 }
