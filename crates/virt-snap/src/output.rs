@@ -12,10 +12,11 @@ pub enum Format {
     Json,
 }
 
-/// Print `value` as pretty JSON followed by a newline.
+/// Print `value` as pretty JSON followed by a newline, in one write (stdout is line-buffered:
+/// serializing straight into it would make a system call per line).
 pub fn print_json<T: Serialize + ?Sized>(value: &T) -> std::io::Result<()> {
     use std::io::Write;
-    let mut out = std::io::stdout().lock();
-    serde_json::to_writer_pretty(&mut out, value).map_err(std::io::Error::other)?;
-    writeln!(out)
+    let mut buf = serde_json::to_vec_pretty(value).map_err(std::io::Error::other)?;
+    buf.push(b'\n');
+    std::io::stdout().lock().write_all(&buf)
 }
