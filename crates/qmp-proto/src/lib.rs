@@ -7,6 +7,7 @@ mod framing;
 mod jobs;
 pub mod qga;
 pub mod qmp;
+mod sock;
 
 pub use commands::{Command, JobCommand};
 pub use error::{Error, ErrorKind};

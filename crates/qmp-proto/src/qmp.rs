@@ -13,13 +13,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use tokio::io::{AsyncWriteExt, BufReader};
-use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::BufReader;
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::error::{Error, ErrorKind};
 use crate::framing::{excerpt, read_line_capped, LineError};
+use crate::sock::{self, ReadSide, WriteSide};
 
 /// Time allowed for a command by [`QmpClient::execute`].
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -338,7 +338,10 @@ impl QmpClient {
         let stream = UnixStream::connect(&path)
             .await
             .map_err(|e| Error::io(format!("connecting to QMP socket {}", path.display()), e))?;
-        let (rd, wr) = stream.into_split();
+        let (rd, wr) = stream
+            .into_std()
+            .and_then(sock::split)
+            .map_err(|e| Error::io(format!("setting up QMP socket {}", path.display()), e))?;
         let mut reader = BufReader::with_capacity(64 * 1024, rd);
         let mut line = Vec::new();
         let greeting = match tokio::time::timeout_at(
@@ -515,7 +518,7 @@ impl Drop for PendingGuard<'_> {
 
 async fn reader_task(
     shared: Arc<Shared>,
-    mut reader: BufReader<OwnedReadHalf>,
+    mut reader: BufReader<ReadSide>,
     mut stop_rx: oneshot::Receiver<()>,
 ) {
     let mut line = Vec::new();
@@ -549,11 +552,7 @@ async fn wait_closed(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|closed| *closed).await;
 }
 
-async fn writer_task(
-    shared: Arc<Shared>,
-    mut wr: OwnedWriteHalf,
-    mut rx: mpsc::UnboundedReceiver<Vec<u8>>,
-) {
+async fn writer_task(shared: Arc<Shared>, wr: WriteSide, mut rx: mpsc::UnboundedReceiver<Vec<u8>>) {
     let mut closed_rx = shared.closed_tx.subscribe();
     loop {
         tokio::select! {
@@ -569,7 +568,7 @@ async fn writer_task(
             }
         }
     }
-    let _ = wr.shutdown().await;
+    wr.shutdown();
 }
 
 /// The events a subscriber receives, in arrival order. Ends (`None`) when the connection closes.

@@ -616,6 +616,49 @@ async fn many_tasks_share_one_client() {
     .await;
 }
 
+/// Commands far larger than the socket buffer while the server does not read: the writes
+/// would block, wait for room and complete in order once the server reads again.
+#[tokio::test]
+async fn writes_that_would_block_complete_once_the_server_reads() {
+    let srv = server();
+    let path = srv.path.clone();
+    const N: usize = 4;
+    let big = "x".repeat(1 << 20);
+    run(
+        srv,
+        |l| async move {
+            let mut p = Peer::accept(&l).await;
+            p.negotiate().await;
+            // Not reading for a while: the client's writes fill the socket buffer.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            for i in 0..N {
+                let cmd = p.recv().await;
+                assert_eq!(
+                    cmd["arguments"]["n"], i,
+                    "commands arrive whole and in order"
+                );
+                assert_eq!(cmd["arguments"]["pad"].as_str().unwrap().len(), 1 << 20);
+                p.reply(&cmd, json!({"n": i})).await;
+            }
+        },
+        async move {
+            let c = QmpClient::connect_unix(&path).await.unwrap();
+            let futs = (0..N).map(|i| {
+                let c = c.clone();
+                let pad = big.clone();
+                async move { c.execute("big", Some(json!({"n": i, "pad": pad}))).await }
+            });
+            // Issued in order, all in flight at once.
+            let replies = futures_join_all(futs).await;
+            for (i, r) in replies.into_iter().enumerate() {
+                assert_eq!(r.unwrap()["n"], i);
+            }
+            assert_eq!(c.in_flight(), 0);
+        },
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn an_idle_subscriber_never_blocks_replies() {
     let srv = server();

@@ -203,6 +203,10 @@ pub fn run(args: &[String]) -> Result<(), String> {
         rate(floor_stream.median()),
         b * 100.0
     );
+    println!(
+        "    (for scale: the bare blocking socket itself costs {} of CPU per command)",
+        us(median(&floor_seq.cpu))
+    );
     for (what, ours, py) in [
         ("sequential", &ours_seq, &py_seq),
         ("8 in flight", &ours_8, &py_8),

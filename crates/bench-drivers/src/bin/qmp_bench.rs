@@ -8,7 +8,7 @@
 //! block (streams) on the same QEMU at the same moment. Prints one JSON line per series
 //! (`{"label", "wall_ns", "cpu_ns"}`):
 //! - `floor-seq`: a bare blocking `std` UnixStream: write one command, read its reply (SEQ
-//!   samples, one per command);
+//!   samples, one per command; `cpu_ns`: CPU per command over a block of SEQ alone);
 //! - `ours-seq`: qmp-proto `run(&QueryStatus)`, one at a time, alternating with the floor
 //!   (SEQ samples; `cpu_ns` holds the client's user+sys CPU per command from
 //!   getrusage(RUSAGE_SELF) over a following block of SEQ qmp-proto round trips alone);
@@ -99,7 +99,7 @@ async fn seq_interleaved(
     floor_sock: &Path,
     ours_sock: &Path,
     n: usize,
-) -> (Vec<Duration>, Vec<Duration>, Duration) {
+) -> (Vec<Duration>, Vec<Duration>, Duration, Duration) {
     let (mut w, mut r) = bare_connect(floor_sock);
     let c = QmpClient::connect_unix(ours_sock)
         .await
@@ -119,15 +119,20 @@ async fn seq_interleaved(
         ours.push(t0.elapsed());
         std::hint::black_box(st);
     }
-    // CPU: a block of qmp-proto round trips alone (getrusage itself is a syscall: two
-    // calls per block rather than per command).
+    // CPU: a block of qmp-proto round trips alone, then one of bare round trips (getrusage
+    // itself is a syscall: two calls per block rather than per command).
     let cpu0 = cpu_now(libc::RUSAGE_SELF);
     for _ in 0..n {
         std::hint::black_box(c.run(&QueryStatus).await.unwrap());
     }
     let cpu = cpu_now(libc::RUSAGE_SELF) - cpu0;
+    let cpu0 = cpu_now(libc::RUSAGE_SELF);
+    for i in 0..n {
+        bare_round_trip(&mut w, &mut r, i, &mut line);
+    }
+    let floor_cpu = cpu_now(libc::RUSAGE_SELF) - cpu0;
     settle(c).await;
-    (floor, ours, cpu / n as u32)
+    (floor, ours, floor_cpu / n as u32, cpu / n as u32)
 }
 
 fn floor_stream(w: &UnixStream, r: &mut BufReader<UnixStream>, n: usize) -> Duration {
@@ -251,8 +256,8 @@ async fn main() {
     let blocks: usize = blocks.parse().expect("BLOCKS");
 
     // Against QEMU: sequential, alternating command by command.
-    let (floor, ours, cpu) = seq_interleaved(floor_sock, ours_sock, seq).await;
-    emit("floor-seq", &floor, &[]);
+    let (floor, ours, floor_cpu, cpu) = seq_interleaved(floor_sock, ours_sock, seq).await;
+    emit("floor-seq", &floor, &[floor_cpu]);
     emit("ours-seq", &ours, &[cpu]);
 
     // Against QEMU: a pipelined stream vs 8 in flight, alternating block by block.

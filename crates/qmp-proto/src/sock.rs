@@ -1,0 +1,99 @@
+//! The QMP socket, split so that writing never wakes the reader.
+//!
+//! tokio's `UnixStream` registers one epoll entry for both directions; after each command
+//! written, QEMU reading it frees buffer space and the kernel reports `EPOLLOUT`, which
+//! wakes the runtime for nothing: one extra wake-up (and context switch) per command.
+//! Here the read side is registered for readability only, and the write side is a plain
+//! non-blocking socket: a write that would block (QEMU not reading) waits on a separate,
+//! temporary writability registration.
+
+use std::io::{self, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncRead, Interest, ReadBuf};
+
+/// Splits a connected, non-blocking socket into its two sides (the read side needs a
+/// tokio runtime).
+pub(crate) fn split(stream: UnixStream) -> io::Result<(ReadSide, WriteSide)> {
+    stream.set_nonblocking(true)?;
+    let w = stream.try_clone()?;
+    let r = register(stream, Interest::READABLE)?;
+    Ok((ReadSide { fd: r }, WriteSide { sock: w }))
+}
+
+/// Registers an owned socket with the runtime's reactor.
+fn register(sock: UnixStream, interest: Interest) -> io::Result<AsyncFd<UnixStream>> {
+    // SAFETY: the AsyncFd owns `sock`, whose descriptor stays open and refers to the same
+    // socket until the AsyncFd (and with it `sock`) is dropped.
+    Ok(unsafe { AsyncFd::register_with_interest(sock, interest) }?)
+}
+
+/// The read side: readable-only epoll registration.
+pub(crate) struct ReadSide {
+    fd: AsyncFd<UnixStream>,
+}
+
+impl AsyncRead for ReadSide {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            let mut guard = ready!(self.fd.poll_read_ready(cx))?;
+            let unfilled = buf.initialize_unfilled();
+            let len = unfilled.len();
+            match guard.try_io(|fd| fd.get_ref().read(unfilled)) {
+                Ok(Ok(n)) => {
+                    // A short read drained the socket (edge-triggered): skip the read
+                    // that would only say EAGAIN.
+                    if n > 0 && n < len {
+                        guard.clear_ready();
+                    }
+                    buf.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Ok(Err(e)) => return Poll::Ready(Err(e)),
+                // WouldBlock: readiness cleared by try_io, wait again.
+                Err(_) => continue,
+            }
+        }
+    }
+}
+
+/// The write side: a plain non-blocking socket, no epoll registration.
+pub(crate) struct WriteSide {
+    sock: UnixStream,
+}
+
+impl WriteSide {
+    /// Writes all of `buf`. Cancel-safety is the caller's business (the writer task
+    /// never drops this future half-way except at shutdown).
+    pub(crate) async fn write_all(&self, mut buf: &[u8]) -> io::Result<()> {
+        while !buf.is_empty() {
+            match (&self.sock).write(buf) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => buf = &buf[n..],
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    // QEMU is not reading (it queues at most 8 commands per monitor). Wait
+                    // for room on a registration that exists only while waiting; epoll
+                    // reports the current state when it is added, so no wake-up is lost.
+                    let fd = register(self.sock.try_clone()?, Interest::WRITABLE)?;
+                    let _ = fd.writable().await?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Shuts the write direction down (QEMU sees EOF).
+    pub(crate) fn shutdown(&self) {
+        let _ = self.sock.shutdown(std::net::Shutdown::Write);
+    }
+}
