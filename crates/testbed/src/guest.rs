@@ -17,7 +17,8 @@
 //!
 //! QEMU is killed and reaped when the guest is dropped (also while a test panics) and gets
 //! `PR_SET_PDEATHSIG(SIGKILL)`: it dies with the thread that started it, so start guests on
-//! the test's own thread (`#[tokio::test]` does), not in `spawn_blocking`.
+//! the test's own thread (`#[tokio::test]` does), not in `spawn_blocking`. The temporary
+//! directory of a guest whose test process was killed is removed by the next guest's start.
 
 use crate::process::run;
 use crate::qemu::{Accel, Disk, DiskFormat, Qemu};
@@ -59,6 +60,34 @@ pub fn check_guest_dir(dir: &Path) -> Result<PathBuf> {
         }
     }
     Ok(dir.to_path_buf())
+}
+
+/// Prefix of the guests' temporary directories (in the system's temporary directory).
+const DIR_PREFIX: &str = "vs-guest-";
+
+/// Remove guest directories left by test processes that were killed (their QEMU died with
+/// them, PR_SET_PDEATHSIG): each directory has an `owner` file with the owner's pid.
+fn sweep_stale_dirs() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for e in entries.flatten() {
+        if !e.file_name().to_string_lossy().starts_with(DIR_PREFIX) {
+            continue;
+        }
+        let Ok(owner) = std::fs::read_to_string(e.path().join("owner")) else {
+            continue; // being created, or not ours
+        };
+        let alive = owner.trim().parse::<u32>().is_ok_and(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+                stat.rsplit_once(')')
+                    .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z'))
+            })
+        });
+        if !alive {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
 }
 
 /// Limits how many guests of this process boot at the same time (one per CPU).
@@ -131,8 +160,10 @@ impl TestGuestBuilder {
     pub async fn start(self) -> Result<TestGuest> {
         let image = guest_dir()?;
         crate::require_tool("mkfs.ext4", "run `cargo xtask deps` (installs e2fsprogs)")?;
-        let tmp = tempfile::Builder::new().prefix("vs-guest-").tempdir()?;
+        sweep_stale_dirs();
+        let tmp = tempfile::Builder::new().prefix(DIR_PREFIX).tempdir()?;
         let dir = tmp.path().to_path_buf();
+        std::fs::write(dir.join("owner"), std::process::id().to_string())?;
 
         let data = dir.join("data.raw");
         std::fs::File::create(&data)?.set_len(self.data_disk_size)?;
