@@ -25,6 +25,8 @@ pub enum ErrorKind {
     ChainTooDeep,
     /// A backing file's format is not recorded and probing was not allowed.
     ProbeRefused,
+    /// The named snapshot (or other object) does not exist.
+    NotFound,
 }
 
 impl fmt::Display for ErrorKind {
@@ -39,6 +41,7 @@ impl fmt::Display for ErrorKind {
             ErrorKind::BackingLoop => "backing chain loop",
             ErrorKind::ChainTooDeep => "backing chain too deep",
             ErrorKind::ProbeRefused => "refusing to probe backing format",
+            ErrorKind::NotFound => "not found",
         })
     }
 }

@@ -7,6 +7,9 @@
 //! - [`luks`]: the LUKS header of LUKS-encrypted qcow2 images (what qemu-img reports).
 //! - [`info`]: one image as `qemu-img info` reports it, and the same JSON.
 //! - [`chain`]: backing chains with an explicit [`ProbePolicy`].
+//! - [`qcow2_write`]: qcow2 images and overlays created, internal snapshots created, applied
+//!   and deleted natively (crash-safe ordering, byte-compatible with QEMU).
+//! - [`fault`]: a storage wrapper that fails or stops after the k-th write (for tests).
 //!
 //! This crate spawns no processes and takes no locks: reading works on images a running QEMU
 //! holds. Hostile input yields errors, never panics, and never makes the reader allocate more
@@ -15,9 +18,11 @@
 
 pub mod chain;
 pub mod error;
+pub mod fault;
 pub mod info;
 pub mod luks;
 pub mod qcow2;
+pub mod qcow2_write;
 pub mod qed;
 pub mod storage;
 mod window;

@@ -1,0 +1,398 @@
+//! The refcount layer: the refcount table and blocks of any width (1-64 bits), read lazily,
+//! changed in memory, and written back once per operation (each touched block once, in
+//! offset order). Allocation is first-fit like QEMU's; a new refcount block may describe
+//! itself, and the refcount table grows (moves) when a block lies beyond its end.
+
+use std::collections::BTreeMap;
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::qcow2::{Header, MAX_REFTABLE_SIZE};
+use crate::storage::Storage;
+
+/// Bits of a refcount table entry that hold the block offset (bits 9-63).
+const REFT_OFFSET_MASK: u64 = !0x1ff;
+
+#[derive(Debug)]
+struct Block {
+    data: Vec<u8>,
+    dirty: bool,
+}
+
+/// The refcounts of one image, cached and changed in memory.
+#[derive(Debug)]
+pub struct Refcounts {
+    cluster_bits: u32,
+    order: u32,
+    /// Refcount table entries (may be longer than the on-disk table: it then has to move).
+    table: Vec<u64>,
+    /// Entries changed since the last write.
+    table_dirty: bool,
+    table_offset: u64,
+    table_clusters: u32,
+    blocks: BTreeMap<u64, Block>,
+    /// First-fit cursor (cluster index), like QEMU's free_cluster_index.
+    cursor: u64,
+    /// Clusters of an old refcount table to free once the header points to the new one.
+    old_table: Option<(u64, u64)>,
+}
+
+fn io(what: &str, off: u64) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |e| Error::io(what, e).at(off)
+}
+
+impl Refcounts {
+    /// Read the refcount table of an image (blocks are read when first needed).
+    pub fn load<S: Storage + ?Sized>(storage: &S, h: &Header) -> Result<Refcounts> {
+        let cs = h.cluster_size();
+        if h.refcount_table_offset % cs != 0 || h.refcount_table_offset == 0 {
+            return Err(Error::invalid("refcount table offset invalid", 48));
+        }
+        let bytes = u64::from(h.refcount_table_clusters) << h.cluster_bits;
+        if bytes > MAX_REFTABLE_SIZE || bytes == 0 {
+            return Err(Error::new(ErrorKind::LimitExceeded, "refcount table size invalid").at(56));
+        }
+        let file_len = storage
+            .len()
+            .map_err(|e| Error::io("cannot get the image size", e))?;
+        // The table may extend past the end of the file (reads as zeros there).
+        let readable = bytes.min(file_len.saturating_sub(h.refcount_table_offset));
+        let mut buf = vec![0u8; bytes as usize];
+        storage
+            .read_at(&mut buf[..readable as usize], h.refcount_table_offset)
+            .map_err(io(
+                "cannot read the refcount table",
+                h.refcount_table_offset,
+            ))?;
+        let mut table: Vec<u64> = buf
+            .chunks_exact(8)
+            .map(|c| u64::from_be_bytes(c.try_into().expect("8 bytes")))
+            .collect();
+        for (i, e) in table.iter().enumerate() {
+            if e & 0x1ff != 0 || (e & REFT_OFFSET_MASK) % cs != 0 {
+                return Err(Error::invalid(
+                    format!("refcount table entry {i} is not cluster aligned"),
+                    h.refcount_table_offset + 8 * i as u64,
+                ));
+            }
+        }
+        while table.last() == Some(&0) {
+            table.pop();
+        }
+        Ok(Refcounts {
+            cluster_bits: h.cluster_bits,
+            order: h.refcount_order,
+            table,
+            table_dirty: false,
+            table_offset: h.refcount_table_offset,
+            table_clusters: h.refcount_table_clusters,
+            blocks: BTreeMap::new(),
+            cursor: 0,
+            old_table: None,
+        })
+    }
+
+    /// Refcount table offset and clusters (changed when the table had to move).
+    pub fn table_location(&self) -> (u64, u32) {
+        (self.table_offset, self.table_clusters)
+    }
+
+    fn cluster_size(&self) -> u64 {
+        1 << self.cluster_bits
+    }
+    /// log2 of the refcount entries per block.
+    fn block_shift(&self) -> u32 {
+        self.cluster_bits + 3 - self.order
+    }
+    fn max_value(&self) -> u64 {
+        if self.order == 6 {
+            u64::MAX
+        } else {
+            (1u64 << (1u32 << self.order)) - 1
+        }
+    }
+
+    fn block<S: Storage + ?Sized>(&mut self, storage: &S, b: u64) -> Result<Option<&mut Block>> {
+        if !self.blocks.contains_key(&b) {
+            let off = match self.table.get(b as usize) {
+                Some(&e) if e & REFT_OFFSET_MASK != 0 => e & REFT_OFFSET_MASK,
+                _ => return Ok(None),
+            };
+            let mut data = vec![0u8; self.cluster_size() as usize];
+            storage
+                .read_at(&mut data, off)
+                .map_err(io("cannot read a refcount block", off))?;
+            self.blocks.insert(b, Block { data, dirty: false });
+        }
+        Ok(self.blocks.get_mut(&b))
+    }
+
+    fn entry_get(data: &[u8], order: u32, i: u64) -> u64 {
+        let i = i as usize;
+        match order {
+            0..=2 => {
+                let bits = 1usize << order;
+                let per = 8 / bits;
+                (u64::from(data[i / per]) >> ((i % per) * bits)) & ((1 << bits) - 1)
+            }
+            3 => u64::from(data[i]),
+            4 => u64::from(u16::from_be_bytes([data[2 * i], data[2 * i + 1]])),
+            5 => u64::from(u32::from_be_bytes(
+                data[4 * i..4 * i + 4].try_into().expect("4 bytes"),
+            )),
+            _ => u64::from_be_bytes(data[8 * i..8 * i + 8].try_into().expect("8 bytes")),
+        }
+    }
+
+    fn entry_set(data: &mut [u8], order: u32, i: u64, v: u64) {
+        let i = i as usize;
+        match order {
+            0..=2 => {
+                let bits = 1usize << order;
+                let per = 8 / bits;
+                let shift = (i % per) * bits;
+                let mask = (((1u16 << bits) - 1) as u8) << shift;
+                data[i / per] = (data[i / per] & !mask) | (((v as u8) << shift) & mask);
+            }
+            3 => data[i] = v as u8,
+            4 => data[2 * i..2 * i + 2].copy_from_slice(&(v as u16).to_be_bytes()),
+            5 => data[4 * i..4 * i + 4].copy_from_slice(&(v as u32).to_be_bytes()),
+            _ => data[8 * i..8 * i + 8].copy_from_slice(&v.to_be_bytes()),
+        }
+    }
+
+    /// The refcount of cluster `c` (0 where no block covers it).
+    pub fn get<S: Storage + ?Sized>(&mut self, storage: &S, c: u64) -> Result<u64> {
+        let shift = self.block_shift();
+        let order = self.order;
+        let i = c & ((1 << shift) - 1);
+        Ok(match self.block(storage, c >> shift)? {
+            Some(b) => Self::entry_get(&b.data, order, i),
+            None => 0,
+        })
+    }
+
+    /// Add `delta` to the refcount of cluster `c`, refusing overflow and underflow.
+    pub fn add<S: Storage + ?Sized>(&mut self, storage: &S, c: u64, delta: i64) -> Result<u64> {
+        let shift = self.block_shift();
+        let b = c >> shift;
+        if self.block(storage, b)?.is_none() {
+            if delta < 0 {
+                return Err(Error::invalid(
+                    format!("refcount underflow on cluster {c}"),
+                    c << self.cluster_bits,
+                ));
+            }
+            self.new_block(storage, b)?;
+        }
+        let (order, max, cb) = (self.order, self.max_value(), self.cluster_bits);
+        let blk = self
+            .block(storage, b)?
+            .ok_or_else(|| Error::new(ErrorKind::Invalid, "refcount block vanished"))?;
+        let i = c & ((1 << shift) - 1);
+        let old = Self::entry_get(&blk.data, order, i);
+        let new = if delta >= 0 {
+            old.checked_add(delta as u64)
+                .filter(|&v| v <= max)
+                .ok_or_else(|| {
+                    Error::new(
+                        ErrorKind::LimitExceeded,
+                        format!("refcount overflow on cluster {c} (maximum {max})"),
+                    )
+                    .at(c << cb)
+                })?
+        } else {
+            old.checked_sub(delta.unsigned_abs()).ok_or_else(|| {
+                Error::invalid(format!("refcount underflow on cluster {c}"), c << cb)
+            })?
+        };
+        if new != old {
+            Self::entry_set(&mut blk.data, order, i, new);
+            blk.dirty = true;
+        }
+        if new == 0 && c < self.cursor {
+            self.cursor = c;
+        }
+        Ok(new)
+    }
+
+    /// Add `delta` to every cluster touched by the bytes `[off, off + len)`.
+    pub fn add_range<S: Storage + ?Sized>(
+        &mut self,
+        storage: &S,
+        off: u64,
+        len: u64,
+        delta: i64,
+    ) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let first = off >> self.cluster_bits;
+        let last = (off + len - 1) >> self.cluster_bits;
+        for c in first..=last {
+            self.add(storage, c, delta)?;
+        }
+        Ok(())
+    }
+
+    /// A new (zeroed) refcount block for table index `b`, placed first-fit (possibly inside
+    /// the range it describes, then it counts itself).
+    fn new_block<S: Storage + ?Sized>(&mut self, storage: &S, b: u64) -> Result<()> {
+        let entries = (b + 1)
+            .checked_mul(8)
+            .filter(|&x| x <= MAX_REFTABLE_SIZE)
+            .ok_or_else(|| Error::new(ErrorKind::LimitExceeded, "refcount table too large"))?;
+        let _ = entries;
+        if self.table.len() <= b as usize {
+            self.table.resize(b as usize + 1, 0);
+        }
+        self.blocks.insert(
+            b,
+            Block {
+                data: vec![0u8; self.cluster_size() as usize],
+                dirty: true,
+            },
+        );
+        let off = self.alloc(storage, 1)?;
+        self.table[b as usize] = off;
+        self.table_dirty = true;
+        Ok(())
+    }
+
+    /// Is cluster `c` free, without creating blocks?
+    fn is_free<S: Storage + ?Sized>(&mut self, storage: &S, c: u64) -> Result<bool> {
+        Ok(self.get(storage, c)? == 0)
+    }
+
+    /// Allocate `n` contiguous clusters first-fit (refcount set to 1); returns the offset.
+    pub fn alloc<S: Storage + ?Sized>(&mut self, storage: &S, n: u64) -> Result<u64> {
+        let n = n.max(1);
+        let shift = self.block_shift();
+        loop {
+            let (mut start, mut len, mut c) = (self.cursor, 0u64, self.cursor);
+            while len < n {
+                if self.is_free(storage, c)? {
+                    len += 1;
+                } else {
+                    start = c + 1;
+                    len = 0;
+                }
+                c += 1;
+                if c > (1u64 << (56 - self.cluster_bits)) {
+                    return Err(Error::new(ErrorKind::LimitExceeded, "image too large"));
+                }
+            }
+            // Every block describing the run must exist before the run is taken; creating
+            // one may use a cluster of the run, so search again afterwards.
+            let mut created = false;
+            for b in (start >> shift)..=((start + n - 1) >> shift) {
+                if self.block(storage, b)?.is_none() {
+                    self.new_block(storage, b)?;
+                    created = true;
+                }
+            }
+            if created {
+                continue;
+            }
+            for c in start..start + n {
+                self.add(storage, c, 1)?;
+            }
+            self.cursor = start + n;
+            return Ok(start << self.cluster_bits);
+        }
+    }
+
+    /// Allocate enough clusters for `bytes` bytes.
+    pub fn alloc_bytes<S: Storage + ?Sized>(&mut self, storage: &S, bytes: u64) -> Result<u64> {
+        let n = bytes.div_ceil(self.cluster_size());
+        self.alloc(storage, n)
+    }
+
+    /// Decrement every cluster of `[off, off + bytes)` (freeing metadata no longer used).
+    pub fn free_bytes<S: Storage + ?Sized>(
+        &mut self,
+        storage: &S,
+        off: u64,
+        bytes: u64,
+    ) -> Result<()> {
+        let n = bytes.div_ceil(self.cluster_size()).max(1);
+        self.add_range(storage, off, n << self.cluster_bits, -1)
+    }
+
+    /// Write every changed block (in offset order), then the table entries, with the flushes
+    /// that keep the image consistent at each step. When the table has to grow, a new table
+    /// is written and `header` tells where; the old table is freed by [`Refcounts::finish`].
+    /// Returns whether the table moved (the caller then writes bytes 48-59 of the header).
+    pub fn write<S: Storage + ?Sized>(&mut self, storage: &S) -> Result<bool> {
+        let cs = self.cluster_size();
+        let capacity = (u64::from(self.table_clusters) << self.cluster_bits) / 8;
+        let mut moved = false;
+        if self.table.len() as u64 > capacity {
+            // Allocate a larger table; allocating may add blocks, so repeat until it fits.
+            let mut want = (self.table.len() as u64 * 8).div_ceil(cs);
+            loop {
+                let want_bytes = want * cs;
+                if want_bytes > MAX_REFTABLE_SIZE {
+                    return Err(Error::new(
+                        ErrorKind::LimitExceeded,
+                        "refcount table too large",
+                    ));
+                }
+                let off = self.alloc(storage, want)?;
+                if self.table.len() as u64 * 8 <= want_bytes {
+                    self.old_table = Some((self.table_offset, u64::from(self.table_clusters) * cs));
+                    self.table_offset = off;
+                    self.table_clusters = want as u32;
+                    moved = true;
+                    break;
+                }
+                self.free_bytes(storage, off, want_bytes)?;
+                want = (self.table.len() as u64 * 8).div_ceil(cs) + 1;
+            }
+        }
+        self.write_blocks(storage)?;
+        if self.table_dirty || moved {
+            storage
+                .flush()
+                .map_err(|e| Error::io("cannot flush refcount blocks", e))?;
+            let mut buf: Vec<u8> = self.table.iter().flat_map(|e| e.to_be_bytes()).collect();
+            if moved {
+                buf.resize(
+                    (u64::from(self.table_clusters) << self.cluster_bits) as usize,
+                    0,
+                );
+            }
+            storage
+                .write_at(&buf, self.table_offset)
+                .map_err(io("cannot write the refcount table", self.table_offset))?;
+            self.table_dirty = false;
+        }
+        Ok(moved)
+    }
+
+    fn write_blocks<S: Storage + ?Sized>(&mut self, storage: &S) -> Result<()> {
+        let mut dirty: Vec<(u64, u64)> = self
+            .blocks
+            .iter()
+            .filter(|(_, b)| b.dirty)
+            .map(|(&i, _)| (self.table[i as usize] & REFT_OFFSET_MASK, i))
+            .collect();
+        dirty.sort_unstable();
+        for (off, i) in dirty {
+            let blk = self.blocks.get_mut(&i).expect("dirty block present");
+            storage
+                .write_at(&blk.data, off)
+                .map_err(io("cannot write a refcount block", off))?;
+            blk.dirty = false;
+        }
+        Ok(())
+    }
+
+    /// After the header points at a moved table: free the old table and write the blocks.
+    pub fn finish<S: Storage + ?Sized>(&mut self, storage: &S) -> Result<()> {
+        if let Some((off, bytes)) = self.old_table.take() {
+            self.free_bytes(storage, off, bytes)?;
+            self.write_blocks(storage)?;
+        }
+        Ok(())
+    }
+}
