@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use virt_snap::image_formats::{
     self, backing_chain, qcow2::Snapshot, ChainOptions, Format as ImgFormat, ImageInfo, ProbePolicy,
 };
-use virt_snap::output::Format;
+use virt_snap::output::{self, Format};
 
 /// Inspect disk images (qcow2, QED, raw).
 #[derive(Debug, Args)]
@@ -72,13 +72,8 @@ fn write_out(s: &[u8]) -> CliResult {
         .map_err(|e| CliError::with_source("cannot write output", e))
 }
 
-/// Pretty JSON in one write: stdout is line-buffered, and a 1000-snapshot document has
-/// 10000 lines (one write each through `output::print_json` costs milliseconds).
 fn print_json<T: serde::Serialize + ?Sized>(v: &T) -> CliResult {
-    let mut buf = serde_json::to_string_pretty(v)
-        .map_err(|e| CliError::with_source("cannot encode output", e))?;
-    buf.push('\n');
-    write_out(buf.as_bytes())
+    output::print_json(v).map_err(|e| CliError::with_source("cannot write output", e))
 }
 
 /// Run `virt-snap image ...`.
