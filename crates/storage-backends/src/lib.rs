@@ -1,2 +1,113 @@
-//! dir, btrfs and LVM storage pools with offline volume snapshots.
+//! dir, btrfs and LVM storage pools with offline volume snapshots: the
+//! `virStorageVolSnapshot` API libvirt never got.
+//!
+//! - [`model`]: pools ([`PoolDef`], persisted by [`PoolStore`]), volumes, volume snapshots,
+//!   capability flags.
+//! - [`Backend`]: the one async trait every pool kind implements: volumes (create, list,
+//!   delete) and their snapshots (create, list, revert keeping the snapshot, delete).
+//! - [`dir`], [`btrfs`], [`lvm`]: the backends. Every operation takes the volume's exclusive
+//!   lease (the `locking` crate) and fails with "volume ... in use by ..." while a VM holds
+//!   it; every multi-step change records its undo steps in a [`Reverter`].
+//! - [`runner`]: every tool runs through a [`CommandRunner`]: local, recording (golden argv,
+//!   canned output, failure injection) and guest-agent (LVM in a test guest).
+//!
+//! docs/storage-backends.md describes each backend's commands and revert semantics.
 #![deny(missing_docs)]
+
+pub mod btrfs;
+pub mod dir;
+mod error;
+pub mod fsutil;
+mod lease;
+pub mod lvm;
+pub mod model;
+pub mod name;
+pub mod reverter;
+pub mod runner;
+mod store;
+
+pub use error::{Error, ErrorKind, Result};
+pub use model::{
+    parse_size, Backing, Capabilities, PoolDef, PoolInfo, PoolKind, SnapshotKind, SnapshotOptions,
+    VolFormat, VolSnapshot, Volume, VolumeSpec,
+};
+pub use reverter::Reverter;
+pub use runner::{CommandRunner, LocalRunner, Output, QgaRunner, RecordingRunner};
+pub use store::{PoolStore, POOLS_SUBDIR};
+
+use async_trait::async_trait;
+use std::sync::Arc;
+
+/// A storage pool's backend: volumes and their offline snapshots.
+///
+/// Every method that changes something takes the volume's exclusive lease first and fails
+/// with [`ErrorKind::InUse`] while a VM (or another operation) holds it.
+#[async_trait]
+pub trait Backend: Send + Sync + std::fmt::Debug {
+    /// The pool's definition.
+    fn def(&self) -> &PoolDef;
+    /// What this backend can do.
+    fn capabilities(&self) -> Capabilities;
+    /// Size, use and free space of the pool.
+    async fn info(&self) -> Result<PoolInfo>;
+    /// The volumes, sorted by name.
+    async fn list_volumes(&self) -> Result<Vec<Volume>>;
+    /// One volume ([`ErrorKind::NotFound`] if absent).
+    async fn volume(&self, name: &str) -> Result<Volume>;
+    /// Create a volume.
+    async fn create_volume(&self, spec: &VolumeSpec) -> Result<Volume>;
+    /// Delete a volume and all its snapshots.
+    async fn delete_volume(&self, name: &str) -> Result<()>;
+    /// Snapshot an inactive volume.
+    async fn create_snapshot(
+        &self,
+        volume: &str,
+        snapshot: &str,
+        opts: &SnapshotOptions,
+    ) -> Result<VolSnapshot>;
+    /// A volume's snapshots, oldest first.
+    async fn list_snapshots(&self, volume: &str) -> Result<Vec<VolSnapshot>>;
+    /// Make the volume's content the snapshot's again; the snapshot is kept.
+    async fn revert_snapshot(&self, volume: &str, snapshot: &str) -> Result<()>;
+    /// Delete a snapshot.
+    async fn delete_snapshot(&self, volume: &str, snapshot: &str) -> Result<()>;
+}
+
+/// Open the backend of pool `def`, running its tools with `runner` and taking leases from
+/// `locks`.
+pub fn open_pool(
+    def: PoolDef,
+    runner: Arc<dyn CommandRunner>,
+    locks: locking::LockManager,
+) -> Result<Box<dyn Backend>> {
+    Ok(match def.kind {
+        PoolKind::Dir => Box::new(dir::DirPool::new(def, runner, locks)?),
+        PoolKind::Btrfs => Box::new(btrfs::BtrfsPool::new(def, runner, locks)?),
+        PoolKind::Logical => Box::new(lvm::LvmPool::new(def, runner, locks)?),
+    })
+}
+
+/// The snapshot `snapshot` among `list`, or [`ErrorKind::NotFound`].
+pub(crate) fn find_snapshot(
+    list: Vec<VolSnapshot>,
+    volume: &str,
+    snapshot: &str,
+) -> Result<VolSnapshot> {
+    list.into_iter()
+        .find(|s| s.name == snapshot)
+        .ok_or_else(|| {
+            Error::new(
+                ErrorKind::NotFound,
+                format!("volume {volume:?} has no snapshot {snapshot:?}"),
+            )
+        })
+}
+
+/// Run blocking file work off the runtime's threads.
+pub(crate) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::new(ErrorKind::Io, format!("blocking task failed: {e}")))?
+}
