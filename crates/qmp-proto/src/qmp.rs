@@ -559,7 +559,15 @@ async fn writer_task(shared: Arc<Shared>, wr: WriteSide, mut rx: mpsc::Unbounded
             _ = wait_closed(&mut closed_rx) => break,
             msg = rx.recv() => match msg {
                 None => break,
-                Some(line) => {
+                Some(mut line) => {
+                    // Commands queued meanwhile (several tasks answered by one read) go
+                    // out in the same write: one syscall for the batch.
+                    while line.len() < 64 * 1024 {
+                        match rx.try_recv() {
+                            Ok(more) => line.extend_from_slice(&more),
+                            Err(_) => break,
+                        }
+                    }
                     if let Err(e) = wr.write_all(&line).await {
                         shared.shutdown(ErrorKind::Disconnected, format!("write error: {e}"));
                         break;
