@@ -381,22 +381,26 @@ impl Backend for BtrfsPool {
             }
             let p = dir.join(name);
             let info = fsutil::subvol_info(&p).ok();
-            v.push(VolSnapshot {
-                name: name.to_string(),
-                volume: volume.to_string(),
-                kind: SnapshotKind::BtrfsSubvolume,
-                created: info
-                    .as_ref()
-                    .map(|i| i.otime)
-                    .or_else(|| e.otime.as_deref().and_then(parse_time_utc)),
-                size: Self::vol_file(&p)
-                    .and_then(|(f, _)| std::fs::metadata(f).ok().map(|m| m.len())),
-                valid: info.is_none_or(|i| i.readonly),
-                usage_percent: None,
-            });
+            v.push((
+                e.id,
+                VolSnapshot {
+                    name: name.to_string(),
+                    volume: volume.to_string(),
+                    kind: SnapshotKind::BtrfsSubvolume,
+                    created: info
+                        .as_ref()
+                        .map(|i| i.otime)
+                        .or_else(|| e.otime.as_deref().and_then(parse_time_utc)),
+                    size: Self::vol_file(&p)
+                        .and_then(|(f, _)| std::fs::metadata(f).ok().map(|m| m.len())),
+                    valid: info.is_none_or(|i| i.readonly),
+                    usage_percent: None,
+                },
+            ));
         }
-        v.sort_by(|a, b| a.created.cmp(&b.created).then(a.name.cmp(&b.name)));
-        Ok(v)
+        // Oldest first; subvolume ids break ties within a second (they only grow).
+        v.sort_by(|a, b| a.1.created.cmp(&b.1.created).then(a.0.cmp(&b.0)));
+        Ok(v.into_iter().map(|(_, s)| s).collect())
     }
 
     async fn revert_snapshot(&self, volume: &str, snapshot: &str) -> Result<()> {

@@ -18,7 +18,8 @@ const FICLONE: libc::c_ulong = 0x4004_9409;
 const BTRFS_SUPER_MAGIC: i64 = 0x9123_683e;
 /// _IOR(0x94, 60, struct btrfs_ioctl_get_subvol_info_args) with the struct's 504 bytes.
 const BTRFS_IOC_GET_SUBVOL_INFO: libc::c_ulong = 0x81f8_943c;
-const BTRFS_SUBVOL_RDONLY: u64 = 1 << 1;
+/// BTRFS_ROOT_SUBVOL_RDONLY: the root item flag the ioctl reports.
+const BTRFS_SUBVOL_RDONLY: u64 = 1 << 0;
 
 /// How a file was duplicated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -222,16 +223,32 @@ fn fmt_uuid(b: &[u8]) -> Option<String> {
 /// subvolume's root directory.
 pub fn subvol_info(path: &Path) -> Result<SubvolInfo> {
     let f = File::open(path).map_err(|e| Error::io(format!("open {}", path.display()), e))?;
-    let mut buf = [0u64; 63]; // 504 bytes, 8-aligned
-                              // SAFETY: buf is 504 writable bytes, the size encoded in the ioctl number.
-    let rc = unsafe {
-        libc::ioctl(
-            f.as_raw_fd(),
-            BTRFS_IOC_GET_SUBVOL_INFO as _,
-            buf.as_mut_ptr(),
-        )
-    };
-    if rc != 0 {
+    // 504 bytes, 8-aligned.
+    let mut buf = [0u64; 63];
+    let mut rc = -1;
+    for attempt in 0..2 {
+        // SAFETY: buf is 504 writable bytes, the size encoded in the ioctl number.
+        rc = unsafe {
+            libc::ioctl(
+                f.as_raw_fd(),
+                BTRFS_IOC_GET_SUBVOL_INFO as _,
+                buf.as_mut_ptr(),
+            )
+        };
+        // Kernels return 1 on success here (a search result leaking out): only < 0 fails.
+        if rc >= 0 {
+            break;
+        }
+        let enoent = std::io::Error::last_os_error().raw_os_error() == Some(libc::ENOENT);
+        if !enoent || attempt == 1 {
+            break;
+        }
+        // The kernel looks the subvolume's back reference up in the committed root tree:
+        // a subvolume created in the running transaction is found after a commit.
+        // SAFETY: plain syncfs on an open fd.
+        unsafe { libc::syncfs(f.as_raw_fd()) };
+    }
+    if rc < 0 {
         return Err(Error::io(
             format!("{} is not a btrfs subvolume", path.display()),
             std::io::Error::last_os_error(),

@@ -1,0 +1,199 @@
+//! btrfs pools on a real btrfs (loop device): subvolume per volume, read-only snapshots,
+//! atomic revert, failure injection, in-use refusal; and a dir pool on btrfs (reflink).
+
+mod common;
+
+use common::*;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use storage_backends::*;
+
+fn show_uuid(path: &Path) -> String {
+    let out = std::process::Command::new("btrfs")
+        .args(["subvolume", "show"])
+        .arg(path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix("UUID:"))
+        .map(|u| u.trim().to_string())
+        .unwrap_or_else(|| panic!("no UUID in {text}"))
+}
+
+#[tokio::test]
+async fn btrfs_pool_snapshot_revert_delete_with_failure_injection_and_leases() {
+    let fs = testbed::Btrfs::new(512).expect("btrfs testbed (cargo xtask deps)");
+    let state = tempfile::tempdir().unwrap();
+    let root = fs.mountpoint().join("pool");
+    std::fs::create_dir(&root).unwrap();
+    let target = root.display().to_string();
+    let rec = Arc::new(RecordingRunner::wrapping(local()));
+    let pool = open(PoolKind::Btrfs, &target, rec.clone(), locks(state.path()));
+    assert!(pool.capabilities().atomic_revert);
+
+    let v = pool
+        .create_volume(&spec("v1", 16 << 20, VolFormat::Raw))
+        .await
+        .unwrap();
+    assert_eq!(v.path, root.join("v1/volume.raw").display().to_string());
+    // The lease key is the subvolume's UUID, read by ioctl: the same as btrfs prints.
+    assert_eq!(v.key, show_uuid(&root.join("v1")));
+    let p = PathBuf::from(&v.path);
+    write_raw(&p, &[0, 9 << 20], b"original bytes");
+    let s = pool
+        .create_snapshot("v1", "s1", &SnapshotOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(s.kind, SnapshotKind::BtrfsSubvolume);
+    let snap_dir = root.join(".snapshots/v1/s1");
+    assert!(
+        storage_backends::fsutil::subvol_info(&snap_dir)
+            .unwrap()
+            .readonly
+    );
+    write_raw(&p, &[0, 9 << 20], b"OVERWRITTEN!!!");
+
+    // Failure injected at the last revert step (dropping the old volume): the swap is
+    // undone, the new copy removed; the pool is as it was.
+    let uuid_before = v.key.clone();
+    let snaps_before = pool.list_snapshots("v1").await.unwrap();
+    let tree_before = tree(&root);
+    rec.fail_once(&["btrfs", "subvolume", "delete"], "injected failure");
+    let e = pool.revert_snapshot("v1", "s1").await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::ToolFailed, "{e}");
+    assert!(e.not_undone().is_empty(), "{e}");
+    assert_eq!(read_raw(&p, 0, 14), b"OVERWRITTEN!!!");
+    assert_eq!(pool.volume("v1").await.unwrap().key, uuid_before);
+    assert_eq!(pool.list_snapshots("v1").await.unwrap(), snaps_before);
+    assert_eq!(tree(&root), tree_before);
+    // ... and at the first step.
+    rec.fail_once(&["btrfs", "subvolume", "snapshot"], "injected failure");
+    pool.revert_snapshot("v1", "s1").await.unwrap_err();
+    assert_eq!(tree(&root), tree_before);
+
+    pool.revert_snapshot("v1", "s1").await.unwrap();
+    assert_eq!(read_raw(&p, 0, 14), b"original bytes");
+    assert_eq!(read_raw(&p, 9 << 20, 14), b"original bytes");
+    let after = pool.volume("v1").await.unwrap();
+    assert_ne!(after.key, uuid_before, "revert makes a new subvolume");
+    let list = pool.list_snapshots("v1").await.unwrap();
+    assert_eq!(list.len(), 1, "the snapshot is kept: {list:?}");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    assert!((list[0].created.unwrap() - now).abs() < 120, "{list:?}");
+    assert_eq!(tree(&root), tree_before, "no temporaries left");
+
+    // A second snapshot, names with spaces, qcow2 volumes in subvolumes.
+    pool.create_snapshot("v1", "after revert", &SnapshotOptions::default())
+        .await
+        .unwrap();
+    let names: Vec<String> = pool
+        .list_snapshots("v1")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| s.name)
+        .collect();
+    assert_eq!(names, ["s1", "after revert"]);
+    let q = pool
+        .create_volume(&spec("q1", 4 << 20, VolFormat::Qcow2))
+        .await
+        .unwrap();
+    qcow2_write(Path::new(&q.path), 0x33, 0, 65536);
+    pool.create_snapshot("q1", "a", &SnapshotOptions::default())
+        .await
+        .unwrap();
+    qcow2_write(Path::new(&q.path), 0x44, 0, 65536);
+    pool.revert_snapshot("q1", "a").await.unwrap();
+    assert!(qcow2_read(Path::new(&q.path), 0, 65536)
+        .iter()
+        .all(|&b| b == 0x33));
+
+    // In use: a VM's lease on the volume (keyed on the subvolume UUID) refuses snapshots.
+    let vol = pool.volume("v1").await.unwrap();
+    let lm = locks(state.path());
+    let vm = lm
+        .acquire(&locking::Purpose::VmStart {
+            domain: "vm1".into(),
+            disks: vec![locking::DiskUse::writable(locking::Resource::Uuid {
+                kind: locking::UuidKind::BtrfsSubvolume,
+                uuid: vol.key.clone(),
+                display: vol.path.clone(),
+                image: Some(vol.path.clone().into()),
+            })],
+        })
+        .unwrap();
+    for r in [
+        pool.create_snapshot("v1", "x", &SnapshotOptions::default())
+            .await
+            .map(|_| ()),
+        pool.revert_snapshot("v1", "s1").await,
+        pool.delete_snapshot("v1", "s1").await,
+        pool.delete_volume("v1").await,
+    ] {
+        let e = r.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InUse, "{e}");
+        assert!(e.to_string().contains("in use by domain \"vm1\""), "{e}");
+    }
+    drop(vm);
+
+    // A failed create is undone (the subvolume goes again).
+    rec.fail_once(&["qemu-img", "create"], "injected");
+    pool.create_volume(&spec("q2", 1 << 20, VolFormat::Qcow2))
+        .await
+        .unwrap_err();
+    assert!(!root.join("q2").exists());
+
+    // Delete leaves nothing behind.
+    pool.delete_snapshot("v1", "s1").await.unwrap();
+    pool.delete_volume("v1").await.unwrap();
+    pool.delete_volume("q1").await.unwrap();
+    assert_eq!(tree(&root), Vec::<String>::new());
+    let out = std::process::Command::new("btrfs")
+        .args(["subvolume", "list"])
+        .arg(fs.mountpoint())
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "");
+}
+
+#[tokio::test]
+async fn dir_pool_on_btrfs_snapshots_raw_volumes_by_reflink() {
+    let fs = testbed::Btrfs::new(512).expect("btrfs testbed (cargo xtask deps)");
+    let state = tempfile::tempdir().unwrap();
+    let target = fs.mountpoint().display().to_string();
+    let pool = open(PoolKind::Dir, &target, local(), locks(state.path()));
+    assert!(
+        pool.info()
+            .await
+            .unwrap()
+            .capabilities
+            .space_efficient_snapshots
+    );
+    let v = pool
+        .create_volume(&spec("big", 200 << 20, VolFormat::Raw))
+        .await
+        .unwrap();
+    let p = PathBuf::from(&v.path);
+    // 100 MiB of data: a copy would not fit twice more in the 512 MiB filesystem quickly;
+    // a reflink takes no data space.
+    let data = vec![0x5au8; 100 << 20];
+    std::fs::write(&p, &data).unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+    f.set_len(200 << 20).unwrap();
+    f.sync_all().unwrap();
+    let used = || fsutil::fs_space(fs.mountpoint()).unwrap().1;
+    let before = used();
+    pool.create_snapshot("big", "s1", &SnapshotOptions::default())
+        .await
+        .unwrap();
+    assert!(used() < before + (10 << 20), "reflink shares the blocks");
+    write_raw(&p, &[0], b"changed");
+    pool.revert_snapshot("big", "s1").await.unwrap();
+    assert_eq!(read_raw(&p, 0, 7), [0x5a; 7]);
+    pool.delete_volume("big").await.unwrap();
+    assert_eq!(tree(fs.mountpoint()), Vec::<String>::new());
+}
