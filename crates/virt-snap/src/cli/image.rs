@@ -35,6 +35,8 @@ enum ImageSub {
         /// The image file.
         file: PathBuf,
     },
+    /// Create a qcow2 image or overlay, like `qemu-img create -f qcow2 [-b B -F FMT] FILE [SIZE]`.
+    Create(super::image_write::CreateArgs),
     /// Internal snapshots of a qcow2 image.
     Snapshot {
         #[command(subcommand)]
@@ -54,6 +56,12 @@ enum SnapshotSub {
         /// The image file.
         file: PathBuf,
     },
+    /// Create an internal snapshot of the current state, like `qemu-img snapshot -c`.
+    Create(super::image_write::SnapCreateArgs),
+    /// Revert the image to a snapshot (by id, then name), like `qemu-img snapshot -a`.
+    Apply(super::image_write::SnapTargetArgs),
+    /// Delete a snapshot (by name, or --id), like `qemu-img snapshot -d`.
+    Delete(super::image_write::SnapTargetArgs),
 }
 
 fn img_err(e: image_formats::Error) -> CliError {
@@ -80,6 +88,16 @@ fn print_json<T: serde::Serialize + ?Sized>(v: &T) -> CliResult {
 pub fn run(cmd: ImageCmd, out: Format, state_dir: Option<&std::path::Path>) -> CliResult {
     match cmd.cmd {
         ImageSub::Locks(args) => super::locks::run(args, out, state_dir),
+        ImageSub::Create(a) => super::image_write::run_create(a, out, state_dir),
+        ImageSub::Snapshot {
+            cmd: SnapshotSub::Create(a),
+        } => super::image_write::run_snap_create(a, out, state_dir),
+        ImageSub::Snapshot {
+            cmd: SnapshotSub::Apply(a),
+        } => super::image_write::run_snap_target(a, false, out, state_dir),
+        ImageSub::Snapshot {
+            cmd: SnapshotSub::Delete(a),
+        } => super::image_write::run_snap_target(a, true, out, state_dir),
         ImageSub::Info {
             backing_chain: chain,
             allow_probe,

@@ -1,6 +1,7 @@
 //! Argument parsing and dispatch for the `virt-snap` binary.
 
 mod image;
+mod image_write;
 mod locks;
 
 use clap::{Parser, Subcommand};
