@@ -24,7 +24,7 @@ const SEQ: usize = 400;
 /// Commands per stream block.
 const STREAM: usize = 1000;
 /// Stream blocks per round.
-const BLOCKS: usize = 3;
+const BLOCKS: usize = 4;
 
 /// The QEMU under test; killed and reaped on drop.
 struct Qemu {
@@ -96,6 +96,20 @@ fn take(all: &[Series], label: &str) -> Series {
     s
 }
 
+/// The median of `a[i] / b[i]` over pairs measured back to back (robust to drift).
+fn paired(a: &[Duration], b: &[Duration]) -> f64 {
+    let mut r: Vec<f64> = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| x.as_secs_f64() / y.as_secs_f64().max(1e-12))
+        .collect();
+    if r.is_empty() {
+        return f64::NAN;
+    }
+    r.sort_by(f64::total_cmp);
+    r[r.len() / 2]
+}
+
 fn rate(per_cmd: Duration) -> f64 {
     1.0 / per_cmd.as_secs_f64().max(1e-12)
 }
@@ -105,7 +119,7 @@ fn us(d: Duration) -> String {
 }
 
 pub fn run(args: &[String]) -> Result<(), String> {
-    let rounds = super::runs_arg(args, 5)?;
+    let rounds = super::runs_arg(args, 8)?;
     let python = deps::bench_venv()?;
     let release = super::build_release("bench-drivers")?;
     let script = util::workspace_root().join("xtask/bench-py/qmp_bench.py");
@@ -195,6 +209,10 @@ pub fn run(args: &[String]) -> Result<(), String> {
         ms(floor_seq.median()),
         (a - 1.0) * 100.0
     );
+    println!(
+        "    paired (each qmp-proto round trip / the bare one just before it), median: {:+.1}%",
+        (paired(&ours_seq.wall, &floor_seq.wall) - 1.0) * 100.0
+    );
     let b = rate(ours_8.median()) / rate(floor_stream.median());
     println!(
         "(b) 8 in flight >= 90% of the pipelined stream: {} ({:.0} vs {:.0} commands/s: {:.0}%)",
@@ -202,6 +220,10 @@ pub fn run(args: &[String]) -> Result<(), String> {
         rate(ours_8.median()),
         rate(floor_stream.median()),
         b * 100.0
+    );
+    println!(
+        "    paired (each stream block / the qmp-proto block right after it), median: {:.0}%",
+        paired(&floor_stream.wall, &ours_8.wall) * 100.0
     );
     println!(
         "    (for scale: the bare blocking socket itself costs {} of CPU per command)",
