@@ -526,11 +526,14 @@ impl<S: Storage> SnapshotEditor<S> {
         let mut new_l1 = self.read_l1(sn.l1_table_offset, sn.l1_size)?;
         new_l1.resize(h.l1_size as usize, 0);
         let old_l1 = self.read_l1(h.l1_table_offset, h.l1_size)?;
-        // +1 on the snapshot's tree, durable before the active L1 points to it.
+        // +1 on the snapshot's tree, durable before the active L1 points to it. COPIED is
+        // computed for that state (the snapshot keeps referencing the tree, so it stays
+        // right after the old tree is dropped) and written with the new L1: no window in
+        // which a flag disagrees with a refcount.
         self.update_tree(&new_l1, 1)?;
+        self.fix_copied(&mut new_l1)?;
         self.write_refcounts()?;
-        self.write_l1(&new_l1)?;
-        self.flush()?;
+        self.write_copied(&new_l1, true)?;
         // The old active tree is no longer referenced.
         self.update_tree(&old_l1, -1)?;
         self.write_frees()?;
