@@ -39,7 +39,9 @@ fn run_op(storage: &FaultyStorage<&MemStorage>, op: Op) -> image_formats::Result
 }
 
 /// Everything the image holds: snapshot (id, name) -> data, and the active data.
-fn state(p: &Path) -> (BTreeMap<(String, String), Vec<u8>>, Vec<u8>) {
+type Snapshots = BTreeMap<(String, String), Vec<u8>>;
+
+fn state(p: &Path) -> (Snapshots, Vec<u8>) {
     let snaps = snapshot_list(p)
         .into_iter()
         .map(|(id, name)| {
