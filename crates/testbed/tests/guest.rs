@@ -264,6 +264,10 @@ async fn a_guest_that_cannot_boot_fails_fast_with_its_console() {
     let msg = err.to_string();
     assert!(msg.contains("stopped while booting"), "{msg}");
     assert!(msg.contains("Kernel panic"), "{msg}");
-    assert!(t.elapsed() < Duration::from_secs(50), "took {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_secs(50),
+        "took {:?}",
+        t.elapsed()
+    );
     eprintln!("failed boot reported after {:?}:\n{msg}", t.elapsed());
 }
