@@ -186,7 +186,7 @@ impl From<locking::Error> for Error {
         let msg = match e.kind() {
             // "volume X in use by domain "vm1" (pid ..)" already.
             locking::ErrorKind::Conflict => e.to_string(),
-            // "image X in use by qemu-system-x86 (pid ..): it does not share ..."
+            // "image X in use by a QEMU (pid ..): it does not share ..."
             locking::ErrorKind::ImageInUse => format!("volume in use by a process: {e}"),
             _ => format!("lease: {e}"),
         };

@@ -47,6 +47,7 @@ impl fmt::Display for PoolKind {
 
 /// A pool definition, as persisted in the state directory.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct PoolDef {
     /// The pool's name.
     pub name: String,
@@ -100,6 +101,7 @@ impl fmt::Display for VolFormat {
 
 /// A backing volume of a qcow2 volume.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct Backing {
     /// Its path (as recorded in the overlay).
     pub path: String,
@@ -122,6 +124,7 @@ pub struct VolumeSpec {
 
 /// A volume.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct Volume {
     /// Its name in the pool.
     pub name: String,
@@ -162,6 +165,7 @@ pub enum SnapshotKind {
 
 /// A volume snapshot.
 #[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct VolSnapshot {
     /// Its name.
     pub name: String,
@@ -182,6 +186,7 @@ pub struct VolSnapshot {
 
 /// What a backend can do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct Capabilities {
     /// Raw volumes.
     pub raw: bool,
@@ -203,6 +208,7 @@ pub struct Capabilities {
 
 /// A pool's state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct PoolInfo {
     /// The name.
     pub name: String,

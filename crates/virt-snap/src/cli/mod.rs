@@ -3,6 +3,8 @@
 mod image;
 mod image_write;
 mod locks;
+mod pool;
+mod vol;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -71,6 +73,13 @@ pub enum Command {
     StateDir,
     /// Inspect disk images: `image info`, `image snapshot list`.
     Image(image::ImageCmd),
+    /// Storage pools: pool-define-as, pool-list, pool-info, pool-undefine.
+    #[command(flatten)]
+    Pool(pool::PoolCmd),
+    /// Volumes and volume snapshots: vol-create-as, vol-list, vol-info, vol-path, vol-delete,
+    /// vol-snapshot-create, vol-snapshot-list, vol-snapshot-revert, vol-snapshot-delete.
+    #[command(flatten)]
+    Vol(vol::VolCmd),
 }
 
 /// Set up logging on stderr from `-v` and `RUST_LOG`.
@@ -108,6 +117,8 @@ pub fn run(cli: Cli) -> CliResult {
 async fn dispatch(cli: Cli) -> CliResult {
     match cli.command {
         Command::Image(cmd) => image::run(cmd, cli.output, cli.state_dir.as_deref()),
+        Command::Pool(cmd) => pool::run(cmd, cli.output, cli.state_dir.as_deref()).await,
+        Command::Vol(cmd) => vol::run(cmd, cli.output, cli.state_dir.as_deref()).await,
         Command::StateDir => {
             let dir = state_dir(cli.state_dir.as_deref())?;
             match cli.output {

@@ -1,0 +1,311 @@
+//! `virt-snap vol-*`: volumes of a pool (virsh's names) and the volume snapshot commands
+//! libvirt never got: `vol-snapshot-create|list|revert|delete`.
+
+use super::pool::{human, open, sb_err, table};
+use super::{state_dir, CliError, CliResult};
+use clap::Subcommand;
+use std::path::Path;
+use virt_snap::output::{self, Format};
+use virt_snap::storage_backends::{parse_size, Backing, SnapshotOptions, VolFormat, VolumeSpec};
+
+/// Volume commands.
+#[derive(Debug, Subcommand)]
+// The variants are virsh's command names (clap derives `vol-create-as` from them).
+#[allow(clippy::enum_variant_names)]
+pub enum VolCmd {
+    /// Create a volume.
+    VolCreateAs {
+        /// The pool.
+        pool: String,
+        /// The volume's name.
+        name: String,
+        /// Its size (`1G`, `512M`, bytes); with --backing-vol, 0 takes the backing size.
+        size: String,
+        /// raw or qcow2.
+        #[arg(long, default_value = "raw")]
+        format: String,
+        /// A backing volume (a volume of the same pool, or a path of any pool's volume).
+        #[arg(long, value_name = "VOL")]
+        backing_vol: Option<String>,
+        /// The backing volume's format (default: what the pool knows of it).
+        #[arg(long, value_name = "FMT")]
+        backing_vol_format: Option<String>,
+    },
+    /// List a pool's volumes.
+    VolList {
+        /// The pool.
+        pool: String,
+    },
+    /// A volume's format, sizes, backing and lease key.
+    VolInfo {
+        /// The volume.
+        vol: String,
+        /// Its pool.
+        #[arg(long)]
+        pool: String,
+    },
+    /// The path a VM opens for a volume.
+    VolPath {
+        /// The volume.
+        vol: String,
+        /// Its pool.
+        #[arg(long)]
+        pool: String,
+    },
+    /// Delete a volume and its snapshots.
+    VolDelete {
+        /// The volume.
+        vol: String,
+        /// Its pool.
+        #[arg(long)]
+        pool: String,
+    },
+    /// Snapshot an inactive volume.
+    VolSnapshotCreate {
+        /// The volume.
+        vol: String,
+        /// The snapshot's name.
+        snap: String,
+        /// Its pool.
+        #[arg(long)]
+        pool: String,
+        /// LVM COW snapshots: the COW area's size (default: the volume's size).
+        #[arg(long)]
+        size: Option<String>,
+    },
+    /// List a volume's snapshots.
+    VolSnapshotList {
+        /// The volume.
+        vol: String,
+        /// Its pool.
+        #[arg(long)]
+        pool: String,
+    },
+    /// Revert an inactive volume to a snapshot (the snapshot is kept).
+    VolSnapshotRevert {
+        /// The volume.
+        vol: String,
+        /// The snapshot.
+        snap: String,
+        /// Its pool.
+        #[arg(long)]
+        pool: String,
+    },
+    /// Delete a volume snapshot.
+    VolSnapshotDelete {
+        /// The volume.
+        vol: String,
+        /// The snapshot.
+        snap: String,
+        /// Its pool.
+        #[arg(long)]
+        pool: String,
+    },
+}
+
+fn out_err(e: std::io::Error) -> CliError {
+    CliError::with_source("cannot write output", e)
+}
+
+fn done(out: Format, json: serde_json::Value, text: String) -> CliResult {
+    match out {
+        Format::Json => output::print_json(&json).map_err(out_err),
+        Format::Text => {
+            println!("{text}");
+            Ok(())
+        }
+    }
+}
+
+fn time(t: Option<i64>) -> String {
+    let Some(t) = t else { return "-".into() };
+    // Civil from days (UTC).
+    let (days, secs) = (t.div_euclid(86400), t.rem_euclid(86400));
+    let z = days + 719468;
+    let era = z.div_euclid(146097);
+    let doe = z - era * 146097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} +0000",
+        secs / 3600,
+        secs % 3600 / 60,
+        secs % 60
+    )
+}
+
+/// Run a volume command.
+pub async fn run(cmd: VolCmd, out: Format, state: Option<&Path>) -> CliResult {
+    let state = state_dir(state)?;
+    match cmd {
+        VolCmd::VolCreateAs {
+            pool,
+            name,
+            size,
+            format,
+            backing_vol,
+            backing_vol_format,
+        } => {
+            let p = open(&state, &pool)?;
+            let format = VolFormat::parse(&format).map_err(sb_err)?;
+            let capacity = parse_size(&size).map_err(sb_err)?;
+            let backing = match backing_vol {
+                None => None,
+                Some(b) => {
+                    let (path, known) = if b.starts_with('/') {
+                        (b.clone(), None)
+                    } else {
+                        let v = p.volume(&b).await.map_err(sb_err)?;
+                        (v.path, Some(v.format))
+                    };
+                    let fmt = match (backing_vol_format, known) {
+                        (Some(f), _) => VolFormat::parse(&f).map_err(sb_err)?,
+                        (None, Some(f)) => f,
+                        (None, None) => {
+                            return Err(CliError::new(format!(
+                                "--backing-vol-format is required for the backing path {b} \
+                                 (its format is recorded, never probed)"
+                            )))
+                        }
+                    };
+                    Some(Backing { path, format: fmt })
+                }
+            };
+            let v = p
+                .create_volume(&VolumeSpec {
+                    name,
+                    capacity,
+                    format,
+                    backing,
+                })
+                .await
+                .map_err(sb_err)?;
+            let text = format!("Vol {} created", v.name);
+            done(out, serde_json::to_value(&v).unwrap(), text)
+        }
+        VolCmd::VolList { pool } => {
+            let vols = open(&state, &pool)?.list_volumes().await.map_err(sb_err)?;
+            let rows: Vec<Vec<String>> = vols
+                .iter()
+                .map(|v| vec![v.name.clone(), v.path.clone()])
+                .collect();
+            match out {
+                Format::Json => output::print_json(&vols).map_err(out_err),
+                Format::Text => {
+                    print!("{}", table(&["Name", "Path"], &rows));
+                    Ok(())
+                }
+            }
+        }
+        VolCmd::VolInfo { vol, pool } => {
+            let v = open(&state, &pool)?.volume(&vol).await.map_err(sb_err)?;
+            let mut text = format!(
+                "{:<16}{}\n{:<16}{}\n{:<16}{}\n{:<16}{}\n{:<16}{}\n{:<16}{}",
+                "Name:",
+                v.name,
+                "Pool:",
+                v.pool,
+                "Path:",
+                v.path,
+                "Format:",
+                v.format,
+                "Capacity:",
+                human(v.capacity),
+                "Allocation:",
+                v.allocation.map(human).unwrap_or_else(|| "-".into()),
+            );
+            if let Some(b) = &v.backing {
+                text.push_str(&format!("\n{:<16}{} ({})", "Backing:", b.path, b.format));
+            }
+            text.push_str(&format!("\n{:<16}{}", "Lease key:", v.key));
+            done(out, serde_json::to_value(&v).unwrap(), text)
+        }
+        VolCmd::VolPath { vol, pool } => {
+            let v = open(&state, &pool)?.volume(&vol).await.map_err(sb_err)?;
+            let text = v.path.clone();
+            done(out, serde_json::json!({ "path": v.path }), text)
+        }
+        VolCmd::VolDelete { vol, pool } => {
+            open(&state, &pool)?
+                .delete_volume(&vol)
+                .await
+                .map_err(sb_err)?;
+            done(
+                out,
+                serde_json::json!({ "deleted": vol, "pool": pool }),
+                format!("Vol {vol} deleted"),
+            )
+        }
+        VolCmd::VolSnapshotCreate {
+            vol,
+            snap,
+            pool,
+            size,
+        } => {
+            let size = size.map(|s| parse_size(&s)).transpose().map_err(sb_err)?;
+            let s = open(&state, &pool)?
+                .create_snapshot(&vol, &snap, &SnapshotOptions { size })
+                .await
+                .map_err(sb_err)?;
+            let text = format!("Volume snapshot {snap} of {vol} created");
+            done(out, serde_json::to_value(&s).unwrap(), text)
+        }
+        VolCmd::VolSnapshotList { vol, pool } => {
+            let list = open(&state, &pool)?
+                .list_snapshots(&vol)
+                .await
+                .map_err(sb_err)?;
+            match out {
+                Format::Json => output::print_json(&list).map_err(out_err),
+                Format::Text => {
+                    let rows: Vec<Vec<String>> = list
+                        .iter()
+                        .map(|s| {
+                            vec![
+                                s.name.clone(),
+                                time(s.created),
+                                serde_json::to_value(s.kind)
+                                    .ok()
+                                    .and_then(|v| v.as_str().map(String::from))
+                                    .unwrap_or_default(),
+                                s.size.map(human).unwrap_or_else(|| "-".into()),
+                                if s.valid { "valid" } else { "INVALID" }.into(),
+                            ]
+                        })
+                        .collect();
+                    print!(
+                        "{}",
+                        table(&["Name", "Creation Time", "Kind", "Size", "State"], &rows)
+                    );
+                    Ok(())
+                }
+            }
+        }
+        VolCmd::VolSnapshotRevert { vol, snap, pool } => {
+            open(&state, &pool)?
+                .revert_snapshot(&vol, &snap)
+                .await
+                .map_err(sb_err)?;
+            done(
+                out,
+                serde_json::json!({ "volume": vol, "reverted-to": snap, "pool": pool }),
+                format!("Volume {vol} reverted to snapshot {snap}"),
+            )
+        }
+        VolCmd::VolSnapshotDelete { vol, snap, pool } => {
+            open(&state, &pool)?
+                .delete_snapshot(&vol, &snap)
+                .await
+                .map_err(sb_err)?;
+            done(
+                out,
+                serde_json::json!({ "volume": vol, "deleted": snap, "pool": pool }),
+                format!("Volume snapshot {snap} of {vol} deleted"),
+            )
+        }
+    }
+}
