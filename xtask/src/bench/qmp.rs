@@ -244,3 +244,23 @@ pub fn run(args: &[String]) -> Result<(), String> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paired_ratio_is_the_median_of_pair_ratios() {
+        let us = |v: &[u64]| {
+            v.iter()
+                .map(|&x| Duration::from_micros(x))
+                .collect::<Vec<_>>()
+        };
+        // Drift doubles both sides halfway through: the pair ratios stay 1.1.
+        let a = us(&[110, 110, 220, 220, 220]);
+        let b = us(&[100, 100, 200, 200, 200]);
+        assert!((paired(&a, &b) - 1.1).abs() < 1e-9);
+        assert!(paired(&[], &[]).is_nan());
+        assert!((rate(Duration::from_micros(250)) - 4000.0).abs() < 1e-6);
+    }
+}
