@@ -724,3 +724,365 @@ async fn typed_reply_that_does_not_decode_is_a_protocol_error() {
     // The connection is fine afterwards.
     assert!(c.run(&QueryStatus).await.unwrap().running);
 }
+
+/// QEMU's own schema (`query-qmp-schema`), indexed by entity name.
+struct Schema(std::collections::HashMap<String, Value>);
+
+impl Schema {
+    async fn fetch(c: &QmpClient) -> Schema {
+        let all = c.execute("query-qmp-schema", None).await.unwrap();
+        Schema(
+            all.as_array()
+                .unwrap()
+                .iter()
+                .map(|e| (e["name"].as_str().unwrap().to_owned(), e.clone()))
+                .collect(),
+        )
+    }
+
+    /// Checks that `v` is a valid value of schema type `ty`; problems go to `errs`.
+    fn check(&self, ty: &str, v: &Value, path: &str, errs: &mut Vec<String>) {
+        if let Some(elem) = ty.strip_prefix('[').and_then(|t| t.strip_suffix(']')) {
+            match v.as_array() {
+                Some(a) => {
+                    for (i, x) in a.iter().enumerate() {
+                        self.check(elem, x, &format!("{path}[{i}]"), errs);
+                    }
+                }
+                None => errs.push(format!("{path}: not an array: {v}")),
+            }
+            return;
+        }
+        let Some(t) = self.0.get(ty) else {
+            errs.push(format!("{path}: unknown type {ty}"));
+            return;
+        };
+        match t["meta-type"].as_str().unwrap() {
+            "builtin" => {
+                let ok = match t["json-type"].as_str().unwrap() {
+                    "string" => v.is_string(),
+                    "int" => v.is_i64() || v.is_u64(),
+                    "number" => v.is_number(),
+                    "boolean" => v.is_boolean(),
+                    "null" => v.is_null(),
+                    _ => true,
+                };
+                if !ok {
+                    errs.push(format!("{path}: {v} is not a {ty}"));
+                }
+            }
+            "enum" => {
+                let known = t["values"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|x| Some(x) == Some(v));
+                if !known {
+                    errs.push(format!("{path}: {v} is not a value of enum {ty}"));
+                }
+            }
+            "alternate" => {
+                // Accept the value if any alternative takes it.
+                let ok = t["members"].as_array().unwrap().iter().any(|m| {
+                    let mut e = Vec::new();
+                    self.check(m["type"].as_str().unwrap(), v, path, &mut e);
+                    e.is_empty()
+                });
+                if !ok {
+                    errs.push(format!("{path}: {v} fits no alternative of {ty}"));
+                }
+            }
+            "object" => {
+                let Some(obj) = v.as_object() else {
+                    errs.push(format!("{path}: not an object: {v}"));
+                    return;
+                };
+                let mut members: Vec<&Value> = t["members"].as_array().unwrap().iter().collect();
+                if let Some(tag) = t["tag"].as_str() {
+                    let case = obj.get(tag).and_then(Value::as_str).unwrap_or_default();
+                    match t["variants"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .find(|x| x["case"] == case)
+                    {
+                        Some(var) => {
+                            let vt = &self.0[var["type"].as_str().unwrap()];
+                            members.extend(vt["members"].as_array().unwrap());
+                        }
+                        None => errs.push(format!("{path}: no variant {tag}={case} in {ty}")),
+                    }
+                }
+                for (k, x) in obj {
+                    match members.iter().find(|m| m["name"] == k.as_str()) {
+                        Some(m) => {
+                            self.check(m["type"].as_str().unwrap(), x, &format!("{path}.{k}"), errs)
+                        }
+                        None => errs.push(format!("{path}: QEMU knows no member `{k}` in {ty}")),
+                    }
+                }
+                for m in &members {
+                    let name = m["name"].as_str().unwrap();
+                    if m.get("default").is_none() && !obj.contains_key(name) {
+                        errs.push(format!("{path}: required member `{name}` missing"));
+                    }
+                }
+            }
+            other => errs.push(format!("{path}: unexpected meta-type {other}")),
+        }
+    }
+
+    /// Checks a typed command's name and its arguments (every optional one set by the caller).
+    fn command<C: qmp_proto::Command>(&self, cmd: &C, errs: &mut Vec<String>) {
+        let Some(entry) = self.0.get(C::NAME) else {
+            errs.push(format!("QEMU has no command {}", C::NAME));
+            return;
+        };
+        assert_eq!(entry["meta-type"], "command");
+        let args = serde_json::to_value(cmd).unwrap();
+        let args = if args.is_null() {
+            serde_json::json!({})
+        } else {
+            args
+        };
+        self.check(entry["arg-type"].as_str().unwrap(), &args, C::NAME, errs);
+    }
+}
+
+#[tokio::test]
+async fn typed_commands_match_qemus_schema_with_every_optional_argument() {
+    let q = qemu(&[]);
+    let c = connect(&q).await;
+    let s = Schema::fetch(&c).await;
+    let mut e = Vec::new();
+    let some = |x: &str| Some(x.to_owned());
+    s.command(&Stop, &mut e);
+    s.command(&Cont, &mut e);
+    s.command(&Quit, &mut e);
+    s.command(&QueryStatus, &mut e);
+    s.command(&QueryBlock, &mut e);
+    s.command(&QueryNamedBlockNodes { flat: Some(true) }, &mut e);
+    s.command(
+        &BlockdevAdd(BlockdevOptions::file("f", "/x").read_only(true)),
+        &mut e,
+    );
+    s.command(
+        &BlockdevAdd(BlockdevOptions::qcow2("q", "f").backing(None)),
+        &mut e,
+    );
+    s.command(
+        &BlockdevAdd(BlockdevOptions::qcow2("q", "f").backing(Some("b"))),
+        &mut e,
+    );
+    s.command(&BlockdevAdd(BlockdevOptions::raw("r", "f")), &mut e);
+    s.command(
+        &BlockdevDel {
+            node_name: "q".into(),
+        },
+        &mut e,
+    );
+    s.command(
+        &BlockdevReopen {
+            options: vec![BlockdevOptions::qcow2("q", "f").read_only(true)],
+        },
+        &mut e,
+    );
+    for options in [
+        BlockdevCreateOptions::file("/x", 1 << 20),
+        BlockdevCreateOptions::qcow2("f", 1 << 20).backing_file("/b", "qcow2"),
+    ] {
+        s.command(
+            &BlockdevCreate {
+                job_id: "j".into(),
+                options,
+            },
+            &mut e,
+        );
+    }
+    let sync = BlockdevSnapshotSync {
+        device: some("d"),
+        node_name: some("n"),
+        snapshot_file: "/o".into(),
+        snapshot_node_name: some("o"),
+        format: some("qcow2"),
+        mode: Some(NewImageMode::Existing),
+    };
+    s.command(&sync, &mut e);
+    let sync2 = BlockdevSnapshotSync {
+        mode: Some(NewImageMode::AbsolutePaths),
+        ..sync.clone()
+    };
+    s.command(&sync2, &mut e);
+    let snap = BlockdevSnapshot {
+        node: "n".into(),
+        overlay: "o".into(),
+    };
+    s.command(&snap, &mut e);
+    let internal = BlockdevSnapshotInternalSync {
+        device: "d".into(),
+        name: "s".into(),
+    };
+    s.command(&internal, &mut e);
+    s.command(
+        &BlockdevSnapshotDeleteInternalSync {
+            device: "d".into(),
+            id: some("1"),
+            name: some("s"),
+        },
+        &mut e,
+    );
+    let add = BlockDirtyBitmapAdd {
+        node: "n".into(),
+        name: "b".into(),
+        granularity: Some(65536),
+        persistent: Some(true),
+        disabled: Some(false),
+    };
+    s.command(&add, &mut e);
+    let bm = BlockDirtyBitmap {
+        node: "n".into(),
+        name: "b".into(),
+    };
+    s.command(&BlockDirtyBitmapRemove(bm.clone()), &mut e);
+    for mode in [
+        ActionCompletionMode::Individual,
+        ActionCompletionMode::Grouped,
+    ] {
+        s.command(
+            &Transaction::new(vec![
+                TransactionAction::Abort(Empty {}),
+                TransactionAction::BlockdevSnapshot(snap.clone()),
+                TransactionAction::BlockdevSnapshotSync(sync.clone()),
+                TransactionAction::BlockdevSnapshotInternalSync(internal.clone()),
+                TransactionAction::BlockDirtyBitmapAdd(add.clone()),
+                TransactionAction::BlockDirtyBitmapRemove(bm.clone()),
+                TransactionAction::BlockDirtyBitmapClear(bm.clone()),
+                TransactionAction::BlockDirtyBitmapEnable(bm.clone()),
+                TransactionAction::BlockDirtyBitmapDisable(bm.clone()),
+            ])
+            .completion_mode(mode),
+            &mut e,
+        );
+    }
+    let devs = vec!["d".to_owned()];
+    s.command(
+        &SnapshotSave {
+            job_id: "j".into(),
+            tag: "t".into(),
+            vmstate: "d".into(),
+            devices: devs.clone(),
+        },
+        &mut e,
+    );
+    s.command(
+        &SnapshotLoad {
+            job_id: "j".into(),
+            tag: "t".into(),
+            vmstate: "d".into(),
+            devices: devs.clone(),
+        },
+        &mut e,
+    );
+    s.command(
+        &SnapshotDelete {
+            job_id: "j".into(),
+            tag: "t".into(),
+            devices: devs,
+        },
+        &mut e,
+    );
+    s.command(&QueryJobs, &mut e);
+    s.command(&JobDismiss::new("j"), &mut e);
+    s.command(&JobFinalize::new("j"), &mut e);
+    s.command(&JobComplete::new("j"), &mut e);
+    s.command(&JobCancel::new("j"), &mut e);
+    s.command(
+        &BlockCommit {
+            job_id: some("j"),
+            device: "d".into(),
+            base_node: some("b"),
+            top_node: some("t"),
+            backing_file: some("/b"),
+            speed: Some(1),
+            filter_node_name: some("f"),
+            auto_finalize: Some(true),
+            auto_dismiss: Some(true),
+        },
+        &mut e,
+    );
+    s.command(
+        &BlockStream {
+            job_id: some("j"),
+            device: "d".into(),
+            base_node: some("b"),
+            bottom: some("x"),
+            backing_file: some("/b"),
+            speed: Some(1),
+            auto_finalize: Some(true),
+            auto_dismiss: Some(true),
+        },
+        &mut e,
+    );
+    s.command(
+        &MigrateSetCapabilities {
+            capabilities: vec![
+                MigrationCapabilityStatus::new("background-snapshot", true),
+                MigrationCapabilityStatus::new("events", false),
+            ],
+        },
+        &mut e,
+    );
+    s.command(&QueryMigrateCapabilities, &mut e);
+    s.command(&Migrate::to("file:/x"), &mut e);
+    s.command(&MigrateCancel, &mut e);
+    s.command(&QueryMigrate, &mut e);
+    // The checker itself catches a wrong name and a wrong member.
+    let mut neg = Vec::new();
+    #[derive(serde::Serialize)]
+    struct Bogus {
+        #[serde(rename = "snapshot_file")]
+        f: String,
+    }
+    impl qmp_proto::Command for Bogus {
+        const NAME: &'static str = "blockdev-snapshot-sync";
+        type Returns = Empty;
+    }
+    s.command(&Bogus { f: "x".into() }, &mut neg);
+    assert!(
+        neg.iter().any(|m| m.contains("no member `snapshot_file`")),
+        "{neg:?}"
+    );
+    // ... and nested ones: a transaction action's data, an enum value, a missing member.
+    #[derive(serde::Serialize)]
+    #[serde(transparent)]
+    struct RawTransaction(Value);
+    impl qmp_proto::Command for RawTransaction {
+        const NAME: &'static str = "transaction";
+        type Returns = Empty;
+    }
+    let mut neg = Vec::new();
+    s.command(
+        &RawTransaction(serde_json::json!({
+            "actions": [
+                {"type": "blockdev-snapshot", "data": {"node": "n", "overlay-x": "o"}},
+                {"type": "no-such-action", "data": {}},
+            ],
+            "properties": {"completion-mode": "sometimes"}
+        })),
+        &mut neg,
+    );
+    let joined = neg.join("\n");
+    for want in [
+        "no member `overlay-x`",
+        "required member `overlay` missing",
+        "no variant type=no-such-action",
+        "\"sometimes\" is not a value of enum",
+    ] {
+        assert!(joined.contains(want), "{want}: {joined}");
+    }
+    assert!(
+        e.is_empty(),
+        "typed commands disagree with QEMU's schema:\n{}",
+        e.join("\n")
+    );
+}
