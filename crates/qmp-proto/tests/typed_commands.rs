@@ -1086,3 +1086,134 @@ async fn typed_commands_match_qemus_schema_with_every_optional_argument() {
         e.join("\n")
     );
 }
+
+/// The member names a reply struct reads (serde hands them to `deserialize_struct`).
+fn fields_of<T: serde::de::DeserializeOwned>() -> &'static [&'static str] {
+    struct Grab(Option<&'static [&'static str]>);
+    impl<'de> serde::Deserializer<'de> for &mut Grab {
+        type Error = serde::de::value::Error;
+        fn deserialize_any<V: serde::de::Visitor<'de>>(
+            self,
+            _: V,
+        ) -> Result<V::Value, Self::Error> {
+            Err(serde::de::Error::custom("not a struct"))
+        }
+        fn deserialize_struct<V: serde::de::Visitor<'de>>(
+            self,
+            _: &'static str,
+            fields: &'static [&'static str],
+            _: V,
+        ) -> Result<V::Value, Self::Error> {
+            self.0 = Some(fields);
+            Err(serde::de::Error::custom("fields grabbed"))
+        }
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes
+            byte_buf option unit unit_struct newtype_struct seq tuple tuple_struct map enum
+            identifier ignored_any
+        }
+    }
+    let mut g = Grab(None);
+    let _ = T::deserialize(&mut g);
+    g.0.expect("a struct")
+}
+
+impl Schema {
+    /// The object type behind `ty` (through arrays).
+    fn object(&self, ty: &str) -> &Value {
+        let ty = ty.trim_start_matches('[').trim_end_matches(']');
+        let t = &self.0[ty];
+        assert_eq!(t["meta-type"], "object", "{t}");
+        t
+    }
+
+    /// The type of member `name` of object type `ty`.
+    fn member_type(&self, ty: &str, name: &str) -> String {
+        self.object(ty)["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == name)
+            .unwrap_or_else(|| panic!("no member {name} in {ty}"))["type"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+
+    fn ret_type(&self, cmd: &str) -> String {
+        self.0[cmd]["ret-type"].as_str().unwrap().to_owned()
+    }
+
+    /// Every field `T` reads must be a member of `ty`.
+    fn reply<T: serde::de::DeserializeOwned>(&self, ty: &str, what: &str, errs: &mut Vec<String>) {
+        let obj = self.object(ty);
+        let members: Vec<&str> = obj["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["name"].as_str().unwrap())
+            .collect();
+        for f in fields_of::<T>() {
+            if !members.contains(f) {
+                errs.push(format!(
+                    "{what}: QEMU sends no member `{f}` (has {members:?})"
+                ));
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn typed_replies_read_only_members_qemus_schema_has() {
+    let q = qemu(&[]);
+    let c = connect(&q).await;
+    let s = Schema::fetch(&c).await;
+    let mut e = Vec::new();
+    s.reply::<StatusInfo>(&s.ret_type("query-status"), "StatusInfo", &mut e);
+    let block = s.ret_type("query-block");
+    s.reply::<BlockInfo>(&block, "BlockInfo", &mut e);
+    let dev = s.member_type(&block, "inserted");
+    s.reply::<BlockDeviceInfo>(&dev, "BlockDeviceInfo (query-block)", &mut e);
+    s.reply::<BlockDeviceInfo>(
+        &s.ret_type("query-named-block-nodes"),
+        "BlockDeviceInfo (query-named-block-nodes)",
+        &mut e,
+    );
+    let image = s.member_type(&dev, "image");
+    s.reply::<ImageInfo>(&image, "ImageInfo", &mut e);
+    s.reply::<ImageInfo>(
+        &s.member_type(&image, "backing-image"),
+        "ImageInfo (backing)",
+        &mut e,
+    );
+    s.reply::<SnapshotInfo>(&s.member_type(&image, "snapshots"), "SnapshotInfo", &mut e);
+    s.reply::<SnapshotInfo>(
+        &s.ret_type("blockdev-snapshot-delete-internal-sync"),
+        "SnapshotInfo (delete)",
+        &mut e,
+    );
+    s.reply::<JobInfo>(&s.ret_type("query-jobs"), "JobInfo", &mut e);
+    let mig = s.ret_type("query-migrate");
+    s.reply::<MigrationInfo>(&mig, "MigrationInfo", &mut e);
+    s.reply::<MigrationStats>(&s.member_type(&mig, "ram"), "MigrationStats", &mut e);
+    s.reply::<MigrationCapabilityStatus>(
+        &s.ret_type("query-migrate-capabilities"),
+        "MigrationCapabilityStatus",
+        &mut e,
+    );
+    assert!(fields_of::<StatusInfo>().contains(&"running"));
+    // The check catches a misspelt member.
+    #[derive(serde::Deserialize)]
+    #[allow(dead_code)]
+    struct Misspelt {
+        runing: bool,
+    }
+    let mut neg = Vec::new();
+    s.reply::<Misspelt>(&s.ret_type("query-status"), "Misspelt", &mut neg);
+    assert!(neg[0].contains("no member `runing`"), "{neg:?}");
+    assert!(
+        e.is_empty(),
+        "reply structs disagree with QEMU's schema:\n{}",
+        e.join("\n")
+    );
+}
