@@ -109,12 +109,19 @@ fn boot_gate() -> &'static tokio::sync::Semaphore {
     })
 }
 
+#[derive(Debug, Clone)]
+enum ExtraDisk {
+    New(String, DiskFormat, u64),
+    Existing(String, DiskFormat, PathBuf),
+}
+
 /// Builds a [`TestGuest`].
 #[derive(Debug, Clone)]
 pub struct TestGuestBuilder {
     memory_mib: u32,
     data_disk_size: u64,
-    raw_disks: Vec<(String, u64)>,
+    data_disk_format: DiskFormat,
+    disks: Vec<ExtraDisk>,
     boot_timeout: Duration,
     append: Vec<String>,
     qemu_args: Vec<String>,
@@ -125,7 +132,8 @@ impl Default for TestGuestBuilder {
         TestGuestBuilder {
             memory_mib: 256,
             data_disk_size: 64 << 20,
-            raw_disks: Vec::new(),
+            data_disk_format: DiskFormat::Raw,
+            disks: Vec::new(),
             boot_timeout: DEFAULT_BOOT_TIMEOUT,
             append: Vec::new(),
             qemu_args: Vec::new(),
@@ -144,10 +152,32 @@ impl TestGuestBuilder {
         self.data_disk_size = bytes;
         self
     }
+    /// Format of the ext4 data disk: raw (default) or qcow2 (made with `qemu-img convert`
+    /// from the raw ext4 image; needed for internal snapshots such as `snapshot-save`).
+    pub fn data_disk_format(mut self, format: DiskFormat) -> Self {
+        self.data_disk_format = format;
+        self
+    }
     /// An extra raw disk of `bytes` (sparse), node name `name`: `/dev/vdb`, `/dev/vdc`, ... in
     /// the order added.
     pub fn raw_disk(mut self, name: &str, bytes: u64) -> Self {
-        self.raw_disks.push((name.to_string(), bytes));
+        self.disks
+            .push(ExtraDisk::New(name.to_string(), DiskFormat::Raw, bytes));
+        self
+    }
+    /// An extra disk in `format` (created empty, `bytes` long), node name `name`.
+    pub fn new_disk(mut self, name: &str, format: DiskFormat, bytes: u64) -> Self {
+        self.disks
+            .push(ExtraDisk::New(name.to_string(), format, bytes));
+        self
+    }
+    /// An existing image file as an extra disk, node name `name` (the caller keeps the file).
+    pub fn existing_disk(mut self, name: &str, format: DiskFormat, path: &Path) -> Self {
+        self.disks.push(ExtraDisk::Existing(
+            name.to_string(),
+            format,
+            path.to_path_buf(),
+        ));
         self
     }
     /// Time allowed until the agent answers (default 60 s).
@@ -175,11 +205,23 @@ impl TestGuestBuilder {
         let dir = tmp.path().to_path_buf();
         std::fs::write(dir.join("owner"), std::process::id().to_string())?;
 
-        let data = dir.join("data.raw");
-        std::fs::File::create(&data)?.set_len(self.data_disk_size)?;
+        let raw = dir.join("data.raw");
+        std::fs::File::create(&raw)?.set_len(self.data_disk_size)?;
         run(Command::new("mkfs.ext4")
             .args(["-q", "-F", "-L", "vs-data"])
-            .arg(&data))?;
+            .arg(&raw))?;
+        let data = match self.data_disk_format {
+            DiskFormat::Raw => raw,
+            DiskFormat::Qcow2 => {
+                let q = dir.join("data.qcow2");
+                run(Command::new("qemu-img")
+                    .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
+                    .arg(&raw)
+                    .arg(&q))?;
+                std::fs::remove_file(&raw)?;
+                q
+            }
+        };
 
         // The uncompressed kernel boots with PVH, skipping the bzImage's decompression under
         // TCG (about 1.4 s); older image directories have only the bzImage.
@@ -200,9 +242,12 @@ impl TestGuestBuilder {
             .accel(Accel::Tcg)
             .memory_mib(self.memory_mib)
             .in_dir(&dir)
-            .existing_disk("data", DiskFormat::Raw, &data);
-        for (name, size) in &self.raw_disks {
-            b = b.disk(name, DiskFormat::Raw, *size);
+            .existing_disk("data", self.data_disk_format, &data);
+        for d in &self.disks {
+            b = match d {
+                ExtraDisk::New(name, format, size) => b.disk(name, *format, *size),
+                ExtraDisk::Existing(name, format, path) => b.existing_disk(name, *format, path),
+            };
         }
         b = b
             .arg("-kernel")

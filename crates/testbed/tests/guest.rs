@@ -5,7 +5,7 @@
 
 use serde_json::json;
 use std::time::{Duration, Instant};
-use testbed::{LvmGuest, TestGuest};
+use testbed::{DiskFormat, LvmGuest, TestGuest};
 
 const T: Duration = Duration::from_secs(30);
 
@@ -33,7 +33,13 @@ fn is_gone(pid: u32) -> bool {
 #[tokio::test]
 async fn guest_boots_answers_ping_exec_and_freezes_mnt() {
     let t0 = Instant::now();
-    let guest = TestGuest::start().await.expect("boot the test guest");
+    // A qcow2 data disk here (the LVM test below boots the default raw one).
+    let guest = TestGuest::builder()
+        .data_disk_format(DiskFormat::Qcow2)
+        .start()
+        .await
+        .expect("boot the test guest");
+    assert_eq!(guest.data_disk().format, DiskFormat::Qcow2);
     eprintln!("test guest ready in {:?}", guest.boot_time());
 
     // The agent answers, and runs commands.
@@ -89,6 +95,14 @@ async fn guest_boots_answers_ping_exec_and_freezes_mnt() {
     let qmp = guest.qmp().await.unwrap();
     let st = qmp.execute("query-status", None).await.unwrap();
     assert_eq!(st["status"], json!("running"), "{st}");
+    let blocks = qmp.execute("query-block", None).await.unwrap();
+    let data = blocks
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["inserted"]["node-name"] == "data")
+        .unwrap_or_else(|| panic!("no node `data` in {blocks}"));
+    assert_eq!(data["inserted"]["drv"], json!("qcow2"), "{data}");
     drop(qmp);
     let thawed = agent.execute("guest-fsfreeze-thaw", None, T).await.unwrap();
     assert_eq!(thawed, json!(1), "guest-fsfreeze-thaw");
