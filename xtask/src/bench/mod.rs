@@ -9,11 +9,16 @@ pub mod harness;
 mod image_info;
 mod qemu_start;
 mod qmp;
+mod storage;
 
 use crate::util::{self, step};
 
 /// The benchmarks: name, what it measures.
 const BENCHES: &[(&str, &str)] = &[
+    (
+        "storage",
+        "4 GiB raw volume snapshot create/revert on btrfs and dir (reflink, copy): virt-snap vs btrfs/cp by hand",
+    ),
     (
         "qemu-start",
         "QEMU spawn to first query-status answer: qmp-proto vs Python qemu.qmp",
@@ -42,6 +47,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
         "qemu-start" => qemu_start::run(rest),
         "image-info" => image_info::run(rest),
         "qmp" => qmp::run(rest),
+        "storage" => storage::run(rest),
         other => Err(format!(
             "unknown benchmark {other:?}; `cargo xtask bench list` shows them"
         )),
