@@ -296,7 +296,7 @@ impl Backend for BtrfsPool {
                 })
                 .await
             }
-            VolFormat::Qcow2 => create_qcow2(self.runner.as_ref(), &file, spec).await,
+            VolFormat::Qcow2 => create_qcow2(&file, spec).await,
         };
         if let Err(e) = made {
             return Err(rev.fail(e).await);

@@ -4,20 +4,21 @@
 //!   `TARGET/.snapshots/NAME/SNAP`: a reflink clone (FICLONE) where the filesystem supports
 //!   it (btrfs, XFS), else a sparse copy. Revert clones the snapshot to a temporary file
 //!   beside the volume and renames it over the volume (atomic).
-//! - qcow2 volumes: created with `qemu-img create -f qcow2 [-b BACKING -F FMT]`; snapshots
-//!   are internal qcow2 snapshots. Until image-formats has native snapshot writes, create,
-//!   revert (apply) and delete run `qemu-img snapshot -c/-a/-d` through the
-//!   [`CommandRunner`]; listing reads the snapshot table natively (image-formats).
+//! - qcow2 volumes: created natively (image-formats' `qcow2_write::create`, the image
+//!   qemu-img would write, backing format recorded); snapshots are internal qcow2 snapshots
+//!   made, applied and deleted natively (`qcow2_write::SnapshotEditor`, QEMU's write
+//!   order) and listed from the snapshot table. No process is spawned by this backend.
 //!
-//! The lease is keyed on the volume's canonical path. qemu-img takes QEMU's image locks
-//! itself, so qcow2 operations hold the lease and check (not hold) QEMU's locks first.
+//! The lease is keyed on the volume's canonical path; QEMU's image locks are held on the
+//! file for the whole operation, so no QEMU can open it meanwhile.
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::fsutil::{self, CloneMethod};
-use crate::lease::{lease, lease_only};
+use crate::lease::lease;
 use crate::model::*;
 use crate::name::{check_name, NameOf};
-use crate::runner::{argv, run_ok, CommandRunner};
+use crate::qcow2::Op;
+use crate::runner::CommandRunner;
 use crate::{blocking, find_snapshot, Backend};
 use async_trait::async_trait;
 use locking::{LockManager, Resource};
@@ -32,7 +33,6 @@ pub const SNAPSHOT_DIR: &str = ".snapshots";
 pub struct DirPool {
     def: PoolDef,
     root: PathBuf,
-    runner: Arc<dyn CommandRunner>,
     locks: LockManager,
 }
 
@@ -73,21 +73,16 @@ fn allocation(path: &Path) -> Option<u64> {
     std::fs::metadata(path).ok().map(|m| m.blocks() * 512)
 }
 
-/// `qemu-img create` for a qcow2 volume at `path`.
-pub(crate) async fn create_qcow2(
-    runner: &dyn CommandRunner,
-    path: &Path,
-    spec: &VolumeSpec,
-) -> Result<()> {
-    let mut a = argv(["qemu-img", "create", "-q", "-f", "qcow2"]);
-    if let Some(b) = &spec.backing {
-        a.extend(argv(["-b", &b.path, "-F", b.format.as_str()]));
-    }
-    a.push(path.display().to_string());
-    if spec.capacity > 0 || spec.backing.is_none() {
-        a.push(spec.capacity.to_string());
-    }
-    run_ok(runner, &a).await.map(|_| ())
+/// Create a qcow2 volume at `path` natively (image-formats), off the runtime's threads.
+pub(crate) async fn create_qcow2(path: &Path, spec: &VolumeSpec) -> Result<()> {
+    let (p, s) = (path.to_path_buf(), spec.clone());
+    blocking(move || crate::qcow2::create(&p, &s)).await
+}
+
+/// An internal-snapshot operation on the qcow2 volume at `path` (image-formats).
+async fn qcow2_op(path: &Path, op: Op) -> Result<()> {
+    let p = path.to_path_buf();
+    blocking(move || crate::qcow2::snapshot(&p, op)).await
 }
 
 /// Check a spec's format/backing combination.
@@ -132,7 +127,8 @@ pub(crate) fn qcow2_snapshots(path: &Path, volume: &str) -> Result<Vec<VolSnapsh
 }
 
 impl DirPool {
-    /// Open a dir pool (its target must be a directory).
+    /// Open a dir pool (its target must be a directory). Dir pools run no tools: `runner` is
+    /// taken for a uniform constructor and not used.
     pub fn new(
         def: PoolDef,
         runner: Arc<dyn CommandRunner>,
@@ -145,12 +141,8 @@ impl DirPool {
                 format!("pool {:?}: {} is not a directory", def.name, root.display()),
             ));
         }
-        Ok(DirPool {
-            def,
-            root,
-            runner,
-            locks,
-        })
+        let _ = runner;
+        Ok(DirPool { def, root, locks })
     }
 
     fn vol_path(&self, name: &str) -> Result<PathBuf> {
@@ -306,10 +298,7 @@ impl Backend for DirPool {
                 .await?
             }
             VolFormat::Qcow2 => {
-                if let Err(e) = create_qcow2(self.runner.as_ref(), &path, spec).await {
-                    let _ = std::fs::remove_file(&path);
-                    return Err(e);
-                }
+                create_qcow2(&path, spec).await?;
             }
         }
         self.describe(&spec.name, &path)
@@ -339,24 +328,15 @@ impl Backend for DirPool {
         let vol = self.describe(volume, &path)?;
         match vol.format {
             VolFormat::Qcow2 => {
-                let _l = lease_only(
-                    &self.locks,
-                    "volume snapshot create",
-                    Resource::file(&path),
-                    &path,
-                )
-                .await?;
+                let _l =
+                    lease(&self.locks, "volume snapshot create", Resource::file(&path)).await?;
                 if qcow2_snapshots(&path, volume)?
                     .iter()
                     .any(|s| s.name == snapshot)
                 {
                     return Err(exists(volume, snapshot));
                 }
-                run_ok(
-                    self.runner.as_ref(),
-                    &argv(["qemu-img", "snapshot", "-c", snapshot, &vol.path]),
-                )
-                .await?;
+                qcow2_op(&path, Op::Create(snapshot.to_string())).await?;
                 find_snapshot(qcow2_snapshots(&path, volume)?, volume, snapshot)
             }
             VolFormat::Raw => {
@@ -402,20 +382,10 @@ impl Backend for DirPool {
         let vol = self.describe(volume, &path)?;
         match vol.format {
             VolFormat::Qcow2 => {
-                let _l = lease_only(
-                    &self.locks,
-                    "volume snapshot revert",
-                    Resource::file(&path),
-                    &path,
-                )
-                .await?;
+                let _l =
+                    lease(&self.locks, "volume snapshot revert", Resource::file(&path)).await?;
                 find_snapshot(qcow2_snapshots(&path, volume)?, volume, snapshot)?;
-                run_ok(
-                    self.runner.as_ref(),
-                    &argv(["qemu-img", "snapshot", "-a", snapshot, &vol.path]),
-                )
-                .await
-                .map(|_| ())
+                qcow2_op(&path, Op::Apply(snapshot.to_string())).await
             }
             VolFormat::Raw => {
                 let _l =
@@ -451,20 +421,10 @@ impl Backend for DirPool {
         let vol = self.describe(volume, &path)?;
         match vol.format {
             VolFormat::Qcow2 => {
-                let _l = lease_only(
-                    &self.locks,
-                    "volume snapshot delete",
-                    Resource::file(&path),
-                    &path,
-                )
-                .await?;
+                let _l =
+                    lease(&self.locks, "volume snapshot delete", Resource::file(&path)).await?;
                 find_snapshot(qcow2_snapshots(&path, volume)?, volume, snapshot)?;
-                run_ok(
-                    self.runner.as_ref(),
-                    &argv(["qemu-img", "snapshot", "-d", snapshot, &vol.path]),
-                )
-                .await
-                .map(|_| ())
+                qcow2_op(&path, Op::Delete(snapshot.to_string())).await
             }
             VolFormat::Raw => {
                 let _l =

@@ -196,7 +196,15 @@ impl From<locking::Error> for Error {
 
 impl From<image_formats::Error> for Error {
     fn from(e: image_formats::Error) -> Error {
-        Error::new(ErrorKind::Image, e.to_string()).with_source(e)
+        let kind = match e.kind() {
+            image_formats::ErrorKind::NotFound | image_formats::ErrorKind::BackingMissing => {
+                ErrorKind::NotFound
+            }
+            image_formats::ErrorKind::Unsupported => ErrorKind::NotSupported,
+            image_formats::ErrorKind::Io => ErrorKind::Io,
+            _ => ErrorKind::Image,
+        };
+        Error::new(kind, e.to_string()).with_source(e)
     }
 }
 

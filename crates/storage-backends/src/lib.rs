@@ -22,6 +22,7 @@ mod lease;
 pub mod lvm;
 pub mod model;
 pub mod name;
+mod qcow2;
 pub mod reverter;
 pub mod runner;
 mod store;

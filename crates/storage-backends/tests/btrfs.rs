@@ -141,10 +141,20 @@ async fn btrfs_pool_snapshot_revert_delete_with_failure_injection_and_leases() {
     drop(vm);
 
     // A failed create is undone (the subvolume goes again).
-    rec.fail_once(&["qemu-img", "create"], "injected");
-    pool.create_volume(&spec("q2", 1 << 20, VolFormat::Qcow2))
+    // (the subvolume is made first, then the qcow2 file, whose backing volume is missing).
+    let e = pool
+        .create_volume(&VolumeSpec {
+            name: "q2".into(),
+            capacity: 0,
+            format: VolFormat::Qcow2,
+            backing: Some(Backing {
+                path: root.join("gone").display().to_string(),
+                format: VolFormat::Raw,
+            }),
+        })
         .await
         .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
     assert!(!root.join("q2").exists());
 
     // Delete leaves nothing behind.

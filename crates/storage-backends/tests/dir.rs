@@ -70,6 +70,22 @@ async fn dir_pool_snapshot_overwrite_revert_reads_back_the_original_bytes() {
         list.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(),
         ["before"]
     );
+    // qemu-img (the oracle) sees a clean image with the snapshot.
+    let out = std::process::Command::new("qemu-img")
+        .args(["check", "-q"])
+        .arg(&qp)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let out = std::process::Command::new("qemu-img")
+        .args(["snapshot", "-l"])
+        .arg(&qp)
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("before"),
+        "{out:?}"
+    );
 
     // A qcow2 overlay on a backing volume records the backing format.
     let o = pool
@@ -221,40 +237,49 @@ async fn dir_pool_refuses_volumes_a_running_qemu_holds() {
 }
 
 #[tokio::test]
-async fn a_failed_qemu_img_step_leaves_the_dir_pool_as_it_was() {
+async fn a_step_failing_halfway_leaves_the_dir_pool_as_it_was() {
     let state = tempfile::tempdir().unwrap();
     let root = tempfile::tempdir().unwrap();
-    let rec = Arc::new(RecordingRunner::wrapping(local()));
     let pool = open(
         PoolKind::Dir,
         &root.path().display().to_string(),
-        rec.clone(),
+        Arc::new(RecordingRunner::new()),
         locks(state.path()),
     );
-    let q = pool
-        .create_volume(&spec("q1", 4 << 20, VolFormat::Qcow2))
+    let v = pool
+        .create_volume(&spec("v1", 4 << 20, VolFormat::Raw))
         .await
         .unwrap();
-    let qp = std::path::PathBuf::from(&q.path);
-    qcow2_write(&qp, 0x11, 0, 65536);
-    pool.create_snapshot("q1", "a", &SnapshotOptions::default())
-        .await
-        .unwrap();
-    qcow2_write(&qp, 0x22, 0, 65536);
-    let before = std::fs::read(&qp).unwrap();
-    rec.fail_once(
-        &["qemu-img", "snapshot", "-a"],
-        "injected: no space left on device",
+    write_raw(std::path::Path::new(&v.path), &[0], b"current data");
+    // A damaged snapshot (a directory where the file should be): the revert fails after
+    // making its temporary copy, which is removed; the volume is untouched.
+    std::fs::create_dir_all(root.path().join(".snapshots/v1/bad/x")).unwrap();
+    let before = tree(root.path());
+    let e = pool.revert_snapshot("v1", "bad").await.unwrap_err();
+    assert!(
+        e.kind() == ErrorKind::Io || e.kind() == ErrorKind::InvalidInput,
+        "{e}"
     );
-    let e = pool.revert_snapshot("q1", "a").await.unwrap_err();
-    assert_eq!(e.kind(), ErrorKind::NoSpace, "{e}");
-    assert!(e.to_string().contains("qemu-img snapshot -a a"), "{e}");
-    assert_eq!(std::fs::read(&qp).unwrap(), before);
-    rec.fail_once(&["qemu-img", "create"], "injected");
+    assert_eq!(tree(root.path()), before, "no temporaries left");
+    assert_eq!(
+        read_raw(std::path::Path::new(&v.path), 0, 12),
+        b"current data"
+    );
+    std::fs::remove_dir_all(root.path().join(".snapshots")).unwrap();
+
+    // A qcow2 overlay whose backing volume is missing: nothing is created.
     let e = pool
-        .create_volume(&spec("q2", 1 << 20, VolFormat::Qcow2))
+        .create_volume(&VolumeSpec {
+            name: "o1".into(),
+            capacity: 0,
+            format: VolFormat::Qcow2,
+            backing: Some(Backing {
+                path: root.path().join("gone").display().to_string(),
+                format: VolFormat::Raw,
+            }),
+        })
         .await
         .unwrap_err();
-    assert_eq!(e.kind(), ErrorKind::ToolFailed);
-    assert_eq!(tree(root.path()), vec!["q1".to_string()]);
+    assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
+    assert_eq!(tree(root.path()), vec!["v1".to_string()]);
 }
