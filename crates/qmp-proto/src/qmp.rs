@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::error::{Error, ErrorKind};
 use crate::framing::{excerpt, read_line_capped, LineError};
-use crate::sock::{self, ReadSide, WriteSide};
+use crate::sock::{self, ReadSide, Writer};
 
 /// Time allowed for a command by [`QmpClient::execute`].
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -125,12 +125,13 @@ struct Subscriber {
 }
 
 impl Shared {
-    fn register(&self, id: u64, tx: oneshot::Sender<Reply>) -> Result<(), Error> {
+    /// Adds a pending command; returns how many are pending now.
+    fn register(&self, id: u64, tx: oneshot::Sender<Reply>) -> Result<usize, Error> {
         let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         match pending.as_mut() {
             Some(map) => {
                 map.insert(id, tx);
-                Ok(())
+                Ok(map.len())
             }
             None => Err(self.disconnected_error()),
         }
@@ -283,7 +284,7 @@ struct Handle {
     shared: Arc<Shared>,
     greeting: Greeting,
     next_id: AtomicU64,
-    writer_tx: mpsc::UnboundedSender<Vec<u8>>,
+    writer: Arc<Writer>,
     /// Dropped with the last client clone: tells the reader task to stop.
     _stop_tx: oneshot::Sender<()>,
 }
@@ -394,10 +395,10 @@ impl QmpClient {
             close_reason: Mutex::new(None),
             closed_tx,
         });
-        let (writer_tx, writer_rx) = mpsc::unbounded_channel();
+        let writer = Arc::new(Writer::new(wr));
         let (stop_tx, stop_rx) = oneshot::channel();
         tokio::spawn(reader_task(shared.clone(), reader, stop_rx));
-        tokio::spawn(writer_task(shared.clone(), wr, writer_rx));
+        tokio::spawn(writer_task(shared.clone(), writer.clone()));
 
         let oob = greeting.capabilities.iter().any(|c| c == "oob");
         let client = QmpClient {
@@ -405,7 +406,7 @@ impl QmpClient {
                 shared,
                 greeting,
                 next_id: AtomicU64::new(1),
-                writer_tx,
+                writer,
                 _stop_tx: stop_tx,
             }),
         };
@@ -452,10 +453,12 @@ impl QmpClient {
         line.push(b'\n');
 
         let (tx, rx) = oneshot::channel();
-        shared.register(id, tx).map_err(|e| e.with_command(cmd))?;
+        let in_flight = shared.register(id, tx).map_err(|e| e.with_command(cmd))?;
         let _guard = PendingGuard { shared, id };
         tracing::trace!(cmd, id, "QMP execute");
-        if self.inner.writer_tx.send(line).is_err() {
+        // Alone: write now. With others in flight: let the writer task batch the lines.
+        if let Err(e) = self.inner.writer.send(&line, in_flight == 1) {
+            shared.shutdown(ErrorKind::Disconnected, format!("write error: {e}"));
             return Err(shared.disconnected_error().with_command(cmd));
         }
         match tokio::time::timeout(t, rx).await {
@@ -552,31 +555,13 @@ async fn wait_closed(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|closed| *closed).await;
 }
 
-async fn writer_task(shared: Arc<Shared>, wr: WriteSide, mut rx: mpsc::UnboundedReceiver<Vec<u8>>) {
+async fn writer_task(shared: Arc<Shared>, writer: Arc<Writer>) {
     let mut closed_rx = shared.closed_tx.subscribe();
-    loop {
-        tokio::select! {
-            _ = wait_closed(&mut closed_rx) => break,
-            msg = rx.recv() => match msg {
-                None => break,
-                Some(mut line) => {
-                    // Commands queued meanwhile (several tasks answered by one read) go
-                    // out in the same write: one syscall for the batch.
-                    while line.len() < 64 * 1024 {
-                        match rx.try_recv() {
-                            Ok(more) => line.extend_from_slice(&more),
-                            Err(_) => break,
-                        }
-                    }
-                    if let Err(e) = wr.write_all(&line).await {
-                        shared.shutdown(ErrorKind::Disconnected, format!("write error: {e}"));
-                        break;
-                    }
-                }
-            }
-        }
+    tokio::select! {
+        _ = wait_closed(&mut closed_rx) => {}
+        e = writer.run() => shared.shutdown(ErrorKind::Disconnected, format!("write error: {e}")),
     }
-    wr.shutdown();
+    writer.shutdown();
 }
 
 /// The events a subscriber receives, in arrival order. Ends (`None`) when the connection closes.

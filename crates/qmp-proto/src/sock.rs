@@ -10,7 +10,10 @@
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::pin::Pin;
+use std::sync::Mutex;
 use std::task::{ready, Context, Poll};
+
+use tokio::sync::Notify;
 
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, Interest, ReadBuf};
@@ -92,8 +95,95 @@ impl WriteSide {
         Ok(())
     }
 
+    /// One non-blocking write attempt.
+    fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
+        loop {
+            match (&self.sock).write(buf) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(0),
+                r => return r,
+            }
+        }
+    }
+
     /// Shuts the write direction down (QEMU sees EOF).
     pub(crate) fn shutdown(&self) {
         let _ = self.sock.shutdown(std::net::Shutdown::Write);
+    }
+}
+
+/// Whole lines to the socket, in order: a caller with the only command in flight writes
+/// its line itself when nothing is queued (no task hop); otherwise (concurrent callers, whose
+/// lines batch into one write), or for the rest of a line the socket did not take, the
+/// bytes queue for the writer task ([`Writer::run`]). A line is therefore never left half
+/// written, whatever happens to the caller afterwards.
+pub(crate) struct Writer {
+    side: WriteSide,
+    state: Mutex<Queue>,
+    wake: Notify,
+}
+
+#[derive(Default)]
+struct Queue {
+    bytes: Vec<u8>,
+    /// The writer task owns the socket until it has drained `bytes`.
+    busy: bool,
+}
+
+impl Writer {
+    pub(crate) fn new(side: WriteSide) -> Self {
+        Writer {
+            side,
+            state: Mutex::new(Queue::default()),
+            wake: Notify::new(),
+        }
+    }
+
+    /// Sends one whole line now (`direct`, when nothing is queued) or queues (the rest
+    /// of) it for the writer task, which writes everything queued in one go. An error
+    /// means the socket is broken.
+    pub(crate) fn send(&self, line: &[u8], direct: bool) -> io::Result<()> {
+        let mut q = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if q.busy || !direct {
+            q.bytes.extend_from_slice(line);
+            if !q.busy {
+                q.busy = true;
+                self.wake.notify_one();
+            }
+            return Ok(());
+        }
+        let n = self.side.try_write(line)?;
+        if n < line.len() {
+            q.bytes.extend_from_slice(&line[n..]);
+            q.busy = true;
+            self.wake.notify_one();
+        }
+        Ok(())
+    }
+
+    /// The writer task's loop: drains the queue whenever a caller hands it bytes. Returns
+    /// on a write error.
+    pub(crate) async fn run(&self) -> io::Error {
+        loop {
+            self.wake.notified().await;
+            loop {
+                let batch = {
+                    let mut q = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                    if q.bytes.is_empty() {
+                        q.busy = false;
+                        break;
+                    }
+                    std::mem::take(&mut q.bytes)
+                };
+                if let Err(e) = self.side.write_all(&batch).await {
+                    return e;
+                }
+            }
+        }
+    }
+
+    /// Shuts the write direction down (QEMU sees EOF).
+    pub(crate) fn shutdown(&self) {
+        self.side.shutdown();
     }
 }
