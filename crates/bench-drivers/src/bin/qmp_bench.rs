@@ -8,7 +8,7 @@
 //! block (streams) on the same QEMU at the same moment. Prints one JSON line per series
 //! (`{"label", "wall_ns", "cpu_ns"}`):
 //! - `floor-seq`: a bare blocking `std` UnixStream: write one command, read its reply (SEQ
-//!   samples, one per command; `cpu_ns`: CPU per command over a block of SEQ alone);
+//!   samples, one per command, alternating with `ours-seq` in alternating order; `cpu_ns`: CPU per command over a block of SEQ alone);
 //! - `ours-seq`: qmp-proto `run(&QueryStatus)`, one at a time, alternating with the floor
 //!   (SEQ samples; `cpu_ns` holds the client's user+sys CPU per command from
 //!   getrusage(RUSAGE_SELF) over a following block of SEQ qmp-proto round trips alone);
@@ -110,14 +110,24 @@ async fn seq_interleaved(
         c.run(&QueryStatus).await.unwrap();
     }
     let (mut floor, mut ours) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    // The order alternates: whichever goes second meets QEMU still finishing the other's
+    // command (its monitor re-arming), a bias that must hit both sides alike.
     for i in 0..n {
-        let t0 = Instant::now();
-        bare_round_trip(&mut w, &mut r, i, &mut line);
-        floor.push(t0.elapsed());
+        let floor_first = i % 2 == 0;
+        if floor_first {
+            let t0 = Instant::now();
+            bare_round_trip(&mut w, &mut r, i, &mut line);
+            floor.push(t0.elapsed());
+        }
         let t0 = Instant::now();
         let st = c.run(&QueryStatus).await.unwrap();
         ours.push(t0.elapsed());
         std::hint::black_box(st);
+        if !floor_first {
+            let t0 = Instant::now();
+            bare_round_trip(&mut w, &mut r, i, &mut line);
+            floor.push(t0.elapsed());
+        }
     }
     // CPU: a block of qmp-proto round trips alone, then one of bare round trips (getrusage
     // itself is a syscall: two calls per block rather than per command).
@@ -264,11 +274,17 @@ async fn main() {
     let (w, mut r) = bare_connect(floor_sock);
     let c = connect_warm(ours_sock).await;
     let (mut fw, mut ow, mut oc) = (Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..blocks {
-        fw.push(floor_stream(&w, &mut r, stream) / stream as u32);
+    for b in 0..blocks {
+        // Alternating order here too.
+        if b % 2 == 0 {
+            fw.push(floor_stream(&w, &mut r, stream) / stream as u32);
+        }
         let (wall, cpu) = ours_in_flight(&c, stream, libc::RUSAGE_SELF).await;
         ow.push(wall);
         oc.push(cpu);
+        if b % 2 == 1 {
+            fw.push(floor_stream(&w, &mut r, stream) / stream as u32);
+        }
     }
     emit("floor-stream", &fw, &[]);
     emit("ours-8", &ow, &oc);
