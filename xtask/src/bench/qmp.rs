@@ -210,7 +210,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
         (a - 1.0) * 100.0
     );
     println!(
-        "    paired (each qmp-proto round trip / the bare one just before it), median: {:+.1}%",
+        "    paired (each qmp-proto round trip / the bare one next to it), median: {:+.1}%",
         (paired(&ours_seq.wall, &floor_seq.wall) - 1.0) * 100.0
     );
     let b = rate(ours_8.median()) / rate(floor_stream.median());
@@ -222,7 +222,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
         b * 100.0
     );
     println!(
-        "    paired (each stream block / the qmp-proto block right after it), median: {:.0}%",
+        "    paired (each stream block / the qmp-proto block next to it), median: {:.0}%",
         paired(&floor_stream.wall, &ours_8.wall) * 100.0
     );
     println!(
