@@ -308,12 +308,22 @@ impl Backend for BtrfsPool {
     async fn delete_volume(&self, name: &str) -> Result<()> {
         let (_, res) = self.describe(name)?;
         let _l = lease(&self.locks, "volume delete", res).await?;
+        // Deletions cannot be undone: a failure part way says what is already gone.
+        let mut rev = Reverter::new();
         for s in self.list_snapshots(name).await? {
-            self.delete_subvol(&self.snap_path(name, &s.name)?).await?;
+            let p = self.snap_path(name, &s.name)?;
+            if let Err(e) = self.delete_subvol(&p).await {
+                return Err(rev.fail(e).await);
+            }
+            rev.add_irreversible(format!("the deletion of snapshot {}", p.display()));
         }
         let _ = std::fs::remove_dir(self.root.join(SNAPSHOT_DIR).join(name));
         let _ = std::fs::remove_dir(self.root.join(SNAPSHOT_DIR));
-        self.delete_subvol(&self.subvol(name)?).await
+        if let Err(e) = self.delete_subvol(&self.subvol(name)?).await {
+            return Err(rev.fail(e).await);
+        }
+        rev.success();
+        Ok(())
     }
 
     async fn create_snapshot(

@@ -452,10 +452,19 @@ impl Backend for LvmPool {
         let lvs = self.lvs().await?;
         let vol = self.find_volume(&lvs, name)?;
         let _l = lease(&self.locks, "volume delete", self.resource(&vol)).await?;
+        // Deletions cannot be undone: a failure part way says what is already gone.
+        let mut rev = Reverter::new();
         for (lv, _) in self.snapshots_of(&lvs, name) {
-            self.remove(&lv.name).await?;
+            if let Err(e) = self.remove(&lv.name).await {
+                return Err(rev.fail(e).await);
+            }
+            rev.add_irreversible(format!("the removal of snapshot LV {}", self.lv(&lv.name)));
         }
-        self.remove(name).await
+        if let Err(e) = self.remove(name).await {
+            return Err(rev.fail(e).await);
+        }
+        rev.success();
+        Ok(())
     }
 
     async fn create_snapshot(

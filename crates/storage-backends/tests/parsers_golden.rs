@@ -242,6 +242,17 @@ async fn lvm_revert_golden_argv_and_undo_of_an_injected_failure() {
             .contains("could not undo: the merge of vg0/lin.s1"),
         "{e}"
     );
+
+    // Deleting a volume whose last step fails says which snapshots are already gone.
+    let (rec, p, _s) = pool(base.clone(), base.clone());
+    rec.fail_once(&["lvremove", "-q", "-y", "vg0/lin"], "  injected failure");
+    let e = p.delete_volume("lin").await.unwrap_err();
+    assert_eq!(e.not_undone().len(), 2, "{e}");
+    assert!(
+        e.to_string()
+            .contains("the removal of snapshot LV vg0/lin.full"),
+        "{e}"
+    );
 }
 
 #[tokio::test]
