@@ -290,25 +290,29 @@ impl<S: Storage> SnapshotEditor<S> {
             .map_err(|e| Error::io("cannot flush the image", e))
     }
 
-    /// Write refcounts (and a moved refcount table with its header fields), then flush.
-    fn write_refcounts(&mut self) -> Result<()> {
+    /// Write refcounts (and a moved refcount table with its header fields, after a flush
+    /// that makes the new table durable first), then flush if `sync`.
+    fn write_refcounts(&mut self, sync: bool) -> Result<()> {
         let moved = self.rc.write(&self.storage)?;
-        self.flush()?;
         if moved {
+            self.flush()?;
             let (off, clusters) = self.rc.table_location();
             let mut b = [0u8; 12];
             b[..8].copy_from_slice(&off.to_be_bytes());
             b[8..].copy_from_slice(&clusters.to_be_bytes());
             self.write(&b, 48, "cannot write the header")?;
-            self.flush()?;
             self.img.header.refcount_table_offset = off;
             self.img.header.refcount_table_clusters = clusters;
+        }
+        if sync {
+            self.flush()?;
         }
         Ok(())
     }
 
-    /// Write changed L2 tables (offset order) and the active L1 if it changed, then flush.
-    fn write_copied(&mut self, l1: &[u64], l1_changed: bool) -> Result<()> {
+    /// Write changed L2 tables (offset order) and the active L1 if it changed, then flush
+    /// if `sync` and anything was written.
+    fn write_copied(&mut self, l1: &[u64], l1_changed: bool, sync: bool) -> Result<()> {
         let mut offs: Vec<u64> = self.l2_dirty.drain().collect();
         offs.sort_unstable();
         for off in &offs {
@@ -318,7 +322,7 @@ impl<S: Storage> SnapshotEditor<S> {
         if l1_changed {
             self.write_l1(l1)?;
         }
-        if l1_changed || !offs.is_empty() {
+        if sync && (l1_changed || !offs.is_empty()) {
             self.flush()?;
         }
         Ok(())
@@ -389,11 +393,16 @@ impl<S: Storage> SnapshotEditor<S> {
         Ok(())
     }
 
-    /// Write the refcount changes made after the commit (frees), then flush.
-    fn write_frees(&mut self) -> Result<()> {
-        self.write_refcounts()?;
+    /// Write the refcount changes made after the commit (frees), then flush if `sync`.
+    /// Frees need no flush for safety: lost, they only leak; a later operation rewrites the
+    /// whole block (including them) before anything reuses a freed cluster.
+    fn write_frees(&mut self, sync: bool) -> Result<()> {
+        self.write_refcounts(false)?;
         self.rc.finish(&self.storage)?;
-        self.flush()
+        if sync {
+            self.flush()?;
+        }
+        Ok(())
     }
 
     /// `qemu-img snapshot -c NAME`: a new snapshot of the active state, id = max + 1.
@@ -460,13 +469,15 @@ impl<S: Storage> SnapshotEditor<S> {
             self.write(&l1_bytes, l1_copy, "cannot write the snapshot's L1 table")?;
         }
         self.write(&table, table_off, "cannot write the snapshot table")?;
-        // 4. Refcounts, then COPIED cleared in the active tables, all before the commit.
-        self.write_refcounts()?;
+        // 4. Refcounts and COPIED cleared in the active tables, all durable before the
+        //    commit (one flush: either half alone is a stale flag, never a low refcount).
+        self.write_refcounts(false)?;
         let l1_changed = self.fix_copied(&mut l1)?;
-        self.write_copied(&l1, l1_changed)?;
+        self.write_copied(&l1, l1_changed, false)?;
+        self.flush()?;
         // 5. Commit, then free the old table.
         self.commit(snaps, table_off)?;
-        self.write_frees()?;
+        self.write_frees(false)?;
         Ok(id)
     }
 
@@ -483,7 +494,7 @@ impl<S: Storage> SnapshotEditor<S> {
         snaps.remove(idx);
         let table = Self::encode_table(&snaps)?;
         let table_off = self.place_table(&table)?;
-        self.write_refcounts()?;
+        self.write_refcounts(true)?;
         self.commit(snaps, table_off)?;
         // After the commit nothing points to the snapshot's tree any more.
         self.update_tree(&sn_l1, -1)?;
@@ -491,9 +502,9 @@ impl<S: Storage> SnapshotEditor<S> {
             self.rc
                 .free_bytes(&self.storage, sn.l1_table_offset, u64::from(sn.l1_size) * 8)?;
         }
-        self.write_frees()?;
+        self.write_frees(true)?;
         let l1_changed = self.fix_copied(&mut l1)?;
-        self.write_copied(&l1, l1_changed)?;
+        self.write_copied(&l1, l1_changed, true)?;
         Ok(sn)
     }
 
@@ -532,13 +543,13 @@ impl<S: Storage> SnapshotEditor<S> {
         // which a flag disagrees with a refcount.
         self.update_tree(&new_l1, 1)?;
         self.fix_copied(&mut new_l1)?;
-        self.write_refcounts()?;
-        self.write_copied(&new_l1, true)?;
+        self.write_refcounts(true)?;
+        self.write_copied(&new_l1, true, true)?;
         // The old active tree is no longer referenced.
         self.update_tree(&old_l1, -1)?;
-        self.write_frees()?;
+        self.write_frees(true)?;
         let l1_changed = self.fix_copied(&mut new_l1)?;
-        self.write_copied(&new_l1, l1_changed)?;
+        self.write_copied(&new_l1, l1_changed, true)?;
         Ok(sn)
     }
 }
