@@ -7,6 +7,7 @@
 #[allow(dead_code)]
 pub mod harness;
 mod image_info;
+mod image_snapshot;
 mod qemu_start;
 mod qmp;
 mod storage;
@@ -31,6 +32,10 @@ const BENCHES: &[(&str, &str)] = &[
         "image-info",
         "1000-snapshot qcow2: virt-snap image info / snapshot list vs qemu-img info / snapshot -l",
     ),
+    (
+        "image-snapshot",
+        "snapshot create/apply/delete on 8 GiB (4 GiB written) and N snapshots in a row: virt-snap vs qemu-img",
+    ),
 ];
 
 /// Run the named benchmark (or `list`).
@@ -46,6 +51,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
         }
         "qemu-start" => qemu_start::run(rest),
         "image-info" => image_info::run(rest),
+        "image-snapshot" => image_snapshot::run(rest),
         "qmp" => qmp::run(rest),
         "storage" => storage::run(rest),
         other => Err(format!(
