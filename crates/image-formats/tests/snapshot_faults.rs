@@ -127,11 +127,14 @@ fn every_crash_point_is_safe_small_clusters_8bit_v2() {
     faults_on("compat=0.10,cluster_size=4096");
 }
 
+/// A write (offset, bytes), or `None` for a flush.
+type Event = Option<(u64, Vec<u8>)>;
+
 /// Records every write and flush, so that crash states can be rebuilt afterwards.
 #[derive(Debug, Default)]
 struct Recorder {
     inner: MemStorage,
-    log: std::sync::Mutex<Vec<Option<(u64, Vec<u8>)>>>,
+    log: std::sync::Mutex<Vec<Event>>,
 }
 
 impl image_formats::Storage for Recorder {
