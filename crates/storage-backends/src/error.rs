@@ -103,7 +103,7 @@ impl Error {
             || low.contains("can't find snapshot")
         {
             ErrorKind::NotFound
-        } else if low.contains("already exists") {
+        } else if low.contains("already exists") || low.contains("file exists") {
             ErrorKind::AlreadyExists
         } else {
             ErrorKind::ToolFailed

@@ -12,6 +12,7 @@ use std::ffi::CString;
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 const FICLONE: libc::c_ulong = 0x4004_9409;
@@ -270,6 +271,58 @@ pub fn subvol_info(path: &Path) -> Result<SubvolInfo> {
         otime: u64_at(392) as i64,
         readonly: u64_at(288) & BTRFS_SUBVOL_RDONLY != 0,
     })
+}
+
+/// _IOW(0x94, 23, struct btrfs_ioctl_vol_args_v2) with the struct's 4096 bytes.
+const BTRFS_IOC_SNAP_CREATE_V2: libc::c_ulong = 0x5000_9417;
+/// BTRFS_SUBVOL_RDONLY in `btrfs_ioctl_vol_args_v2.flags`.
+const BTRFS_VOL_ARGS_RDONLY: u64 = 1 << 1;
+
+/// Snapshot the subvolume `src` as the new subvolume `dst` (read-only if asked), with
+/// `BTRFS_IOC_SNAP_CREATE_V2` on `dst`'s parent directory: what `btrfs subvolume snapshot
+/// [-r] SRC DST` does when DST does not exist, without the process.
+pub fn btrfs_snapshot(src: &Path, dst: &Path, readonly: bool) -> std::io::Result<()> {
+    let name = dst
+        .file_name()
+        .ok_or_else(|| std::io::Error::from_raw_os_error(libc::EINVAL))?
+        .as_bytes();
+    if name.len() > 4039 {
+        return Err(std::io::Error::from_raw_os_error(libc::ENAMETOOLONG));
+    }
+    let parent = match dst.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let pdir = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY)
+        .open(parent)?;
+    let sdir = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY)
+        .open(src)?;
+    // struct btrfs_ioctl_vol_args_v2: fd at 0, transid at 8, flags at 16, a 32-byte union,
+    // name at 56 (4040 bytes, NUL-terminated).
+    let mut args = [0u64; 512];
+    args[0] = sdir.as_raw_fd() as i64 as u64;
+    args[2] = if readonly { BTRFS_VOL_ARGS_RDONLY } else { 0 };
+    let bytes = unsafe {
+        // SAFETY: `args` is 4096 bytes owned here; viewing them as bytes is sound.
+        std::slice::from_raw_parts_mut(args.as_mut_ptr().cast::<u8>(), 4096)
+    };
+    bytes[56..56 + name.len()].copy_from_slice(name);
+    // SAFETY: args is the 4096-byte structure the ioctl number encodes; both fds are open.
+    let rc = unsafe {
+        libc::ioctl(
+            pdir.as_raw_fd(),
+            BTRFS_IOC_SNAP_CREATE_V2 as _,
+            args.as_mut_ptr(),
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Whether `path` is the root of a btrfs subvolume (inode 256 on btrfs).

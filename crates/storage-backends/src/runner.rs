@@ -100,8 +100,42 @@ fn install_hint(prog: &str) -> &'static str {
 }
 
 /// Spawns tools on this host with `LC_ALL=C` (stable, parseable messages) and no stdin.
+///
+/// One command is built in: `btrfs subvolume snapshot [-r] SRC DST` where DST does not
+/// exist runs in-process as the one ioctl btrfs-progs itself makes
+/// (`BTRFS_IOC_SNAP_CREATE_V2`), saving a process (about half the time of a snapshot create
+/// on this kind of machine). Its failures read like btrfs-progs' (`ERROR: cannot snapshot
+/// ...: <reason>`, exit 1). `VIRT_SNAP_NO_BUILTINS=1` spawns the real tool instead.
 #[derive(Debug, Clone, Default)]
 pub struct LocalRunner;
+
+/// The built-in commands of [`LocalRunner`]: `Some(output)` when `argv` is one of them.
+fn builtin(argv: &[String]) -> Option<Output> {
+    if std::env::var_os("VIRT_SNAP_NO_BUILTINS").is_some_and(|v| v == "1") {
+        return None;
+    }
+    let a: Vec<&str> = argv.iter().map(String::as_str).collect();
+    let (ro, src, dst) = match a.as_slice() {
+        ["btrfs", "subvolume", "snapshot", "-r", src, dst] => (true, *src, *dst),
+        ["btrfs", "subvolume", "snapshot", src, dst] if !src.starts_with('-') => {
+            (false, *src, *dst)
+        }
+        _ => return None,
+    };
+    // An existing DST means "inside DST" to btrfs-progs: leave that to the tool.
+    if std::fs::symlink_metadata(dst).is_ok() || !crate::fsutil::is_subvolume(Path::new(src)) {
+        return None;
+    }
+    Some(
+        match crate::fsutil::btrfs_snapshot(Path::new(src), Path::new(dst), ro) {
+            Ok(()) => Output::ok(Vec::new()),
+            Err(e) => Output::failed(
+                1,
+                format!("ERROR: cannot snapshot '{src}': {e}\n").into_bytes(),
+            ),
+        },
+    )
+}
 
 #[async_trait]
 impl CommandRunner for LocalRunner {
@@ -109,6 +143,9 @@ impl CommandRunner for LocalRunner {
         let (prog, args) = argv
             .split_first()
             .ok_or_else(|| Error::new(ErrorKind::InvalidInput, "empty command line"))?;
+        if let Some(out) = builtin(argv) {
+            return Ok(out);
+        }
         let out = tokio::process::Command::new(prog)
             .args(args)
             .env("LC_ALL", "C")

@@ -207,3 +207,82 @@ async fn dir_pool_on_btrfs_snapshots_raw_volumes_by_reflink() {
     pool.delete_volume("big").await.unwrap();
     assert_eq!(tree(fs.mountpoint()), Vec::<String>::new());
 }
+
+#[tokio::test]
+async fn the_local_runners_built_in_btrfs_snapshot_matches_the_tool() {
+    let fs = testbed::Btrfs::new(256).expect("btrfs testbed (cargo xtask deps)");
+    let m = fs.mountpoint();
+    let run = |args: &[&std::path::Path]| {
+        let mut a: Vec<String> = ["btrfs", "subvolume"].map(String::from).to_vec();
+        a.extend(args.iter().map(|p| p.display().to_string()));
+        a
+    };
+    std::process::Command::new("btrfs")
+        .args(["-q", "subvolume", "create"])
+        .arg(m.join("src"))
+        .status()
+        .unwrap();
+    std::fs::write(m.join("src/f"), b"data").unwrap();
+    let mut a = run(&[]);
+    a.extend(["snapshot".into(), "-r".into()]);
+    a.push(m.join("src").display().to_string());
+    a.push(m.join("ro").display().to_string());
+    let out = LocalRunner.run(&a).await.unwrap();
+    assert!(out.success(), "{out:?}");
+    let mut w = run(&[]);
+    w.push("snapshot".into());
+    w.push(m.join("ro").display().to_string());
+    w.push(m.join("rw").display().to_string());
+    assert!(LocalRunner.run(&w).await.unwrap().success());
+    // What btrfs-progs reports about them.
+    let show = |p: &str| {
+        String::from_utf8_lossy(
+            &std::process::Command::new("btrfs")
+                .args(["subvolume", "show"])
+                .arg(m.join(p))
+                .output()
+                .unwrap()
+                .stdout,
+        )
+        .into_owned()
+    };
+    let (src, ro, rw) = (show("src"), show("ro"), show("rw"));
+    let field = |t: &str, k: &str| {
+        t.lines()
+            .find_map(|l| l.trim().strip_prefix(k).map(|v| v.trim().to_string()))
+            .unwrap()
+    };
+    assert_eq!(field(&ro, "Parent UUID:"), field(&src, "UUID:"));
+    assert_eq!(field(&ro, "Flags:"), "readonly");
+    assert_eq!(field(&rw, "Flags:"), "-");
+    assert_eq!(std::fs::read(m.join("rw/f")).unwrap(), b"data");
+    let info = fsutil::subvol_info(&m.join("ro")).unwrap();
+    assert!(info.readonly);
+    assert_eq!(info.uuid, field(&ro, "UUID:"));
+    // Failures read like the tool's and get a kind.
+    let e = runner::run_ok(&LocalRunner, &{
+        let mut x = run(&[]);
+        x.push("snapshot".into());
+        x.push(m.join("src").display().to_string());
+        x.push(m.join("no/such/dir/x").display().to_string());
+        x
+    })
+    .await
+    .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
+    // An existing destination directory means "inside it": left to the real tool.
+    std::fs::create_dir(m.join("into")).unwrap();
+    let mut x = run(&[]);
+    x.push("snapshot".into());
+    x.push(m.join("src").display().to_string());
+    x.push(m.join("into").display().to_string());
+    assert!(LocalRunner.run(&x).await.unwrap().success());
+    assert!(fsutil::is_subvolume(&m.join("into/src")));
+    for p in ["into/src", "rw", "ro", "src"] {
+        std::process::Command::new("btrfs")
+            .args(["-q", "subvolume", "delete"])
+            .arg(m.join(p))
+            .status()
+            .unwrap();
+    }
+}
