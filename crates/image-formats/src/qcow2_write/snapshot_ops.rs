@@ -432,7 +432,11 @@ impl<S: Storage> SnapshotEditor<S> {
             })
             .max()
             .unwrap_or(0);
-        let id = (max_id + 1).to_string().into_bytes();
+        let id = max_id
+            .checked_add(1)
+            .ok_or_else(|| Error::new(ErrorKind::LimitExceeded, "no snapshot id left"))?
+            .to_string()
+            .into_bytes();
         let h = self.img.header.clone();
         let mut l1 = self.read_l1(h.l1_table_offset, h.l1_size)?;
 
