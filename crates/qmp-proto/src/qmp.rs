@@ -2,8 +2,10 @@
 //!
 //! One background task reads the socket and routes what arrives: replies go to the
 //! command that is waiting for them (matched by `id` through a pending map), events go
-//! to every subscriber's own queue. A second task writes whole command lines, so a
-//! cancelled caller can never leave half a command on the wire.
+//! to every subscriber's own queue. Command lines go out whole: a lone command is written
+//! by its caller in one non-blocking send, anything else (concurrent commands, the rest of
+//! a line the socket did not take) by a second task, so a cancelled caller can never leave
+//! half a command on the wire.
 
 use std::collections::HashMap;
 use std::fmt;
