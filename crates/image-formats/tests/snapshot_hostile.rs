@@ -48,7 +48,7 @@ fn run_all(bytes: Vec<u8>) {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 1500, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 800, ..ProptestConfig::default() })]
     #[test]
     fn corrupted_metadata_never_panics(
         flips in prop::collection::vec((0usize..1 << 20, any::<u8>()), 1..8),

@@ -403,3 +403,41 @@ fn refcount_overflow_is_refused_and_changes_nothing() {
     assert_eq!(std::fs::read(&q).unwrap(), before);
     assert_clean(&q);
 }
+
+#[test]
+fn unknown_extra_data_and_short_entries_are_kept() {
+    use image_formats::qcow2::Qcow2;
+    use image_formats::Storage;
+    let dir = tempfile::tempdir().unwrap();
+    let p = qimg(dir.path(), "x.qcow2", "compat=0.10", "4M");
+    write_pattern(&p, 5, 0, 64 << 10, false);
+    ok("qemu-img", &["snapshot", "-c", "a", s(&p)]);
+    ok("qemu-img", &["snapshot", "-c", "b", s(&p)]);
+    // Rewrite the table in place (it has the rest of its cluster): entry "a" gets 8 unknown
+    // extra bytes, entry "b" no extra data at all (as very old QEMU wrote).
+    let st = FileStorage::open_read_write(&p).unwrap();
+    let mut img = Qcow2::read(&st).unwrap();
+    img.snapshots[0].extra.unknown = b"UNKNOWN!".to_vec();
+    let b = &mut img.snapshots[1].extra;
+    (b.vm_state_size_large, b.disk_size, b.icount) = (None, None, None);
+    let table: Vec<u8> = img.snapshots.iter().flat_map(|s| s.encode()).collect();
+    st.write_at(&table, img.header.snapshots_offset).unwrap();
+    drop(st);
+    assert_clean(&p);
+    let kept = Qcow2::read(&FileStorage::open_read_only(&p).unwrap())
+        .unwrap()
+        .snapshots;
+    ours_create(&p, "c");
+    ours_delete(&p, "c");
+    ours_create(&p, "d");
+    assert_clean(&p);
+    let now = Qcow2::read(&FileStorage::open_read_only(&p).unwrap())
+        .unwrap()
+        .snapshots;
+    for (a, b) in kept.iter().zip(&now) {
+        assert_eq!(a.encode(), b.encode(), "entry {:?} changed", a.name);
+    }
+    assert_eq!(now.len(), 3);
+    assert_eq!(now[2].extra.disk_size, Some(4 << 20));
+    assert_eq!(snapshot_list(&p).len(), 3);
+}
