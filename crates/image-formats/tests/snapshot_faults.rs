@@ -53,10 +53,19 @@ fn state(p: &Path) -> (Snapshots, Vec<u8>) {
 }
 
 fn faults_on(opts: &str) {
+    faults_with(opts, false)
+}
+
+/// `resize`: the image grows (to 64 MiB) after snapshot "one", so applying it also shrinks the image
+/// (a new active L1 and one header write for size and L1).
+fn faults_with(opts: &str, resize: bool) {
     let dir = tempfile::tempdir().unwrap();
     let p = qimg(dir.path(), "base.qcow2", opts, "2M");
     write_pattern(&p, 1, 0, 512 << 10);
     ok("qemu-img", &["snapshot", "-c", "one", s(&p)]);
+    if resize {
+        ok("qemu-img", &["resize", "-q", s(&p), "64M"]);
+    }
     write_pattern(&p, 2, 256 << 10, 512 << 10);
     ok("qemu-img", &["snapshot", "-c", "two", s(&p)]);
     write_pattern(&p, 3, 1 << 20, 256 << 10);
@@ -120,6 +129,11 @@ fn faults_on(opts: &str) {
 #[test]
 fn every_crash_point_is_safe_v3() {
     faults_on("cluster_size=65536");
+}
+
+#[test]
+fn every_crash_point_is_safe_when_apply_resizes() {
+    faults_with("", true);
 }
 
 #[test]

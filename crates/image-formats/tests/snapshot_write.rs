@@ -441,3 +441,41 @@ fn unknown_extra_data_and_short_entries_are_kept() {
     assert_eq!(now[2].extra.disk_size, Some(4 << 20));
     assert_eq!(snapshot_list(&p).len(), 3);
 }
+
+#[test]
+fn apply_resizes_like_qemu_img() {
+    let dir = tempfile::tempdir().unwrap();
+    let build = |name: &str| {
+        let p = qimg(dir.path(), name, "cluster_size=4096", "4M");
+        write_pattern(&p, 1, 0, 1 << 20, false);
+        ok("qemu-img", &["snapshot", "-c", "small", s(&p)]);
+        ok("qemu-img", &["resize", "-q", s(&p), "256M"]);
+        write_pattern(&p, 2, (128 << 20) + 4096, 1 << 20, false);
+        ok("qemu-img", &["snapshot", "-c", "big", s(&p)]);
+        p
+    };
+    let (ours, theirs) = (build("ours.qcow2"), build("theirs.qcow2"));
+    let v_big = raw(&ours, None);
+    let size = |p: &Path| -> Value {
+        serde_json::from_str::<Value>(&ok("qemu-img", &["info", "--output=json", s(p)])).unwrap()
+            ["virtual-size"]
+            .clone()
+    };
+    for (name, want) in [
+        ("small", 4u64 << 20),
+        ("big", 256 << 20),
+        ("small", 4 << 20),
+    ] {
+        ours_apply(&ours, name);
+        ok("qemu-img", &["snapshot", "-a", name, s(&theirs)]);
+        assert_clean(&ours);
+        assert_eq!(size(&ours), Value::from(want), "after apply {name}");
+        assert_eq!(size(&ours), size(&theirs));
+        assert!(raw(&ours, None) == raw(&theirs, None), "after apply {name}");
+    }
+    ours_apply(&ours, "big");
+    assert!(raw(&ours, None) == v_big);
+    ours_delete(&ours, "small");
+    ours_delete(&ours, "big");
+    assert_clean(&ours);
+}

@@ -524,22 +524,22 @@ impl<S: Storage> SnapshotEditor<S> {
             ));
         }
         let sn = self.img.snapshots[idx].clone();
-        if let Some(ds) = sn.extra.disk_size {
-            if ds != h.size {
-                return Err(refuse(format!(
-                    "the snapshot's disk size ({ds}) differs from the image's ({}); \
-                     resizing on apply is not supported",
-                    h.size
-                )));
-            }
-        }
-        if sn.l1_size > h.l1_size {
-            return Err(refuse(
-                "the snapshot's L1 table is larger than the active one",
+        // Like QEMU: the image takes the snapshot's disk size (entries without the field
+        // keep the current size), and the active L1 grows to the snapshot's if it is larger.
+        let new_size = sn.extra.disk_size.unwrap_or(h.size);
+        let cb = self.cluster_bits();
+        let l2_bits = cb - if h.extended_l2() { 4 } else { 3 };
+        let needed = new_size.div_ceil(1u64 << (cb + l2_bits));
+        if u64::from(sn.l1_size) < needed {
+            return Err(Error::invalid(
+                "the snapshot's L1 table is too small for its disk size",
+                sn.entry_offset,
             ));
         }
+        let relocate = new_size != h.size || sn.l1_size > h.l1_size;
+        let l1_len = h.l1_size.max(sn.l1_size);
         let mut new_l1 = self.read_l1(sn.l1_table_offset, sn.l1_size)?;
-        new_l1.resize(h.l1_size as usize, 0);
+        new_l1.resize(l1_len as usize, 0);
         let old_l1 = self.read_l1(h.l1_table_offset, h.l1_size)?;
         // +1 on the snapshot's tree, durable before the active L1 points to it. COPIED is
         // computed for that state (the snapshot keeps referencing the tree, so it stays
@@ -547,8 +547,30 @@ impl<S: Storage> SnapshotEditor<S> {
         // which a flag disagrees with a refcount.
         self.update_tree(&new_l1, 1)?;
         self.fix_copied(&mut new_l1)?;
-        self.write_refcounts(true)?;
-        self.write_copied(&new_l1, true, true)?;
+        if relocate {
+            // A new active L1 in new clusters, switched to together with the size by one
+            // 24-byte header write (size, crypt method, L1 size, L1 offset).
+            let off = self.rc.alloc_bytes(&self.storage, u64::from(l1_len) * 8)?;
+            self.write_refcounts(true)?;
+            self.img.header.l1_table_offset = off;
+            self.write_copied(&new_l1, true, true)?;
+            let mut b = Vec::with_capacity(24);
+            b.extend_from_slice(&new_size.to_be_bytes());
+            b.extend_from_slice(&h.crypt_method.to_be_bytes());
+            b.extend_from_slice(&l1_len.to_be_bytes());
+            b.extend_from_slice(&off.to_be_bytes());
+            self.write(&b, 24, "cannot write the header")?;
+            self.flush()?;
+            self.img.header.size = new_size;
+            self.img.header.l1_size = l1_len;
+            if h.l1_size > 0 {
+                self.rc
+                    .free_bytes(&self.storage, h.l1_table_offset, u64::from(h.l1_size) * 8)?;
+            }
+        } else {
+            self.write_refcounts(true)?;
+            self.write_copied(&new_l1, true, true)?;
+        }
         // The old active tree is no longer referenced.
         self.update_tree(&old_l1, -1)?;
         self.write_frees(true)?;
