@@ -228,6 +228,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
 
     // --- dir pools: on btrfs (reflink) and on the host's filesystem (copy).
     let mut dir_pairs = Vec::new();
+    let mut synced = None;
     let host_dir = work.join("dpool");
     std::fs::create_dir(&host_dir).map_err(|e| e.to_string())?;
     let rdir = fs.mnt.join("dpool");
@@ -312,6 +313,42 @@ pub fn run(args: &[String]) -> Result<(), String> {
             (&format!("cp {cp} + mv (sh)"), &mut |_| sh(&by_hand)),
             &mut |_, _| Ok(()),
         )?;
+        if how == "copy" {
+            // The same copy made durable, as ours is (fsync before it gets its name).
+            step(&format!(
+                "dir ({how}) snapshot create vs cp + sync, {n} runs each"
+            ));
+            let (s_ours, s_peer) = interleaved(
+                n,
+                (
+                    &format!("virt-snap vol-snapshot-create (dir, {how})"),
+                    &mut |i| {
+                        vs(
+                            &bin,
+                            &state,
+                            &["vol-snapshot-create", "v", &format!("s{i}"), "--pool", pool],
+                        )
+                    },
+                ),
+                (&format!("cp {cp} + sync FILE (sh)"), &mut |i| {
+                    let t = quote(&dir.join(format!(".h{i}")));
+                    sh(&format!("cp {cp} {} {t} && sync {t}", quote(&vol)))
+                }),
+                &mut |i, ours| {
+                    if ours {
+                        util::output(&mut vs(
+                            &bin,
+                            &state,
+                            &["vol-snapshot-delete", "v", &format!("s{i}"), "--pool", pool],
+                        ))
+                        .map(|_| ())
+                    } else {
+                        std::fs::remove_file(dir.join(format!(".h{i}"))).map_err(|e| e.to_string())
+                    }
+                },
+            )?;
+            synced = Some((s_ours, s_peer));
+        }
         out(&mut vs(&bin, &state, &["vol-delete", "v", "--pool", pool]))?;
         dir_pairs.push((c_ours, c_peer, r_ours, r_peer));
     }
@@ -320,6 +357,9 @@ pub fn run(args: &[String]) -> Result<(), String> {
     for (a, b, c, d) in &dir_pairs {
         pairs.push((a, b));
         pairs.push((c, d));
+    }
+    if let Some((a, b)) = &synced {
+        pairs.push((a, b));
     }
     let ratios = report(
         &format!("storage: {VOL_SIZE} raw volume, {DATA_MIB} MiB written (ours vs the bare tools by hand)"),
