@@ -396,3 +396,44 @@ impl Refcounts {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Refcounts;
+
+    #[test]
+    fn entries_of_every_width_round_trip_without_touching_neighbours() {
+        for order in 0..=6u32 {
+            let bits = 1u32 << order;
+            let max = if bits == 64 {
+                u64::MAX
+            } else {
+                (1u64 << bits) - 1
+            };
+            let mut data = vec![0u8; 64];
+            let n = (64 * 8 / bits) as u64;
+            for i in 0..n {
+                Refcounts::entry_set(
+                    &mut data,
+                    order,
+                    i,
+                    i.wrapping_mul(0x9e37_79b9_7f4a_7c15) & max,
+                );
+            }
+            for i in 0..n {
+                let want = i.wrapping_mul(0x9e37_79b9_7f4a_7c15) & max;
+                assert_eq!(
+                    Refcounts::entry_get(&data, order, i),
+                    want,
+                    "order {order} i {i}"
+                );
+            }
+            // Sub-byte widths are packed from the least significant bit (QEMU's layout).
+            if order < 3 {
+                let mut d = vec![0u8; 1];
+                Refcounts::entry_set(&mut d, order, 0, 1);
+                assert_eq!(d[0], 1, "order {order}");
+            }
+        }
+    }
+}
