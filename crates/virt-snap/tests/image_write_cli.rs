@@ -228,3 +228,35 @@ fn image_held_by_a_running_qemu_is_refused_and_unchanged() {
     ok(VS, &["image", "snapshot", "list", "vm.qcow2"], dir);
     drop(qemu);
 }
+
+#[test]
+fn image_held_by_another_virt_snap_is_refused_and_unchanged() {
+    use virt_snap::locking::{LockManager, Purpose, Resource};
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path();
+    ok(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "held.qcow2", "4M"],
+        dir,
+    );
+    let path = dir.join("held.qcow2");
+    let mgr = LockManager::for_state_dir(&dir.join("state")).unwrap();
+    let held = mgr
+        .acquire(&Purpose::VolumeOp {
+            op: "volume revert by someone else".into(),
+            volumes: vec![Resource::file(&path)],
+        })
+        .unwrap();
+    let before = std::fs::read(&path).unwrap();
+    let out = run(VS, &["image", "snapshot", "create", "held.qcow2", "x"], dir);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("in use") && err.contains("volume revert by someone else"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(&path).unwrap(), before);
+    drop(held);
+    ok(VS, &["image", "snapshot", "create", "held.qcow2", "x"], dir);
+    check_clean("held.qcow2", dir);
+}
