@@ -479,3 +479,17 @@ fn apply_resizes_like_qemu_img() {
     ours_delete(&ours, "big");
     assert_clean(&ours);
 }
+
+#[test]
+fn zero_sized_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = qimg(dir.path(), "z.qcow2", "", "0");
+    ours_create(&p, "a");
+    ok("qemu-img", &["snapshot", "-c", "b", s(&p)]);
+    assert_clean(&p);
+    ours_apply(&p, "b");
+    ours_apply(&p, "a");
+    ours_delete(&p, "a");
+    ours_delete(&p, "b");
+    assert_clean(&p);
+}

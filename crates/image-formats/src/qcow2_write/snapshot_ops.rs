@@ -444,7 +444,12 @@ impl<S: Storage> SnapshotEditor<S> {
         // leaves the file untouched.
         // 1. A place for a copy of the active L1 (as it is on disk).
         let l1_bytes: Vec<u8> = l1.iter().flat_map(|e| e.to_be_bytes()).collect();
-        let l1_copy = self.rc.alloc_bytes(&self.storage, l1_bytes.len() as u64)?;
+        // (An empty L1, on a zero-sized image, takes no cluster: QEMU allocates 0 bytes.)
+        let l1_copy = if l1_bytes.is_empty() {
+            0
+        } else {
+            self.rc.alloc_bytes(&self.storage, l1_bytes.len() as u64)?
+        };
         // 2. One more reference for everything the active L1 reaches.
         self.update_tree(&l1, 1)?;
         // 3. The new table, in a new place.
