@@ -243,25 +243,7 @@ fn write_local_date(out: &mut String, secs: u32) {
 
 /// Append `YYYY-MM-DD HH:MM:SS` (UTC) to `out`.
 fn write_date(out: &mut String, secs: u32) {
-    let days = i64::from(secs) / 86400;
-    let rem = i64::from(secs) % 86400;
-    // Howard Hinnant's civil_from_days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    let _ = write!(
-        out,
-        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60
-    );
+    out.push_str(&output::utc_date_time(i64::from(secs)));
 }
 
 fn snapshot_table(s: &mut Vec<u8>, snaps: &[Snapshot]) {

@@ -118,24 +118,10 @@ fn done(out: Format, json: serde_json::Value, text: String) -> CliResult {
 }
 
 fn time(t: Option<i64>) -> String {
-    let Some(t) = t else { return "-".into() };
-    // Civil from days (UTC).
-    let (days, secs) = (t.div_euclid(86400), t.rem_euclid(86400));
-    let z = days + 719468;
-    let era = z.div_euclid(146097);
-    let doe = z - era * 146097;
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} +0000",
-        secs / 3600,
-        secs % 3600 / 60,
-        secs % 60
-    )
+    match t {
+        Some(t) => format!("{} +0000", output::utc_date_time(t)),
+        None => "-".into(),
+    }
 }
 
 /// Run a volume command.
