@@ -493,3 +493,41 @@ fn zero_sized_image() {
     ours_delete(&p, "b");
     assert_clean(&p);
 }
+
+#[test]
+fn lookups_match_qemu_img_when_names_look_like_ids() {
+    let dir = tempfile::tempdir().unwrap();
+    let mk = |n: &str| {
+        let p = qimg(dir.path(), n, "", "4M");
+        for (i, name) in ["a", "1", "b"].iter().enumerate() {
+            write_pattern(&p, i as u8 + 1, 0, 64 << 10, false);
+            ok("qemu-img", &["snapshot", "-c", name, s(&p)]);
+        }
+        p
+    };
+    let (ours, theirs) = (mk("o.qcow2"), mk("t.qcow2"));
+    // apply "1": by id first (snapshot "a"), in both tools.
+    ours_apply(&ours, "1");
+    ok("qemu-img", &["snapshot", "-a", "1", s(&theirs)]);
+    assert!(raw(&ours, None) == raw(&theirs, None));
+    assert!(raw(&ours, None)[0] == 1);
+    // delete "1": by name only (the snapshot with id 2).
+    ours_delete(&ours, "1");
+    ok("qemu-img", &["snapshot", "-d", "1", s(&theirs)]);
+    assert_eq!(snapshot_list(&ours), snapshot_list(&theirs));
+    assert_eq!(
+        snapshot_list(&ours),
+        vec![("1".into(), "a".into()), ("3".into(), "b".into())]
+    );
+    // delete "3": no snapshot has that name (qemu-img fails too).
+    let e = editor(&ours)
+        .delete(&SnapshotRef::Name(b"3".to_vec()))
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NotFound);
+    assert!(!run("qemu-img", &["snapshot", "-d", "3", s(&theirs)])
+        .status
+        .success());
+    // The next id is max + 1, not count + 1.
+    assert_eq!(ours_create(&ours, "c"), "4");
+    assert_clean(&ours);
+}
