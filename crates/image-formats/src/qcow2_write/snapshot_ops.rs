@@ -1,7 +1,5 @@
 //! Internal snapshots: create, apply (goto) and delete, in QEMU's order.
 
-use std::collections::{HashMap, HashSet};
-
 use super::refcount::Refcounts;
 use crate::error::{Error, ErrorKind, Result};
 use crate::qcow2::{
@@ -59,9 +57,6 @@ pub struct SnapshotEditor<S: Storage> {
     storage: S,
     img: Qcow2,
     rc: Refcounts,
-    l2_cache: HashMap<u64, Vec<u8>>,
-    /// L2 tables whose COPIED flags changed (their new contents are in `l2_cache`).
-    l2_dirty: HashSet<u64>,
 }
 
 fn io<'a>(what: &'a str, off: u64) -> impl FnOnce(std::io::Error) -> Error + 'a {
@@ -120,13 +115,7 @@ impl<S: Storage> SnapshotEditor<S> {
             return Err(Error::invalid("active L1 table offset invalid", 40));
         }
         let rc = Refcounts::load(&storage, h)?;
-        Ok(SnapshotEditor {
-            storage,
-            img,
-            rc,
-            l2_cache: HashMap::new(),
-            l2_dirty: HashSet::new(),
-        })
+        Ok(SnapshotEditor { storage, img, rc })
     }
 
     /// The image's metadata as last read or written.
@@ -163,19 +152,27 @@ impl<S: Storage> SnapshotEditor<S> {
             .collect())
     }
 
-    fn l2(&mut self, off: u64) -> Result<&mut Vec<u8>> {
-        if !self.l2_cache.contains_key(&off) {
-            let cs = self.img.header.cluster_size();
-            if off % cs != 0 {
-                return Err(Error::invalid("L2 table offset not cluster aligned", off));
-            }
-            let mut buf = vec![0u8; cs as usize];
-            self.storage
-                .read_at(&mut buf, off)
-                .map_err(io("cannot read an L2 table", off))?;
-            self.l2_cache.insert(off, buf);
+    /// Read one L2 table. Tables are not kept: memory stays at a few clusters whatever the
+    /// image size (the second read of a table in an operation comes from the page cache).
+    fn read_l2(&self, off: u64) -> Result<Vec<u8>> {
+        let cs = self.img.header.cluster_size();
+        if off % cs != 0 {
+            return Err(Error::invalid("L2 table offset not cluster aligned", off));
         }
-        Ok(self.l2_cache.get_mut(&off).expect("just inserted"))
+        let mut buf = vec![0u8; cs as usize];
+        self.storage
+            .read_at(&mut buf, off)
+            .map_err(io("cannot read an L2 table", off))?;
+        Ok(buf)
+    }
+
+    /// Indices of the L1 entries that have an L2 table, in L2 offset order.
+    fn by_l2_offset(l1: &[u64]) -> Vec<usize> {
+        let mut idx: Vec<usize> = (0..l1.len())
+            .filter(|&i| l1[i] & OFFSET_MASK != 0)
+            .collect();
+        idx.sort_unstable_by_key(|&i| l1[i] & OFFSET_MASK);
+        idx
     }
 
     fn l2_entry_size(&self) -> usize {
@@ -194,90 +191,80 @@ impl<S: Storage> SnapshotEditor<S> {
         let csize_mask = (1u64 << (cb - 8)) - 1;
         let coff_mask = (1u64 << csize_shift) - 1;
         let cs = 1u64 << cb;
-        for &e in l1 {
-            let l2_off = e & OFFSET_MASK;
-            if l2_off == 0 {
-                continue;
-            }
+        for i in Self::by_l2_offset(l1) {
+            let l2_off = l1[i] & OFFSET_MASK;
             self.rc.add(&self.storage, l2_off >> cb, delta)?;
-            // Take the table out of the cache while walking it (refcounts need &mut self).
-            self.l2(l2_off)?;
-            let table = self.l2_cache.remove(&l2_off).expect("cached");
-            let res = (|| -> Result<()> {
-                for ent in table.chunks_exact(esz) {
-                    let x = u64::from_be_bytes(ent[..8].try_into().expect("8 bytes"));
-                    if x & COMPRESSED != 0 {
-                        let coff = x & coff_mask;
-                        let sectors = ((x >> csize_shift) & csize_mask) + 1;
-                        let len = sectors * 512 - (coff & 511);
-                        self.rc.add_range(&self.storage, coff, len, delta)?;
-                    } else {
-                        let off = x & OFFSET_MASK;
-                        if off != 0 {
-                            if off % cs != 0 {
-                                return Err(Error::invalid(
-                                    "data cluster offset not cluster aligned",
-                                    l2_off,
-                                ));
-                            }
-                            self.rc.add(&self.storage, off >> cb, delta)?;
+            let table = self.read_l2(l2_off)?;
+            for ent in table.chunks_exact(esz) {
+                let x = u64::from_be_bytes(ent[..8].try_into().expect("8 bytes"));
+                if x & COMPRESSED != 0 {
+                    let coff = x & coff_mask;
+                    let sectors = ((x >> csize_shift) & csize_mask) + 1;
+                    let len = sectors * 512 - (coff & 511);
+                    self.rc.add_range(&self.storage, coff, len, delta)?;
+                } else {
+                    let off = x & OFFSET_MASK;
+                    if off != 0 {
+                        if off % cs != 0 {
+                            return Err(Error::invalid(
+                                "data cluster offset not cluster aligned",
+                                l2_off,
+                            ));
                         }
+                        self.rc.add(&self.storage, off >> cb, delta)?;
                     }
                 }
-                Ok(())
-            })();
-            self.l2_cache.insert(l2_off, table);
-            res?;
+            }
         }
         Ok(())
     }
 
     /// Recompute COPIED (refcount == 1) in the active L1 (`l1`, changed in place) and its L2
-    /// tables. Returns whether the L1 changed; changed L2 tables are remembered.
-    fn fix_copied(&mut self, l1: &mut [u64]) -> Result<bool> {
+    /// tables, writing each changed L2 table at once (in offset order). Must run after the
+    /// refcount writes it depends on. Returns (L1 changed, an L2 table was written).
+    fn fix_copied(&mut self, l1: &mut [u64]) -> Result<(bool, bool)> {
         let cb = self.cluster_bits();
         let esz = self.l2_entry_size();
         let mut l1_changed = false;
-        for e in l1.iter_mut() {
-            let l2_off = *e & OFFSET_MASK;
-            if l2_off == 0 {
-                continue;
-            }
+        let mut l2_written = false;
+        let mut last = None;
+        for i in Self::by_l2_offset(l1) {
+            let e = l1[i];
+            let l2_off = e & OFFSET_MASK;
             let want = self.rc.get(&self.storage, l2_off >> cb)? == 1;
-            let ne = if want { *e | COPIED } else { *e & !COPIED };
-            if ne != *e {
-                *e = ne;
+            let ne = if want { e | COPIED } else { e & !COPIED };
+            if ne != e {
+                l1[i] = ne;
                 l1_changed = true;
             }
-            self.l2(l2_off)?;
-            let mut table = self.l2_cache.remove(&l2_off).expect("cached");
+            if last == Some(l2_off) {
+                continue; // the same table twice in one L1 (hostile): fixed once
+            }
+            last = Some(l2_off);
+            let mut table = self.read_l2(l2_off)?;
             let mut changed = false;
-            let res = (|| -> Result<()> {
-                for ent in table.chunks_exact_mut(esz) {
-                    let x = u64::from_be_bytes(ent[..8].try_into().expect("8 bytes"));
-                    if x & COMPRESSED != 0 {
-                        continue;
-                    }
-                    let off = x & OFFSET_MASK;
-                    if off == 0 {
-                        continue;
-                    }
-                    let want = self.rc.get(&self.storage, off >> cb)? == 1;
-                    let nx = if want { x | COPIED } else { x & !COPIED };
-                    if nx != x {
-                        ent[..8].copy_from_slice(&nx.to_be_bytes());
-                        changed = true;
-                    }
+            for ent in table.chunks_exact_mut(esz) {
+                let x = u64::from_be_bytes(ent[..8].try_into().expect("8 bytes"));
+                if x & COMPRESSED != 0 {
+                    continue;
                 }
-                Ok(())
-            })();
-            self.l2_cache.insert(l2_off, table);
-            res?;
+                let off = x & OFFSET_MASK;
+                if off == 0 {
+                    continue;
+                }
+                let want = self.rc.get(&self.storage, off >> cb)? == 1;
+                let nx = if want { x | COPIED } else { x & !COPIED };
+                if nx != x {
+                    ent[..8].copy_from_slice(&nx.to_be_bytes());
+                    changed = true;
+                }
+            }
             if changed {
-                self.l2_dirty.insert(l2_off);
+                self.write(&table, l2_off, "cannot write an L2 table")?;
+                l2_written = true;
             }
         }
-        Ok(l1_changed)
+        Ok((l1_changed, l2_written))
     }
 
     fn write(&self, buf: &[u8], off: u64, what: &str) -> Result<()> {
@@ -310,19 +297,14 @@ impl<S: Storage> SnapshotEditor<S> {
         Ok(())
     }
 
-    /// Write changed L2 tables (offset order) and the active L1 if it changed, then flush
-    /// if `sync` and anything was written.
-    fn write_copied(&mut self, l1: &[u64], l1_changed: bool, sync: bool) -> Result<()> {
-        let mut offs: Vec<u64> = self.l2_dirty.drain().collect();
-        offs.sort_unstable();
-        for off in &offs {
-            let t = &self.l2_cache[off];
-            self.write(t, *off, "cannot write an L2 table")?;
-        }
+    /// Write the active L1 if it changed, then flush if `sync` and anything (this or the L2
+    /// tables `fix_copied` wrote) was written.
+    fn write_copied(&mut self, l1: &[u64], changed: (bool, bool), sync: bool) -> Result<()> {
+        let (l1_changed, l2_written) = changed;
         if l1_changed {
             self.write_l1(l1)?;
         }
-        if sync && (l1_changed || !offs.is_empty()) {
+        if sync && (l1_changed || l2_written) {
             self.flush()?;
         }
         Ok(())
@@ -481,8 +463,8 @@ impl<S: Storage> SnapshotEditor<S> {
         // 4. Refcounts and COPIED cleared in the active tables, all durable before the
         //    commit (one flush: either half alone is a stale flag, never a low refcount).
         self.write_refcounts(false)?;
-        let l1_changed = self.fix_copied(&mut l1)?;
-        self.write_copied(&l1, l1_changed, false)?;
+        let changed = self.fix_copied(&mut l1)?;
+        self.write_copied(&l1, changed, false)?;
         self.flush()?;
         // 5. Commit, then free the old table.
         self.commit(snaps, table_off)?;
@@ -512,8 +494,8 @@ impl<S: Storage> SnapshotEditor<S> {
                 .free_bytes(&self.storage, sn.l1_table_offset, u64::from(sn.l1_size) * 8)?;
         }
         self.write_frees(true)?;
-        let l1_changed = self.fix_copied(&mut l1)?;
-        self.write_copied(&l1, l1_changed, true)?;
+        let changed = self.fix_copied(&mut l1)?;
+        self.write_copied(&l1, changed, true)?;
         Ok(sn)
     }
 
@@ -551,14 +533,14 @@ impl<S: Storage> SnapshotEditor<S> {
         // right after the old tree is dropped) and written with the new L1: no window in
         // which a flag disagrees with a refcount.
         self.update_tree(&new_l1, 1)?;
-        self.fix_copied(&mut new_l1)?;
         if relocate {
             // A new active L1 in new clusters, switched to together with the size by one
             // 24-byte header write (size, crypt method, L1 size, L1 offset).
             let off = self.rc.alloc_bytes(&self.storage, u64::from(l1_len) * 8)?;
             self.write_refcounts(true)?;
+            let (_, l2_written) = self.fix_copied(&mut new_l1)?;
             self.img.header.l1_table_offset = off;
-            self.write_copied(&new_l1, true, true)?;
+            self.write_copied(&new_l1, (true, l2_written), true)?;
             let mut b = Vec::with_capacity(24);
             b.extend_from_slice(&new_size.to_be_bytes());
             b.extend_from_slice(&h.crypt_method.to_be_bytes());
@@ -574,13 +556,14 @@ impl<S: Storage> SnapshotEditor<S> {
             }
         } else {
             self.write_refcounts(true)?;
-            self.write_copied(&new_l1, true, true)?;
+            let (_, l2_written) = self.fix_copied(&mut new_l1)?;
+            self.write_copied(&new_l1, (true, l2_written), true)?;
         }
         // The old active tree is no longer referenced.
         self.update_tree(&old_l1, -1)?;
         self.write_frees(true)?;
-        let l1_changed = self.fix_copied(&mut new_l1)?;
-        self.write_copied(&new_l1, l1_changed, true)?;
+        let changed = self.fix_copied(&mut new_l1)?;
+        self.write_copied(&new_l1, changed, true)?;
         Ok(sn)
     }
 }
