@@ -120,6 +120,43 @@ fn create_matches_qemu_img_info() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("-F"));
     assert!(!dir.join("x.qcow2").exists());
+    // --allow-probe records the probed format.
+    ok(
+        VS,
+        &[
+            "image",
+            "create",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.raw",
+            "--allow-probe",
+            "sub/p.qcow2",
+        ],
+        dir,
+    );
+    assert_eq!(
+        std::fs::read(dir.join("sub/p.qcow2")).unwrap(),
+        std::fs::read(dir.join("sub/t-raw.qcow2")).unwrap()
+    );
+    // A wrong -F is refused: the backing file must read as recorded.
+    let out = run(
+        VS,
+        &[
+            "image",
+            "create",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.raw",
+            "-F",
+            "qcow2",
+            "sub/w.qcow2",
+        ],
+        dir,
+    );
+    assert!(!out.status.success());
+    assert!(!dir.join("sub/w.qcow2").exists());
 }
 
 #[test]
