@@ -353,15 +353,7 @@ impl<S: Storage> SnapshotEditor<S> {
 
     /// The commit point: snapshot count and table offset, written together and flushed.
     fn commit(&mut self, snaps: Vec<Snapshot>, table_off: u64) -> Result<()> {
-        let mut b = [0u8; 12];
-        b[..4].copy_from_slice(&(snaps.len() as u32).to_be_bytes());
-        b[4..].copy_from_slice(&table_off.to_be_bytes());
-        self.write(&b, 60, "cannot write the snapshot header fields")?;
-        self.flush()?;
-        let old_off = self.img.header.snapshots_offset;
-        let old_len: u64 = self.img.snapshots.iter().map(|s| s.encoded_len()).sum();
-        self.img.header.nb_snapshots = snaps.len() as u32;
-        self.img.header.snapshots_offset = table_off;
+        self.commit_header(snaps.len() as u32, table_off)?;
         let mut off = table_off;
         let mut snaps = snaps;
         for s in snaps.iter_mut() {
@@ -369,10 +361,57 @@ impl<S: Storage> SnapshotEditor<S> {
             off += s.encoded_len();
         }
         self.img.snapshots = snaps;
+        Ok(())
+    }
+
+    /// Write and flush bytes 60-71, then free the old table (in memory; the caller updates
+    /// the snapshot list afterwards).
+    fn commit_header(&mut self, count: u32, table_off: u64) -> Result<()> {
+        let mut b = [0u8; 12];
+        b[..4].copy_from_slice(&count.to_be_bytes());
+        b[4..].copy_from_slice(&table_off.to_be_bytes());
+        self.write(&b, 60, "cannot write the snapshot header fields")?;
+        self.flush()?;
+        let old_off = self.img.header.snapshots_offset;
+        let old_len: u64 = self.img.snapshots.iter().map(|s| s.encoded_len()).sum();
+        self.img.header.nb_snapshots = count;
+        self.img.header.snapshots_offset = table_off;
         if old_off != 0 && old_len > 0 {
             self.rc.free_bytes(&self.storage, old_off, old_len)?;
         }
         Ok(())
+    }
+
+    /// The current table as stored (up to the last entry's last byte), plus `entry`: what
+    /// re-encoding every entry would give, without re-encoding them (kept byte for byte).
+    fn table_with(&self, entry: &Snapshot) -> Result<(Vec<u8>, u64)> {
+        let unpadded = |s: &Snapshot| (40 + s.extra_data_size() + s.id.len() + s.name.len()) as u64;
+        let mut table = Vec::new();
+        if let Some(last) = self.img.snapshots.last() {
+            let start = self.img.header.snapshots_offset;
+            let len = last.entry_offset + unpadded(last) - start;
+            if len > MAX_SNAPSHOT_TABLE_SIZE {
+                return Err(Error::new(
+                    ErrorKind::LimitExceeded,
+                    "snapshot table too large",
+                ));
+            }
+            table.resize(len as usize, 0);
+            self.storage
+                .read_at(&mut table, start)
+                .map_err(io("cannot read the snapshot table", start))?;
+            table.resize(table.len().next_multiple_of(8), 0);
+        }
+        let at = table.len() as u64;
+        let enc = entry.encode();
+        table.extend_from_slice(&enc[..unpadded(entry) as usize]);
+        if table.len() as u64 > MAX_SNAPSHOT_TABLE_SIZE {
+            return Err(Error::new(
+                ErrorKind::LimitExceeded,
+                "snapshot table would exceed QEMU's 64 MiB limit",
+            ));
+        }
+        Ok((table, at))
     }
 
     /// Write the refcount changes made after the commit (frees), then flush if `sync`.
@@ -452,9 +491,7 @@ impl<S: Storage> SnapshotEditor<S> {
             id: id.clone(),
             name: name.to_vec(),
         };
-        let mut snaps = self.img.snapshots.clone();
-        snaps.push(entry);
-        let table = Self::encode_table(&snaps)?;
+        let (table, entry_at) = self.table_with(&entry)?;
         let table_off = self.rc.alloc_bytes(&self.storage, table.len() as u64)?;
         if !l1_bytes.is_empty() {
             self.write(&l1_bytes, l1_copy, "cannot write the snapshot's L1 table")?;
@@ -467,7 +504,15 @@ impl<S: Storage> SnapshotEditor<S> {
         self.write_copied(&l1, changed, false)?;
         self.flush()?;
         // 5. Commit, then free the old table.
-        self.commit(snaps, table_off)?;
+        let old_start = self.img.header.snapshots_offset;
+        self.commit_header(self.img.snapshots.len() as u32 + 1, table_off)?;
+        for s in self.img.snapshots.iter_mut() {
+            s.entry_offset = s.entry_offset - old_start + table_off;
+        }
+        self.img.snapshots.push(Snapshot {
+            entry_offset: table_off + entry_at,
+            ..entry
+        });
         self.write_frees(false)?;
         Ok(id)
     }
