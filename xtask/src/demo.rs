@@ -1,9 +1,11 @@
 //! `cargo xtask demo`: README's main job. It runs what virt-snap can do today on real images
 //! and a real QEMU, printing every command it runs and what it showed.
 //!
-//! Today: native image inspection (`virt-snap image info`, `--backing-chain`,
-//! `image snapshot list`), also while a running QEMU holds the image, and QMP through
-//! qmp-proto. Later issues extend it with live snapshots, reverts and volume snapshots.
+//! Today: native image inspection (`image info`, `--backing-chain`, `image snapshot list`),
+//! also while a running QEMU holds the image; QMP through qmp-proto; QEMU's image locks seen
+//! (`image locks`) and respected (a write is refused while QEMU runs); native internal
+//! snapshots checked by qemu-img; a dir-pool volume snapshot and revert. Live snapshots of
+//! running VMs come with the domain layer.
 
 use crate::util::{self, step, target_dir};
 use std::io::{BufRead, BufReader};
@@ -64,9 +66,11 @@ pub fn run() -> Result<(), String> {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let at = |n: &str| dir.join(n);
+    // All of virt-snap's state (leases, pools) lives under the demo's own directory.
+    let state = at("state");
     let virt_snap = || {
         let mut c = Command::new(&vs);
-        c.current_dir(&dir);
+        c.current_dir(&dir).env("VIRT_SNAP_STATE_DIR", &state);
         c
     };
 
@@ -136,20 +140,120 @@ pub fn run() -> Result<(), String> {
 
     step("4. while QEMU holds the image, reading its invariant header still works");
     show(virt_snap().args(["image", "info", "vm.qcow2"]))?;
-    step("   ... whereas qemu-img refuses to open it for writing (QEMU's image locks)");
-    let out = Command::new("qemu-img")
-        .args(["snapshot", "-c", "nope", "vm.qcow2"])
-        .current_dir(&dir)
-        .output()
-        .map_err(|e| e.to_string())?;
-    println!("\n$ qemu-img snapshot -c nope vm.qcow2");
-    print!("{}", String::from_utf8_lossy(&out.stderr));
+    step("   virt-snap sees QEMU's image locks, and who holds them");
+    show(virt_snap().args(["image", "locks", "vm.qcow2"]))?;
+    step("   ... and refuses to modify the image (so does qemu-img)");
+    expect_refusal(virt_snap().args(["image", "snapshot", "create", "vm.qcow2", "nope"]))?;
+    expect_refusal(
+        Command::new("qemu-img")
+            .args(["snapshot", "-c", "nope", "vm.qcow2"])
+            .current_dir(&dir),
+    )?;
     drop(qemu);
 
+    step("5. QEMU gone: native internal snapshots, checked by qemu-img");
+    show(virt_snap().args(["image", "snapshot", "create", "vm.qcow2", "before-upgrade"]))?;
+    show(
+        Command::new("qemu-io")
+            .args(["-c", "write -P 0x42 0 1M", "vm.qcow2"])
+            .current_dir(&dir),
+    )?;
+    show(virt_snap().args(["image", "snapshot", "apply", "vm.qcow2", "before-upgrade"]))?;
+    show(
+        Command::new("qemu-io")
+            .args(["-c", "read -P 0 0 1M", "vm.qcow2"])
+            .current_dir(&dir),
+    )?;
+    show(
+        Command::new("qemu-img")
+            .args(["snapshot", "-l", "vm.qcow2"])
+            .current_dir(&dir),
+    )?;
+    show(
+        Command::new("qemu-img")
+            .args(["check", "vm.qcow2"])
+            .current_dir(&dir),
+    )?;
+
+    step("6. offline volume snapshots on a dir pool (state in target/demo/state)");
+    std::fs::create_dir_all(at("pool")).map_err(|e| e.to_string())?;
+    show(
+        virt_snap()
+            .args(["pool-define-as", "demo", "dir"])
+            .arg(at("pool")),
+    )?;
+    show(virt_snap().args(["vol-create-as", "demo", "disk0", "64M", "--format", "raw"]))?;
+    let vol = at("pool/disk0");
+    let vol = if vol.exists() {
+        vol
+    } else {
+        at("pool/disk0.raw")
+    };
+    write_at(&vol, b"original data")?;
+    show(virt_snap().args(["vol-snapshot-create", "disk0", "s1", "--pool", "demo"]))?;
+    write_at(&vol, b"CHANGED DATA!")?;
+    show(virt_snap().args(["vol-snapshot-list", "disk0", "--pool", "demo"]))?;
+    show(virt_snap().args(["vol-snapshot-revert", "disk0", "s1", "--pool", "demo"]))?;
+    let mut back = [0u8; 13];
+    {
+        use std::io::Read;
+        std::fs::File::open(&vol)
+            .and_then(|mut f| f.read_exact(&mut back))
+            .map_err(|e| format!("{}: {e}", vol.display()))?;
+    }
     println!(
-        "\ndemo done: read qcow2 headers, backing chains and snapshot tables natively \
-         (also under a running QEMU) and spoke QMP to QEMU 10.0.2. Files are in {}.",
+        "\nafter revert the volume reads {:?}",
+        String::from_utf8_lossy(&back)
+    );
+    if &back != b"original data" {
+        return Err("revert did not bring the original bytes back".into());
+    }
+
+    println!(
+        "\ndemo done: read qcow2 headers, backing chains and snapshot tables natively (also \
+         under a running QEMU), saw and respected QEMU's image locks, took and applied internal \
+         snapshots natively (qemu-img agrees), and snapshotted and reverted a pool volume. \
+         Files are in {}.",
         dir.display()
+    );
+    Ok(())
+}
+
+/// Run a command that must fail (a refusal), showing what it said.
+fn expect_refusal(cmd: &mut Command) -> Result<(), String> {
+    let prog = cmd.get_program().to_string_lossy().into_owned();
+    let args: Vec<String> = cmd
+        .get_args()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let name = Path::new(&prog)
+        .file_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or(prog);
+    println!("\n$ {name} {}", args.join(" "));
+    let out = cmd
+        .output()
+        .map_err(|e| format!("cannot run {name}: {e}"))?;
+    print!("{}", String::from_utf8_lossy(&out.stderr));
+    if out.status.success() {
+        return Err(format!("{name} should have been refused"));
+    }
+    println!("(refused, exit {})", out.status.code().unwrap_or(-1));
+    Ok(())
+}
+
+/// Overwrite the start of a file, as a guest would write its disk.
+fn write_at(path: &Path, data: &[u8]) -> Result<(), String> {
+    use std::io::Write;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .and_then(|mut f| f.write_all(data))
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    println!(
+        "\n(wrote {:?} at the start of {})",
+        String::from_utf8_lossy(data),
+        path.display()
     );
     Ok(())
 }
