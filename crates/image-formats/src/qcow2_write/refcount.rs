@@ -3,7 +3,7 @@
 //! offset order). Allocation is first-fit like QEMU's; a new refcount block may describe
 //! itself, and the refcount table grows (moves) when a block lies beyond its end.
 
-use std::collections::BTreeMap;
+use std::collections::HashMap;
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::qcow2::{Header, MAX_REFTABLE_SIZE};
@@ -18,6 +18,35 @@ struct Block {
     dirty: bool,
 }
 
+/// Loaded refcount blocks by refcount-table index, with the last one looked up remembered
+/// (consecutive clusters almost always share a block).
+#[derive(Debug, Default)]
+struct Blocks {
+    list: Vec<(u64, Block)>,
+    index: HashMap<u64, usize>,
+    last: Option<(u64, usize)>,
+}
+
+impl Blocks {
+    fn find(&mut self, b: u64) -> Option<usize> {
+        if let Some((lb, li)) = self.last {
+            if lb == b {
+                return Some(li);
+            }
+        }
+        let i = *self.index.get(&b)?;
+        self.last = Some((b, i));
+        Some(i)
+    }
+    fn insert(&mut self, b: u64, blk: Block) -> usize {
+        let i = self.list.len();
+        self.list.push((b, blk));
+        self.index.insert(b, i);
+        self.last = Some((b, i));
+        i
+    }
+}
+
 /// The refcounts of one image, cached and changed in memory.
 #[derive(Debug)]
 pub struct Refcounts {
@@ -29,7 +58,7 @@ pub struct Refcounts {
     table_dirty: bool,
     table_offset: u64,
     table_clusters: u32,
-    blocks: BTreeMap<u64, Block>,
+    blocks: Blocks,
     /// First-fit cursor (cluster index), like QEMU's free_cluster_index.
     cursor: u64,
     /// Clusters of an old refcount table to free once the header points to the new one.
@@ -85,7 +114,7 @@ impl Refcounts {
             table_dirty: false,
             table_offset: h.refcount_table_offset,
             table_clusters: h.refcount_table_clusters,
-            blocks: BTreeMap::new(),
+            blocks: Blocks::default(),
             cursor: 0,
             old_table: None,
         })
@@ -112,18 +141,21 @@ impl Refcounts {
     }
 
     fn block<S: Storage + ?Sized>(&mut self, storage: &S, b: u64) -> Result<Option<&mut Block>> {
-        if !self.blocks.contains_key(&b) {
-            let off = match self.table.get(b as usize) {
-                Some(&e) if e & REFT_OFFSET_MASK != 0 => e & REFT_OFFSET_MASK,
-                _ => return Ok(None),
-            };
-            let mut data = vec![0u8; self.cluster_size() as usize];
-            storage
-                .read_at(&mut data, off)
-                .map_err(io("cannot read a refcount block", off))?;
-            self.blocks.insert(b, Block { data, dirty: false });
-        }
-        Ok(self.blocks.get_mut(&b))
+        let i = match self.blocks.find(b) {
+            Some(i) => i,
+            None => {
+                let off = match self.table.get(b as usize) {
+                    Some(&e) if e & REFT_OFFSET_MASK != 0 => e & REFT_OFFSET_MASK,
+                    _ => return Ok(None),
+                };
+                let mut data = vec![0u8; self.cluster_size() as usize];
+                storage
+                    .read_at(&mut data, off)
+                    .map_err(io("cannot read a refcount block", off))?;
+                self.blocks.insert(b, Block { data, dirty: false })
+            }
+        };
+        Ok(Some(&mut self.blocks.list[i].1))
     }
 
     fn entry_get(data: &[u8], order: u32, i: u64) -> u64 {
@@ -370,15 +402,17 @@ impl Refcounts {
     }
 
     fn write_blocks<S: Storage + ?Sized>(&mut self, storage: &S) -> Result<()> {
-        let mut dirty: Vec<(u64, u64)> = self
+        let mut dirty: Vec<(u64, usize)> = self
             .blocks
+            .list
             .iter()
-            .filter(|(_, b)| b.dirty)
-            .map(|(&i, _)| (self.table[i as usize] & REFT_OFFSET_MASK, i))
+            .enumerate()
+            .filter(|(_, (_, blk))| blk.dirty)
+            .map(|(i, (b, _))| (self.table[*b as usize] & REFT_OFFSET_MASK, i))
             .collect();
         dirty.sort_unstable();
         for (off, i) in dirty {
-            let blk = self.blocks.get_mut(&i).expect("dirty block present");
+            let blk = &mut self.blocks.list[i].1;
             storage
                 .write_at(&blk.data, off)
                 .map_err(io("cannot write a refcount block", off))?;
