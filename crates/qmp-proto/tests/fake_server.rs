@@ -519,6 +519,51 @@ async fn timeout_forgets_the_command_and_its_late_reply() {
     .await;
 }
 
+/// Timeouts come from one deadline task per connection: a short timeout issued while a long
+/// one is pending must still fire on time, and each command times out on its own.
+#[tokio::test]
+async fn a_short_timeout_behind_a_long_one_fires_on_time() {
+    let srv = server();
+    let path = srv.path.clone();
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+    run(
+        srv,
+        |l| async move {
+            let mut p = Peer::accept(&l).await;
+            p.negotiate().await;
+            let long = p.recv().await;
+            let _short = p.recv().await; // never answered
+            done_rx.await.unwrap();
+            p.reply(&long, json!("long answered")).await;
+        },
+        async {
+            let c = QmpClient::connect_unix(&path).await.unwrap();
+            let long = c.execute_timeout("query-long", None, Duration::from_secs(30));
+            let short = async {
+                // Issued after the long one is pending.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                let t0 = std::time::Instant::now();
+                let e = c
+                    .execute_timeout("query-short", None, Duration::from_millis(150))
+                    .await
+                    .unwrap_err();
+                assert_eq!(e.kind(), ErrorKind::Timeout, "{e}");
+                let took = t0.elapsed();
+                assert!(
+                    took >= Duration::from_millis(150) && took < Duration::from_secs(3),
+                    "short timeout fired after {took:?}"
+                );
+                assert_eq!(c.in_flight(), 1, "only the timed-out command is gone");
+                done_tx.send(()).unwrap();
+            };
+            let (long, ()) = tokio::join!(long, short);
+            assert_eq!(long.unwrap(), "long answered");
+            assert_eq!(c.in_flight(), 0);
+        },
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn dropping_an_execute_future_removes_its_pending_entry() {
     let srv = server();
