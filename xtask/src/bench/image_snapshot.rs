@@ -14,23 +14,13 @@
 //! Before timing, each tool's result is checked with `qemu-img check` and the snapshot list.
 
 use super::harness::{ms, report, time_process, Series};
-use super::{build_release, runs_arg};
+use super::{build_release, num_arg, runs_arg};
 use crate::util::{self, step};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 const RECIPE_A: &str = "v1-8G-4G-data";
-
-fn arg_num(args: &[String], name: &str, default: usize) -> Result<usize, String> {
-    match args.iter().position(|a| a == name) {
-        Some(i) => args
-            .get(i + 1)
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| format!("{name} takes a number")),
-        None => Ok(default),
-    }
-}
 
 fn bench_dir() -> Result<PathBuf, String> {
     let dir = util::target_dir().join("bench").join("image-snapshot");
@@ -296,7 +286,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
         }
     }
     let runs = runs_arg(args, 15)?;
-    let n = arg_num(args, "--count", 200)?;
+    let n = num_arg(args, "--count", 200)?;
     let full = args.iter().any(|a| a == "--full");
     let release = build_release("virt-snap")?;
     let dir = bench_dir()?;

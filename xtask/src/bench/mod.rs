@@ -72,11 +72,16 @@ pub fn build_release(package: &str) -> Result<std::path::PathBuf, String> {
 
 /// Parse `--runs N` from the benchmark's arguments.
 pub fn runs_arg(args: &[String], default: usize) -> Result<usize, String> {
-    match args.iter().position(|a| a == "--runs") {
+    num_arg(args, "--runs", default)
+}
+
+/// Parse a numeric option `NAME N` from the benchmark's arguments.
+pub fn num_arg(args: &[String], name: &str, default: usize) -> Result<usize, String> {
+    match args.iter().position(|a| a == name) {
         Some(i) => args
             .get(i + 1)
             .and_then(|s| s.parse().ok())
-            .ok_or_else(|| "--runs takes a number".to_string()),
+            .ok_or_else(|| format!("{name} takes a number")),
         None => Ok(default),
     }
 }

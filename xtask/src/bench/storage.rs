@@ -15,23 +15,13 @@
 //! untimed, before the next one.
 
 use super::harness::{report, time_process, Series};
-use super::{build_release, runs_arg};
+use super::{build_release, num_arg, runs_arg};
 use crate::util::{self, step};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 const VOL_SIZE: &str = "4G";
 const DATA_MIB: u64 = 1024;
-
-fn arg(args: &[String], name: &str, default: usize) -> Result<usize, String> {
-    match args.iter().position(|a| a == name) {
-        Some(i) => args
-            .get(i + 1)
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| format!("{name} takes a number")),
-        None => Ok(default),
-    }
-}
 
 /// A btrfs filesystem on a loop device, torn down on drop.
 struct LoopBtrfs {
@@ -127,7 +117,7 @@ fn fill(path: &str) -> Result<(), String> {
 /// Run the benchmark.
 pub fn run(args: &[String]) -> Result<(), String> {
     let runs = runs_arg(args, 20)?;
-    let copy_runs = arg(args, "--copy-runs", 5)?;
+    let copy_runs = num_arg(args, "--copy-runs", 5)?;
     for t in ["btrfs", "mkfs.btrfs", "losetup", "cp"] {
         if !util::have(t) {
             return Err(format!("`{t}` is not installed: run `cargo xtask deps`"));
