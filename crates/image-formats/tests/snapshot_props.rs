@@ -7,10 +7,8 @@
 mod write_common;
 use write_common::*;
 
-use image_formats::qcow2_write::{SnapshotEditor, SnapshotRef};
-use image_formats::FileStorage;
+use image_formats::qcow2_write::SnapshotRef;
 use proptest::prelude::*;
-use std::path::Path;
 
 const SIZE: u64 = 1 << 20;
 const OPTS: &[&str] = &[
@@ -40,10 +38,6 @@ fn step() -> impl Strategy<Value = Step> {
         2 => (any::<bool>(), any::<usize>()).prop_map(|(ours, pick)| Step::Apply { ours, pick }),
         2 => any::<usize>().prop_map(|pick| Step::Delete { pick }),
     ]
-}
-
-fn editor(p: &Path) -> SnapshotEditor<FileStorage> {
-    SnapshotEditor::open(FileStorage::open_read_write(p).unwrap()).unwrap()
 }
 
 fn run_case(opts: &str, steps: &[Step]) {

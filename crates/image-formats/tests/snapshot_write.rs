@@ -7,96 +7,10 @@
 use image_formats::qcow2_write::{create, CreateOptions, SnapshotEditor, SnapshotRef};
 use image_formats::{ErrorKind, FileStorage};
 use serde_json::Value;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
 
-const HINT: &str = "run `cargo xtask deps` (installs QEMU 10.0.2: qemu-img, qemu-io)";
-
-fn run(prog: &str, args: &[&str]) -> Output {
-    Command::new(prog)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {prog} ({e}): {HINT}"))
-}
-
-fn ok(prog: &str, args: &[&str]) -> String {
-    let out = run(prog, args);
-    assert!(
-        out.status.success(),
-        "{prog} {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-/// `qemu-img check`: no corruption and no leaks.
-fn assert_clean(p: &Path) {
-    let out = run("qemu-img", &["check", "--output=json", s(p)]);
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-    let zero = |k: &str| v.get(k).is_none_or(|x| x.as_u64() == Some(0));
-    assert!(
-        out.status.success() && v.is_object() && zero("corruptions") && zero("leaks"),
-        "qemu-img check {}: {v} {}",
-        p.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn raw(img: &Path, snapshot_id: Option<&str>) -> Vec<u8> {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("raw");
-    let mut args = vec!["convert", "-U"];
-    let l;
-    if let Some(id) = snapshot_id {
-        l = format!("snapshot.id={id}");
-        args.extend(["-l", &l]);
-    }
-    args.extend(["-O", "raw", s(img), s(&out)]);
-    ok("qemu-img", &args);
-    std::fs::read(out).unwrap()
-}
-
-fn write_pattern(img: &Path, pattern: u8, off: u64, len: u64, compressed: bool) {
-    let c = format!(
-        "write {}-P {pattern} {off} {len}",
-        if compressed { "-c " } else { "" }
-    );
-    ok("qemu-io", &["-f", "qcow2", "-c", &c, s(img)]);
-}
-
-fn snapshot_list(img: &Path) -> Vec<(String, String)> {
-    let v: Value =
-        serde_json::from_str(&ok("qemu-img", &["info", "--output=json", "-U", s(img)])).unwrap();
-    v["snapshots"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .map(|x| {
-                    (
-                        x["id"].as_str().unwrap().to_string(),
-                        x["name"].as_str().unwrap().to_string(),
-                    )
-                })
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-fn now() -> (u32, u32) {
-    let d = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap();
-    (d.as_secs() as u32, d.subsec_micros() * 1000)
-}
-
-fn editor(p: &Path) -> SnapshotEditor<FileStorage> {
-    SnapshotEditor::open(FileStorage::open_read_write(p).unwrap()).unwrap()
-}
+mod write_common;
+use write_common::*;
 
 fn ours_create(p: &Path, name: &str) -> String {
     let id = editor(p).create(name.as_bytes(), now()).unwrap();
@@ -111,17 +25,6 @@ fn ours_delete(p: &Path, name: &str) {
     editor(p)
         .delete(&SnapshotRef::Name(name.as_bytes().to_vec()))
         .unwrap();
-}
-
-fn qimg(dir: &Path, name: &str, opts: &str, size: &str) -> PathBuf {
-    let p = dir.join(name);
-    let mut args = vec!["create", "-q", "-f", "qcow2"];
-    if !opts.is_empty() {
-        args.extend(["-o", opts]);
-    }
-    args.extend([s(&p), size]);
-    ok("qemu-img", &args);
-    p
 }
 
 #[test]
@@ -175,13 +78,13 @@ fn create_is_byte_identical_to_qemu_img() {
 fn interop_on(opts: &str, compressed: bool) {
     let dir = tempfile::tempdir().unwrap();
     let p = qimg(dir.path(), "img.qcow2", opts, "4M");
-    write_pattern(&p, 0x11, 0, 1 << 20, compressed);
+    write_pattern_with(&p, 0x11, 0, 1 << 20, compressed);
     let v1 = raw(&p, None);
     let id1 = ours_create(&p, "one");
     assert_eq!(id1, "1");
     assert_clean(&p);
-    write_pattern(&p, 0x22, 512 << 10, 1 << 20, false);
-    write_pattern(&p, 0x23, 3 << 20, 64 << 10, compressed);
+    write_pattern(&p, 0x22, 512 << 10, 1 << 20);
+    write_pattern_with(&p, 0x23, 3 << 20, 64 << 10, compressed);
     let v2 = raw(&p, None);
     ok("qemu-img", &["snapshot", "-c", "two", s(&p)]);
     let id3 = ours_create(&p, "one"); // names may repeat
@@ -199,14 +102,14 @@ fn interop_on(opts: &str, compressed: bool) {
     assert_eq!(raw(&p, Some("2")), v2);
     assert_eq!(raw(&p, Some("3")), v2);
     // qemu-img applies ours, we apply qemu-img's.
-    write_pattern(&p, 0x33, 0, 2 << 20, false);
+    write_pattern(&p, 0x33, 0, 2 << 20);
     ok("qemu-img", &["snapshot", "-a", "1", s(&p)]);
     assert_eq!(raw(&p, None), v1);
     assert_clean(&p);
     ours_apply(&p, "two");
     assert_eq!(raw(&p, None), v2);
     assert_clean(&p);
-    write_pattern(&p, 0x44, 1 << 20, 1 << 20, false);
+    write_pattern(&p, 0x44, 1 << 20, 1 << 20);
     let v4 = raw(&p, None);
     // Delete by name: the first "one" (id 1); qemu-img deletes "two".
     ours_delete(&p, "one");
@@ -266,7 +169,7 @@ fn entry_matches_qemu_img_but_the_date() {
     let a = qimg(dir.path(), "a.qcow2", "", "64M");
     let b = qimg(dir.path(), "b.qcow2", "", "64M");
     for p in [&a, &b] {
-        write_pattern(p, 1, 0, 128 << 10, false);
+        write_pattern(p, 1, 0, 128 << 10);
     }
     ok("qemu-img", &["snapshot", "-c", "first", s(&a)]);
     ours_create(&b, "first");
@@ -363,7 +266,7 @@ fn refcount_table_grows_when_needed() {
         "cluster_size=512,refcount_bits=64",
         "1G",
     );
-    write_pattern(&p, 7, 0, 300 << 10, false);
+    write_pattern(&p, 7, 0, 300 << 10);
     let table_at = |p: &Path| std::fs::read(p).unwrap()[48..60].to_vec();
     let before = table_at(&p);
     let v = raw(&p, None);
@@ -374,7 +277,7 @@ fn refcount_table_grows_when_needed() {
         ours_create(&p, &format!("s{n}"));
     }
     assert_clean(&p);
-    write_pattern(&p, 8, 0, 300 << 10, false);
+    write_pattern(&p, 8, 0, 300 << 10);
     ours_apply(&p, "s1");
     assert_eq!(raw(&p, None), v);
     for i in 1..=n {
@@ -388,13 +291,13 @@ fn refcount_table_grows_when_needed() {
 fn refcount_overflow_is_refused_and_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let p = qimg(dir.path(), "o.qcow2", "refcount_bits=1", "4M");
-    write_pattern(&p, 7, 0, 1 << 20, false);
+    write_pattern(&p, 7, 0, 1 << 20);
     let before = std::fs::read(&p).unwrap();
     let e = editor(&p).create(b"x", now()).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::LimitExceeded, "{e}");
     assert_eq!(std::fs::read(&p).unwrap(), before);
     let q = qimg(dir.path(), "o2.qcow2", "refcount_bits=2", "4M");
-    write_pattern(&q, 7, 0, 1 << 20, false);
+    write_pattern(&q, 7, 0, 1 << 20);
     ours_create(&q, "a");
     ours_create(&q, "b");
     let before = std::fs::read(&q).unwrap();
@@ -410,7 +313,7 @@ fn unknown_extra_data_and_short_entries_are_kept() {
     use image_formats::Storage;
     let dir = tempfile::tempdir().unwrap();
     let p = qimg(dir.path(), "x.qcow2", "compat=0.10", "4M");
-    write_pattern(&p, 5, 0, 64 << 10, false);
+    write_pattern(&p, 5, 0, 64 << 10);
     ok("qemu-img", &["snapshot", "-c", "a", s(&p)]);
     ok("qemu-img", &["snapshot", "-c", "b", s(&p)]);
     // Rewrite the table in place (it has the rest of its cluster): entry "a" gets 8 unknown
@@ -447,10 +350,10 @@ fn apply_resizes_like_qemu_img() {
     let dir = tempfile::tempdir().unwrap();
     let build = |name: &str| {
         let p = qimg(dir.path(), name, "cluster_size=4096", "4M");
-        write_pattern(&p, 1, 0, 1 << 20, false);
+        write_pattern(&p, 1, 0, 1 << 20);
         ok("qemu-img", &["snapshot", "-c", "small", s(&p)]);
         ok("qemu-img", &["resize", "-q", s(&p), "256M"]);
-        write_pattern(&p, 2, (128 << 20) + 4096, 1 << 20, false);
+        write_pattern(&p, 2, (128 << 20) + 4096, 1 << 20);
         ok("qemu-img", &["snapshot", "-c", "big", s(&p)]);
         p
     };
@@ -500,7 +403,7 @@ fn lookups_match_qemu_img_when_names_look_like_ids() {
     let mk = |n: &str| {
         let p = qimg(dir.path(), n, "", "4M");
         for (i, name) in ["a", "1", "b"].iter().enumerate() {
-            write_pattern(&p, i as u8 + 1, 0, 64 << 10, false);
+            write_pattern(&p, i as u8 + 1, 0, 64 << 10);
             ok("qemu-img", &["snapshot", "-c", name, s(&p)]);
         }
         p

@@ -2,6 +2,8 @@
 //! what every snapshot and the active state hold.
 #![allow(dead_code)]
 
+use image_formats::qcow2_write::SnapshotEditor;
+use image_formats::FileStorage;
 use serde_json::Value;
 use std::path::Path;
 use std::process::{Command, Output};
@@ -85,8 +87,21 @@ pub fn raw(img: &Path, snapshot_id: Option<&str>) -> Vec<u8> {
 }
 
 pub fn write_pattern(img: &Path, pattern: u8, off: u64, len: u64) {
-    let c = format!("write -P {pattern} {off} {len}");
+    write_pattern_with(img, pattern, off, len, false);
+}
+
+/// `write_pattern`, optionally as compressed clusters (`qemu-io write -c`).
+pub fn write_pattern_with(img: &Path, pattern: u8, off: u64, len: u64, compressed: bool) {
+    let c = format!(
+        "write {}-P {pattern} {off} {len}",
+        if compressed { "-c " } else { "" }
+    );
     ok("qemu-io", &["-f", "qcow2", "-c", &c, s(img)]);
+}
+
+/// Our snapshot editor on an image file, opened read-write.
+pub fn editor(p: &Path) -> SnapshotEditor<FileStorage> {
+    SnapshotEditor::open(FileStorage::open_read_write(p).unwrap()).unwrap()
 }
 
 /// (id, name) of every snapshot, as qemu-img lists them.
