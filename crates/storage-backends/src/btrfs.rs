@@ -418,10 +418,7 @@ impl Backend for BtrfsPool {
         let (_, res) = self.describe(volume)?;
         let _l = lease(&self.locks, "volume snapshot revert", res).await?;
         if !fsutil::is_subvolume(&snap) {
-            return Err(Error::new(
-                ErrorKind::NotFound,
-                format!("volume {volume:?} has no snapshot {snapshot:?}"),
-            ));
+            return Err(crate::no_snapshot(volume, snapshot));
         }
         let cur = self.subvol(volume)?;
         let new = self.root.join(format!(".{volume}.revert"));

@@ -96,12 +96,15 @@ pub(crate) fn find_snapshot(
 ) -> Result<VolSnapshot> {
     list.into_iter()
         .find(|s| s.name == snapshot)
-        .ok_or_else(|| {
-            Error::new(
-                ErrorKind::NotFound,
-                format!("volume {volume:?} has no snapshot {snapshot:?}"),
-            )
-        })
+        .ok_or_else(|| no_snapshot(volume, snapshot))
+}
+
+/// The error for a snapshot a volume does not have.
+pub(crate) fn no_snapshot(volume: &str, snapshot: &str) -> Error {
+    Error::new(
+        ErrorKind::NotFound,
+        format!("volume {volume:?} has no snapshot {snapshot:?}"),
+    )
 }
 
 /// Run blocking file work off the runtime's threads.

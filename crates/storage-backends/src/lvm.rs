@@ -250,6 +250,19 @@ impl LvmPool {
             })
     }
 
+    /// The LV of `volume`'s snapshot `snapshot`, or [`ErrorKind::NotFound`].
+    fn find_snapshot_lv(
+        &self,
+        lvs: &[LvRow],
+        volume: &str,
+        snapshot: &str,
+    ) -> Result<(LvRow, VolSnapshot)> {
+        self.snapshots_of(lvs, volume)
+            .into_iter()
+            .find(|(_, s)| s.name == snapshot)
+            .ok_or_else(|| crate::no_snapshot(volume, snapshot))
+    }
+
     fn snapshots_of(&self, lvs: &[LvRow], volume: &str) -> Vec<(LvRow, VolSnapshot)> {
         let prefix = format!("{volume}.");
         let mut v: Vec<(LvRow, VolSnapshot)> = lvs
@@ -514,16 +527,7 @@ impl Backend for LvmPool {
         let lvs = self.lvs().await?;
         let vol = self.find_volume(&lvs, volume)?;
         let _l = lease(&self.locks, "volume snapshot revert", self.resource(&vol)).await?;
-        let (snap_lv, snap) = self
-            .snapshots_of(&lvs, volume)
-            .into_iter()
-            .find(|(_, s)| s.name == snapshot)
-            .ok_or_else(|| {
-                Error::new(
-                    ErrorKind::NotFound,
-                    format!("volume {volume:?} has no snapshot {snapshot:?}"),
-                )
-            })?;
+        let (snap_lv, snap) = self.find_snapshot_lv(&lvs, volume, snapshot)?;
         if !snap.valid {
             return Err(Error::new(
                 ErrorKind::InvalidSnapshot,
@@ -602,16 +606,7 @@ impl Backend for LvmPool {
         let lvs = self.lvs().await?;
         let vol = self.find_volume(&lvs, volume)?;
         let _l = lease(&self.locks, "volume snapshot delete", self.resource(&vol)).await?;
-        let (lv, _) = self
-            .snapshots_of(&lvs, volume)
-            .into_iter()
-            .find(|(_, s)| s.name == snapshot)
-            .ok_or_else(|| {
-                Error::new(
-                    ErrorKind::NotFound,
-                    format!("volume {volume:?} has no snapshot {snapshot:?}"),
-                )
-            })?;
+        let (lv, _) = self.find_snapshot_lv(&lvs, volume, snapshot)?;
         self.remove(&lv.name).await
     }
 }
