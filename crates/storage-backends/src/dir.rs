@@ -380,16 +380,13 @@ impl Backend for DirPool {
         check_name(NameOf::Snapshot, snapshot)?;
         let path = self.vol_path(volume)?;
         let vol = self.describe(volume, &path)?;
+        let _l = lease(&self.locks, "volume snapshot revert", Resource::file(&path)).await?;
         match vol.format {
             VolFormat::Qcow2 => {
-                let _l =
-                    lease(&self.locks, "volume snapshot revert", Resource::file(&path)).await?;
                 find_snapshot(qcow2_snapshots(&path, volume)?, volume, snapshot)?;
                 qcow2_op(&path, Op::Apply(snapshot.to_string())).await
             }
             VolFormat::Raw => {
-                let _l =
-                    lease(&self.locks, "volume snapshot revert", Resource::file(&path)).await?;
                 find_snapshot(self.raw_snapshots(volume)?, volume, snapshot)?;
                 let src = self.snap_dir(volume).join(snapshot);
                 let tmp = self
@@ -419,16 +416,13 @@ impl Backend for DirPool {
         check_name(NameOf::Snapshot, snapshot)?;
         let path = self.vol_path(volume)?;
         let vol = self.describe(volume, &path)?;
+        let _l = lease(&self.locks, "volume snapshot delete", Resource::file(&path)).await?;
         match vol.format {
             VolFormat::Qcow2 => {
-                let _l =
-                    lease(&self.locks, "volume snapshot delete", Resource::file(&path)).await?;
                 find_snapshot(qcow2_snapshots(&path, volume)?, volume, snapshot)?;
                 qcow2_op(&path, Op::Delete(snapshot.to_string())).await
             }
             VolFormat::Raw => {
-                let _l =
-                    lease(&self.locks, "volume snapshot delete", Resource::file(&path)).await?;
                 find_snapshot(self.raw_snapshots(volume)?, volume, snapshot)?;
                 let dir = self.snap_dir(volume);
                 let f = dir.join(snapshot);
