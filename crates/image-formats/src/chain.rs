@@ -82,18 +82,18 @@ pub fn backing_chain(
             ));
         }
         let path = PathBuf::from(&name);
-        let canonical = match std::fs::canonicalize(&path) {
+        // Only regular files and block devices, checked without blocking (a FIFO would hang
+        // the open) and before anything else reads the path.
+        let canonical = match crate::storage::check_image_path(&path)
+            .and_then(|()| std::fs::canonicalize(&path))
+        {
             Ok(c) => c,
-            Err(e) if chain.is_empty() => {
+            Err(e) if chain.is_empty() => return Err(Error::open_failed(&path, e)),
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => {
                 return Err(Error::new(
-                    if e.kind() == std::io::ErrorKind::NotFound {
-                        ErrorKind::BackingMissing
-                    } else {
-                        ErrorKind::Io
-                    },
-                    format!("cannot open: {e}"),
-                )
-                .with_path(&path))
+                    ErrorKind::InvalidInput,
+                    format!("backing file '{name}' {e}; chain so far: {}", names(&chain)),
+                ))
             }
             Err(e) => {
                 return Err(Error::new(

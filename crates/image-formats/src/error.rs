@@ -27,6 +27,9 @@ pub enum ErrorKind {
     ProbeRefused,
     /// The named snapshot (or other object) does not exist.
     NotFound,
+    /// The path is not an image: not a regular file or block device (a FIFO, a socket, a
+    /// directory, a character device), or a symlink loop.
+    InvalidInput,
 }
 
 impl fmt::Display for ErrorKind {
@@ -42,6 +45,7 @@ impl fmt::Display for ErrorKind {
             ErrorKind::ChainTooDeep => "backing chain too deep",
             ErrorKind::ProbeRefused => "refusing to probe backing format",
             ErrorKind::NotFound => "not found",
+            ErrorKind::InvalidInput => "not a regular file or block device",
         })
     }
 }
@@ -96,6 +100,25 @@ impl Error {
             kind,
             msg: format!("{}: {source}", what.into()),
             path: None,
+            offset: None,
+            source: Some(source),
+        }
+    }
+    /// The error of opening the image at `path` failing with `source`: `BackingMissing` for a
+    /// missing file, `InvalidInput` for what is not a regular file or block device (see
+    /// [`crate::open_image_file`]), else `Io`.
+    pub fn open_failed(path: &std::path::Path, source: std::io::Error) -> Self {
+        let (kind, msg) = match source.kind() {
+            std::io::ErrorKind::NotFound => {
+                (ErrorKind::BackingMissing, format!("cannot open: {source}"))
+            }
+            std::io::ErrorKind::InvalidInput => (ErrorKind::InvalidInput, source.to_string()),
+            _ => (ErrorKind::Io, format!("cannot open: {source}")),
+        };
+        Error {
+            kind,
+            msg,
+            path: Some(path.to_path_buf()),
             offset: None,
             source: Some(source),
         }

@@ -174,14 +174,7 @@ impl ImageInfo {
     /// Open `path` read-only, without locks (works on images a running QEMU holds), and read
     /// its metadata. `format` None probes the header.
     pub fn open(path: &Path, format: Option<Format>) -> Result<ImageInfo> {
-        let storage = FileStorage::open_read_only(path).map_err(|e| {
-            let kind = if e.kind() == std::io::ErrorKind::NotFound {
-                ErrorKind::BackingMissing
-            } else {
-                ErrorKind::Io
-            };
-            Error::new(kind, format!("cannot open: {e}")).with_path(path)
-        })?;
+        let storage = FileStorage::open_read_only(path).map_err(|e| Error::open_failed(path, e))?;
         let name = path.to_string_lossy();
         let mut info = ImageInfo::read(&name, &storage, format)?;
         {

@@ -30,4 +30,6 @@ mod window;
 pub use chain::{backing_chain, ChainOptions, ProbePolicy};
 pub use error::{Error, ErrorKind, Result};
 pub use info::{Format, ImageInfo};
-pub use storage::{FileStorage, MemStorage, Storage};
+pub use storage::{
+    check_image_path, checked_image_file, open_image_file, FileStorage, MemStorage, Storage,
+};
