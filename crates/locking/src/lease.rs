@@ -77,6 +77,8 @@ const SLOT_LOCK_BASE: u64 = 1 << 20;
 const RECORD_BASE: u64 = 4096;
 const RECORD_SIZE: usize = 1024;
 const MAX_SLOTS: u64 = 512;
+/// How long a refused acquirer waits for the holder's record to appear.
+const RECORD_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// Leases as OFD locks on files in a local lockspace directory.
 #[derive(Debug, Clone)]
@@ -185,6 +187,42 @@ fn encode_record(record: &HolderRecord) -> Vec<u8> {
     }
 }
 
+/// Who holds the lease `file` refused us (`ty` for `mode`): the records of the holders in
+/// the way (or of all holders, if none of them is; empty if nobody left one: another tool,
+/// virtlockd). `None`: nobody is in the way any more, the caller may try again.
+fn refusal(
+    file: &File,
+    path: &Path,
+    ty: LockType,
+    mode: Mode,
+) -> Result<Option<Vec<HolderRecord>>, Error> {
+    // The holder writes its record just after taking the lease: give it a moment (a
+    // virt-snap that just won a race may be descheduled in between on a busy host).
+    let deadline = std::time::Instant::now() + RECORD_WAIT;
+    let records = loop {
+        let records = read_records(file, path)?;
+        if !crate::sys::conflicts(file, ty, LEASE_BYTE)
+            .map_err(|e| Error::io("test lease lock", path, e))?
+        {
+            return Ok(None);
+        }
+        if !records.is_empty() || std::time::Instant::now() >= deadline {
+            break records;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    };
+    let blocking: Vec<HolderRecord> = records
+        .iter()
+        .filter(|r| !mode.compatible_with(r.mode))
+        .cloned()
+        .collect();
+    Ok(Some(if blocking.is_empty() {
+        records
+    } else {
+        blocking
+    }))
+}
+
 impl LeaseBackend for LocalBackend {
     fn try_acquire(
         &self,
@@ -201,44 +239,34 @@ impl LeaseBackend for LocalBackend {
         // a file that was unlinked (and maybe recreated) meanwhile protects nothing, so check
         // that the locked file is still the one at the path, as virtlockd does.
         let mut attempts = 0;
-        let (file, locked) = loop {
-            let file = self.open(key)?;
-            let locked = set_lock(&file, ty, LEASE_BYTE, 1)
-                .map_err(|e| Error::io("lock lease", &path, e))?;
-            if !locked || same_file(&file, &path) {
-                break (file, locked);
-            }
+        let mut again = |why: &str| {
             attempts += 1;
             if attempts >= 100 {
                 return Err(Error::io(
                     "lock lease",
                     &path,
-                    std::io::Error::other("the lease file keeps being replaced"),
+                    std::io::Error::other(why.to_string()),
                 ));
             }
+            Ok(())
         };
-        if !locked {
-            // The holder writes its record just after taking the lease: give it a moment.
-            let mut records = Vec::new();
-            for _ in 0..5 {
-                records = read_records(&file, &path)?;
-                if !records.is_empty() {
-                    break;
+        let file = loop {
+            let file = self.open(key)?;
+            let locked = set_lock(&file, ty, LEASE_BYTE, 1)
+                .map_err(|e| Error::io("lock lease", &path, e))?;
+            if locked {
+                if same_file(&file, &path) {
+                    break file;
                 }
-                std::thread::sleep(std::time::Duration::from_millis(2));
+                again("the lease file keeps being replaced")?;
+                continue;
             }
-            let blocking: Vec<HolderRecord> = records
-                .iter()
-                .filter(|r| !mode.compatible_with(r.mode))
-                .cloned()
-                .collect();
-            let holders = if blocking.is_empty() {
-                records
-            } else {
-                blocking
-            };
-            return Err(Error::conflict(key.display(), holders));
-        }
+            match refusal(&file, &path, ty, mode)? {
+                Some(holders) => return Err(Error::conflict(key.display(), holders)),
+                // The holder left meanwhile: try again.
+                None => again("the lease keeps changing hands")?,
+            }
+        };
         let mut slot = None;
         for i in 0..MAX_SLOTS {
             if set_lock(&file, LockType::Write, SLOT_LOCK_BASE + i, 1)
@@ -316,8 +344,13 @@ impl HeldLease for LocalLease {
 
 impl Drop for LocalLease {
     fn drop(&mut self) {
-        // Clear the record while the slot is still ours; closing the file drops the locks.
+        // Let go of the lease first, then clear the record while the slot is still ours
+        // (closing the file drops the slot lock): someone refused meanwhile still finds the
+        // record, rather than a lease held without one.
+        // A lease handed over (slot None) lives on in the child's fd of this same open file
+        // description: unlocking here would release it there too.
         if let Some(i) = self.slot {
+            let _ = crate::sys::unlock(&self.file, LEASE_BYTE, 1);
             let _ = self
                 .file
                 .write_all_at(&[0u8; RECORD_SIZE], record_offset(i));

@@ -83,13 +83,51 @@ fn guest_name(cmdline: &[u8]) -> Option<String> {
     Some(name.to_string())
 }
 
+/// The device of the superblock of the mount `path` is on (`/proc/self/mountinfo`, found by
+/// the mount id `statx` gives), as `MAJ:MIN` in decimal.
+fn superblock_dev(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    // SAFETY: an all-zero statx is a valid value; statx fills it.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: c is a NUL-terminated path and stx outlives the call.
+    let r = unsafe { libc::statx(libc::AT_FDCWD, c.as_ptr(), 0, libc::STATX_MNT_ID, &mut stx) };
+    if r != 0 || stx.stx_mask & libc::STATX_MNT_ID == 0 {
+        return None;
+    }
+    mount_dev(
+        &std::fs::read_to_string("/proc/self/mountinfo").ok()?,
+        stx.stx_mnt_id,
+    )
+}
+
+/// The `MAJ:MIN` field of mount `id` in mountinfo `text`.
+fn mount_dev(text: &str, id: u64) -> Option<(u64, u64)> {
+    text.lines().find_map(|l| {
+        let mut f = l.split_whitespace();
+        if f.next()?.parse::<u64>().ok()? != id {
+            return None;
+        }
+        let (maj, min) = f.nth(1)?.split_once(':')?;
+        Some((maj.parse().ok()?, min.parse().ok()?))
+    })
+}
+
 /// The processes other than this one that hold QEMU lock bytes on the file at `path`.
+///
+/// Lock lines name the file by its superblock's device (`s_dev`) and inode, while `stat`
+/// gives a btrfs file its subvolume's anonymous device instead: both devices are looked for.
 pub fn lock_owners(path: &Path) -> Vec<LockOwner> {
     let Ok(meta) = std::fs::metadata(path) else {
         return Vec::new();
     };
-    let (maj, min) = major_minor(meta.dev());
-    let id = format!("{maj:02x}:{min:02x}:{}", meta.ino());
+    let id_of = |(maj, min): (u64, u64)| format!("{maj:02x}:{min:02x}:{}", meta.ino());
+    let mut ids = vec![id_of(major_minor(meta.dev()))];
+    if let Some(sb) = superblock_dev(path).map(id_of) {
+        if !ids.contains(&sb) {
+            ids.push(sb);
+        }
+    }
     let me = std::process::id();
     let mut found: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
     let Ok(procs) = std::fs::read_dir("/proc") else {
@@ -109,13 +147,12 @@ pub fn lock_owners(path: &Path) -> Vec<LockOwner> {
             let Ok(text) = std::fs::read_to_string(fd.path()) else {
                 continue;
             };
-            if !text.contains(&id) {
-                continue;
-            }
-            for line in text.lines() {
-                let bytes = qemu_bytes(line, &id);
-                if !bytes.is_empty() {
-                    found.entry(pid).or_default().extend(bytes);
+            for id in ids.iter().filter(|id| text.contains(id.as_str())) {
+                for line in text.lines() {
+                    let bytes = qemu_bytes(line, id);
+                    if !bytes.is_empty() {
+                        found.entry(pid).or_default().extend(bytes);
+                    }
                 }
             }
         }
@@ -179,6 +216,18 @@ mod tests {
         );
         assert_eq!(guest_name(b"qemu\0-m\x00256\x00"), None);
         assert_eq!(guest_name(b"qemu\0-name"), None);
+    }
+
+    #[test]
+    fn mountinfo_gives_the_superblock_device() {
+        let text = "22 1 0:21 / /proc rw,nosuid - proc proc rw\n\
+                    97 29 0:45 /vol /mnt/b rw,relatime - btrfs /dev/loop3 rw,subvol=/vol\n";
+        assert_eq!(mount_dev(text, 97), Some((0, 45)));
+        assert_eq!(mount_dev(text, 22), Some((0, 21)));
+        assert_eq!(mount_dev(text, 5), None);
+        assert_eq!(mount_dev("garbage\n7 x\n", 7), None);
+        // This process's own root is found through statx and mountinfo.
+        assert!(superblock_dev(Path::new("/")).is_some());
     }
 
     #[test]

@@ -186,13 +186,39 @@ impl Access {
     }
 }
 
+/// Open the image at `path` for its locks: only a regular file or a block device. The type
+/// is checked on an `O_PATH` descriptor first (no side effect on a character device, no wait
+/// on a FIFO), then again on the descriptor opened (`O_NONBLOCK`: a FIFO swapped in meanwhile
+/// cannot hang us either; locks and `fstat` do not care about the flag).
 fn open_image(path: &Path) -> Result<File, Error> {
-    std::fs::OpenOptions::new()
-        .read(true)
-        // O_NONBLOCK: a FIFO given as an image must not hang us (no effect on files).
-        .custom_flags(libc::O_CLOEXEC | libc::O_NONBLOCK)
-        .open(path)
-        .map_err(|e| Error::io("open image", path, e))
+    let open = |flags: libc::c_int| {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_CLOEXEC | flags)
+            .open(path)
+            .map_err(|e| {
+                if e.raw_os_error() == Some(libc::ELOOP) {
+                    Error::invalid(
+                        path.display().to_string(),
+                        "symlink loop (too many levels of symbolic links)",
+                    )
+                } else {
+                    Error::io("open image", path, e)
+                }
+            })
+    };
+    let check = |file: &File| match crate::sys::not_an_image(file) {
+        Ok(None) => Ok(()),
+        Ok(Some(what)) => Err(Error::invalid(
+            path.display().to_string(),
+            format!("is {what}, not a regular file or block device"),
+        )),
+        Err(e) => Err(Error::io("stat image", path, e)),
+    };
+    check(&open(libc::O_PATH)?)?;
+    let file = open(libc::O_NONBLOCK | libc::O_NOCTTY)?;
+    check(&file)?;
+    Ok(file)
 }
 
 /// Test, as QEMU does after taking its own locks, whether another open file description's

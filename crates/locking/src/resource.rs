@@ -220,7 +220,7 @@ pub fn canonical_path(base: &Path, path: &Path) -> Result<PathBuf, Error> {
                 if links > MAX_LINKS {
                     return Err(Error::invalid(
                         path.display().to_string(),
-                        "too many levels of symbolic links",
+                        "symlink loop (too many levels of symbolic links)",
                     ));
                 }
                 let target =

@@ -55,6 +55,36 @@ pub(crate) fn set_lock(file: &File, ty: LockType, offset: u64, len: u64) -> io::
     }
 }
 
+/// Release this open file description's lock on `len` bytes at `offset`.
+pub(crate) fn unlock(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    let mut fl = flock(LockType::Read, offset, len);
+    fl.l_type = libc::F_UNLCK as libc::c_short;
+    // SAFETY: F_OFD_SETLK reads the flock we pass, which lives across the call.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &fl) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// What kind of file `file` is, if it is not one QEMU's image locks apply to (a regular file
+/// or a block device): "a FIFO", "a socket", ...
+pub(crate) fn not_an_image(file: &File) -> io::Result<Option<&'static str>> {
+    // SAFETY: an all-zero stat is a valid value; fstat fills it.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: the fd is open and st outlives the call.
+    if unsafe { libc::fstat(file.as_raw_fd(), &mut st) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(match st.st_mode & libc::S_IFMT {
+        libc::S_IFREG | libc::S_IFBLK => None,
+        libc::S_IFIFO => Some("a FIFO"),
+        libc::S_IFSOCK => Some("a socket"),
+        libc::S_IFDIR => Some("a directory"),
+        libc::S_IFCHR => Some("a character device"),
+        _ => Some("not a file"),
+    })
+}
+
 /// Would a lock of type `ty` on the byte at `offset` conflict with a lock another open file
 /// description holds? (Locks of `file`'s own description never count.)
 pub(crate) fn conflicts(file: &File, ty: LockType, offset: u64) -> io::Result<bool> {
