@@ -27,6 +27,9 @@ pub enum ErrorKind {
     Io,
     /// An image's metadata could not be read (image-formats).
     Image,
+    /// A stored definition (a pool's `pools/NAME.json`) cannot be read back: not JSON, not a
+    /// pool definition, not a regular file.
+    Damaged,
 }
 
 impl fmt::Display for ErrorKind {
@@ -42,6 +45,7 @@ impl fmt::Display for ErrorKind {
             ErrorKind::InvalidSnapshot => "invalid snapshot",
             ErrorKind::Io => "I/O error",
             ErrorKind::Image => "image error",
+            ErrorKind::Damaged => "damaged definition",
         })
     }
 }
@@ -202,6 +206,8 @@ impl From<image_formats::Error> for Error {
             }
             image_formats::ErrorKind::Unsupported => ErrorKind::NotSupported,
             image_formats::ErrorKind::Io => ErrorKind::Io,
+            // Not a regular file or block device (a FIFO, a directory, ...), a symlink loop.
+            image_formats::ErrorKind::InvalidInput => ErrorKind::InvalidInput,
             _ => ErrorKind::Image,
         };
         Error::new(kind, e.to_string()).with_source(e)

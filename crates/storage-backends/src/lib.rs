@@ -34,7 +34,7 @@ pub use model::{
 };
 pub use reverter::Reverter;
 pub use runner::{CommandRunner, LocalRunner, Output, QgaRunner, RecordingRunner};
-pub use store::{PoolStore, POOLS_SUBDIR};
+pub use store::{DamagedPool, PoolListing, PoolStore, POOLS_SUBDIR};
 
 use async_trait::async_trait;
 use std::sync::Arc;

@@ -136,7 +136,12 @@ pub async fn run(cmd: PoolCmd, out: Format, state: Option<&Path>) -> CliResult {
             }
         }
         PoolCmd::PoolList => {
-            let pools = store.list().map_err(sb_err)?;
+            // A damaged definition is named on stderr; the others list as usual.
+            let listing = store.scan().map_err(sb_err)?;
+            for d in &listing.damaged {
+                eprintln!("warning: {}", d.error);
+            }
+            let pools = listing.pools;
             match out {
                 Format::Json => output::print_json(&pools).map_err(out_err),
                 Format::Text => {
@@ -180,9 +185,14 @@ pub async fn run(cmd: PoolCmd, out: Format, state: Option<&Path>) -> CliResult {
             }
         }
         PoolCmd::PoolUndefine { name } => {
+            // None: the definition was damaged; its file is removed all the same.
             let def = store.undefine(&name).map_err(sb_err)?;
             match out {
-                Format::Json => output::print_json(&def).map_err(out_err),
+                Format::Json => match def {
+                    Some(def) => output::print_json(&def).map_err(out_err),
+                    None => output::print_json(&serde_json::json!({"name": name, "damaged": true}))
+                        .map_err(out_err),
+                },
                 Format::Text => {
                     println!("Pool {name} has been undefined");
                     Ok(())
