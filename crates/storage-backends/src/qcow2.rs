@@ -19,6 +19,26 @@ pub(crate) enum Op {
 
 /// Create the qcow2 image `path` (which must not exist) for `spec`; removed on failure.
 pub(crate) fn create(path: &Path, spec: &VolumeSpec) -> Result<()> {
+    if let Some(b) = &spec.backing {
+        // Only a regular file or block device, checked without opening it for I/O (a FIFO
+        // would block the open).
+        match image_formats::check_image_path(Path::new(&b.path)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Error::new(
+                    ErrorKind::NotFound,
+                    format!("backing volume {} does not exist", b.path),
+                ))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => {
+                return Err(Error::new(
+                    ErrorKind::InvalidInput,
+                    format!("backing volume {} {e}", b.path),
+                ))
+            }
+            Err(e) => return Err(Error::io(format!("backing volume {}", b.path), e)),
+        }
+    }
     let size = match (&spec.backing, spec.capacity) {
         (Some(b), 0) => {
             crate::dir::probe_file(Path::new(&b.path))
@@ -27,14 +47,6 @@ pub(crate) fn create(path: &Path, spec: &VolumeSpec) -> Result<()> {
         }
         (_, n) => n,
     };
-    if let Some(b) = &spec.backing {
-        if !Path::new(&b.path).exists() {
-            return Err(Error::new(
-                ErrorKind::NotFound,
-                format!("backing volume {} does not exist", b.path),
-            ));
-        }
-    }
     let f = std::fs::OpenOptions::new()
         .read(true)
         .write(true)

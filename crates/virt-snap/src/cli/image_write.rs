@@ -97,10 +97,13 @@ fn lock(state_dir: Option<&Path>, op: &str, file: &Path) -> Result<Acquired, Cli
         volumes: vec![Resource::file(file)],
     })
     .map_err(|e| {
-        CliError::with_source(
-            format!("{}: image is in use, not changing it", file.display()),
-            e,
-        )
+        // Only a conflict is "in use"; a read-only lockspace or a symlink loop says so.
+        let what = if e.is_conflict() {
+            "image is in use, not changing it"
+        } else {
+            "cannot lock the image"
+        };
+        CliError::with_source(format!("{}: {what}", file.display()), e)
     })
 }
 
@@ -166,7 +169,11 @@ pub fn run_create(a: CreateArgs, out: Format, state_dir: Option<&Path>) -> CliRe
                 backing_size = Some(info.virtual_size());
                 backing_format.get_or_insert_with(|| info.format().as_str().to_string());
             }
-            Err(e) if a.size.is_some() && fmt.is_some() => {
+            Err(e)
+                if a.size.is_some()
+                    && fmt.is_some()
+                    && e.kind() == image_formats::ErrorKind::BackingMissing =>
+            {
                 // Like qemu-img -u: a missing backing file is fine when the size is given.
                 let _ = e;
             }
@@ -184,13 +191,20 @@ pub fn run_create(a: CreateArgs, out: Format, state_dir: Option<&Path>) -> CliRe
         backing_format: backing_format.map(String::into_bytes),
     };
     // The file must exist to be locked; it is only truncated once the lock is held.
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&a.file)
-        .map_err(|e| CliError::with_source(format!("{}: cannot open", a.file.display()), e))?;
+    // Non-blocking, then checked: an existing FIFO, directory, ... is refused at once.
+    let file = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+            .open(&a.file)
+            .and_then(image_formats::checked_image_file)
+            .map_err(|e| CliError::with_source(format!("{}: cannot open", a.file.display()), e))?
+    };
     let _held = lock(state_dir, "image create", &a.file)?;
     create(&FileStorage::from_file(file), &opts)
         .map_err(|e| img_err("cannot create the image", &a.file, e))?;
