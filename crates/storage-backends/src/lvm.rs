@@ -396,6 +396,8 @@ impl Backend for LvmPool {
             allocation: capacity - available.min(capacity),
             available,
             capabilities: self.capabilities(),
+            leftovers: 0,
+            leftover_bytes: 0,
         })
     }
 
