@@ -469,7 +469,9 @@ impl Backend for DirPool {
         let _l = lease(&self.locks, "volume delete", Resource::file(&path)).await?;
         self.describe(&root, name)?;
         Self::clean_leftovers(&root, name)?;
-        // A symlinked `.snapshots` or `.snapshots/VOL` fails here, before anything is gone.
+        // A symlink at `.snapshots`, `.snapshots/VOL` or a snapshot fails here, before
+        // anything is gone.
+        Self::raw_snapshots(&root, name)?;
         if Self::snap_dir(&root, name, false)?.is_some() {
             let snaps = root.open_dir(SNAPSHOT_DIR)?.expect("opened just before");
             snaps.remove_tree(name)?;

@@ -1,6 +1,10 @@
 //! btrfs pools on a real btrfs (loop device): subvolume per volume, read-only snapshots,
 //! atomic revert, failure injection, in-use refusal; and a dir pool on btrfs (reflink).
 
+// Each test runs on its own current-thread runtime: holding `serial()` across awaits blocks
+// nothing but the other tests, which is its purpose.
+#![allow(clippy::await_holding_lock)]
+
 mod common;
 
 use common::*;
@@ -23,6 +27,7 @@ fn show_uuid(path: &Path) -> String {
 
 #[tokio::test]
 async fn btrfs_pool_snapshot_revert_delete_with_failure_injection_and_leases() {
+    let _serial = serial();
     let fs = testbed::Btrfs::new(512).expect("btrfs testbed (cargo xtask deps)");
     let state = tempfile::tempdir().unwrap();
     let root = fs.mountpoint().join("pool");
@@ -172,6 +177,7 @@ async fn btrfs_pool_snapshot_revert_delete_with_failure_injection_and_leases() {
 
 #[tokio::test]
 async fn dir_pool_on_btrfs_snapshots_raw_volumes_by_reflink() {
+    let _serial = serial();
     let fs = testbed::Btrfs::new(512).expect("btrfs testbed (cargo xtask deps)");
     let state = tempfile::tempdir().unwrap();
     let target = fs.mountpoint().display().to_string();
@@ -210,6 +216,7 @@ async fn dir_pool_on_btrfs_snapshots_raw_volumes_by_reflink() {
 
 #[tokio::test]
 async fn the_local_runners_built_in_btrfs_snapshot_matches_the_tool() {
+    let _serial = serial();
     let fs = testbed::Btrfs::new(256).expect("btrfs testbed (cargo xtask deps)");
     let m = fs.mountpoint();
     let run = |args: &[&std::path::Path]| {
