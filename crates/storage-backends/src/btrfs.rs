@@ -10,23 +10,33 @@
 //! (the lease key) and exact creation times are read with the `BTRFS_IOC_GET_SUBVOL_INFO`
 //! ioctl, without a process.
 //!
-//! Revert: `btrfs subvolume snapshot SNAP .NAME.revert` (a writable snapshot of the
-//! snapshot), then one `renameat2(RENAME_EXCHANGE)` swaps it with the volume (atomic: a VM
-//! started at any moment sees the old or the new volume, never none), then the old volume is
-//! deleted. The snapshot is kept.
+//! Revert: `btrfs subvolume snapshot SNAP .snapshots/NAME/.vs-revert` (a writable snapshot
+//! of the snapshot; the destination never exists: btrfs-progs would snapshot *into* an
+//! existing directory), then one `renameat2(RENAME_EXCHANGE)` swaps it with the volume
+//! (atomic: a VM started at any moment sees the old or the new volume, never none), then the
+//! old volume, now `.vs-revert`, is deleted. The snapshot is kept. Killed at any step, the
+//! volume is the old or the new one, and the next operation on it deletes `.vs-revert`.
+//!
+//! Files and directories are reached through directory descriptors that never follow a
+//! symlink ([`crate::pooldir`]); the paths handed to `btrfs` are checked level by level just
+//! before. Hidden entries of `.snapshots/NAME/` are temporaries of operations on NAME: the
+//! next operation on NAME (holding its lease) removes them.
 
-use crate::dir::{check_spec, create_qcow2, exists, probe_file};
+use crate::dir::{check_spec, count_leftovers, create_file, exists, not_a_pool_volume, probe};
 use crate::error::{Error, ErrorKind, Result};
 use crate::fsutil;
 use crate::lease::lease;
 use crate::model::*;
 use crate::name::{check_name, NameOf};
+use crate::pooldir::{self, symlink_error, utf8_name, DirFd, EntryKind};
 use crate::reverter::Reverter;
 use crate::runner::{argv, run_ok, CommandRunner};
-use crate::{blocking, find_snapshot, Backend};
+use crate::{blocking, failpoint, find_snapshot, no_snapshot, Backend};
 use async_trait::async_trait;
 use locking::{LockManager, Resource, UuidKind};
+use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::Arc;
 
 /// Directory of snapshots under a btrfs pool's target.
@@ -116,6 +126,16 @@ pub struct BtrfsPool {
     locks: LockManager,
 }
 
+/// A revert's new volume being made, in `.snapshots/VOL/`.
+const REVERT_TMP: &str = ".vs-revert";
+
+type Fut<'a, T> = Pin<Box<dyn Future<Output = Result<T>> + Send + 'a>>;
+
+/// Whether the directory open as `d` is a subvolume's root (inode 256 on btrfs).
+fn is_subvol(d: &DirFd) -> bool {
+    d.stat_self().is_ok_and(|s| s.ino == 256)
+}
+
 impl BtrfsPool {
     /// Open a btrfs pool (its target must be a directory on btrfs).
     pub fn new(
@@ -130,6 +150,7 @@ impl BtrfsPool {
                 format!("pool {:?}: {} is not a directory", def.name, root.display()),
             ));
         }
+        DirFd::open_root(&root).map_err(|e| e.context(format!("pool {:?}", def.name)))?;
         if !fsutil::is_btrfs(&root)? {
             return Err(Error::new(
                 ErrorKind::NotSupported,
@@ -144,39 +165,53 @@ impl BtrfsPool {
         })
     }
 
-    fn subvol(&self, name: &str) -> Result<PathBuf> {
+    fn open_root(&self) -> Result<DirFd> {
+        DirFd::open_root(&self.root)
+    }
+
+    fn not_found(&self, name: &str) -> Error {
+        Error::new(
+            ErrorKind::NotFound,
+            format!("pool {:?} has no volume {name:?}", self.def.name),
+        )
+    }
+
+    /// The volume's subvolume `NAME/`, checked: not a symlink, a subvolume.
+    fn open_subvol(&self, root: &DirFd, name: &str) -> Result<DirFd> {
         check_name(NameOf::Volume, name)?;
-        Ok(self.root.join(name))
-    }
-
-    fn snap_path(&self, volume: &str, snapshot: &str) -> Result<PathBuf> {
-        check_name(NameOf::Snapshot, snapshot)?;
-        Ok(self.root.join(SNAPSHOT_DIR).join(volume).join(snapshot))
-    }
-
-    /// The volume file inside subvolume `sv`, and its format.
-    fn vol_file(sv: &Path) -> Option<(PathBuf, VolFormat)> {
-        [VolFormat::Raw, VolFormat::Qcow2]
-            .into_iter()
-            .map(|f| (sv.join(format!("volume.{}", f.as_str())), f))
-            .find(|(p, _)| p.is_file())
-    }
-
-    fn describe(&self, name: &str) -> Result<(Volume, Resource)> {
-        let sv = self.subvol(name)?;
-        let not_found = || {
-            Error::new(
-                ErrorKind::NotFound,
-                format!("pool {:?} has no volume {name:?}", self.def.name),
-            )
-        };
-        if !fsutil::is_subvolume(&sv) {
-            return Err(not_found());
+        match root.stat(name)? {
+            None => return Err(self.not_found(name)),
+            Some(s) if s.kind == EntryKind::Symlink => return Err(symlink_error(&root.join(name))),
+            Some(s) if s.kind != EntryKind::Dir => return Err(self.not_found(name)),
+            Some(_) => {}
         }
-        let (file, _) = Self::vol_file(&sv).ok_or_else(not_found)?;
-        let info = fsutil::subvol_info(&sv)?;
-        let (format, capacity, backing) = probe_file(&file)?;
-        use std::os::unix::fs::MetadataExt;
+        let d = root.open_dir(name)?.ok_or_else(|| self.not_found(name))?;
+        if !is_subvol(&d) {
+            return Err(self.not_found(name));
+        }
+        Ok(d)
+    }
+
+    /// The volume file inside subvolume `sv`, and its format (a symlink is an error).
+    fn vol_file(sv: &DirFd) -> Result<Option<(String, VolFormat)>> {
+        for f in [VolFormat::Raw, VolFormat::Qcow2] {
+            let n = format!("volume.{}", f.as_str());
+            match sv.stat(&n)? {
+                Some(s) if s.kind == EntryKind::File => return Ok(Some((n, f))),
+                Some(s) if s.kind == EntryKind::Symlink => return Err(symlink_error(&sv.join(&n))),
+                _ => {}
+            }
+        }
+        Ok(None)
+    }
+
+    fn describe(&self, root: &DirFd, name: &str) -> Result<(Volume, Resource)> {
+        let sv = self.open_subvol(root, name)?;
+        let (fname, _) = Self::vol_file(&sv)?.ok_or_else(|| self.not_found(name))?;
+        let file = sv.join(&fname);
+        let info = fsutil::subvol_info_fd(sv.fd(), sv.path())?;
+        let (format, capacity, backing) = probe(sv.open_file(&fname, false)?, &file)?;
+        let allocation = sv.stat(&fname)?.map(|s| s.allocated);
         let res = Resource::Uuid {
             kind: UuidKind::BtrfsSubvolume,
             uuid: info.uuid.clone(),
@@ -190,12 +225,46 @@ impl BtrfsPool {
                 path: file.display().to_string(),
                 format,
                 capacity,
-                allocation: std::fs::metadata(&file).ok().map(|m| m.blocks() * 512),
+                allocation,
                 backing,
                 key: info.uuid,
             },
             res,
         ))
+    }
+
+    /// `.snapshots/VOL`, `None` if absent; created (0700) when `create`.
+    fn snap_dir(root: &DirFd, volume: &str, create: bool) -> Result<Option<DirFd>> {
+        if create {
+            let s = root.open_or_create_dir(SNAPSHOT_DIR, 0o700)?;
+            return s.open_or_create_dir(volume, 0o700).map(Some);
+        }
+        match root.open_dir(SNAPSHOT_DIR)? {
+            None => Ok(None),
+            Some(s) => s.open_dir(volume),
+        }
+    }
+
+    /// Remove `.snapshots/VOL` and `.snapshots` if they are empty.
+    fn drop_empty_snap_dir(root: &DirFd, volume: &str) {
+        if let Ok(Some(s)) = root.open_dir(SNAPSHOT_DIR) {
+            s.rmdir_if_empty(volume);
+        }
+        root.rmdir_if_empty(SNAPSHOT_DIR);
+    }
+
+    /// The snapshot `snapshot` of `dir` (`.snapshots/VOL`), checked: not a symlink, a
+    /// subvolume.
+    fn open_snap(dir: &DirFd, volume: &str, snapshot: &str) -> Result<DirFd> {
+        check_name(NameOf::Snapshot, snapshot)?;
+        match dir.stat(snapshot)? {
+            Some(s) if s.kind == EntryKind::Symlink => Err(symlink_error(&dir.join(snapshot))),
+            Some(s) if s.kind == EntryKind::Dir => match dir.open_dir(snapshot)? {
+                Some(d) if is_subvol(&d) => Ok(d),
+                _ => Err(no_snapshot(volume, snapshot)),
+            },
+            _ => Err(no_snapshot(volume, snapshot)),
+        }
     }
 
     async fn btrfs(&self, args: &[&str]) -> Result<()> {
@@ -207,6 +276,112 @@ impl BtrfsPool {
     async fn delete_subvol(&self, p: &Path) -> Result<()> {
         self.btrfs(&["subvolume", "delete", &p.display().to_string()])
             .await
+    }
+
+    /// Remove `name` of `dir` whatever it is: a subvolume (with any subvolumes nested in it,
+    /// e.g. an older version's revert that snapshotted *into* its leftover), a directory or a
+    /// file. Links are never followed.
+    fn remove_any<'a>(&'a self, dir: &'a DirFd, name: String) -> Fut<'a, ()> {
+        Box::pin(async move {
+            let Some(st) = dir.stat(&name)? else {
+                return Ok(());
+            };
+            if st.kind != EntryKind::Dir {
+                return dir.unlink(&name);
+            }
+            let Some(d) = dir.open_dir(&name)? else {
+                return Ok(());
+            };
+            for e in d.entries()? {
+                let Some(n) = e.to_str() else { continue };
+                if d.stat(n)?.is_some_and(|s| s.kind == EntryKind::Dir) {
+                    self.remove_any(&d, n.to_string()).await?;
+                }
+            }
+            if is_subvol(&d) {
+                self.delete_subvol(&dir.join(&name)).await
+            } else {
+                dir.remove_tree(&name).map(|_| ())
+            }
+        })
+    }
+
+    /// Remove what dead operations on `volume` left (the caller holds its lease): hidden
+    /// entries of `.snapshots/VOL/` and an older version's `.VOL.revert` in the target.
+    async fn clean_leftovers(&self, root: &DirFd, volume: &str) -> Result<()> {
+        for e in root.entries()? {
+            if let Some(n) = e
+                .to_str()
+                .filter(|n| pooldir::is_legacy_root_temp(n, volume))
+            {
+                tracing::info!(
+                    "removing {} (left by an interrupted operation)",
+                    root.join(n).display()
+                );
+                self.remove_any(root, n.to_string()).await?;
+            }
+        }
+        if let Some(d) = Self::snap_dir(root, volume, false)? {
+            for e in d.entries()? {
+                if let Some(n) = e.to_str().filter(|n| n.starts_with('.')) {
+                    tracing::info!(
+                        "removing {} (left by an interrupted operation)",
+                        d.join(n).display()
+                    );
+                    self.remove_any(&d, n.to_string()).await?;
+                }
+            }
+            Self::drop_empty_snap_dir(root, volume);
+        }
+        Ok(())
+    }
+
+    /// The names in `.snapshots/VOL/` that are not temporaries; a symlink or a non-UTF-8
+    /// name is an error.
+    fn snapshot_names(dir: &DirFd) -> Result<Vec<String>> {
+        let mut v = Vec::new();
+        for e in dir.entries()? {
+            let n = utf8_name(dir.path(), &e)?;
+            if n.starts_with('.') {
+                continue;
+            }
+            if dir.stat(&n)?.is_some_and(|s| s.kind == EntryKind::Symlink) {
+                return Err(symlink_error(&dir.join(&n)));
+            }
+            v.push(n);
+        }
+        Ok(v)
+    }
+
+    /// The backing volume of `spec` resolved in this pool (`NAME/volume.FMT` of one of its
+    /// volumes); the spec with the capacity filled in.
+    fn resolve_backing(&self, root: &DirFd, spec: &VolumeSpec) -> Result<VolumeSpec> {
+        let mut spec = spec.clone();
+        if let Some(b) = &spec.backing {
+            let bad = || not_a_pool_volume(&self.def.name, &b.path);
+            let rel = Path::new(&b.path)
+                .strip_prefix(&self.root)
+                .map_err(|_| bad())?;
+            let name = rel
+                .components()
+                .next()
+                .and_then(|c| c.as_os_str().to_str())
+                .ok_or_else(bad)?;
+            let (v, _) = self.describe(root, name).map_err(|e| match e.kind() {
+                ErrorKind::NotFound => Error::new(
+                    ErrorKind::NotFound,
+                    format!("backing volume {} does not exist", b.path),
+                ),
+                _ => e.context(format!("backing volume {}", b.path)),
+            })?;
+            if Path::new(&v.path) != Path::new(&b.path) {
+                return Err(bad());
+            }
+            if spec.capacity == 0 {
+                spec.capacity = v.capacity;
+            }
+        }
+        Ok(spec)
     }
 }
 
@@ -230,7 +405,9 @@ impl Backend for BtrfsPool {
     }
 
     async fn info(&self) -> Result<PoolInfo> {
+        let root = self.open_root()?;
         let (capacity, allocation, available) = fsutil::fs_space(&self.root)?;
+        let (leftovers, leftover_bytes) = count_leftovers(&root)?;
         Ok(PoolInfo {
             name: self.def.name.clone(),
             kind: self.def.kind,
@@ -239,21 +416,30 @@ impl Backend for BtrfsPool {
             allocation,
             available,
             capabilities: self.capabilities(),
+            leftovers,
+            leftover_bytes,
         })
     }
 
     async fn list_volumes(&self) -> Result<Vec<Volume>> {
-        let rd = std::fs::read_dir(&self.root)
-            .map_err(|e| Error::io(format!("read {}", self.root.display()), e))?;
+        let root = self.open_root()?;
         let mut out = Vec::new();
-        for ent in rd {
-            let ent = ent.map_err(|e| Error::io(format!("read {}", self.root.display()), e))?;
-            let n = ent.file_name().to_string_lossy().into_owned();
+        for e in root.entries()? {
+            let n = utf8_name(root.path(), &e)?;
             if n.starts_with('.') || check_name(NameOf::Volume, &n).is_err() {
                 continue;
             }
-            if let Ok((v, _)) = self.describe(&n) {
-                out.push(v);
+            match root.stat(&n)? {
+                Some(s) if s.kind == EntryKind::Symlink => {
+                    return Err(symlink_error(&root.join(&n)))
+                }
+                Some(s) if s.kind == EntryKind::Dir => {}
+                _ => continue,
+            }
+            match self.describe(&root, &n) {
+                Ok((v, _)) => out.push(v),
+                Err(e) if e.kind() == ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
             }
         }
         out.sort_by(|a, b| a.name.cmp(&b.name));
@@ -261,65 +447,85 @@ impl Backend for BtrfsPool {
     }
 
     async fn volume(&self, name: &str) -> Result<Volume> {
-        self.describe(name).map(|(v, _)| v)
+        self.describe(&self.open_root()?, name).map(|(v, _)| v)
     }
 
     async fn create_volume(&self, spec: &VolumeSpec) -> Result<Volume> {
         check_spec(spec)?;
-        let sv = self.subvol(&spec.name)?;
-        let file = sv.join(format!("volume.{}", spec.format.as_str()));
-        let _l = lease(&self.locks, "volume create", Resource::file(&file)).await?;
-        if sv.exists() {
-            return Err(Error::new(
-                ErrorKind::AlreadyExists,
-                format!(
-                    "pool {:?} already has a volume {:?}",
-                    self.def.name, spec.name
-                ),
-            ));
+        let root = self.open_root()?;
+        let spec = self.resolve_backing(&root, spec)?;
+        let sv = root.join(&spec.name);
+        let fname = format!("volume.{}", spec.format.as_str());
+        let _l = lease(
+            &self.locks,
+            "volume create",
+            Resource::file(sv.join(&fname)),
+        )
+        .await?;
+        match root.stat(&spec.name)? {
+            Some(s) if s.kind == EntryKind::Symlink => return Err(symlink_error(&sv)),
+            Some(_) => {
+                return Err(Error::new(
+                    ErrorKind::AlreadyExists,
+                    format!(
+                        "pool {:?} already has a volume {:?}",
+                        self.def.name, spec.name
+                    ),
+                ))
+            }
+            None => {}
         }
+        self.clean_leftovers(&root, &spec.name).await?;
         let mut rev = Reverter::new();
         let svs = sv.display().to_string();
         if let Err(e) = self.btrfs(&["subvolume", "create", &svs]).await {
             return Err(rev.fail(e).await);
         }
         rev.add(format!("delete subvolume {svs}"), self.delete_subvol(&sv));
-        let made = match spec.format {
-            VolFormat::Raw => {
-                let f = file.clone();
-                let cap = spec.capacity;
-                blocking(move || {
-                    let fh = std::fs::File::create_new(&f)
-                        .map_err(|e| Error::io(format!("create {}", f.display()), e))?;
-                    fh.set_len(cap)
-                        .map_err(|e| Error::io(format!("size {}", f.display()), e))
-                })
-                .await
+        let made = match self.open_subvol(&root, &spec.name) {
+            Ok(d) => {
+                let s = spec.clone();
+                blocking(move || create_file(&d, &fname, &s)).await
             }
-            VolFormat::Qcow2 => create_qcow2(&file, spec).await,
+            Err(e) => Err(e),
         };
         if let Err(e) = made {
             return Err(rev.fail(e).await);
         }
         rev.success();
-        self.describe(&spec.name).map(|(v, _)| v)
+        self.describe(&root, &spec.name).map(|(v, _)| v)
     }
 
     async fn delete_volume(&self, name: &str) -> Result<()> {
-        let (_, res) = self.describe(name)?;
+        let root = self.open_root()?;
+        let (_, res) = self.describe(&root, name)?;
         let _l = lease(&self.locks, "volume delete", res).await?;
+        self.clean_leftovers(&root, name).await?;
+        // Everything is checked (no symlink anywhere) before anything is deleted.
+        let dir = Self::snap_dir(&root, name, false)?;
+        let names = match &dir {
+            Some(d) => Self::snapshot_names(d)?,
+            None => Vec::new(),
+        };
         // Deletions cannot be undone: a failure part way says what is already gone.
         let mut rev = Reverter::new();
-        for s in self.list_snapshots(name).await? {
-            let p = self.snap_path(name, &s.name)?;
-            if let Err(e) = self.delete_subvol(&p).await {
-                return Err(rev.fail(e).await);
+        if let Some(d) = &dir {
+            for s in names {
+                let p = d.join(&s);
+                let is_snap = d.open_dir(&s)?.is_some_and(|sd| is_subvol(&sd));
+                if !is_snap {
+                    continue;
+                }
+                if let Err(e) = self.delete_subvol(&p).await {
+                    return Err(rev.fail(e).await);
+                }
+                rev.add_irreversible(format!("the deletion of snapshot {}", p.display()));
+                failpoint("btrfs-delete-snapshot-gone");
             }
-            rev.add_irreversible(format!("the deletion of snapshot {}", p.display()));
+            Self::drop_empty_snap_dir(&root, name);
         }
-        let _ = std::fs::remove_dir(self.root.join(SNAPSHOT_DIR).join(name));
-        let _ = std::fs::remove_dir(self.root.join(SNAPSHOT_DIR));
-        if let Err(e) = self.delete_subvol(&self.subvol(name)?).await {
+        self.open_subvol(&root, name)?;
+        if let Err(e) = self.delete_subvol(&root.join(name)).await {
             return Err(rev.fail(e).await);
         }
         rev.success();
@@ -332,43 +538,58 @@ impl Backend for BtrfsPool {
         snapshot: &str,
         _opts: &SnapshotOptions,
     ) -> Result<VolSnapshot> {
-        let dst = self.snap_path(volume, snapshot)?;
-        let (_, res) = self.describe(volume)?;
+        check_name(NameOf::Snapshot, snapshot)?;
+        let root = self.open_root()?;
+        let (_, res) = self.describe(&root, volume)?;
         let _l = lease(&self.locks, "volume snapshot create", res).await?;
-        if dst.exists() {
-            return Err(exists(volume, snapshot));
+        self.clean_leftovers(&root, volume).await?;
+        let dir = Self::snap_dir(&root, volume, true)?.expect("created");
+        match dir.stat(snapshot)? {
+            Some(s) if s.kind == EntryKind::Symlink => {
+                return Err(symlink_error(&dir.join(snapshot)))
+            }
+            Some(_) => return Err(exists(volume, snapshot)),
+            None => {}
         }
-        let parent = dst.parent().expect("snapshot path has a parent");
-        std::fs::create_dir_all(parent)
-            .map_err(|e| Error::io(format!("create {}", parent.display()), e))?;
-        let src = self.subvol(volume)?;
-        self.btrfs(&[
-            "subvolume",
-            "snapshot",
-            "-r",
-            &src.display().to_string(),
-            &dst.display().to_string(),
-        ])
-        .await?;
-        let info = fsutil::subvol_info(&dst)?;
+        let src = self.open_subvol(&root, volume)?;
+        let dst = dir.join(snapshot);
+        let r = self
+            .btrfs(&[
+                "subvolume",
+                "snapshot",
+                "-r",
+                &src.path().display().to_string(),
+                &dst.display().to_string(),
+            ])
+            .await;
+        if let Err(e) = r {
+            Self::drop_empty_snap_dir(&root, volume);
+            return Err(e);
+        }
+        let sd = Self::open_snap(&dir, volume, snapshot)?;
+        let info = fsutil::subvol_info_fd(sd.fd(), sd.path())?;
+        let size = match Self::vol_file(&sd)? {
+            Some((f, _)) => sd.stat(&f)?.map(|s| s.len),
+            None => None,
+        };
         Ok(VolSnapshot {
             name: snapshot.to_string(),
             volume: volume.to_string(),
             kind: SnapshotKind::BtrfsSubvolume,
             created: Some(info.otime),
-            size: Self::vol_file(&dst)
-                .and_then(|(p, _)| std::fs::metadata(p).ok().map(|m| m.len())),
+            size,
             valid: true,
             usage_percent: None,
         })
     }
 
     async fn list_snapshots(&self, volume: &str) -> Result<Vec<VolSnapshot>> {
-        self.describe(volume)?;
-        let dir = self.root.join(SNAPSHOT_DIR).join(volume);
-        if !dir.is_dir() {
+        let root = self.open_root()?;
+        self.describe(&root, volume)?;
+        let Some(dir) = Self::snap_dir(&root, volume, false)? else {
             return Ok(Vec::new());
-        }
+        };
+        let names = Self::snapshot_names(&dir)?;
         let out = run_ok(
             self.runner.as_ref(),
             &argv([
@@ -377,7 +598,7 @@ impl Backend for BtrfsPool {
                 "list",
                 "-s",
                 "-o",
-                &dir.display().to_string(),
+                &dir.path().display().to_string(),
             ]),
         )
         .await?;
@@ -386,11 +607,17 @@ impl Backend for BtrfsPool {
             // Paths are relative to the filesystem's top level: match on the last two parts.
             let mut parts = e.path.rsplitn(3, '/');
             let (name, parent) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-            if parent != volume || name.starts_with('.') {
+            if parent != volume || name.starts_with('.') || !names.iter().any(|n| n == name) {
                 continue;
             }
-            let p = dir.join(name);
-            let info = fsutil::subvol_info(&p).ok();
+            let Ok(sd) = Self::open_snap(&dir, volume, name) else {
+                continue;
+            };
+            let info = fsutil::subvol_info_fd(sd.fd(), sd.path()).ok();
+            let size = match Self::vol_file(&sd)? {
+                Some((f, _)) => sd.stat(&f)?.map(|s| s.len),
+                None => None,
+            };
             v.push((
                 e.id,
                 VolSnapshot {
@@ -401,8 +628,7 @@ impl Backend for BtrfsPool {
                         .as_ref()
                         .map(|i| i.otime)
                         .or_else(|| e.otime.as_deref().and_then(parse_time_utc)),
-                    size: Self::vol_file(&p)
-                        .and_then(|(f, _)| std::fs::metadata(f).ok().map(|m| m.len())),
+                    size,
                     valid: info.is_none_or(|i| i.readonly),
                     usage_percent: None,
                 },
@@ -414,44 +640,64 @@ impl Backend for BtrfsPool {
     }
 
     async fn revert_snapshot(&self, volume: &str, snapshot: &str) -> Result<()> {
-        let snap = self.snap_path(volume, snapshot)?;
-        let (_, res) = self.describe(volume)?;
+        check_name(NameOf::Snapshot, snapshot)?;
+        let root = self.open_root()?;
+        let (_, res) = self.describe(&root, volume)?;
         let _l = lease(&self.locks, "volume snapshot revert", res).await?;
-        if !fsutil::is_subvolume(&snap) {
-            return Err(crate::no_snapshot(volume, snapshot));
+        // First remove what an interrupted revert left (`.vs-revert`): the destination of
+        // the snapshot below must not exist.
+        self.clean_leftovers(&root, volume).await?;
+        let dir =
+            Self::snap_dir(&root, volume, false)?.ok_or_else(|| no_snapshot(volume, snapshot))?;
+        let snap = Self::open_snap(&dir, volume, snapshot)?;
+        if dir.stat(REVERT_TMP)?.is_some() {
+            return Err(Error::new(
+                ErrorKind::AlreadyExists,
+                format!(
+                    "{} exists and could not be removed",
+                    dir.join(REVERT_TMP).display()
+                ),
+            ));
         }
-        let cur = self.subvol(volume)?;
-        let new = self.root.join(format!(".{volume}.revert"));
-        let (news, snaps) = (new.display().to_string(), snap.display().to_string());
+        let new = dir.join(REVERT_TMP);
+        let (news, snaps) = (new.display().to_string(), snap.path().display().to_string());
         let mut rev = Reverter::new();
         if let Err(e) = self.btrfs(&["subvolume", "snapshot", &snaps, &news]).await {
             return Err(rev.fail(e).await);
         }
         rev.add(format!("delete subvolume {news}"), self.delete_subvol(&new));
-        if let Err(e) = fsutil::rename_exchange(&new, &cur) {
+        failpoint("btrfs-revert-snapshotted");
+        if let Err(e) = dir.exchange(REVERT_TMP, &root, volume) {
             return Err(rev.fail(e).await);
         }
-        let (a, b) = (new.clone(), cur.clone());
+        let (d, r) = (&dir, &root);
         rev.add(
-            format!("swap {} back with {}", cur.display(), new.display()),
-            async move { fsutil::rename_exchange(&a, &b) },
+            format!("swap {} back with {news}", root.join(volume).display()),
+            async move { d.exchange(REVERT_TMP, r, volume) },
         );
-        // `new` now holds the old volume.
+        failpoint("btrfs-revert-exchanged");
+        // `.vs-revert` now holds the old volume.
         if let Err(e) = self.delete_subvol(&new).await {
             return Err(rev.fail(e).await);
         }
         rev.success();
+        failpoint("btrfs-revert-deleted");
+        Self::drop_empty_snap_dir(&root, volume);
         Ok(())
     }
 
     async fn delete_snapshot(&self, volume: &str, snapshot: &str) -> Result<()> {
-        let snap = self.snap_path(volume, snapshot)?;
-        let (_, res) = self.describe(volume)?;
+        check_name(NameOf::Snapshot, snapshot)?;
+        let root = self.open_root()?;
+        let (_, res) = self.describe(&root, volume)?;
         let _l = lease(&self.locks, "volume snapshot delete", res).await?;
+        self.clean_leftovers(&root, volume).await?;
         find_snapshot(self.list_snapshots(volume).await?, volume, snapshot)?;
-        self.delete_subvol(&snap).await?;
-        let _ = std::fs::remove_dir(snap.parent().expect("parent"));
-        let _ = std::fs::remove_dir(self.root.join(SNAPSHOT_DIR));
+        let dir =
+            Self::snap_dir(&root, volume, false)?.ok_or_else(|| no_snapshot(volume, snapshot))?;
+        Self::open_snap(&dir, volume, snapshot)?;
+        self.delete_subvol(&dir.join(snapshot)).await?;
+        Self::drop_empty_snap_dir(&root, volume);
         Ok(())
     }
 }

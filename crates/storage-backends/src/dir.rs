@@ -1,13 +1,21 @@
 //! dir pools: volumes are files in a directory.
 //!
-//! - raw volumes: `TARGET/NAME`, created sparse. Snapshots are read-only files
-//!   `TARGET/.snapshots/NAME/SNAP`: a reflink clone (FICLONE) where the filesystem supports
-//!   it (btrfs, XFS), else a sparse copy. Revert clones the snapshot to a temporary file
-//!   beside the volume and renames it over the volume (atomic).
+//! - raw volumes: `TARGET/NAME`, created sparse, mode 0600. Snapshots are read-only files
+//!   `TARGET/.snapshots/NAME/SNAP` with the volume's mode minus write bits and minus any
+//!   access for others (directories 0700): a reflink clone (FICLONE) where the filesystem
+//!   supports it (btrfs, XFS), else a sparse copy. A snapshot is cloned to
+//!   `.snapshots/NAME/.vs-snap` and linked to its name when complete. Revert clones the
+//!   snapshot to `.snapshots/NAME/.vs-revert` and renames it over the volume (atomic).
 //! - qcow2 volumes: created natively (image-formats' `qcow2_write::create`, the image
-//!   qemu-img would write, backing format recorded); snapshots are internal qcow2 snapshots
-//!   made, applied and deleted natively (`qcow2_write::SnapshotEditor`, QEMU's write
-//!   order) and listed from the snapshot table. No process is spawned by this backend.
+//!   qemu-img would write, backing format recorded), mode 0600; snapshots are internal
+//!   qcow2 snapshots made, applied and deleted natively (`qcow2_write::SnapshotEditor`,
+//!   QEMU's write order) and listed from the snapshot table. No process is spawned.
+//!
+//! Every file is reached relative to a directory descriptor ([`crate::pooldir`]): a symlink
+//! anywhere in the pool is reported and never followed. Temporaries have fixed names
+//! starting with `.` in the volume's own `.snapshots/NAME/` (snapshot names never start with
+//! `.`); every operation on a volume holds its exclusive lease, so a temporary found there
+//! by the next operation on that volume is a dead operation's leftover: it is removed first.
 //!
 //! The lease is keyed on the volume's canonical path; QEMU's image locks are held on the
 //! file for the whole operation, so no QEMU can open it meanwhile.
@@ -17,16 +25,22 @@ use crate::fsutil::{self, CloneMethod};
 use crate::lease::lease;
 use crate::model::*;
 use crate::name::{check_name, NameOf};
+use crate::pooldir::{self, symlink_error, utf8_name, DirFd, EntryKind, EntryStat};
 use crate::qcow2::Op;
 use crate::runner::CommandRunner;
-use crate::{blocking, find_snapshot, Backend};
+use crate::{blocking, failpoint, find_snapshot, no_snapshot, Backend};
 use async_trait::async_trait;
 use locking::{LockManager, Resource};
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// Directory of raw volumes' snapshots under a pool's target.
 pub const SNAPSHOT_DIR: &str = ".snapshots";
+/// A raw snapshot being made, in `.snapshots/VOL/`.
+const SNAP_TMP: &str = ".vs-snap";
+/// A raw revert's new volume being made, in `.snapshots/VOL/`.
+const REVERT_TMP: &str = ".vs-revert";
 
 /// A dir pool.
 #[derive(Debug)]
@@ -36,18 +50,10 @@ pub struct DirPool {
     locks: LockManager,
 }
 
-/// Read a volume file's format, size and backing (image-formats, no lock taken).
-pub(crate) fn probe_file(path: &Path) -> Result<(VolFormat, u64, Option<Backing>)> {
-    let info = image_formats::ImageInfo::open(path, None).map_err(|e| {
-        if !path.exists() {
-            Error::new(
-                ErrorKind::NotFound,
-                format!("no volume at {}", path.display()),
-            )
-        } else {
-            Error::from(e)
-        }
-    })?;
+/// Read the format, size and backing of the volume file open as `f` (named `path`).
+pub(crate) fn probe(f: File, path: &Path) -> Result<(VolFormat, u64, Option<Backing>)> {
+    let storage = image_formats::FileStorage::from_file(f);
+    let info = image_formats::ImageInfo::read(&path.to_string_lossy(), &storage, None)?;
     match info.format() {
         image_formats::Format::Qcow2 => {
             let q = info.qcow2().expect("qcow2 details");
@@ -68,21 +74,22 @@ pub(crate) fn probe_file(path: &Path) -> Result<(VolFormat, u64, Option<Backing>
     }
 }
 
-fn allocation(path: &Path) -> Option<u64> {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(path).ok().map(|m| m.blocks() * 512)
-}
-
-/// Create a qcow2 volume at `path` natively (image-formats), off the runtime's threads.
-pub(crate) async fn create_qcow2(path: &Path, spec: &VolumeSpec) -> Result<()> {
-    let (p, s) = (path.to_path_buf(), spec.clone());
-    blocking(move || crate::qcow2::create(&p, &s)).await
-}
-
-/// An internal-snapshot operation on the qcow2 volume at `path` (image-formats).
-async fn qcow2_op(path: &Path, op: Op) -> Result<()> {
-    let p = path.to_path_buf();
-    blocking(move || crate::qcow2::snapshot(&p, op)).await
+/// Create the volume file `name` in `dir` for `spec` (mode 0600; `spec.capacity` already
+/// resolved), removed again on failure.
+pub(crate) fn create_file(dir: &DirFd, name: &str, spec: &VolumeSpec) -> Result<()> {
+    let path = dir.join(name);
+    let f = dir.create_file(name, 0o600)?;
+    let r = match spec.format {
+        VolFormat::Raw => f
+            .set_len(spec.capacity)
+            .and_then(|_| f.sync_all())
+            .map_err(|e| Error::io(format!("size {}", path.display()), e)),
+        VolFormat::Qcow2 => crate::qcow2::create(f, &path, spec),
+    };
+    if r.is_err() {
+        let _ = dir.unlink(name);
+    }
+    r.and_then(|_| dir.sync())
 }
 
 /// Check a spec's format/backing combination.
@@ -97,20 +104,25 @@ pub(crate) fn check_spec(spec: &VolumeSpec) -> Result<()> {
     if spec.backing.is_none() && spec.capacity == 0 {
         return Err(Error::new(ErrorKind::InvalidInput, "a volume needs a size"));
     }
-    if let Some(b) = &spec.backing {
-        if !Path::new(&b.path).is_absolute() {
-            return Err(Error::new(
-                ErrorKind::InvalidInput,
-                format!("backing volume path {:?} must be absolute", b.path),
-            ));
-        }
-    }
     Ok(())
 }
 
-/// The snapshots of a qcow2 volume: its internal snapshot table, read natively.
-pub(crate) fn qcow2_snapshots(path: &Path, volume: &str) -> Result<Vec<VolSnapshot>> {
-    let info = image_formats::ImageInfo::open(path, Some(image_formats::Format::Qcow2))?;
+/// The error for a backing path that is not a volume of the pool.
+pub(crate) fn not_a_pool_volume(pool: &str, path: &str) -> Error {
+    Error::new(
+        ErrorKind::InvalidInput,
+        format!("backing volume {path:?} is not a volume of pool {pool:?} (a backing volume must be one of the pool's volumes)"),
+    )
+}
+
+/// The snapshots in the qcow2 image open as `f`: its internal snapshot table.
+pub(crate) fn qcow2_snapshots(f: File, path: &Path, volume: &str) -> Result<Vec<VolSnapshot>> {
+    let storage = image_formats::FileStorage::from_file(f);
+    let info = image_formats::ImageInfo::read(
+        &path.to_string_lossy(),
+        &storage,
+        Some(image_formats::Format::Qcow2),
+    )?;
     let q = info.qcow2().expect("qcow2 details");
     Ok(q.snapshots
         .iter()
@@ -126,6 +138,53 @@ pub(crate) fn qcow2_snapshots(path: &Path, volume: &str) -> Result<Vec<VolSnapsh
         .collect())
 }
 
+/// Leftovers (count, bytes) of dead operations in the pool whose target is `root`: hidden
+/// entries of `.snapshots/*/` and an older version's `.VOL.revert-PID` files.
+pub(crate) fn count_leftovers(root: &DirFd) -> Result<(u64, u64)> {
+    let (mut n, mut bytes) = (0, 0);
+    for e in root.entries()? {
+        let Some(name) = e.to_str() else { continue };
+        if name.starts_with('.') && name != SNAPSHOT_DIR && name.contains(".revert") {
+            n += 1;
+            bytes += tree_size(root, name);
+        }
+    }
+    if let Some(snaps) = root.open_dir(SNAPSHOT_DIR)? {
+        for v in snaps.entries()? {
+            let Some(v) = v.to_str() else { continue };
+            let Ok(Some(vd)) = snaps.open_dir(v) else {
+                continue;
+            };
+            for e in vd.entries()? {
+                if let Some(t) = e.to_str().filter(|t| t.starts_with('.')) {
+                    n += 1;
+                    bytes += tree_size(&vd, t);
+                }
+            }
+        }
+    }
+    Ok((n, bytes))
+}
+
+/// Bytes allocated to `name` in `dir` and below it (links not followed).
+pub(crate) fn tree_size(dir: &DirFd, name: &str) -> u64 {
+    let Ok(Some(st)) = dir.stat(name) else {
+        return 0;
+    };
+    if st.kind != EntryKind::Dir {
+        return st.allocated;
+    }
+    let Ok(Some(sub)) = dir.open_dir(name) else {
+        return 0;
+    };
+    sub.entries()
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|e| e.to_str())
+        .map(|e| tree_size(&sub, e))
+        .sum()
+}
+
 impl DirPool {
     /// Open a dir pool (its target must be a directory). Dir pools run no tools: `runner` is
     /// taken for a uniform constructor and not used.
@@ -135,74 +194,179 @@ impl DirPool {
         locks: LockManager,
     ) -> Result<DirPool> {
         let root = PathBuf::from(&def.target);
-        if !root.is_dir() {
-            return Err(Error::new(
-                ErrorKind::NotFound,
-                format!("pool {:?}: {} is not a directory", def.name, root.display()),
-            ));
-        }
+        DirFd::open_root(&root).map_err(|e| {
+            if e.kind() == ErrorKind::NotFound || e.kind() == ErrorKind::Io {
+                Error::new(
+                    ErrorKind::NotFound,
+                    format!("pool {:?}: {} is not a directory", def.name, root.display()),
+                )
+            } else {
+                e.context(format!("pool {:?}", def.name))
+            }
+        })?;
         let _ = runner;
         Ok(DirPool { def, root, locks })
     }
 
-    fn vol_path(&self, name: &str) -> Result<PathBuf> {
+    /// The pool's directory, opened for this operation.
+    fn open_root(&self) -> Result<DirFd> {
+        DirFd::open_root(&self.root)
+    }
+
+    fn not_found(&self, name: &str) -> Error {
+        Error::new(
+            ErrorKind::NotFound,
+            format!("pool {:?} has no volume {name:?}", self.def.name),
+        )
+    }
+
+    /// The volume file `name`: its facts, or NotFound, or the symlink error.
+    fn vol_stat(&self, root: &DirFd, name: &str) -> Result<EntryStat> {
         check_name(NameOf::Volume, name)?;
-        Ok(self.root.join(name))
-    }
-
-    fn snap_dir(&self, name: &str) -> PathBuf {
-        self.root.join(SNAPSHOT_DIR).join(name)
-    }
-
-    fn describe(&self, name: &str, path: &Path) -> Result<Volume> {
-        if !path.is_file() {
-            return Err(Error::new(
-                ErrorKind::NotFound,
-                format!("pool {:?} has no volume {name:?}", self.def.name),
-            ));
+        match root.stat(name)? {
+            None => Err(self.not_found(name)),
+            Some(s) if s.kind == EntryKind::Symlink => Err(symlink_error(&root.join(name))),
+            Some(s) if s.kind != EntryKind::File => Err(self.not_found(name)),
+            Some(s) => Ok(s),
         }
-        let (format, capacity, backing) = probe_file(path)?;
+    }
+
+    fn describe(&self, root: &DirFd, name: &str) -> Result<Volume> {
+        let st = self.vol_stat(root, name)?;
+        let path = root.join(name);
+        let (format, capacity, backing) = probe(root.open_file(name, false)?, &path)?;
         Ok(Volume {
             name: name.to_string(),
             pool: self.def.name.clone(),
             path: path.display().to_string(),
             format,
             capacity,
-            allocation: allocation(path),
+            allocation: Some(st.allocated),
             backing,
-            key: locking::canonical_path(Path::new("/"), path)
+            key: locking::canonical_path(Path::new("/"), &path)
                 .map(|p| p.display().to_string())
                 .unwrap_or_else(|_| path.display().to_string()),
         })
     }
 
-    fn raw_snapshots(&self, volume: &str) -> Result<Vec<VolSnapshot>> {
-        let dir = self.snap_dir(volume);
-        let rd = match std::fs::read_dir(&dir) {
-            Ok(rd) => rd,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(Error::io(format!("read {}", dir.display()), e)),
+    /// `.snapshots/VOL`, `None` if absent; created (0700) when `create`.
+    fn snap_dir(root: &DirFd, volume: &str, create: bool) -> Result<Option<DirFd>> {
+        if create {
+            let s = root.open_or_create_dir(SNAPSHOT_DIR, 0o700)?;
+            return s.open_or_create_dir(volume, 0o700).map(Some);
+        }
+        match root.open_dir(SNAPSHOT_DIR)? {
+            None => Ok(None),
+            Some(s) => s.open_dir(volume),
+        }
+    }
+
+    /// Remove what dead operations on `volume` left (the caller holds its lease): hidden
+    /// entries of `.snapshots/VOL/`, an older version's `.VOL.revert-PID` in the target.
+    fn clean_leftovers(root: &DirFd, volume: &str) -> Result<()> {
+        for e in root.entries()? {
+            if let Some(n) = e
+                .to_str()
+                .filter(|n| pooldir::is_legacy_root_temp(n, volume))
+            {
+                tracing::info!(
+                    "removing {} (left by an interrupted operation)",
+                    root.join(n).display()
+                );
+                root.remove_tree(n)?;
+            }
+        }
+        if let Some(d) = Self::snap_dir(root, volume, false)? {
+            for e in d.entries()? {
+                if let Some(n) = e.to_str().filter(|n| n.starts_with('.')) {
+                    tracing::info!(
+                        "removing {} (left by an interrupted operation)",
+                        d.join(n).display()
+                    );
+                    d.remove_tree(n)?;
+                }
+            }
+            Self::drop_empty_snap_dir(root, volume);
+        }
+        Ok(())
+    }
+
+    /// Remove `.snapshots/VOL` and `.snapshots` if they are empty.
+    fn drop_empty_snap_dir(root: &DirFd, volume: &str) {
+        if let Ok(Some(s)) = root.open_dir(SNAPSHOT_DIR) {
+            s.rmdir_if_empty(volume);
+        }
+        root.rmdir_if_empty(SNAPSHOT_DIR);
+    }
+
+    fn raw_snapshots(root: &DirFd, volume: &str) -> Result<Vec<VolSnapshot>> {
+        let Some(dir) = Self::snap_dir(root, volume, false)? else {
+            return Ok(Vec::new());
         };
         let mut out = Vec::new();
-        for ent in rd {
-            let ent = ent.map_err(|e| Error::io(format!("read {}", dir.display()), e))?;
-            let n = ent.file_name().to_string_lossy().into_owned();
+        for e in dir.entries()? {
+            let n = utf8_name(dir.path(), &e)?;
             if n.starts_with('.') {
                 continue; // temporaries
             }
-            let p = ent.path();
-            out.push(VolSnapshot {
-                name: n,
-                volume: volume.to_string(),
-                kind: SnapshotKind::File,
-                created: fsutil::created(&p),
-                size: std::fs::metadata(&p).ok().map(|m| m.len()),
-                valid: true,
-                usage_percent: None,
-            });
+            match dir.stat(&n)? {
+                Some(s) if s.kind == EntryKind::File => {
+                    let created = dir.open_file(&n, false).ok().and_then(|f| {
+                        let m = f.metadata().ok()?;
+                        let t = m.created().or_else(|_| m.modified()).ok()?;
+                        t.duration_since(std::time::UNIX_EPOCH)
+                            .ok()
+                            .map(|d| d.as_secs() as i64)
+                    });
+                    out.push(VolSnapshot {
+                        name: n,
+                        volume: volume.to_string(),
+                        kind: SnapshotKind::File,
+                        created,
+                        size: Some(s.len),
+                        valid: true,
+                        usage_percent: None,
+                    });
+                }
+                Some(s) if s.kind == EntryKind::Symlink => {
+                    return Err(symlink_error(&dir.join(&n)))
+                }
+                Some(_) => {
+                    return Err(Error::new(
+                        ErrorKind::InvalidInput,
+                        format!("{} is not a snapshot file", dir.join(&n).display()),
+                    ))
+                }
+                None => {}
+            }
         }
         out.sort_by(|a, b| a.created.cmp(&b.created).then(a.name.cmp(&b.name)));
         Ok(out)
+    }
+
+    /// The backing volume of `spec` resolved in this pool: its path must name one of the
+    /// pool's volumes. Returns the spec with the capacity filled in (0: the backing's).
+    fn resolve_backing(&self, root: &DirFd, spec: &VolumeSpec) -> Result<VolumeSpec> {
+        let mut spec = spec.clone();
+        if let Some(b) = &spec.backing {
+            let name = Path::new(&b.path)
+                .strip_prefix(&self.root)
+                .ok()
+                .and_then(|r| r.to_str())
+                .filter(|r| !r.is_empty() && !r.contains('/'))
+                .ok_or_else(|| not_a_pool_volume(&self.def.name, &b.path))?;
+            let v = self.describe(root, name).map_err(|e| match e.kind() {
+                ErrorKind::NotFound => Error::new(
+                    ErrorKind::NotFound,
+                    format!("backing volume {} does not exist", b.path),
+                ),
+                _ => e.context(format!("backing volume {}", b.path)),
+            })?;
+            if spec.capacity == 0 {
+                spec.capacity = v.capacity;
+            }
+        }
+        Ok(spec)
     }
 }
 
@@ -226,11 +390,12 @@ impl Backend for DirPool {
     }
 
     async fn info(&self) -> Result<PoolInfo> {
+        let root = self.open_root()?;
         let (capacity, allocation, available) = fsutil::fs_space(&self.root)?;
         let mut caps = self.capabilities();
-        let probe = self.root.clone();
+        let (leftovers, leftover_bytes) = count_leftovers(&root)?;
         // Reflink support decides whether raw snapshots share blocks.
-        caps.space_efficient_snapshots = blocking(move || Ok(probe_reflink(&probe))).await?;
+        caps.space_efficient_snapshots = blocking(move || Ok(probe_reflink(&root))).await?;
         Ok(PoolInfo {
             name: self.def.name.clone(),
             kind: self.def.kind,
@@ -239,20 +404,27 @@ impl Backend for DirPool {
             allocation,
             available,
             capabilities: caps,
+            leftovers,
+            leftover_bytes,
         })
     }
 
     async fn list_volumes(&self) -> Result<Vec<Volume>> {
-        let rd = std::fs::read_dir(&self.root)
-            .map_err(|e| Error::io(format!("read {}", self.root.display()), e))?;
+        let root = self.open_root()?;
         let mut out = Vec::new();
-        for ent in rd {
-            let ent = ent.map_err(|e| Error::io(format!("read {}", self.root.display()), e))?;
-            let n = ent.file_name().to_string_lossy().into_owned();
-            if n.starts_with('.') || !ent.file_type().is_ok_and(|t| t.is_file()) {
+        for e in root.entries()? {
+            let n = utf8_name(root.path(), &e)?;
+            if n.starts_with('.') {
                 continue;
             }
-            match self.describe(&n, &ent.path()) {
+            match root.stat(&n)? {
+                Some(s) if s.kind == EntryKind::Symlink => {
+                    return Err(symlink_error(&root.join(&n)))
+                }
+                Some(s) if s.kind == EntryKind::File => {}
+                _ => continue,
+            }
+            match self.describe(&root, &n) {
                 Ok(v) => out.push(v),
                 Err(e) => tracing::warn!("skipping {n}: {e}"),
             }
@@ -262,59 +434,52 @@ impl Backend for DirPool {
     }
 
     async fn volume(&self, name: &str) -> Result<Volume> {
-        let p = self.vol_path(name)?;
-        self.describe(name, &p)
+        self.describe(&self.open_root()?, name)
     }
 
     async fn create_volume(&self, spec: &VolumeSpec) -> Result<Volume> {
         check_spec(spec)?;
-        let path = self.vol_path(&spec.name)?;
+        let root = self.open_root()?;
+        let path = root.join(&spec.name);
+        let spec = self.resolve_backing(&root, spec)?;
         let _l = lease(&self.locks, "volume create", Resource::file(&path)).await?;
-        if path.exists() {
-            return Err(Error::new(
-                ErrorKind::AlreadyExists,
-                format!(
-                    "pool {:?} already has a volume {:?}",
-                    self.def.name, spec.name
-                ),
-            ));
-        }
-        match spec.format {
-            VolFormat::Raw => {
-                let (p, cap) = (path.clone(), spec.capacity);
-                blocking(move || {
-                    let f = std::fs::OpenOptions::new()
-                        .write(true)
-                        .create_new(true)
-                        .open(&p)
-                        .map_err(|e| Error::io(format!("create {}", p.display()), e))?;
-                    let r = f.set_len(cap).and_then(|_| f.sync_all());
-                    if let Err(e) = r {
-                        let _ = std::fs::remove_file(&p);
-                        return Err(Error::io(format!("size {}", p.display()), e));
-                    }
-                    Ok(())
-                })
-                .await?
+        match root.stat(&spec.name)? {
+            Some(s) if s.kind == EntryKind::Symlink => return Err(symlink_error(&path)),
+            Some(_) => {
+                return Err(Error::new(
+                    ErrorKind::AlreadyExists,
+                    format!(
+                        "pool {:?} already has a volume {:?}",
+                        self.def.name, spec.name
+                    ),
+                ))
             }
-            VolFormat::Qcow2 => {
-                create_qcow2(&path, spec).await?;
-            }
+            None => {}
         }
-        self.describe(&spec.name, &path)
+        Self::clean_leftovers(&root, &spec.name)?;
+        let name = spec.name.clone();
+        let root = blocking(move || create_file(&root, &spec.name, &spec).map(|_| root)).await?;
+        self.describe(&root, &name)
     }
 
     async fn delete_volume(&self, name: &str) -> Result<()> {
-        let path = self.vol_path(name)?;
+        let root = self.open_root()?;
+        let path = root.join(name);
+        self.vol_stat(&root, name)?;
         let _l = lease(&self.locks, "volume delete", Resource::file(&path)).await?;
-        self.describe(name, &path)?;
-        let snaps = self.snap_dir(name);
-        if snaps.exists() {
-            std::fs::remove_dir_all(&snaps)
-                .map_err(|e| Error::io(format!("remove {}", snaps.display()), e))?;
-            let _ = std::fs::remove_dir(self.root.join(SNAPSHOT_DIR)); // if empty
+        self.describe(&root, name)?;
+        Self::clean_leftovers(&root, name)?;
+        // A symlink at `.snapshots`, `.snapshots/VOL` or a snapshot fails here, before
+        // anything is gone.
+        Self::raw_snapshots(&root, name)?;
+        if Self::snap_dir(&root, name, false)?.is_some() {
+            let snaps = root.open_dir(SNAPSHOT_DIR)?.expect("opened just before");
+            snaps.remove_tree(name)?;
+            Self::drop_empty_snap_dir(&root, name);
         }
-        std::fs::remove_file(&path).map_err(|e| Error::io(format!("remove {}", path.display()), e))
+        failpoint("dir-delete-snapshots-gone");
+        root.unlink(name)?;
+        root.sync()
     }
 
     async fn create_snapshot(
@@ -324,116 +489,167 @@ impl Backend for DirPool {
         _opts: &SnapshotOptions,
     ) -> Result<VolSnapshot> {
         check_name(NameOf::Snapshot, snapshot)?;
-        let path = self.vol_path(volume)?;
-        let vol = self.describe(volume, &path)?;
+        let root = self.open_root()?;
+        let path = root.join(volume);
+        let vol = self.describe(&root, volume)?;
+        let _l = lease(&self.locks, "volume snapshot create", Resource::file(&path)).await?;
+        Self::clean_leftovers(&root, volume)?;
         match vol.format {
             VolFormat::Qcow2 => {
-                let _l =
-                    lease(&self.locks, "volume snapshot create", Resource::file(&path)).await?;
-                if qcow2_snapshots(&path, volume)?
-                    .iter()
-                    .any(|s| s.name == snapshot)
-                {
+                let list = qcow2_snapshots(root.open_file(volume, false)?, &path, volume)?;
+                if list.iter().any(|s| s.name == snapshot) {
                     return Err(exists(volume, snapshot));
                 }
-                qcow2_op(&path, Op::Create(snapshot.to_string())).await?;
-                find_snapshot(qcow2_snapshots(&path, volume)?, volume, snapshot)
+                let f = root.open_file(volume, true)?;
+                let p = path.clone();
+                let op = Op::Create(snapshot.to_string());
+                blocking(move || crate::qcow2::snapshot(f, &p, op)).await?;
+                let list = qcow2_snapshots(root.open_file(volume, false)?, &path, volume)?;
+                find_snapshot(list, volume, snapshot)
             }
             VolFormat::Raw => {
-                let _l =
-                    lease(&self.locks, "volume snapshot create", Resource::file(&path)).await?;
-                let dir = self.snap_dir(volume);
-                let dst = dir.join(snapshot);
-                if dst.exists() {
-                    return Err(exists(volume, snapshot));
+                if let Some(d) = Self::snap_dir(&root, volume, false)? {
+                    match d.stat(snapshot)? {
+                        Some(s) if s.kind == EntryKind::Symlink => {
+                            return Err(symlink_error(&d.join(snapshot)))
+                        }
+                        Some(_) => return Err(exists(volume, snapshot)),
+                        None => {}
+                    }
                 }
-                let tmp = dir.join(format!(".{snapshot}.tmp-{}", std::process::id()));
-                blocking(move || {
-                    std::fs::create_dir_all(&dir)
-                        .map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
-                    let _ = std::fs::remove_file(&tmp);
-                    let m = fsutil::clone_file(&path, &tmp)?;
-                    let ro = std::fs::Permissions::from_mode_ro();
-                    let done = std::fs::set_permissions(&tmp, ro)
-                        .and_then(|_| std::fs::hard_link(&tmp, &dst))
-                        .map_err(|e| Error::io(format!("create {}", dst.display()), e));
-                    let _ = std::fs::remove_file(&tmp);
-                    done.map(|_| m)
+                let (vs, snap) = (volume.to_string(), snapshot.to_string());
+                let root = blocking(move || {
+                    let r = raw_snapshot(&root, &vs, &snap);
+                    if r.is_err() {
+                        DirPool::drop_empty_snap_dir(&root, &vs);
+                    }
+                    r.map(|m| {
+                        tracing::debug!("raw snapshot by {m:?}");
+                        root
+                    })
                 })
-                .await
-                .map(|m: CloneMethod| tracing::debug!("raw snapshot by {m:?}"))?;
-                find_snapshot(self.raw_snapshots(volume)?, volume, snapshot)
+                .await?;
+                find_snapshot(Self::raw_snapshots(&root, volume)?, volume, snapshot)
             }
         }
     }
 
     async fn list_snapshots(&self, volume: &str) -> Result<Vec<VolSnapshot>> {
-        let path = self.vol_path(volume)?;
-        let vol = self.describe(volume, &path)?;
+        let root = self.open_root()?;
+        let vol = self.describe(&root, volume)?;
         match vol.format {
-            VolFormat::Qcow2 => qcow2_snapshots(&path, volume),
-            VolFormat::Raw => self.raw_snapshots(volume),
+            VolFormat::Qcow2 => {
+                qcow2_snapshots(root.open_file(volume, false)?, &root.join(volume), volume)
+            }
+            VolFormat::Raw => Self::raw_snapshots(&root, volume),
         }
     }
 
     async fn revert_snapshot(&self, volume: &str, snapshot: &str) -> Result<()> {
         check_name(NameOf::Snapshot, snapshot)?;
-        let path = self.vol_path(volume)?;
-        let vol = self.describe(volume, &path)?;
+        let root = self.open_root()?;
+        let path = root.join(volume);
+        let vol = self.describe(&root, volume)?;
         let _l = lease(&self.locks, "volume snapshot revert", Resource::file(&path)).await?;
+        Self::clean_leftovers(&root, volume)?;
         match vol.format {
             VolFormat::Qcow2 => {
-                find_snapshot(qcow2_snapshots(&path, volume)?, volume, snapshot)?;
-                qcow2_op(&path, Op::Apply(snapshot.to_string())).await
+                let list = qcow2_snapshots(root.open_file(volume, false)?, &path, volume)?;
+                find_snapshot(list, volume, snapshot)?;
+                let f = root.open_file(volume, true)?;
+                let op = Op::Apply(snapshot.to_string());
+                blocking(move || crate::qcow2::snapshot(f, &path, op)).await
             }
             VolFormat::Raw => {
-                find_snapshot(self.raw_snapshots(volume)?, volume, snapshot)?;
-                let src = self.snap_dir(volume).join(snapshot);
-                let tmp = self
-                    .root
-                    .join(format!(".{volume}.revert-{}", std::process::id()));
-                blocking(move || {
-                    let _ = std::fs::remove_file(&tmp);
-                    fsutil::clone_file(&src, &tmp)?;
-                    let mode = std::fs::metadata(&path)
-                        .map(|m| m.permissions())
-                        .map_err(|e| Error::io(format!("stat {}", path.display()), e))?;
-                    // One rename: the volume is either all old or all new.
-                    let r = std::fs::set_permissions(&tmp, mode)
-                        .and_then(|_| std::fs::rename(&tmp, &path))
-                        .map_err(|e| Error::io(format!("replace {}", path.display()), e));
-                    if r.is_err() {
-                        let _ = std::fs::remove_file(&tmp);
-                    }
-                    r
-                })
-                .await
+                find_snapshot(Self::raw_snapshots(&root, volume)?, volume, snapshot)?;
+                let (vs, snap) = (volume.to_string(), snapshot.to_string());
+                blocking(move || raw_revert(&root, &vs, &snap)).await
             }
         }
     }
 
     async fn delete_snapshot(&self, volume: &str, snapshot: &str) -> Result<()> {
         check_name(NameOf::Snapshot, snapshot)?;
-        let path = self.vol_path(volume)?;
-        let vol = self.describe(volume, &path)?;
+        let root = self.open_root()?;
+        let path = root.join(volume);
+        let vol = self.describe(&root, volume)?;
         let _l = lease(&self.locks, "volume snapshot delete", Resource::file(&path)).await?;
+        Self::clean_leftovers(&root, volume)?;
         match vol.format {
             VolFormat::Qcow2 => {
-                find_snapshot(qcow2_snapshots(&path, volume)?, volume, snapshot)?;
-                qcow2_op(&path, Op::Delete(snapshot.to_string())).await
+                let list = qcow2_snapshots(root.open_file(volume, false)?, &path, volume)?;
+                find_snapshot(list, volume, snapshot)?;
+                let f = root.open_file(volume, true)?;
+                let op = Op::Delete(snapshot.to_string());
+                blocking(move || crate::qcow2::snapshot(f, &path, op)).await
             }
             VolFormat::Raw => {
-                find_snapshot(self.raw_snapshots(volume)?, volume, snapshot)?;
-                let dir = self.snap_dir(volume);
-                let f = dir.join(snapshot);
-                std::fs::remove_file(&f)
-                    .map_err(|e| Error::io(format!("remove {}", f.display()), e))?;
-                let _ = std::fs::remove_dir(&dir); // if empty
-                let _ = std::fs::remove_dir(self.root.join(SNAPSHOT_DIR));
+                find_snapshot(Self::raw_snapshots(&root, volume)?, volume, snapshot)?;
+                let dir = Self::snap_dir(&root, volume, false)?
+                    .ok_or_else(|| no_snapshot(volume, snapshot))?;
+                dir.unlink(snapshot)?;
+                dir.sync()?;
+                Self::drop_empty_snap_dir(&root, volume);
                 Ok(())
             }
         }
     }
+}
+
+/// Snapshot the raw volume `volume` as `.snapshots/VOL/SNAP`: clone to `.vs-snap`, give it
+/// the volume's owner and read-only mode, link it to its name (never over an existing one).
+fn raw_snapshot(root: &DirFd, volume: &str, snapshot: &str) -> Result<CloneMethod> {
+    let src = root.open_file(volume, false)?;
+    let st = root.stat(volume)?.ok_or_else(|| {
+        Error::new(
+            ErrorKind::NotFound,
+            format!("{} vanished", root.join(volume).display()),
+        )
+    })?;
+    let dir = DirPool::snap_dir(root, volume, true)?.expect("created");
+    let tmp = dir.join(SNAP_TMP);
+    let t = dir.create_file(SNAP_TMP, 0o600)?;
+    let r = (|| -> Result<CloneMethod> {
+        let m = fsutil::clone_fd(&src, &t, &tmp)?;
+        failpoint("dir-snapshot-cloned");
+        pooldir::set_mode_owner(&t, &tmp, pooldir::snapshot_mode(st.mode), st.uid, st.gid)?;
+        dir.link(SNAP_TMP, snapshot)?;
+        failpoint("dir-snapshot-linked");
+        Ok(m)
+    })();
+    let _ = dir.unlink(SNAP_TMP);
+    let m = r?;
+    dir.sync()?;
+    Ok(m)
+}
+
+/// Revert the raw volume `volume` to its snapshot `snapshot`: clone the snapshot to
+/// `.snapshots/VOL/.vs-revert`, give it the volume's owner and mode, rename it over the
+/// volume (one rename: the volume is all old or all new).
+fn raw_revert(root: &DirFd, volume: &str, snapshot: &str) -> Result<()> {
+    let dir =
+        DirPool::snap_dir(root, volume, false)?.ok_or_else(|| no_snapshot(volume, snapshot))?;
+    let src = dir.open_file(snapshot, false)?;
+    let st = root.stat(volume)?.ok_or_else(|| {
+        Error::new(
+            ErrorKind::NotFound,
+            format!("{} vanished", root.join(volume).display()),
+        )
+    })?;
+    let tmp = dir.join(REVERT_TMP);
+    let t = dir.create_file(REVERT_TMP, 0o600)?;
+    let r = (|| -> Result<()> {
+        fsutil::clone_fd(&src, &t, &tmp)?;
+        failpoint("dir-revert-cloned");
+        pooldir::set_mode_owner(&t, &tmp, st.mode, st.uid, st.gid)?;
+        dir.rename(REVERT_TMP, root, volume)?;
+        failpoint("dir-revert-renamed");
+        root.sync()
+    })();
+    if r.is_err() {
+        let _ = dir.unlink(REVERT_TMP);
+    }
+    r
 }
 
 pub(crate) fn exists(volume: &str, snapshot: &str) -> Error {
@@ -443,23 +659,27 @@ pub(crate) fn exists(volume: &str, snapshot: &str) -> Error {
     )
 }
 
-/// Whether FICLONE works in `dir` (a throwaway probe file pair).
-fn probe_reflink(dir: &Path) -> bool {
-    let a = dir.join(format!(".reflink-probe-{}", std::process::id()));
-    let b = dir.join(format!(".reflink-probe-{}.b", std::process::id()));
-    let ok = std::fs::write(&a, b"x").is_ok()
-        && matches!(fsutil::clone_file(&a, &b), Ok(CloneMethod::Reflink));
-    let _ = std::fs::remove_file(&a);
-    let _ = std::fs::remove_file(&b);
-    ok
-}
-
-trait ReadOnlyMode {
-    fn from_mode_ro() -> Self;
-}
-impl ReadOnlyMode for std::fs::Permissions {
-    fn from_mode_ro() -> Self {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::Permissions::from_mode(0o444)
+/// Whether FICLONE works in `dir`: two unnamed files (O_TMPFILE), so nothing can be left.
+fn probe_reflink(dir: &DirFd) -> bool {
+    use rustix::fs::{Mode, OFlags};
+    let tmp = || {
+        rustix::fs::openat(
+            dir.fd(),
+            ".",
+            OFlags::TMPFILE | OFlags::RDWR | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o600),
+        )
+        .map(File::from)
+    };
+    let (Ok(a), Ok(b)) = (tmp(), tmp()) else {
+        return false;
+    };
+    use std::io::Write;
+    if (&a).write_all(b"x").is_err() {
+        return false;
     }
+    matches!(
+        fsutil::clone_fd(&a, &b, &dir.join("(reflink probe)")),
+        Ok(CloneMethod::Reflink)
+    )
 }

@@ -10,7 +10,7 @@
 use crate::error::{Error, ErrorKind, Result};
 use std::ffi::CString;
 use std::fs::File;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
@@ -75,8 +75,19 @@ pub fn clone_file(src: &Path, dst: &Path) -> Result<CloneMethod> {
     let d = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
+        .mode(0o600)
         .open(dst)
         .map_err(|e| Error::io(format!("create {}", dst.display()), e))?;
+    let r = clone_fd(&s, &d, dst);
+    if r.is_err() {
+        let _ = std::fs::remove_file(dst);
+    }
+    r
+}
+
+/// Duplicate the open file `s` into the open, empty file `d` (named `dst` in messages): a
+/// reflink clone when the filesystem supports it, else a sparse copy flushed with fsync.
+pub fn clone_fd(s: &File, d: &File, dst: &Path) -> Result<CloneMethod> {
     let r = (|| {
         // SAFETY: both fds are open for the duration of the call.
         let rc = unsafe { libc::ioctl(d.as_raw_fd(), FICLONE as _, s.as_raw_fd()) };
@@ -92,24 +103,20 @@ pub fn clone_file(src: &Path, dst: &Path) -> Result<CloneMethod> {
             | Some(libc::ENOSYS) => {}
             _ => return Err(Error::io(format!("FICLONE {}", dst.display()), err)),
         }
-        sparse_copy(&s, &d).map_err(|e| Error::io(format!("copy to {}", dst.display()), e))?;
+        sparse_copy(s, d).map_err(|e| Error::io(format!("copy to {}", dst.display()), e))?;
         Ok(CloneMethod::Copy)
     })();
     // A copy is flushed before the caller links or renames it into place (else a crash
     // could leave the name with missing data). A reflink is metadata only: btrfs and XFS
     // journal it in order with the link/rename that follows, so after a crash the name has
     // either the old or the complete new content; it is durable at the next commit.
-    let r = r.and_then(|m| {
+    r.and_then(|m| {
         if m == CloneMethod::Copy {
             d.sync_all()
                 .map_err(|e| Error::io(format!("fsync {}", dst.display()), e))?;
         }
         Ok(m)
-    });
-    if r.is_err() {
-        let _ = std::fs::remove_file(dst);
-    }
-    r
+    })
 }
 
 fn sparse_copy(s: &File, d: &File) -> std::io::Result<()> {
@@ -231,6 +238,11 @@ fn fmt_uuid(b: &[u8]) -> Option<String> {
 /// subvolume's root directory.
 pub fn subvol_info(path: &Path) -> Result<SubvolInfo> {
     let f = File::open(path).map_err(|e| Error::io(format!("open {}", path.display()), e))?;
+    subvol_info_fd(f.as_fd(), path)
+}
+
+/// [`subvol_info`] of the directory open as `f` (named `path` in messages).
+pub fn subvol_info_fd(f: std::os::fd::BorrowedFd<'_>, path: &Path) -> Result<SubvolInfo> {
     // 504 bytes, 8-aligned.
     let mut buf = [0u64; 63];
     let mut rc = -1;

@@ -22,6 +22,7 @@ mod lease;
 pub mod lvm;
 pub mod model;
 pub mod name;
+pub mod pooldir;
 mod qcow2;
 pub mod reverter;
 pub mod runner;
@@ -105,6 +106,16 @@ pub(crate) fn no_snapshot(volume: &str, snapshot: &str) -> Error {
         ErrorKind::NotFound,
         format!("volume {volume:?} has no snapshot {snapshot:?}"),
     )
+}
+
+/// A test hook: when the environment variable `VIRT_SNAP_FAILPOINT` equals `name`, the
+/// process aborts here (as if killed at this step). The crash tests run an operation in a
+/// child process with it set, then check what the next operation finds. Named steps are
+/// listed in docs/storage-backends.md ("After a crash").
+pub fn failpoint(name: &str) {
+    if std::env::var_os("VIRT_SNAP_FAILPOINT").is_some_and(|v| v == name) {
+        std::process::abort();
+    }
 }
 
 /// Run blocking file work off the runtime's threads.

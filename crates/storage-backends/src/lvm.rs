@@ -396,6 +396,8 @@ impl Backend for LvmPool {
             allocation: capacity - available.min(capacity),
             available,
             capabilities: self.capabilities(),
+            leftovers: 0,
+            leftover_bytes: 0,
         })
     }
 
@@ -486,7 +488,7 @@ impl Backend for LvmPool {
         snapshot: &str,
         opts: &SnapshotOptions,
     ) -> Result<VolSnapshot> {
-        check_lvm_name(NameOf::Snapshot, snapshot)?;
+        crate::name::check_lvm_snapshot_lv(volume, snapshot)?;
         let lvs = self.lvs().await?;
         let vol = self.find_volume(&lvs, volume)?;
         if vol.is_thin() && opts.size.is_some() {
@@ -523,7 +525,7 @@ impl Backend for LvmPool {
     }
 
     async fn revert_snapshot(&self, volume: &str, snapshot: &str) -> Result<()> {
-        check_lvm_name(NameOf::Snapshot, snapshot)?;
+        crate::name::check_lvm_snapshot_lv(volume, snapshot)?;
         let lvs = self.lvs().await?;
         let vol = self.find_volume(&lvs, volume)?;
         let _l = lease(&self.locks, "volume snapshot revert", self.resource(&vol)).await?;
@@ -602,7 +604,7 @@ impl Backend for LvmPool {
     }
 
     async fn delete_snapshot(&self, volume: &str, snapshot: &str) -> Result<()> {
-        check_lvm_name(NameOf::Snapshot, snapshot)?;
+        crate::name::check_lvm_snapshot_lv(volume, snapshot)?;
         let lvs = self.lvs().await?;
         let vol = self.find_volume(&lvs, volume)?;
         let _l = lease(&self.locks, "volume snapshot delete", self.resource(&vol)).await?;

@@ -225,6 +225,12 @@ pub struct PoolInfo {
     pub available: u64,
     /// What its backend can do.
     pub capabilities: Capabilities,
+    /// Temporaries left by interrupted (killed) operations, removed by the next operation
+    /// on their volume (dir and btrfs pools; 0 for LVM).
+    pub leftovers: u64,
+    /// Bytes allocated to those leftovers (for btrfs subvolumes: their files' apparent
+    /// allocation, shared extents counted in full).
+    pub leftover_bytes: u64,
 }
 
 /// Options of snapshot creation.

@@ -23,9 +23,22 @@ impl NameOf {
     }
 }
 
-/// Longest name accepted (btrfs and most filesystems allow 255 bytes per path component;
-/// LVM names are limited to 127 characters, see [`check_lvm_name`]).
+/// Longest volume or snapshot name accepted (btrfs and most filesystems allow 255 bytes
+/// per path component; LVM names are limited further, see [`check_lvm_name`]). The dir and
+/// btrfs backends derive no longer names from them: their temporaries have fixed names
+/// (`.vs-snap`, `.vs-revert`) and their files are `NAME`, `.snapshots/NAME/SNAP`,
+/// `NAME/volume.qcow2`.
 pub const MAX_NAME_LEN: usize = 255;
+
+/// Longest pool name: the pool store writes `NAME.json` through the temporary
+/// `.NAME.json.tmp-PID` (PID up to 10 digits), which must fit in 255 bytes.
+pub const MAX_POOL_NAME_LEN: usize = MAX_NAME_LEN - ".".len() - ".json.tmp-".len() - 10;
+
+/// LVM's limit on an LV name (NAME_LEN 128 with the NUL).
+pub const LVM_MAX_LV_NAME: usize = 127;
+
+/// The longest suffix the LVM backend adds to a volume's name (`VOL.vs-revert`).
+pub const LVM_VOLUME_SUFFIX: &str = ".vs-revert";
 
 fn bad(of: NameOf, name: &str, why: &str) -> Error {
     Error::new(
@@ -41,8 +54,13 @@ pub fn check_name(of: NameOf, name: &str) -> Result<()> {
     if name.is_empty() {
         return Err(bad(of, name, "it is empty"));
     }
-    if name.len() > MAX_NAME_LEN {
-        return Err(bad(of, name, "longer than 255 bytes"));
+    let max = if of == NameOf::Pool {
+        MAX_POOL_NAME_LEN
+    } else {
+        MAX_NAME_LEN
+    };
+    if name.len() > max {
+        return Err(bad(of, name, &format!("longer than {max} bytes")));
     }
     if name.contains('/') {
         return Err(bad(of, name, "it contains a path separator '/'"));
@@ -73,10 +91,12 @@ pub fn check_name(of: NameOf, name: &str) -> Result<()> {
     Ok(())
 }
 
-/// LVM's own rules on top of [`check_name`]: only `A-Za-z0-9+_.-`, at most 127 characters,
-/// not starting with `snapshot` or `pvmove`, and none of LVM's reserved sub-LV suffixes. Our
-/// snapshot LVs are named `VOL.SNAP` (see the LVM backend), so a volume name may not contain
-/// `.` and the two names together must stay under the limit.
+/// LVM's own rules on top of [`check_name`]: only `A-Za-z0-9+_.-`, not starting with
+/// `snapshot` or `pvmove`, and none of LVM's reserved sub-LV suffixes. Every LV name the
+/// backend derives must fit LVM's 127 characters: a volume name at most 117 (for
+/// `VOL.vs-revert`), a snapshot name at most 125 (and `VOL.SNAP` at most 127, see
+/// [`check_lvm_snapshot_lv`]). Our snapshot LVs are named `VOL.SNAP`, so a volume name may
+/// not contain `.`.
 pub fn check_lvm_name(of: NameOf, name: &str) -> Result<()> {
     check_name(of, name)?;
     if let Some(c) = name
@@ -89,8 +109,20 @@ pub fn check_lvm_name(of: NameOf, name: &str) -> Result<()> {
             &format!("LVM allows only A-Za-z0-9+_.- in names, not {c:?}"),
         ));
     }
-    if name.len() > 120 {
-        return Err(bad(of, name, "LVM names are limited to 127 characters"));
+    let max = match of {
+        NameOf::Volume => LVM_MAX_LV_NAME - LVM_VOLUME_SUFFIX.len(),
+        NameOf::Snapshot => LVM_MAX_LV_NAME - 2,
+        NameOf::Pool => LVM_MAX_LV_NAME,
+    };
+    if name.len() > max {
+        return Err(bad(
+            of,
+            name,
+            &format!(
+                "longer than {max} characters (LVM names are limited to 127, with the \
+                 suffixes virt-snap adds)"
+            ),
+        ));
     }
     if of == NameOf::Volume && name.contains('.') {
         return Err(bad(
@@ -115,6 +147,23 @@ pub fn check_lvm_name(of: NameOf, name: &str) -> Result<()> {
         if name.contains(s) {
             return Err(bad(of, name, &format!("LVM reserves the part {s:?}")));
         }
+    }
+    Ok(())
+}
+
+/// The LV name `VOL.SNAP` of a snapshot must fit LVM's 127 characters.
+pub fn check_lvm_snapshot_lv(volume: &str, snapshot: &str) -> Result<()> {
+    check_lvm_name(NameOf::Snapshot, snapshot)?;
+    if volume.len() + 1 + snapshot.len() > LVM_MAX_LV_NAME {
+        return Err(bad(
+            NameOf::Snapshot,
+            snapshot,
+            &format!(
+                "its LV name {volume}.{snapshot} would be longer than LVM's 127 characters \
+                 (at most {} for volume {volume:?})",
+                LVM_MAX_LV_NAME - 1 - volume.len()
+            ),
+        ));
     }
     Ok(())
 }
@@ -148,5 +197,17 @@ mod tests {
         check_lvm_name(NameOf::Snapshot, "s1.daily").unwrap();
         let long = "x".repeat(256);
         assert!(check_name(NameOf::Pool, &long).is_err());
+        check_name(NameOf::Volume, &"x".repeat(255)).unwrap();
+        check_name(NameOf::Pool, &"x".repeat(MAX_POOL_NAME_LEN)).unwrap();
+        assert!(check_name(NameOf::Pool, &"x".repeat(MAX_POOL_NAME_LEN + 1)).is_err());
+        // The store's temporary for the longest pool name fits.
+        assert!(format!(".{}.json.tmp-4294967295", "x".repeat(MAX_POOL_NAME_LEN)).len() <= 255);
+        // LVM: every derived LV name fits 127 characters.
+        check_lvm_name(NameOf::Volume, &"v".repeat(117)).unwrap();
+        assert!(check_lvm_name(NameOf::Volume, &"v".repeat(118)).is_err());
+        assert_eq!(format!("{}.vs-revert", "v".repeat(117)).len(), 127);
+        check_lvm_snapshot_lv(&"v".repeat(100), &"s".repeat(26)).unwrap();
+        let e = check_lvm_snapshot_lv(&"v".repeat(100), &"s".repeat(27)).unwrap_err();
+        assert!(e.to_string().contains("127"), "{e}");
     }
 }

@@ -3,7 +3,7 @@
 //! (`qcow2_write::SnapshotEditor`: create, apply, delete in QEMU's write order). No process
 //! is spawned; the caller holds the volume's lease and QEMU's image locks.
 
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Error, Result};
 use crate::model::VolumeSpec;
 use image_formats::qcow2_write::{self, SnapshotEditor, SnapshotRef};
 use image_formats::FileStorage;
@@ -17,42 +17,12 @@ pub(crate) enum Op {
     Delete(String),
 }
 
-/// Create the qcow2 image `path` (which must not exist) for `spec`; removed on failure.
-pub(crate) fn create(path: &Path, spec: &VolumeSpec) -> Result<()> {
-    if let Some(b) = &spec.backing {
-        // Only a regular file or block device, checked without opening it for I/O (a FIFO
-        // would block the open).
-        match image_formats::check_image_path(Path::new(&b.path)) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(Error::new(
-                    ErrorKind::NotFound,
-                    format!("backing volume {} does not exist", b.path),
-                ))
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => {
-                return Err(Error::new(
-                    ErrorKind::InvalidInput,
-                    format!("backing volume {} {e}", b.path),
-                ))
-            }
-            Err(e) => return Err(Error::io(format!("backing volume {}", b.path), e)),
-        }
-    }
-    let size = match (&spec.backing, spec.capacity) {
-        (Some(b), 0) => {
-            crate::dir::probe_file(Path::new(&b.path))
-                .map_err(|e| e.context(format!("backing volume {}", b.path)))?
-                .1
-        }
-        (_, n) => n,
-    };
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(path)
-        .map_err(|e| Error::io(format!("create {}", path.display()), e))?;
+/// Write a new qcow2 image for `spec` into the new, empty file `f` (named `path` in
+/// messages) and flush it. The caller creates the file (mode 0600, relative to the pool's
+/// directory), resolves the backing volume and its size (`spec.capacity`), and removes the
+/// file on failure.
+pub(crate) fn create(f: std::fs::File, path: &Path, spec: &VolumeSpec) -> Result<()> {
+    let size = spec.capacity;
     let storage = FileStorage::from_file(f);
     let opts = qcow2_write::CreateOptions {
         size,
@@ -70,16 +40,12 @@ pub(crate) fn create(path: &Path, spec: &VolumeSpec) -> Result<()> {
                 .sync_all()
                 .map_err(|e| Error::io(format!("fsync {}", path.display()), e))
         });
-    if r.is_err() {
-        let _ = std::fs::remove_file(path);
-    }
     r.map_err(|e| e.context(format!("create qcow2 volume {}", path.display())))
 }
 
-/// Run a snapshot operation on the qcow2 image `path`.
-pub(crate) fn snapshot(path: &Path, op: Op) -> Result<()> {
-    let storage = FileStorage::open_read_write(path)
-        .map_err(|e| Error::io(format!("open {}", path.display()), e))?;
+/// Run a snapshot operation on the qcow2 image open (read-write) as `f`, named `path`.
+pub(crate) fn snapshot(f: std::fs::File, path: &Path, op: Op) -> Result<()> {
+    let storage = FileStorage::from_file(f);
     let mut ed = SnapshotEditor::open(storage)?;
     match op {
         Op::Create(name) => {

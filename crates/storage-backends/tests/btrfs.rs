@@ -1,6 +1,10 @@
 //! btrfs pools on a real btrfs (loop device): subvolume per volume, read-only snapshots,
 //! atomic revert, failure injection, in-use refusal; and a dir pool on btrfs (reflink).
 
+// Each test runs on its own current-thread runtime: holding `serial()` across awaits blocks
+// nothing but the other tests, which is its purpose.
+#![allow(clippy::await_holding_lock)]
+
 mod common;
 
 use common::*;
@@ -23,6 +27,7 @@ fn show_uuid(path: &Path) -> String {
 
 #[tokio::test]
 async fn btrfs_pool_snapshot_revert_delete_with_failure_injection_and_leases() {
+    let _serial = serial();
     let fs = testbed::Btrfs::new(512).expect("btrfs testbed (cargo xtask deps)");
     let state = tempfile::tempdir().unwrap();
     let root = fs.mountpoint().join("pool");
@@ -172,6 +177,7 @@ async fn btrfs_pool_snapshot_revert_delete_with_failure_injection_and_leases() {
 
 #[tokio::test]
 async fn dir_pool_on_btrfs_snapshots_raw_volumes_by_reflink() {
+    let _serial = serial();
     let fs = testbed::Btrfs::new(512).expect("btrfs testbed (cargo xtask deps)");
     let state = tempfile::tempdir().unwrap();
     let target = fs.mountpoint().display().to_string();
@@ -210,6 +216,7 @@ async fn dir_pool_on_btrfs_snapshots_raw_volumes_by_reflink() {
 
 #[tokio::test]
 async fn the_local_runners_built_in_btrfs_snapshot_matches_the_tool() {
+    let _serial = serial();
     let fs = testbed::Btrfs::new(256).expect("btrfs testbed (cargo xtask deps)");
     let m = fs.mountpoint();
     let run = |args: &[&std::path::Path]| {
@@ -284,5 +291,222 @@ async fn the_local_runners_built_in_btrfs_snapshot_matches_the_tool() {
             .arg(m.join(p))
             .status()
             .unwrap();
+    }
+}
+
+/// The child side of the crash tests (see `common::run_child`).
+#[tokio::test]
+async fn child() {
+    child_main().await;
+}
+
+#[tokio::test]
+async fn a_btrfs_revert_killed_at_each_step_then_repeated_keeps_every_byte() {
+    let _serial = serial();
+    let fs = testbed::Btrfs::new(512).expect("btrfs testbed (cargo xtask deps)");
+    let state = tempfile::tempdir().unwrap();
+    let root = fs.mountpoint().join("pool");
+    std::fs::create_dir(&root).unwrap();
+    let pool = open(
+        PoolKind::Btrfs,
+        &root.display().to_string(),
+        local(),
+        locks(state.path()),
+    );
+    let v = pool
+        .create_volume(&spec("v1", 8 << 20, VolFormat::Raw))
+        .await
+        .unwrap();
+    let p = PathBuf::from(&v.path);
+    assert_eq!(mode(&p), 0o600);
+    let a = vec![b'A'; 1 << 20];
+    std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+    write_raw(&p, &[0, 7 << 20], &a);
+    pool.create_snapshot("v1", "s1", &SnapshotOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(mode(&root.join(".snapshots")), 0o700);
+    assert_eq!(mode(&root.join(".snapshots/v1")), 0o700);
+    let whole = |b: u8| {
+        let mut v = vec![0u8; 8 << 20];
+        v[..1 << 20].fill(b);
+        v[7 << 20..].fill(b);
+        v
+    };
+    for (fp, after) in [
+        ("btrfs-revert-snapshotted", b'B'),
+        ("btrfs-revert-exchanged", b'A'),
+        ("btrfs-revert-deleted", b'A'),
+    ] {
+        write_raw(&p, &[0, 7 << 20], &vec![b'B'; 1 << 20]);
+        run_child(
+            PoolKind::Btrfs,
+            &root,
+            state.path(),
+            &["revert", "v1", "s1"],
+            Some(fp),
+            None,
+        );
+        // Old or new, byte for byte.
+        assert_eq!(std::fs::read(&p).unwrap(), whole(after), "{fp}");
+        let info = pool.info().await.unwrap();
+        if fp != "btrfs-revert-deleted" {
+            assert_eq!(info.leftovers, 1, "{fp}: {info:?}");
+        }
+        // Newer writes, then the revert again: it removes the leftover first and works.
+        write_raw(&p, &[0, 7 << 20], &vec![b'C'; 1 << 20]);
+        pool.revert_snapshot("v1", "s1").await.unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), whole(b'A'), "{fp}");
+        assert_eq!(pool.info().await.unwrap().leftovers, 0, "{fp}");
+        assert_eq!(
+            tree(&root),
+            [
+                ".snapshots",
+                ".snapshots/v1",
+                ".snapshots/v1/s1",
+                ".snapshots/v1/s1/volume.raw",
+                "v1",
+                "v1/volume.raw"
+            ],
+            "{fp}"
+        );
+        // And once more: every later revert works.
+        write_raw(&p, &[0], b"x");
+        pool.revert_snapshot("v1", "s1").await.unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), whole(b'A'), "{fp}");
+    }
+    // What an older version left: `.v1.revert` with the stale subvolume snapshotted *into*
+    // it. The next revert removes both and reverts for real.
+    let legacy = root.join(".v1.revert");
+    let bt = |args: &[&std::ffi::OsStr]| {
+        let st = std::process::Command::new("btrfs")
+            .arg("-q")
+            .args(args)
+            .status()
+            .unwrap();
+        assert!(st.success());
+    };
+    bt(&[
+        "subvolume".as_ref(),
+        "snapshot".as_ref(),
+        root.join(".snapshots/v1/s1").as_os_str(),
+        legacy.as_os_str(),
+    ]);
+    bt(&[
+        "subvolume".as_ref(),
+        "snapshot".as_ref(),
+        root.join(".snapshots/v1/s1").as_os_str(),
+        legacy.join("s1").as_os_str(),
+    ]);
+    assert_eq!(pool.info().await.unwrap().leftovers, 1);
+    write_raw(&p, &[0, 7 << 20], &vec![b'D'; 1 << 20]);
+    pool.revert_snapshot("v1", "s1").await.unwrap();
+    assert_eq!(std::fs::read(&p).unwrap(), whole(b'A'));
+    assert!(!legacy.exists());
+    // A delete killed after the snapshots went: repeated, it finishes.
+    run_child(
+        PoolKind::Btrfs,
+        &root,
+        state.path(),
+        &["delete", "v1"],
+        Some("btrfs-delete-snapshot-gone"),
+        None,
+    );
+    pool.delete_volume("v1").await.unwrap();
+    assert_eq!(tree(&root), Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn symlinks_in_a_btrfs_pool_are_reported_never_followed() {
+    let _serial = serial();
+    let fs = testbed::Btrfs::new(512).expect("btrfs testbed (cargo xtask deps)");
+    let state = tempfile::tempdir().unwrap();
+    let root = fs.mountpoint().join("pool");
+    std::fs::create_dir(&root).unwrap();
+    let pool = open(
+        PoolKind::Btrfs,
+        &root.display().to_string(),
+        local(),
+        locks(state.path()),
+    );
+    for level in [
+        ".snapshots",
+        ".snapshots/v1",
+        "v1",
+        ".snapshots/v1/s1",
+        "v1/volume.raw",
+    ] {
+        pool.create_volume(&spec("v1", 1 << 20, VolFormat::Raw))
+            .await
+            .unwrap();
+        pool.create_snapshot("v1", "s1", &SnapshotOptions::default())
+            .await
+            .unwrap();
+        // OTHER: a directory outside the pool shaped like what the link replaces.
+        let other = fs.mountpoint().join("other");
+        std::fs::create_dir_all(other.join("v1/s1")).unwrap();
+        std::fs::write(other.join("v1/s1/volume.raw"), b"outside").unwrap();
+        std::fs::write(other.join("v1/volume.raw"), b"outside").unwrap();
+        std::fs::write(other.join("volume.raw"), b"outside").unwrap();
+        let real = root.join(level);
+        let moved = if level == "v1/volume.raw" {
+            root.join("v1/moved") // a file cannot leave its subvolume by rename
+        } else {
+            fs.mountpoint().join("moved")
+        };
+        if level == ".snapshots/v1/s1" {
+            // A read-only subvolume cannot be moved: delete it.
+            let st = std::process::Command::new("btrfs")
+                .args(["-q", "subvolume", "delete"])
+                .arg(&real)
+                .status()
+                .unwrap();
+            assert!(st.success());
+        } else {
+            std::fs::rename(&real, &moved).unwrap();
+        }
+        let target = match level {
+            ".snapshots" => other.clone(),
+            ".snapshots/v1" | "v1" => other.join("v1"),
+            ".snapshots/v1/s1" => other.join("v1/s1"),
+            _ => other.join("volume.raw"),
+        };
+        std::os::unix::fs::symlink(&target, &real).unwrap();
+        let before = tree_with_contents(&other);
+        let o = SnapshotOptions::default();
+        let out: Vec<String> = vec![
+            pool.list_volumes().await.map(|_| ()),
+            pool.volume("v1").await.map(|_| ()),
+            pool.list_snapshots("v1").await.map(|_| ()),
+            pool.create_snapshot("v1", "new", &o).await.map(|_| ()),
+            pool.revert_snapshot("v1", "s1").await,
+            pool.delete_snapshot("v1", "s1").await,
+            pool.delete_volume("v1").await,
+        ]
+        .into_iter()
+        .map(|r| match r {
+            Ok(()) => "ok".into(),
+            Err(e) => format!("{:?}: {e}", e.kind()),
+        })
+        .collect();
+        assert_eq!(tree_with_contents(&other), before, "{level}: {out:#?}");
+        assert!(
+            out.iter().any(|s| s.contains("symbolic link")),
+            "{level}: {out:#?}"
+        );
+        for i in [4, 6] {
+            assert_ne!(out[i], "ok", "{level}: {out:#?}");
+        }
+        // Put things back and clean up for the next level.
+        std::fs::remove_file(&real).unwrap();
+        if moved.exists() {
+            std::fs::rename(&moved, &real).unwrap();
+        }
+        std::fs::remove_dir_all(&other).unwrap();
+        for s in pool.list_snapshots("v1").await.unwrap() {
+            pool.delete_snapshot("v1", &s.name).await.unwrap();
+        }
+        pool.delete_volume("v1").await.unwrap();
+        assert_eq!(tree(&root), Vec::<String>::new(), "{level}");
     }
 }

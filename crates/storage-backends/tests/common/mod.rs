@@ -103,3 +103,117 @@ pub fn tree(dir: &Path) -> Vec<String> {
     v.sort();
     v
 }
+
+/// Every entry under `dir` with its mode and, for files, its bytes: to check that nothing
+/// outside a pool changed.
+pub fn tree_with_contents(dir: &Path) -> Vec<(String, u32, Vec<u8>)> {
+    use std::os::unix::fs::PermissionsExt;
+    tree(dir)
+        .into_iter()
+        .map(|p| {
+            let full = dir.join(&p);
+            let m = std::fs::symlink_metadata(&full).unwrap();
+            let data = if m.is_file() {
+                std::fs::read(&full).unwrap()
+            } else {
+                Vec::new()
+            };
+            (p, m.permissions().mode(), data)
+        })
+        .collect()
+}
+
+/// The permission bits of `path` (not following a link).
+pub fn mode(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::symlink_metadata(path)
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o7777
+}
+
+/// Run one pool operation in a child process (this test binary's `child` test), with
+/// `VIRT_SNAP_FAILPOINT=failpoint` (it aborts there) and the umask `umask`. `op` is
+/// `revert VOL SNAP`, `snapshot VOL SNAP`, `delete VOL`, `delete-snapshot VOL SNAP` or
+/// `create-raw VOL SIZE`. Returns whether the child succeeded.
+pub fn run_child(
+    kind: PoolKind,
+    target: &Path,
+    state: &Path,
+    op: &[&str],
+    failpoint: Option<&str>,
+    umask: Option<u32>,
+) -> bool {
+    let mut c = Command::new(std::env::current_exe().unwrap());
+    c.args(["--exact", "child", "--nocapture", "--test-threads=1"])
+        .env("VS_CHILD_KIND", kind.as_str())
+        .env("VS_CHILD_TARGET", target)
+        .env("VS_CHILD_STATE", state)
+        .env("VS_CHILD_OP", op.join("\t"));
+    if let Some(f) = failpoint {
+        c.env("VIRT_SNAP_FAILPOINT", f);
+    }
+    if let Some(u) = umask {
+        c.env("VS_CHILD_UMASK", format!("{u:o}"));
+    }
+    let out = c.output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    if failpoint.is_some() {
+        // Aborted at the failpoint: killed by SIGABRT, never finished.
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(out.status.signal(), Some(6), "{out:?}");
+        return false;
+    }
+    assert!(text.contains("CHILD-DONE"), "{out:?}");
+    text.contains("CHILD-OK")
+}
+
+/// The child side of [`run_child`]: call it from a test named `child`.
+pub async fn child_main() {
+    let Ok(op) = std::env::var("VS_CHILD_OP") else {
+        return;
+    };
+    if let Ok(u) = std::env::var("VS_CHILD_UMASK") {
+        let u = u32::from_str_radix(&u, 8).unwrap();
+        // SAFETY: plain umask; this child runs this one test on one thread.
+        unsafe { libc::umask(u as libc::mode_t) };
+    }
+    let kind = PoolKind::parse(&std::env::var("VS_CHILD_KIND").unwrap()).unwrap();
+    let target = std::env::var("VS_CHILD_TARGET").unwrap();
+    let state = std::env::var("VS_CHILD_STATE").unwrap();
+    let pool = open(kind, &target, local(), locks(Path::new(&state)));
+    let a: Vec<&str> = op.split('\t').collect();
+    let r = match a.as_slice() {
+        ["revert", v, s] => pool.revert_snapshot(v, s).await,
+        ["snapshot", v, s] => pool
+            .create_snapshot(v, s, &Default::default())
+            .await
+            .map(|_| ()),
+        ["delete", v] => pool.delete_volume(v).await,
+        ["delete-snapshot", v, s] => pool.delete_snapshot(v, s).await,
+        ["create-raw", v, n] => pool
+            .create_volume(&spec(v, n.parse().unwrap(), VolFormat::Raw))
+            .await
+            .map(|_| ()),
+        ["create-qcow2", v, n] => pool
+            .create_volume(&spec(v, n.parse().unwrap(), VolFormat::Qcow2))
+            .await
+            .map(|_| ()),
+        other => panic!("unknown child op {other:?}"),
+    };
+    match r {
+        Ok(()) => println!("CHILD-OK"),
+        Err(e) => println!("CHILD-ERR {e}"),
+    }
+    println!("CHILD-DONE");
+}
+
+/// Serialises the tests of one test binary. A process spawned by one test (qemu-io, a
+/// child) holds copies of every descriptor of the process between its fork and exec,
+/// including another test's lease fds: a lease just released can then still look held for
+/// a moment. Tests that take leases one after the other hold this.
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static M: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    M.lock().unwrap_or_else(|p| p.into_inner())
+}

@@ -165,6 +165,11 @@ pub async fn run(cmd: PoolCmd, out: Format, state: Option<&Path>) -> CliResult {
                     println!("{:<16}{}", "Capacity:", human(info.capacity));
                     println!("{:<16}{}", "Allocation:", human(info.allocation));
                     println!("{:<16}{}", "Available:", human(info.available));
+                    if info.leftovers > 0 {
+                        let n = info.leftovers;
+                        let b = human(info.leftover_bytes);
+                        println!("{:<16}{n} ({b}) of interrupted operations", "Leftovers:");
+                    }
                     let c = info.capabilities;
                     let caps: Vec<&str> = [
                         (c.raw, "raw"),

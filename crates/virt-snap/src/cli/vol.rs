@@ -24,7 +24,7 @@ pub enum VolCmd {
         /// raw or qcow2.
         #[arg(long, default_value = "raw")]
         format: String,
-        /// A backing volume (a volume of the same pool, or a path of any pool's volume).
+        /// A backing volume: the name or path of a volume of the same pool.
         #[arg(long, value_name = "VOL")]
         backing_vol: Option<String>,
         /// The backing volume's format (default: what the pool knows of it).
