@@ -120,7 +120,8 @@ fn non_files_are_refused_within_a_second_everywhere() {
             ],
         );
         fails_with(dir, &["image", "info", "--backing-chain", &top], words);
-        // As a backing volume, with the backing size and with a size of its own.
+        // As a backing volume (outside the pool: not one of its volumes), with the backing
+        // size and with a size of its own.
         for size in ["0", "1M"] {
             let name = format!("v{i}-{size}");
             fails_with(
@@ -137,11 +138,39 @@ fn non_files_are_refused_within_a_second_everywhere() {
                     "--backing-vol-format",
                     "raw",
                 ],
-                words,
+                "is not a volume of pool \"p\"",
             );
             assert!(!target.join(&name).exists());
         }
     }
+    // A FIFO inside the pool, named as the backing volume: refused at once, not opened.
+    let pool_fifo = target.join("pf");
+    assert!(Command::new("mkfifo")
+        .arg(&pool_fifo)
+        .status()
+        .unwrap()
+        .success());
+    for size in ["0", "1M"] {
+        let (ok, _, err) = vs(
+            dir,
+            &[
+                "vol-create-as",
+                "p",
+                "vf",
+                size,
+                "--format",
+                "qcow2",
+                "--backing-vol",
+                "pf",
+                "--backing-vol-format",
+                "raw",
+            ],
+        );
+        assert!(!ok && err.lines().count() == 1, "{err}");
+        assert!(err.contains("pf"), "{err}");
+        assert!(!target.join("vf").exists());
+    }
+    std::fs::remove_file(&pool_fifo).unwrap();
     // The FIFO was never written to or replaced.
     use std::os::unix::fs::FileTypeExt;
     assert!(std::fs::metadata(&fifo).unwrap().file_type().is_fifo());
