@@ -14,10 +14,10 @@
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::fsutil::{self, CloneMethod};
+use crate::image::{self, SnapshotOp, SnapshotRef, SystemClock};
 use crate::lease::lease;
 use crate::model::*;
 use crate::name::{check_name, NameOf};
-use crate::qcow2::Op;
 use crate::runner::CommandRunner;
 use crate::{blocking, find_snapshot, Backend};
 use async_trait::async_trait;
@@ -76,13 +76,22 @@ fn allocation(path: &Path) -> Option<u64> {
 /// Create a qcow2 volume at `path` natively (image-formats), off the runtime's threads.
 pub(crate) async fn create_qcow2(path: &Path, spec: &VolumeSpec) -> Result<()> {
     let (p, s) = (path.to_path_buf(), spec.clone());
-    blocking(move || crate::qcow2::create(&p, &s)).await
+    blocking(move || {
+        let opts = image::volume_options(&s)?;
+        image::create(&p, &opts, image::IfExists::Refuse)
+            .map_err(|e| e.context(format!("create qcow2 volume {}", p.display())))
+    })
+    .await
 }
 
 /// An internal-snapshot operation on the qcow2 volume at `path` (image-formats).
-async fn qcow2_op(path: &Path, op: Op) -> Result<()> {
+async fn qcow2_op(path: &Path, op: SnapshotOp) -> Result<()> {
     let p = path.to_path_buf();
-    blocking(move || crate::qcow2::snapshot(&p, op)).await
+    blocking(move || image::snapshot(&p, &op, &SystemClock).map(drop)).await
+}
+
+fn by_name(snapshot: &str) -> SnapshotRef {
+    SnapshotRef::Name(snapshot.as_bytes().to_vec())
 }
 
 /// Check a spec's format/backing combination.
@@ -336,7 +345,7 @@ impl Backend for DirPool {
                 {
                     return Err(exists(volume, snapshot));
                 }
-                qcow2_op(&path, Op::Create(snapshot.to_string())).await?;
+                qcow2_op(&path, SnapshotOp::Create(snapshot.as_bytes().to_vec())).await?;
                 find_snapshot(qcow2_snapshots(&path, volume)?, volume, snapshot)
             }
             VolFormat::Raw => {
@@ -384,7 +393,7 @@ impl Backend for DirPool {
         match vol.format {
             VolFormat::Qcow2 => {
                 find_snapshot(qcow2_snapshots(&path, volume)?, volume, snapshot)?;
-                qcow2_op(&path, Op::Apply(snapshot.to_string())).await
+                qcow2_op(&path, SnapshotOp::Apply(by_name(snapshot))).await
             }
             VolFormat::Raw => {
                 find_snapshot(self.raw_snapshots(volume)?, volume, snapshot)?;
@@ -420,7 +429,7 @@ impl Backend for DirPool {
         match vol.format {
             VolFormat::Qcow2 => {
                 find_snapshot(qcow2_snapshots(&path, volume)?, volume, snapshot)?;
-                qcow2_op(&path, Op::Delete(snapshot.to_string())).await
+                qcow2_op(&path, SnapshotOp::Delete(by_name(snapshot))).await
             }
             VolFormat::Raw => {
                 find_snapshot(self.raw_snapshots(volume)?, volume, snapshot)?;

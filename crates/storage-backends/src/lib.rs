@@ -8,6 +8,8 @@
 //! - [`dir`], [`btrfs`], [`lvm`]: the backends. Every operation takes the volume's exclusive
 //!   lease (the `locking` crate) and fails with "volume ... in use by ..." while a VM holds
 //!   it; every multi-step change records its undo steps in a [`Reverter`].
+//! - [`image`]: the one path for writing qcow2 images (create, overlays, internal snapshots),
+//!   used by the dir and btrfs pools and by the virt-snap facade.
 //! - [`runner`]: every tool runs through a [`CommandRunner`]: local, recording (golden argv,
 //!   canned output, failure injection) and guest-agent (LVM in a test guest).
 //!
@@ -18,11 +20,11 @@ pub mod btrfs;
 pub mod dir;
 mod error;
 pub mod fsutil;
+pub mod image;
 mod lease;
 pub mod lvm;
 pub mod model;
 pub mod name;
-mod qcow2;
 pub mod reverter;
 pub mod runner;
 mod store;
