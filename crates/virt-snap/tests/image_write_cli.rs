@@ -268,7 +268,7 @@ fn image_held_by_a_running_qemu_is_refused_and_unchanged() {
 
 #[test]
 fn image_held_by_another_virt_snap_is_refused_and_unchanged() {
-    use virt_snap::locking::{LockManager, Purpose, Resource};
+    use locking::{LockManager, Purpose, Resource};
     let d = tempfile::tempdir().unwrap();
     let dir = d.path();
     ok(
