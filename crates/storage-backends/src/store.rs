@@ -81,7 +81,14 @@ impl PoolStore {
             .join(format!(".{}.json.tmp-{}", def.name, std::process::id()));
         let write = || -> std::io::Result<()> {
             use std::io::Write;
-            let mut f = std::fs::File::create(&tmp)?;
+            use std::os::unix::fs::OpenOptionsExt;
+            // Not readable by other users.
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)?;
             f.write_all(&json)?;
             f.sync_all()?;
             // No replacing: a racing define of the same name loses.
