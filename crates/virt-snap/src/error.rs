@@ -78,7 +78,15 @@ impl Error {
     fn from_ref_kind<E: std::error::Error + 'static>(e: &E) -> ErrorKind {
         let any = e as &dyn std::error::Error;
         if let Some(e) = any.downcast_ref::<storage_backends::Error>() {
-            sb_kind(e.kind())
+            // storage-backends folds image errors into one kind: the image error says more.
+            match std::error::Error::source(e)
+                .and_then(|s| s.downcast_ref::<image_formats::Error>())
+            {
+                Some(img) if e.kind() == storage_backends::ErrorKind::Image => {
+                    image_kind(img.kind())
+                }
+                _ => sb_kind(e.kind()),
+            }
         } else if let Some(e) = any.downcast_ref::<image_formats::Error>() {
             image_kind(e.kind())
         } else if let Some(e) = any.downcast_ref::<locking::Error>() {
