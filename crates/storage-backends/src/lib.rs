@@ -14,6 +14,7 @@
 //!   canned output, failure injection) and guest-agent (LVM in a test guest).
 //!
 //! docs/storage-backends.md describes each backend's commands and revert semantics.
+#![doc = include_str!("../README.md")]
 #![deny(missing_docs)]
 
 pub mod btrfs;

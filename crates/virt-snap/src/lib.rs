@@ -28,6 +28,7 @@
 //!
 //! The `virt-snap` CLI is a shell over this library: it parses arguments and renders text or
 //! JSON, nothing else.
+#![doc = include_str!("../README.md")]
 #![deny(missing_docs)]
 
 mod connection;
