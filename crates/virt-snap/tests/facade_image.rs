@@ -8,6 +8,14 @@ use virt_snap::{Connection, ErrorKind, FixedClock, Image};
 
 const HINT: &str = "run `cargo xtask deps` (installs QEMU 10.0.2)";
 
+/// One test at a time: a process another test forks (qemu-img, QEMU) holds copies of this
+/// process's lease file descriptors (and so their OFD locks) until it execs.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn qemu_img(args: &[&str], dir: &Path) -> String {
     let out = Command::new("qemu-img")
         .args(args)
@@ -39,6 +47,7 @@ fn mode(p: &Path) -> u32 {
 
 #[test]
 fn reads_info_chain_and_snapshots_of_qemu_img_images() {
+    let _one = serial();
     let d = tempfile::tempdir().unwrap();
     let dir = d.path();
     qemu_img(&["create", "-q", "-f", "raw", "base.raw", "8M"], dir);
@@ -79,6 +88,7 @@ fn reads_info_chain_and_snapshots_of_qemu_img_images() {
 
 #[test]
 fn writes_create_overlays_and_snapshots_that_qemu_img_reads() {
+    let _one = serial();
     let d = tempfile::tempdir().unwrap();
     let dir = d.path();
     let t = std::time::UNIX_EPOCH + std::time::Duration::new(1_795_770_760, 123_456_789);
@@ -137,6 +147,7 @@ fn writes_create_overlays_and_snapshots_that_qemu_img_reads() {
 /// gave as it was.
 #[test]
 fn a_failed_create_removes_only_the_file_it_created() {
+    let _one = serial();
     let d = tempfile::tempdir().unwrap();
     let dir = d.path();
     let conn = Connection::open(dir.join("state")).unwrap();
@@ -167,6 +178,7 @@ fn a_failed_create_removes_only_the_file_it_created() {
 
 #[test]
 fn an_image_a_real_qemu_holds_is_in_use_and_unchanged() {
+    let _one = serial();
     let d = tempfile::tempdir().unwrap();
     let dir = d.path();
     qemu_img(&["create", "-q", "-f", "qcow2", "vm.qcow2", "64M"], dir);
@@ -216,6 +228,7 @@ fn an_image_a_real_qemu_holds_is_in_use_and_unchanged() {
 /// definitions, lease files and new images 0600.
 #[test]
 fn files_the_facade_creates_are_not_readable_by_others() {
+    let _one = serial();
     let d = tempfile::tempdir().unwrap();
     let dir = d.path();
     let state = dir.join("deep/state");

@@ -6,6 +6,11 @@ use std::path::Path;
 use virt_snap::pool::{PoolDef, PoolKind, SnapshotKind, SnapshotOptions, VolFormat, VolumeSpec};
 use virt_snap::{Connection, ErrorKind};
 
+/// One test at a time: a process another test forks holds copies of this process's lease
+/// file descriptors (and so their OFD locks) until it execs, which can make a lease taken
+/// meanwhile look held "by another holder".
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn write_at(path: &Path, off: u64, bytes: &[u8]) {
     let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
     f.write_all_at(bytes, off).unwrap();
@@ -109,6 +114,7 @@ async fn exercise(conn: &Connection, name: &str, kind: PoolKind, target: &Path) 
 
 #[tokio::test]
 async fn dir_pool_volumes_and_snapshots_through_handles() {
+    let _one = SERIAL.lock().await;
     let d = tempfile::tempdir().unwrap();
     let conn = Connection::open(d.path().join("state")).unwrap();
     let target = d.path().join("pool");
@@ -118,6 +124,7 @@ async fn dir_pool_volumes_and_snapshots_through_handles() {
 
 #[tokio::test]
 async fn btrfs_pool_volumes_and_snapshots_through_handles() {
+    let _one = SERIAL.lock().await;
     let fs = testbed::Btrfs::new(512).expect("btrfs testbed (cargo xtask deps)");
     let d = tempfile::tempdir().unwrap();
     let conn = Connection::open(d.path().join("state")).unwrap();
@@ -128,6 +135,7 @@ async fn btrfs_pool_volumes_and_snapshots_through_handles() {
 
 #[tokio::test]
 async fn a_volume_a_real_qemu_holds_is_refused_naming_it() {
+    let _one = SERIAL.lock().await;
     let d = tempfile::tempdir().unwrap();
     let conn = Connection::open(d.path().join("state")).unwrap();
     let target = d.path().join("pool");
