@@ -174,3 +174,82 @@ fn library_crates_deny_missing_docs() {
         );
     }
 }
+
+/// The facade's library sources: crates/virt-snap/src without the CLI (src/cli, src/main.rs).
+fn facade_library_sources() -> Vec<PathBuf> {
+    let src = root().join("crates/virt-snap/src");
+    rust_sources(&src)
+        .into_iter()
+        .filter(|p| !p.starts_with(src.join("cli")) && !p.ends_with("main.rs"))
+        .collect()
+}
+
+#[test]
+fn the_cli_names_no_lower_crate() {
+    let src = root().join("crates/virt-snap/src");
+    let mut files = rust_sources(&src.join("cli"));
+    files.push(src.join("main.rs"));
+    let mut hits = Vec::new();
+    for f in files {
+        let text = std::fs::read_to_string(&f).unwrap();
+        for n in [
+            "storage_backends",
+            "image_formats",
+            "qmp_proto",
+            "snapshot_core",
+            "locking::",
+            "use locking",
+        ] {
+            if text.contains(n) {
+                hits.push(format!("{}: {n}", f.display()));
+            }
+        }
+    }
+    assert!(
+        hits.is_empty(),
+        "the CLI goes through the virt_snap library: {hits:#?}"
+    );
+}
+
+#[test]
+fn the_facade_library_has_no_clap_and_prints_nothing() {
+    let mut hits = Vec::new();
+    for f in facade_library_sources() {
+        let text = std::fs::read_to_string(&f).unwrap();
+        let lib = text.split("#[cfg(test)]").next().unwrap_or("");
+        // Code only: doc examples may print.
+        let code: String = lib
+            .lines()
+            .filter(|l| !l.trim_start().starts_with("//"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        for n in ["clap", "println!", "print!(", "stdout()"] {
+            if code.contains(n) {
+                hits.push(format!("{}: {n}", f.display()));
+            }
+        }
+    }
+    assert!(hits.is_empty(), "{hits:#?}");
+    // The renderers live in the CLI, one module per tool whose output it reproduces.
+    for r in ["qemu_img.rs", "virsh.rs"] {
+        let p = root().join("crates/virt-snap/src/cli/render").join(r);
+        assert!(p.exists(), "{} is missing", p.display());
+    }
+}
+
+#[test]
+fn the_facade_lib_rs_reexports_no_whole_crate() {
+    let lib = std::fs::read_to_string(root().join("crates/virt-snap/src/lib.rs")).unwrap();
+    for krate in [
+        "qmp_proto",
+        "image_formats",
+        "storage_backends",
+        "locking",
+        "snapshot_core",
+    ] {
+        assert!(
+            !lib.contains(&format!("pub use {krate};")),
+            "lib.rs re-exports all of {krate}: re-export the types the API exposes instead"
+        );
+    }
+}

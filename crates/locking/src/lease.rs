@@ -27,7 +27,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::os::fd::{AsFd, BorrowedFd};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -90,7 +90,12 @@ impl LocalBackend {
     /// Use (and create, if missing) the lockspace directory `dir`.
     pub fn new(dir: impl Into<PathBuf>) -> Result<LocalBackend, Error> {
         let dir = dir.into();
-        std::fs::create_dir_all(&dir).map_err(|e| Error::io("create lockspace", &dir, e))?;
+        // Private to the user, like every file under it (lease files are 0600).
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(|e| Error::io("create lockspace", &dir, e))?;
         Ok(LocalBackend { dir })
     }
 
@@ -117,7 +122,7 @@ impl LocalBackend {
             .write(true)
             .create(true)
             .truncate(false)
-            .mode(0o644)
+            .mode(0o600)
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
             .open(&path)
             .map_err(|e| Error::io("open lease file", &path, e))

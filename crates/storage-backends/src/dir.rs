@@ -22,11 +22,11 @@
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::fsutil::{self, CloneMethod};
+use crate::image::{self, SnapshotOp, SnapshotRef, SystemClock};
 use crate::lease::lease;
 use crate::model::*;
 use crate::name::{check_name, NameOf};
 use crate::pooldir::{self, symlink_error, utf8_name, DirFd, EntryKind, EntryStat};
-use crate::qcow2::Op;
 use crate::runner::CommandRunner;
 use crate::{blocking, failpoint, find_snapshot, no_snapshot, Backend};
 use async_trait::async_trait;
@@ -84,12 +84,16 @@ pub(crate) fn create_file(dir: &DirFd, name: &str, spec: &VolumeSpec) -> Result<
             .set_len(spec.capacity)
             .and_then(|_| f.sync_all())
             .map_err(|e| Error::io(format!("size {}", path.display()), e)),
-        VolFormat::Qcow2 => crate::qcow2::create(f, &path, spec),
+        VolFormat::Qcow2 => image::create_in(f, &path, &image::volume_options(spec)),
     };
     if r.is_err() {
         let _ = dir.unlink(name);
     }
     r.and_then(|_| dir.sync())
+}
+
+fn by_name(snapshot: &str) -> SnapshotRef {
+    SnapshotRef::Name(snapshot.as_bytes().to_vec())
 }
 
 /// Check a spec's format/backing combination.
@@ -502,8 +506,8 @@ impl Backend for DirPool {
                 }
                 let f = root.open_file(volume, true)?;
                 let p = path.clone();
-                let op = Op::Create(snapshot.to_string());
-                blocking(move || crate::qcow2::snapshot(f, &p, op)).await?;
+                let op = SnapshotOp::Create(snapshot.as_bytes().to_vec());
+                blocking(move || image::snapshot_file(f, &p, &op, &SystemClock)).await?;
                 let list = qcow2_snapshots(root.open_file(volume, false)?, &path, volume)?;
                 find_snapshot(list, volume, snapshot)
             }
@@ -557,8 +561,8 @@ impl Backend for DirPool {
                 let list = qcow2_snapshots(root.open_file(volume, false)?, &path, volume)?;
                 find_snapshot(list, volume, snapshot)?;
                 let f = root.open_file(volume, true)?;
-                let op = Op::Apply(snapshot.to_string());
-                blocking(move || crate::qcow2::snapshot(f, &path, op)).await
+                let op = SnapshotOp::Apply(by_name(snapshot));
+                blocking(move || image::snapshot_file(f, &path, &op, &SystemClock).map(drop)).await
             }
             VolFormat::Raw => {
                 find_snapshot(Self::raw_snapshots(&root, volume)?, volume, snapshot)?;
@@ -580,8 +584,8 @@ impl Backend for DirPool {
                 let list = qcow2_snapshots(root.open_file(volume, false)?, &path, volume)?;
                 find_snapshot(list, volume, snapshot)?;
                 let f = root.open_file(volume, true)?;
-                let op = Op::Delete(snapshot.to_string());
-                blocking(move || crate::qcow2::snapshot(f, &path, op)).await
+                let op = SnapshotOp::Delete(by_name(snapshot));
+                blocking(move || image::snapshot_file(f, &path, &op, &SystemClock).map(drop)).await
             }
             VolFormat::Raw => {
                 find_snapshot(Self::raw_snapshots(&root, volume)?, volume, snapshot)?;

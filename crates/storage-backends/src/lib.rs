@@ -8,22 +8,25 @@
 //! - [`dir`], [`btrfs`], [`lvm`]: the backends. Every operation takes the volume's exclusive
 //!   lease (the `locking` crate) and fails with "volume ... in use by ..." while a VM holds
 //!   it; every multi-step change records its undo steps in a [`Reverter`].
+//! - [`image`]: the one path for writing qcow2 images (create, overlays, internal snapshots),
+//!   used by the dir and btrfs pools and by the virt-snap facade.
 //! - [`runner`]: every tool runs through a [`CommandRunner`]: local, recording (golden argv,
 //!   canned output, failure injection) and guest-agent (LVM in a test guest).
 //!
 //! docs/storage-backends.md describes each backend's commands and revert semantics.
+#![doc = include_str!("../README.md")]
 #![deny(missing_docs)]
 
 pub mod btrfs;
 pub mod dir;
 mod error;
 pub mod fsutil;
+pub mod image;
 mod lease;
 pub mod lvm;
 pub mod model;
 pub mod name;
 pub mod pooldir;
-mod qcow2;
 pub mod reverter;
 pub mod runner;
 mod store;

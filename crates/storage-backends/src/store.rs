@@ -94,6 +94,7 @@ impl PoolStore {
         let write = || -> std::io::Result<()> {
             use std::io::Write;
             use std::os::unix::fs::OpenOptionsExt;
+            // Not readable by other users.
             let mut f = std::fs::OpenOptions::new()
                 .write(true)
                 .create(true)

@@ -1,15 +1,44 @@
-//! The virt-snap facade: composes the layered crates into one library and the `virt-snap` CLI.
+//! virt-snap: snapshots of QEMU/KVM virtual machines and of their disk volumes, as a library.
 //!
-//! - [`state`]: where virt-snap keeps its state (pool and domain definitions, snapshot metadata,
-//!   leases, sockets), resolved the same way by the library and the CLI.
-//! - [`output`]: the CLI's output conventions (`--output text|json`).
+//! A [`Connection`] opens a state directory ([`state`]: pools, leases, later domains and
+//! snapshot metadata) and owns the wiring: the lock manager, the pool store, the command
+//! runner storage tools run through, and the clock. It hands out handles, and every operation
+//! is a method of one of them returning typed results:
+//!
+//! - [`Image`] ([`image`]): a disk image file: info, backing chain, internal snapshots
+//!   (list, create, apply, delete), create and overlay, who holds it. Reads take no lock;
+//!   writes take the image's lease and QEMU's image locks.
+//! - [`Pool`] ([`pool`]): a defined storage pool (dir, btrfs, LVM): info and volumes.
+//! - [`Volume`]: a pool's volume: info, path, delete, and its snapshots (create, list, revert,
+//!   delete).
+//!
+//! Every failure is an [`Error`] whose [`ErrorKind`] says what went wrong, whichever layer it
+//! came from (the lower crate's error is its source).
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), virt_snap::Error> {
+//! let conn = virt_snap::Connection::open_default()?;
+//! for img in conn.image("/var/lib/images/vm1.qcow2").chain(None, Default::default())? {
+//!     println!("{} ({})", img.filename, img.format());
+//! }
+//! let vol = conn.pool("default")?.volume("vm1");
+//! vol.create_snapshot("before-upgrade", &Default::default()).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! The `virt-snap` CLI is a shell over this library: it parses arguments and renders text or
+//! JSON, nothing else.
+#![doc = include_str!("../README.md")]
 #![deny(missing_docs)]
 
-pub mod output;
+mod connection;
+mod error;
+pub mod image;
+pub mod pool;
 pub mod state;
 
-pub use image_formats;
-pub use locking;
-pub use qmp_proto;
-pub use snapshot_core;
-pub use storage_backends;
+pub use connection::{Connection, ConnectionBuilder};
+pub use error::{Error, ErrorKind, Result};
+pub use image::{Clock, FixedClock, Image, SystemClock};
+pub use pool::{Pool, Volume};
+pub use storage_backends::{CommandRunner, LocalRunner, RecordingRunner};

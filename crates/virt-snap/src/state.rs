@@ -2,8 +2,36 @@
 //!
 //! Resolution order, the same everywhere: `--state-dir DIR`, else `$VIRT_SNAP_STATE_DIR`, else
 //! `$XDG_STATE_HOME/virt-snap`, else `$HOME/.local/state/virt-snap`.
+//!
+//! Layout: `pools/` (one JSON file per pool), `locks/` (the lockspace: one lease file per
+//! volume). The directory and everything virt-snap creates in it are private to the user:
+//! directories `0700` ([`DIR_MODE`]), files `0600`.
 
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
+
+pub use locking::LOCKSPACE_SUBDIR;
+pub use storage_backends::POOLS_SUBDIR;
+
+/// The mode of the state directory and of the directories in it.
+pub const DIR_MODE: u32 = 0o700;
+
+/// The lockspace directory of the state directory `state_dir`.
+pub fn lockspace(state_dir: &Path) -> PathBuf {
+    state_dir.join(LOCKSPACE_SUBDIR)
+}
+
+/// Create the state directory `state_dir` and its subdirectories, [`DIR_MODE`] (missing
+/// parents too). Existing directories are left as they are.
+pub fn create(state_dir: &Path) -> std::io::Result<()> {
+    let mut b = std::fs::DirBuilder::new();
+    b.recursive(true).mode(DIR_MODE);
+    b.create(state_dir)?;
+    for sub in [POOLS_SUBDIR, LOCKSPACE_SUBDIR] {
+        b.create(state_dir.join(sub))?;
+    }
+    Ok(())
+}
 
 /// Environment variable naming the state directory.
 pub const ENV_STATE_DIR: &str = "VIRT_SNAP_STATE_DIR";

@@ -268,7 +268,7 @@ fn image_held_by_a_running_qemu_is_refused_and_unchanged() {
 
 #[test]
 fn image_held_by_another_virt_snap_is_refused_and_unchanged() {
-    use virt_snap::locking::{LockManager, Purpose, Resource};
+    use locking::{LockManager, Purpose, Resource};
     let d = tempfile::tempdir().unwrap();
     let dir = d.path();
     ok(
@@ -296,4 +296,20 @@ fn image_held_by_another_virt_snap_is_refused_and_unchanged() {
     drop(held);
     ok(VS, &["image", "snapshot", "create", "held.qcow2", "x"], dir);
     check_clean("held.qcow2", dir);
+}
+
+/// Issue 10: `image create` that fails (a size too large) leaves no file at the new path.
+#[test]
+fn failed_create_leaves_no_file() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path();
+    let out = run(
+        VS,
+        &["image", "create", "-f", "qcow2", "big.qcow2", "8E"],
+        dir,
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("too large"), "{err}");
+    assert!(!dir.join("big.qcow2").exists());
 }

@@ -1,13 +1,11 @@
 //! `virt-snap image locks FILE`: which of QEMU's image locks are held on an image, and which
 //! virt-snap holders (VMs, volume operations) hold its lease. Takes no lock itself.
 
+use super::output::{self, Format};
 use super::{CliError, CliResult};
 use clap::Args;
 use std::path::{Path, PathBuf};
-use virt_snap::locking::{
-    self, qemu::Permission, HolderRecord, LeaseBackend, LocalBackend, Resource, LOCKSPACE_SUBDIR,
-};
-use virt_snap::output::{self, Format};
+use virt_snap::image::{Image, Permission};
 
 /// Arguments of `virt-snap image locks`.
 #[derive(Debug, Args)]
@@ -17,20 +15,6 @@ pub struct LocksArgs {
     lockspace: Option<PathBuf>,
     /// The image file (or block device).
     file: PathBuf,
-}
-
-/// What `image locks` reports.
-#[derive(Debug, serde::Serialize)]
-#[serde(rename_all = "kebab-case")]
-struct Report {
-    image: PathBuf,
-    in_use: bool,
-    held: Vec<Permission>,
-    unshared: Vec<Permission>,
-    bytes: Vec<u64>,
-    processes: Vec<locking::qemu::LockOwner>,
-    lease_file: Option<PathBuf>,
-    holders: Option<Vec<HolderRecord>>,
 }
 
 fn names(ps: &[Permission]) -> String {
@@ -43,36 +27,13 @@ fn byte_list(bs: impl Iterator<Item = u64>) -> String {
 
 /// Run `virt-snap image locks`.
 pub fn run(args: LocksArgs, out: Format, state_dir: Option<&Path>) -> CliResult {
-    let lock_err = |e: locking::Error| CliError::with_source(e.to_string(), e);
-    let key = Resource::file(&args.file).key().map_err(lock_err)?;
-    let image = key.image().unwrap_or(&args.file).to_path_buf();
-    let state = locking::qemu::probe(&image).map_err(lock_err)?;
     let lockspace = match args.lockspace {
         Some(d) => Some(d),
-        None => virt_snap::state::resolve_from_env(state_dir).map(|s| s.join(LOCKSPACE_SUBDIR)),
-    };
-    let (lease_file, holders) = match lockspace {
-        Some(dir) => {
-            let backend = LocalBackend::at(dir);
-            let holders = backend.holders(&key).map_err(lock_err)?;
-            (Some(backend.lease_path(&key)), Some(holders))
+        None => {
+            virt_snap::state::resolve_from_env(state_dir).map(|s| virt_snap::state::lockspace(&s))
         }
-        None => (None, None),
     };
-    let report = Report {
-        image: image.clone(),
-        in_use: state.in_use() || holders.as_ref().is_some_and(|h| !h.is_empty()),
-        bytes: state.bytes(),
-        processes: if state.in_use() {
-            locking::qemu::lock_owners(&image)
-        } else {
-            Vec::new()
-        },
-        held: state.held,
-        unshared: state.unshared,
-        lease_file,
-        holders,
-    };
+    let report = Image::at(&args.file).locks(lockspace.as_deref())?;
     match out {
         Format::Json => {
             output::print_json(&report).map_err(|e| CliError::with_source("cannot write output", e))

@@ -1,14 +1,21 @@
 //! Argument parsing and dispatch for the `virt-snap` binary.
 
+//!
+//! The CLI is a shell over the `virt_snap` library: each subcommand parses its arguments,
+//! calls one method of a handle (`Image`, `Pool`, `Volume`) and renders the typed result as
+//! text ([`render`]: qemu-img's and virsh's formats) or JSON. It names no lower crate.
+
 mod image;
 mod image_write;
 mod locks;
+pub mod output;
 mod pool;
+pub mod render;
 mod vol;
 
 use clap::{Parser, Subcommand};
+use output::Format;
 use std::path::PathBuf;
-use virt_snap::output::{self, Format};
 
 /// The error every subcommand returns: a message (with an optional cause) and an exit code.
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +50,25 @@ impl CliError {
     /// The process exit code for this error.
     pub fn exit_code(&self) -> u8 {
         self.code
+    }
+}
+
+/// The exit code of a library error of `kind`. Every failure exits 1 today; the kind is
+/// there for finer codes later.
+fn exit_code(kind: virt_snap::ErrorKind) -> u8 {
+    match kind {
+        virt_snap::ErrorKind::InUse | virt_snap::ErrorKind::NotFound => 1,
+        _ => 1,
+    }
+}
+
+impl From<virt_snap::Error> for CliError {
+    fn from(e: virt_snap::Error) -> CliError {
+        CliError {
+            msg: e.to_string(),
+            code: exit_code(e.kind()),
+            source: Some(Box::new(e)),
+        }
     }
 }
 
@@ -103,6 +129,11 @@ pub fn state_dir(cli_choice: Option<&std::path::Path>) -> Result<PathBuf, CliErr
     virt_snap::state::resolve_from_env(cli_choice).ok_or_else(|| {
         CliError::new("no state directory: pass --state-dir, or set VIRT_SNAP_STATE_DIR or HOME")
     })
+}
+
+/// Open the state directory the command line or the environment names.
+pub fn connect(cli_choice: Option<&std::path::Path>) -> Result<virt_snap::Connection, CliError> {
+    Ok(virt_snap::Connection::open(state_dir(cli_choice)?)?)
 }
 
 /// Run the parsed command line.

@@ -1,12 +1,12 @@
 //! `virt-snap pool-define-as | pool-list | pool-info | pool-undefine`: storage pools
 //! (virsh's names), persisted in `<state dir>/pools`.
 
-use super::{state_dir, CliError, CliResult};
+use super::output::{self, Format};
+use super::render::virsh::{human, table};
+use super::{CliError, CliResult};
 use clap::Subcommand;
 use std::path::Path;
-use std::sync::Arc;
-use virt_snap::output::{self, Format};
-use virt_snap::storage_backends::{self as sb, Backend, PoolDef, PoolKind, PoolStore};
+use virt_snap::pool::{self, PoolDef};
 
 /// Pool commands.
 #[derive(Debug, Subcommand)]
@@ -40,71 +40,13 @@ pub enum PoolCmd {
     },
 }
 
-/// A storage-backends error as a CLI error.
-pub(crate) fn sb_err(e: sb::Error) -> CliError {
-    CliError::with_source(e.to_string(), e)
-}
-
 fn out_err(e: std::io::Error) -> CliError {
     CliError::with_source("cannot write output", e)
 }
 
-/// Open pool `name` of the state directory with the local command runner.
-pub(crate) fn open(state: &Path, name: &str) -> Result<Box<dyn Backend>, CliError> {
-    let def = PoolStore::for_state_dir(state).get(name).map_err(sb_err)?;
-    let locks = virt_snap::locking::LockManager::for_state_dir(state)
-        .map_err(|e| CliError::with_source(e.to_string(), e))?;
-    sb::open_pool(def, Arc::new(sb::LocalRunner), locks).map_err(sb_err)
-}
-
-/// Bytes as virsh shows them (`8.00 MiB`).
-pub(crate) fn human(n: u64) -> String {
-    const U: [&str; 6] = ["bytes", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut v = n as f64;
-    let mut i = 0;
-    while v >= 1024.0 && i + 1 < U.len() {
-        v /= 1024.0;
-        i += 1;
-    }
-    if i == 0 {
-        format!("{n} bytes")
-    } else {
-        format!("{v:.2} {}", U[i])
-    }
-}
-
-/// A text table with virsh's layout: a header, a rule, one row per line.
-pub(crate) fn table(head: &[&str], rows: &[Vec<String>]) -> String {
-    let mut w: Vec<usize> = head.iter().map(|h| h.chars().count()).collect();
-    for r in rows {
-        for (i, c) in r.iter().enumerate() {
-            w[i] = w[i].max(c.chars().count());
-        }
-    }
-    let line = |cells: Vec<String>| {
-        let mut s = String::new();
-        for (i, c) in cells.iter().enumerate() {
-            s.push(' ');
-            s.push_str(c);
-            if i + 1 < cells.len() {
-                s.push_str(&" ".repeat(w[i] - c.chars().count() + 2));
-            }
-        }
-        s.trim_end().to_string() + "\n"
-    };
-    let mut s = line(head.iter().map(|h| h.to_string()).collect());
-    s.push_str(&"-".repeat(w.iter().sum::<usize>() + 3 * w.len()));
-    s.push('\n');
-    for r in rows {
-        s.push_str(&line(r.clone()));
-    }
-    s
-}
-
 /// Run a pool command.
 pub async fn run(cmd: PoolCmd, out: Format, state: Option<&Path>) -> CliResult {
-    let state = state_dir(state)?;
-    let store = PoolStore::for_state_dir(&state);
+    let conn = super::connect(state)?;
     match cmd {
         PoolCmd::PoolDefineAs {
             name,
@@ -112,21 +54,12 @@ pub async fn run(cmd: PoolCmd, out: Format, state: Option<&Path>) -> CliResult {
             target,
             thin_pool,
         } => {
-            let kind = PoolKind::parse(&kind).map_err(sb_err)?;
-            let target = match kind {
-                PoolKind::Logical => target,
-                // Keep the directory as an absolute path.
-                _ => std::path::absolute(&target)
-                    .map(|p| p.display().to_string())
-                    .unwrap_or(target),
-            };
-            let def = PoolDef {
+            let def = conn.define_pool(PoolDef {
                 name,
-                kind,
+                kind: pool::parse_kind(&kind)?,
                 target,
                 thin_pool,
-            };
-            store.define(&def).map_err(sb_err)?;
+            })?;
             match out {
                 Format::Json => output::print_json(&def).map_err(out_err),
                 Format::Text => {
@@ -137,7 +70,7 @@ pub async fn run(cmd: PoolCmd, out: Format, state: Option<&Path>) -> CliResult {
         }
         PoolCmd::PoolList => {
             // A damaged definition is named on stderr; the others list as usual.
-            let listing = store.scan().map_err(sb_err)?;
+            let listing = conn.pool_listing()?;
             for d in &listing.damaged {
                 eprintln!("warning: {}", d.error);
             }
@@ -155,7 +88,7 @@ pub async fn run(cmd: PoolCmd, out: Format, state: Option<&Path>) -> CliResult {
             }
         }
         PoolCmd::PoolInfo { name } => {
-            let info = open(&state, &name)?.info().await.map_err(sb_err)?;
+            let info = conn.pool(&name)?.info().await?;
             match out {
                 Format::Json => output::print_json(&info).map_err(out_err),
                 Format::Text => {
@@ -191,7 +124,7 @@ pub async fn run(cmd: PoolCmd, out: Format, state: Option<&Path>) -> CliResult {
         }
         PoolCmd::PoolUndefine { name } => {
             // None: the definition was damaged; its file is removed all the same.
-            let def = store.undefine(&name).map_err(sb_err)?;
+            let def = conn.undefine_pool(&name)?;
             match out {
                 Format::Json => match def {
                     Some(def) => output::print_json(&def).map_err(out_err),

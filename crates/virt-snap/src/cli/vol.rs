@@ -1,12 +1,12 @@
 //! `virt-snap vol-*`: volumes of a pool (virsh's names) and the volume snapshot commands
 //! libvirt never got: `vol-snapshot-create|list|revert|delete`.
 
-use super::pool::{human, open, sb_err, table};
-use super::{state_dir, CliError, CliResult};
+use super::output::{self, Format};
+use super::render::virsh::{human, table, time};
+use super::{CliError, CliResult};
 use clap::Subcommand;
 use std::path::Path;
-use virt_snap::output::{self, Format};
-use virt_snap::storage_backends::{parse_size, Backing, SnapshotOptions, VolFormat, VolumeSpec};
+use virt_snap::pool::{self, SnapshotOptions, VolumeSpec};
 
 /// Volume commands.
 #[derive(Debug, Subcommand)]
@@ -117,16 +117,9 @@ fn done(out: Format, json: serde_json::Value, text: String) -> CliResult {
     }
 }
 
-fn time(t: Option<i64>) -> String {
-    match t {
-        Some(t) => format!("{} +0000", output::utc_date_time(t)),
-        None => "-".into(),
-    }
-}
-
 /// Run a volume command.
 pub async fn run(cmd: VolCmd, out: Format, state: Option<&Path>) -> CliResult {
-    let state = state_dir(state)?;
+    let conn = super::connect(state)?;
     match cmd {
         VolCmd::VolCreateAs {
             pool,
@@ -136,29 +129,23 @@ pub async fn run(cmd: VolCmd, out: Format, state: Option<&Path>) -> CliResult {
             backing_vol,
             backing_vol_format,
         } => {
-            let p = open(&state, &pool)?;
-            let format = VolFormat::parse(&format).map_err(sb_err)?;
-            let capacity = parse_size(&size).map_err(sb_err)?;
+            let p = conn.pool(&pool)?;
+            let format = pool::parse_format(&format)?;
+            let capacity = pool::parse_size(&size)?;
             let backing = match backing_vol {
                 None => None,
                 Some(b) => {
-                    let (path, known) = if b.starts_with('/') {
-                        (b.clone(), None)
-                    } else {
-                        let v = p.volume(&b).await.map_err(sb_err)?;
-                        (v.path, Some(v.format))
-                    };
-                    let fmt = match (backing_vol_format, known) {
-                        (Some(f), _) => VolFormat::parse(&f).map_err(sb_err)?,
-                        (None, Some(f)) => f,
-                        (None, None) => {
-                            return Err(CliError::new(format!(
-                                "--backing-vol-format is required for the backing path {b} \
-                                 (its format is recorded, never probed)"
-                            )))
-                        }
-                    };
-                    Some(Backing { path, format: fmt })
+                    let fmt = backing_vol_format
+                        .as_deref()
+                        .map(pool::parse_format)
+                        .transpose()?;
+                    if b.starts_with('/') && fmt.is_none() {
+                        return Err(CliError::new(format!(
+                            "--backing-vol-format is required for the backing path {b} \
+                             (its format is recorded, never probed)"
+                        )));
+                    }
+                    Some(p.backing(&b, fmt).await?)
                 }
             };
             let v = p
@@ -168,13 +155,12 @@ pub async fn run(cmd: VolCmd, out: Format, state: Option<&Path>) -> CliResult {
                     format,
                     backing,
                 })
-                .await
-                .map_err(sb_err)?;
+                .await?;
             let text = format!("Vol {} created", v.name);
             done(out, serde_json::to_value(&v).unwrap(), text)
         }
         VolCmd::VolList { pool } => {
-            let vols = open(&state, &pool)?.list_volumes().await.map_err(sb_err)?;
+            let vols = conn.pool(&pool)?.volumes().await?;
             let rows: Vec<Vec<String>> = vols
                 .iter()
                 .map(|v| vec![v.name.clone(), v.path.clone()])
@@ -188,7 +174,7 @@ pub async fn run(cmd: VolCmd, out: Format, state: Option<&Path>) -> CliResult {
             }
         }
         VolCmd::VolInfo { vol, pool } => {
-            let v = open(&state, &pool)?.volume(&vol).await.map_err(sb_err)?;
+            let v = conn.pool(&pool)?.volume(&vol).info().await?;
             let mut text = format!(
                 "{:<16}{}\n{:<16}{}\n{:<16}{}\n{:<16}{}\n{:<16}{}\n{:<16}{}",
                 "Name:",
@@ -211,15 +197,12 @@ pub async fn run(cmd: VolCmd, out: Format, state: Option<&Path>) -> CliResult {
             done(out, serde_json::to_value(&v).unwrap(), text)
         }
         VolCmd::VolPath { vol, pool } => {
-            let v = open(&state, &pool)?.volume(&vol).await.map_err(sb_err)?;
+            let v = conn.pool(&pool)?.volume(&vol).info().await?;
             let text = v.path.clone();
             done(out, serde_json::json!({ "path": v.path }), text)
         }
         VolCmd::VolDelete { vol, pool } => {
-            open(&state, &pool)?
-                .delete_volume(&vol)
-                .await
-                .map_err(sb_err)?;
+            conn.pool(&pool)?.volume(&vol).delete().await?;
             done(
                 out,
                 serde_json::json!({ "deleted": vol, "pool": pool }),
@@ -232,19 +215,17 @@ pub async fn run(cmd: VolCmd, out: Format, state: Option<&Path>) -> CliResult {
             pool,
             size,
         } => {
-            let size = size.map(|s| parse_size(&s)).transpose().map_err(sb_err)?;
-            let s = open(&state, &pool)?
-                .create_snapshot(&vol, &snap, &SnapshotOptions { size })
-                .await
-                .map_err(sb_err)?;
+            let size = size.as_deref().map(pool::parse_size).transpose()?;
+            let s = conn
+                .pool(&pool)?
+                .volume(&vol)
+                .create_snapshot(&snap, &SnapshotOptions { size })
+                .await?;
             let text = format!("Volume snapshot {snap} of {vol} created");
             done(out, serde_json::to_value(&s).unwrap(), text)
         }
         VolCmd::VolSnapshotList { vol, pool } => {
-            let list = open(&state, &pool)?
-                .list_snapshots(&vol)
-                .await
-                .map_err(sb_err)?;
+            let list = conn.pool(&pool)?.volume(&vol).snapshots().await?;
             match out {
                 Format::Json => output::print_json(&list).map_err(out_err),
                 Format::Text => {
@@ -272,10 +253,7 @@ pub async fn run(cmd: VolCmd, out: Format, state: Option<&Path>) -> CliResult {
             }
         }
         VolCmd::VolSnapshotRevert { vol, snap, pool } => {
-            open(&state, &pool)?
-                .revert_snapshot(&vol, &snap)
-                .await
-                .map_err(sb_err)?;
+            conn.pool(&pool)?.volume(&vol).revert(&snap).await?;
             done(
                 out,
                 serde_json::json!({ "volume": vol, "reverted-to": snap, "pool": pool }),
@@ -283,10 +261,10 @@ pub async fn run(cmd: VolCmd, out: Format, state: Option<&Path>) -> CliResult {
             )
         }
         VolCmd::VolSnapshotDelete { vol, snap, pool } => {
-            open(&state, &pool)?
-                .delete_snapshot(&vol, &snap)
-                .await
-                .map_err(sb_err)?;
+            conn.pool(&pool)?
+                .volume(&vol)
+                .delete_snapshot(&snap)
+                .await?;
             done(
                 out,
                 serde_json::json!({ "volume": vol, "deleted": snap, "pool": pool }),

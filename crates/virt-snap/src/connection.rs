@@ -1,0 +1,165 @@
+//! [`Connection`]: the state directory and everything wired to it.
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::image::{Clock, Image, SystemClock};
+use crate::pool::{DamagedPool, Pool, PoolDef, PoolListing};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use storage_backends::{CommandRunner, LocalRunner, PoolStore};
+
+/// An open state directory: the lock manager (leases in `locks/`), the pool store (`pools/`),
+/// the command runner storage tools run through, and the clock snapshot dates come from. It
+/// hands out the handles every operation is a method of: [`Image`], [`Pool`] and its
+/// [`Volume`](crate::Volume)s.
+///
+/// Cloning is cheap (the wiring is shared).
+#[derive(Debug, Clone)]
+pub struct Connection {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Inner {
+    pub(crate) state_dir: PathBuf,
+    pub(crate) locks: locking::LockManager,
+    pub(crate) pools: PoolStore,
+    pub(crate) runner: Arc<dyn CommandRunner>,
+    pub(crate) clock: Arc<dyn Clock>,
+}
+
+/// Options of [`Connection::builder`]: another command runner or clock (tests, failure
+/// injection).
+#[derive(Debug)]
+pub struct ConnectionBuilder {
+    state_dir: PathBuf,
+    runner: Arc<dyn CommandRunner>,
+    clock: Arc<dyn Clock>,
+}
+
+impl ConnectionBuilder {
+    /// Run storage tools through `runner` instead of as local processes.
+    pub fn runner(mut self, runner: Arc<dyn CommandRunner>) -> ConnectionBuilder {
+        self.runner = runner;
+        self
+    }
+
+    /// Take snapshot dates from `clock` instead of the system clock.
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> ConnectionBuilder {
+        self.clock = clock;
+        self
+    }
+
+    /// Create the state directory if missing (`0700`, see [`crate::state`]) and open it.
+    pub fn open(self) -> Result<Connection> {
+        let dir = self.state_dir;
+        crate::state::create(&dir).map_err(|e| {
+            Error::caused_by(
+                format!("cannot create the state directory {}", dir.display()),
+                e,
+            )
+        })?;
+        let locks = locking::LockManager::for_state_dir(&dir)?;
+        Ok(Connection {
+            inner: Arc::new(Inner {
+                pools: PoolStore::for_state_dir(&dir),
+                state_dir: dir,
+                locks,
+                runner: self.runner,
+                clock: self.clock,
+            }),
+        })
+    }
+}
+
+impl Connection {
+    /// Open the state directory `state_dir` (created `0700` if missing), with local tools and
+    /// the system clock.
+    pub fn open(state_dir: impl Into<PathBuf>) -> Result<Connection> {
+        Connection::builder(state_dir).open()
+    }
+
+    /// Open the state directory the environment names: `$VIRT_SNAP_STATE_DIR`, else
+    /// `$XDG_STATE_HOME/virt-snap`, else `$HOME/.local/state/virt-snap`
+    /// ([`crate::state::resolve_from_env`]).
+    pub fn open_default() -> Result<Connection> {
+        let dir = crate::state::resolve_from_env(None).ok_or_else(|| {
+            Error::new(
+                ErrorKind::NotFound,
+                "no state directory: set VIRT_SNAP_STATE_DIR or HOME",
+            )
+        })?;
+        Connection::open(dir)
+    }
+
+    /// A connection to open with another runner or clock.
+    pub fn builder(state_dir: impl Into<PathBuf>) -> ConnectionBuilder {
+        ConnectionBuilder {
+            state_dir: state_dir.into(),
+            runner: Arc::new(LocalRunner),
+            clock: Arc::new(SystemClock),
+        }
+    }
+
+    /// The state directory.
+    pub fn state_dir(&self) -> &Path {
+        &self.inner.state_dir
+    }
+
+    /// The image file `path` (a qcow2, QED or raw image; nothing is opened yet).
+    pub fn image(&self, path: impl Into<PathBuf>) -> Image {
+        Image::with_connection(path.into(), self.clone())
+    }
+
+    /// Define a pool. A `dir` or `btrfs` pool's target is kept as an absolute path.
+    pub fn define_pool(&self, mut def: PoolDef) -> Result<PoolDef> {
+        if def.kind != crate::pool::PoolKind::Logical {
+            if let Ok(p) = std::path::absolute(&def.target) {
+                def.target = p.display().to_string();
+            }
+        }
+        self.inner.pools.define(&def)?;
+        Ok(def)
+    }
+
+    /// The defined pools, sorted by name (damaged definitions left out: see
+    /// [`Connection::pool_listing`]).
+    pub fn pools(&self) -> Result<Vec<PoolDef>> {
+        Ok(self.inner.pools.list()?)
+    }
+
+    /// The defined pools, and the definition files that cannot be read back (each named,
+    /// none hiding the others).
+    pub fn pool_listing(&self) -> Result<PoolListing> {
+        let l = self.inner.pools.scan()?;
+        Ok(PoolListing {
+            pools: l.pools,
+            damaged: l
+                .damaged
+                .into_iter()
+                .map(|d| DamagedPool {
+                    name: d.name,
+                    path: d.path,
+                    error: d.error.into(),
+                })
+                .collect(),
+        })
+    }
+
+    /// The pool `name` ([`ErrorKind::NotFound`] if it is not defined).
+    pub fn pool(&self, name: &str) -> Result<Pool> {
+        let def = self.inner.pools.get(name)?;
+        let backend =
+            storage_backends::open_pool(def, self.inner.runner.clone(), self.inner.locks.clone())?;
+        Ok(Pool::new(backend))
+    }
+
+    /// Forget pool `name`'s definition (its volumes are left alone); returns what it was, or
+    /// `None` when the definition was damaged (its file is removed all the same).
+    pub fn undefine_pool(&self, name: &str) -> Result<Option<PoolDef>> {
+        Ok(self.inner.pools.undefine(name)?)
+    }
+
+    pub(crate) fn inner(&self) -> &Inner {
+        &self.inner
+    }
+}

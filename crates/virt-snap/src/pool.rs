@@ -1,0 +1,175 @@
+//! [`Pool`] and [`Volume`]: storage pools (dir, btrfs, LVM) and their volumes, with offline
+//! volume snapshots. Every change takes the volume's lease first and fails with
+//! [`ErrorKind::InUse`] naming the holder while a VM (or another operation) holds it.
+//!
+//! Pool and volume operations are async: LVM and btrfs ones run tools.
+
+use crate::error::{Error, ErrorKind, Result};
+use std::sync::Arc;
+use storage_backends::Backend;
+
+pub use storage_backends::{
+    Backing, Capabilities, PoolDef, PoolInfo, PoolKind, SnapshotKind, SnapshotOptions, VolFormat,
+    VolSnapshot, Volume as VolumeInfo, VolumeSpec,
+};
+
+/// The defined pools ([`crate::Connection::pool_listing`]).
+#[derive(Debug, Default)]
+pub struct PoolListing {
+    /// The readable definitions, sorted by name.
+    pub pools: Vec<PoolDef>,
+    /// The damaged ones, sorted by name.
+    pub damaged: Vec<DamagedPool>,
+}
+
+/// A pool definition file that cannot be read back.
+#[derive(Debug)]
+pub struct DamagedPool {
+    /// The pool's name (the file name without `.json`).
+    pub name: String,
+    /// The file.
+    pub path: std::path::PathBuf,
+    /// What is wrong with it ([`ErrorKind::Corrupt`], or [`ErrorKind::InvalidInput`] for a
+    /// file name that is no pool name); its message names the file.
+    pub error: Error,
+}
+
+/// Parse a pool type (`dir`, `btrfs`, `logical`).
+pub fn parse_kind(s: &str) -> Result<PoolKind> {
+    Ok(PoolKind::parse(s)?)
+}
+
+/// Parse a volume format (`raw`, `qcow2`).
+pub fn parse_format(s: &str) -> Result<VolFormat> {
+    Ok(VolFormat::parse(s)?)
+}
+
+/// Parse a volume size as virsh does (`1G`, `512M`, bytes).
+pub fn parse_size(s: &str) -> Result<u64> {
+    Ok(storage_backends::parse_size(s)?)
+}
+
+/// A defined pool, opened ([`crate::Connection::pool`]).
+#[derive(Debug, Clone)]
+pub struct Pool {
+    backend: Arc<dyn Backend>,
+}
+
+impl Pool {
+    pub(crate) fn new(backend: Box<dyn Backend>) -> Pool {
+        Pool {
+            backend: backend.into(),
+        }
+    }
+
+    /// The pool's definition.
+    pub fn def(&self) -> &PoolDef {
+        self.backend.def()
+    }
+
+    /// What the pool's backend can do.
+    pub fn capabilities(&self) -> Capabilities {
+        self.backend.capabilities()
+    }
+
+    /// Size, use, free space and capabilities.
+    pub async fn info(&self) -> Result<PoolInfo> {
+        Ok(self.backend.info().await?)
+    }
+
+    /// The volumes, sorted by name.
+    pub async fn volumes(&self) -> Result<Vec<VolumeInfo>> {
+        Ok(self.backend.list_volumes().await?)
+    }
+
+    /// The volume `name` of this pool (nothing is read yet).
+    pub fn volume(&self, name: &str) -> Volume {
+        Volume {
+            backend: self.backend.clone(),
+            name: name.to_string(),
+        }
+    }
+
+    /// Create a volume.
+    pub async fn create_volume(&self, spec: &VolumeSpec) -> Result<VolumeInfo> {
+        Ok(self.backend.create_volume(spec).await?)
+    }
+
+    /// The backing of a new volume: `vol` is a volume of this pool (its path and format are
+    /// known) or an absolute path of any pool's volume, whose `format` must then be given
+    /// (formats are recorded, never probed). `format` overrides what the pool knows.
+    pub async fn backing(&self, vol: &str, format: Option<VolFormat>) -> Result<Backing> {
+        let (path, known) = if vol.starts_with('/') {
+            (vol.to_string(), None)
+        } else {
+            let v = self.volume(vol).info().await?;
+            (v.path, Some(v.format))
+        };
+        let format = format.or(known).ok_or_else(|| {
+            Error::new(
+                ErrorKind::InvalidInput,
+                format!(
+                    "the format of the backing path {vol} is needed \
+                     (its format is recorded, never probed)"
+                ),
+            )
+        })?;
+        Ok(Backing { path, format })
+    }
+}
+
+/// A volume of a pool ([`Pool::volume`]).
+#[derive(Debug, Clone)]
+pub struct Volume {
+    backend: Arc<dyn Backend>,
+    name: String,
+}
+
+impl Volume {
+    /// The volume's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Its format, sizes, backing, path and lease key ([`ErrorKind::NotFound`] if absent).
+    pub async fn info(&self) -> Result<VolumeInfo> {
+        Ok(self.backend.volume(&self.name).await?)
+    }
+
+    /// The path a VM opens for it.
+    pub async fn path(&self) -> Result<String> {
+        Ok(self.info().await?.path)
+    }
+
+    /// Delete it and its snapshots.
+    pub async fn delete(&self) -> Result<()> {
+        Ok(self.backend.delete_volume(&self.name).await?)
+    }
+
+    /// Snapshot it (it must be inactive).
+    pub async fn create_snapshot(
+        &self,
+        snapshot: &str,
+        opts: &SnapshotOptions,
+    ) -> Result<VolSnapshot> {
+        Ok(self
+            .backend
+            .create_snapshot(&self.name, snapshot, opts)
+            .await?)
+    }
+
+    /// Its snapshots, oldest first.
+    pub async fn snapshots(&self) -> Result<Vec<VolSnapshot>> {
+        Ok(self.backend.list_snapshots(&self.name).await?)
+    }
+
+    /// Make its content the snapshot's again (it must be inactive); the snapshot is kept.
+    pub async fn revert(&self, snapshot: &str) -> Result<()> {
+        Ok(self.backend.revert_snapshot(&self.name, snapshot).await?)
+    }
+
+    /// Delete one of its snapshots.
+    pub async fn delete_snapshot(&self, snapshot: &str) -> Result<()> {
+        Ok(self.backend.delete_snapshot(&self.name, snapshot).await?)
+    }
+}
