@@ -155,6 +155,118 @@ fn is_root() -> bool {
     output(Command::new("id").arg("-u")).is_ok_and(|s| s.trim() == "0")
 }
 
+/// libvirt measured as the peer of the live path (bookworm-backports; bookworm has 9.0).
+pub const LIBVIRT_VERSION: &str = "11.3.0-2~bpo12+1";
+/// The libvirt packages, pinned to [`LIBVIRT_VERSION`]: not libvirt-daemon-system and not
+/// `-t bookworm-backports`, both of which pull a newer systemd.
+const LIBVIRT_PACKAGES: &[&str] = &[
+    "libvirt-daemon",
+    "libvirt-clients",
+    "libvirt-daemon-driver-qemu",
+    "libvirt-daemon-driver-storage",
+    "libvirt-daemon-log",
+    "libvirt0",
+    "libvirt-common",
+    "libvirt-daemon-common",
+];
+
+/// What `cargo xtask deps` installs beyond the defaults.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Extras {
+    /// libvirt 11.3 (`--libvirt`), the benchmark peer of domains and live snapshots.
+    pub libvirt: bool,
+}
+
+impl Extras {
+    /// Parses `deps`' flags.
+    pub fn parse(args: &[String]) -> Result<Extras, String> {
+        let mut x = Extras::default();
+        for a in args {
+            match a.as_str() {
+                "--libvirt" => x.libvirt = true,
+                other => return Err(format!("deps: unknown flag {other:?} (known: --libvirt)")),
+            }
+        }
+        Ok(x)
+    }
+}
+
+fn dpkg_version(pkg: &str) -> Option<String> {
+    output(Command::new("dpkg-query").args(["-W", "-f=${Version}", pkg]))
+        .ok()
+        .filter(|v| !v.trim().is_empty())
+        .map(|v| v.trim().to_owned())
+}
+
+/// Whether libvirt [`LIBVIRT_VERSION`] (daemon, QEMU driver, virsh) is installed.
+pub fn libvirt_ok() -> bool {
+    LIBVIRT_PACKAGES
+        .iter()
+        .all(|p| dpkg_version(p).as_deref() == Some(LIBVIRT_VERSION))
+        && have("virsh")
+        && have("libvirtd")
+}
+
+/// Installs libvirt [`LIBVIRT_VERSION`] without upgrading systemd (systemd-container pinned to
+/// the installed systemd) and without touching /etc/apt, and lets its QEMU driver run as root
+/// (/dev/kvm is root-only here). The daemons are not started: the benchmarks run them.
+fn install_libvirt() -> Result<(), String> {
+    if !libvirt_ok() {
+        let systemd = dpkg_version("systemd")
+            .ok_or("libvirt: cannot read the installed systemd's version (dpkg-query)")?;
+        apt_update()?;
+        let mut pkgs: Vec<String> = LIBVIRT_PACKAGES
+            .iter()
+            .map(|p| format!("{p}={LIBVIRT_VERSION}"))
+            .collect();
+        pkgs.push(format!("systemd-container={systemd}"));
+        step(&format!("apt-get install {}", pkgs.join(" ")));
+        let mut cmd = apt_get()?;
+        cmd.args(["install", "-y", "--no-install-recommends"])
+            .args(&pkgs);
+        util::run(&mut cmd)?;
+        if dpkg_version("systemd").as_deref() != Some(systemd.as_str()) {
+            return Err(format!(
+                "installing libvirt changed systemd (was {systemd}): refusing to go on"
+            ));
+        }
+        if !libvirt_ok() {
+            return Err(format!(
+                "libvirt {LIBVIRT_VERSION} still missing after install"
+            ));
+        }
+    }
+    let conf = PathBuf::from("/etc/libvirt/qemu.conf");
+    let text = std::fs::read_to_string(&conf).unwrap_or_default();
+    let set = |k: &str| {
+        text.lines()
+            .any(|l| l.trim_start().starts_with(k) && l.contains("\"root\""))
+    };
+    if !(set("user") && set("group")) {
+        step("libvirt: QEMU driver runs QEMU as root (/dev/kvm is root-only here)");
+        let mut t = text.clone();
+        if !t.is_empty() && !t.ends_with('\n') {
+            t.push('\n');
+        }
+        t.push_str("# added by `cargo xtask deps --libvirt` (virt-snap benchmarks)\nuser = \"root\"\ngroup = \"root\"\n");
+        std::fs::write(&conf, t).map_err(|e| format!("{}: {e}", conf.display()))?;
+    }
+    eprintln!("    [ok] libvirt {LIBVIRT_VERSION} (virsh, libvirtd, QEMU driver)");
+    Ok(())
+}
+
+/// `cargo xtask deps [--libvirt]`.
+pub fn run_with(extras: Extras) -> Result<(), String> {
+    run()?;
+    if extras.libvirt {
+        if !is_root() {
+            return Err("--libvirt: installing libvirt needs root".into());
+        }
+        install_libvirt()?;
+    }
+    Ok(())
+}
+
 /// `cargo xtask deps`.
 pub fn run() -> Result<(), String> {
     step("checking what the tests and benchmarks need");

@@ -17,7 +17,8 @@ use std::process::ExitCode;
 const USAGE: &str = "usage: cargo xtask <command>
 
 commands:
-  deps                 install QEMU 10.0.2, btrfs-progs, lvm2 and the benchmark peers (idempotent; root)
+  deps [--libvirt]     install QEMU 10.0.2, btrfs-progs, lvm2 and the benchmark peers (idempotent; root);
+                       --libvirt adds libvirt 11.3 (bookworm-backports, systemd left as it is)
   guest-image          build the test guest into target/guest (cached)
   test [ARGS...]       deps + guest-image + fmt/clippy + the whole test suite; ARGS go to cargo test
   bench NAME|list      run a benchmark against its peer in the same run
@@ -27,7 +28,7 @@ commands:
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
-        Some("deps") => deps::run(),
+        Some("deps") => deps::Extras::parse(&args[1..]).and_then(deps::run_with),
         Some("guest-image") => guest_image::run().map(|dir| {
             println!("test guest ready in {}", dir.display());
         }),

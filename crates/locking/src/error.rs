@@ -19,6 +19,9 @@ pub enum ErrorKind {
     ImageInUse,
     /// The resource cannot be named: an empty path, a malformed UUID, a symlink loop.
     InvalidResource,
+    /// Work on a domain's behalf ([`crate::Purpose::ForDomain`]) on a volume whose lease that
+    /// domain's QEMU does not hold ([`Error::holders`] says who does).
+    NotHolder,
 }
 
 /// An error from the locking crate: its kind, what was being done, the resource concerned and,
@@ -81,6 +84,26 @@ impl Error {
         Error::from(Inner {
             kind: ErrorKind::Conflict,
             op: String::new(),
+            resource: resource.into(),
+            path: None,
+            holders,
+            owners: Vec::new(),
+            permission: None,
+            waited: None,
+            source: None,
+        })
+    }
+
+    /// `domain` (QEMU pid `pid`) asked to act on `resource` whose lease it does not hold.
+    pub(crate) fn not_holder(
+        resource: impl Into<String>,
+        domain: &str,
+        pid: u32,
+        holders: Vec<HolderRecord>,
+    ) -> Self {
+        Error::from(Inner {
+            kind: ErrorKind::NotHolder,
+            op: format!("domain {domain:?} (pid {pid})"),
             resource: resource.into(),
             path: None,
             holders,
@@ -188,6 +211,15 @@ impl fmt::Display for Error {
                     self.inner.resource, self.inner.op
                 )?;
             }
+            // A domain's operation lock (Resource::DomainOps shows as `domain "NAME"`).
+            ErrorKind::Conflict if self.inner.resource.starts_with("domain \"") => {
+                write!(f, "{} is busy: ", self.inner.resource)?;
+                if self.inner.holders.is_empty() {
+                    f.write_str("another operation holds its operation lock")?;
+                } else {
+                    write_holders(f, &self.inner.holders)?;
+                }
+            }
             ErrorKind::Conflict => {
                 write!(f, "volume {} in use by ", self.inner.resource)?;
                 if self.inner.holders.is_empty() {
@@ -195,6 +227,19 @@ impl fmt::Display for Error {
                         "another holder (no virt-snap record: another tool, or virtlockd)",
                     )?;
                 } else {
+                    write_holders(f, &self.inner.holders)?;
+                }
+            }
+            ErrorKind::NotHolder => {
+                write!(
+                    f,
+                    "volume {} is not held by {}: ",
+                    self.inner.resource, self.inner.op
+                )?;
+                if self.inner.holders.is_empty() {
+                    f.write_str("no virt-snap holder")?;
+                } else {
+                    f.write_str("held by ")?;
                     write_holders(f, &self.inner.holders)?;
                 }
             }

@@ -87,6 +87,24 @@ pub enum Purpose {
         /// The volumes it modifies.
         volumes: Vec<Resource>,
     },
+    /// Work on a running domain's behalf, e.g. a storage-level snapshot of its volumes while
+    /// its QEMU has them open and paused: the domain's operation lock
+    /// ([`Resource::DomainOps`], exclusive, so that operations on one domain never run at
+    /// once), and a check that every volume's lease is held by that domain's QEMU (the
+    /// recorded holder is `Domain(domain)` with pid `qemu_pid`). No volume lease and no QEMU
+    /// image lock is taken: the domain's QEMU holds them. A volume the domain does not hold
+    /// is refused with [`crate::ErrorKind::NotHolder`]. With no volumes this is the domain's
+    /// operation lock alone (monitor and agent work).
+    ForDomain {
+        /// The domain's name.
+        domain: String,
+        /// The pid of the domain's QEMU, which holds its leases.
+        qemu_pid: u32,
+        /// What the operation is, e.g. `"snapshot create"`.
+        op: String,
+        /// The volumes it works on.
+        volumes: Vec<Resource>,
+    },
     /// Read-only inspection of headers: takes nothing.
     Inspect,
 }
@@ -96,6 +114,7 @@ impl Purpose {
         match self {
             Purpose::VmStart { domain, .. } => Some(Holder::Domain(domain.clone())),
             Purpose::VolumeOp { op, .. } => Some(Holder::Operation(op.clone())),
+            Purpose::ForDomain { op, .. } => Some(Holder::Operation(op.clone())),
             Purpose::Inspect => None,
         }
     }
@@ -220,6 +239,12 @@ impl LockManager {
         };
         match purpose {
             Purpose::Inspect => {}
+            Purpose::ForDomain { domain, .. } => add(Item {
+                key: Resource::DomainOps(domain.clone()).key()?,
+                mode: Mode::Exclusive,
+                hold: None,
+                check: None,
+            }),
             Purpose::VmStart { disks, .. } => {
                 for d in disks {
                     let key = d.resource.key()?;
@@ -275,6 +300,23 @@ impl LockManager {
             acquired
                 .leases
                 .push(self.backend.try_acquire(&item.key, item.mode, &holder)?);
+        }
+        if let Purpose::ForDomain {
+            domain,
+            qemu_pid,
+            volumes,
+            ..
+        } = purpose
+        {
+            // Under the domain's operation lock: the domain's QEMU must hold each volume.
+            let me = Holder::Domain(domain.clone());
+            for r in volumes {
+                let key = r.key()?;
+                let holders = self.backend.holders(&key)?;
+                if !holders.iter().any(|h| h.holder == me && h.pid == *qemu_pid) {
+                    return Err(Error::not_holder(key.display(), domain, *qemu_pid, holders));
+                }
+            }
         }
         // Leases first: a conflict among virt-snap's own holders names the holder. Then QEMU's
         // locks, which also see VMs and tools that take no lease.
@@ -442,6 +484,70 @@ mod tests {
             volumes: vec![uuid("a"), uuid("b"), uuid("a")],
         })
         .unwrap();
+    }
+
+    #[test]
+    fn work_for_a_domain_needs_its_qemu_to_hold_the_volumes_and_is_serialised() {
+        let (m, _) = mgr();
+        let me = std::process::id();
+        let vm = m
+            .acquire(&Purpose::VmStart {
+                domain: "vm1".into(),
+                disks: vec![DiskUse::writable(uuid("a")), DiskUse::read_only(uuid("b"))],
+            })
+            .unwrap();
+        let for_vm1 = |volumes: Vec<Resource>, pid: u32, domain: &str| Purpose::ForDomain {
+            domain: domain.into(),
+            qemu_pid: pid,
+            op: "snapshot create".into(),
+            volumes,
+        };
+        // A plain volume operation is refused, naming the domain.
+        let e = m
+            .acquire(&Purpose::VolumeOp {
+                op: "snapshot create".into(),
+                volumes: vec![uuid("a")],
+            })
+            .unwrap_err();
+        assert!(e.to_string().contains("domain \"vm1\""), "{e}");
+        // The domain's own path succeeds, taking no volume lease.
+        let op = m
+            .acquire(&for_vm1(vec![uuid("a"), uuid("b")], me, "vm1"))
+            .unwrap();
+        assert_eq!(op.leases().len(), 1, "only the domain's operation lock");
+        assert_eq!(op.leases()[0].key().display(), "domain \"vm1\"");
+        assert!(op.image_locks().is_empty());
+        // A second operation on the same domain waits its turn.
+        let e = m.acquire(&for_vm1(vec![uuid("a")], me, "vm1")).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Conflict);
+        assert!(
+            e.to_string()
+                .starts_with("domain \"vm1\" is busy: operation \"snapshot create\""),
+            "{e}"
+        );
+        drop(op);
+        // Wrong pid, wrong domain, a volume the domain does not use: refused, nothing kept.
+        for (p, why) in [
+            (for_vm1(vec![uuid("a")], me + 1, "vm1"), "pid"),
+            (for_vm1(vec![uuid("a")], me, "vm2"), "domain"),
+            (for_vm1(vec![uuid("a"), uuid("c")], me, "vm1"), "volume"),
+        ] {
+            let e = m.acquire(&p).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::NotHolder, "{why}: {e}");
+            assert!(e.to_string().contains("is not held by domain"), "{e}");
+        }
+        let e = m.acquire(&for_vm1(vec![uuid("a")], me, "vm2")).unwrap_err();
+        assert!(
+            e.to_string().contains("held by domain \"vm1\""),
+            "names the real holder: {e}"
+        );
+        // The refusals left no operation lock behind.
+        drop(m.acquire(&for_vm1(vec![], me, "vm2")).unwrap());
+        drop(m.acquire(&for_vm1(vec![], me, "vm1")).unwrap());
+        drop(vm);
+        // Once the domain's QEMU is gone, nothing can be done on its behalf.
+        let e = m.acquire(&for_vm1(vec![uuid("a")], me, "vm1")).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::NotHolder);
     }
 
     #[test]

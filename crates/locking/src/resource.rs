@@ -43,6 +43,9 @@ pub enum Resource {
         /// locks are taken and probed on it.
         image: Option<PathBuf>,
     },
+    /// A domain's operation lock, by the domain's name: held (exclusively) by whatever
+    /// operation works on the running domain, so that two never interleave.
+    DomainOps(String),
 }
 
 impl Resource {
@@ -62,7 +65,7 @@ impl Resource {
                 };
                 self.key_from(&cwd)
             }
-            Resource::Uuid { .. } => self.key_from(Path::new("/")),
+            Resource::Uuid { .. } | Resource::DomainOps(_) => self.key_from(Path::new("/")),
         }
     }
 
@@ -107,6 +110,19 @@ impl Resource {
                     image,
                 })
             }
+            Resource::DomainOps(name) => {
+                if name.is_empty() || name.contains('\0') {
+                    return Err(Error::invalid(name.clone(), "not a domain name"));
+                }
+                // Never a path (no leading '/') nor a UUID (':' is not a UUID character).
+                let mut canonical = b"domain-ops:".to_vec();
+                canonical.extend_from_slice(name.as_bytes());
+                Ok(ResourceKey {
+                    canonical,
+                    display: format!("domain {name:?}"),
+                    image: None,
+                })
+            }
         }
     }
 }
@@ -117,6 +133,7 @@ impl fmt::Display for Resource {
             Resource::File(p) => write!(f, "{}", p.display()),
             Resource::Uuid { display, uuid, .. } if display.is_empty() => f.write_str(uuid),
             Resource::Uuid { display, .. } => f.write_str(display),
+            Resource::DomainOps(name) => write!(f, "domain {name:?}"),
         }
     }
 }

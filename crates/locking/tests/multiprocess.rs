@@ -535,7 +535,39 @@ fn a_lease_handed_to_a_child_lives_exactly_as_long_as_the_child() {
             .contains(&format!("domain \"handed\" (pid {}", child.pid())),
         "{e}"
     );
+    // Work on the domain's behalf (a storage snapshot while its QEMU has the volume open):
+    // allowed for the recorded holder, refused for this process's pid or another domain.
+    let for_domain = |domain: &str, pid: u32| Purpose::ForDomain {
+        domain: domain.into(),
+        qemu_pid: pid,
+        op: "snapshot create".into(),
+        volumes: vec![file_a(&s.out)],
+    };
+    let op = locks.acquire(&for_domain("handed", child.pid())).unwrap();
+    assert!(op.image_locks().is_empty(), "the child keeps QEMU's role");
+    assert_eq!(
+        locks
+            .acquire(&for_domain("handed", child.pid()))
+            .unwrap_err()
+            .kind(),
+        ErrorKind::Conflict,
+        "one operation per domain at a time"
+    );
+    drop(op);
+    for (d, pid) in [("handed", std::process::id()), ("other", child.pid())] {
+        let e = locks.acquire(&for_domain(d, pid)).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::NotHolder, "{e}");
+    }
+    let pid = child.pid();
     child.kill9();
+    assert_eq!(
+        locks
+            .acquire(&for_domain("handed", pid))
+            .unwrap_err()
+            .kind(),
+        ErrorKind::NotHolder,
+        "nothing on behalf of a dead QEMU"
+    );
     assert!(locks.holders(&file_a(&s.out)).unwrap().is_empty());
     locks.acquire(&exclusive_op(&s)).unwrap();
 }

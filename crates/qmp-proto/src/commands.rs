@@ -19,6 +19,7 @@
 //! # Ok(()) }
 //! ```
 
+use std::os::fd::BorrowedFd;
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
@@ -56,18 +57,48 @@ impl QmpClient {
     /// Errors as [`QmpClient::execute_timeout`]; a reply that does not decode to
     /// `C::Returns` is an [`ErrorKind::Protocol`](crate::ErrorKind::Protocol) error.
     pub async fn run_timeout<C: Command>(&self, cmd: &C, t: Duration) -> Result<C::Returns, Error> {
-        let args = match serde_json::to_value(cmd) {
-            Ok(Value::Null) => None,
-            Ok(Value::Object(m)) if m.is_empty() => None,
-            Ok(v) => Some(v),
-            Err(e) => {
-                return Err(
-                    Error::protocol(format!("cannot encode arguments: {e}")).with_command(C::NAME)
-                )
-            }
-        };
+        let args = encode_args(cmd)?;
         let reply = self.execute_timeout(C::NAME, args, t).await?;
         decode_reply::<C::Returns>(reply).map_err(|e| e.with_command(C::NAME))
+    }
+
+    /// Runs a typed command that takes descriptors over the socket ([`Getfd`], [`AddFd`]),
+    /// allowing `t`; see [`QmpClient::execute_with_fds`].
+    pub async fn run_with_fds<C: Command>(
+        &self,
+        cmd: &C,
+        fds: &[BorrowedFd<'_>],
+        t: Duration,
+    ) -> Result<C::Returns, Error> {
+        let args = encode_args(cmd)?;
+        let reply = self.execute_with_fds(C::NAME, args, fds, t).await?;
+        decode_reply::<C::Returns>(reply).map_err(|e| e.with_command(C::NAME))
+    }
+
+    /// Passes `fd` to QEMU under `name` (`getfd`), for commands that take a descriptor
+    /// by name; QEMU keeps its own copy until [`Closefd`].
+    pub async fn getfd(&self, name: &str, fd: BorrowedFd<'_>) -> Result<(), Error> {
+        let cmd = Getfd {
+            fdname: name.to_owned(),
+        };
+        self.run_with_fds(&cmd, &[fd], DEFAULT_TIMEOUT).await?;
+        Ok(())
+    }
+
+    /// Adds `fd` to a descriptor set (`add-fd`; a new set when `fdset_id` is `None`), so
+    /// that `/dev/fdset/N` names it in a filename; QEMU keeps its own copy until
+    /// [`RemoveFd`].
+    pub async fn add_fd(
+        &self,
+        fd: BorrowedFd<'_>,
+        fdset_id: Option<i64>,
+        opaque: Option<&str>,
+    ) -> Result<AddfdInfo, Error> {
+        let cmd = AddFd {
+            fdset_id,
+            opaque: opaque.map(str::to_owned),
+        };
+        self.run_with_fds(&cmd, &[fd], DEFAULT_TIMEOUT).await
     }
 
     /// Runs a job command to the job's end within `t` (see [`QmpClient::run_job`]): a job
@@ -78,6 +109,18 @@ impl QmpClient {
             Error::protocol(format!("cannot encode arguments: {e}")).with_command(C::NAME)
         })?;
         self.run_job(C::NAME, args, cmd.job_id(), t).await
+    }
+}
+
+/// A command's `arguments` member: `None` for a unit struct or an empty object.
+fn encode_args<C: Command>(cmd: &C) -> Result<Option<Value>, Error> {
+    match serde_json::to_value(cmd) {
+        Ok(Value::Null) => Ok(None),
+        Ok(Value::Object(m)) if m.is_empty() => Ok(None),
+        Ok(v) => Ok(Some(v)),
+        Err(e) => {
+            Err(Error::protocol(format!("cannot encode arguments: {e}")).with_command(C::NAME))
+        }
     }
 }
 
@@ -1085,6 +1128,85 @@ pub struct MigrationStats {
     pub normal: Option<u64>,
     /// Dirty-sync rounds.
     pub dirty_sync_count: Option<u64>,
+}
+
+// ---------------------------------------------------------------------------------------
+// Descriptor passing (SCM_RIGHTS): run with [`QmpClient::run_with_fds`]
+
+/// `getfd`: QEMU takes the descriptor sent with this command and names it `fdname`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Getfd {
+    /// The name other commands use for it.
+    pub fdname: String,
+}
+command!(Getfd = "getfd" -> Empty);
+
+/// `closefd`: QEMU closes the descriptor it took under `fdname`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Closefd {
+    /// The name given to `getfd`.
+    pub fdname: String,
+}
+command!(Closefd = "closefd" -> Empty);
+
+/// `add-fd`: QEMU adds the descriptor sent with this command to a descriptor set.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct AddFd {
+    /// The set to add to; a new set when `None`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fdset_id: Option<i64>,
+    /// Free text QEMU keeps beside the descriptor (shown by `query-fdsets`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub opaque: Option<String>,
+}
+command!(AddFd = "add-fd" -> AddfdInfo);
+
+/// The reply of `add-fd`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct AddfdInfo {
+    /// The set the descriptor is in.
+    pub fdset_id: i64,
+    /// QEMU's number for its copy of the descriptor.
+    pub fd: i64,
+}
+
+/// `remove-fd`: removes one descriptor (or, with `fd` `None`, every one) from a set;
+/// QEMU closes its copy once no open image uses it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct RemoveFd {
+    /// The set.
+    pub fdset_id: i64,
+    /// QEMU's number of the descriptor ([`AddfdInfo::fd`]); all of the set when `None`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fd: Option<i64>,
+}
+command!(RemoveFd = "remove-fd" -> Empty);
+
+unit_command!(
+    /// `query-fdsets`.
+    QueryFdsets = "query-fdsets" -> Vec<FdsetInfo>
+);
+
+/// One descriptor set (`FdsetInfo`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct FdsetInfo {
+    /// The set's id.
+    pub fdset_id: i64,
+    /// Its descriptors.
+    pub fds: Vec<FdsetFdInfo>,
+}
+
+/// A descriptor in a set (`FdsetFdInfo`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct FdsetFdInfo {
+    /// QEMU's number for it.
+    pub fd: i64,
+    /// The text given to `add-fd`.
+    pub opaque: Option<String>,
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::os::fd::BorrowedFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -287,6 +288,10 @@ struct Handle {
     greeting: Greeting,
     next_id: AtomicU64,
     writer: Arc<Writer>,
+    /// Held by a command that carries descriptors from its send until its reply: QEMU's
+    /// socket chardev keeps only the descriptors of the last message read, so a second
+    /// message with descriptors read before the first command ran would replace them.
+    fd_command: tokio::sync::Mutex<()>,
     /// Dropped with the last client clone: tells the reader task to stop.
     _stop_tx: oneshot::Sender<()>,
 }
@@ -409,6 +414,7 @@ impl QmpClient {
                 greeting,
                 next_id: AtomicU64::new(1),
                 writer,
+                fd_command: tokio::sync::Mutex::new(()),
                 _stop_tx: stop_tx,
             }),
         };
@@ -443,6 +449,43 @@ impl QmpClient {
         args: Option<Value>,
         t: Duration,
     ) -> Result<Value, Error> {
+        self.execute_inner(cmd, args, t, &[]).await
+    }
+
+    /// Runs a command with file descriptors passed to QEMU over the socket (SCM_RIGHTS,
+    /// attached to the command's first byte), as `getfd` and `add-fd` need; allowing `t`.
+    ///
+    /// QEMU keeps its own copy of each descriptor: the caller may close `fds` once this
+    /// returns. Commands that pass descriptors run one at a time (each waits for the reply
+    /// of the one before); other commands go on concurrently. Errors as
+    /// [`QmpClient::execute_timeout`].
+    pub async fn execute_with_fds(
+        &self,
+        cmd: &str,
+        args: Option<Value>,
+        fds: &[BorrowedFd<'_>],
+        t: Duration,
+    ) -> Result<Value, Error> {
+        let deadline = crate::framing::deadline_after(t);
+        let Ok(_one_at_a_time) =
+            tokio::time::timeout_at(deadline, self.inner.fd_command.lock()).await
+        else {
+            return Err(Error::timeout(format!(
+                "another command passing descriptors still runs after {t:?}"
+            ))
+            .with_command(cmd));
+        };
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        self.execute_inner(cmd, args, left, fds).await
+    }
+
+    async fn execute_inner(
+        &self,
+        cmd: &str,
+        args: Option<Value>,
+        t: Duration,
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<Value, Error> {
         let shared = &self.inner.shared;
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let mut msg = json!({ "execute": cmd, "id": id });
@@ -459,11 +502,29 @@ impl QmpClient {
         let _guard = PendingGuard { shared, id };
         tracing::trace!(cmd, id, "QMP execute");
         // Alone: write now. With others in flight: let the writer task batch the lines.
-        if let Err(e) = self.inner.writer.send(&line, in_flight == 1) {
+        // With descriptors: own the socket until they went with the line.
+        let deadline = crate::framing::deadline_after(t);
+        let sent = if fds.is_empty() {
+            self.inner.writer.send(&line, in_flight == 1)
+        } else {
+            match tokio::time::timeout_at(deadline, self.inner.writer.send_with_fds(&line, fds))
+                .await
+            {
+                Ok(r) => r,
+                // Cancelled before the descriptors went: nothing of the line was written.
+                Err(_) => {
+                    return Err(
+                        Error::timeout(format!("could not send the command within {t:?}"))
+                            .with_command(cmd),
+                    )
+                }
+            }
+        };
+        if let Err(e) = sent {
             shared.shutdown(ErrorKind::Disconnected, format!("write error: {e}"));
             return Err(shared.disconnected_error().with_command(cmd));
         }
-        match tokio::time::timeout(t, rx).await {
+        match tokio::time::timeout_at(deadline, rx).await {
             Err(_) => Err(Error::timeout(format!("no reply within {t:?}")).with_command(cmd)),
             Ok(Err(_)) => Err(shared.disconnected_error().with_command(cmd)),
             Ok(Ok(reply)) => reply.map_err(|e| e.with_command(cmd)),

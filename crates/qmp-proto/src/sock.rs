@@ -7,7 +7,9 @@
 //! non-blocking socket: a write that would block (QEMU not reading) waits on a separate,
 //! temporary writability registration.
 
-use std::io::{self, Read, Write};
+use std::io::{self, IoSlice, Read, Write};
+use std::mem::MaybeUninit;
+use std::os::fd::BorrowedFd;
 use std::os::unix::net::UnixStream;
 use std::pin::Pin;
 use std::sync::Mutex;
@@ -95,6 +97,42 @@ impl WriteSide {
         Ok(())
     }
 
+    /// Sends a first part of `buf` (at least one byte) with the descriptors `fds`
+    /// (SCM_RIGHTS) attached; returns how many bytes went. Waits while the socket is full;
+    /// nothing is written until it returns, so dropping the future is safe.
+    async fn send_with_fds(&self, buf: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<usize> {
+        use rustix::net::{sendmsg, SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
+        if buf.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "descriptors need at least one byte to travel with",
+            ));
+        }
+        let mut space =
+            vec![MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(fds.len()))];
+        loop {
+            let mut control = SendAncillaryBuffer::new(&mut space);
+            if !control.push(SendAncillaryMessage::ScmRights(fds)) {
+                return Err(io::Error::other("ancillary buffer too small"));
+            }
+            match sendmsg(
+                &self.sock,
+                &[IoSlice::new(buf)],
+                &mut control,
+                SendFlags::NOSIGNAL,
+            ) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => return Ok(n),
+                Err(rustix::io::Errno::INTR) => {}
+                Err(rustix::io::Errno::AGAIN) => {
+                    let fd = register(self.sock.try_clone()?, Interest::WRITABLE)?;
+                    let _ = fd.writable().await?;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
     /// One non-blocking write attempt.
     fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
         loop {
@@ -112,6 +150,19 @@ impl WriteSide {
     }
 }
 
+/// Ownership of the socket taken by [`Writer::send_with_fds`], given back when dropped
+/// (also when its future is cancelled or fails).
+struct Claim<'a> {
+    writer: &'a Writer,
+    rest: &'a [u8],
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        self.writer.release(self.rest);
+    }
+}
+
 /// Whole lines to the socket, in order: a caller with the only command in flight writes
 /// its line itself when nothing is queued (no task hop); otherwise (concurrent callers, whose
 /// lines batch into one write), or for the rest of a line the socket did not take, the
@@ -121,6 +172,8 @@ pub(crate) struct Writer {
     side: WriteSide,
     state: Mutex<Queue>,
     wake: Notify,
+    /// Signalled whenever the socket is released (`busy` goes false).
+    idle: Notify,
 }
 
 #[derive(Default)]
@@ -136,6 +189,7 @@ impl Writer {
             side,
             state: Mutex::new(Queue::default()),
             wake: Notify::new(),
+            idle: Notify::new(),
         }
     }
 
@@ -161,6 +215,57 @@ impl Writer {
         Ok(())
     }
 
+    /// Sends one whole line with descriptors attached to its first byte (QMP `getfd`,
+    /// `add-fd`). Waits until no other line is being written and owns the socket until the
+    /// descriptors are sent; the rest of the line, if the socket did not take it all, goes
+    /// to the writer task ahead of anything queued meanwhile. Cancel-safe: dropped before
+    /// the descriptors went, nothing was written; after, the line is completed anyway. An
+    /// error means the socket is broken.
+    pub(crate) async fn send_with_fds(
+        &self,
+        line: &[u8],
+        fds: &[BorrowedFd<'_>],
+    ) -> io::Result<()> {
+        loop {
+            let idle = self.idle.notified();
+            tokio::pin!(idle);
+            // Registered before the check, so a release between the check and the wait
+            // is not missed.
+            idle.as_mut().enable();
+            {
+                let mut q = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                if !q.busy {
+                    q.busy = true;
+                    break;
+                }
+            }
+            idle.await;
+        }
+        let mut claim = Claim {
+            writer: self,
+            rest: &[],
+        };
+        let n = self.side.send_with_fds(line, fds).await?;
+        claim.rest = &line[n..];
+        Ok(())
+    }
+
+    /// Gives the socket back after [`Writer::send_with_fds`]: `rest` of its line first,
+    /// then whatever others queued, go to the writer task.
+    fn release(&self, rest: &[u8]) {
+        let mut q = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if !rest.is_empty() {
+            q.bytes.splice(0..0, rest.iter().copied());
+        }
+        if q.bytes.is_empty() {
+            q.busy = false;
+            self.idle.notify_waiters();
+        } else {
+            // Still busy: the writer task owns the socket until it has drained the queue.
+            self.wake.notify_one();
+        }
+    }
+
     /// The writer task's loop: drains the queue whenever a caller hands it bytes. Returns
     /// on a write error.
     pub(crate) async fn run(&self) -> io::Error {
@@ -171,6 +276,7 @@ impl Writer {
                     let mut q = self.state.lock().unwrap_or_else(|e| e.into_inner());
                     if q.bytes.is_empty() {
                         q.busy = false;
+                        self.idle.notify_waiters();
                         break;
                     }
                     std::mem::take(&mut q.bytes)

@@ -1036,6 +1036,23 @@ async fn typed_commands_match_qemus_schema_with_every_optional_argument() {
     s.command(&Migrate::to("file:/x"), &mut e);
     s.command(&MigrateCancel, &mut e);
     s.command(&QueryMigrate, &mut e);
+    s.command(&Getfd { fdname: "f".into() }, &mut e);
+    s.command(&Closefd { fdname: "f".into() }, &mut e);
+    s.command(
+        &AddFd {
+            fdset_id: Some(1),
+            opaque: Some("o".into()),
+        },
+        &mut e,
+    );
+    s.command(
+        &RemoveFd {
+            fdset_id: 1,
+            fd: Some(3),
+        },
+        &mut e,
+    );
+    s.command(&QueryFdsets, &mut e);
     // The checker itself catches a wrong name and a wrong member.
     let mut neg = Vec::new();
     #[derive(serde::Serialize)]
@@ -1201,6 +1218,10 @@ async fn typed_replies_read_only_members_qemus_schema_has() {
         "MigrationCapabilityStatus",
         &mut e,
     );
+    s.reply::<AddfdInfo>(&s.ret_type("add-fd"), "AddfdInfo", &mut e);
+    let sets = s.ret_type("query-fdsets");
+    s.reply::<FdsetInfo>(&sets, "FdsetInfo", &mut e);
+    s.reply::<FdsetFdInfo>(&s.member_type(&sets, "fds"), "FdsetFdInfo", &mut e);
     assert!(fields_of::<StatusInfo>().contains(&"running"));
     // The check catches a misspelt member.
     #[derive(serde::Deserialize)]
