@@ -154,7 +154,7 @@ fn image_kind(k: image_formats::ErrorKind) -> ErrorKind {
 fn lock_kind(k: locking::ErrorKind) -> ErrorKind {
     use locking::ErrorKind as K;
     match k {
-        K::Conflict | K::ImageInUse => ErrorKind::InUse,
+        K::Conflict | K::ImageInUse | K::NotHolder => ErrorKind::InUse,
         K::InvalidResource => ErrorKind::InvalidInput,
         _ => ErrorKind::Io,
     }
