@@ -221,15 +221,41 @@ impl<S: Storage> SnapshotEditor<S> {
         Ok(())
     }
 
+    /// One L2 table with COPIED set in its data entries iff the cluster's refcount is 1;
+    /// and whether that changed anything.
+    fn fixed_l2(&mut self, l2_off: u64) -> Result<(Vec<u8>, bool)> {
+        let cb = self.cluster_bits();
+        let esz = self.l2_entry_size();
+        let mut table = self.read_l2(l2_off)?;
+        let mut changed = false;
+        for ent in table.chunks_exact_mut(esz) {
+            let x = u64::from_be_bytes(ent[..8].try_into().expect("8 bytes"));
+            if x & COMPRESSED != 0 {
+                continue;
+            }
+            let off = x & OFFSET_MASK;
+            if off == 0 {
+                continue;
+            }
+            let want = self.rc.get(&self.storage, off >> cb)? == 1;
+            let nx = if want { x | COPIED } else { x & !COPIED };
+            if nx != x {
+                ent[..8].copy_from_slice(&nx.to_be_bytes());
+                changed = true;
+            }
+        }
+        Ok((table, changed))
+    }
+
     /// Make COPIED right for the new active state (set iff refcount == 1) in `l1`, the new
     /// active L1 (changed in place), and in its L2 tables. The L2 tables belong to the state
     /// on disk too, so they are never changed in place: a table whose flags change is copied
-    /// to a fresh cluster (queued in `writes`), the copy takes the active L1's reference and
-    /// the original loses it. Must run after every refcount change of data clusters (copying
-    /// an L2 table changes no data refcount: the active path just goes through the copy).
-    fn cow_copied(&mut self, l1: &mut [u64], writes: &mut Vec<(u64, Vec<u8>)>) -> Result<()> {
+    /// to a fresh cluster (queued in `writes`; the copy is made when written, so memory stays
+    /// at one table), the copy takes the active L1's reference and the original loses it.
+    /// Must run after every refcount change of data clusters (copying an L2 table changes no
+    /// data refcount: the active path just goes through the copy).
+    fn cow_copied(&mut self, l1: &mut [u64], writes: &mut Vec<NewCluster>) -> Result<()> {
         let cb = self.cluster_bits();
-        let esz = self.l2_entry_size();
         let mut copies: HashMap<u64, u64> = HashMap::new();
         for i in Self::by_l2_offset(l1) {
             let l2_off = l1[i] & OFFSET_MASK;
@@ -240,30 +266,15 @@ impl<S: Storage> SnapshotEditor<S> {
                 l1[i] = (l1[i] & !OFFSET_MASK) | copy;
                 continue;
             }
-            let mut table = self.read_l2(l2_off)?;
-            let mut changed = false;
-            for ent in table.chunks_exact_mut(esz) {
-                let x = u64::from_be_bytes(ent[..8].try_into().expect("8 bytes"));
-                if x & COMPRESSED != 0 {
-                    continue;
-                }
-                let off = x & OFFSET_MASK;
-                if off == 0 {
-                    continue;
-                }
-                let want = self.rc.get(&self.storage, off >> cb)? == 1;
-                let nx = if want { x | COPIED } else { x & !COPIED };
-                if nx != x {
-                    ent[..8].copy_from_slice(&nx.to_be_bytes());
-                    changed = true;
-                }
-            }
-            if changed {
+            if self.fixed_l2(l2_off)?.1 {
                 let copy = self.rc.alloc(&self.storage, 1)?;
                 self.rc.add(&self.storage, l2_off >> cb, -1)?;
                 copies.insert(l2_off, copy);
                 l1[i] = (l1[i] & !OFFSET_MASK) | copy;
-                writes.push((copy, table));
+                writes.push(NewCluster::L2Copy {
+                    from: l2_off,
+                    to: copy,
+                });
             }
         }
         // L1 flags last: copying changes the L2 tables' own refcounts.
@@ -292,10 +303,10 @@ impl<S: Storage> SnapshotEditor<S> {
     }
 
     /// A new active L1 table in fresh clusters (queued in `writes`); returns its offset.
-    fn place_l1(&mut self, l1: &[u64], writes: &mut Vec<(u64, Vec<u8>)>) -> Result<u64> {
+    fn place_l1(&mut self, l1: &[u64], writes: &mut Vec<NewCluster>) -> Result<u64> {
         let buf = Self::l1_bytes(l1);
         let off = self.rc.alloc_bytes(&self.storage, buf.len() as u64)?;
-        writes.push((off, buf));
+        writes.push(NewCluster::Bytes(off, buf));
         Ok(off)
     }
 
@@ -378,11 +389,19 @@ impl<S: Storage> SnapshotEditor<S> {
     /// offset, refcount table offset and clusters, snapshot count and table offset), the
     /// only write over metadata in use; one flush. A crash before that write leaves the old
     /// state untouched, after it the new state complete, its refcounts exact (no leak).
-    fn switch(&mut self, mut writes: Vec<(u64, Vec<u8>)>, new: NewState) -> Result<()> {
+    fn switch(&mut self, mut writes: Vec<NewCluster>, new: NewState) -> Result<()> {
         let (rt_off, rt_clusters) = self.rc.prepare(&self.storage)?;
-        writes.sort_unstable_by_key(|w| w.0);
-        for (off, buf) in &writes {
-            self.write(buf, *off, "cannot write new metadata")?;
+        writes.sort_unstable_by_key(NewCluster::offset);
+        for w in &writes {
+            match w {
+                NewCluster::Bytes(off, buf) => {
+                    self.write(buf, *off, "cannot write new metadata")?;
+                }
+                NewCluster::L2Copy { from, to } => {
+                    let (table, _) = self.fixed_l2(*from)?;
+                    self.write(&table, *to, "cannot write an L2 table")?;
+                }
+            }
         }
         self.rc.write(&self.storage)?;
         self.flush()?;
@@ -500,7 +519,7 @@ impl<S: Storage> SnapshotEditor<S> {
         let (table, entry_at) = self.table_with(&entry)?;
         self.free_snapshot_table()?;
         let table_off = self.rc.alloc_bytes(&self.storage, table.len() as u64)?;
-        writes.push((table_off, table));
+        writes.push(NewCluster::Bytes(table_off, table));
         let old_start = h.snapshots_offset;
         let mut snapshots = self.img.snapshots.clone();
         for s in snapshots.iter_mut() {
@@ -565,7 +584,7 @@ impl<S: Storage> SnapshotEditor<S> {
             0
         } else {
             let off = self.rc.alloc_bytes(&self.storage, table.len() as u64)?;
-            writes.push((off, table));
+            writes.push(NewCluster::Bytes(off, table));
             off
         };
         let mut at = table_off;
@@ -647,6 +666,23 @@ impl<S: Storage> SnapshotEditor<S> {
             },
         )?;
         Ok(sn)
+    }
+}
+
+/// A cluster run of new metadata, written before the header switch.
+enum NewCluster {
+    /// These bytes at this offset (L1 and snapshot tables).
+    Bytes(u64, Vec<u8>),
+    /// The L2 table at `from` with COPIED made right, at `to`.
+    L2Copy { from: u64, to: u64 },
+}
+
+impl NewCluster {
+    fn offset(&self) -> u64 {
+        match self {
+            NewCluster::Bytes(off, _) => *off,
+            NewCluster::L2Copy { to, .. } => *to,
+        }
     }
 }
 
