@@ -465,6 +465,10 @@ impl Refcounts {
             blk.dirty = false;
         }
         self.fresh.clear();
+        // Clusters freed in the operation may be reused from now on.
+        if let Some(&first) = self.freed.iter().min() {
+            self.cursor = self.cursor.min(first);
+        }
         self.freed.clear();
     }
 }
@@ -507,5 +511,45 @@ mod tests {
                 assert_eq!(d[0], 1, "order {order}");
             }
         }
+    }
+
+    /// The structure `prepare` builds shares no changed cluster with the one on disk: the
+    /// on-disk table and blocks are byte for byte as before until the header switch, and
+    /// the new structure counts the old table and blocks as free.
+    #[test]
+    fn prepare_leaves_the_on_disk_structure_untouched() {
+        use crate::qcow2::Qcow2;
+        use crate::qcow2_write::{create, CreateOptions};
+        use crate::storage::MemStorage;
+        let mem = MemStorage::from_bytes(Vec::new());
+        let opts = CreateOptions {
+            size: 1 << 30,
+            backing_file: None,
+            backing_format: None,
+        };
+        create(&mem, &opts).unwrap();
+        let h = Qcow2::read(&mem).unwrap().header;
+        let before = mem.to_bytes();
+        let mut rc = Refcounts::load(&mem, &h).unwrap();
+        let a = rc.alloc(&mem, 3).unwrap();
+        rc.add(&mem, 3, 1).unwrap(); // the L1 cluster
+        let (off, clusters) = rc.prepare(&mem).unwrap();
+        assert_ne!(off, h.refcount_table_offset);
+        assert_eq!(clusters, 1);
+        rc.write(&mem).unwrap();
+        let after = mem.to_bytes();
+        // Only clusters past the old end were written.
+        assert_eq!(after[..before.len()], before[..]);
+        rc.committed();
+        let cb = h.cluster_bits;
+        // Old table (cluster 1) and old block (cluster 2) are free; the allocation is not.
+        assert_eq!(rc.get(&mem, h.refcount_table_offset >> cb).unwrap(), 0);
+        assert_eq!(rc.get(&mem, 2).unwrap(), 0);
+        assert_eq!(rc.get(&mem, a >> cb).unwrap(), 1);
+        assert_eq!(rc.get(&mem, 3).unwrap(), 2);
+        assert_eq!(rc.get(&mem, off >> cb).unwrap(), 1);
+        // Freed clusters are reused only in a later operation.
+        let again = rc.alloc(&mem, 1).unwrap();
+        assert_eq!(again >> cb, 1);
     }
 }

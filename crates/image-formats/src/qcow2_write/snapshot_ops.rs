@@ -1,4 +1,5 @@
-//! Internal snapshots: create, apply (goto) and delete, in QEMU's order.
+//! Internal snapshots: create, apply (goto) and delete, each switched to by one header write
+//! after its new metadata is written to free clusters (see the `qcow2_write` module doc).
 
 use std::collections::HashMap;
 
