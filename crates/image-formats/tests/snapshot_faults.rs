@@ -194,6 +194,13 @@ fn every_crash_point_is_safe_4k_64bit() {
     faults_on("cluster_size=4096,refcount_bits=64", Setup::TwoSnapshots);
 }
 
+/// 512-byte clusters with 64-bit refcounts: a block covers 64 clusters and a table cluster
+/// 64 blocks, so an operation moves dozens of blocks and a table of several clusters.
+#[test]
+fn every_crash_point_is_safe_many_blocks_growing_table() {
+    faults_on("cluster_size=512,refcount_bits=64", Setup::TwoSnapshots);
+}
+
 #[test]
 fn every_crash_point_is_safe_1bit() {
     faults_on("cluster_size=4096,refcount_bits=1", Setup::NothingShared);
