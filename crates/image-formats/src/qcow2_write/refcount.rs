@@ -1,9 +1,12 @@
-//! The refcount layer: the refcount table and blocks of any width (1-64 bits), read lazily,
-//! changed in memory, and written back once per operation (each touched block once, in
-//! offset order). Allocation is first-fit like QEMU's; a new refcount block may describe
-//! itself, and the refcount table grows (moves) when a block lies beyond its end.
+//! The refcount layer: the refcount table and blocks of any width (1-64 bits), read lazily
+//! and changed in memory. An operation never writes over the refcount structure on disk:
+//! [`Refcounts::prepare`] moves every changed block to a fresh cluster and places a new
+//! table in fresh clusters (the old blocks and table freed in the new structure), so the
+//! header switch to the new table is the only commit point. Allocation is first-fit like
+//! QEMU's, skipping clusters freed in the same operation (the on-disk state still uses
+//! them); a new refcount block may describe itself.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::qcow2::{Header, MAX_REFTABLE_SIZE};
@@ -54,15 +57,19 @@ pub struct Refcounts {
     order: u32,
     /// Refcount table entries (may be longer than the on-disk table: it then has to move).
     table: Vec<u64>,
-    /// Entries changed since the last write.
-    table_dirty: bool,
     table_offset: u64,
     table_clusters: u32,
     blocks: Blocks,
     /// First-fit cursor (cluster index), like QEMU's free_cluster_index.
     cursor: u64,
-    /// Clusters of an old refcount table to free once the header points to the new one.
-    old_table: Option<(u64, u64)>,
+    /// Blocks placed in this operation (the on-disk table does not point to them yet):
+    /// changed in place.
+    fresh: HashSet<u64>,
+    /// Clusters whose refcount fell to 0 in this operation: the on-disk state may still use
+    /// them, so they are not allocated again before the header switch.
+    freed: HashSet<u64>,
+    /// Where [`Refcounts::prepare`] placed the new table (offset, clusters).
+    pending_table: Option<(u64, u32)>,
 }
 
 fn io(what: &str, off: u64) -> impl FnOnce(std::io::Error) -> Error + '_ {
@@ -111,12 +118,13 @@ impl Refcounts {
             cluster_bits: h.cluster_bits,
             order: h.refcount_order,
             table,
-            table_dirty: false,
             table_offset: h.refcount_table_offset,
             table_clusters: h.refcount_table_clusters,
             blocks: Blocks::default(),
             cursor: 0,
-            old_table: None,
+            fresh: HashSet::new(),
+            freed: HashSet::new(),
+            pending_table: None,
         })
     }
 
@@ -241,6 +249,9 @@ impl Refcounts {
             Self::entry_set(&mut blk.data, order, i, new);
             blk.dirty = true;
         }
+        if new == 0 && old != 0 {
+            self.freed.insert(c);
+        }
         if new == 0 && c < self.cursor {
             self.cursor = c;
         }
@@ -284,15 +295,15 @@ impl Refcounts {
                 dirty: true,
             },
         );
+        self.fresh.insert(b);
         let off = self.alloc(storage, 1)?;
         self.table[b as usize] = off;
-        self.table_dirty = true;
         Ok(())
     }
 
-    /// Is cluster `c` free, without creating blocks?
+    /// Is cluster `c` free (and not freed in this operation), without creating blocks?
     fn is_free<S: Storage + ?Sized>(&mut self, storage: &S, c: u64) -> Result<bool> {
-        Ok(self.get(storage, c)? == 0)
+        Ok(self.get(storage, c)? == 0 && !self.freed.contains(&c))
     }
 
     /// Allocate `n` contiguous clusters first-fit (refcount set to 1); returns the offset.
@@ -350,58 +361,75 @@ impl Refcounts {
         self.add_range(storage, off, n << self.cluster_bits, -1)
     }
 
-    /// Write every changed block (in offset order), then the table entries, with the flushes
-    /// that keep the image consistent at each step. When the table has to grow, a new table
-    /// is written and `header` tells where; the old table is freed by [`Refcounts::finish`].
-    /// Returns whether the table moved (the caller then writes bytes 48-59 of the header).
-    pub fn write<S: Storage + ?Sized>(&mut self, storage: &S) -> Result<bool> {
+    /// Turn the changes made in memory into a refcount structure of their own, which shares
+    /// nothing that changed with the one on disk: every changed block that the on-disk table
+    /// points to moves to a fresh cluster (its old cluster freed), and a new table is placed
+    /// in fresh clusters (the old one freed). Moving a block changes refcounts too, so this
+    /// repeats until every changed block is fresh. Returns the new table's offset and
+    /// clusters, for the header switch. Nothing is written.
+    pub fn prepare<S: Storage + ?Sized>(&mut self, storage: &S) -> Result<(u64, u32)> {
+        if !self.blocks.list.iter().any(|(_, b)| b.dirty) {
+            return Ok((self.table_offset, self.table_clusters));
+        }
         let cs = self.cluster_size();
-        let capacity = (u64::from(self.table_clusters) << self.cluster_bits) / 8;
-        let mut moved = false;
-        if self.table.len() as u64 > capacity {
-            // Allocate a larger table; allocating may add blocks, so repeat until it fits.
-            let mut want = (self.table.len() as u64 * 8).div_ceil(cs);
-            loop {
-                let want_bytes = want * cs;
-                if want_bytes > MAX_REFTABLE_SIZE {
-                    return Err(Error::new(
-                        ErrorKind::LimitExceeded,
-                        "refcount table too large",
-                    ));
-                }
-                let off = self.alloc(storage, want)?;
-                if self.table.len() as u64 * 8 <= want_bytes {
-                    self.old_table = Some((self.table_offset, u64::from(self.table_clusters) * cs));
-                    self.table_offset = off;
-                    self.table_clusters = want as u32;
-                    moved = true;
-                    break;
-                }
-                self.free_bytes(storage, off, want_bytes)?;
-                want = (self.table.len() as u64 * 8).div_ceil(cs) + 1;
-            }
+        let old_bytes = u64::from(self.table_clusters) << self.cluster_bits;
+        for c in 0..u64::from(self.table_clusters) {
+            self.freed
+                .insert((self.table_offset >> self.cluster_bits) + c);
         }
-        self.write_blocks(storage)?;
-        if self.table_dirty || moved {
-            storage
-                .flush()
-                .map_err(|e| Error::io("cannot flush refcount blocks", e))?;
-            let mut buf: Vec<u8> = self.table.iter().flat_map(|e| e.to_be_bytes()).collect();
-            if moved {
-                buf.resize(
-                    (u64::from(self.table_clusters) << self.cluster_bits) as usize,
-                    0,
-                );
+        self.free_bytes(storage, self.table_offset, old_bytes)?;
+        let mut placed: Option<(u64, u64)> = None;
+        loop {
+            self.move_changed_blocks(storage)?;
+            let need = (self.table.len() as u64 * 8)
+                .div_ceil(cs)
+                .max(u64::from(self.table_clusters));
+            match placed {
+                Some((_, n)) if n >= need => break,
+                Some((off, n)) => self.free_bytes(storage, off, n * cs)?,
+                None => {}
             }
-            storage
-                .write_at(&buf, self.table_offset)
-                .map_err(io("cannot write the refcount table", self.table_offset))?;
-            self.table_dirty = false;
+            if need * cs > MAX_REFTABLE_SIZE {
+                return Err(Error::new(
+                    ErrorKind::LimitExceeded,
+                    "refcount table too large",
+                ));
+            }
+            placed = Some((self.alloc(storage, need)?, need));
         }
-        Ok(moved)
+        let (off, n) = placed.expect("placed in the loop");
+        self.pending_table = Some((off, n as u32));
+        Ok((off, n as u32))
     }
 
-    fn write_blocks<S: Storage + ?Sized>(&mut self, storage: &S) -> Result<()> {
+    /// Move every changed block still at its on-disk place to a fresh cluster.
+    fn move_changed_blocks<S: Storage + ?Sized>(&mut self, storage: &S) -> Result<()> {
+        loop {
+            let stale: Vec<u64> = self
+                .blocks
+                .list
+                .iter()
+                .filter(|(b, blk)| blk.dirty && !self.fresh.contains(b))
+                .map(|(b, _)| *b)
+                .collect();
+            if stale.is_empty() {
+                return Ok(());
+            }
+            for b in stale {
+                let old = self.table[b as usize] & REFT_OFFSET_MASK;
+                self.fresh.insert(b);
+                self.freed.insert(old >> self.cluster_bits);
+                let new = self.alloc(storage, 1)?;
+                self.table[b as usize] = new;
+                self.add(storage, old >> self.cluster_bits, -1)?;
+            }
+        }
+    }
+
+    /// Write what [`Refcounts::prepare`] planned: every changed block (all in fresh
+    /// clusters, in offset order) and the new table. No flush: the caller flushes once
+    /// before the header switch.
+    pub fn write<S: Storage + ?Sized>(&mut self, storage: &S) -> Result<()> {
         let mut dirty: Vec<(u64, usize)> = self
             .blocks
             .list
@@ -412,22 +440,36 @@ impl Refcounts {
             .collect();
         dirty.sort_unstable();
         for (off, i) in dirty {
-            let blk = &mut self.blocks.list[i].1;
+            let blk = &self.blocks.list[i].1;
             storage
                 .write_at(&blk.data, off)
                 .map_err(io("cannot write a refcount block", off))?;
-            blk.dirty = false;
+        }
+        if let Some((off, clusters)) = self.pending_table {
+            let mut buf: Vec<u8> = self.table.iter().flat_map(|e| e.to_be_bytes()).collect();
+            buf.resize((u64::from(clusters) << self.cluster_bits) as usize, 0);
+            storage
+                .write_at(&buf, off)
+                .map_err(io("cannot write the refcount table", off))?;
         }
         Ok(())
     }
 
-    /// After the header points at a moved table: free the old table and write the blocks.
-    pub fn finish<S: Storage + ?Sized>(&mut self, storage: &S) -> Result<()> {
-        if let Some((off, bytes)) = self.old_table.take() {
-            self.free_bytes(storage, off, bytes)?;
-            self.write_blocks(storage)?;
+    /// After the header points at the new structure: it is the one on disk now.
+    pub fn committed(&mut self) {
+        if let Some((off, clusters)) = self.pending_table.take() {
+            self.table_offset = off;
+            self.table_clusters = clusters;
         }
-        Ok(())
+        for (_, blk) in self.blocks.list.iter_mut() {
+            blk.dirty = false;
+        }
+        self.fresh.clear();
+        // Clusters freed in the operation may be reused from now on.
+        if let Some(&first) = self.freed.iter().min() {
+            self.cursor = self.cursor.min(first);
+        }
+        self.freed.clear();
     }
 }
 
@@ -469,5 +511,45 @@ mod tests {
                 assert_eq!(d[0], 1, "order {order}");
             }
         }
+    }
+
+    /// The structure `prepare` builds shares no changed cluster with the one on disk: the
+    /// on-disk table and blocks are byte for byte as before until the header switch, and
+    /// the new structure counts the old table and blocks as free.
+    #[test]
+    fn prepare_leaves_the_on_disk_structure_untouched() {
+        use crate::qcow2::Qcow2;
+        use crate::qcow2_write::{create, CreateOptions};
+        use crate::storage::MemStorage;
+        let mem = MemStorage::from_bytes(Vec::new());
+        let opts = CreateOptions {
+            size: 1 << 30,
+            backing_file: None,
+            backing_format: None,
+        };
+        create(&mem, &opts).unwrap();
+        let h = Qcow2::read(&mem).unwrap().header;
+        let before = mem.to_bytes();
+        let mut rc = Refcounts::load(&mem, &h).unwrap();
+        let a = rc.alloc(&mem, 3).unwrap();
+        rc.add(&mem, 3, 1).unwrap(); // the L1 cluster
+        let (off, clusters) = rc.prepare(&mem).unwrap();
+        assert_ne!(off, h.refcount_table_offset);
+        assert_eq!(clusters, 1);
+        rc.write(&mem).unwrap();
+        let after = mem.to_bytes();
+        // Only clusters past the old end were written.
+        assert_eq!(after[..before.len()], before[..]);
+        rc.committed();
+        let cb = h.cluster_bits;
+        // Old table (cluster 1) and old block (cluster 2) are free; the allocation is not.
+        assert_eq!(rc.get(&mem, h.refcount_table_offset >> cb).unwrap(), 0);
+        assert_eq!(rc.get(&mem, 2).unwrap(), 0);
+        assert_eq!(rc.get(&mem, a >> cb).unwrap(), 1);
+        assert_eq!(rc.get(&mem, 3).unwrap(), 2);
+        assert_eq!(rc.get(&mem, off >> cb).unwrap(), 1);
+        // Freed clusters are reused only in a later operation.
+        let again = rc.alloc(&mem, 1).unwrap();
+        assert_eq!(again >> cb, 1);
     }
 }

@@ -1,4 +1,7 @@
-//! Internal snapshots: create, apply (goto) and delete, in QEMU's order.
+//! Internal snapshots: create, apply (goto) and delete, each switched to by one header write
+//! after its new metadata is written to free clusters (see the `qcow2_write` module doc).
+
+use std::collections::HashMap;
 
 use super::refcount::Refcounts;
 use crate::error::{Error, ErrorKind, Result};
@@ -219,52 +222,71 @@ impl<S: Storage> SnapshotEditor<S> {
         Ok(())
     }
 
-    /// Recompute COPIED (refcount == 1) in the active L1 (`l1`, changed in place) and its L2
-    /// tables, writing each changed L2 table at once (in offset order). Must run after the
-    /// refcount writes it depends on. Returns (L1 changed, an L2 table was written).
-    fn fix_copied(&mut self, l1: &mut [u64]) -> Result<(bool, bool)> {
+    /// One L2 table with COPIED set in its data entries iff the cluster's refcount is 1;
+    /// and whether that changed anything.
+    fn fixed_l2(&mut self, l2_off: u64) -> Result<(Vec<u8>, bool)> {
         let cb = self.cluster_bits();
         let esz = self.l2_entry_size();
-        let mut l1_changed = false;
-        let mut l2_written = false;
-        let mut last = None;
-        for i in Self::by_l2_offset(l1) {
-            let e = l1[i];
-            let l2_off = e & OFFSET_MASK;
-            let want = self.rc.get(&self.storage, l2_off >> cb)? == 1;
-            let ne = if want { e | COPIED } else { e & !COPIED };
-            if ne != e {
-                l1[i] = ne;
-                l1_changed = true;
+        let mut table = self.read_l2(l2_off)?;
+        let mut changed = false;
+        for ent in table.chunks_exact_mut(esz) {
+            let x = u64::from_be_bytes(ent[..8].try_into().expect("8 bytes"));
+            if x & COMPRESSED != 0 {
+                continue;
             }
-            if last == Some(l2_off) {
-                continue; // the same table twice in one L1 (hostile): fixed once
+            let off = x & OFFSET_MASK;
+            if off == 0 {
+                continue;
             }
-            last = Some(l2_off);
-            let mut table = self.read_l2(l2_off)?;
-            let mut changed = false;
-            for ent in table.chunks_exact_mut(esz) {
-                let x = u64::from_be_bytes(ent[..8].try_into().expect("8 bytes"));
-                if x & COMPRESSED != 0 {
-                    continue;
-                }
-                let off = x & OFFSET_MASK;
-                if off == 0 {
-                    continue;
-                }
-                let want = self.rc.get(&self.storage, off >> cb)? == 1;
-                let nx = if want { x | COPIED } else { x & !COPIED };
-                if nx != x {
-                    ent[..8].copy_from_slice(&nx.to_be_bytes());
-                    changed = true;
-                }
-            }
-            if changed {
-                self.write(&table, l2_off, "cannot write an L2 table")?;
-                l2_written = true;
+            let want = self.rc.get(&self.storage, off >> cb)? == 1;
+            let nx = if want { x | COPIED } else { x & !COPIED };
+            if nx != x {
+                ent[..8].copy_from_slice(&nx.to_be_bytes());
+                changed = true;
             }
         }
-        Ok((l1_changed, l2_written))
+        Ok((table, changed))
+    }
+
+    /// Make COPIED right for the new active state (set iff refcount == 1) in `l1`, the new
+    /// active L1 (changed in place), and in its L2 tables. The L2 tables belong to the state
+    /// on disk too, so they are never changed in place: a table whose flags change is copied
+    /// to a fresh cluster (queued in `writes`; the copy is made when written, so memory stays
+    /// at one table), the copy takes the active L1's reference and the original loses it.
+    /// Must run after every refcount change of data clusters (copying an L2 table changes no
+    /// data refcount: the active path just goes through the copy).
+    fn cow_copied(&mut self, l1: &mut [u64], writes: &mut Vec<NewCluster>) -> Result<()> {
+        let cb = self.cluster_bits();
+        let mut copies: HashMap<u64, u64> = HashMap::new();
+        for i in Self::by_l2_offset(l1) {
+            let l2_off = l1[i] & OFFSET_MASK;
+            if let Some(&copy) = copies.get(&l2_off) {
+                // The same table twice in one L1 (hostile): both entries take the copy.
+                self.rc.add(&self.storage, copy >> cb, 1)?;
+                self.rc.add(&self.storage, l2_off >> cb, -1)?;
+                l1[i] = (l1[i] & !OFFSET_MASK) | copy;
+                continue;
+            }
+            if self.fixed_l2(l2_off)?.1 {
+                let copy = self.rc.alloc(&self.storage, 1)?;
+                self.rc.add(&self.storage, l2_off >> cb, -1)?;
+                copies.insert(l2_off, copy);
+                l1[i] = (l1[i] & !OFFSET_MASK) | copy;
+                writes.push(NewCluster::L2Copy {
+                    from: l2_off,
+                    to: copy,
+                });
+            }
+        }
+        // L1 flags last: copying changes the L2 tables' own refcounts.
+        for e in l1.iter_mut() {
+            let off = *e & OFFSET_MASK;
+            if off != 0 {
+                let one = self.rc.get(&self.storage, off >> cb)? == 1;
+                *e = if one { *e | COPIED } else { *e & !COPIED };
+            }
+        }
+        Ok(())
     }
 
     fn write(&self, buf: &[u8], off: u64, what: &str) -> Result<()> {
@@ -277,47 +299,35 @@ impl<S: Storage> SnapshotEditor<S> {
             .map_err(|e| Error::io("cannot flush the image", e))
     }
 
-    /// Write refcounts (and a moved refcount table with its header fields, after a flush
-    /// that makes the new table durable first), then flush if `sync`.
-    fn write_refcounts(&mut self, sync: bool) -> Result<()> {
-        let moved = self.rc.write(&self.storage)?;
-        if moved {
-            self.flush()?;
-            let (off, clusters) = self.rc.table_location();
-            let mut b = [0u8; 12];
-            b[..8].copy_from_slice(&off.to_be_bytes());
-            b[8..].copy_from_slice(&clusters.to_be_bytes());
-            self.write(&b, 48, "cannot write the header")?;
-            self.img.header.refcount_table_offset = off;
-            self.img.header.refcount_table_clusters = clusters;
-        }
-        if sync {
-            self.flush()?;
+    fn l1_bytes(l1: &[u64]) -> Vec<u8> {
+        l1.iter().flat_map(|e| e.to_be_bytes()).collect()
+    }
+
+    /// A new active L1 table in fresh clusters (queued in `writes`); returns its offset.
+    fn place_l1(&mut self, l1: &[u64], writes: &mut Vec<NewCluster>) -> Result<u64> {
+        let buf = Self::l1_bytes(l1);
+        let off = self.rc.alloc_bytes(&self.storage, buf.len() as u64)?;
+        writes.push(NewCluster::Bytes(off, buf));
+        Ok(off)
+    }
+
+    /// Free the current snapshot table (in the new refcount structure).
+    fn free_snapshot_table(&mut self) -> Result<()> {
+        let old_off = self.img.header.snapshots_offset;
+        let old_len: u64 = self.img.snapshots.iter().map(|s| s.encoded_len()).sum();
+        if old_off != 0 && old_len > 0 {
+            self.rc.free_bytes(&self.storage, old_off, old_len)?;
         }
         Ok(())
     }
 
-    /// Write the active L1 if it changed, then flush if `sync` and anything (this or the L2
-    /// tables `fix_copied` wrote) was written.
-    fn write_copied(&mut self, l1: &[u64], changed: (bool, bool), sync: bool) -> Result<()> {
-        let (l1_changed, l2_written) = changed;
-        if l1_changed {
-            self.write_l1(l1)?;
-        }
-        if sync && (l1_changed || l2_written) {
-            self.flush()?;
-        }
-        Ok(())
-    }
-
-    fn write_l1(&self, l1: &[u64]) -> Result<()> {
-        let buf: Vec<u8> = l1.iter().flat_map(|e| e.to_be_bytes()).collect();
-        if !buf.is_empty() {
-            self.write(
-                &buf,
-                self.img.header.l1_table_offset,
-                "cannot write the L1 table",
-            )?;
+    /// Free the current active L1 table (in the new refcount structure).
+    fn free_active_l1(&mut self) -> Result<()> {
+        let h = &self.img.header;
+        let (off, size) = (h.l1_table_offset, h.l1_size);
+        if size > 0 {
+            self.rc
+                .free_bytes(&self.storage, off, u64::from(size) * 8)?;
         }
         Ok(())
     }
@@ -339,47 +349,6 @@ impl<S: Storage> SnapshotEditor<S> {
             ));
         }
         Ok(out)
-    }
-
-    /// Allocate and write a new snapshot table (nothing for an empty one).
-    fn place_table(&mut self, table: &[u8]) -> Result<u64> {
-        if table.is_empty() {
-            return Ok(0);
-        }
-        let off = self.rc.alloc_bytes(&self.storage, table.len() as u64)?;
-        self.write(table, off, "cannot write the snapshot table")?;
-        Ok(off)
-    }
-
-    /// The commit point: snapshot count and table offset, written together and flushed.
-    fn commit(&mut self, snaps: Vec<Snapshot>, table_off: u64) -> Result<()> {
-        self.commit_header(snaps.len() as u32, table_off)?;
-        let mut off = table_off;
-        let mut snaps = snaps;
-        for s in snaps.iter_mut() {
-            s.entry_offset = off;
-            off += s.encoded_len();
-        }
-        self.img.snapshots = snaps;
-        Ok(())
-    }
-
-    /// Write and flush bytes 60-71, then free the old table (in memory; the caller updates
-    /// the snapshot list afterwards).
-    fn commit_header(&mut self, count: u32, table_off: u64) -> Result<()> {
-        let mut b = [0u8; 12];
-        b[..4].copy_from_slice(&count.to_be_bytes());
-        b[4..].copy_from_slice(&table_off.to_be_bytes());
-        self.write(&b, 60, "cannot write the snapshot header fields")?;
-        self.flush()?;
-        let old_off = self.img.header.snapshots_offset;
-        let old_len: u64 = self.img.snapshots.iter().map(|s| s.encoded_len()).sum();
-        self.img.header.nb_snapshots = count;
-        self.img.header.snapshots_offset = table_off;
-        if old_off != 0 && old_len > 0 {
-            self.rc.free_bytes(&self.storage, old_off, old_len)?;
-        }
-        Ok(())
     }
 
     /// The current table as stored (up to the last entry's last byte), plus `entry`: what
@@ -414,21 +383,75 @@ impl<S: Storage> SnapshotEditor<S> {
         Ok((table, at))
     }
 
-    /// Write the refcount changes made after the commit (frees), then flush if `sync`.
-    /// Frees need no flush for safety: lost, they only leak; a later operation rewrites the
-    /// whole block (including them) before anything reuses a freed cluster.
-    fn write_frees(&mut self, sync: bool) -> Result<()> {
-        self.write_refcounts(false)?;
-        self.rc.finish(&self.storage)?;
-        if sync {
-            self.flush()?;
+    /// Write the new state and switch to it. Everything it needs is in fresh clusters (free
+    /// in the state on disk): `writes` (L2 copies, L1 tables, snapshot table), then the
+    /// refcount blocks and table from [`Refcounts::prepare`]; one flush; then bytes 24-71 of
+    /// the header in one write inside one sector (virtual size, crypt method, L1 size and
+    /// offset, refcount table offset and clusters, snapshot count and table offset), the
+    /// only write over metadata in use; one flush. A crash before that write leaves the old
+    /// state untouched, after it the new state complete, its refcounts exact (no leak).
+    fn switch(&mut self, mut writes: Vec<NewCluster>, new: NewState) -> Result<()> {
+        let (rt_off, rt_clusters) = self.rc.prepare(&self.storage)?;
+        writes.sort_unstable_by_key(NewCluster::offset);
+        for w in &writes {
+            match w {
+                NewCluster::Bytes(off, buf) => {
+                    self.write(buf, *off, "cannot write new metadata")?;
+                }
+                NewCluster::L2Copy { from, to } => {
+                    let (table, _) = self.fixed_l2(*from)?;
+                    self.write(&table, *to, "cannot write an L2 table")?;
+                }
+            }
         }
+        self.rc.write(&self.storage)?;
+        self.flush()?;
+        let h = &self.img.header;
+        let mut b = Vec::with_capacity(48);
+        b.extend_from_slice(&new.size.to_be_bytes());
+        b.extend_from_slice(&h.crypt_method.to_be_bytes());
+        b.extend_from_slice(&new.l1_size.to_be_bytes());
+        b.extend_from_slice(&new.l1_table_offset.to_be_bytes());
+        b.extend_from_slice(&rt_off.to_be_bytes());
+        b.extend_from_slice(&rt_clusters.to_be_bytes());
+        b.extend_from_slice(&(new.snapshots.len() as u32).to_be_bytes());
+        b.extend_from_slice(&new.snapshots_offset.to_be_bytes());
+        self.write(&b, 24, "cannot write the header")?;
+        self.flush()?;
+        self.rc.committed();
+        let h = &mut self.img.header;
+        h.size = new.size;
+        h.l1_size = new.l1_size;
+        h.l1_table_offset = new.l1_table_offset;
+        h.refcount_table_offset = rt_off;
+        h.refcount_table_clusters = rt_clusters;
+        h.nb_snapshots = new.snapshots.len() as u32;
+        h.snapshots_offset = new.snapshots_offset;
+        self.img.snapshots = new.snapshots;
         Ok(())
+    }
+
+    /// After a failed operation the in-memory state may be half changed: read it again.
+    fn reload(&mut self) {
+        if let Ok(img) = Qcow2::read(&self.storage) {
+            if let Ok(rc) = Refcounts::load(&self.storage, &img.header) {
+                self.img = img;
+                self.rc = rc;
+            }
+        }
     }
 
     /// `qemu-img snapshot -c NAME`: a new snapshot of the active state, id = max + 1.
     /// `date` is (seconds, nanoseconds) since the epoch. Returns the new id.
     pub fn create(&mut self, name: &[u8], date: (u32, u32)) -> Result<Vec<u8>> {
+        let r = self.create_inner(name, date);
+        if r.is_err() {
+            self.reload();
+        }
+        r
+    }
+
+    fn create_inner(&mut self, name: &[u8], date: (u32, u32)) -> Result<Vec<u8>> {
         if name.len() > MAX_NAME_LEN {
             return Err(Error::new(
                 ErrorKind::LimitExceeded,
@@ -459,24 +482,27 @@ impl<S: Storage> SnapshotEditor<S> {
             .to_string()
             .into_bytes();
         let h = self.img.header.clone();
-        let mut l1 = self.read_l1(h.l1_table_offset, h.l1_size)?;
+        let l1 = self.read_l1(h.l1_table_offset, h.l1_size)?;
 
-        // Everything is decided in memory first: a refusal (refcount overflow, limits)
-        // leaves the file untouched.
-        // 1. A place for a copy of the active L1 (as it is on disk).
-        let l1_bytes: Vec<u8> = l1.iter().flat_map(|e| e.to_be_bytes()).collect();
-        // (An empty L1, on a zero-sized image, takes no cluster: QEMU allocates 0 bytes.)
-        let l1_copy = if l1_bytes.is_empty() {
-            0
-        } else {
-            self.rc.alloc_bytes(&self.storage, l1_bytes.len() as u64)?
-        };
-        // 2. One more reference for everything the active L1 reaches.
+        // The new state is computed in memory first: a refusal (refcount overflow, limits)
+        // leaves the file untouched. The active tree as it is on disk becomes the
+        // snapshot's: the snapshot entry points to the current L1 table, and everything it
+        // reaches gains a reference.
         self.update_tree(&l1, 1)?;
-        // 3. The new table, in a new place.
+        let mut writes = Vec::new();
+        // (An empty L1, on a zero-sized image, takes no cluster: QEMU allocates 0 bytes.)
+        let (snap_l1, active_l1) = if l1.is_empty() {
+            (0, h.l1_table_offset)
+        } else {
+            // The active state gets a new L1 (and copies of the L2 tables whose COPIED
+            // flags clear), in fresh clusters.
+            let mut active = l1.clone();
+            self.cow_copied(&mut active, &mut writes)?;
+            (h.l1_table_offset, self.place_l1(&active, &mut writes)?)
+        };
         let entry = Snapshot {
             entry_offset: 0,
-            l1_table_offset: l1_copy,
+            l1_table_offset: snap_l1,
             l1_size: h.l1_size,
             date_sec: date.0,
             date_nsec: date.1,
@@ -492,60 +518,104 @@ impl<S: Storage> SnapshotEditor<S> {
             name: name.to_vec(),
         };
         let (table, entry_at) = self.table_with(&entry)?;
+        self.free_snapshot_table()?;
         let table_off = self.rc.alloc_bytes(&self.storage, table.len() as u64)?;
-        if !l1_bytes.is_empty() {
-            self.write(&l1_bytes, l1_copy, "cannot write the snapshot's L1 table")?;
-        }
-        self.write(&table, table_off, "cannot write the snapshot table")?;
-        // 4. Refcounts and COPIED cleared in the active tables, all durable before the
-        //    commit (one flush: either half alone is a stale flag, never a low refcount).
-        self.write_refcounts(false)?;
-        let changed = self.fix_copied(&mut l1)?;
-        self.write_copied(&l1, changed, false)?;
-        self.flush()?;
-        // 5. Commit, then free the old table.
-        let old_start = self.img.header.snapshots_offset;
-        self.commit_header(self.img.snapshots.len() as u32 + 1, table_off)?;
-        for s in self.img.snapshots.iter_mut() {
+        writes.push(NewCluster::Bytes(table_off, table));
+        let old_start = h.snapshots_offset;
+        let mut snapshots = self.img.snapshots.clone();
+        for s in snapshots.iter_mut() {
             s.entry_offset = s.entry_offset - old_start + table_off;
         }
-        self.img.snapshots.push(Snapshot {
+        snapshots.push(Snapshot {
             entry_offset: table_off + entry_at,
             ..entry
         });
-        self.write_frees(false)?;
+        self.switch(
+            writes,
+            NewState {
+                size: h.size,
+                l1_size: h.l1_size,
+                l1_table_offset: active_l1,
+                snapshots,
+                snapshots_offset: table_off,
+            },
+        )?;
         Ok(id)
     }
 
-    /// `qemu-img snapshot -d`: remove a snapshot, then drop its references.
+    /// `qemu-img snapshot -d`: remove a snapshot and drop its references.
     pub fn delete(&mut self, which: &SnapshotRef) -> Result<Snapshot> {
+        let r = self.delete_inner(which);
+        if r.is_err() {
+            self.reload();
+        }
+        r
+    }
+
+    fn delete_inner(&mut self, which: &SnapshotRef) -> Result<Snapshot> {
         let idx = which
             .find(&self.img.snapshots)
             .ok_or_else(|| Error::new(ErrorKind::NotFound, which.describe()))?;
         let h = self.img.header.clone();
         let sn = self.img.snapshots[idx].clone();
         let sn_l1 = self.read_l1(sn.l1_table_offset, sn.l1_size)?;
-        let mut l1 = self.read_l1(h.l1_table_offset, h.l1_size)?;
-        let mut snaps = self.img.snapshots.clone();
-        snaps.remove(idx);
-        let table = Self::encode_table(&snaps)?;
-        let table_off = self.place_table(&table)?;
-        self.write_refcounts(true)?;
-        self.commit(snaps, table_off)?;
-        // After the commit nothing points to the snapshot's tree any more.
+        let l1 = self.read_l1(h.l1_table_offset, h.l1_size)?;
+        let mut snapshots = self.img.snapshots.clone();
+        snapshots.remove(idx);
+        let table = Self::encode_table(&snapshots)?;
+        // The new state: the snapshot's references, its L1 and the old table gone...
         self.update_tree(&sn_l1, -1)?;
-        if sn.l1_size > 0 {
+        if sn.l1_size > 0 && sn.l1_table_offset != h.l1_table_offset {
             self.rc
                 .free_bytes(&self.storage, sn.l1_table_offset, u64::from(sn.l1_size) * 8)?;
         }
-        self.write_frees(true)?;
-        let changed = self.fix_copied(&mut l1)?;
-        self.write_copied(&l1, changed, true)?;
+        self.free_snapshot_table()?;
+        // ...COPIED set where refcounts fell to 1 (in copies of the tables)...
+        let mut writes = Vec::new();
+        let mut active = l1.clone();
+        self.cow_copied(&mut active, &mut writes)?;
+        let l1_off = if active != l1 {
+            self.free_active_l1()?;
+            self.place_l1(&active, &mut writes)?
+        } else {
+            h.l1_table_offset
+        };
+        // ...and the table without the entry, in fresh clusters.
+        let table_off = if table.is_empty() {
+            0
+        } else {
+            let off = self.rc.alloc_bytes(&self.storage, table.len() as u64)?;
+            writes.push(NewCluster::Bytes(off, table));
+            off
+        };
+        let mut at = table_off;
+        for s in snapshots.iter_mut() {
+            s.entry_offset = at;
+            at += s.encoded_len();
+        }
+        self.switch(
+            writes,
+            NewState {
+                size: h.size,
+                l1_size: h.l1_size,
+                l1_table_offset: l1_off,
+                snapshots,
+                snapshots_offset: table_off,
+            },
+        )?;
         Ok(sn)
     }
 
     /// `qemu-img snapshot -a`: make a snapshot's state the active state.
     pub fn apply(&mut self, which: &SnapshotRef) -> Result<Snapshot> {
+        let r = self.apply_inner(which);
+        if r.is_err() {
+            self.reload();
+        }
+        r
+    }
+
+    fn apply_inner(&mut self, which: &SnapshotRef) -> Result<Snapshot> {
         let idx = which
             .find(&self.img.snapshots)
             .ok_or_else(|| Error::new(ErrorKind::NotFound, which.describe()))?;
@@ -568,47 +638,60 @@ impl<S: Storage> SnapshotEditor<S> {
                 sn.entry_offset,
             ));
         }
-        let relocate = new_size != h.size || sn.l1_size > h.l1_size;
         let l1_len = h.l1_size.max(sn.l1_size);
         let mut new_l1 = self.read_l1(sn.l1_table_offset, sn.l1_size)?;
         new_l1.resize(l1_len as usize, 0);
         let old_l1 = self.read_l1(h.l1_table_offset, h.l1_size)?;
-        // +1 on the snapshot's tree, durable before the active L1 points to it. COPIED is
-        // computed for that state (the snapshot keeps referencing the tree, so it stays
-        // right after the old tree is dropped) and written with the new L1: no window in
-        // which a flag disagrees with a refcount.
+        // The new state: +1 on the snapshot's tree, -1 on the old active tree, the old
+        // active L1 freed, COPIED for the new state (in copies of the L2 tables whose flags
+        // change), and a new active L1 in fresh clusters; the header switches L1, size and
+        // refcounts together.
         self.update_tree(&new_l1, 1)?;
-        if relocate {
-            // A new active L1 in new clusters, switched to together with the size by one
-            // 24-byte header write (size, crypt method, L1 size, L1 offset).
-            let off = self.rc.alloc_bytes(&self.storage, u64::from(l1_len) * 8)?;
-            self.write_refcounts(true)?;
-            let (_, l2_written) = self.fix_copied(&mut new_l1)?;
-            self.img.header.l1_table_offset = off;
-            self.write_copied(&new_l1, (true, l2_written), true)?;
-            let mut b = Vec::with_capacity(24);
-            b.extend_from_slice(&new_size.to_be_bytes());
-            b.extend_from_slice(&h.crypt_method.to_be_bytes());
-            b.extend_from_slice(&l1_len.to_be_bytes());
-            b.extend_from_slice(&off.to_be_bytes());
-            self.write(&b, 24, "cannot write the header")?;
-            self.flush()?;
-            self.img.header.size = new_size;
-            self.img.header.l1_size = l1_len;
-            if h.l1_size > 0 {
-                self.rc
-                    .free_bytes(&self.storage, h.l1_table_offset, u64::from(h.l1_size) * 8)?;
-            }
-        } else {
-            self.write_refcounts(true)?;
-            let (_, l2_written) = self.fix_copied(&mut new_l1)?;
-            self.write_copied(&new_l1, (true, l2_written), true)?;
-        }
-        // The old active tree is no longer referenced.
         self.update_tree(&old_l1, -1)?;
-        self.write_frees(true)?;
-        let changed = self.fix_copied(&mut new_l1)?;
-        self.write_copied(&new_l1, changed, true)?;
+        self.free_active_l1()?;
+        let mut writes = Vec::new();
+        self.cow_copied(&mut new_l1, &mut writes)?;
+        let l1_off = if new_l1.is_empty() {
+            h.l1_table_offset
+        } else {
+            self.place_l1(&new_l1, &mut writes)?
+        };
+        self.switch(
+            writes,
+            NewState {
+                size: new_size,
+                l1_size: l1_len,
+                l1_table_offset: l1_off,
+                snapshots: self.img.snapshots.clone(),
+                snapshots_offset: h.snapshots_offset,
+            },
+        )?;
         Ok(sn)
     }
+}
+
+/// A cluster run of new metadata, written before the header switch.
+enum NewCluster {
+    /// These bytes at this offset (L1 and snapshot tables).
+    Bytes(u64, Vec<u8>),
+    /// The L2 table at `from` with COPIED made right, at `to`.
+    L2Copy { from: u64, to: u64 },
+}
+
+impl NewCluster {
+    fn offset(&self) -> u64 {
+        match self {
+            NewCluster::Bytes(off, _) => *off,
+            NewCluster::L2Copy { to, .. } => *to,
+        }
+    }
+}
+
+/// The header fields of the state an operation switches to, and its snapshot list.
+struct NewState {
+    size: u64,
+    l1_size: u32,
+    l1_table_offset: u64,
+    snapshots: Vec<Snapshot>,
+    snapshots_offset: u64,
 }
