@@ -13,8 +13,10 @@
 
 mod error;
 mod name;
+pub mod tree;
 pub mod xml;
 
 pub use error::{Error, ErrorKind, Result};
 pub use name::SnapshotName;
+pub use tree::{ListFilter, Scope, SnapshotTree};
 pub use xml::{DomainSnapshot, Location, SnapshotState};

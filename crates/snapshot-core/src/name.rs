@@ -67,6 +67,13 @@ impl fmt::Display for SnapshotName {
     }
 }
 
+impl std::ops::Deref for SnapshotName {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
 impl AsRef<str> for SnapshotName {
     fn as_ref(&self) -> &str {
         &self.0
