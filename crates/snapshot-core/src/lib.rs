@@ -12,6 +12,8 @@
 #![deny(missing_docs)]
 
 mod error;
+mod fsutil;
+pub mod journal;
 mod name;
 pub mod tree;
 pub mod xml;
