@@ -45,7 +45,6 @@ struct Inner {
     source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
 }
 
-#[allow(dead_code)] // some constructors are used only by the store and journal modules
 impl Error {
     pub(crate) fn new(kind: ErrorKind, object: impl Into<String>, what: impl Into<String>) -> Self {
         Error {

@@ -1,5 +1,4 @@
 //! File helpers shared by the store and the journal: private modes, durable renames.
-#![allow(dead_code)] // the directory helpers are for the store module
 
 use crate::error::{Error, Result};
 use std::fs::{File, OpenOptions};

@@ -15,10 +15,13 @@ mod error;
 mod fsutil;
 pub mod journal;
 mod name;
+pub mod store;
 pub mod tree;
 pub mod xml;
 
 pub use error::{Error, ErrorKind, Result};
+pub use journal::Journal;
 pub use name::SnapshotName;
+pub use store::{DomainStore, SnapshotStore};
 pub use tree::{ListFilter, Scope, SnapshotTree};
 pub use xml::{DomainSnapshot, Location, SnapshotState};
