@@ -25,3 +25,8 @@ pub use name::SnapshotName;
 pub use store::{DomainStore, SnapshotStore};
 pub use tree::{ListFilter, Scope, SnapshotTree};
 pub use xml::{DomainSnapshot, Location, SnapshotState};
+
+/// The README's example, compiled and run as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
