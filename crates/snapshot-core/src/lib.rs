@@ -1,2 +1,32 @@
 //! The snapshot state machine, domainsnapshot XML metadata, the snapshot tree and its store.
+//!
+//! This crate is pure logic: it spawns no processes and talks to no hypervisor or storage.
+//! Its metadata layer is:
+//!
+//! - [`xml`]: libvirt's domainsnapshot XML ([`DomainSnapshot`]), read and written;
+//! - [`tree`]: a domain's snapshots as a tree with a current snapshot, and virsh's list filters;
+//! - [`store`]: the per-domain metadata directory, updated atomically;
+//! - [`journal`]: the journal of in-flight operations, for recovery after a crash.
+//!
+//! See docs/snapshot-metadata.md for the formats and the crash guarantees.
 #![deny(missing_docs)]
+
+mod error;
+mod fsutil;
+pub mod journal;
+mod name;
+pub mod store;
+pub mod tree;
+pub mod xml;
+
+pub use error::{Error, ErrorKind, Result};
+pub use journal::Journal;
+pub use name::SnapshotName;
+pub use store::{DomainStore, SnapshotStore};
+pub use tree::{ListFilter, Scope, SnapshotTree};
+pub use xml::{DomainSnapshot, Location, SnapshotState};
+
+/// The README's example, compiled and run as a doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

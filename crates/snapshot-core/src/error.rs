@@ -1,0 +1,148 @@
+//! The crate's one error type: a [`ErrorKind`] to match on, what was being done, the object
+//! concerned (a snapshot name, a file) and the underlying cause.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+/// What went wrong, for callers to match on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// A snapshot or domain name breaks the naming rules (see [`crate::SnapshotName`]).
+    InvalidName,
+    /// Domainsnapshot XML that is not well-formed, or breaks the schema.
+    Xml,
+    /// A tree operation names a snapshot that does not exist.
+    NotFound,
+    /// A snapshot with that name already exists.
+    AlreadyExists,
+    /// A change would make a snapshot its own ancestor.
+    Cycle,
+    /// A file or directory operation failed.
+    Io,
+    /// A journal record is torn or damaged somewhere other than the journal's tail.
+    JournalCorrupt,
+    /// A journal record was written by a newer, unknown format version.
+    UnsupportedVersion,
+    /// A journal call that does not fit the operation's state (unknown operation, unknown
+    /// step, an operation already finished).
+    InvalidOperation,
+}
+
+/// An error from snapshot-core.
+#[derive(Debug)]
+pub struct Error {
+    inner: Box<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    kind: ErrorKind,
+    what: String,
+    object: String,
+    path: Option<PathBuf>,
+    offset: Option<u64>,
+    source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
+}
+
+impl Error {
+    pub(crate) fn new(kind: ErrorKind, object: impl Into<String>, what: impl Into<String>) -> Self {
+        Error {
+            inner: Box::new(Inner {
+                kind,
+                what: what.into(),
+                object: object.into(),
+                path: None,
+                offset: None,
+                source: None,
+            }),
+        }
+    }
+
+    pub(crate) fn io(what: impl Into<String>, path: &Path, source: std::io::Error) -> Self {
+        Error::new(ErrorKind::Io, path.display().to_string(), what)
+            .with_path(path)
+            .with_source(source)
+    }
+
+    pub(crate) fn xml(what: impl Into<String>, offset: Option<u64>) -> Self {
+        let mut e = Error::new(ErrorKind::Xml, "domainsnapshot XML", what);
+        e.inner.offset = offset;
+        e
+    }
+
+    pub(crate) fn with_path(mut self, path: &Path) -> Self {
+        self.inner.path = Some(path.to_path_buf());
+        self
+    }
+
+    pub(crate) fn with_offset(mut self, offset: u64) -> Self {
+        self.inner.offset = Some(offset);
+        self
+    }
+
+    pub(crate) fn with_source(
+        mut self,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        self.inner.source = Some(Box::new(source));
+        self
+    }
+
+    /// The kind of failure.
+    pub fn kind(&self) -> ErrorKind {
+        self.inner.kind
+    }
+
+    /// The file concerned, if any.
+    pub fn path(&self) -> Option<&Path> {
+        self.inner.path.as_deref()
+    }
+
+    /// The byte offset concerned (in an XML document or a journal file), if any.
+    pub fn offset(&self) -> Option<u64> {
+        self.inner.offset
+    }
+
+    /// The object concerned as shown to people: a snapshot name, a path, "domainsnapshot XML".
+    pub fn object(&self) -> &str {
+        &self.inner.object
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let i = &self.inner;
+        match i.kind {
+            ErrorKind::Io => write!(f, "{} {}", i.what, i.object)?,
+            _ => {
+                write!(f, "{}", i.object)?;
+                if let Some(p) = &i.path {
+                    if p.display().to_string() != i.object {
+                        write!(f, " ({})", p.display())?;
+                    }
+                }
+                if let Some(o) = i.offset {
+                    write!(f, " at byte {o}")?;
+                }
+                write!(f, ": {}", i.what)?;
+            }
+        }
+        if let Some(s) = &i.source {
+            write!(f, ": {s}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.inner
+            .source
+            .as_deref()
+            .map(|s| s as &(dyn std::error::Error + 'static))
+    }
+}
+
+/// The crate's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,283 @@
+//! The snapshot metadata store: one directory per domain in the state directory, one
+//! domainsnapshot XML file per snapshot (as libvirt's `/var/lib/libvirt/qemu/snapshot/DOM/`),
+//! and a pointer to the current snapshot.
+//!
+//! ```text
+//! ROOT/                 0700
+//!   DOMAIN/             0700
+//!     NAME.xml          0600  the snapshot's domainsnapshot XML (DomainSnapshot::to_xml)
+//!     current           0600  the current snapshot's name and a newline; absent: none
+//!     journal           0600  the domain's journal of in-flight operations (crate::journal)
+//! ```
+//!
+//! Every change is atomic: a temporary file in the same directory (`.NAME.tmp-PID`, created
+//! 0600), written, fsynced, renamed over the old file, then the directory fsynced. After a
+//! crash a file holds its old content or its new content, never a mix; a left-over temporary
+//! file is ignored by readers and replaced by the next write. Removal is followed by a
+//! directory fsync too.
+//!
+//! [`DomainStore::load`] reads every snapshot file; one that cannot be read or parsed is
+//! reported by path in [`Loaded::damaged`] and the others load regardless.
+//!
+//! The store works on a real directory the caller gives (tests use temporary directories):
+//! its effects are plain file operations on the caller's state directory.
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::fsutil;
+use crate::name::{check_component, SnapshotName};
+use crate::tree::{SnapshotTree, TreeProblem};
+use crate::xml::DomainSnapshot;
+use std::path::{Path, PathBuf};
+
+/// The name of the current-snapshot pointer file.
+pub const CURRENT_FILE: &str = "current";
+/// The name of a domain's journal file.
+pub const JOURNAL_FILE: &str = "journal";
+
+/// The store root: a directory holding one directory per domain.
+#[derive(Debug, Clone)]
+pub struct SnapshotStore {
+    root: PathBuf,
+}
+
+impl SnapshotStore {
+    /// A store rooted at `root` (created on the first write).
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        SnapshotStore { root: root.into() }
+    }
+
+    /// The root directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The store of one domain; `domain` follows the same rules as a snapshot name.
+    pub fn domain(&self, domain: &str) -> Result<DomainStore> {
+        check_component(domain, "domain name")?;
+        Ok(DomainStore {
+            dir: self.root.join(domain),
+        })
+    }
+}
+
+/// One domain's snapshot metadata directory.
+#[derive(Debug, Clone)]
+pub struct DomainStore {
+    dir: PathBuf,
+}
+
+/// A snapshot file that could not be loaded.
+#[derive(Debug)]
+pub struct DamagedFile {
+    /// The file.
+    pub path: PathBuf,
+    /// Why.
+    pub error: Error,
+}
+
+/// What [`DomainStore::load`] found.
+#[derive(Debug)]
+pub struct Loaded {
+    /// The snapshots that loaded, with the current one set.
+    pub tree: SnapshotTree,
+    /// Files that could not be read or parsed (the tree lacks them).
+    pub damaged: Vec<DamagedFile>,
+    /// What building the tree worked around (orphans of a damaged parent, ...).
+    pub problems: Vec<TreeProblem>,
+    /// The current pointer names a snapshot that is not in the tree.
+    pub stale_current: Option<String>,
+}
+
+impl DomainStore {
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Where this domain's journal lives.
+    pub fn journal_path(&self) -> PathBuf {
+        self.dir.join(JOURNAL_FILE)
+    }
+
+    /// The file of snapshot `name`.
+    pub fn snapshot_path(&self, name: &SnapshotName) -> PathBuf {
+        self.dir.join(format!("{}.xml", name.as_str()))
+    }
+
+    /// Writes a snapshot's metadata (atomically, creating the directories 0700).
+    pub fn save(&self, def: &DomainSnapshot) -> Result<()> {
+        let name = def.name.as_ref().ok_or_else(|| {
+            Error::new(
+                ErrorKind::InvalidName,
+                "snapshot",
+                "a snapshot needs a name to be stored",
+            )
+        })?;
+        fsutil::create_dir(&self.dir)?;
+        fsutil::write_atomic(&self.snapshot_path(name), def.to_xml().as_bytes())
+    }
+
+    /// Reads one snapshot's metadata; [`ErrorKind::NotFound`] if it has no file.
+    pub fn read(&self, name: &SnapshotName) -> Result<DomainSnapshot> {
+        let path = self.snapshot_path(name);
+        let def = read_snapshot_file(&path)?;
+        if def.name.as_ref() != Some(name) {
+            return Err(Error::new(
+                ErrorKind::Xml,
+                path.display().to_string(),
+                format!(
+                    "the file is for snapshot {:?} but holds {:?}",
+                    name.as_str(),
+                    def.name.as_deref().unwrap_or("")
+                ),
+            )
+            .with_path(&path));
+        }
+        Ok(def)
+    }
+
+    /// Removes a snapshot's file (durably); a missing file is not an error.
+    pub fn remove(&self, name: &SnapshotName) -> Result<()> {
+        if !self.dir.exists() {
+            return Ok(());
+        }
+        fsutil::remove_durable(&self.snapshot_path(name))
+    }
+
+    /// Sets (or, with `None`, clears) the current-snapshot pointer, atomically.
+    pub fn set_current(&self, name: Option<&SnapshotName>) -> Result<()> {
+        let path = self.dir.join(CURRENT_FILE);
+        match name {
+            Some(n) => {
+                fsutil::create_dir(&self.dir)?;
+                fsutil::write_atomic(&path, format!("{}\n", n.as_str()).as_bytes())
+            }
+            None if self.dir.exists() => fsutil::remove_durable(&path),
+            None => Ok(()),
+        }
+    }
+
+    /// The current-snapshot pointer as stored (not checked against the snapshot files).
+    pub fn current(&self) -> Result<Option<SnapshotName>> {
+        let path = self.dir.join(CURRENT_FILE);
+        match std::fs::read_to_string(&path) {
+            Ok(s) => {
+                let s = s.strip_suffix('\n').unwrap_or(&s);
+                SnapshotName::new(s)
+                    .map(Some)
+                    .map_err(|e| e.with_path(&path))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io("cannot read", &path, e)),
+        }
+    }
+
+    /// The snapshot files present (by name, sorted), without reading them.
+    pub fn names(&self) -> Result<Vec<SnapshotName>> {
+        let mut v: Vec<SnapshotName> = self
+            .entries()?
+            .into_iter()
+            .filter_map(|(_, n)| n.ok())
+            .collect();
+        v.sort();
+        Ok(v)
+    }
+
+    /// Every `*.xml` entry: its path and its snapshot name (or why the file name is not one).
+    fn entries(&self) -> Result<Vec<(PathBuf, Result<SnapshotName>)>> {
+        let rd = match std::fs::read_dir(&self.dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(Error::io("cannot list", &self.dir, e)),
+        };
+        let mut out = Vec::new();
+        for ent in rd {
+            let ent = ent.map_err(|e| Error::io("cannot list", &self.dir, e))?;
+            let path = ent.path();
+            let raw = ent.file_name();
+            let Some(fname) = raw.to_str() else {
+                if raw.as_encoded_bytes().ends_with(b".xml") {
+                    let e = Error::new(
+                        ErrorKind::InvalidName,
+                        path.display().to_string(),
+                        "not UTF-8",
+                    )
+                    .with_path(&path);
+                    out.push((path, Err(e)));
+                }
+                continue;
+            };
+            let Some(stem) = fname.strip_suffix(".xml") else {
+                continue;
+            };
+            out.push((
+                path.clone(),
+                SnapshotName::new(stem).map_err(|e| e.with_path(&path)),
+            ));
+        }
+        Ok(out)
+    }
+
+    /// Loads the domain's tree: every snapshot file, and the current pointer (or, without
+    /// one, the snapshot whose libvirt `<active>` says 1). Damaged files are reported, not
+    /// fatal; only failing to list the directory is an error.
+    pub fn load(&self) -> Result<Loaded> {
+        let mut damaged = Vec::new();
+        let mut defs = Vec::new();
+        for (path, name) in self.entries()? {
+            let loaded = name.and_then(|n| self.read(&n));
+            match loaded {
+                Ok(d) => defs.push(d),
+                Err(error) => damaged.push(DamagedFile { path, error }),
+            }
+        }
+        damaged.sort_by(|a, b| a.path.cmp(&b.path));
+        let active = defs
+            .iter()
+            .find(|d| d.active == Some(true))
+            .and_then(|d| d.name.clone());
+        let (mut tree, problems) = SnapshotTree::from_snapshots(defs);
+        let mut stale_current = None;
+        let current = match self.current() {
+            Ok(c) => c.or(active),
+            Err(error) => {
+                damaged.push(DamagedFile {
+                    path: self.dir.join(CURRENT_FILE),
+                    error,
+                });
+                active
+            }
+        };
+        if let Some(c) = current {
+            if tree.set_current(Some(&c)).is_err() {
+                stale_current = Some(c.to_string());
+            }
+        }
+        Ok(Loaded {
+            tree,
+            damaged,
+            problems,
+            stale_current,
+        })
+    }
+}
+
+fn read_snapshot_file(path: &Path) -> Result<DomainSnapshot> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(Error::new(
+                ErrorKind::NotFound,
+                path.display().to_string(),
+                "no such snapshot file",
+            )
+            .with_path(path))
+        }
+        Err(e) => return Err(Error::io("cannot read", path, e)),
+    };
+    DomainSnapshot::from_xml_bytes(&bytes).map_err(|e| {
+        Error::new(ErrorKind::Xml, path.display().to_string(), "cannot parse")
+            .with_path(path)
+            .with_source(e)
+    })
+}
