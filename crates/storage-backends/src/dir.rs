@@ -9,7 +9,7 @@
 //! - qcow2 volumes: created natively (image-formats' `qcow2_write::create`, the image
 //!   qemu-img would write, backing format recorded), mode 0600; snapshots are internal
 //!   qcow2 snapshots made, applied and deleted natively (`qcow2_write::SnapshotEditor`,
-//!   QEMU's write order) and listed from the snapshot table. No process is spawned.
+//!   crash-atomic: copied metadata, one header write) and listed from the snapshot table. No process is spawned.
 //!
 //! Every file is reached relative to a directory descriptor ([`crate::pooldir`]): a symlink
 //! anywhere in the pool is reported and never followed. Temporaries have fixed names

@@ -1,6 +1,7 @@
 //! The one path for writing qcow2 images: creating images and overlays
 //! ([`create`], byte-identical to `qemu-img create -f qcow2`) and internal snapshots
-//! ([`snapshot`]: create, apply, delete in QEMU's write order), natively through image-formats.
+//! ([`snapshot`]: create, apply, delete, each crash-atomic: copied metadata switched by one
+//! header write), natively through image-formats.
 //! No process is spawned.
 //!
 //! Used alike by the dir and btrfs pools and by the virt-snap facade's `Image` handle, so that
