@@ -18,6 +18,7 @@ mod name;
 pub mod store;
 pub mod tree;
 pub mod xml;
+mod xmltree;
 
 pub use error::{Error, ErrorKind, Result};
 pub use journal::Journal;
