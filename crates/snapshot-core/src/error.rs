@@ -10,8 +10,11 @@ use std::path::{Path, PathBuf};
 pub enum ErrorKind {
     /// A snapshot or domain name breaks the naming rules (see [`crate::SnapshotName`]).
     InvalidName,
-    /// Domainsnapshot XML that is not well-formed, or breaks the schema.
+    /// Domainsnapshot or domain XML that is not well-formed, or breaks the schema.
     Xml,
+    /// A domain definition that is valid libvirt XML but asks for something virt-snap cannot
+    /// run (see [`crate::domain::DomainDef::check_runnable`]).
+    Unsupported,
     /// A tree operation names a snapshot that does not exist.
     NotFound,
     /// A snapshot with that name already exists.
@@ -69,6 +72,15 @@ impl Error {
         let mut e = Error::new(ErrorKind::Xml, "domainsnapshot XML", what);
         e.inner.offset = offset;
         e
+    }
+
+    /// Names the document an XML error is about (`domain XML`): XML errors say
+    /// `domainsnapshot XML` until told otherwise.
+    pub(crate) fn in_document(mut self, object: &str) -> Self {
+        if self.inner.kind == ErrorKind::Xml {
+            self.inner.object = object.to_string();
+        }
+        self
     }
 
     pub(crate) fn with_path(mut self, path: &Path) -> Self {

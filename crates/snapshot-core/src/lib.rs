@@ -4,6 +4,8 @@
 //! Its metadata layer is:
 //!
 //! - [`xml`]: libvirt's domainsnapshot XML ([`DomainSnapshot`]), read and written;
+//! - [`domain`]: libvirt's domain XML ([`DomainDef`]), read and written, and what of it
+//!   virt-snap can run;
 //! - [`tree`]: a domain's snapshots as a tree with a current snapshot, and virsh's list filters;
 //! - [`store`]: the per-domain metadata directory, updated atomically;
 //! - [`journal`]: the journal of in-flight operations, for recovery after a crash.
@@ -11,6 +13,7 @@
 //! See docs/snapshot-metadata.md for the formats and the crash guarantees.
 #![deny(missing_docs)]
 
+pub mod domain;
 mod error;
 mod fsutil;
 pub mod journal;
@@ -20,9 +23,10 @@ pub mod tree;
 pub mod xml;
 mod xmltree;
 
+pub use domain::{DomainDef, Unsupported, Uuid};
 pub use error::{Error, ErrorKind, Result};
 pub use journal::Journal;
-pub use name::SnapshotName;
+pub use name::{DomainName, SnapshotName};
 pub use store::{DomainStore, SnapshotStore};
 pub use tree::{ListFilter, Scope, SnapshotTree};
 pub use xml::{DomainSnapshot, Location, SnapshotState};

@@ -1,4 +1,4 @@
-//! [`SnapshotName`]: a validated snapshot name, usable as a file name in the store.
+//! [`SnapshotName`] and [`DomainName`]: validated names, usable as file names in the store.
 
 use crate::error::{Error, ErrorKind, Result};
 use serde::{Deserialize, Serialize};
@@ -61,55 +61,93 @@ pub(crate) fn check_component(name: &str, what: &str) -> Result<()> {
     Ok(())
 }
 
-impl fmt::Display for SnapshotName {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
+/// The conversions shared by the validated name newtypes: each has a `new` that checks it.
+macro_rules! name_newtype {
+    ($t:ident) => {
+        impl fmt::Display for $t {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl std::ops::Deref for $t {
+            type Target = str;
+            fn deref(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl AsRef<str> for $t {
+            fn as_ref(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl std::borrow::Borrow<str> for $t {
+            fn borrow(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl TryFrom<String> for $t {
+            type Error = Error;
+            fn try_from(s: String) -> Result<Self> {
+                $t::new(s)
+            }
+        }
+
+        impl TryFrom<&str> for $t {
+            type Error = Error;
+            fn try_from(s: &str) -> Result<Self> {
+                $t::new(s)
+            }
+        }
+
+        impl std::str::FromStr for $t {
+            type Err = Error;
+            fn from_str(s: &str) -> Result<Self> {
+                $t::new(s)
+            }
+        }
+
+        impl From<$t> for String {
+            fn from(n: $t) -> String {
+                n.0
+            }
+        }
+    };
 }
 
-impl std::ops::Deref for SnapshotName {
-    type Target = str;
-    fn deref(&self) -> &str {
+name_newtype!(SnapshotName);
+name_newtype!(DomainName);
+
+/// A domain's name: the rules of a [`SnapshotName`] (it names the domain's directory in the
+/// state dir), and no leading `-` (it would read as an option on a command line).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct DomainName(String);
+
+impl DomainName {
+    /// The longest name in bytes, as for snapshot names.
+    pub const MAX_LEN: usize = SnapshotName::MAX_LEN;
+
+    /// Checks `name` against the rules.
+    pub fn new(name: impl Into<String>) -> Result<Self> {
+        let name = name.into();
+        check_component(&name, "domain name")?;
+        if name.starts_with('-') {
+            return Err(Error::new(
+                ErrorKind::InvalidName,
+                format!("domain name {name:?}"),
+                "must not start with '-'",
+            ));
+        }
+        Ok(DomainName(name))
+    }
+
+    /// The name as text.
+    pub fn as_str(&self) -> &str {
         &self.0
-    }
-}
-
-impl AsRef<str> for SnapshotName {
-    fn as_ref(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::borrow::Borrow<str> for SnapshotName {
-    fn borrow(&self) -> &str {
-        &self.0
-    }
-}
-
-impl TryFrom<String> for SnapshotName {
-    type Error = Error;
-    fn try_from(s: String) -> Result<Self> {
-        SnapshotName::new(s)
-    }
-}
-
-impl TryFrom<&str> for SnapshotName {
-    type Error = Error;
-    fn try_from(s: &str) -> Result<Self> {
-        SnapshotName::new(s)
-    }
-}
-
-impl std::str::FromStr for SnapshotName {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        SnapshotName::new(s)
-    }
-}
-
-impl From<SnapshotName> for String {
-    fn from(n: SnapshotName) -> String {
-        n.0
     }
 }
 
@@ -148,5 +186,15 @@ mod tests {
         assert_eq!(n.as_str(), "s1");
         assert!(serde_json::from_str::<SnapshotName>("\"a/b\"").is_err());
         assert_eq!(serde_json::to_string(&n).unwrap(), "\"s1\"");
+    }
+
+    #[test]
+    fn domain_names() {
+        assert_eq!(DomainName::new("vm-1").unwrap().as_str(), "vm-1");
+        for n in ["", ".", "..", "a/b", "a\0b", "-rm"] {
+            let e = DomainName::new(n).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::InvalidName, "{n:?}");
+        }
+        assert!(serde_json::from_str::<DomainName>("\"../x\"").is_err());
     }
 }

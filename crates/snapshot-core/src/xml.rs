@@ -21,7 +21,7 @@
 
 use crate::error::{Error, Result};
 use crate::name::SnapshotName;
-use crate::xmltree::{parse_tree, Elem, Out, OutNode};
+use crate::xmltree::{parse_tree, unit_scale, Elem, Out, OutNode};
 pub use crate::xmltree::{Extra, RawXml, MAX_DEPTH};
 use serde::{Deserialize, Serialize};
 
@@ -238,24 +238,10 @@ pub struct ScaledSize {
 }
 
 impl ScaledSize {
-    /// The value in bytes, for libvirt's units; `None` for an unknown unit or an overflow.
+    /// The value in bytes, for libvirt's units (`bytes` when none is given); `None` for an
+    /// unknown unit or an overflow.
     pub fn bytes(&self) -> Option<u64> {
-        let mul: u64 = match self.unit.as_deref().unwrap_or("bytes") {
-            "b" | "byte" | "bytes" => 1,
-            "KB" => 1000,
-            "k" | "K" | "KiB" => 1 << 10,
-            "MB" => 1000 * 1000,
-            "M" | "MiB" => 1 << 20,
-            "GB" => 1000 * 1000 * 1000,
-            "G" | "GiB" => 1 << 30,
-            "TB" => 1000u64.pow(4),
-            "T" | "TiB" => 1 << 40,
-            "PB" => 1000u64.pow(5),
-            "P" | "PiB" => 1 << 50,
-            "EB" => 1000u64.pow(6),
-            "E" | "EiB" => 1 << 60,
-            _ => return None,
-        };
+        let mul = unit_scale(self.unit.as_deref().unwrap_or("bytes"))?;
         self.value.checked_mul(mul)
     }
 }

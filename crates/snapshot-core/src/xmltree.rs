@@ -26,6 +26,13 @@ pub struct Extra {
 }
 
 impl Extra {
+    /// Sorts the children into `order` as [`Out::order_children`] does, so that the model
+    /// read from a document is the one read back from its output.
+    pub(crate) fn order_children(&mut self, order: &[&str]) {
+        let ranks = ranks(self.children.iter().map(|c| element_name(&c.0)), order);
+        self.children = sorted(ranks, self.children.drain(..));
+    }
+
     /// Nothing unknown was seen.
     pub fn is_empty(&self) -> bool {
         self.attrs.is_empty() && self.children.is_empty()
@@ -54,15 +61,75 @@ impl RawXml {
 
     /// The name of the fragment's root element, when it is an element.
     pub fn element_name(&self) -> Option<&str> {
-        let s = self.0.strip_prefix('<')?;
-        if s.starts_with(['!', '?']) {
-            return None;
-        }
-        let end = s
-            .find(|c: char| c.is_whitespace() || c == '>' || c == '/')
-            .unwrap_or(s.len());
-        Some(&s[..end])
+        element_name(&self.0)
     }
+}
+
+/// The name of the element `xml` starts with; `None` for a comment, a processing instruction
+/// or text.
+fn element_name(xml: &str) -> Option<&str> {
+    let s = xml.strip_prefix('<')?;
+    if s.starts_with(['!', '?']) {
+        return None;
+    }
+    let end = s
+        .find(|c: char| c.is_whitespace() || c == '>' || c == '/')
+        .unwrap_or(s.len());
+    Some(&s[..end])
+}
+
+/// The rank in `order` of each node named in `names`: a name's position in the table (names
+/// not in it rank after all of them), and for an unnamed node (a comment, text) the rank of
+/// the next named node.
+fn ranks<'a>(
+    names: impl DoubleEndedIterator<Item = Option<&'a str>>,
+    order: &[&str],
+) -> Vec<usize> {
+    let rank = |n: &str| order.iter().position(|o| *o == n).unwrap_or(order.len());
+    let mut next = usize::MAX;
+    let mut v: Vec<usize> = names
+        .rev()
+        .map(|name| {
+            if let Some(name) = name {
+                next = rank(name);
+            }
+            next
+        })
+        .collect();
+    v.reverse();
+    v
+}
+
+/// `items` stably sorted by `ranks`.
+fn sorted<T>(ranks: Vec<usize>, items: impl Iterator<Item = T>) -> Vec<T> {
+    let mut v: Vec<(usize, T)> = ranks.into_iter().zip(items).collect();
+    v.sort_by_key(|(r, _)| *r);
+    v.into_iter().map(|(_, n)| n).collect()
+}
+
+/// The multiplier of a libvirt scaled-integer unit (`virScaleInteger`): `b`/`byte`/`bytes`,
+/// then `k`, `m`, `g`, `t`, `p`, `e` alone or with `iB` (powers of 1024) or with `B` (powers
+/// of 1000), case-insensitively. `None` for anything else.
+pub(crate) fn unit_scale(unit: &str) -> Option<u64> {
+    let u = unit.to_ascii_lowercase();
+    if matches!(u.as_str(), "b" | "byte" | "bytes") {
+        return Some(1);
+    }
+    let exp = match u.as_bytes().first()? {
+        b'k' => 1,
+        b'm' => 2,
+        b'g' => 3,
+        b't' => 4,
+        b'p' => 5,
+        b'e' => 6,
+        _ => return None,
+    };
+    let base: u64 = match &u[1..] {
+        "" | "ib" => 1024,
+        "b" => 1000,
+        _ => return None,
+    };
+    base.checked_pow(exp)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -274,6 +341,25 @@ impl<'a> Elem<'a> {
 }
 
 impl Elem<'_> {
+    /// The unknown attributes only (for a text element, whose text is typed).
+    pub(crate) fn extra_attrs(&self, known: &[&str]) -> Extra {
+        Extra {
+            attrs: self.extra(known, &[]).attrs,
+            children: Vec::new(),
+        }
+    }
+
+    /// An element that must be empty (`<readonly/>`): any attribute or child is refused.
+    pub(crate) fn flag(&self) -> Result<bool> {
+        if let Some((k, _)) = self.attrs.first() {
+            return Err(self.err(format!("unexpected attribute {k}")));
+        }
+        if let Some(e) = self.elems().next() {
+            return Err(e.err("unexpected element: must be empty"));
+        }
+        Ok(true)
+    }
+
     pub(crate) fn text_ignoring_attrs(&self) -> Result<String> {
         let mut s = String::new();
         for n in &self.children {
@@ -333,6 +419,25 @@ impl Out {
             .extend(x.children.iter().map(|r| OutNode::Raw(r.0.clone())));
     }
 
+    /// Sorts the attributes into `order` (libvirt's attribute order for this element),
+    /// stably; names not in the table go last, in their order.
+    pub(crate) fn order_attrs(&mut self, order: &[&str]) {
+        let rank = |k: &str| order.iter().position(|o| *o == k).unwrap_or(order.len());
+        self.attrs.sort_by_key(|(k, _)| rank(k));
+    }
+
+    /// Sorts the children into `order` (libvirt's element order for this element), stably:
+    /// names not in the table go last in their order, and comments and text stay in front of
+    /// the element that followed them.
+    pub(crate) fn order_children(&mut self, order: &[&str]) {
+        let names = self.nodes.iter().map(|n| match n {
+            OutNode::Elem(e) => Some(e.name),
+            OutNode::Raw(r) => element_name(r),
+            OutNode::Text(_) => None,
+        });
+        let ranks = ranks(names, order);
+        self.nodes = sorted(ranks, self.nodes.drain(..));
+    }
     pub(crate) fn write(&self, s: &mut String, indent: usize) {
         let pad = |s: &mut String, n: usize| s.extend(std::iter::repeat_n(' ', n));
         pad(s, indent);
