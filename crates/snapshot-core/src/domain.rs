@@ -13,8 +13,8 @@
 //! attributes, and libvirt's element order (known and kept elements alike are sorted into the
 //! order libvirt writes them, so XML as libvirt writes it comes back byte for byte).
 //!
-//! Malformed input is an [`ErrorKind::Xml`](crate::ErrorKind::Xml) error naming the element
-//! (a bad name is [`ErrorKind::InvalidName`](crate::ErrorKind::InvalidName)); valid XML that
+//! Malformed input is an [`ErrorKind::Xml`] error naming the element
+//! (a bad name is [`ErrorKind::InvalidName`]); valid XML that
 //! virt-snap cannot run is reported by [`DomainDef::check_runnable`], one [`Unsupported`] per
 //! element or attribute. No input makes the reader panic.
 

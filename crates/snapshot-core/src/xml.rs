@@ -4,7 +4,7 @@
 //! fields; [`DomainSnapshot::to_xml`] writes them back the way libvirt formats them (two-space
 //! indentation, single-quoted attributes, libvirt's element order). Three subtrees are kept
 //! opaque and byte for byte as they were read ([`RawXml`]): `<domain>`, `<inactiveDomain>` and
-//! `<cookie>` (domain XML is parsed elsewhere). Elements and attributes this module does not
+//! `<cookie>` (domain XML is parsed by [`crate::domain`]). Elements and attributes this module does not
 //! know are kept in an [`Extra`] next to the fields of the element they appeared in and written
 //! back after the known ones, so nothing is dropped.
 //!
