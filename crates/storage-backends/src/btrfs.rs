@@ -25,7 +25,7 @@
 use crate::dir::{check_spec, count_leftovers, create_file, exists, not_a_pool_volume, probe};
 use crate::error::{Error, ErrorKind, Result};
 use crate::fsutil;
-use crate::lease::lease;
+use crate::lease::{for_domain, key_string, lease};
 use crate::model::*;
 use crate::name::{check_name, NameOf};
 use crate::pooldir::{self, symlink_error, utf8_name, DirFd, EntryKind};
@@ -33,7 +33,7 @@ use crate::reverter::Reverter;
 use crate::runner::{argv, run_ok, CommandRunner};
 use crate::{blocking, failpoint, find_snapshot, no_snapshot, Backend};
 use async_trait::async_trait;
-use locking::{LockManager, Resource, UuidKind};
+use locking::{LockManager, Resource};
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -209,15 +209,9 @@ impl BtrfsPool {
         let sv = self.open_subvol(root, name)?;
         let (fname, _) = Self::vol_file(&sv)?.ok_or_else(|| self.not_found(name))?;
         let file = sv.join(&fname);
-        let info = fsutil::subvol_info_fd(sv.fd(), sv.path())?;
         let (format, capacity, backing) = probe(sv.open_file(&fname, false)?, &file)?;
         let allocation = sv.stat(&fname)?.map(|s| s.allocated);
-        let res = Resource::Uuid {
-            kind: UuidKind::BtrfsSubvolume,
-            uuid: info.uuid.clone(),
-            display: format!("{} ({})", file.display(), info.uuid),
-            image: Some(file.clone()),
-        };
+        let res = Self::resource(root, name, format);
         Ok((
             Volume {
                 name: name.to_string(),
@@ -227,10 +221,69 @@ impl BtrfsPool {
                 capacity,
                 allocation,
                 backing,
-                key: info.uuid,
+                key: key_string(&res),
             },
             res,
         ))
+    }
+
+    /// The lease resource of volume `name` (of format `format`): its pool-relative identity,
+    /// the subvolume directory `TARGET/NAME`, whatever subvolume (UUID) is there now; the
+    /// volume file is where QEMU's image locks live.
+    fn resource(root: &DirFd, name: &str, format: VolFormat) -> Resource {
+        let dir = root.join(name);
+        Resource::Subvolume {
+            image: dir.join(format!("volume.{}", format.as_str())),
+            dir,
+        }
+    }
+
+    /// Take the read-only snapshot `.snapshots/VOL/SNAP` of `volume` (the caller holds
+    /// what protects the volume and has removed leftovers).
+    async fn snapshot_subvol(
+        &self,
+        root: &DirFd,
+        volume: &str,
+        snapshot: &str,
+    ) -> Result<VolSnapshot> {
+        let dir = Self::snap_dir(root, volume, true)?.expect("created");
+        match dir.stat(snapshot)? {
+            Some(s) if s.kind == EntryKind::Symlink => {
+                return Err(symlink_error(&dir.join(snapshot)))
+            }
+            Some(_) => return Err(exists(volume, snapshot)),
+            None => {}
+        }
+        let src = self.open_subvol(root, volume)?;
+        let dst = dir.join(snapshot);
+        let r = self
+            .btrfs(&[
+                "subvolume",
+                "snapshot",
+                "-r",
+                &src.path().display().to_string(),
+                &dst.display().to_string(),
+            ])
+            .await;
+        if let Err(e) = r {
+            Self::drop_empty_snap_dir(root, volume);
+            return Err(e);
+        }
+        let sd = Self::open_snap(&dir, volume, snapshot)?;
+        let info = fsutil::subvol_info_fd(sd.fd(), sd.path())?;
+        let size = match Self::vol_file(&sd)? {
+            Some((f, _)) => sd.stat(&f)?.map(|s| s.len),
+            None => None,
+        };
+        Ok(VolSnapshot {
+            name: snapshot.to_string(),
+            volume: volume.to_string(),
+            kind: SnapshotKind::BtrfsSubvolume,
+            created: Some(info.otime),
+            size,
+            valid: true,
+            usage_percent: None,
+        })
     }
 
     /// `.snapshots/VOL`, `None` if absent; created (0700) when `create`.
@@ -401,6 +454,7 @@ impl Backend for BtrfsPool {
             sized_snapshots: false,
             thin: false,
             atomic_revert: true,
+            open_volume_snapshots: &[SnapshotKind::BtrfsSubvolume],
         }
     }
 
@@ -456,12 +510,8 @@ impl Backend for BtrfsPool {
         let spec = self.resolve_backing(&root, spec)?;
         let sv = root.join(&spec.name);
         let fname = format!("volume.{}", spec.format.as_str());
-        let _l = lease(
-            &self.locks,
-            "volume create",
-            Resource::file(sv.join(&fname)),
-        )
-        .await?;
+        let res = Self::resource(&root, &spec.name, spec.format);
+        let _l = lease(&self.locks, "volume create", res).await?;
         match root.stat(&spec.name)? {
             Some(s) if s.kind == EntryKind::Symlink => return Err(symlink_error(&sv)),
             Some(_) => {
@@ -543,44 +593,29 @@ impl Backend for BtrfsPool {
         let (_, res) = self.describe(&root, volume)?;
         let _l = lease(&self.locks, "volume snapshot create", res).await?;
         self.clean_leftovers(&root, volume).await?;
-        let dir = Self::snap_dir(&root, volume, true)?.expect("created");
-        match dir.stat(snapshot)? {
-            Some(s) if s.kind == EntryKind::Symlink => {
-                return Err(symlink_error(&dir.join(snapshot)))
-            }
-            Some(_) => return Err(exists(volume, snapshot)),
-            None => {}
-        }
-        let src = self.open_subvol(&root, volume)?;
-        let dst = dir.join(snapshot);
-        let r = self
-            .btrfs(&[
-                "subvolume",
-                "snapshot",
-                "-r",
-                &src.path().display().to_string(),
-                &dst.display().to_string(),
-            ])
-            .await;
-        if let Err(e) = r {
-            Self::drop_empty_snap_dir(&root, volume);
-            return Err(e);
-        }
-        let sd = Self::open_snap(&dir, volume, snapshot)?;
-        let info = fsutil::subvol_info_fd(sd.fd(), sd.path())?;
-        let size = match Self::vol_file(&sd)? {
-            Some((f, _)) => sd.stat(&f)?.map(|s| s.len),
-            None => None,
-        };
-        Ok(VolSnapshot {
-            name: snapshot.to_string(),
-            volume: volume.to_string(),
-            kind: SnapshotKind::BtrfsSubvolume,
-            created: Some(info.otime),
-            size,
-            valid: true,
-            usage_percent: None,
-        })
+        self.snapshot_subvol(&root, volume, snapshot).await
+    }
+
+    async fn lease_resource(&self, volume: &str) -> Result<Resource> {
+        self.describe(&self.open_root()?, volume).map(|(_, r)| r)
+    }
+
+    async fn create_snapshot_for_domain(
+        &self,
+        volume: &str,
+        snapshot: &str,
+        domain: &DomainRef,
+        _opts: &SnapshotOptions,
+    ) -> Result<VolSnapshot> {
+        check_name(NameOf::Snapshot, snapshot)?;
+        let root = self.open_root()?;
+        let (_, res) = self.describe(&root, volume)?;
+        let op = "volume snapshot create (for a domain)";
+        let _l = for_domain(&self.locks, op, res, domain)?;
+        // The domain's QEMU holds the volume's exclusive lease and we hold the domain's
+        // operation lock: nothing else works on this volume, so a temporary is a leftover.
+        self.clean_leftovers(&root, volume).await?;
+        self.snapshot_subvol(&root, volume, snapshot).await
     }
 
     async fn list_snapshots(&self, volume: &str) -> Result<Vec<VolSnapshot>> {

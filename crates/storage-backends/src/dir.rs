@@ -23,7 +23,7 @@
 use crate::error::{Error, ErrorKind, Result};
 use crate::fsutil::{self, CloneMethod};
 use crate::image::{self, SnapshotOp, SnapshotRef, SystemClock};
-use crate::lease::lease;
+use crate::lease::{for_domain, key_string, lease};
 use crate::model::*;
 use crate::name::{check_name, NameOf};
 use crate::pooldir::{self, symlink_error, utf8_name, DirFd, EntryKind, EntryStat};
@@ -247,9 +247,7 @@ impl DirPool {
             capacity,
             allocation: Some(st.allocated),
             backing,
-            key: locking::canonical_path(Path::new("/"), &path)
-                .map(|p| p.display().to_string())
-                .unwrap_or_else(|_| path.display().to_string()),
+            key: key_string(&Resource::file(&path)),
         })
     }
 
@@ -348,6 +346,39 @@ impl DirPool {
         Ok(out)
     }
 
+    /// Make the raw snapshot `snapshot` of `volume` (the caller holds what protects the
+    /// volume); `reflink_only`: refuse rather than copy where the filesystem cannot clone.
+    async fn new_raw_snapshot(
+        &self,
+        root: DirFd,
+        volume: &str,
+        snapshot: &str,
+        reflink_only: bool,
+    ) -> Result<VolSnapshot> {
+        if let Some(d) = Self::snap_dir(&root, volume, false)? {
+            match d.stat(snapshot)? {
+                Some(s) if s.kind == EntryKind::Symlink => {
+                    return Err(symlink_error(&d.join(snapshot)))
+                }
+                Some(_) => return Err(exists(volume, snapshot)),
+                None => {}
+            }
+        }
+        let (vs, snap) = (volume.to_string(), snapshot.to_string());
+        let root = blocking(move || {
+            let r = raw_snapshot(&root, &vs, &snap, reflink_only);
+            if r.is_err() {
+                DirPool::drop_empty_snap_dir(&root, &vs);
+            }
+            r.map(|m| {
+                tracing::debug!("raw snapshot by {m:?}");
+                root
+            })
+        })
+        .await?;
+        find_snapshot(Self::raw_snapshots(&root, volume)?, volume, snapshot)
+    }
+
     /// The backing volume of `spec` resolved in this pool: its path must name one of the
     /// pool's volumes. Returns the spec with the capacity filled in (0: the backing's).
     fn resolve_backing(&self, root: &DirFd, spec: &VolumeSpec) -> Result<VolumeSpec> {
@@ -390,6 +421,8 @@ impl Backend for DirPool {
             sized_snapshots: false,
             thin: false,
             atomic_revert: true,
+            // Where the filesystem reflinks (info() probes it).
+            open_volume_snapshots: &[SnapshotKind::File],
         }
     }
 
@@ -398,8 +431,13 @@ impl Backend for DirPool {
         let (capacity, allocation, available) = fsutil::fs_space(&self.root)?;
         let mut caps = self.capabilities();
         let (leftovers, leftover_bytes) = count_leftovers(&root)?;
-        // Reflink support decides whether raw snapshots share blocks.
-        caps.space_efficient_snapshots = blocking(move || Ok(probe_reflink(&root))).await?;
+        // Reflink support decides whether raw snapshots share blocks, and whether an open
+        // volume can be snapshotted (a full copy would stretch a paused guest's pause).
+        let reflink = blocking(move || Ok(probe_reflink(&root))).await?;
+        caps.space_efficient_snapshots = reflink;
+        if !reflink {
+            caps.open_volume_snapshots = &[];
+        }
         Ok(PoolInfo {
             name: self.def.name.clone(),
             kind: self.def.kind,
@@ -511,31 +549,41 @@ impl Backend for DirPool {
                 let list = qcow2_snapshots(root.open_file(volume, false)?, &path, volume)?;
                 find_snapshot(list, volume, snapshot)
             }
-            VolFormat::Raw => {
-                if let Some(d) = Self::snap_dir(&root, volume, false)? {
-                    match d.stat(snapshot)? {
-                        Some(s) if s.kind == EntryKind::Symlink => {
-                            return Err(symlink_error(&d.join(snapshot)))
-                        }
-                        Some(_) => return Err(exists(volume, snapshot)),
-                        None => {}
-                    }
-                }
-                let (vs, snap) = (volume.to_string(), snapshot.to_string());
-                let root = blocking(move || {
-                    let r = raw_snapshot(&root, &vs, &snap);
-                    if r.is_err() {
-                        DirPool::drop_empty_snap_dir(&root, &vs);
-                    }
-                    r.map(|m| {
-                        tracing::debug!("raw snapshot by {m:?}");
-                        root
-                    })
-                })
-                .await?;
-                find_snapshot(Self::raw_snapshots(&root, volume)?, volume, snapshot)
-            }
+            VolFormat::Raw => self.new_raw_snapshot(root, volume, snapshot, false).await,
         }
+    }
+
+    async fn lease_resource(&self, volume: &str) -> Result<Resource> {
+        let root = self.open_root()?;
+        self.vol_stat(&root, volume)?;
+        Ok(Resource::file(root.join(volume)))
+    }
+
+    async fn create_snapshot_for_domain(
+        &self,
+        volume: &str,
+        snapshot: &str,
+        domain: &DomainRef,
+        _opts: &SnapshotOptions,
+    ) -> Result<VolSnapshot> {
+        check_name(NameOf::Snapshot, snapshot)?;
+        let root = self.open_root()?;
+        let path = root.join(volume);
+        let vol = self.describe(&root, volume)?;
+        if vol.format == VolFormat::Qcow2 {
+            return Err(Error::new(
+                ErrorKind::NotSupported,
+                format!(
+                    "volume {volume:?} is qcow2: an internal snapshot of an image a running QEMU has open is taken through QEMU (QMP), not by the pool"
+                ),
+            ));
+        }
+        let op = "volume snapshot create (for a domain)";
+        let _l = for_domain(&self.locks, op, Resource::file(&path), domain)?;
+        // The domain's QEMU holds the volume's exclusive lease and we hold the domain's
+        // operation lock: nothing else works on this volume, so a temporary is a leftover.
+        Self::clean_leftovers(&root, volume)?;
+        self.new_raw_snapshot(root, volume, snapshot, true).await
     }
 
     async fn list_snapshots(&self, volume: &str) -> Result<Vec<VolSnapshot>> {
@@ -602,7 +650,14 @@ impl Backend for DirPool {
 
 /// Snapshot the raw volume `volume` as `.snapshots/VOL/SNAP`: clone to `.vs-snap`, give it
 /// the volume's owner and read-only mode, link it to its name (never over an existing one).
-fn raw_snapshot(root: &DirFd, volume: &str, snapshot: &str) -> Result<CloneMethod> {
+/// With `reflink_only`, a filesystem that cannot clone fails the snapshot
+/// ([`ErrorKind::NotSupported`]) before any data is copied.
+fn raw_snapshot(
+    root: &DirFd,
+    volume: &str,
+    snapshot: &str,
+    reflink_only: bool,
+) -> Result<CloneMethod> {
     let src = root.open_file(volume, false)?;
     let st = root.stat(volume)?.ok_or_else(|| {
         Error::new(
@@ -614,7 +669,11 @@ fn raw_snapshot(root: &DirFd, volume: &str, snapshot: &str) -> Result<CloneMetho
     let tmp = dir.join(SNAP_TMP);
     let t = dir.create_file(SNAP_TMP, 0o600)?;
     let r = (|| -> Result<CloneMethod> {
-        let m = fsutil::clone_fd(&src, &t, &tmp)?;
+        let m = if reflink_only {
+            fsutil::reflink_fd(&src, &t, &tmp).map(|_| CloneMethod::Reflink)?
+        } else {
+            fsutil::clone_fd(&src, &t, &tmp)?
+        };
         failpoint("dir-snapshot-cloned");
         pooldir::set_mode_owner(&t, &tmp, pooldir::snapshot_mode(st.mode), st.uid, st.gid)?;
         dir.link(SNAP_TMP, snapshot)?;

@@ -33,8 +33,8 @@ mod store;
 
 pub use error::{Error, ErrorKind, Result};
 pub use model::{
-    parse_size, Backing, Capabilities, PoolDef, PoolInfo, PoolKind, SnapshotKind, SnapshotOptions,
-    VolFormat, VolSnapshot, Volume, VolumeSpec,
+    parse_size, Backing, Capabilities, DomainRef, PoolDef, PoolInfo, PoolKind, SnapshotKind,
+    SnapshotOptions, VolFormat, VolSnapshot, Volume, VolumeSpec,
 };
 pub use reverter::Reverter;
 pub use runner::{CommandRunner, LocalRunner, Output, QgaRunner, RecordingRunner};
@@ -68,6 +68,29 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
         &self,
         volume: &str,
         snapshot: &str,
+        opts: &SnapshotOptions,
+    ) -> Result<VolSnapshot>;
+    /// The resource volume `volume`'s lease is keyed on: the one key every operation on the
+    /// volume takes, create included, and the one a VM start must take for it
+    /// (`locking::DiskUse::writable(pool.lease_resource("v1").await?)`). Dir: the file
+    /// (`Resource::File`); btrfs: the subvolume directory with the volume file as image
+    /// (`Resource::Subvolume`); logical: `VG/LV` (`Resource::LogicalVolume`).
+    /// [`ErrorKind::NotFound`] if the volume does not exist.
+    async fn lease_resource(&self, volume: &str) -> Result<locking::Resource>;
+    /// Snapshot volume `volume` for the running domain `domain`, whose QEMU holds the
+    /// volume's lease and has it open (the VM paused by the caller, e.g. QMP `stop`): a kind
+    /// among [`Capabilities::open_volume_snapshots`]. Takes `locking::Purpose::ForDomain`
+    /// (the domain's operation lock, a check of the recorded holder: domain name and QEMU
+    /// pid), never the volume's lease nor QEMU's image locks. Anyone else is refused with
+    /// [`ErrorKind::InUse`] (the lease is not theirs, or another operation on the domain
+    /// runs); a qcow2 volume (its internal snapshots go through QMP) and a raw file whose
+    /// filesystem cannot reflink (a full copy would stretch the guest's pause) are refused
+    /// with [`ErrorKind::NotSupported`] before anything is written.
+    async fn create_snapshot_for_domain(
+        &self,
+        volume: &str,
+        snapshot: &str,
+        domain: &DomainRef,
         opts: &SnapshotOptions,
     ) -> Result<VolSnapshot>;
     /// A volume's snapshots, oldest first.

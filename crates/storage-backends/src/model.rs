@@ -141,7 +141,10 @@ pub struct Volume {
     /// The backing volume, for qcow2 overlays.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub backing: Option<Backing>,
-    /// What its lease is keyed on: a canonical path, a subvolume UUID or an LV UUID.
+    /// What its lease is keyed on (the key of [`crate::Backend::lease_resource`]): the
+    /// canonical path of the file (dir) or of the subvolume's directory (btrfs), or
+    /// `lvm:VG/LV` (logical): the volume's pool-relative identity, the same for every
+    /// operation on it and for a VM start.
     pub key: String,
 }
 
@@ -204,6 +207,12 @@ pub struct Capabilities {
     pub thin: bool,
     /// Revert replaces the volume in one atomic step.
     pub atomic_revert: bool,
+    /// The snapshot kinds [`crate::Backend::create_snapshot_for_domain`] can take of a volume
+    /// a running (paused) VM has open: a btrfs subvolume snapshot, an LVM snapshot, a
+    /// reflink of a raw file (dir pools, only where the filesystem clones: [`PoolInfo`]
+    /// says after probing). Never [`SnapshotKind::Qcow2Internal`]: an internal snapshot of
+    /// an open qcow2 image goes through QEMU (QMP).
+    pub open_volume_snapshots: &'static [SnapshotKind],
 }
 
 /// A pool's state.
@@ -231,6 +240,16 @@ pub struct PoolInfo {
     /// Bytes allocated to those leftovers (for btrfs subvolumes: their files' apparent
     /// allocation, shared extents counted in full).
     pub leftover_bytes: u64,
+}
+
+/// The running domain an operation acts for: its name and its QEMU's pid, checked against
+/// the volume's recorded lease holder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DomainRef {
+    /// The domain's name (the lease holder `Domain(name)`).
+    pub domain: String,
+    /// The pid of its QEMU, which holds the volume's lease.
+    pub qemu_pid: u32,
 }
 
 /// Options of snapshot creation.

@@ -9,8 +9,8 @@ use std::sync::Arc;
 use storage_backends::Backend;
 
 pub use storage_backends::{
-    Backing, Capabilities, PoolDef, PoolInfo, PoolKind, SnapshotKind, SnapshotOptions, VolFormat,
-    VolSnapshot, Volume as VolumeInfo, VolumeSpec,
+    Backing, Capabilities, DomainRef, PoolDef, PoolInfo, PoolKind, SnapshotKind, SnapshotOptions,
+    VolFormat, VolSnapshot, Volume as VolumeInfo, VolumeSpec,
 };
 
 /// The defined pools ([`crate::Connection::pool_listing`]).
@@ -156,6 +156,31 @@ impl Volume {
             .backend
             .create_snapshot(&self.name, snapshot, opts)
             .await?)
+    }
+
+    /// Snapshot it for the running domain `domain`, whose QEMU holds its lease and has it
+    /// open, paused by the caller (QMP `stop`): a btrfs subvolume snapshot, an LVM snapshot or
+    /// a reflink of a raw file ([`Capabilities::open_volume_snapshots`]). Checked against the
+    /// recorded lease holder (domain name and QEMU pid) under the domain's operation lock; no
+    /// lease or QEMU lock is taken. Refused with [`ErrorKind::InUse`] for anyone else or while
+    /// another operation on the domain runs, with [`ErrorKind::Unsupported`] for a qcow2
+    /// volume (through QMP instead) or a filesystem that cannot reflink.
+    pub async fn create_snapshot_for_domain(
+        &self,
+        snapshot: &str,
+        domain: &DomainRef,
+        opts: &SnapshotOptions,
+    ) -> Result<VolSnapshot> {
+        Ok(self
+            .backend
+            .create_snapshot_for_domain(&self.name, snapshot, domain, opts)
+            .await?)
+    }
+
+    /// The lease resource a VM start takes for it (the key every volume operation takes):
+    /// `locking::DiskUse::writable(volume.lease_resource().await?)`.
+    pub async fn lease_resource(&self) -> Result<locking::Resource> {
+        Ok(self.backend.lease_resource(&self.name).await?)
     }
 
     /// Its snapshots, oldest first.
