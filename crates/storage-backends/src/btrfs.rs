@@ -28,10 +28,10 @@ use crate::fsutil;
 use crate::lease::{for_domain, key_string, lease};
 use crate::model::*;
 use crate::name::{check_name, NameOf};
-use crate::pooldir::{self, symlink_error, utf8_name, DirFd, EntryKind};
+use crate::pooldir::{self, shown_name, symlink_error, utf8_name, DirFd, EntryKind};
 use crate::reverter::Reverter;
 use crate::runner::{argv, run_ok, CommandRunner};
-use crate::{blocking, failpoint, find_snapshot, no_snapshot, Backend};
+use crate::{blocking, failpoint, find_listed, no_snapshot, Backend};
 use async_trait::async_trait;
 use locking::{LockManager, Resource};
 use std::future::Future;
@@ -390,20 +390,33 @@ impl BtrfsPool {
     }
 
     /// The names in `.snapshots/VOL/` that are not temporaries; a symlink or a non-UTF-8
-    /// name is an error.
-    fn snapshot_names(dir: &DirFd) -> Result<Vec<String>> {
-        let mut v = Vec::new();
+    /// name is rejected.
+    fn snapshot_names(dir: &DirFd) -> Result<Listing<String>> {
+        let mut l = Listing::default();
         for e in dir.entries()? {
-            let n = utf8_name(dir.path(), &e)?;
+            let n = match utf8_name(dir.path(), &e) {
+                Ok(n) => n,
+                Err(error) => {
+                    l.rejected.push(RejectedEntry {
+                        name: shown_name(&e),
+                        error,
+                    });
+                    continue;
+                }
+            };
             if n.starts_with('.') {
                 continue;
             }
             if dir.stat(&n)?.is_some_and(|s| s.kind == EntryKind::Symlink) {
-                return Err(symlink_error(&dir.join(&n)));
+                l.rejected.push(RejectedEntry {
+                    error: symlink_error(&dir.join(&n)),
+                    name: n,
+                });
+                continue;
             }
-            v.push(n);
+            l.items.push(n);
         }
-        Ok(v)
+        Ok(l)
     }
 
     /// The backing volume of `spec` resolved in this pool (`NAME/volume.FMT` of one of its
@@ -475,29 +488,42 @@ impl Backend for BtrfsPool {
         })
     }
 
-    async fn list_volumes(&self) -> Result<Vec<Volume>> {
+    async fn volume_listing(&self) -> Result<Listing<Volume>> {
         let root = self.open_root()?;
-        let mut out = Vec::new();
+        let mut l = Listing::default();
         for e in root.entries()? {
-            let n = utf8_name(root.path(), &e)?;
+            let n = match utf8_name(root.path(), &e) {
+                Ok(n) => n,
+                Err(error) => {
+                    l.rejected.push(RejectedEntry {
+                        name: shown_name(&e),
+                        error,
+                    });
+                    continue;
+                }
+            };
             if n.starts_with('.') || check_name(NameOf::Volume, &n).is_err() {
                 continue;
             }
             match root.stat(&n)? {
                 Some(s) if s.kind == EntryKind::Symlink => {
-                    return Err(symlink_error(&root.join(&n)))
+                    l.rejected.push(RejectedEntry {
+                        error: symlink_error(&root.join(&n)),
+                        name: n,
+                    });
+                    continue;
                 }
                 Some(s) if s.kind == EntryKind::Dir => {}
                 _ => continue,
             }
             match self.describe(&root, &n) {
-                Ok((v, _)) => out.push(v),
+                Ok((v, _)) => l.items.push(v),
                 Err(e) if e.kind() == ErrorKind::NotFound => {}
-                Err(e) => return Err(e),
+                Err(error) => l.rejected.push(RejectedEntry { name: n, error }),
             }
         }
-        out.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(out)
+        l.items.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(l)
     }
 
     async fn volume(&self, name: &str) -> Result<Volume> {
@@ -554,7 +580,7 @@ impl Backend for BtrfsPool {
         // Everything is checked (no symlink anywhere) before anything is deleted.
         let dir = Self::snap_dir(&root, name, false)?;
         let names = match &dir {
-            Some(d) => Self::snapshot_names(d)?,
+            Some(d) => Self::snapshot_names(d)?.strict()?,
             None => Vec::new(),
         };
         // Deletions cannot be undone: a failure part way says what is already gone.
@@ -618,13 +644,16 @@ impl Backend for BtrfsPool {
         self.snapshot_subvol(&root, volume, snapshot).await
     }
 
-    async fn list_snapshots(&self, volume: &str) -> Result<Vec<VolSnapshot>> {
+    async fn snapshot_listing(&self, volume: &str) -> Result<Listing<VolSnapshot>> {
         let root = self.open_root()?;
         self.describe(&root, volume)?;
         let Some(dir) = Self::snap_dir(&root, volume, false)? else {
-            return Ok(Vec::new());
+            return Ok(Listing::default());
         };
-        let names = Self::snapshot_names(&dir)?;
+        let Listing {
+            items: names,
+            rejected,
+        } = Self::snapshot_names(&dir)?;
         let out = run_ok(
             self.runner.as_ref(),
             &argv([
@@ -671,7 +700,10 @@ impl Backend for BtrfsPool {
         }
         // Oldest first; subvolume ids break ties within a second (they only grow).
         v.sort_by(|a, b| a.1.created.cmp(&b.1.created).then(a.0.cmp(&b.0)));
-        Ok(v.into_iter().map(|(_, s)| s).collect())
+        Ok(Listing {
+            items: v.into_iter().map(|(_, s)| s).collect(),
+            rejected,
+        })
     }
 
     async fn revert_snapshot(&self, volume: &str, snapshot: &str) -> Result<()> {
@@ -727,7 +759,7 @@ impl Backend for BtrfsPool {
         let (_, res) = self.describe(&root, volume)?;
         let _l = lease(&self.locks, "volume snapshot delete", res).await?;
         self.clean_leftovers(&root, volume).await?;
-        find_snapshot(self.list_snapshots(volume).await?, volume, snapshot)?;
+        find_listed(self.snapshot_listing(volume).await?, volume, snapshot)?;
         let dir =
             Self::snap_dir(&root, volume, false)?.ok_or_else(|| no_snapshot(volume, snapshot))?;
         Self::open_snap(&dir, volume, snapshot)?;

@@ -26,9 +26,9 @@ use crate::image::{self, SnapshotOp, SnapshotRef, SystemClock};
 use crate::lease::{for_domain, key_string, lease};
 use crate::model::*;
 use crate::name::{check_name, NameOf};
-use crate::pooldir::{self, symlink_error, utf8_name, DirFd, EntryKind, EntryStat};
+use crate::pooldir::{self, shown_name, symlink_error, utf8_name, DirFd, EntryKind, EntryStat};
 use crate::runner::CommandRunner;
-use crate::{blocking, failpoint, find_snapshot, no_snapshot, Backend};
+use crate::{blocking, failpoint, find_listed, find_snapshot, no_snapshot, Backend};
 use async_trait::async_trait;
 use locking::{LockManager, Resource};
 use std::fs::File;
@@ -301,13 +301,25 @@ impl DirPool {
         root.rmdir_if_empty(SNAPSHOT_DIR);
     }
 
-    fn raw_snapshots(root: &DirFd, volume: &str) -> Result<Vec<VolSnapshot>> {
+    /// The raw snapshots of `volume`; symlinks, non-UTF-8 names and other entries that are
+    /// no snapshot file are rejected by name.
+    fn raw_snapshots(root: &DirFd, volume: &str) -> Result<Listing<VolSnapshot>> {
         let Some(dir) = Self::snap_dir(root, volume, false)? else {
-            return Ok(Vec::new());
+            return Ok(Listing::default());
         };
         let mut out = Vec::new();
+        let mut rejected = Vec::new();
         for e in dir.entries()? {
-            let n = utf8_name(dir.path(), &e)?;
+            let n = match utf8_name(dir.path(), &e) {
+                Ok(n) => n,
+                Err(error) => {
+                    rejected.push(RejectedEntry {
+                        name: shown_name(&e),
+                        error,
+                    });
+                    continue;
+                }
+            };
             if n.starts_with('.') {
                 continue; // temporaries
             }
@@ -330,20 +342,25 @@ impl DirPool {
                         usage_percent: None,
                     });
                 }
-                Some(s) if s.kind == EntryKind::Symlink => {
-                    return Err(symlink_error(&dir.join(&n)))
-                }
-                Some(_) => {
-                    return Err(Error::new(
+                Some(s) if s.kind == EntryKind::Symlink => rejected.push(RejectedEntry {
+                    error: symlink_error(&dir.join(&n)),
+                    name: n,
+                }),
+                Some(_) => rejected.push(RejectedEntry {
+                    error: Error::new(
                         ErrorKind::InvalidInput,
                         format!("{} is not a snapshot file", dir.join(&n).display()),
-                    ))
-                }
+                    ),
+                    name: n,
+                }),
                 None => {}
             }
         }
         out.sort_by(|a, b| a.created.cmp(&b.created).then(a.name.cmp(&b.name)));
-        Ok(out)
+        Ok(Listing {
+            items: out,
+            rejected,
+        })
     }
 
     /// Make the raw snapshot `snapshot` of `volume` (the caller holds what protects the
@@ -376,7 +393,7 @@ impl DirPool {
             })
         })
         .await?;
-        find_snapshot(Self::raw_snapshots(&root, volume)?, volume, snapshot)
+        find_listed(Self::raw_snapshots(&root, volume)?, volume, snapshot)
     }
 
     /// The backing volume of `spec` resolved in this pool: its path must name one of the
@@ -451,28 +468,42 @@ impl Backend for DirPool {
         })
     }
 
-    async fn list_volumes(&self) -> Result<Vec<Volume>> {
+    async fn volume_listing(&self) -> Result<Listing<Volume>> {
         let root = self.open_root()?;
-        let mut out = Vec::new();
+        let mut l = Listing::default();
         for e in root.entries()? {
-            let n = utf8_name(root.path(), &e)?;
+            let n = match utf8_name(root.path(), &e) {
+                Ok(n) => n,
+                Err(error) => {
+                    l.rejected.push(RejectedEntry {
+                        name: shown_name(&e),
+                        error,
+                    });
+                    continue;
+                }
+            };
             if n.starts_with('.') {
                 continue;
             }
             match root.stat(&n)? {
                 Some(s) if s.kind == EntryKind::Symlink => {
-                    return Err(symlink_error(&root.join(&n)))
+                    l.rejected.push(RejectedEntry {
+                        error: symlink_error(&root.join(&n)),
+                        name: n,
+                    });
+                    continue;
                 }
                 Some(s) if s.kind == EntryKind::File => {}
                 _ => continue,
             }
             match self.describe(&root, &n) {
-                Ok(v) => out.push(v),
-                Err(e) => tracing::warn!("skipping {n}: {e}"),
+                Ok(v) => l.items.push(v),
+                Err(e) if e.kind() == ErrorKind::NotFound => {} // gone meanwhile
+                Err(error) => l.rejected.push(RejectedEntry { name: n, error }),
             }
         }
-        out.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(out)
+        l.items.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(l)
     }
 
     async fn volume(&self, name: &str) -> Result<Volume> {
@@ -513,7 +544,7 @@ impl Backend for DirPool {
         Self::clean_leftovers(&root, name)?;
         // A symlink at `.snapshots`, `.snapshots/VOL` or a snapshot fails here, before
         // anything is gone.
-        Self::raw_snapshots(&root, name)?;
+        Self::raw_snapshots(&root, name)?.strict()?;
         if Self::snap_dir(&root, name, false)?.is_some() {
             let snaps = root.open_dir(SNAPSHOT_DIR)?.expect("opened just before");
             snaps.remove_tree(name)?;
@@ -586,13 +617,14 @@ impl Backend for DirPool {
         self.new_raw_snapshot(root, volume, snapshot, true).await
     }
 
-    async fn list_snapshots(&self, volume: &str) -> Result<Vec<VolSnapshot>> {
+    async fn snapshot_listing(&self, volume: &str) -> Result<Listing<VolSnapshot>> {
         let root = self.open_root()?;
         let vol = self.describe(&root, volume)?;
         match vol.format {
-            VolFormat::Qcow2 => {
-                qcow2_snapshots(root.open_file(volume, false)?, &root.join(volume), volume)
-            }
+            VolFormat::Qcow2 => Ok(Listing {
+                items: qcow2_snapshots(root.open_file(volume, false)?, &root.join(volume), volume)?,
+                rejected: Vec::new(),
+            }),
             VolFormat::Raw => Self::raw_snapshots(&root, volume),
         }
     }
@@ -613,7 +645,7 @@ impl Backend for DirPool {
                 blocking(move || image::snapshot_file(f, &path, &op, &SystemClock).map(drop)).await
             }
             VolFormat::Raw => {
-                find_snapshot(Self::raw_snapshots(&root, volume)?, volume, snapshot)?;
+                find_listed(Self::raw_snapshots(&root, volume)?, volume, snapshot)?;
                 let (vs, snap) = (volume.to_string(), snapshot.to_string());
                 blocking(move || raw_revert(&root, &vs, &snap)).await
             }
@@ -636,7 +668,7 @@ impl Backend for DirPool {
                 blocking(move || image::snapshot_file(f, &path, &op, &SystemClock).map(drop)).await
             }
             VolFormat::Raw => {
-                find_snapshot(Self::raw_snapshots(&root, volume)?, volume, snapshot)?;
+                find_listed(Self::raw_snapshots(&root, volume)?, volume, snapshot)?;
                 let dir = Self::snap_dir(&root, volume, false)?
                     .ok_or_else(|| no_snapshot(volume, snapshot))?;
                 dir.unlink(snapshot)?;

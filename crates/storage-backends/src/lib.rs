@@ -33,8 +33,8 @@ mod store;
 
 pub use error::{Error, ErrorKind, Result};
 pub use model::{
-    parse_size, Backing, Capabilities, DomainRef, PoolDef, PoolInfo, PoolKind, SnapshotKind,
-    SnapshotOptions, VolFormat, VolSnapshot, Volume, VolumeSpec,
+    parse_size, Backing, Capabilities, DomainRef, Listing, PoolDef, PoolInfo, PoolKind,
+    RejectedEntry, SnapshotKind, SnapshotOptions, VolFormat, VolSnapshot, Volume, VolumeSpec,
 };
 pub use reverter::Reverter;
 pub use runner::{CommandRunner, LocalRunner, Output, QgaRunner, RecordingRunner};
@@ -55,8 +55,18 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     fn capabilities(&self) -> Capabilities;
     /// Size, use and free space of the pool.
     async fn info(&self) -> Result<PoolInfo>;
-    /// The volumes, sorted by name.
-    async fn list_volumes(&self) -> Result<Vec<Volume>>;
+    /// The volumes, sorted by name, and the entries that are no volume to list (a symlink,
+    /// a name that is not UTF-8, an unreadable file), each by name.
+    async fn volume_listing(&self) -> Result<Listing<Volume>>;
+    /// The volumes, sorted by name: [`Backend::volume_listing`]'s good ones (the rejected
+    /// entries are logged).
+    async fn list_volumes(&self) -> Result<Vec<Volume>> {
+        let l = self.volume_listing().await?;
+        for r in &l.rejected {
+            tracing::warn!("{}", r.error);
+        }
+        Ok(l.items)
+    }
     /// One volume ([`ErrorKind::NotFound`] if absent).
     async fn volume(&self, name: &str) -> Result<Volume>;
     /// Create a volume.
@@ -93,8 +103,18 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
         domain: &DomainRef,
         opts: &SnapshotOptions,
     ) -> Result<VolSnapshot>;
-    /// A volume's snapshots, oldest first.
-    async fn list_snapshots(&self, volume: &str) -> Result<Vec<VolSnapshot>>;
+    /// A volume's snapshots, oldest first, and the entries of its snapshot directory that
+    /// are no snapshot to list (a symlink, a name that is not UTF-8), each by name.
+    async fn snapshot_listing(&self, volume: &str) -> Result<Listing<VolSnapshot>>;
+    /// A volume's snapshots, oldest first: [`Backend::snapshot_listing`]'s good ones (the
+    /// rejected entries are logged).
+    async fn list_snapshots(&self, volume: &str) -> Result<Vec<VolSnapshot>> {
+        let l = self.snapshot_listing(volume).await?;
+        for r in &l.rejected {
+            tracing::warn!("{}", r.error);
+        }
+        Ok(l.items)
+    }
     /// Make the volume's content the snapshot's again; the snapshot is kept.
     async fn revert_snapshot(&self, volume: &str, snapshot: &str) -> Result<()>;
     /// Delete a snapshot.
@@ -124,6 +144,19 @@ pub(crate) fn find_snapshot(
     list.into_iter()
         .find(|s| s.name == snapshot)
         .ok_or_else(|| no_snapshot(volume, snapshot))
+}
+
+/// The snapshot `snapshot` in `list`: a rejected entry of that name gives its error (a
+/// symlink, say), else [`find_snapshot`].
+pub(crate) fn find_listed(
+    list: Listing<VolSnapshot>,
+    volume: &str,
+    snapshot: &str,
+) -> Result<VolSnapshot> {
+    if let Some(r) = list.rejected.into_iter().find(|r| r.name == snapshot) {
+        return Err(r.error);
+    }
+    find_snapshot(list.items, volume, snapshot)
 }
 
 /// The error for a snapshot a volume does not have.

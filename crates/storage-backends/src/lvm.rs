@@ -317,6 +317,19 @@ impl LvmPool {
             .map(|_| ())
     }
 
+    /// The volumes, sorted by name (LV names are always text: nothing is rejected).
+    async fn lvs_volumes(&self) -> Result<Vec<Volume>> {
+        let mut v: Vec<Volume> = self
+            .lvs()
+            .await?
+            .iter()
+            .filter(|l| Self::is_volume(l))
+            .map(|l| self.to_volume(l))
+            .collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(v)
+    }
+
     /// Take snapshot `snapshot` of `volume` (the caller holds what protects the volume).
     async fn new_snapshot(
         &self,
@@ -442,16 +455,24 @@ impl Backend for LvmPool {
         })
     }
 
-    async fn list_volumes(&self) -> Result<Vec<Volume>> {
-        let mut v: Vec<Volume> = self
-            .lvs()
-            .await?
-            .iter()
-            .filter(|l| Self::is_volume(l))
-            .map(|l| self.to_volume(l))
-            .collect();
-        v.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(v)
+    async fn volume_listing(&self) -> Result<Listing<Volume>> {
+        Ok(Listing {
+            items: self.lvs_volumes().await?,
+            rejected: Vec::new(),
+        })
+    }
+
+    async fn snapshot_listing(&self, volume: &str) -> Result<Listing<VolSnapshot>> {
+        let lvs = self.lvs().await?;
+        self.find_volume(&lvs, volume)?;
+        Ok(Listing {
+            items: self
+                .snapshots_of(&lvs, volume)
+                .into_iter()
+                .map(|(_, s)| s)
+                .collect(),
+            rejected: Vec::new(),
+        })
     }
 
     async fn volume(&self, name: &str) -> Result<Volume> {
@@ -553,16 +574,6 @@ impl Backend for LvmPool {
         let op = "volume snapshot create (for a domain)";
         let _l = for_domain(&self.locks, op, self.resource(volume), domain)?;
         self.new_snapshot(volume, snapshot, opts).await
-    }
-
-    async fn list_snapshots(&self, volume: &str) -> Result<Vec<VolSnapshot>> {
-        let lvs = self.lvs().await?;
-        self.find_volume(&lvs, volume)?;
-        Ok(self
-            .snapshots_of(&lvs, volume)
-            .into_iter()
-            .map(|(_, s)| s)
-            .collect())
     }
 
     async fn revert_snapshot(&self, volume: &str, snapshot: &str) -> Result<()> {

@@ -242,6 +242,47 @@ pub struct PoolInfo {
     pub leftover_bytes: u64,
 }
 
+/// A listing of a pool's volumes or a volume's snapshots: the good entries, and each entry
+/// of the pool's directories that cannot be listed (a symlink, a name that is not UTF-8, a
+/// file that cannot be read as a volume), reported by name, so that one bad entry does not
+/// hide the others. Operations on a rejected entry itself fail with its error.
+#[derive(Debug)]
+pub struct Listing<T> {
+    /// The good entries, in the listing's order.
+    pub items: Vec<T>,
+    /// The entries that could not be listed, in directory order.
+    pub rejected: Vec<RejectedEntry>,
+}
+
+impl<T> Default for Listing<T> {
+    fn default() -> Self {
+        Listing {
+            items: Vec::new(),
+            rejected: Vec::new(),
+        }
+    }
+}
+
+impl<T> Listing<T> {
+    /// The items, or the first rejected entry's error (for operations that must see every
+    /// entry, such as deleting a volume with its snapshots).
+    pub fn strict(self) -> Result<Vec<T>> {
+        match self.rejected.into_iter().next() {
+            Some(r) => Err(r.error),
+            None => Ok(self.items),
+        }
+    }
+}
+
+/// An entry a listing could not list.
+#[derive(Debug)]
+pub struct RejectedEntry {
+    /// Its file name (a name that is not UTF-8 with its bytes escaped, e.g. `v\xff1`).
+    pub name: String,
+    /// Why: its message names the entry's path.
+    pub error: Error,
+}
+
 /// The running domain an operation acts for: its name and its QEMU's pid, checked against
 /// the volume's recorded lease holder.
 #[derive(Debug, Clone, PartialEq, Eq)]

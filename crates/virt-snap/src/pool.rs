@@ -34,6 +34,43 @@ pub struct DamagedPool {
     pub error: Error,
 }
 
+/// A listing of a pool's volumes ([`Pool::volume_listing`]) or a volume's snapshots
+/// ([`Volume::snapshot_listing`]): the good entries, and each entry that cannot be listed.
+#[derive(Debug)]
+pub struct Listing<T> {
+    /// The good entries (volumes by name, snapshots oldest first).
+    pub items: Vec<T>,
+    /// The entries that cannot be listed (a symlink, a name that is not UTF-8, a file that
+    /// is no readable volume), in directory order.
+    pub rejected: Vec<RejectedEntry>,
+}
+
+/// An entry of a pool's directories that a listing cannot list.
+#[derive(Debug)]
+pub struct RejectedEntry {
+    /// Its file name (not UTF-8: its bytes escaped, e.g. `v\xff1`).
+    pub name: String,
+    /// Why ([`ErrorKind::InvalidInput`] for a symlink or a non-UTF-8 name); its message
+    /// names the entry's path.
+    pub error: Error,
+}
+
+impl<T> From<storage_backends::Listing<T>> for Listing<T> {
+    fn from(l: storage_backends::Listing<T>) -> Self {
+        Listing {
+            items: l.items,
+            rejected: l
+                .rejected
+                .into_iter()
+                .map(|r| RejectedEntry {
+                    name: r.name,
+                    error: r.error.into(),
+                })
+                .collect(),
+        }
+    }
+}
+
 /// Parse a pool type (`dir`, `btrfs`, `logical`).
 pub fn parse_kind(s: &str) -> Result<PoolKind> {
     Ok(PoolKind::parse(s)?)
@@ -80,6 +117,12 @@ impl Pool {
     /// The volumes, sorted by name.
     pub async fn volumes(&self) -> Result<Vec<VolumeInfo>> {
         Ok(self.backend.list_volumes().await?)
+    }
+
+    /// The volumes, sorted by name, and the entries of the pool that cannot be listed, each by
+    /// name (one bad entry does not hide the others).
+    pub async fn volume_listing(&self) -> Result<Listing<VolumeInfo>> {
+        Ok(self.backend.volume_listing().await?.into())
     }
 
     /// The volume `name` of this pool (nothing is read yet).
@@ -186,6 +229,12 @@ impl Volume {
     /// Its snapshots, oldest first.
     pub async fn snapshots(&self) -> Result<Vec<VolSnapshot>> {
         Ok(self.backend.list_snapshots(&self.name).await?)
+    }
+
+    /// Its snapshots, oldest first, and the entries of its snapshot directory that cannot be
+    /// listed, each by name.
+    pub async fn snapshot_listing(&self) -> Result<Listing<VolSnapshot>> {
+        Ok(self.backend.snapshot_listing(&self.name).await?.into())
     }
 
     /// Make its content the snapshot's again (it must be inactive); the snapshot is kept.
