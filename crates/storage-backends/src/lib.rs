@@ -10,8 +10,8 @@
 //!   it; every multi-step change records its undo steps in a [`Reverter`].
 //! - [`image`]: the one path for writing qcow2 images (create, overlays, internal snapshots),
 //!   used by the dir and btrfs pools and by the virt-snap facade.
-//! - [`runner`]: every tool runs through a [`CommandRunner`]: local, recording (golden argv,
-//!   canned output, failure injection) and guest-agent (LVM in a test guest).
+//! - [`runner`]: every tool runs through a [`CommandRunner`]: local, and recording (golden
+//!   argv, canned output, failure injection); the LVM tests add a guest-agent runner.
 //!
 //! docs/storage-backends.md describes each backend's commands and revert semantics.
 #![doc = include_str!("../README.md")]
@@ -37,7 +37,7 @@ pub use model::{
     RejectedEntry, SnapshotKind, SnapshotOptions, VolFormat, VolSnapshot, Volume, VolumeSpec,
 };
 pub use reverter::Reverter;
-pub use runner::{CommandRunner, LocalRunner, Output, QgaRunner, RecordingRunner};
+pub use runner::{CommandRunner, LocalRunner, Output, RecordingRunner};
 pub use store::{DamagedPool, PoolListing, PoolStore, POOLS_SUBDIR};
 
 use async_trait::async_trait;

@@ -2,6 +2,9 @@
 //! agent (QgaRunner); data is written and read back with `dd` in the guest. One guest boot
 //! for every section.
 
+mod common;
+
+use common::QgaRunner;
 use std::sync::Arc;
 use storage_backends::*;
 
