@@ -51,17 +51,19 @@ pub struct DirPool {
 }
 
 /// Read the format, size and backing of the volume file open as `f` (named `path`).
-pub(crate) fn probe(f: File, path: &Path) -> Result<(VolFormat, u64, Option<Backing>)> {
+pub(crate) fn probe(f: File, path: &Path) -> Result<(VolFormat, u64, Option<VolumeBacking>)> {
     let storage = image_formats::FileStorage::from_file(f);
     let info = image_formats::ImageInfo::read(&path.to_string_lossy(), &storage, None)?;
     match info.format() {
         image_formats::Format::Qcow2 => {
             let q = info.qcow2().expect("qcow2 details");
-            let backing = q.backing_file.as_ref().map(|b| Backing {
+            // The backing format as recorded; none recorded is unknown, never raw.
+            let backing = q.backing_file.as_ref().map(|b| VolumeBacking {
                 path: String::from_utf8_lossy(b).into_owned(),
                 format: match q.backing_format() {
-                    Some(b"qcow2") => VolFormat::Qcow2,
-                    _ => VolFormat::Raw,
+                    Some(b"qcow2") => Some(VolFormat::Qcow2),
+                    Some(b"raw") => Some(VolFormat::Raw),
+                    _ => None,
                 },
             });
             Ok((VolFormat::Qcow2, info.virtual_size(), backing))

@@ -34,7 +34,8 @@ mod store;
 pub use error::{Error, ErrorKind, Result};
 pub use model::{
     parse_size, Backing, Capabilities, DomainRef, Listing, PoolDef, PoolInfo, PoolKind,
-    RejectedEntry, SnapshotKind, SnapshotOptions, VolFormat, VolSnapshot, Volume, VolumeSpec,
+    RejectedEntry, SnapshotKind, SnapshotOptions, VolFormat, VolSnapshot, Volume, VolumeBacking,
+    VolumeSpec,
 };
 pub use reverter::Reverter;
 pub use runner::{CommandRunner, LocalRunner, Output, RecordingRunner};

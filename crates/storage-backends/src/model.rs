@@ -109,6 +109,25 @@ pub struct Backing {
     pub format: VolFormat,
 }
 
+/// The backing volume of an existing qcow2 volume, as its header records it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct VolumeBacking {
+    /// Its path (as recorded in the overlay).
+    pub path: String,
+    /// Its format as recorded in the overlay; `None` (JSON `null`, shown `unknown`) when the
+    /// overlay records none or one that is neither raw nor qcow2. Never probed or guessed:
+    /// an unrecorded format is not raw.
+    pub format: Option<VolFormat>,
+}
+
+impl VolumeBacking {
+    /// The format as text: `raw`, `qcow2` or `unknown`.
+    pub fn format_str(&self) -> &'static str {
+        self.format.map_or("unknown", VolFormat::as_str)
+    }
+}
+
 /// What to create.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VolumeSpec {
@@ -140,7 +159,7 @@ pub struct Volume {
     pub allocation: Option<u64>,
     /// The backing volume, for qcow2 overlays.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub backing: Option<Backing>,
+    pub backing: Option<VolumeBacking>,
     /// What its lease is keyed on (the key of [`crate::Backend::lease_resource`]): the
     /// canonical path of the file (dir) or of the subvolume's directory (btrfs), or
     /// `lvm:VG/LV` (logical): the volume's pool-relative identity, the same for every

@@ -107,11 +107,40 @@ async fn dir_pool_snapshot_overwrite_revert_reads_back_the_original_bytes() {
         .unwrap();
     assert_eq!(
         o.backing,
-        Some(Backing {
+        Some(VolumeBacking {
             path: v.path.clone(),
-            format: VolFormat::Raw
+            format: Some(VolFormat::Raw)
         })
     );
+    // An overlay whose header records no backing format shows the format as unknown, never
+    // as raw (formats are recorded, never guessed).
+    {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(root.path().join("nofmt"))
+            .unwrap();
+        let st = image_formats::FileStorage::from_file(f);
+        image_formats::qcow2_write::create(
+            &st,
+            &image_formats::qcow2_write::CreateOptions {
+                size: 1 << 20,
+                backing_file: Some(v.path.clone().into_bytes()),
+                backing_format: None,
+            },
+        )
+        .unwrap();
+    }
+    let n = pool.volume("nofmt").await.unwrap();
+    let b = n.backing.clone().unwrap();
+    assert_eq!((b.path.as_str(), b.format), (v.path.as_str(), None));
+    assert_eq!(b.format_str(), "unknown");
+    assert_eq!(
+        serde_json::to_value(&n).unwrap()["backing"]["format"],
+        serde_json::Value::Null
+    );
+    pool.delete_volume("nofmt").await.unwrap();
     assert_eq!(o.capacity, 8 << 20);
     assert_eq!(
         qcow2_read(std::path::Path::new(&o.path), 0, 14),

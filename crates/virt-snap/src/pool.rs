@@ -10,7 +10,7 @@ use storage_backends::Backend;
 
 pub use storage_backends::{
     Backing, Capabilities, DomainRef, PoolDef, PoolInfo, PoolKind, SnapshotKind, SnapshotOptions,
-    VolFormat, VolSnapshot, Volume as VolumeInfo, VolumeSpec,
+    VolFormat, VolSnapshot, Volume as VolumeInfo, VolumeBacking, VolumeSpec,
 };
 
 /// The defined pools ([`crate::Connection::pool_listing`]).

@@ -196,7 +196,12 @@ pub async fn run(cmd: VolCmd, out: Format, state: Option<&Path>) -> CliResult {
                 v.allocation.map(human).unwrap_or_else(|| "-".into()),
             );
             if let Some(b) = &v.backing {
-                text.push_str(&format!("\n{:<16}{} ({})", "Backing:", b.path, b.format));
+                text.push_str(&format!(
+                    "\n{:<16}{} ({})",
+                    "Backing:",
+                    b.path,
+                    b.format_str()
+                ));
             }
             text.push_str(&format!("\n{:<16}{}", "Lease key:", v.key));
             done(out, serde_json::to_value(&v).unwrap(), text)
