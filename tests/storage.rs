@@ -175,3 +175,52 @@ fn vol_snapshot_create_refuses_a_volume_a_running_qemu_holds() {
         &["vol-snapshot-create", "r1", "s1", "--pool", "p1"],
     );
 }
+
+/// One bad entry in a pool directory (a symlink, a name that is not UTF-8) does not break
+/// `vol-list` or `vol-snapshot-list`: stdout lists the good ones exactly as without it, stderr
+/// names each bad entry on a `warning:` line; an operation on the bad entry fails.
+#[test]
+fn bad_entries_in_a_pool_are_named_on_stderr_and_the_rest_lists() {
+    use std::os::unix::ffi::OsStrExt;
+    let state = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().display().to_string();
+    ok_json(state.path(), &["pool-define-as", "p", "dir", &target]);
+    ok_json(state.path(), &["vol-create-as", "p", "v1", "1M"]);
+    ok_json(
+        state.path(),
+        &["vol-snapshot-create", "v1", "s1", "--pool", "p"],
+    );
+    let clean_list = vs(state.path(), &["vol-list", "p"]);
+    let clean_snaps = vs(state.path(), &["vol-snapshot-list", "v1", "--pool", "p"]);
+    assert!(stderr(&clean_list).is_empty(), "{}", stderr(&clean_list));
+
+    std::os::unix::fs::symlink("/etc/passwd", dir.path().join("lnk")).unwrap();
+    let odd = dir.path().join(std::ffi::OsStr::from_bytes(b"v\xff1"));
+    std::fs::write(&odd, b"x").unwrap();
+    let sd = dir.path().join(".snapshots/v1");
+    std::os::unix::fs::symlink("/etc/passwd", sd.join("slink")).unwrap();
+
+    let o = vs(state.path(), &["vol-list", "p"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o), stdout(&clean_list));
+    let err = stderr(&o);
+    let warnings: Vec<&str> = err.lines().filter(|l| l.starts_with("warning: ")).collect();
+    assert_eq!(warnings.len(), 2, "{err}");
+    assert!(err.contains("lnk is a symbolic link"), "{err}");
+    assert!(
+        err.contains("v\\xff1 has a name that is not UTF-8"),
+        "{err}"
+    );
+    let j = ok_json(state.path(), &["vol-list", "p"]);
+    assert_eq!(j.as_array().unwrap().len(), 1);
+
+    let o = vs(state.path(), &["vol-snapshot-list", "v1", "--pool", "p"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o), stdout(&clean_snaps));
+    assert!(stderr(&o).contains("warning: ") && stderr(&o).contains("slink is a symbolic link"));
+
+    let o = vs(state.path(), &["vol-info", "lnk", "--pool", "p"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("symbolic link"), "{}", stderr(&o));
+}

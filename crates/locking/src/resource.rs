@@ -43,6 +43,28 @@ pub enum Resource {
         /// locks are taken and probed on it.
         image: Option<PathBuf>,
     },
+    /// A btrfs pool's volume by its pool-relative identity: the subvolume directory
+    /// `TARGET/NAME`, keyed by its canonical path like [`Resource::File`] (so the key exists
+    /// before the subvolume does, and stays when a revert swaps in another subvolume with
+    /// another UUID). `image` is the volume file inside it, which QEMU opens: QEMU's image
+    /// locks are taken and probed there.
+    Subvolume {
+        /// The subvolume's directory.
+        dir: PathBuf,
+        /// The volume file QEMU opens (`TARGET/NAME/volume.FMT`).
+        image: PathBuf,
+    },
+    /// An LVM pool's volume by its pool-relative identity `VG/LV`, keyed `lvm:VG/LV` (stays
+    /// when a revert renames another LV into its place). `image` is its device node
+    /// `/dev/VG/LV` when the volume group is on this host.
+    LogicalVolume {
+        /// The volume group.
+        vg: String,
+        /// The logical volume's name.
+        lv: String,
+        /// The device node QEMU opens, if on this host.
+        image: Option<PathBuf>,
+    },
     /// A domain's operation lock, by the domain's name: held (exclusively) by whatever
     /// operation works on the running domain, so that two never interleave.
     DomainOps(String),
@@ -57,7 +79,7 @@ impl Resource {
     /// The canonical key, resolving relative paths against the current directory.
     pub fn key(&self) -> Result<ResourceKey, Error> {
         match self {
-            Resource::File(p) => {
+            Resource::File(p) | Resource::Subvolume { dir: p, .. } => {
                 let cwd = if p.is_absolute() {
                     PathBuf::from("/")
                 } else {
@@ -65,7 +87,9 @@ impl Resource {
                 };
                 self.key_from(&cwd)
             }
-            Resource::Uuid { .. } | Resource::DomainOps(_) => self.key_from(Path::new("/")),
+            Resource::Uuid { .. } | Resource::LogicalVolume { .. } | Resource::DomainOps(_) => {
+                self.key_from(Path::new("/"))
+            }
         }
     }
 
@@ -110,6 +134,34 @@ impl Resource {
                     image,
                 })
             }
+            Resource::Subvolume { dir, image } => {
+                let canon = canonical_path(base, dir)?;
+                let image = canonical_path(base, image)?;
+                Ok(ResourceKey {
+                    canonical: canon.as_os_str().as_bytes().to_vec(),
+                    display: image.display().to_string(),
+                    image: Some(image),
+                })
+            }
+            Resource::LogicalVolume { vg, lv, image } => {
+                let bad = |n: &str| n.is_empty() || n.contains(['/', '\0']);
+                if bad(vg) || bad(lv) {
+                    return Err(Error::invalid(
+                        format!("{vg}/{lv}"),
+                        "not a logical volume (VG/LV)",
+                    ));
+                }
+                let image = match image {
+                    Some(p) => Some(canonical_path(Path::new("/"), p)?),
+                    None => None,
+                };
+                // Never a path (no leading '/') nor a UUID (':' is not a UUID character).
+                Ok(ResourceKey {
+                    canonical: format!("lvm:{vg}/{lv}").into_bytes(),
+                    display: format!("{vg}/{lv}"),
+                    image,
+                })
+            }
             Resource::DomainOps(name) => {
                 if name.is_empty() || name.contains('\0') {
                     return Err(Error::invalid(name.clone(), "not a domain name"));
@@ -133,6 +185,8 @@ impl fmt::Display for Resource {
             Resource::File(p) => write!(f, "{}", p.display()),
             Resource::Uuid { display, uuid, .. } if display.is_empty() => f.write_str(uuid),
             Resource::Uuid { display, .. } => f.write_str(display),
+            Resource::Subvolume { image, .. } => write!(f, "{}", image.display()),
+            Resource::LogicalVolume { vg, lv, .. } => write!(f, "{vg}/{lv}"),
             Resource::DomainOps(name) => write!(f, "domain {name:?}"),
         }
     }
@@ -258,6 +312,40 @@ pub fn canonical_path(base: &Path, path: &Path) -> Result<PathBuf, Error> {
 mod tests {
     use super::*;
     use std::os::unix::ffi::OsStringExt;
+
+    #[test]
+    fn pool_volume_identities() {
+        let sv = |d: &str, i: &str| Resource::Subvolume {
+            dir: d.into(),
+            image: i.into(),
+        };
+        let a = sv("/nx-vs/pool/v1", "/nx-vs/pool/v1/volume.raw")
+            .key()
+            .unwrap();
+        // The key is the subvolume's directory whatever the file's format; the image and
+        // the display are the file.
+        let b = sv("/nx-vs/pool/./v1", "/nx-vs/pool/v1/volume.qcow2")
+            .key()
+            .unwrap();
+        assert_eq!(a.hash(), b.hash());
+        assert_eq!(
+            a.hash(),
+            Resource::file("/nx-vs/pool/v1").key().unwrap().hash()
+        );
+        assert_eq!(a.display(), "/nx-vs/pool/v1/volume.raw");
+        assert_eq!(a.image(), Some(Path::new("/nx-vs/pool/v1/volume.raw")));
+        let lv = |vg: &str, lv: &str| Resource::LogicalVolume {
+            vg: vg.into(),
+            lv: lv.into(),
+            image: None,
+        };
+        let k = lv("vg0", "root").key().unwrap();
+        assert_eq!(k.canonical(), b"lvm:vg0/root");
+        assert_eq!(k.display(), "vg0/root");
+        assert_ne!(k.hash(), lv("vg0", "root2").key().unwrap().hash());
+        assert!(lv("vg0", "a/b").key().is_err());
+        assert!(lv("", "a").key().is_err());
+    }
 
     #[test]
     fn lexical_cases() {

@@ -25,15 +25,15 @@
 use crate::dir::{check_spec, count_leftovers, create_file, exists, not_a_pool_volume, probe};
 use crate::error::{Error, ErrorKind, Result};
 use crate::fsutil;
-use crate::lease::lease;
+use crate::lease::{for_domain, key_string, lease};
 use crate::model::*;
 use crate::name::{check_name, NameOf};
-use crate::pooldir::{self, symlink_error, utf8_name, DirFd, EntryKind};
+use crate::pooldir::{self, shown_name, symlink_error, utf8_name, DirFd, EntryKind};
 use crate::reverter::Reverter;
 use crate::runner::{argv, run_ok, CommandRunner};
-use crate::{blocking, failpoint, find_snapshot, no_snapshot, Backend};
+use crate::{blocking, failpoint, find_listed, no_snapshot, Backend};
 use async_trait::async_trait;
-use locking::{LockManager, Resource, UuidKind};
+use locking::{LockManager, Resource};
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -209,15 +209,9 @@ impl BtrfsPool {
         let sv = self.open_subvol(root, name)?;
         let (fname, _) = Self::vol_file(&sv)?.ok_or_else(|| self.not_found(name))?;
         let file = sv.join(&fname);
-        let info = fsutil::subvol_info_fd(sv.fd(), sv.path())?;
         let (format, capacity, backing) = probe(sv.open_file(&fname, false)?, &file)?;
         let allocation = sv.stat(&fname)?.map(|s| s.allocated);
-        let res = Resource::Uuid {
-            kind: UuidKind::BtrfsSubvolume,
-            uuid: info.uuid.clone(),
-            display: format!("{} ({})", file.display(), info.uuid),
-            image: Some(file.clone()),
-        };
+        let res = Self::resource(root, name, format);
         Ok((
             Volume {
                 name: name.to_string(),
@@ -227,10 +221,69 @@ impl BtrfsPool {
                 capacity,
                 allocation,
                 backing,
-                key: info.uuid,
+                key: key_string(&res),
             },
             res,
         ))
+    }
+
+    /// The lease resource of volume `name` (of format `format`): its pool-relative identity,
+    /// the subvolume directory `TARGET/NAME`, whatever subvolume (UUID) is there now; the
+    /// volume file is where QEMU's image locks live.
+    fn resource(root: &DirFd, name: &str, format: VolFormat) -> Resource {
+        let dir = root.join(name);
+        Resource::Subvolume {
+            image: dir.join(format!("volume.{}", format.as_str())),
+            dir,
+        }
+    }
+
+    /// Take the read-only snapshot `.snapshots/VOL/SNAP` of `volume` (the caller holds
+    /// what protects the volume and has removed leftovers).
+    async fn snapshot_subvol(
+        &self,
+        root: &DirFd,
+        volume: &str,
+        snapshot: &str,
+    ) -> Result<VolSnapshot> {
+        let dir = Self::snap_dir(root, volume, true)?.expect("created");
+        match dir.stat(snapshot)? {
+            Some(s) if s.kind == EntryKind::Symlink => {
+                return Err(symlink_error(&dir.join(snapshot)))
+            }
+            Some(_) => return Err(exists(volume, snapshot)),
+            None => {}
+        }
+        let src = self.open_subvol(root, volume)?;
+        let dst = dir.join(snapshot);
+        let r = self
+            .btrfs(&[
+                "subvolume",
+                "snapshot",
+                "-r",
+                &src.path().display().to_string(),
+                &dst.display().to_string(),
+            ])
+            .await;
+        if let Err(e) = r {
+            Self::drop_empty_snap_dir(root, volume);
+            return Err(e);
+        }
+        let sd = Self::open_snap(&dir, volume, snapshot)?;
+        let info = fsutil::subvol_info_fd(sd.fd(), sd.path())?;
+        let size = match Self::vol_file(&sd)? {
+            Some((f, _)) => sd.stat(&f)?.map(|s| s.len),
+            None => None,
+        };
+        Ok(VolSnapshot {
+            name: snapshot.to_string(),
+            volume: volume.to_string(),
+            kind: SnapshotKind::BtrfsSubvolume,
+            created: Some(info.otime),
+            size,
+            valid: true,
+            usage_percent: None,
+        })
     }
 
     /// `.snapshots/VOL`, `None` if absent; created (0700) when `create`.
@@ -337,20 +390,33 @@ impl BtrfsPool {
     }
 
     /// The names in `.snapshots/VOL/` that are not temporaries; a symlink or a non-UTF-8
-    /// name is an error.
-    fn snapshot_names(dir: &DirFd) -> Result<Vec<String>> {
-        let mut v = Vec::new();
+    /// name is rejected.
+    fn snapshot_names(dir: &DirFd) -> Result<Listing<String>> {
+        let mut l = Listing::default();
         for e in dir.entries()? {
-            let n = utf8_name(dir.path(), &e)?;
+            let n = match utf8_name(dir.path(), &e) {
+                Ok(n) => n,
+                Err(error) => {
+                    l.rejected.push(RejectedEntry {
+                        name: shown_name(&e),
+                        error,
+                    });
+                    continue;
+                }
+            };
             if n.starts_with('.') {
                 continue;
             }
             if dir.stat(&n)?.is_some_and(|s| s.kind == EntryKind::Symlink) {
-                return Err(symlink_error(&dir.join(&n)));
+                l.rejected.push(RejectedEntry {
+                    error: symlink_error(&dir.join(&n)),
+                    name: n,
+                });
+                continue;
             }
-            v.push(n);
+            l.items.push(n);
         }
-        Ok(v)
+        Ok(l)
     }
 
     /// The backing volume of `spec` resolved in this pool (`NAME/volume.FMT` of one of its
@@ -401,6 +467,7 @@ impl Backend for BtrfsPool {
             sized_snapshots: false,
             thin: false,
             atomic_revert: true,
+            open_volume_snapshots: &[SnapshotKind::BtrfsSubvolume],
         }
     }
 
@@ -421,29 +488,42 @@ impl Backend for BtrfsPool {
         })
     }
 
-    async fn list_volumes(&self) -> Result<Vec<Volume>> {
+    async fn volume_listing(&self) -> Result<Listing<Volume>> {
         let root = self.open_root()?;
-        let mut out = Vec::new();
+        let mut l = Listing::default();
         for e in root.entries()? {
-            let n = utf8_name(root.path(), &e)?;
+            let n = match utf8_name(root.path(), &e) {
+                Ok(n) => n,
+                Err(error) => {
+                    l.rejected.push(RejectedEntry {
+                        name: shown_name(&e),
+                        error,
+                    });
+                    continue;
+                }
+            };
             if n.starts_with('.') || check_name(NameOf::Volume, &n).is_err() {
                 continue;
             }
             match root.stat(&n)? {
                 Some(s) if s.kind == EntryKind::Symlink => {
-                    return Err(symlink_error(&root.join(&n)))
+                    l.rejected.push(RejectedEntry {
+                        error: symlink_error(&root.join(&n)),
+                        name: n,
+                    });
+                    continue;
                 }
                 Some(s) if s.kind == EntryKind::Dir => {}
                 _ => continue,
             }
             match self.describe(&root, &n) {
-                Ok((v, _)) => out.push(v),
+                Ok((v, _)) => l.items.push(v),
                 Err(e) if e.kind() == ErrorKind::NotFound => {}
-                Err(e) => return Err(e),
+                Err(error) => l.rejected.push(RejectedEntry { name: n, error }),
             }
         }
-        out.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(out)
+        l.items.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(l)
     }
 
     async fn volume(&self, name: &str) -> Result<Volume> {
@@ -456,12 +536,8 @@ impl Backend for BtrfsPool {
         let spec = self.resolve_backing(&root, spec)?;
         let sv = root.join(&spec.name);
         let fname = format!("volume.{}", spec.format.as_str());
-        let _l = lease(
-            &self.locks,
-            "volume create",
-            Resource::file(sv.join(&fname)),
-        )
-        .await?;
+        let res = Self::resource(&root, &spec.name, spec.format);
+        let _l = lease(&self.locks, "volume create", res).await?;
         match root.stat(&spec.name)? {
             Some(s) if s.kind == EntryKind::Symlink => return Err(symlink_error(&sv)),
             Some(_) => {
@@ -504,7 +580,7 @@ impl Backend for BtrfsPool {
         // Everything is checked (no symlink anywhere) before anything is deleted.
         let dir = Self::snap_dir(&root, name, false)?;
         let names = match &dir {
-            Some(d) => Self::snapshot_names(d)?,
+            Some(d) => Self::snapshot_names(d)?.strict()?,
             None => Vec::new(),
         };
         // Deletions cannot be undone: a failure part way says what is already gone.
@@ -543,53 +619,41 @@ impl Backend for BtrfsPool {
         let (_, res) = self.describe(&root, volume)?;
         let _l = lease(&self.locks, "volume snapshot create", res).await?;
         self.clean_leftovers(&root, volume).await?;
-        let dir = Self::snap_dir(&root, volume, true)?.expect("created");
-        match dir.stat(snapshot)? {
-            Some(s) if s.kind == EntryKind::Symlink => {
-                return Err(symlink_error(&dir.join(snapshot)))
-            }
-            Some(_) => return Err(exists(volume, snapshot)),
-            None => {}
-        }
-        let src = self.open_subvol(&root, volume)?;
-        let dst = dir.join(snapshot);
-        let r = self
-            .btrfs(&[
-                "subvolume",
-                "snapshot",
-                "-r",
-                &src.path().display().to_string(),
-                &dst.display().to_string(),
-            ])
-            .await;
-        if let Err(e) = r {
-            Self::drop_empty_snap_dir(&root, volume);
-            return Err(e);
-        }
-        let sd = Self::open_snap(&dir, volume, snapshot)?;
-        let info = fsutil::subvol_info_fd(sd.fd(), sd.path())?;
-        let size = match Self::vol_file(&sd)? {
-            Some((f, _)) => sd.stat(&f)?.map(|s| s.len),
-            None => None,
-        };
-        Ok(VolSnapshot {
-            name: snapshot.to_string(),
-            volume: volume.to_string(),
-            kind: SnapshotKind::BtrfsSubvolume,
-            created: Some(info.otime),
-            size,
-            valid: true,
-            usage_percent: None,
-        })
+        self.snapshot_subvol(&root, volume, snapshot).await
     }
 
-    async fn list_snapshots(&self, volume: &str) -> Result<Vec<VolSnapshot>> {
+    async fn lease_resource(&self, volume: &str) -> Result<Resource> {
+        self.describe(&self.open_root()?, volume).map(|(_, r)| r)
+    }
+
+    async fn create_snapshot_for_domain(
+        &self,
+        volume: &str,
+        snapshot: &str,
+        domain: &DomainRef,
+        _opts: &SnapshotOptions,
+    ) -> Result<VolSnapshot> {
+        check_name(NameOf::Snapshot, snapshot)?;
+        let root = self.open_root()?;
+        let (_, res) = self.describe(&root, volume)?;
+        let op = "volume snapshot create (for a domain)";
+        let _l = for_domain(&self.locks, op, res, domain)?;
+        // The domain's QEMU holds the volume's exclusive lease and we hold the domain's
+        // operation lock: nothing else works on this volume, so a temporary is a leftover.
+        self.clean_leftovers(&root, volume).await?;
+        self.snapshot_subvol(&root, volume, snapshot).await
+    }
+
+    async fn snapshot_listing(&self, volume: &str) -> Result<Listing<VolSnapshot>> {
         let root = self.open_root()?;
         self.describe(&root, volume)?;
         let Some(dir) = Self::snap_dir(&root, volume, false)? else {
-            return Ok(Vec::new());
+            return Ok(Listing::default());
         };
-        let names = Self::snapshot_names(&dir)?;
+        let Listing {
+            items: names,
+            rejected,
+        } = Self::snapshot_names(&dir)?;
         let out = run_ok(
             self.runner.as_ref(),
             &argv([
@@ -636,7 +700,10 @@ impl Backend for BtrfsPool {
         }
         // Oldest first; subvolume ids break ties within a second (they only grow).
         v.sort_by(|a, b| a.1.created.cmp(&b.1.created).then(a.0.cmp(&b.0)));
-        Ok(v.into_iter().map(|(_, s)| s).collect())
+        Ok(Listing {
+            items: v.into_iter().map(|(_, s)| s).collect(),
+            rejected,
+        })
     }
 
     async fn revert_snapshot(&self, volume: &str, snapshot: &str) -> Result<()> {
@@ -692,7 +759,7 @@ impl Backend for BtrfsPool {
         let (_, res) = self.describe(&root, volume)?;
         let _l = lease(&self.locks, "volume snapshot delete", res).await?;
         self.clean_leftovers(&root, volume).await?;
-        find_snapshot(self.list_snapshots(volume).await?, volume, snapshot)?;
+        find_listed(self.snapshot_listing(volume).await?, volume, snapshot)?;
         let dir =
             Self::snap_dir(&root, volume, false)?.ok_or_else(|| no_snapshot(volume, snapshot))?;
         Self::open_snap(&dir, volume, snapshot)?;

@@ -23,12 +23,12 @@
 use crate::error::{Error, ErrorKind, Result};
 use crate::fsutil::{self, CloneMethod};
 use crate::image::{self, SnapshotOp, SnapshotRef, SystemClock};
-use crate::lease::lease;
+use crate::lease::{for_domain, key_string, lease};
 use crate::model::*;
 use crate::name::{check_name, NameOf};
-use crate::pooldir::{self, symlink_error, utf8_name, DirFd, EntryKind, EntryStat};
+use crate::pooldir::{self, shown_name, symlink_error, utf8_name, DirFd, EntryKind, EntryStat};
 use crate::runner::CommandRunner;
-use crate::{blocking, failpoint, find_snapshot, no_snapshot, Backend};
+use crate::{blocking, failpoint, find_listed, find_snapshot, no_snapshot, Backend};
 use async_trait::async_trait;
 use locking::{LockManager, Resource};
 use std::fs::File;
@@ -51,17 +51,19 @@ pub struct DirPool {
 }
 
 /// Read the format, size and backing of the volume file open as `f` (named `path`).
-pub(crate) fn probe(f: File, path: &Path) -> Result<(VolFormat, u64, Option<Backing>)> {
+pub(crate) fn probe(f: File, path: &Path) -> Result<(VolFormat, u64, Option<VolumeBacking>)> {
     let storage = image_formats::FileStorage::from_file(f);
     let info = image_formats::ImageInfo::read(&path.to_string_lossy(), &storage, None)?;
     match info.format() {
         image_formats::Format::Qcow2 => {
             let q = info.qcow2().expect("qcow2 details");
-            let backing = q.backing_file.as_ref().map(|b| Backing {
+            // The backing format as recorded; none recorded is unknown, never raw.
+            let backing = q.backing_file.as_ref().map(|b| VolumeBacking {
                 path: String::from_utf8_lossy(b).into_owned(),
                 format: match q.backing_format() {
-                    Some(b"qcow2") => VolFormat::Qcow2,
-                    _ => VolFormat::Raw,
+                    Some(b"qcow2") => Some(VolFormat::Qcow2),
+                    Some(b"raw") => Some(VolFormat::Raw),
+                    _ => None,
                 },
             });
             Ok((VolFormat::Qcow2, info.virtual_size(), backing))
@@ -247,9 +249,7 @@ impl DirPool {
             capacity,
             allocation: Some(st.allocated),
             backing,
-            key: locking::canonical_path(Path::new("/"), &path)
-                .map(|p| p.display().to_string())
-                .unwrap_or_else(|_| path.display().to_string()),
+            key: key_string(&Resource::file(&path)),
         })
     }
 
@@ -303,13 +303,25 @@ impl DirPool {
         root.rmdir_if_empty(SNAPSHOT_DIR);
     }
 
-    fn raw_snapshots(root: &DirFd, volume: &str) -> Result<Vec<VolSnapshot>> {
+    /// The raw snapshots of `volume`; symlinks, non-UTF-8 names and other entries that are
+    /// no snapshot file are rejected by name.
+    fn raw_snapshots(root: &DirFd, volume: &str) -> Result<Listing<VolSnapshot>> {
         let Some(dir) = Self::snap_dir(root, volume, false)? else {
-            return Ok(Vec::new());
+            return Ok(Listing::default());
         };
         let mut out = Vec::new();
+        let mut rejected = Vec::new();
         for e in dir.entries()? {
-            let n = utf8_name(dir.path(), &e)?;
+            let n = match utf8_name(dir.path(), &e) {
+                Ok(n) => n,
+                Err(error) => {
+                    rejected.push(RejectedEntry {
+                        name: shown_name(&e),
+                        error,
+                    });
+                    continue;
+                }
+            };
             if n.starts_with('.') {
                 continue; // temporaries
             }
@@ -332,20 +344,58 @@ impl DirPool {
                         usage_percent: None,
                     });
                 }
-                Some(s) if s.kind == EntryKind::Symlink => {
-                    return Err(symlink_error(&dir.join(&n)))
-                }
-                Some(_) => {
-                    return Err(Error::new(
+                Some(s) if s.kind == EntryKind::Symlink => rejected.push(RejectedEntry {
+                    error: symlink_error(&dir.join(&n)),
+                    name: n,
+                }),
+                Some(_) => rejected.push(RejectedEntry {
+                    error: Error::new(
                         ErrorKind::InvalidInput,
                         format!("{} is not a snapshot file", dir.join(&n).display()),
-                    ))
-                }
+                    ),
+                    name: n,
+                }),
                 None => {}
             }
         }
         out.sort_by(|a, b| a.created.cmp(&b.created).then(a.name.cmp(&b.name)));
-        Ok(out)
+        Ok(Listing {
+            items: out,
+            rejected,
+        })
+    }
+
+    /// Make the raw snapshot `snapshot` of `volume` (the caller holds what protects the
+    /// volume); `reflink_only`: refuse rather than copy where the filesystem cannot clone.
+    async fn new_raw_snapshot(
+        &self,
+        root: DirFd,
+        volume: &str,
+        snapshot: &str,
+        reflink_only: bool,
+    ) -> Result<VolSnapshot> {
+        if let Some(d) = Self::snap_dir(&root, volume, false)? {
+            match d.stat(snapshot)? {
+                Some(s) if s.kind == EntryKind::Symlink => {
+                    return Err(symlink_error(&d.join(snapshot)))
+                }
+                Some(_) => return Err(exists(volume, snapshot)),
+                None => {}
+            }
+        }
+        let (vs, snap) = (volume.to_string(), snapshot.to_string());
+        let root = blocking(move || {
+            let r = raw_snapshot(&root, &vs, &snap, reflink_only);
+            if r.is_err() {
+                DirPool::drop_empty_snap_dir(&root, &vs);
+            }
+            r.map(|m| {
+                tracing::debug!("raw snapshot by {m:?}");
+                root
+            })
+        })
+        .await?;
+        find_listed(Self::raw_snapshots(&root, volume)?, volume, snapshot)
     }
 
     /// The backing volume of `spec` resolved in this pool: its path must name one of the
@@ -390,6 +440,8 @@ impl Backend for DirPool {
             sized_snapshots: false,
             thin: false,
             atomic_revert: true,
+            // Where the filesystem reflinks (info() probes it).
+            open_volume_snapshots: &[SnapshotKind::File],
         }
     }
 
@@ -398,8 +450,13 @@ impl Backend for DirPool {
         let (capacity, allocation, available) = fsutil::fs_space(&self.root)?;
         let mut caps = self.capabilities();
         let (leftovers, leftover_bytes) = count_leftovers(&root)?;
-        // Reflink support decides whether raw snapshots share blocks.
-        caps.space_efficient_snapshots = blocking(move || Ok(probe_reflink(&root))).await?;
+        // Reflink support decides whether raw snapshots share blocks, and whether an open
+        // volume can be snapshotted (a full copy would stretch a paused guest's pause).
+        let reflink = blocking(move || Ok(probe_reflink(&root))).await?;
+        caps.space_efficient_snapshots = reflink;
+        if !reflink {
+            caps.open_volume_snapshots = &[];
+        }
         Ok(PoolInfo {
             name: self.def.name.clone(),
             kind: self.def.kind,
@@ -413,28 +470,42 @@ impl Backend for DirPool {
         })
     }
 
-    async fn list_volumes(&self) -> Result<Vec<Volume>> {
+    async fn volume_listing(&self) -> Result<Listing<Volume>> {
         let root = self.open_root()?;
-        let mut out = Vec::new();
+        let mut l = Listing::default();
         for e in root.entries()? {
-            let n = utf8_name(root.path(), &e)?;
+            let n = match utf8_name(root.path(), &e) {
+                Ok(n) => n,
+                Err(error) => {
+                    l.rejected.push(RejectedEntry {
+                        name: shown_name(&e),
+                        error,
+                    });
+                    continue;
+                }
+            };
             if n.starts_with('.') {
                 continue;
             }
             match root.stat(&n)? {
                 Some(s) if s.kind == EntryKind::Symlink => {
-                    return Err(symlink_error(&root.join(&n)))
+                    l.rejected.push(RejectedEntry {
+                        error: symlink_error(&root.join(&n)),
+                        name: n,
+                    });
+                    continue;
                 }
                 Some(s) if s.kind == EntryKind::File => {}
                 _ => continue,
             }
             match self.describe(&root, &n) {
-                Ok(v) => out.push(v),
-                Err(e) => tracing::warn!("skipping {n}: {e}"),
+                Ok(v) => l.items.push(v),
+                Err(e) if e.kind() == ErrorKind::NotFound => {} // gone meanwhile
+                Err(error) => l.rejected.push(RejectedEntry { name: n, error }),
             }
         }
-        out.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(out)
+        l.items.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(l)
     }
 
     async fn volume(&self, name: &str) -> Result<Volume> {
@@ -475,7 +546,7 @@ impl Backend for DirPool {
         Self::clean_leftovers(&root, name)?;
         // A symlink at `.snapshots`, `.snapshots/VOL` or a snapshot fails here, before
         // anything is gone.
-        Self::raw_snapshots(&root, name)?;
+        Self::raw_snapshots(&root, name)?.strict()?;
         if Self::snap_dir(&root, name, false)?.is_some() {
             let snaps = root.open_dir(SNAPSHOT_DIR)?.expect("opened just before");
             snaps.remove_tree(name)?;
@@ -511,40 +582,51 @@ impl Backend for DirPool {
                 let list = qcow2_snapshots(root.open_file(volume, false)?, &path, volume)?;
                 find_snapshot(list, volume, snapshot)
             }
-            VolFormat::Raw => {
-                if let Some(d) = Self::snap_dir(&root, volume, false)? {
-                    match d.stat(snapshot)? {
-                        Some(s) if s.kind == EntryKind::Symlink => {
-                            return Err(symlink_error(&d.join(snapshot)))
-                        }
-                        Some(_) => return Err(exists(volume, snapshot)),
-                        None => {}
-                    }
-                }
-                let (vs, snap) = (volume.to_string(), snapshot.to_string());
-                let root = blocking(move || {
-                    let r = raw_snapshot(&root, &vs, &snap);
-                    if r.is_err() {
-                        DirPool::drop_empty_snap_dir(&root, &vs);
-                    }
-                    r.map(|m| {
-                        tracing::debug!("raw snapshot by {m:?}");
-                        root
-                    })
-                })
-                .await?;
-                find_snapshot(Self::raw_snapshots(&root, volume)?, volume, snapshot)
-            }
+            VolFormat::Raw => self.new_raw_snapshot(root, volume, snapshot, false).await,
         }
     }
 
-    async fn list_snapshots(&self, volume: &str) -> Result<Vec<VolSnapshot>> {
+    async fn lease_resource(&self, volume: &str) -> Result<Resource> {
+        let root = self.open_root()?;
+        self.vol_stat(&root, volume)?;
+        Ok(Resource::file(root.join(volume)))
+    }
+
+    async fn create_snapshot_for_domain(
+        &self,
+        volume: &str,
+        snapshot: &str,
+        domain: &DomainRef,
+        _opts: &SnapshotOptions,
+    ) -> Result<VolSnapshot> {
+        check_name(NameOf::Snapshot, snapshot)?;
+        let root = self.open_root()?;
+        let path = root.join(volume);
+        let vol = self.describe(&root, volume)?;
+        if vol.format == VolFormat::Qcow2 {
+            return Err(Error::new(
+                ErrorKind::NotSupported,
+                format!(
+                    "volume {volume:?} is qcow2: an internal snapshot of an image a running QEMU has open is taken through QEMU (QMP), not by the pool"
+                ),
+            ));
+        }
+        let op = "volume snapshot create (for a domain)";
+        let _l = for_domain(&self.locks, op, Resource::file(&path), domain)?;
+        // The domain's QEMU holds the volume's exclusive lease and we hold the domain's
+        // operation lock: nothing else works on this volume, so a temporary is a leftover.
+        Self::clean_leftovers(&root, volume)?;
+        self.new_raw_snapshot(root, volume, snapshot, true).await
+    }
+
+    async fn snapshot_listing(&self, volume: &str) -> Result<Listing<VolSnapshot>> {
         let root = self.open_root()?;
         let vol = self.describe(&root, volume)?;
         match vol.format {
-            VolFormat::Qcow2 => {
-                qcow2_snapshots(root.open_file(volume, false)?, &root.join(volume), volume)
-            }
+            VolFormat::Qcow2 => Ok(Listing {
+                items: qcow2_snapshots(root.open_file(volume, false)?, &root.join(volume), volume)?,
+                rejected: Vec::new(),
+            }),
             VolFormat::Raw => Self::raw_snapshots(&root, volume),
         }
     }
@@ -565,7 +647,7 @@ impl Backend for DirPool {
                 blocking(move || image::snapshot_file(f, &path, &op, &SystemClock).map(drop)).await
             }
             VolFormat::Raw => {
-                find_snapshot(Self::raw_snapshots(&root, volume)?, volume, snapshot)?;
+                find_listed(Self::raw_snapshots(&root, volume)?, volume, snapshot)?;
                 let (vs, snap) = (volume.to_string(), snapshot.to_string());
                 blocking(move || raw_revert(&root, &vs, &snap)).await
             }
@@ -588,7 +670,7 @@ impl Backend for DirPool {
                 blocking(move || image::snapshot_file(f, &path, &op, &SystemClock).map(drop)).await
             }
             VolFormat::Raw => {
-                find_snapshot(Self::raw_snapshots(&root, volume)?, volume, snapshot)?;
+                find_listed(Self::raw_snapshots(&root, volume)?, volume, snapshot)?;
                 let dir = Self::snap_dir(&root, volume, false)?
                     .ok_or_else(|| no_snapshot(volume, snapshot))?;
                 dir.unlink(snapshot)?;
@@ -602,7 +684,14 @@ impl Backend for DirPool {
 
 /// Snapshot the raw volume `volume` as `.snapshots/VOL/SNAP`: clone to `.vs-snap`, give it
 /// the volume's owner and read-only mode, link it to its name (never over an existing one).
-fn raw_snapshot(root: &DirFd, volume: &str, snapshot: &str) -> Result<CloneMethod> {
+/// With `reflink_only`, a filesystem that cannot clone fails the snapshot
+/// ([`ErrorKind::NotSupported`]) before any data is copied.
+fn raw_snapshot(
+    root: &DirFd,
+    volume: &str,
+    snapshot: &str,
+    reflink_only: bool,
+) -> Result<CloneMethod> {
     let src = root.open_file(volume, false)?;
     let st = root.stat(volume)?.ok_or_else(|| {
         Error::new(
@@ -614,7 +703,11 @@ fn raw_snapshot(root: &DirFd, volume: &str, snapshot: &str) -> Result<CloneMetho
     let tmp = dir.join(SNAP_TMP);
     let t = dir.create_file(SNAP_TMP, 0o600)?;
     let r = (|| -> Result<CloneMethod> {
-        let m = fsutil::clone_fd(&src, &t, &tmp)?;
+        let m = if reflink_only {
+            fsutil::reflink_fd(&src, &t, &tmp).map(|_| CloneMethod::Reflink)?
+        } else {
+            fsutil::clone_fd(&src, &t, &tmp)?
+        };
         failpoint("dir-snapshot-cloned");
         pooldir::set_mode_owner(&t, &tmp, pooldir::snapshot_mode(st.mode), st.uid, st.gid)?;
         dir.link(SNAP_TMP, snapshot)?;

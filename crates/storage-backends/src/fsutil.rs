@@ -89,19 +89,10 @@ pub fn clone_file(src: &Path, dst: &Path) -> Result<CloneMethod> {
 /// reflink clone when the filesystem supports it, else a sparse copy flushed with fsync.
 pub fn clone_fd(s: &File, d: &File, dst: &Path) -> Result<CloneMethod> {
     let r = (|| {
-        // SAFETY: both fds are open for the duration of the call.
-        let rc = unsafe { libc::ioctl(d.as_raw_fd(), FICLONE as _, s.as_raw_fd()) };
-        if rc == 0 {
-            return Ok(CloneMethod::Reflink);
-        }
-        let err = std::io::Error::last_os_error();
-        match err.raw_os_error() {
-            Some(libc::EOPNOTSUPP)
-            | Some(libc::ENOTTY)
-            | Some(libc::EXDEV)
-            | Some(libc::EINVAL)
-            | Some(libc::ENOSYS) => {}
-            _ => return Err(Error::io(format!("FICLONE {}", dst.display()), err)),
+        match reflink_fd(s, d, dst) {
+            Ok(()) => return Ok(CloneMethod::Reflink),
+            Err(e) if e.kind() == ErrorKind::NotSupported => {}
+            Err(e) => return Err(e),
         }
         sparse_copy(s, d).map_err(|e| Error::io(format!("copy to {}", dst.display()), e))?;
         Ok(CloneMethod::Copy)
@@ -117,6 +108,31 @@ pub fn clone_fd(s: &File, d: &File, dst: &Path) -> Result<CloneMethod> {
         }
         Ok(m)
     })
+}
+
+/// FICLONE `s` into `d` (named `dst`) and nothing else: [`ErrorKind::NotSupported`] when the
+/// filesystem cannot (EOPNOTSUPP, EXDEV, ...), with nothing copied.
+pub fn reflink_fd(s: &File, d: &File, dst: &Path) -> Result<()> {
+    // SAFETY: both fds are open for the duration of the call.
+    let rc = unsafe { libc::ioctl(d.as_raw_fd(), FICLONE as _, s.as_raw_fd()) };
+    if rc == 0 {
+        return Ok(());
+    }
+    let err = std::io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::EOPNOTSUPP)
+        | Some(libc::ENOTTY)
+        | Some(libc::EXDEV)
+        | Some(libc::EINVAL)
+        | Some(libc::ENOSYS) => Err(Error::new(
+            ErrorKind::NotSupported,
+            format!(
+                "{}: the filesystem cannot clone (reflink) the file: {err}",
+                dst.display()
+            ),
+        )),
+        _ => Err(Error::io(format!("FICLONE {}", dst.display()), err)),
+    }
 }
 
 fn sparse_copy(s: &File, d: &File) -> std::io::Result<()> {

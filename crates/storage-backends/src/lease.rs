@@ -1,7 +1,8 @@
 //! Taking a volume's exclusive lease before any change.
 
-use crate::error::Result;
-use locking::{Acquired, LockManager, Purpose, Resource};
+use crate::error::{Error, ErrorKind, Result};
+use crate::model::DomainRef;
+use locking::{Acquired, Holder, LockManager, Mode, Purpose, Resource};
 
 /// The exclusive lease on `res` and QEMU's image locks on its file, for operation `op`.
 /// Fails with [`crate::ErrorKind::InUse`] ("volume ... in use by ...") when a VM or another
@@ -21,4 +22,48 @@ pub(crate) fn lease_now(locks: &LockManager, op: &str, res: Resource) -> Result<
         volumes: vec![res],
     };
     Ok(locks.acquire(&purpose)?)
+}
+
+/// Act for the running domain `d` on `res` (operation `op`): the domain's operation lock,
+/// and a check that `d`'s QEMU holds `res`'s lease ([`Purpose::ForDomain`]); no volume lease
+/// and no QEMU image lock is taken. The domain must hold the lease exclusively (a disk it
+/// shares with other VMs is refused: they could be acting on it at the same time). Fails
+/// with [`ErrorKind::InUse`] when another operation on the domain runs, or when the lease is
+/// not the domain's.
+pub(crate) fn for_domain(
+    locks: &LockManager,
+    op: &str,
+    res: Resource,
+    d: &DomainRef,
+) -> Result<Acquired> {
+    let purpose = Purpose::ForDomain {
+        domain: d.domain.clone(),
+        qemu_pid: d.qemu_pid,
+        op: op.to_string(),
+        volumes: vec![res.clone()],
+    };
+    let held = locks.acquire(&purpose)?;
+    let me = Holder::Domain(d.domain.clone());
+    let shared = locks
+        .holders(&res)?
+        .iter()
+        .any(|h| h.holder == me && h.pid == d.qemu_pid && h.mode != Mode::Exclusive);
+    if shared {
+        return Err(Error::new(
+            ErrorKind::NotSupported,
+            format!(
+                "volume {res} is attached shared (read-only or shareable) to domain {:?}: a snapshot for one domain needs its exclusive lease",
+                d.domain
+            ),
+        ));
+    }
+    Ok(held)
+}
+
+/// `res`'s canonical key as text (a volume's [`crate::Volume::key`]).
+pub(crate) fn key_string(res: &Resource) -> String {
+    match res.key() {
+        Ok(k) => String::from_utf8_lossy(k.canonical()).into_owned(),
+        Err(_) => res.to_string(),
+    }
 }

@@ -10,8 +10,8 @@
 //!   it; every multi-step change records its undo steps in a [`Reverter`].
 //! - [`image`]: the one path for writing qcow2 images (create, overlays, internal snapshots),
 //!   used by the dir and btrfs pools and by the virt-snap facade.
-//! - [`runner`]: every tool runs through a [`CommandRunner`]: local, recording (golden argv,
-//!   canned output, failure injection) and guest-agent (LVM in a test guest).
+//! - [`runner`]: every tool runs through a [`CommandRunner`]: local, and recording (golden
+//!   argv, canned output, failure injection); the LVM tests add a guest-agent runner.
 //!
 //! docs/storage-backends.md describes each backend's commands and revert semantics.
 #![doc = include_str!("../README.md")]
@@ -33,11 +33,12 @@ mod store;
 
 pub use error::{Error, ErrorKind, Result};
 pub use model::{
-    parse_size, Backing, Capabilities, PoolDef, PoolInfo, PoolKind, SnapshotKind, SnapshotOptions,
-    VolFormat, VolSnapshot, Volume, VolumeSpec,
+    parse_size, Backing, Capabilities, DomainRef, Listing, PoolDef, PoolInfo, PoolKind,
+    RejectedEntry, SnapshotKind, SnapshotOptions, VolFormat, VolSnapshot, Volume, VolumeBacking,
+    VolumeSpec,
 };
 pub use reverter::Reverter;
-pub use runner::{CommandRunner, LocalRunner, Output, QgaRunner, RecordingRunner};
+pub use runner::{CommandRunner, LocalRunner, Output, RecordingRunner};
 pub use store::{DamagedPool, PoolListing, PoolStore, POOLS_SUBDIR};
 
 use async_trait::async_trait;
@@ -55,8 +56,18 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     fn capabilities(&self) -> Capabilities;
     /// Size, use and free space of the pool.
     async fn info(&self) -> Result<PoolInfo>;
-    /// The volumes, sorted by name.
-    async fn list_volumes(&self) -> Result<Vec<Volume>>;
+    /// The volumes, sorted by name, and the entries that are no volume to list (a symlink,
+    /// a name that is not UTF-8, an unreadable file), each by name.
+    async fn volume_listing(&self) -> Result<Listing<Volume>>;
+    /// The volumes, sorted by name: [`Backend::volume_listing`]'s good ones (the rejected
+    /// entries are logged).
+    async fn list_volumes(&self) -> Result<Vec<Volume>> {
+        let l = self.volume_listing().await?;
+        for r in &l.rejected {
+            tracing::warn!("{}", r.error);
+        }
+        Ok(l.items)
+    }
     /// One volume ([`ErrorKind::NotFound`] if absent).
     async fn volume(&self, name: &str) -> Result<Volume>;
     /// Create a volume.
@@ -70,8 +81,41 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
         snapshot: &str,
         opts: &SnapshotOptions,
     ) -> Result<VolSnapshot>;
-    /// A volume's snapshots, oldest first.
-    async fn list_snapshots(&self, volume: &str) -> Result<Vec<VolSnapshot>>;
+    /// The resource volume `volume`'s lease is keyed on: the one key every operation on the
+    /// volume takes, create included, and the one a VM start must take for it
+    /// (`locking::DiskUse::writable(pool.lease_resource("v1").await?)`). Dir: the file
+    /// (`Resource::File`); btrfs: the subvolume directory with the volume file as image
+    /// (`Resource::Subvolume`); logical: `VG/LV` (`Resource::LogicalVolume`).
+    /// [`ErrorKind::NotFound`] if the volume does not exist.
+    async fn lease_resource(&self, volume: &str) -> Result<locking::Resource>;
+    /// Snapshot volume `volume` for the running domain `domain`, whose QEMU holds the
+    /// volume's lease and has it open (the VM paused by the caller, e.g. QMP `stop`): a kind
+    /// among [`Capabilities::open_volume_snapshots`]. Takes `locking::Purpose::ForDomain`
+    /// (the domain's operation lock, a check of the recorded holder: domain name and QEMU
+    /// pid), never the volume's lease nor QEMU's image locks. Anyone else is refused with
+    /// [`ErrorKind::InUse`] (the lease is not theirs, or another operation on the domain
+    /// runs); a qcow2 volume (its internal snapshots go through QMP) and a raw file whose
+    /// filesystem cannot reflink (a full copy would stretch the guest's pause) are refused
+    /// with [`ErrorKind::NotSupported`] before anything is written.
+    async fn create_snapshot_for_domain(
+        &self,
+        volume: &str,
+        snapshot: &str,
+        domain: &DomainRef,
+        opts: &SnapshotOptions,
+    ) -> Result<VolSnapshot>;
+    /// A volume's snapshots, oldest first, and the entries of its snapshot directory that
+    /// are no snapshot to list (a symlink, a name that is not UTF-8), each by name.
+    async fn snapshot_listing(&self, volume: &str) -> Result<Listing<VolSnapshot>>;
+    /// A volume's snapshots, oldest first: [`Backend::snapshot_listing`]'s good ones (the
+    /// rejected entries are logged).
+    async fn list_snapshots(&self, volume: &str) -> Result<Vec<VolSnapshot>> {
+        let l = self.snapshot_listing(volume).await?;
+        for r in &l.rejected {
+            tracing::warn!("{}", r.error);
+        }
+        Ok(l.items)
+    }
     /// Make the volume's content the snapshot's again; the snapshot is kept.
     async fn revert_snapshot(&self, volume: &str, snapshot: &str) -> Result<()>;
     /// Delete a snapshot.
@@ -101,6 +145,19 @@ pub(crate) fn find_snapshot(
     list.into_iter()
         .find(|s| s.name == snapshot)
         .ok_or_else(|| no_snapshot(volume, snapshot))
+}
+
+/// The snapshot `snapshot` in `list`: a rejected entry of that name gives its error (a
+/// symlink, say), else [`find_snapshot`].
+pub(crate) fn find_listed(
+    list: Listing<VolSnapshot>,
+    volume: &str,
+    snapshot: &str,
+) -> Result<VolSnapshot> {
+    if let Some(r) = list.rejected.into_iter().find(|r| r.name == snapshot) {
+        return Err(r.error);
+    }
+    find_snapshot(list.items, volume, snapshot)
 }
 
 /// The error for a snapshot a volume does not have.

@@ -15,21 +15,24 @@
 //!   snapshot, so `lvconvert --merge VG/VOL.SNAP` (which consumes the snapshot; it cannot be
 //!   undone) and a new COW snapshot `VOL.SNAP` of the same size is taken of the merged
 //!   volume.
-//! - The lease is keyed on the LV's UUID (`lv_uuid`); the device node `/dev/VG/LV` carries
-//!   QEMU's image locks when the tools run on this host.
+//! - The lease is keyed on the volume's identity `VG/NAME` (`lvm:VG/NAME`, the same for
+//!   create and every later operation; not the UUID, which a thin revert changes); the device
+//!   node `/dev/VG/LV` carries QEMU's image locks when the tools run on this host. A
+//!   snapshot for a running domain (`create_snapshot_for_domain`) takes the same
+//!   `lvcreate -s` under the domain's operation lock instead.
 //!
 //! Every tool runs through the [`CommandRunner`]: locally, recorded (golden argv), or in the
 //! LVM test guest through the guest agent.
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::lease::lease;
+use crate::lease::{for_domain, key_string, lease};
 use crate::model::*;
 use crate::name::{check_lvm_name, NameOf};
 use crate::reverter::Reverter;
 use crate::runner::{argv, run_ok, CommandRunner};
 use crate::{find_snapshot, Backend};
 use async_trait::async_trait;
-use locking::{LockManager, Resource, UuidKind};
+use locking::{LockManager, Resource};
 use std::sync::Arc;
 
 /// The tag on every snapshot LV this backend makes.
@@ -218,19 +221,21 @@ impl LvmPool {
                 _ => Some(lv.size),
             },
             backing: None,
-            key: lv.uuid.clone(),
+            key: key_string(&self.resource(&lv.name)),
         }
     }
 
-    fn resource(&self, lv: &LvRow) -> Resource {
-        Resource::Uuid {
-            kind: UuidKind::LvmLv,
-            uuid: lv.uuid.clone(),
-            display: format!("{}/{}", self.vg, lv.name),
+    /// The lease resource of volume `name`: its pool-relative identity `VG/NAME` (not the
+    /// LV's UUID: a thin revert renames another LV into the name), with the device node as
+    /// QEMU's image when the tools run on this host.
+    fn resource(&self, name: &str) -> Resource {
+        Resource::LogicalVolume {
+            vg: self.vg.clone(),
+            lv: name.to_string(),
             image: self
                 .runner
                 .is_local()
-                .then(|| format!("/dev/{}/{}", self.vg, lv.name).into()),
+                .then(|| format!("/dev/{}/{}", self.vg, name).into()),
         }
     }
 
@@ -312,6 +317,50 @@ impl LvmPool {
             .map(|_| ())
     }
 
+    /// The volumes, sorted by name (LV names are always text: nothing is rejected).
+    async fn lvs_volumes(&self) -> Result<Vec<Volume>> {
+        let mut v: Vec<Volume> = self
+            .lvs()
+            .await?
+            .iter()
+            .filter(|l| Self::is_volume(l))
+            .map(|l| self.to_volume(l))
+            .collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(v)
+    }
+
+    /// Take snapshot `snapshot` of `volume` (the caller holds what protects the volume).
+    async fn new_snapshot(
+        &self,
+        volume: &str,
+        snapshot: &str,
+        opts: &SnapshotOptions,
+    ) -> Result<VolSnapshot> {
+        let lvs = self.lvs().await?;
+        let vol = self.find_volume(&lvs, volume)?;
+        if vol.is_thin() && opts.size.is_some() {
+            return Err(Error::new(
+                ErrorKind::NotSupported,
+                "thin snapshots have no size (they share the thin pool)",
+            ));
+        }
+        let lvname = format!("{volume}.{snapshot}");
+        if lvs.iter().any(|l| l.name == lvname) {
+            return Err(crate::dir::exists(volume, snapshot));
+        }
+        self.snapshot_lv(&vol, &lvname, opts.size).await?;
+        let lvs = self.lvs().await?;
+        find_snapshot(
+            self.snapshots_of(&lvs, volume)
+                .into_iter()
+                .map(|(_, s)| s)
+                .collect(),
+            volume,
+            snapshot,
+        )
+    }
+
     async fn snapshot_lv(&self, vol: &LvRow, lvname: &str, cow_size: Option<u64>) -> Result<()> {
         let origin = self.lv(&vol.name);
         if vol.is_thin() {
@@ -370,6 +419,11 @@ impl Backend for LvmPool {
             sized_snapshots: !thin,
             thin,
             atomic_revert: false,
+            open_volume_snapshots: if thin {
+                &[SnapshotKind::LvmThin]
+            } else {
+                &[SnapshotKind::LvmCow]
+            },
         }
     }
 
@@ -401,16 +455,24 @@ impl Backend for LvmPool {
         })
     }
 
-    async fn list_volumes(&self) -> Result<Vec<Volume>> {
-        let mut v: Vec<Volume> = self
-            .lvs()
-            .await?
-            .iter()
-            .filter(|l| Self::is_volume(l))
-            .map(|l| self.to_volume(l))
-            .collect();
-        v.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(v)
+    async fn volume_listing(&self) -> Result<Listing<Volume>> {
+        Ok(Listing {
+            items: self.lvs_volumes().await?,
+            rejected: Vec::new(),
+        })
+    }
+
+    async fn snapshot_listing(&self, volume: &str) -> Result<Listing<VolSnapshot>> {
+        let lvs = self.lvs().await?;
+        self.find_volume(&lvs, volume)?;
+        Ok(Listing {
+            items: self
+                .snapshots_of(&lvs, volume)
+                .into_iter()
+                .map(|(_, s)| s)
+                .collect(),
+            rejected: Vec::new(),
+        })
     }
 
     async fn volume(&self, name: &str) -> Result<Volume> {
@@ -429,6 +491,7 @@ impl Backend for LvmPool {
         if spec.capacity == 0 {
             return Err(Error::new(ErrorKind::InvalidInput, "a volume needs a size"));
         }
+        let _l = lease(&self.locks, "volume create", self.resource(&spec.name)).await?;
         let lvs = self.lvs().await?;
         if lvs.iter().any(|l| l.name == spec.name) {
             return Err(Error::new(
@@ -464,9 +527,10 @@ impl Backend for LvmPool {
     }
 
     async fn delete_volume(&self, name: &str) -> Result<()> {
+        check_lvm_name(NameOf::Volume, name)?;
+        let _l = lease(&self.locks, "volume delete", self.resource(name)).await?;
         let lvs = self.lvs().await?;
-        let vol = self.find_volume(&lvs, name)?;
-        let _l = lease(&self.locks, "volume delete", self.resource(&vol)).await?;
+        self.find_volume(&lvs, name)?;
         // Deletions cannot be undone: a failure part way says what is already gone.
         let mut rev = Reverter::new();
         for (lv, _) in self.snapshots_of(&lvs, name) {
@@ -489,46 +553,34 @@ impl Backend for LvmPool {
         opts: &SnapshotOptions,
     ) -> Result<VolSnapshot> {
         crate::name::check_lvm_snapshot_lv(volume, snapshot)?;
-        let lvs = self.lvs().await?;
-        let vol = self.find_volume(&lvs, volume)?;
-        if vol.is_thin() && opts.size.is_some() {
-            return Err(Error::new(
-                ErrorKind::NotSupported,
-                "thin snapshots have no size (they share the thin pool)",
-            ));
-        }
-        let lvname = format!("{volume}.{snapshot}");
-        let _l = lease(&self.locks, "volume snapshot create", self.resource(&vol)).await?;
-        if lvs.iter().any(|l| l.name == lvname) {
-            return Err(crate::dir::exists(volume, snapshot));
-        }
-        self.snapshot_lv(&vol, &lvname, opts.size).await?;
-        let lvs = self.lvs().await?;
-        find_snapshot(
-            self.snapshots_of(&lvs, volume)
-                .into_iter()
-                .map(|(_, s)| s)
-                .collect(),
-            volume,
-            snapshot,
-        )
+        let _l = lease(&self.locks, "volume snapshot create", self.resource(volume)).await?;
+        self.new_snapshot(volume, snapshot, opts).await
     }
 
-    async fn list_snapshots(&self, volume: &str) -> Result<Vec<VolSnapshot>> {
+    async fn lease_resource(&self, volume: &str) -> Result<Resource> {
         let lvs = self.lvs().await?;
         self.find_volume(&lvs, volume)?;
-        Ok(self
-            .snapshots_of(&lvs, volume)
-            .into_iter()
-            .map(|(_, s)| s)
-            .collect())
+        Ok(self.resource(volume))
+    }
+
+    async fn create_snapshot_for_domain(
+        &self,
+        volume: &str,
+        snapshot: &str,
+        domain: &DomainRef,
+        opts: &SnapshotOptions,
+    ) -> Result<VolSnapshot> {
+        crate::name::check_lvm_snapshot_lv(volume, snapshot)?;
+        let op = "volume snapshot create (for a domain)";
+        let _l = for_domain(&self.locks, op, self.resource(volume), domain)?;
+        self.new_snapshot(volume, snapshot, opts).await
     }
 
     async fn revert_snapshot(&self, volume: &str, snapshot: &str) -> Result<()> {
         crate::name::check_lvm_snapshot_lv(volume, snapshot)?;
+        let _l = lease(&self.locks, "volume snapshot revert", self.resource(volume)).await?;
         let lvs = self.lvs().await?;
         let vol = self.find_volume(&lvs, volume)?;
-        let _l = lease(&self.locks, "volume snapshot revert", self.resource(&vol)).await?;
         let (snap_lv, snap) = self.find_snapshot_lv(&lvs, volume, snapshot)?;
         if !snap.valid {
             return Err(Error::new(
@@ -605,9 +657,9 @@ impl Backend for LvmPool {
 
     async fn delete_snapshot(&self, volume: &str, snapshot: &str) -> Result<()> {
         crate::name::check_lvm_snapshot_lv(volume, snapshot)?;
+        let _l = lease(&self.locks, "volume snapshot delete", self.resource(volume)).await?;
         let lvs = self.lvs().await?;
-        let vol = self.find_volume(&lvs, volume)?;
-        let _l = lease(&self.locks, "volume snapshot delete", self.resource(&vol)).await?;
+        self.find_volume(&lvs, volume)?;
         let (lv, _) = self.find_snapshot_lv(&lvs, volume, snapshot)?;
         self.remove(&lv.name).await
     }

@@ -109,6 +109,25 @@ pub struct Backing {
     pub format: VolFormat,
 }
 
+/// The backing volume of an existing qcow2 volume, as its header records it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct VolumeBacking {
+    /// Its path (as recorded in the overlay).
+    pub path: String,
+    /// Its format as recorded in the overlay; `None` (JSON `null`, shown `unknown`) when the
+    /// overlay records none or one that is neither raw nor qcow2. Never probed or guessed:
+    /// an unrecorded format is not raw.
+    pub format: Option<VolFormat>,
+}
+
+impl VolumeBacking {
+    /// The format as text: `raw`, `qcow2` or `unknown`.
+    pub fn format_str(&self) -> &'static str {
+        self.format.map_or("unknown", VolFormat::as_str)
+    }
+}
+
 /// What to create.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VolumeSpec {
@@ -140,8 +159,11 @@ pub struct Volume {
     pub allocation: Option<u64>,
     /// The backing volume, for qcow2 overlays.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub backing: Option<Backing>,
-    /// What its lease is keyed on: a canonical path, a subvolume UUID or an LV UUID.
+    pub backing: Option<VolumeBacking>,
+    /// What its lease is keyed on (the key of [`crate::Backend::lease_resource`]): the
+    /// canonical path of the file (dir) or of the subvolume's directory (btrfs), or
+    /// `lvm:VG/LV` (logical): the volume's pool-relative identity, the same for every
+    /// operation on it and for a VM start.
     pub key: String,
 }
 
@@ -204,6 +226,12 @@ pub struct Capabilities {
     pub thin: bool,
     /// Revert replaces the volume in one atomic step.
     pub atomic_revert: bool,
+    /// The snapshot kinds [`crate::Backend::create_snapshot_for_domain`] can take of a volume
+    /// a running (paused) VM has open: a btrfs subvolume snapshot, an LVM snapshot, a
+    /// reflink of a raw file (dir pools, only where the filesystem clones: [`PoolInfo`]
+    /// says after probing). Never [`SnapshotKind::Qcow2Internal`]: an internal snapshot of
+    /// an open qcow2 image goes through QEMU (QMP).
+    pub open_volume_snapshots: &'static [SnapshotKind],
 }
 
 /// A pool's state.
@@ -231,6 +259,57 @@ pub struct PoolInfo {
     /// Bytes allocated to those leftovers (for btrfs subvolumes: their files' apparent
     /// allocation, shared extents counted in full).
     pub leftover_bytes: u64,
+}
+
+/// A listing of a pool's volumes or a volume's snapshots: the good entries, and each entry
+/// of the pool's directories that cannot be listed (a symlink, a name that is not UTF-8, a
+/// file that cannot be read as a volume), reported by name, so that one bad entry does not
+/// hide the others. Operations on a rejected entry itself fail with its error.
+#[derive(Debug)]
+pub struct Listing<T> {
+    /// The good entries, in the listing's order.
+    pub items: Vec<T>,
+    /// The entries that could not be listed, in directory order.
+    pub rejected: Vec<RejectedEntry>,
+}
+
+impl<T> Default for Listing<T> {
+    fn default() -> Self {
+        Listing {
+            items: Vec::new(),
+            rejected: Vec::new(),
+        }
+    }
+}
+
+impl<T> Listing<T> {
+    /// The items, or the first rejected entry's error (for operations that must see every
+    /// entry, such as deleting a volume with its snapshots).
+    pub fn strict(self) -> Result<Vec<T>> {
+        match self.rejected.into_iter().next() {
+            Some(r) => Err(r.error),
+            None => Ok(self.items),
+        }
+    }
+}
+
+/// An entry a listing could not list.
+#[derive(Debug)]
+pub struct RejectedEntry {
+    /// Its file name (a name that is not UTF-8 with its bytes escaped, e.g. `v\xff1`).
+    pub name: String,
+    /// Why: its message names the entry's path.
+    pub error: Error,
+}
+
+/// The running domain an operation acts for: its name and its QEMU's pid, checked against
+/// the volume's recorded lease holder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DomainRef {
+    /// The domain's name (the lease holder `Domain(name)`).
+    pub domain: String,
+    /// The pid of its QEMU, which holds the volume's lease.
+    pub qemu_pid: u32,
 }
 
 /// Options of snapshot creation.

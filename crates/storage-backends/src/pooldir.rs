@@ -99,6 +99,15 @@ pub fn utf8_name(dir: &Path, name: &OsStr) -> Result<String> {
     })
 }
 
+/// A file name for a listing's [`crate::RejectedEntry`]: as it is if UTF-8, else its bytes
+/// escaped (`v\xff1`), as [`utf8_name`]'s error shows it.
+pub fn shown_name(name: &OsStr) -> String {
+    match name.to_str() {
+        Some(n) => n.to_string(),
+        None => name.as_bytes().escape_ascii().to_string(),
+    }
+}
+
 fn io(what: impl Into<String>, e: rustix::io::Errno) -> Error {
     Error::io(what, std::io::Error::from(e))
 }

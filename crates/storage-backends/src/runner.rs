@@ -4,15 +4,16 @@
 //! - [`RecordingRunner`]: records every argv (checked against golden files with
 //!   [`RecordingRunner::check_golden`]), answers with canned output, delegates to an inner
 //!   runner, and injects failures: the fake for failure injection and golden argv tests.
-//! - [`QgaRunner`]: runs the tool inside a guest through the QEMU guest agent
-//!   (`guest-exec`), so that LVM is exercised for real from a host without device-mapper.
+//!
+//! The LVM tests run the tools inside a guest through the QEMU guest agent (`guest-exec`), so
+//! that LVM is exercised for real from a host without device-mapper: their `QgaRunner` is a
+//! test helper (`tests/common/mod.rs`), not part of this crate, which depends on no qmp-proto.
 
 use crate::error::{Error, ErrorKind, Result};
 use async_trait::async_trait;
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 /// What a tool did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -52,7 +53,8 @@ impl Output {
     }
 }
 
-/// Runs storage tools. Implementations: [`LocalRunner`], [`RecordingRunner`], [`QgaRunner`].
+/// Runs storage tools. Implementations: [`LocalRunner`], [`RecordingRunner`]; the LVM tests
+/// add one that runs them in a guest through the guest agent (`tests/common`).
 #[async_trait]
 pub trait CommandRunner: Send + Sync + fmt::Debug {
     /// Run `argv` (argv\[0\] is looked up in `PATH`) and return what it did; an `Err` only
@@ -340,59 +342,6 @@ impl CommandRunner for RecordingRunner {
     }
     fn is_local(&self) -> bool {
         self.local
-    }
-}
-
-/// Runs tools inside a guest through the QEMU guest agent (`guest-exec`), connecting to the
-/// agent's socket for each command (QEMU's chardev serves one client at a time).
-#[derive(Debug, Clone)]
-pub struct QgaRunner {
-    socket: PathBuf,
-    timeout: Duration,
-}
-
-impl QgaRunner {
-    /// A runner on the guest agent socket `socket`; each command may take up to 120 s.
-    pub fn new(socket: impl Into<PathBuf>) -> QgaRunner {
-        QgaRunner {
-            socket: socket.into(),
-            timeout: Duration::from_secs(120),
-        }
-    }
-    /// Allow each command `t`.
-    pub fn timeout(mut self, t: Duration) -> Self {
-        self.timeout = t;
-        self
-    }
-}
-
-#[async_trait]
-impl CommandRunner for QgaRunner {
-    async fn run(&self, argv: &[String]) -> Result<Output> {
-        let io = |e: qmp_proto::Error| {
-            Error::new(
-                ErrorKind::Io,
-                format!(
-                    "guest agent {}: `{}`: {e}",
-                    self.socket.display(),
-                    argv.join(" ")
-                ),
-            )
-            .with_source(e)
-        };
-        let mut agent = qmp_proto::QgaClient::connect_unix(&self.socket, Duration::from_secs(10))
-            .await
-            .map_err(io)?;
-        let refs: Vec<&str> = argv.iter().map(String::as_str).collect();
-        let out = agent.exec(&refs, None, self.timeout).await.map_err(io)?;
-        Ok(Output {
-            status: out.exit_code.filter(|_| out.signal.is_none()),
-            stdout: out.stdout,
-            stderr: out.stderr,
-        })
-    }
-    fn is_local(&self) -> bool {
-        false
     }
 }
 

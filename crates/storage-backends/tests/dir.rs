@@ -107,11 +107,40 @@ async fn dir_pool_snapshot_overwrite_revert_reads_back_the_original_bytes() {
         .unwrap();
     assert_eq!(
         o.backing,
-        Some(Backing {
+        Some(VolumeBacking {
             path: v.path.clone(),
-            format: VolFormat::Raw
+            format: Some(VolFormat::Raw)
         })
     );
+    // An overlay whose header records no backing format shows the format as unknown, never
+    // as raw (formats are recorded, never guessed).
+    {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(root.path().join("nofmt"))
+            .unwrap();
+        let st = image_formats::FileStorage::from_file(f);
+        image_formats::qcow2_write::create(
+            &st,
+            &image_formats::qcow2_write::CreateOptions {
+                size: 1 << 20,
+                backing_file: Some(v.path.clone().into_bytes()),
+                backing_format: None,
+            },
+        )
+        .unwrap();
+    }
+    let n = pool.volume("nofmt").await.unwrap();
+    let b = n.backing.clone().unwrap();
+    assert_eq!((b.path.as_str(), b.format), (v.path.as_str(), None));
+    assert_eq!(b.format_str(), "unknown");
+    assert_eq!(
+        serde_json::to_value(&n).unwrap()["backing"]["format"],
+        serde_json::Value::Null
+    );
+    pool.delete_volume("nofmt").await.unwrap();
     assert_eq!(o.capacity, 8 << 20);
     assert_eq!(
         qcow2_read(std::path::Path::new(&o.path), 0, 14),
@@ -335,10 +364,20 @@ async fn every_operation(pool: &dyn Backend) -> Vec<String> {
         Ok(()) => "ok".to_string(),
         Err(e) => format!("{:?}: {e}", e.kind()),
     };
+    // A listing succeeds with the good entries; its rejected ones show as errors here.
+    let l = |r: Result<Vec<RejectedEntry>, Error>| match r {
+        Ok(rej) if rej.is_empty() => "ok".to_string(),
+        Ok(rej) => rej
+            .iter()
+            .map(|x| format!("{:?}: {}", x.error.kind(), x.error))
+            .collect::<Vec<_>>()
+            .join("; "),
+        Err(e) => format!("{:?}: {e}", e.kind()),
+    };
     vec![
-        r(pool.list_volumes().await.map(|_| ())),
+        l(pool.volume_listing().await.map(|x| x.rejected)),
         r(pool.volume("v1").await.map(|_| ())),
-        r(pool.list_snapshots("v1").await.map(|_| ())),
+        l(pool.snapshot_listing("v1").await.map(|x| x.rejected)),
         r(pool.create_snapshot("v1", "new", &o).await.map(|_| ())),
         r(pool.revert_snapshot("v1", "s1").await),
         r(pool.delete_snapshot("v1", "s1").await),
@@ -625,10 +664,56 @@ async fn backing_volumes_non_utf8_names_and_enospc_in_a_dir_pool() {
     use std::os::unix::ffi::OsStrExt;
     let odd = root.path().join(std::ffi::OsStr::from_bytes(b"v\xff1"));
     std::fs::write(&odd, b"x").unwrap();
-    let e = pool.list_volumes().await.unwrap_err();
-    assert!(e.to_string().contains("v\\xff1"), "{e}");
-    std::fs::remove_file(&odd).unwrap();
+    // One bad entry (a non-UTF-8 name, a symlink) does not hide the others: the listing has
+    // the good volumes and names each bad entry; operations on the bad entry itself fail.
+    std::os::unix::fs::symlink(root.path().join("v1"), root.path().join("lnk")).unwrap();
+    let l = pool.volume_listing().await.unwrap();
+    let names: Vec<&str> = l.items.iter().map(|v| v.name.as_str()).collect();
+    assert_eq!(names, ["v1"]);
+    let mut rej: Vec<(&str, String)> = l
+        .rejected
+        .iter()
+        .map(|r| (r.name.as_str(), r.error.to_string()))
+        .collect();
+    rej.sort();
+    assert_eq!(rej.len(), 2, "{rej:?}");
+    assert_eq!(rej[0].0, "lnk");
+    assert!(rej[0].1.contains("is a symbolic link"), "{rej:?}");
+    assert_eq!(rej[1].0, "v\\xff1");
+    assert!(
+        rej[1].1.contains("v\\xff1") && rej[1].1.contains("not UTF-8"),
+        "{rej:?}"
+    );
     assert_eq!(pool.list_volumes().await.unwrap().len(), 1);
+    let e = pool.volume("lnk").await.unwrap_err();
+    assert!(e.to_string().contains("symbolic link"), "{e}");
+    // ... and the same in a raw volume's snapshot directory.
+    pool.create_snapshot("v1", "s1", &SnapshotOptions::default())
+        .await
+        .unwrap();
+    let sd = root.path().join(".snapshots/v1");
+    std::os::unix::fs::symlink("/etc/passwd", sd.join("slink")).unwrap();
+    std::fs::write(sd.join(std::ffi::OsStr::from_bytes(b"s\xfe")), b"x").unwrap();
+    let l = pool.snapshot_listing("v1").await.unwrap();
+    assert_eq!(l.items.len(), 1);
+    assert_eq!(l.items[0].name, "s1");
+    let mut rej: Vec<&str> = l.rejected.iter().map(|r| r.name.as_str()).collect();
+    rej.sort();
+    assert_eq!(rej, ["s\\xfe", "slink"]);
+    let e = pool.revert_snapshot("v1", "slink").await.unwrap_err();
+    assert!(e.to_string().contains("symbolic link"), "{e}");
+    let e = pool.delete_snapshot("v1", "slink").await.unwrap_err();
+    assert!(e.to_string().contains("symbolic link"), "{e}");
+    // Deleting the volume must see every entry first: it refuses, nothing is gone.
+    let e = pool.delete_volume("v1").await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
+    assert!(root.path().join("v1").exists() && sd.join("s1").exists());
+    std::fs::remove_file(sd.join("slink")).unwrap();
+    std::fs::remove_file(sd.join(std::ffi::OsStr::from_bytes(b"s\xfe"))).unwrap();
+    pool.delete_snapshot("v1", "s1").await.unwrap();
+    std::fs::remove_file(&odd).unwrap();
+    std::fs::remove_file(root.path().join("lnk")).unwrap();
+    assert!(pool.volume_listing().await.unwrap().rejected.is_empty());
 
     // ENOSPC during a snapshot's copy (tmpfs: no reflink): nothing is left behind.
     let small = tempfile::tempdir().unwrap();

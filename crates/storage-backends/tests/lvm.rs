@@ -2,6 +2,9 @@
 //! agent (QgaRunner); data is written and read back with `dd` in the guest. One guest boot
 //! for every section.
 
+mod common;
+
+use common::QgaRunner;
 use std::sync::Arc;
 use storage_backends::*;
 
@@ -115,18 +118,16 @@ async fn lvm_thin_and_cow_snapshots_in_the_test_guest() {
     thin.revert_snapshot("t1", "s1").await.unwrap();
     assert_eq!(read_md5(&g, "t1").await, orig);
 
-    // In use: a VM holding the LV's lease (keyed on its UUID).
+    // In use: a VM holding the LV's lease (its lease resource, `vg0/t1`).
     let vol = thin.volume("t1").await.unwrap();
+    assert_eq!(vol.key, "lvm:vg0/t1");
     let lm = locking::LockManager::local(state.path().join("locks")).unwrap();
     let vm = lm
         .acquire(&locking::Purpose::VmStart {
             domain: "vm1".into(),
-            disks: vec![locking::DiskUse::writable(locking::Resource::Uuid {
-                kind: locking::UuidKind::LvmLv,
-                uuid: vol.key.clone(),
-                display: "vg0/t1".into(),
-                image: None,
-            })],
+            disks: vec![locking::DiskUse::writable(
+                thin.lease_resource("t1").await.unwrap(),
+            )],
         })
         .unwrap();
     let e = thin

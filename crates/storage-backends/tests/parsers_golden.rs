@@ -191,6 +191,90 @@ async fn lvm_snapshot_create_golden_argv() {
     assert_eq!(vols, ["lin", "thinvol"]);
 }
 
+/// Acting for a running domain: the same `lvcreate -s` as an offline snapshot, under the
+/// domain's operation lock, checked against the VM start's lease on the LV's identity
+/// (`vg0/thinvol`, the key of every operation on it); anyone else runs no command.
+#[tokio::test]
+async fn lvm_snapshot_for_a_domain_golden_argv() {
+    let base = data("lvs-2.03.16.json");
+    let thin = {
+        let mut r = row("thinvol.t2", "Vri---tz-k", "thin", "thinvol");
+        r["pool_lv"] = "tp".into();
+        r
+    };
+    let (rec, p, state) = pool(base.clone(), lvs_with(&[thin], &[]));
+    assert!(p
+        .capabilities()
+        .open_volume_snapshots
+        .contains(&SnapshotKind::LvmThin));
+    let res = locking::Resource::LogicalVolume {
+        vg: "vg0".into(),
+        lv: "thinvol".into(),
+        image: None,
+    };
+    let lm = locking::LockManager::local(state.path().join("locks")).unwrap();
+    let _vm = lm
+        .acquire(&locking::Purpose::VmStart {
+            domain: "vm1".into(),
+            disks: vec![locking::DiskUse::writable(res)],
+        })
+        .unwrap();
+    let me = DomainRef {
+        domain: "vm1".into(),
+        qemu_pid: std::process::id(),
+    };
+    let opts = SnapshotOptions::default();
+    // Refused without running anything: a plain operation, a wrong domain, a wrong pid.
+    let e = p.create_snapshot("thinvol", "t2", &opts).await.unwrap_err();
+    assert!(e.to_string().contains("in use by domain \"vm1\""), "{e}");
+    for d in [
+        DomainRef {
+            domain: "vm2".into(),
+            qemu_pid: me.qemu_pid,
+        },
+        DomainRef {
+            domain: "vm1".into(),
+            qemu_pid: me.qemu_pid + 1,
+        },
+    ] {
+        let e = p
+            .create_snapshot_for_domain("thinvol", "t2", &d, &opts)
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InUse, "{e}");
+        assert!(e.to_string().contains("is not held by domain"), "{e}");
+    }
+    // Create takes the new volume's lease too (the key a VM start on it would take).
+    let held = lm
+        .acquire(&locking::Purpose::VolumeOp {
+            op: "other".into(),
+            volumes: vec![locking::Resource::LogicalVolume {
+                vg: "vg0".into(),
+                lv: "newvol".into(),
+                image: None,
+            }],
+        })
+        .unwrap();
+    let e = p
+        .create_volume(&VolumeSpec {
+            name: "newvol".into(),
+            capacity: 1 << 20,
+            format: VolFormat::Raw,
+            backing: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InUse, "{e}");
+    drop(held);
+    assert!(rec.calls().is_empty(), "{:?}", rec.calls());
+    let s = p
+        .create_snapshot_for_domain("thinvol", "t2", &me, &opts)
+        .await
+        .unwrap();
+    assert_eq!(s.kind, SnapshotKind::LvmThin);
+    check(&rec, "lvm-create-snapshot-for-domain.argv");
+}
+
 #[tokio::test]
 async fn lvm_revert_golden_argv_and_undo_of_an_injected_failure() {
     let base = data("lvs-2.03.16.json");

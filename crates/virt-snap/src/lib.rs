@@ -40,5 +40,5 @@ pub mod state;
 pub use connection::{Connection, ConnectionBuilder};
 pub use error::{Error, ErrorKind, Result};
 pub use image::{Clock, FixedClock, Image, SystemClock};
-pub use pool::{Pool, Volume};
+pub use pool::{Listing, Pool, RejectedEntry, Volume};
 pub use storage_backends::{CommandRunner, LocalRunner, RecordingRunner};

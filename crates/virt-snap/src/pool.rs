@@ -9,8 +9,8 @@ use std::sync::Arc;
 use storage_backends::Backend;
 
 pub use storage_backends::{
-    Backing, Capabilities, PoolDef, PoolInfo, PoolKind, SnapshotKind, SnapshotOptions, VolFormat,
-    VolSnapshot, Volume as VolumeInfo, VolumeSpec,
+    Backing, Capabilities, DomainRef, PoolDef, PoolInfo, PoolKind, SnapshotKind, SnapshotOptions,
+    VolFormat, VolSnapshot, Volume as VolumeInfo, VolumeBacking, VolumeSpec,
 };
 
 /// The defined pools ([`crate::Connection::pool_listing`]).
@@ -32,6 +32,43 @@ pub struct DamagedPool {
     /// What is wrong with it ([`ErrorKind::Corrupt`], or [`ErrorKind::InvalidInput`] for a
     /// file name that is no pool name); its message names the file.
     pub error: Error,
+}
+
+/// A listing of a pool's volumes ([`Pool::volume_listing`]) or a volume's snapshots
+/// ([`Volume::snapshot_listing`]): the good entries, and each entry that cannot be listed.
+#[derive(Debug)]
+pub struct Listing<T> {
+    /// The good entries (volumes by name, snapshots oldest first).
+    pub items: Vec<T>,
+    /// The entries that cannot be listed (a symlink, a name that is not UTF-8, a file that
+    /// is no readable volume), in directory order.
+    pub rejected: Vec<RejectedEntry>,
+}
+
+/// An entry of a pool's directories that a listing cannot list.
+#[derive(Debug)]
+pub struct RejectedEntry {
+    /// Its file name (not UTF-8: its bytes escaped, e.g. `v\xff1`).
+    pub name: String,
+    /// Why ([`ErrorKind::InvalidInput`] for a symlink or a non-UTF-8 name); its message
+    /// names the entry's path.
+    pub error: Error,
+}
+
+impl<T> From<storage_backends::Listing<T>> for Listing<T> {
+    fn from(l: storage_backends::Listing<T>) -> Self {
+        Listing {
+            items: l.items,
+            rejected: l
+                .rejected
+                .into_iter()
+                .map(|r| RejectedEntry {
+                    name: r.name,
+                    error: r.error.into(),
+                })
+                .collect(),
+        }
+    }
 }
 
 /// Parse a pool type (`dir`, `btrfs`, `logical`).
@@ -80,6 +117,12 @@ impl Pool {
     /// The volumes, sorted by name.
     pub async fn volumes(&self) -> Result<Vec<VolumeInfo>> {
         Ok(self.backend.list_volumes().await?)
+    }
+
+    /// The volumes, sorted by name, and the entries of the pool that cannot be listed, each by
+    /// name (one bad entry does not hide the others).
+    pub async fn volume_listing(&self) -> Result<Listing<VolumeInfo>> {
+        Ok(self.backend.volume_listing().await?.into())
     }
 
     /// The volume `name` of this pool (nothing is read yet).
@@ -158,9 +201,40 @@ impl Volume {
             .await?)
     }
 
+    /// Snapshot it for the running domain `domain`, whose QEMU holds its lease and has it
+    /// open, paused by the caller (QMP `stop`): a btrfs subvolume snapshot, an LVM snapshot or
+    /// a reflink of a raw file ([`Capabilities::open_volume_snapshots`]). Checked against the
+    /// recorded lease holder (domain name and QEMU pid) under the domain's operation lock; no
+    /// lease or QEMU lock is taken. Refused with [`ErrorKind::InUse`] for anyone else or while
+    /// another operation on the domain runs, with [`ErrorKind::Unsupported`] for a qcow2
+    /// volume (through QMP instead) or a filesystem that cannot reflink.
+    pub async fn create_snapshot_for_domain(
+        &self,
+        snapshot: &str,
+        domain: &DomainRef,
+        opts: &SnapshotOptions,
+    ) -> Result<VolSnapshot> {
+        Ok(self
+            .backend
+            .create_snapshot_for_domain(&self.name, snapshot, domain, opts)
+            .await?)
+    }
+
+    /// The lease resource a VM start takes for it (the key every volume operation takes):
+    /// `locking::DiskUse::writable(volume.lease_resource().await?)`.
+    pub async fn lease_resource(&self) -> Result<locking::Resource> {
+        Ok(self.backend.lease_resource(&self.name).await?)
+    }
+
     /// Its snapshots, oldest first.
     pub async fn snapshots(&self) -> Result<Vec<VolSnapshot>> {
         Ok(self.backend.list_snapshots(&self.name).await?)
+    }
+
+    /// Its snapshots, oldest first, and the entries of its snapshot directory that cannot be
+    /// listed, each by name.
+    pub async fn snapshot_listing(&self) -> Result<Listing<VolSnapshot>> {
+        Ok(self.backend.snapshot_listing(&self.name).await?.into())
     }
 
     /// Make its content the snapshot's again (it must be inactive); the snapshot is kept.

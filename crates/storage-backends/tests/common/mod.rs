@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 use storage_backends::{
-    Backend, CommandRunner, LocalRunner, PoolDef, PoolKind, VolFormat, VolumeSpec,
+    Backend, CommandRunner, LocalRunner, Output, PoolDef, PoolKind, VolFormat, VolumeSpec,
 };
 
 /// Lease manager in its own temporary lockspace.
@@ -216,4 +216,58 @@ pub async fn child_main() {
 pub fn serial() -> std::sync::MutexGuard<'static, ()> {
     static M: std::sync::Mutex<()> = std::sync::Mutex::new(());
     M.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Runs tools inside a guest through the QEMU guest agent (`guest-exec`), connecting to the
+/// agent's socket for each command (QEMU's chardev serves one client at a time).
+#[derive(Debug, Clone)]
+pub struct QgaRunner {
+    socket: std::path::PathBuf,
+    timeout: std::time::Duration,
+}
+
+impl QgaRunner {
+    /// A runner on the guest agent socket `socket`; each command may take up to 120 s.
+    pub fn new(socket: impl Into<std::path::PathBuf>) -> QgaRunner {
+        QgaRunner {
+            socket: socket.into(),
+            timeout: std::time::Duration::from_secs(120),
+        }
+    }
+    /// Allow each command `t`.
+    pub fn timeout(mut self, t: std::time::Duration) -> Self {
+        self.timeout = t;
+        self
+    }
+}
+
+#[async_trait::async_trait]
+impl CommandRunner for QgaRunner {
+    async fn run(&self, argv: &[String]) -> storage_backends::Result<Output> {
+        let io = |e: qmp_proto::Error| {
+            storage_backends::Error::new(
+                storage_backends::ErrorKind::Io,
+                format!(
+                    "guest agent {}: `{}`: {e}",
+                    self.socket.display(),
+                    argv.join(" ")
+                ),
+            )
+            .with_source(e)
+        };
+        let mut agent =
+            qmp_proto::QgaClient::connect_unix(&self.socket, std::time::Duration::from_secs(10))
+                .await
+                .map_err(io)?;
+        let refs: Vec<&str> = argv.iter().map(String::as_str).collect();
+        let out = agent.exec(&refs, None, self.timeout).await.map_err(io)?;
+        Ok(Output {
+            status: out.exit_code.filter(|_| out.signal.is_none()),
+            stdout: out.stdout,
+            stderr: out.stderr,
+        })
+    }
+    fn is_local(&self) -> bool {
+        false
+    }
 }

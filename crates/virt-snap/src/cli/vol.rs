@@ -160,7 +160,12 @@ pub async fn run(cmd: VolCmd, out: Format, state: Option<&Path>) -> CliResult {
             done(out, serde_json::to_value(&v).unwrap(), text)
         }
         VolCmd::VolList { pool } => {
-            let vols = conn.pool(&pool)?.volumes().await?;
+            // An entry that cannot be listed is named on stderr; the others list as usual.
+            let listing = conn.pool(&pool)?.volume_listing().await?;
+            for r in &listing.rejected {
+                eprintln!("warning: {}", r.error);
+            }
+            let vols = listing.items;
             let rows: Vec<Vec<String>> = vols
                 .iter()
                 .map(|v| vec![v.name.clone(), v.path.clone()])
@@ -191,7 +196,12 @@ pub async fn run(cmd: VolCmd, out: Format, state: Option<&Path>) -> CliResult {
                 v.allocation.map(human).unwrap_or_else(|| "-".into()),
             );
             if let Some(b) = &v.backing {
-                text.push_str(&format!("\n{:<16}{} ({})", "Backing:", b.path, b.format));
+                text.push_str(&format!(
+                    "\n{:<16}{} ({})",
+                    "Backing:",
+                    b.path,
+                    b.format_str()
+                ));
             }
             text.push_str(&format!("\n{:<16}{}", "Lease key:", v.key));
             done(out, serde_json::to_value(&v).unwrap(), text)
@@ -225,7 +235,12 @@ pub async fn run(cmd: VolCmd, out: Format, state: Option<&Path>) -> CliResult {
             done(out, serde_json::to_value(&s).unwrap(), text)
         }
         VolCmd::VolSnapshotList { vol, pool } => {
-            let list = conn.pool(&pool)?.volume(&vol).snapshots().await?;
+            // An entry that cannot be listed is named on stderr; the others list as usual.
+            let listing = conn.pool(&pool)?.volume(&vol).snapshot_listing().await?;
+            for r in &listing.rejected {
+                eprintln!("warning: {}", r.error);
+            }
+            let list = listing.items;
             match out {
                 Format::Json => output::print_json(&list).map_err(out_err),
                 Format::Text => {
