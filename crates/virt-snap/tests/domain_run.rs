@@ -223,6 +223,28 @@ fn kill_9_is_a_crash_and_frees_the_leases() {
     let dom = rt.block_on(conn.start(&spec("crashy", &[&a, &b]))).unwrap();
     let pid = dom.pid().unwrap().unwrap();
     guard.add(Some(pid));
+    // Operations on one domain are serialised: one held elsewhere makes the next wait, then
+    // fail naming it.
+    let locks = locking::LockManager::for_state_dir(conn.state_dir()).unwrap();
+    let busy = locks
+        .acquire(&locking::Purpose::ForDomain {
+            domain: "crashy".into(),
+            qemu_pid: pid,
+            op: "snapshot create".into(),
+            volumes: vec![],
+        })
+        .unwrap();
+    let slow = dom.clone().with_op_timeout(Duration::from_millis(300));
+    let t0 = Instant::now();
+    let e = rt.block_on(slow.state()).unwrap_err();
+    assert!(t0.elapsed() >= Duration::from_millis(300));
+    assert_eq!(e.kind(), ErrorKind::InUse, "{e}");
+    assert!(
+        e.to_string()
+            .starts_with("domain \"crashy\" is busy: operation \"snapshot create\""),
+        "{e}"
+    );
+    drop(busy);
     // SAFETY: kill(2) on the QEMU just started.
     assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
     wait_until("QEMU to die", Duration::from_secs(5), || !is_alive(pid));
@@ -233,7 +255,6 @@ fn kill_9_is_a_crash_and_frees_the_leases() {
         (DomainState::ShutOff, StateReason::Crashed)
     );
     assert!(!dom.dir().join("qmp.sock").exists(), "cleaned up");
-    let locks = locking::LockManager::for_state_dir(conn.state_dir()).unwrap();
     assert!(locks
         .holders(&locking::Resource::file(&a))
         .unwrap()
