@@ -365,6 +365,16 @@ fn attach_adopts_a_qemu_of_another_tool_and_leases_its_disks() {
         .expect("start QEMU");
     let d0 = qemu.disk("d0").path.clone();
     let rt = rt();
+    // Starting a domain on a disk that QEMU of another tool has open is refused, naming it.
+    let e = rt
+        .block_on(conn.start(&spec("second", &[&d0])))
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InUse, "{e}");
+    assert!(
+        chain(&e).contains(&format!("qemu-system-x86 (pid {})", qemu.pid())),
+        "{}",
+        chain(&e)
+    );
     let dom = rt
         .block_on(conn.attach("adopted", qemu.qmp_path(), None))
         .expect("attach");
