@@ -78,6 +78,18 @@ pub enum Purpose {
         /// Its disks.
         disks: Vec<DiskUse>,
     },
+    /// Adopting a VM that is already running (started by another tool): the leases of
+    /// [`Purpose::VmStart`], for the QEMU `qemu_pid` that has the disks open. QEMU's image
+    /// locks are checked as for a start, except that the locks of `qemu_pid` itself (the QEMU
+    /// being adopted) are no conflict: only another process holding the images refuses.
+    VmAttach {
+        /// The domain's name.
+        domain: String,
+        /// The pid of the running QEMU being adopted.
+        qemu_pid: u32,
+        /// Its disks.
+        disks: Vec<DiskUse>,
+    },
     /// An offline operation that modifies volumes: an exclusive lease on each, and QEMU's
     /// image locks ([`Access::WRITER`]) on each that has a file, so that no QEMU opens it for
     /// writing until the operation ends.
@@ -112,7 +124,9 @@ pub enum Purpose {
 impl Purpose {
     fn holder(&self) -> Option<Holder> {
         match self {
-            Purpose::VmStart { domain, .. } => Some(Holder::Domain(domain.clone())),
+            Purpose::VmStart { domain, .. } | Purpose::VmAttach { domain, .. } => {
+                Some(Holder::Domain(domain.clone()))
+            }
             Purpose::VolumeOp { op, .. } => Some(Holder::Operation(op.clone())),
             Purpose::ForDomain { op, .. } => Some(Holder::Operation(op.clone())),
             Purpose::Inspect => None,
@@ -245,7 +259,7 @@ impl LockManager {
                 hold: None,
                 check: None,
             }),
-            Purpose::VmStart { disks, .. } => {
+            Purpose::VmStart { disks, .. } | Purpose::VmAttach { disks, .. } => {
                 for d in disks {
                     let key = d.resource.key()?;
                     add(Item {
@@ -340,6 +354,18 @@ impl LockManager {
                 (None, Some(access)) => match qemu::check(image, access) {
                     // A volume that does not exist yet has no QEMU locks to check.
                     Err(e) if e.kind() == crate::ErrorKind::Io && !image.exists() => Ok(()),
+                    // Adopting a running QEMU: its own locks are expected.
+                    Err(e) if e.kind() == crate::ErrorKind::ImageInUse => match purpose {
+                        Purpose::VmAttach { qemu_pid, .. } => {
+                            let owners = qemu::lock_owners(image);
+                            if !owners.is_empty() && owners.iter().all(|o| o.pid == *qemu_pid) {
+                                Ok(())
+                            } else {
+                                Err(e)
+                            }
+                        }
+                        _ => Err(e),
+                    },
                     r => r,
                 },
                 (None, None) => Ok(()),

@@ -264,3 +264,55 @@ fn our_own_qemu_img_runs_under_our_locks_with_locking_off() {
     // Our locks are still there.
     assert_eq!(probe(&img).unwrap().bytes(), Access::WRITER.bytes());
 }
+
+#[test]
+fn attaching_to_a_running_qemu_ignores_its_own_locks_only() {
+    let space = tempfile::tempdir().unwrap();
+    let locks = LockManager::local(space.path()).unwrap();
+    let qemu = Qemu::builder()
+        .disk("rw", DiskFormat::Qcow2, 32 << 20)
+        .disk("ro", DiskFormat::Raw, 8 << 20)
+        .read_only()
+        .spawn()
+        .expect("start QEMU");
+    let rw = qemu.disk("rw").path.clone();
+    let ro = qemu.disk("ro").path.clone();
+    let disks = vec![
+        DiskUse::writable(Resource::file(&rw)),
+        DiskUse::read_only(Resource::file(&ro)),
+    ];
+    // A start on these disks is refused: the running QEMU holds them.
+    let e = locks
+        .acquire(&Purpose::VmStart {
+            domain: "adopted".into(),
+            disks: disks.clone(),
+        })
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::ImageInUse, "{e}");
+    // Adopting another pid is refused as well (the locks are not that process's).
+    let e = locks
+        .acquire(&Purpose::VmAttach {
+            domain: "adopted".into(),
+            qemu_pid: std::process::id() + 1_000_000,
+            disks: disks.clone(),
+        })
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::ImageInUse, "{e}");
+    assert!(locks.holders(&Resource::file(&rw)).unwrap().is_empty());
+    // Adopting the QEMU itself: its own locks are no conflict; the leases are taken.
+    let got = locks
+        .acquire(&Purpose::VmAttach {
+            domain: "adopted".into(),
+            qemu_pid: qemu.pid(),
+            disks,
+        })
+        .unwrap();
+    assert_eq!(got.leases().len(), 2);
+    assert!(got.image_locks().is_empty(), "attach holds no image lock");
+    let hs = locks.holders(&Resource::file(&rw)).unwrap();
+    assert_eq!(hs[0].holder, locking::Holder::Domain("adopted".into()));
+    // A volume operation is now refused by the lease, naming the domain.
+    let e = locks.acquire(&volume_op(&rw)).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Conflict, "{e}");
+    assert!(e.to_string().contains("domain \"adopted\""), "{e}");
+}

@@ -25,6 +25,11 @@ pub enum ErrorKind {
     ToolFailed,
     /// A system call or file operation failed.
     Io,
+    /// The domain is not running (or its QEMU ended meanwhile).
+    NotRunning,
+    /// QEMU's monitor or the guest agent refused a command, did not answer in time, or went
+    /// away (QEMU's or the agent's message is in the source error).
+    Monitor,
 }
 
 impl fmt::Display for ErrorKind {
@@ -39,6 +44,8 @@ impl fmt::Display for ErrorKind {
             ErrorKind::Corrupt => "corrupt",
             ErrorKind::ToolFailed => "tool failed",
             ErrorKind::Io => "I/O error",
+            ErrorKind::NotRunning => "not running",
+            ErrorKind::Monitor => "monitor error",
         })
     }
 }
@@ -91,6 +98,8 @@ impl Error {
             image_kind(e.kind())
         } else if let Some(e) = any.downcast_ref::<locking::Error>() {
             lock_kind(e.kind())
+        } else if any.downcast_ref::<qmp_proto::Error>().is_some() {
+            ErrorKind::Monitor
         } else if let Some(e) = any.downcast_ref::<std::io::Error>() {
             io_kind(e)
         } else if let Some(e) = any.downcast_ref::<Error>() {
@@ -98,6 +107,12 @@ impl Error {
         } else {
             ErrorKind::Io
         }
+    }
+
+    /// The same error, of another kind.
+    pub(crate) fn with_kind(mut self, kind: ErrorKind) -> Error {
+        self.kind = kind;
+        self
     }
 
     /// What went wrong.
@@ -184,6 +199,12 @@ impl From<image_formats::Error> for Error {
 
 impl From<locking::Error> for Error {
     fn from(e: locking::Error) -> Error {
+        Error::caused_by(e.to_string(), e)
+    }
+}
+
+impl From<qmp_proto::Error> for Error {
+    fn from(e: qmp_proto::Error) -> Error {
         Error::caused_by(e.to_string(), e)
     }
 }

@@ -9,6 +9,9 @@
 //!   (list, create, apply, delete), create and overlay, who holds it. Reads take no lock;
 //!   writes take the image's lease and QEMU's image locks.
 //! - [`Pool`] ([`pool`]): a defined storage pool (dir, btrfs, LVM): info and volumes.
+//! - [`Domain`] ([`domain`]): a running VM: start from a [`RunSpec`] (QEMU holding the
+//!   disks' leases, outliving the command), attach to a QEMU of another tool, state,
+//!   destroy, shutdown, disks, monitor and guest agent commands.
 //! - [`Volume`]: a pool's volume: info, path, delete, and its snapshots (create, list, revert,
 //!   delete).
 //!
@@ -32,12 +35,14 @@
 #![deny(missing_docs)]
 
 mod connection;
+pub mod domain;
 mod error;
 pub mod image;
 pub mod pool;
 pub mod state;
 
 pub use connection::{Connection, ConnectionBuilder};
+pub use domain::{Domain, RunSpec};
 pub use error::{Error, ErrorKind, Result};
 pub use image::{Clock, FixedClock, Image, SystemClock};
 pub use pool::{Listing, Pool, RejectedEntry, Volume};

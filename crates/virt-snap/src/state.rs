@@ -4,7 +4,7 @@
 //! `$XDG_STATE_HOME/virt-snap`, else `$HOME/.local/state/virt-snap`.
 //!
 //! Layout: `pools/` (one JSON file per pool), `locks/` (the lockspace: one lease file per
-//! volume). The directory and everything virt-snap creates in it are private to the user:
+//! volume), `run/` (one directory per domain that runs or ran: its record, sockets, logs). The directory and everything virt-snap creates in it are private to the user:
 //! directories `0700` ([`DIR_MODE`]), files `0600`.
 
 use std::os::unix::fs::DirBuilderExt;
@@ -27,7 +27,11 @@ pub fn create(state_dir: &Path) -> std::io::Result<()> {
     let mut b = std::fs::DirBuilder::new();
     b.recursive(true).mode(DIR_MODE);
     b.create(state_dir)?;
-    for sub in [POOLS_SUBDIR, LOCKSPACE_SUBDIR] {
+    for sub in [
+        POOLS_SUBDIR,
+        LOCKSPACE_SUBDIR,
+        crate::domain::runstate::RUN_SUBDIR,
+    ] {
         b.create(state_dir.join(sub))?;
     }
     Ok(())

@@ -2,9 +2,10 @@
 
 //!
 //! The CLI is a shell over the `virt_snap` library: each subcommand parses its arguments,
-//! calls one method of a handle (`Image`, `Pool`, `Volume`) and renders the typed result as
+//! calls one method of a handle (`Image`, `Pool`, `Volume`, `Domain`) and renders the typed result as
 //! text ([`render`]: qemu-img's and virsh's formats) or JSON. It names no lower crate.
 
+mod domain;
 mod image;
 mod image_write;
 mod locks;
@@ -106,6 +107,10 @@ pub enum Command {
     /// vol-snapshot-create, vol-snapshot-list, vol-snapshot-revert, vol-snapshot-delete.
     #[command(flatten)]
     Vol(vol::VolCmd),
+    /// Running domains: attach, destroy, shutdown, list, domstate, domblklist,
+    /// qemu-monitor-command, qemu-agent-command.
+    #[command(flatten)]
+    Domain(domain::DomainCmd),
 }
 
 /// Set up logging on stderr from `-v` and `RUST_LOG`.
@@ -150,6 +155,7 @@ async fn dispatch(cli: Cli) -> CliResult {
         Command::Image(cmd) => image::run(cmd, cli.output, cli.state_dir.as_deref()),
         Command::Pool(cmd) => pool::run(cmd, cli.output, cli.state_dir.as_deref()).await,
         Command::Vol(cmd) => vol::run(cmd, cli.output, cli.state_dir.as_deref()).await,
+        Command::Domain(cmd) => domain::run(cmd, cli.output, cli.state_dir.as_deref()).await,
         Command::StateDir => {
             let dir = state_dir(cli.state_dir.as_deref())?;
             match cli.output {

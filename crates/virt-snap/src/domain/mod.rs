@@ -1,0 +1,970 @@
+//! Domains: running VMs, with no daemon.
+//!
+//! Every command is a short process. [`Connection::start`] launches QEMU (`-daemonize`) so
+//! that it outlives the command; the domain's leases are inherited by QEMU alone, so they live
+//! exactly as long as QEMU, however it ends. The run directory (`<state dir>/run/<domain>/`,
+//! `0700`) and QEMU itself are the truth: the record there names the QEMU (pid and start
+//! time), its QMP and agent sockets, and whether a stop was asked for; each command checks
+//! the QEMU is still the one recorded (`/proc/PID/stat`) and records how it ended (destroyed,
+//! shut down, or crashed when nobody asked). [`Connection::attach`] adopts a QEMU that another
+//! tool started. See docs/domains.md.
+//!
+//! Every operation on a running domain holds the domain's operation lock (QEMU serves one
+//! QMP client per socket): a second one waits for it, up to [`Domain::op_timeout`], then fails
+//! naming the operation in the way.
+
+mod argv;
+pub mod runstate;
+mod spec;
+
+pub use runstate::Origin;
+pub use spec::{DiskBus, DiskDevice, DiskFormat, DiskLease, DiskSpec, DomainKind, RunSpec};
+
+use crate::connection::Connection;
+use crate::error::{Error, ErrorKind, Result};
+use locking::{DiskUse, Purpose, Resource};
+use qmp_proto::QmpClient;
+use runstate::{RunDisk, RunState, Status};
+use serde::Serialize;
+use serde_json::Value;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// How long an operation waits for another one on the same domain by default.
+pub const DEFAULT_OP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long connecting to QEMU's monitor may take.
+const QMP_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A domain's state, as virsh names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum DomainState {
+    /// The vCPUs run.
+    #[serde(rename = "running")]
+    Running,
+    /// The vCPUs are paused.
+    #[serde(rename = "paused")]
+    Paused,
+    /// No QEMU runs.
+    #[serde(rename = "shut off")]
+    ShutOff,
+    /// The guest crashed (QEMU still runs).
+    #[serde(rename = "crashed")]
+    Crashed,
+}
+
+impl std::fmt::Display for DomainState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DomainState::Running => "running",
+            DomainState::Paused => "paused",
+            DomainState::ShutOff => "shut off",
+            DomainState::Crashed => "crashed",
+        })
+    }
+}
+
+/// Why the domain is in its state, as virsh names the reasons.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StateReason {
+    /// Running since it started.
+    Booted,
+    /// Paused on request.
+    User,
+    /// Paused before the guest ran (started with `--paused`).
+    StartingUp,
+    /// Paused on an I/O error.
+    IoError,
+    /// The guest panicked.
+    Panicked,
+    /// Ended by destroy.
+    Destroyed,
+    /// Ended by a shutdown virt-snap asked for.
+    Shutdown,
+    /// QEMU ended without virt-snap asking (killed, crashed, or a poweroff from inside
+    /// the guest).
+    Crashed,
+    /// QEMU failed to start.
+    Failed,
+    /// Something else.
+    Unknown,
+}
+
+impl std::fmt::Display for StateReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            StateReason::Booted => "booted",
+            StateReason::User => "user",
+            StateReason::StartingUp => "starting up",
+            StateReason::IoError => "I/O error",
+            StateReason::Panicked => "panicked",
+            StateReason::Destroyed => "destroyed",
+            StateReason::Shutdown => "shutdown",
+            StateReason::Crashed => "crashed",
+            StateReason::Failed => "failed",
+            StateReason::Unknown => "unknown",
+        })
+    }
+}
+
+/// A domain's state with its reason (`virsh domstate --reason`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct StateInfo {
+    /// The state.
+    pub state: DomainState,
+    /// Why.
+    pub reason: StateReason,
+    /// The QEMU's pid while it runs.
+    pub pid: Option<u32>,
+}
+
+/// A line of [`Connection::domains`] (`virsh list`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct DomainSummary {
+    /// The id: the QEMU's pid while it runs.
+    pub id: Option<u32>,
+    /// The name.
+    pub name: String,
+    /// The state.
+    pub state: DomainState,
+    /// Started by virt-snap, or adopted.
+    pub origin: Origin,
+}
+
+/// A disk of a running domain, as its QEMU reports it (`virsh domblklist`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct BlockDevice {
+    /// The guest's name for it (`vda`); for an adopted QEMU, the device's id.
+    pub target: String,
+    /// The image QEMU has open on top.
+    pub source: String,
+    /// The device's qdev id.
+    pub qdev: String,
+    /// The top node's name.
+    pub node_name: Option<String>,
+    /// The top image's format.
+    pub format: String,
+    /// Read-only.
+    pub readonly: bool,
+}
+
+/// A domain, by name: the handle every domain operation is a method of.
+#[derive(Debug, Clone)]
+pub struct Domain {
+    conn: Connection,
+    name: String,
+    op_timeout: Duration,
+}
+
+fn not_found(name: &str) -> Error {
+    Error::new(
+        ErrorKind::NotFound,
+        format!("domain {name:?} not found (no domain of that name runs or ran here)"),
+    )
+}
+
+fn not_running(name: &str) -> Error {
+    Error::new(
+        ErrorKind::NotRunning,
+        format!("domain {name:?} is not running"),
+    )
+}
+
+/// The short id of a qdev QOM path: `/machine/peripheral/vs-vda/virtio-backend` -> `vs-vda`.
+fn short_qdev(q: &str) -> String {
+    let q = q.strip_suffix("/virtio-backend").unwrap_or(q);
+    q.rsplit('/').next().unwrap_or(q).to_string()
+}
+
+/// The last lines of the files `paths`, joined into one line.
+fn log_tail(paths: &[PathBuf]) -> String {
+    let mut lines: Vec<String> = Vec::new();
+    for p in paths {
+        if let Ok(t) = std::fs::read_to_string(p) {
+            lines.extend(
+                t.lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty())
+                    .map(String::from),
+            );
+        }
+    }
+    let n = lines.len();
+    lines[n.saturating_sub(3)..].join("; ")
+}
+
+impl Connection {
+    /// The domain `name` (nothing is read yet; its operations fail with
+    /// [`ErrorKind::NotFound`] when no domain of that name ran here).
+    pub fn domain(&self, name: &str) -> Result<Domain> {
+        spec::check_name(name)?;
+        Ok(Domain {
+            conn: self.clone(),
+            name: name.to_string(),
+            op_timeout: DEFAULT_OP_TIMEOUT,
+        })
+    }
+
+    /// The domains with a run record: running ones, and with `all`, those that ran and
+    /// ended too (defined domains join here once they exist). Sorted by name. A QEMU found
+    /// dead is recorded as ended on the way.
+    pub async fn domains(&self, all: bool) -> Result<Vec<DomainSummary>> {
+        let root = self.state_dir().join(runstate::RUN_SUBDIR);
+        let mut names: Vec<String> = match std::fs::read_dir(&root) {
+            Ok(rd) => rd
+                .flatten()
+                .filter_map(|e| e.file_name().to_str().map(String::from))
+                .filter(|n| spec::check_name(n).is_ok())
+                .collect(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => {
+                return Err(Error::caused_by(
+                    format!("cannot list {}", root.display()),
+                    e,
+                ))
+            }
+        };
+        names.sort();
+        let mut out = Vec::new();
+        for n in names {
+            let mut d = self.domain(&n)?;
+            let Some(st) = runstate::load(&d.dir())? else {
+                continue;
+            };
+            let st = d.refresh(st, false)?;
+            let state = match st.status {
+                Status::ShutOff => DomainState::ShutOff,
+                _ => {
+                    // A busy domain is listed as running rather than waiting for it.
+                    d.op_timeout = Duration::from_millis(500);
+                    match d.state().await {
+                        Ok(i) => i.state,
+                        Err(_) => DomainState::Running,
+                    }
+                }
+            };
+            if state == DomainState::ShutOff && !all {
+                continue;
+            }
+            out.push(DomainSummary {
+                id: (state != DomainState::ShutOff).then_some(st.pid),
+                name: n,
+                state,
+                origin: st.origin,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Start a domain: take its leases (exclusive for writable disks, shared for read-only
+    /// and shareable ones and for every backing image), launch QEMU so that it inherits them
+    /// and outlives this process, and record it. Fails naming the holder when a disk is in
+    /// use (a volume operation, another domain, a QEMU of another tool), and with
+    /// [`ErrorKind::AlreadyExists`] when the domain runs already.
+    pub async fn start(&self, spec: &RunSpec) -> Result<Domain> {
+        spec.validate()?;
+        let dom = self.domain(&spec.name)?;
+        let _op = dom.op_lock("start").await?;
+        let dir = dom.dir();
+        if let Some(st) = runstate::load(&dir)? {
+            let st = dom.refresh(st, true)?;
+            if st.status != Status::ShutOff {
+                return Err(Error::new(
+                    ErrorKind::AlreadyExists,
+                    format!("domain {:?} is already running (pid {})", spec.name, st.pid),
+                ));
+            }
+        }
+        let mut uses = Vec::new();
+        let mut paths = Vec::new();
+        let mut disks = Vec::new();
+        for d in &spec.disks {
+            let path = std::fs::canonicalize(&d.path).map_err(|e| {
+                Error::caused_by(format!("disk {}: {}", d.target, d.path.display()), e)
+            })?;
+            let backing = if d.backing.is_empty() && d.format != DiskFormat::Raw {
+                chain_below(&path, d.format)
+                    .map_err(|e| Error::caused_by(format!("disk {}", d.target), e))?
+            } else {
+                d.backing.clone()
+            };
+            let ro = d.readonly || d.device == DiskDevice::Cdrom;
+            uses.push(DiskUse {
+                resource: d.lease.0.clone(),
+                read_only: ro,
+                shareable: d.shareable,
+            });
+            uses.extend(
+                backing
+                    .iter()
+                    .map(|b| DiskUse::read_only(Resource::file(b))),
+            );
+            disks.push(RunDisk {
+                target: d.target.clone(),
+                qdev: d.qdev(),
+                source: path.clone(),
+                readonly: ro,
+            });
+            paths.push(path);
+        }
+        let leases = self.inner().locks.acquire(&Purpose::VmStart {
+            domain: spec.name.clone(),
+            disks: uses,
+        })?;
+
+        runstate::create_dir(&dir)?;
+        for f in ["qmp.sock", "qga.sock", "qemu.pid", "qemu.log", "launch.log"] {
+            let _ = std::fs::remove_file(dir.join(f));
+        }
+        let mut st = RunState {
+            name: spec.name.clone(),
+            uuid: Some(spec.uuid.clone().unwrap_or_else(spec::random_uuid)),
+            origin: Origin::Started,
+            status: Status::Starting,
+            reason: None,
+            pid: 0,
+            start_time: 0,
+            qmp: dir.join("qmp.sock"),
+            agent: spec.agent.then(|| dir.join("qga.sock")),
+            destroy_requested: false,
+            shutdown_requested: false,
+            disks,
+        };
+        runstate::save(&dir, &st)?;
+        let kind = spec.kind.resolve();
+        let dirfd = runstate::open_dir_path(&dir)?;
+        let via = format!("/proc/self/fd/{}", dirfd.as_raw_fd());
+        let args = argv::build(
+            spec,
+            st.uuid.as_deref().unwrap_or_default(),
+            kind,
+            &paths,
+            &argv::RunFiles { dir: &via },
+        );
+        let mut inherit: Vec<i32> = leases.lock_fds().iter().map(|f| f.as_raw_fd()).collect();
+        inherit.push(dirfd.as_raw_fd());
+        let emulator = spec
+            .emulator
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("qemu-system-x86_64"));
+        let launched = launch(&emulator, &args, &dir, inherit).await;
+        drop(dirfd);
+        let logs = [dir.join("launch.log"), dir.join("qemu.log")];
+        let fail = |st: &mut RunState, msg: String| {
+            st.status = Status::ShutOff;
+            st.reason = Some("failed".into());
+            let _ = runstate::save(&dir, st);
+            Error::new(ErrorKind::ToolFailed, msg)
+        };
+        if let Err(e) = launched {
+            let tail = log_tail(&logs);
+            return Err(fail(
+                &mut st,
+                format!(
+                    "cannot start domain {:?}: {}: {e}{}",
+                    spec.name,
+                    emulator.display(),
+                    if tail.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {tail}")
+                    }
+                ),
+            ));
+        }
+        let pid = std::fs::read_to_string(dir.join("qemu.pid"))
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok());
+        let stat = pid.and_then(runstate::proc_stat);
+        let (Some(pid), Some(stat)) = (pid, stat.filter(|s| s.state != 'Z')) else {
+            return Err(fail(
+                &mut st,
+                format!(
+                    "cannot start domain {:?}: QEMU ended at once: {}",
+                    spec.name,
+                    log_tail(&logs)
+                ),
+            ));
+        };
+        st.pid = pid;
+        st.start_time = stat.start_time;
+        if let Err(e) = leases.hand_over(pid) {
+            // The leases are not recorded as QEMU's: do not leave it running with them.
+            // SAFETY: kill(2) on the pid we just started.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            return Err(fail(
+                &mut st,
+                format!("cannot start domain {:?}: {e}", spec.name),
+            ));
+        }
+        st.status = Status::Running;
+        runstate::save(&dir, &st)?;
+        tracing::info!(domain = %spec.name, pid, "started");
+        Ok(dom)
+    }
+
+    /// Adopt a QEMU that another tool started, given its QMP socket (and its guest agent's
+    /// socket): its pid comes from the socket (`SO_PEERCRED`), its disks from `query-block`.
+    /// Its images get leases like a started domain's, passed to the QEMU over QMP (`getfd`),
+    /// so that volume operations are refused while it runs and the leases go when it exits.
+    pub async fn attach(&self, name: &str, qmp: &Path, agent: Option<&Path>) -> Result<Domain> {
+        let dom = self.domain(name)?;
+        let _op = dom.op_lock("attach").await?;
+        let dir = dom.dir();
+        if let Some(st) = runstate::load(&dir)? {
+            let st = dom.refresh(st, true)?;
+            if st.status != Status::ShutOff {
+                return Err(Error::new(
+                    ErrorKind::AlreadyExists,
+                    format!("domain {name:?} is already running (pid {})", st.pid),
+                ));
+            }
+        }
+        let qmp = spec::absolute(qmp);
+        let agent = agent.map(spec::absolute);
+        let pid = runstate::socket_peer_pid(&qmp)?;
+        let stat = runstate::proc_stat(pid).ok_or_else(|| not_running(name))?;
+        let client = connect_qmp(&qmp).await?;
+        let blocks = client.run(&qmp_proto::commands::QueryBlock).await?;
+        let mut uses = Vec::new();
+        let mut disks = Vec::new();
+        for b in &blocks {
+            let Some(ins) = &b.inserted else { continue };
+            let qdev = short_qdev(b.qdev.as_deref().unwrap_or(&b.device));
+            let mut image = Some(&ins.image);
+            let mut top = true;
+            while let Some(img) = image {
+                let p = Path::new(&img.filename);
+                if !p.is_absolute() || !p.exists() {
+                    return Err(Error::new(
+                        ErrorKind::Unsupported,
+                        format!(
+                            "disk {qdev}: {:?} is not a local file virt-snap can lease",
+                            img.filename
+                        ),
+                    ));
+                }
+                uses.push(if top {
+                    DiskUse {
+                        resource: Resource::file(p),
+                        read_only: ins.ro,
+                        shareable: false,
+                    }
+                } else {
+                    DiskUse::read_only(Resource::file(p))
+                });
+                top = false;
+                image = img.backing_image.as_deref();
+            }
+            disks.push(RunDisk {
+                target: qdev.clone(),
+                qdev,
+                source: PathBuf::from(&ins.image.filename),
+                readonly: ins.ro,
+            });
+        }
+        let leases = self.inner().locks.acquire(&Purpose::VmAttach {
+            domain: name.to_string(),
+            qemu_pid: pid,
+            disks: uses,
+        })?;
+        for (i, fd) in leases.lock_fds().into_iter().enumerate() {
+            client
+                .getfd(&format!("vs-lease-{i}"), fd)
+                .await
+                .map_err(|e| {
+                    Error::caused_by(format!("cannot pass leases to QEMU (pid {pid})"), e)
+                })?;
+        }
+        leases.hand_over(pid)?;
+        drop(client);
+        runstate::create_dir(&dir)?;
+        let st = RunState {
+            name: name.to_string(),
+            uuid: None,
+            origin: Origin::Attached,
+            status: Status::Running,
+            reason: None,
+            pid,
+            start_time: stat.start_time,
+            qmp,
+            agent,
+            destroy_requested: false,
+            shutdown_requested: false,
+            disks,
+        };
+        runstate::save(&dir, &st)?;
+        Ok(dom)
+    }
+}
+
+/// The images below `top` in its backing chain (canonical paths).
+fn chain_below(top: &Path, format: DiskFormat) -> Result<Vec<PathBuf>> {
+    let fmt = image_formats::Format::from_name(format.as_str())?;
+    let chain = image_formats::backing_chain(top, Some(fmt), Default::default())?;
+    Ok(chain
+        .iter()
+        .skip(1)
+        .map(|i| std::fs::canonicalize(&i.filename).unwrap_or_else(|_| i.filename.clone().into()))
+        .collect())
+}
+
+/// Run the emulator with `args` from `dir` (`-daemonize`: the process we start exits once
+/// QEMU runs on in the background), letting it inherit exactly the descriptors `inherit`
+/// besides stdio, and wait for it.
+async fn launch(emulator: &Path, args: &[String], dir: &Path, inherit: Vec<i32>) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let log = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(dir.join("launch.log"))?;
+    let mut cmd = tokio::process::Command::new(emulator);
+    cmd.args(args)
+        .current_dir(dir)
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    // SAFETY: between fork and exec this only calls umask and fcntl (async-signal-safe) on
+    // descriptors numbers copied beforehand; nothing allocates.
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::umask(0o077);
+            for &fd in &inherit {
+                if libc::fcntl(fd, libc::F_SETFD, 0) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().map_err(|e| {
+        Error::caused_by(format!("cannot run {}", emulator.display()), e)
+            .with_kind(ErrorKind::ToolFailed)
+    })?;
+    let status = match tokio::time::timeout(Duration::from_secs(120), child.wait()).await {
+        Ok(r) => r?,
+        Err(_) => {
+            let _ = child.kill().await;
+            return Err(Error::new(
+                ErrorKind::ToolFailed,
+                "QEMU did not finish starting within 120 s",
+            ));
+        }
+    };
+    if status.success() {
+        Ok(())
+    } else {
+        Err(Error::new(ErrorKind::ToolFailed, format!("QEMU {status}")))
+    }
+}
+
+/// Connect to a QMP socket (long paths through the directory's descriptor).
+async fn connect_qmp(path: &Path) -> Result<QmpClient> {
+    let (p, _keep) = runstate::socket_path(path)?;
+    QmpClient::connect_unix_timeout(&p, QMP_CONNECT_TIMEOUT)
+        .await
+        .map_err(|e| {
+            Error::caused_by(
+                format!("cannot talk to QEMU's monitor {}", path.display()),
+                e,
+            )
+        })
+}
+
+/// Wait until `st`'s QEMU is gone (exited, even if not yet reaped), up to `t`.
+async fn wait_gone(st: &RunState, t: Duration) -> bool {
+    let end = Instant::now() + t;
+    loop {
+        if !st.alive() {
+            return true;
+        }
+        if Instant::now() >= end {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+impl Domain {
+    /// The domain's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// How long an operation waits for another one on this domain to finish.
+    pub fn op_timeout(&self) -> Duration {
+        self.op_timeout
+    }
+
+    /// The same handle, waiting up to `t` for other operations on the domain.
+    pub fn with_op_timeout(mut self, t: Duration) -> Domain {
+        self.op_timeout = t;
+        self
+    }
+
+    /// The domain's run directory.
+    pub fn dir(&self) -> PathBuf {
+        runstate::run_dir(self.conn.state_dir(), &self.name)
+    }
+
+    /// The pid of the domain's QEMU, if it runs (as far as `/proc` shows).
+    pub fn pid(&self) -> Result<Option<u32>> {
+        let st = self.record()?;
+        Ok((st.status != Status::ShutOff && st.alive()).then_some(st.pid))
+    }
+
+    /// Started by virt-snap or adopted.
+    pub fn origin(&self) -> Result<Origin> {
+        Ok(self.record()?.origin)
+    }
+
+    fn record(&self) -> Result<RunState> {
+        runstate::load(&self.dir())?.ok_or_else(|| not_found(&self.name))
+    }
+
+    async fn op_lock(&self, op: &str) -> Result<locking::Acquired> {
+        let p = Purpose::ForDomain {
+            domain: self.name.clone(),
+            qemu_pid: 0,
+            op: op.to_string(),
+            volumes: vec![],
+        };
+        Ok(self
+            .conn
+            .inner()
+            .locks
+            .acquire_timeout(&p, self.op_timeout)
+            .await?)
+    }
+
+    /// Bring the record up to date with `/proc`: a QEMU that is gone is recorded as ended
+    /// (destroyed or shut down if that was asked for, crashed otherwise) and its sockets
+    /// removed. A record of a start in progress is only judged under the operation lock
+    /// (`locked`): then the start was interrupted.
+    fn refresh(&self, mut st: RunState, locked: bool) -> Result<RunState> {
+        let dir = self.dir();
+        match st.status {
+            Status::ShutOff => return Ok(st),
+            Status::Running if st.alive() => return Ok(st),
+            Status::Starting if !locked => return Ok(st),
+            Status::Starting => {
+                // A start that was interrupted after QEMU began: adopt it, if it runs.
+                let pid = std::fs::read_to_string(dir.join("qemu.pid"))
+                    .ok()
+                    .and_then(|s| s.trim().parse::<u32>().ok());
+                if let Some(s) = pid.and_then(runstate::proc_stat) {
+                    if s.state != 'Z' {
+                        st.pid = pid.unwrap_or(0);
+                        st.start_time = s.start_time;
+                        st.status = Status::Running;
+                        runstate::save(&dir, &st)?;
+                        return Ok(st);
+                    }
+                }
+                st.reason = Some("failed".into());
+            }
+            Status::Running => {
+                st.reason = Some(
+                    if st.destroy_requested {
+                        "destroyed"
+                    } else if st.shutdown_requested {
+                        "shutdown"
+                    } else {
+                        "crashed"
+                    }
+                    .into(),
+                );
+            }
+        }
+        st.status = Status::ShutOff;
+        if st.origin == Origin::Started {
+            for f in ["qmp.sock", "qga.sock", "qemu.pid"] {
+                let _ = std::fs::remove_file(dir.join(f));
+            }
+        }
+        runstate::save(&dir, &st)?;
+        tracing::info!(domain = %self.name, reason = ?st.reason, "QEMU has ended");
+        Ok(st)
+    }
+
+    /// The record of the running domain (under the operation lock), or
+    /// [`ErrorKind::NotRunning`].
+    fn running(&self) -> Result<RunState> {
+        let st = self.refresh(self.record()?, true)?;
+        if st.status == Status::ShutOff {
+            return Err(not_running(&self.name));
+        }
+        Ok(st)
+    }
+
+    async fn qmp(&self, st: &RunState) -> Result<QmpClient> {
+        match connect_qmp(&st.qmp).await {
+            Ok(c) => Ok(c),
+            Err(e) => {
+                if !st.alive() {
+                    self.refresh(st.clone(), true)?;
+                    return Err(not_running(&self.name));
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// The state and its reason: `running (booted)`, `paused (user)`, `shut off
+    /// (destroyed)`, `shut off (crashed)` when QEMU ended without virt-snap asking, ...
+    pub async fn state(&self) -> Result<StateInfo> {
+        let st = self.refresh(self.record()?, false)?;
+        if st.status == Status::ShutOff {
+            return Ok(shut_off(&st));
+        }
+        let _op = self.op_lock("domstate").await?;
+        let st = self.refresh(self.record()?, true)?;
+        if st.status == Status::ShutOff {
+            return Ok(shut_off(&st));
+        }
+        let qmp = match self.qmp(&st).await {
+            Err(e) if e.kind() == ErrorKind::NotRunning => {
+                return Ok(shut_off(&self.record()?));
+            }
+            r => r?,
+        };
+        let v = qmp.execute("query-status", None).await?;
+        let status = v.get("status").and_then(Value::as_str).unwrap_or("");
+        let (state, reason) = match status {
+            "running" => (DomainState::Running, StateReason::Booted),
+            "paused" | "suspended" => (DomainState::Paused, StateReason::User),
+            "prelaunch" => (DomainState::Paused, StateReason::StartingUp),
+            "io-error" => (DomainState::Paused, StateReason::IoError),
+            "guest-panicked" => (DomainState::Crashed, StateReason::Panicked),
+            _ if v.get("running").and_then(Value::as_bool) == Some(true) => {
+                (DomainState::Running, StateReason::Unknown)
+            }
+            _ => (DomainState::Paused, StateReason::Unknown),
+        };
+        Ok(StateInfo {
+            state,
+            reason,
+            pid: Some(st.pid),
+        })
+    }
+
+    /// Stop the domain now: QMP `quit`, then SIGKILL after a short wait. Returns once the
+    /// QEMU is gone and its leases are free.
+    pub async fn destroy(&self) -> Result<()> {
+        let _op = self.op_lock("destroy").await?;
+        let mut st = self.running()?;
+        st.destroy_requested = true;
+        runstate::save(&self.dir(), &st)?;
+        if let Ok(qmp) = connect_qmp(&st.qmp).await {
+            let _ = qmp
+                .execute_timeout("quit", None, Duration::from_secs(2))
+                .await;
+            let _ = tokio::time::timeout(Duration::from_secs(3), qmp.closed()).await;
+        }
+        if !wait_gone(&st, Duration::from_secs(3)).await {
+            if st.alive() {
+                // SAFETY: kill(2) on the recorded QEMU, checked by pid and start time above.
+                unsafe { libc::kill(st.pid as i32, libc::SIGKILL) };
+            }
+            if !wait_gone(&st, Duration::from_secs(10)).await {
+                return Err(Error::new(
+                    ErrorKind::Io,
+                    format!(
+                        "domain {:?}: QEMU (pid {}) did not end after SIGKILL",
+                        self.name, st.pid
+                    ),
+                ));
+            }
+        }
+        self.wait_leases_free(&st).await;
+        self.refresh(st, true)?;
+        Ok(())
+    }
+
+    /// Ask the guest to power off (ACPI, `system_powerdown`) and wait up to `timeout` for
+    /// QEMU to end. Returns the state then: `shut off (shutdown)`, or still running when the
+    /// guest did not react (a guest without ACPI support, or still busy).
+    pub async fn shutdown(&self, timeout: Duration) -> Result<StateInfo> {
+        let _op = self.op_lock("shutdown").await?;
+        let mut st = self.running()?;
+        st.shutdown_requested = true;
+        runstate::save(&self.dir(), &st)?;
+        let qmp = self.qmp(&st).await?;
+        qmp.execute("system_powerdown", None).await?;
+        if wait_gone(&st, timeout).await {
+            drop(qmp);
+            self.wait_leases_free(&st).await;
+            let st = self.refresh(st, true)?;
+            return Ok(shut_off(&st));
+        }
+        Ok(StateInfo {
+            state: DomainState::Running,
+            reason: StateReason::Booted,
+            pid: Some(st.pid),
+        })
+    }
+
+    /// Wait (briefly) until no lease of the domain's disks names its ended QEMU.
+    async fn wait_leases_free(&self, st: &RunState) {
+        let end = Instant::now() + Duration::from_secs(2);
+        for d in &st.disks {
+            while Instant::now() < end {
+                let held = self
+                    .conn
+                    .inner()
+                    .locks
+                    .holders(&Resource::file(&d.source))
+                    .map(|hs| hs.iter().any(|h| h.pid == st.pid))
+                    .unwrap_or(false);
+                if !held {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+
+    /// The disks of the running QEMU (`query-block`).
+    pub async fn block_devices(&self) -> Result<Vec<BlockDevice>> {
+        let _op = self.op_lock("domblklist").await?;
+        let st = self.running()?;
+        let qmp = self.qmp(&st).await?;
+        let blocks = qmp.run(&qmp_proto::commands::QueryBlock).await?;
+        Ok(blocks
+            .into_iter()
+            .filter_map(|b| {
+                let ins = b.inserted?;
+                let qdev = short_qdev(b.qdev.as_deref().unwrap_or(&b.device));
+                let target = st
+                    .disks
+                    .iter()
+                    .find(|d| d.qdev == qdev)
+                    .map_or_else(|| qdev.clone(), |d| d.target.clone());
+                Some(BlockDevice {
+                    target,
+                    source: ins.image.filename.clone(),
+                    qdev,
+                    node_name: ins.node_name.clone(),
+                    format: ins.image.format.clone(),
+                    readonly: ins.ro,
+                })
+            })
+            .collect())
+    }
+
+    /// Run a QMP command given as JSON (`{"execute": NAME, "arguments": {..}}`) on the
+    /// domain's QEMU; returns the reply (`{"return": ..}`).
+    pub async fn monitor_command(&self, json: &str) -> Result<Value> {
+        let (cmd, args) = parse_command(json)?;
+        let _op = self.op_lock("qemu-monitor-command").await?;
+        let st = self.running()?;
+        let qmp = self.qmp(&st).await?;
+        let r = qmp.execute(&cmd, args).await?;
+        Ok(serde_json::json!({ "return": r }))
+    }
+
+    /// Run a guest agent command given as JSON (`{"execute": NAME, "arguments": {..}}`)
+    /// through the domain's agent channel, allowing `timeout`; returns the reply
+    /// (`{"return": ..}`).
+    pub async fn agent_command(&self, json: &str, timeout: Duration) -> Result<Value> {
+        let (cmd, args) = parse_command(json)?;
+        let _op = self.op_lock("qemu-agent-command").await?;
+        let st = self.running()?;
+        let Some(agent) = &st.agent else {
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                format!("domain {:?} has no guest agent channel", self.name),
+            ));
+        };
+        let (p, _keep) = runstate::socket_path(agent)?;
+        let mut qga = qmp_proto::QgaClient::connect_unix(&p, timeout)
+            .await
+            .map_err(|e| {
+                Error::caused_by(
+                    format!("domain {:?}: the guest agent does not answer", self.name),
+                    e,
+                )
+            })?;
+        let r = qga.execute(&cmd, args, timeout).await?;
+        Ok(serde_json::json!({ "return": r }))
+    }
+}
+
+fn shut_off(st: &RunState) -> StateInfo {
+    let reason = match st.reason.as_deref() {
+        Some("destroyed") => StateReason::Destroyed,
+        Some("shutdown") => StateReason::Shutdown,
+        Some("crashed") => StateReason::Crashed,
+        Some("failed") => StateReason::Failed,
+        _ => StateReason::Unknown,
+    };
+    StateInfo {
+        state: DomainState::ShutOff,
+        reason,
+        pid: None,
+    }
+}
+
+/// `{"execute": NAME, "arguments": {...}}` -> (NAME, arguments).
+fn parse_command(json: &str) -> Result<(String, Option<Value>)> {
+    let bad = |m: String| Error::new(ErrorKind::InvalidInput, m);
+    let v: Value = serde_json::from_str(json).map_err(|e| bad(format!("invalid JSON: {e}")))?;
+    let Some(obj) = v.as_object() else {
+        return Err(bad(
+            "the command must be a JSON object like {\"execute\": \"query-status\"}".into(),
+        ));
+    };
+    let Some(cmd) = obj.get("execute").and_then(Value::as_str) else {
+        return Err(bad("the command has no \"execute\" string".into()));
+    };
+    if let Some(k) = obj
+        .keys()
+        .find(|k| !["execute", "arguments"].contains(&k.as_str()))
+    {
+        return Err(bad(format!("unexpected key {k:?} in the command")));
+    }
+    let args = obj.get("arguments").cloned();
+    if args.as_ref().is_some_and(|a| !a.is_object()) {
+        return Err(bad("\"arguments\" must be a JSON object".into()));
+    }
+    Ok((cmd.to_string(), args))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands_parse_strictly() {
+        let (c, a) = parse_command(r#"{"execute":"query-status"}"#).unwrap();
+        assert_eq!((c.as_str(), a), ("query-status", None));
+        let (_, a) = parse_command(r#"{"execute":"x","arguments":{"a":1}}"#).unwrap();
+        assert_eq!(a.unwrap()["a"], 1);
+        for bad in [
+            "",
+            "[]",
+            "{}",
+            r#"{"execute":1}"#,
+            r#"{"execute":"x","y":1}"#,
+        ] {
+            let e = parse_command(bad).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::InvalidInput, "{bad}");
+        }
+    }
+
+    #[test]
+    fn qdev_paths_shorten_to_the_id() {
+        assert_eq!(
+            short_qdev("/machine/peripheral/vs-vda/virtio-backend"),
+            "vs-vda"
+        );
+        assert_eq!(short_qdev("vs-sda"), "vs-sda");
+    }
+}
