@@ -567,7 +567,10 @@ fn a_lease_handed_to_a_child_lives_exactly_as_long_as_the_child() {
     loop {
         match locks.acquire(&for_domain("handed", pid)) {
             Err(e) if e.kind() == ErrorKind::NotHolder => break,
-            r => assert!(Instant::now() < deadline, "still acting for a dead QEMU: {r:?}"),
+            r => assert!(
+                Instant::now() < deadline,
+                "still acting for a dead QEMU: {r:?}"
+            ),
         }
         std::thread::sleep(Duration::from_millis(10));
     }

@@ -83,10 +83,11 @@ pub enum StateReason {
     Panicked,
     /// Ended by destroy.
     Destroyed,
-    /// Ended by a shutdown virt-snap asked for.
+    /// Ended by a shutdown: asked for by virt-snap, or a poweroff from inside the guest
+    /// (QEMU exited normally).
     Shutdown,
-    /// QEMU ended without virt-snap asking (killed, crashed, or a poweroff from inside
-    /// the guest).
+    /// QEMU ended without virt-snap asking and without exiting normally (killed, crashed;
+    /// for an attached QEMU, any end virt-snap did not ask for).
     Crashed,
     /// QEMU failed to start.
     Failed,
@@ -699,7 +700,7 @@ impl Domain {
                 st.reason = Some(
                     if st.destroy_requested {
                         "destroyed"
-                    } else if st.shutdown_requested {
+                    } else if st.shutdown_requested || exited_cleanly(&st, &dir) {
                         "shutdown"
                     } else {
                         "crashed"
@@ -709,6 +710,11 @@ impl Domain {
             }
         }
         st.status = Status::ShutOff;
+        // So that "shut off" also means its leases are free (bounded: a stuck thread is
+        // reported as shut off all the same).
+        if st.pid != 0 && !runstate::wait_threads_gone(st.pid, std::time::Duration::from_secs(2)) {
+            tracing::warn!(domain = %self.name, pid = st.pid, "QEMU's threads are slow to exit");
+        }
         if st.origin == Origin::Started {
             for f in ["qmp.sock", "qga.sock", "qemu.pid"] {
                 let _ = std::fs::remove_file(dir.join(f));
@@ -930,6 +936,13 @@ impl Domain {
         let r = qga.execute(&cmd, args, timeout).await?;
         Ok(serde_json::json!({ "return": r }))
     }
+}
+
+/// Whether a QEMU we started, now gone, exited by itself (a poweroff from inside the guest, a
+/// `quit` from another monitor): QEMU removes its pidfile when it exits normally, and only
+/// then (kill -9, a crash leave it behind).
+fn exited_cleanly(st: &RunState, dir: &std::path::Path) -> bool {
+    st.origin == Origin::Started && !dir.join("qemu.pid").exists()
 }
 
 fn shut_off(st: &RunState) -> StateInfo {

@@ -97,6 +97,29 @@ pub(crate) fn alive(pid: u32, start_time: u64) -> bool {
     proc_stat(pid).is_some_and(|s| s.start_time == start_time && !matches!(s.state, 'Z' | 'X'))
 }
 
+/// Wait up to `t` until no thread of the ended process `pid` is left exiting. On exit_group
+/// the main thread can be a zombie while other threads are still on their way out, and the
+/// descriptors (QEMU's leases) close only with the last of them: once this returns `true`,
+/// the leases QEMU inherited are free.
+pub(crate) fn wait_threads_gone(pid: u32, t: std::time::Duration) -> bool {
+    let me = pid.to_string();
+    let deadline = std::time::Instant::now() + t;
+    loop {
+        let exiting = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| e.file_name().to_str() != Some(me.as_str()));
+        if !exiting {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+}
+
 impl RunState {
     pub fn alive(&self) -> bool {
         alive(self.pid, self.start_time)
