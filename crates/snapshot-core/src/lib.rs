@@ -27,7 +27,7 @@ pub use domain::{DomainDef, Unsupported, Uuid};
 pub use error::{Error, ErrorKind, Result};
 pub use journal::Journal;
 pub use name::{DomainName, SnapshotName};
-pub use store::{DomainStore, SnapshotStore};
+pub use store::{DefinitionStore, DomainStore, SnapshotStore};
 pub use tree::{ListFilter, Scope, SnapshotTree};
 pub use xml::{DomainSnapshot, Location, SnapshotState};
 

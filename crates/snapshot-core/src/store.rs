@@ -22,9 +22,10 @@
 //! The store works on a real directory the caller gives (tests use temporary directories):
 //! its effects are plain file operations on the caller's state directory.
 
+use crate::domain::DomainDef;
 use crate::error::{Error, ErrorKind, Result};
 use crate::fsutil;
-use crate::name::{check_component, SnapshotName};
+use crate::name::{check_component, DomainName, SnapshotName};
 use crate::tree::{SnapshotTree, TreeProblem};
 use crate::xml::DomainSnapshot;
 use std::path::{Path, PathBuf};
@@ -57,6 +58,99 @@ impl SnapshotStore {
         Ok(DomainStore {
             dir: self.root.join(domain),
         })
+    }
+}
+
+/// The domain definitions: one domain XML file per defined domain (as libvirt's
+/// `/etc/libvirt/qemu/NAME.xml`), written atomically like every file of the store.
+///
+/// ```text
+/// DIR/                  0700
+///   NAME.xml            0600  the definition (DomainDef::to_xml)
+/// ```
+#[derive(Debug, Clone)]
+pub struct DefinitionStore {
+    dir: PathBuf,
+}
+
+impl DefinitionStore {
+    /// A store in `dir` (created on the first write).
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        DefinitionStore { dir: dir.into() }
+    }
+
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The file of domain `name`.
+    pub fn path(&self, name: &DomainName) -> PathBuf {
+        self.dir.join(format!("{}.xml", name.as_str()))
+    }
+
+    /// Writes a definition (atomically, creating the directory 0700, the file 0600).
+    pub fn save(&self, def: &DomainDef) -> Result<()> {
+        fsutil::create_dir(&self.dir)?;
+        fsutil::write_atomic(&self.path(&def.name), def.to_xml().as_bytes())
+    }
+
+    /// Reads domain `name`'s definition; `None` if it has no file.
+    pub fn read(&self, name: &DomainName) -> Result<Option<DomainDef>> {
+        let path = self.path(name);
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::io("cannot read", &path, e)),
+        };
+        let def = DomainDef::from_xml_bytes(&bytes).map_err(|e| e.with_path(&path))?;
+        if def.name != *name {
+            return Err(Error::new(
+                ErrorKind::Xml,
+                path.display().to_string(),
+                format!(
+                    "the file is for domain {:?} but defines {:?}",
+                    name.as_str(),
+                    def.name.as_str()
+                ),
+            )
+            .with_path(&path));
+        }
+        Ok(Some(def))
+    }
+
+    /// Removes domain `name`'s definition (durably); a missing file is not an error.
+    pub fn remove(&self, name: &DomainName) -> Result<()> {
+        if !self.dir.exists() {
+            return Ok(());
+        }
+        fsutil::remove_durable(&self.path(name))
+    }
+
+    /// The defined domains (by name, sorted), without reading their files; file names that
+    /// are not domain names (left-over temporary files among them) are skipped.
+    pub fn names(&self) -> Result<Vec<DomainName>> {
+        let rd = match std::fs::read_dir(&self.dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(Error::io("cannot list", &self.dir, e)),
+        };
+        let mut v = Vec::new();
+        for ent in rd {
+            let ent = ent.map_err(|e| Error::io("cannot list", &self.dir, e))?;
+            let raw = ent.file_name();
+            let Some(stem) = raw.to_str().and_then(|f| f.strip_suffix(".xml")) else {
+                continue;
+            };
+            if stem.starts_with('.') {
+                continue;
+            }
+            if let Ok(n) = DomainName::new(stem) {
+                v.push(n);
+            }
+        }
+        v.sort();
+        Ok(v)
     }
 }
 
@@ -280,4 +374,35 @@ fn read_snapshot_file(path: &Path) -> Result<DomainSnapshot> {
             .with_path(path)
             .with_source(e)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn definitions_round_trip_privately_and_durably() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = DefinitionStore::new(tmp.path().join("domains"));
+        assert!(store.names().unwrap().is_empty());
+        let xml = "<domain type='kvm'><name>vm1</name><memory>1024</memory>\
+                   <os><type>hvm</type></os><devices><interface type='user'/></devices>\
+                   </domain>";
+        let def = DomainDef::from_xml(xml).unwrap();
+        store.save(&def).unwrap();
+        let name = DomainName::new("vm1").unwrap();
+        assert_eq!(store.read(&name).unwrap().as_ref(), Some(&def));
+        assert!(std::fs::read_to_string(store.path(&name))
+            .unwrap()
+            .contains("<interface type='user'/>"));
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(store.dir()), 0o700);
+        assert_eq!(mode(&store.path(&name)), 0o600);
+        std::fs::write(store.dir().join(".vm1.xml.tmp-1"), "junk").unwrap();
+        assert_eq!(store.names().unwrap(), vec![name.clone()]);
+        store.remove(&name).unwrap();
+        assert_eq!(store.read(&name).unwrap(), None);
+        store.remove(&name).unwrap();
+    }
 }

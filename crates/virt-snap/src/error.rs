@@ -98,6 +98,8 @@ impl Error {
             image_kind(e.kind())
         } else if let Some(e) = any.downcast_ref::<locking::Error>() {
             lock_kind(e.kind())
+        } else if let Some(e) = any.downcast_ref::<snapshot_core::Error>() {
+            core_kind(e.kind())
         } else if any.downcast_ref::<qmp_proto::Error>().is_some() {
             ErrorKind::Monitor
         } else if let Some(e) = any.downcast_ref::<std::io::Error>() {
@@ -175,6 +177,18 @@ fn lock_kind(k: locking::ErrorKind) -> ErrorKind {
     }
 }
 
+fn core_kind(k: snapshot_core::ErrorKind) -> ErrorKind {
+    use snapshot_core::ErrorKind as K;
+    match k {
+        K::InvalidName | K::Xml | K::Cycle | K::InvalidOperation => ErrorKind::InvalidInput,
+        K::Unsupported | K::UnsupportedVersion => ErrorKind::Unsupported,
+        K::NotFound => ErrorKind::NotFound,
+        K::AlreadyExists => ErrorKind::AlreadyExists,
+        K::JournalCorrupt => ErrorKind::Corrupt,
+        _ => ErrorKind::Io,
+    }
+}
+
 fn io_kind(e: &std::io::Error) -> ErrorKind {
     match e.kind() {
         std::io::ErrorKind::NotFound => ErrorKind::NotFound,
@@ -199,6 +213,12 @@ impl From<image_formats::Error> for Error {
 
 impl From<locking::Error> for Error {
     fn from(e: locking::Error) -> Error {
+        Error::caused_by(e.to_string(), e)
+    }
+}
+
+impl From<snapshot_core::Error> for Error {
+    fn from(e: snapshot_core::Error) -> Error {
         Error::caused_by(e.to_string(), e)
     }
 }

@@ -9,9 +9,10 @@
 //!   (list, create, apply, delete), create and overlay, who holds it. Reads take no lock;
 //!   writes take the image's lease and QEMU's image locks.
 //! - [`Pool`] ([`pool`]): a defined storage pool (dir, btrfs, LVM): info and volumes.
-//! - [`Domain`] ([`domain`]): a running VM: start from a [`RunSpec`] (QEMU holding the
-//!   disks' leases, outliving the command), attach to a QEMU of another tool, state,
-//!   destroy, shutdown, disks, monitor and guest agent commands.
+//! - [`Domain`] ([`domain`]): a VM: defined from libvirt domain XML
+//!   ([`Connection::define`], `undefine`, `dumpxml`, `start_defined`) or started from a
+//!   [`RunSpec`] (QEMU holding the disks' leases, outliving the command), attach to a QEMU of
+//!   another tool, state, destroy, shutdown, disks, monitor and guest agent commands.
 //! - [`Volume`]: a pool's volume: info, path, delete, and its snapshots (create, list, revert,
 //!   delete).
 //!

@@ -4,7 +4,8 @@
 //! `$XDG_STATE_HOME/virt-snap`, else `$HOME/.local/state/virt-snap`.
 //!
 //! Layout: `pools/` (one JSON file per pool), `locks/` (the lockspace: one lease file per
-//! volume), `run/` (one directory per domain that runs or ran: its record, sockets, logs). The directory and everything virt-snap creates in it are private to the user:
+//! volume), `domains/` (one libvirt domain XML file per defined domain), `run/` (one directory per
+//! domain that runs or ran: its record, sockets, logs). The directory and everything virt-snap creates in it are private to the user:
 //! directories `0700` ([`DIR_MODE`]), files `0600`.
 
 use std::os::unix::fs::DirBuilderExt;
@@ -31,6 +32,7 @@ pub fn create(state_dir: &Path) -> std::io::Result<()> {
         POOLS_SUBDIR,
         LOCKSPACE_SUBDIR,
         crate::domain::runstate::RUN_SUBDIR,
+        crate::domain::DOMAINS_SUBDIR,
     ] {
         b.create(state_dir.join(sub))?;
     }

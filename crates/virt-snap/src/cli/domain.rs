@@ -1,5 +1,6 @@
-//! `virt-snap attach | destroy | shutdown | list | domstate | domblklist |
-//! qemu-monitor-command | qemu-agent-command`: running domains (virsh's names and output).
+//! `virt-snap define | undefine | start | dumpxml | attach | destroy | shutdown | list |
+//! domstate | domblklist | qemu-monitor-command | qemu-agent-command`: domains (virsh's names
+//! and output).
 
 use super::output::{self, Format};
 use super::render::virsh::table;
@@ -11,6 +12,29 @@ use std::time::Duration;
 /// Domain commands.
 #[derive(Debug, Subcommand)]
 pub enum DomainCmd {
+    /// Define a domain from libvirt domain XML (or replace its definition).
+    Define {
+        /// The domain XML file.
+        file: PathBuf,
+    },
+    /// Forget a domain's definition (refused while it runs).
+    Undefine {
+        /// The domain.
+        domain: String,
+    },
+    /// Start a defined domain.
+    Start {
+        /// The domain.
+        domain: String,
+        /// Start with the vCPUs paused.
+        #[arg(long)]
+        paused: bool,
+    },
+    /// Print a domain's definition as libvirt domain XML.
+    Dumpxml {
+        /// The domain.
+        domain: String,
+    },
     /// Adopt a QEMU that another tool started, by its QMP socket: its disks get leases, so
     /// volume operations are refused while it runs.
     Attach {
@@ -36,7 +60,7 @@ pub enum DomainCmd {
         #[arg(long, value_name = "SECS", default_value_t = 60)]
         timeout: u64,
     },
-    /// List the running domains (with --all, the ones that ran here too).
+    /// List the running domains (with --all, the defined ones and those that ran here too).
     List {
         /// Also domains that are not running.
         #[arg(long)]
@@ -92,6 +116,65 @@ fn print_reply(out: Format, v: &serde_json::Value) -> CliResult {
 pub async fn run(cmd: DomainCmd, out: Format, state: Option<&Path>) -> CliResult {
     let conn = super::connect(state)?;
     match cmd {
+        DomainCmd::Define { file } => {
+            let xml = std::fs::read_to_string(&file)
+                .map_err(|e| CliError::with_source(format!("cannot read {}", file.display()), e))?;
+            let def = conn.define(&xml).await?;
+            match out {
+                Format::Json => output::print_json(&serde_json::json!({
+                    "name": def.name, "uuid": def.uuid, "file": file,
+                }))
+                .map_err(out_err),
+                Format::Text => {
+                    println!("Domain '{}' defined from {}", def.name, file.display());
+                    Ok(())
+                }
+            }
+        }
+        DomainCmd::Undefine { domain } => {
+            let def = conn.undefine(&domain).await?;
+            match out {
+                Format::Json => output::print_json(&serde_json::json!({
+                    "name": def.name, "uuid": def.uuid,
+                }))
+                .map_err(out_err),
+                Format::Text => {
+                    println!("Domain '{domain}' has been undefined");
+                    Ok(())
+                }
+            }
+        }
+        DomainCmd::Start { domain, paused } => {
+            let dom = conn.start_defined(&domain, paused).await?;
+            let pid = dom.pid()?;
+            match out {
+                Format::Json => output::print_json(&serde_json::json!({
+                    "name": domain, "pid": pid,
+                    "state": if paused { "paused" } else { "running" },
+                }))
+                .map_err(out_err),
+                Format::Text => {
+                    println!("Domain '{domain}' started");
+                    Ok(())
+                }
+            }
+        }
+        DomainCmd::Dumpxml { domain } => {
+            let xml = conn.dumpxml(&domain)?;
+            match out {
+                Format::Json => output::print_json(&serde_json::json!({
+                    "name": domain, "xml": xml,
+                }))
+                .map_err(out_err),
+                Format::Text => {
+                    print!("{xml}");
+                    if !xml.ends_with('\n') {
+                        println!();
+                    }
+                    Ok(())
+                }
+            }
+        }
         DomainCmd::Attach { domain, qmp, agent } => {
             let dom = conn.attach(&domain, &qmp, agent.as_deref()).await?;
             let pid = dom.pid()?;

@@ -107,8 +107,8 @@ pub enum Command {
     /// vol-snapshot-create, vol-snapshot-list, vol-snapshot-revert, vol-snapshot-delete.
     #[command(flatten)]
     Vol(vol::VolCmd),
-    /// Running domains: attach, destroy, shutdown, list, domstate, domblklist,
-    /// qemu-monitor-command, qemu-agent-command.
+    /// Domains: define, undefine, start, dumpxml, attach, destroy, shutdown, list, domstate,
+    /// domblklist, qemu-monitor-command, qemu-agent-command.
     #[command(flatten)]
     Domain(domain::DomainCmd),
 }

@@ -14,9 +14,11 @@
 //! naming the operation in the way.
 
 mod argv;
+mod define;
 pub mod runstate;
 mod spec;
 
+pub use define::DOMAINS_SUBDIR;
 pub use runstate::Origin;
 pub use spec::{DiskBus, DiskDevice, DiskFormat, DiskLease, DiskSpec, DomainKind, RunSpec};
 
@@ -133,6 +135,8 @@ pub struct DomainSummary {
     pub state: DomainState,
     /// Started by virt-snap, or adopted.
     pub origin: Origin,
+    /// Defined (its XML is stored), not only run or adopted.
+    pub persistent: bool,
 }
 
 /// A disk of a running domain, as its QEMU reports it (`virsh domblklist`).
@@ -164,7 +168,7 @@ pub struct Domain {
 fn not_found(name: &str) -> Error {
     Error::new(
         ErrorKind::NotFound,
-        format!("domain {name:?} not found (no domain of that name runs or ran here)"),
+        format!("domain {name:?} not found (no domain of that name is defined, runs or ran here)"),
     )
 }
 
@@ -210,9 +214,9 @@ impl Connection {
         })
     }
 
-    /// The domains with a run record: running ones, and with `all`, those that ran and
-    /// ended too (defined domains join here once they exist). Sorted by name. A QEMU found
-    /// dead is recorded as ended on the way.
+    /// The running domains, and with `all`, the defined ones that do not run (`shut off`)
+    /// and those that ran here and ended. Sorted by name. A QEMU found dead is recorded as
+    /// ended on the way.
     pub async fn domains(&self, all: bool) -> Result<Vec<DomainSummary>> {
         let root = self.state_dir().join(runstate::RUN_SUBDIR);
         let mut names: Vec<String> = match std::fs::read_dir(&root) {
@@ -229,11 +233,23 @@ impl Connection {
                 ))
             }
         };
+        names.extend(self.defined_names()?);
         names.sort();
+        names.dedup();
         let mut out = Vec::new();
         for n in names {
             let mut d = self.domain(&n)?;
+            let persistent = self.is_defined(&n);
             let Some(st) = runstate::load(&d.dir())? else {
+                if all && persistent {
+                    out.push(DomainSummary {
+                        id: None,
+                        name: n,
+                        state: DomainState::ShutOff,
+                        origin: Origin::Started,
+                        persistent,
+                    });
+                }
                 continue;
             };
             let st = d.refresh(st, false)?;
@@ -256,6 +272,7 @@ impl Connection {
                 name: n,
                 state,
                 origin: st.origin,
+                persistent,
             });
         }
         Ok(out)
@@ -616,7 +633,10 @@ impl Domain {
 
     /// The pid of the domain's QEMU, if it runs (as far as `/proc` shows).
     pub fn pid(&self) -> Result<Option<u32>> {
-        let st = self.record()?;
+        let st = match self.record() {
+            Err(e) if e.kind() == ErrorKind::NotRunning => return Ok(None),
+            r => r?,
+        };
         Ok((st.status != Status::ShutOff && st.alive()).then_some(st.pid))
     }
 
@@ -625,8 +645,13 @@ impl Domain {
         Ok(self.record()?.origin)
     }
 
+    /// The run record; a defined domain that never ran has none: [`ErrorKind::NotRunning`].
     fn record(&self) -> Result<RunState> {
-        runstate::load(&self.dir())?.ok_or_else(|| not_found(&self.name))
+        match runstate::load(&self.dir())? {
+            Some(st) => Ok(st),
+            None if self.conn.is_defined(&self.name) => Err(not_running(&self.name)),
+            None => Err(not_found(&self.name)),
+        }
     }
 
     async fn op_lock(&self, op: &str) -> Result<locking::Acquired> {
@@ -720,7 +745,17 @@ impl Domain {
     /// The state and its reason: `running (booted)`, `paused (user)`, `shut off
     /// (destroyed)`, `shut off (crashed)` when QEMU ended without virt-snap asking, ...
     pub async fn state(&self) -> Result<StateInfo> {
-        let st = self.refresh(self.record()?, false)?;
+        let st = match self.record() {
+            Err(e) if e.kind() == ErrorKind::NotRunning => {
+                return Ok(StateInfo {
+                    state: DomainState::ShutOff,
+                    reason: StateReason::Unknown,
+                    pid: None,
+                })
+            }
+            r => r?,
+        };
+        let st = self.refresh(st, false)?;
         if st.status == Status::ShutOff {
             return Ok(shut_off(&st));
         }

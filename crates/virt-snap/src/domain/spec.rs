@@ -117,6 +117,22 @@ impl DiskLease {
     }
 }
 
+impl From<locking::Resource> for DiskLease {
+    /// The lease of a pool volume: what [`crate::Volume::lease_resource`] returns, the key
+    /// every operation on the volume takes.
+    fn from(r: locking::Resource) -> DiskLease {
+        DiskLease(r)
+    }
+}
+
+impl DiskLease {
+    /// The lease of the pool volume `vol`: the one key every operation on it takes (the
+    /// file for a `dir` pool, the subvolume or logical volume for btrfs and LVM).
+    pub async fn volume(vol: &crate::Volume) -> Result<DiskLease> {
+        Ok(vol.lease_resource().await?.into())
+    }
+}
+
 impl std::fmt::Display for DiskLease {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         self.0.fmt(f)
