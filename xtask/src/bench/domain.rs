@@ -324,42 +324,54 @@ pub fn run(args: &[String]) -> Result<(), String> {
             series.push(s);
         }
     };
+    // Each run measures the three in turn, the order rotating from run to run so that none
+    // always follows the same one (a QEMU just killed, libvirtd's post-destroy work).
     for i in 0..=runs {
-        if let Some(o) = &ours {
-            let script = format!(
-                "{} && {}",
-                o.cmdline(&format!("define {}", quote(&ours_xml))),
-                o.cmdline(&format!("start {OURS}"))
-            );
-            keep(i, &mut s_ours, time_process(&mut sh(&script))?);
-            expect_running("virt-snap", util::output(&mut o.cmd(&["domstate", OURS])))?;
-            keep(
-                i,
-                &mut d_ours,
-                time_process(&mut o.cmd(&["destroy", OURS]))?,
-            );
-            util::output(&mut o.cmd(&["undefine", OURS]))?;
+        for k in 0..3 {
+            match (i + k) % 3 {
+                0 => {
+                    let Some(o) = &ours else { continue };
+                    let script = format!(
+                        "{} && {}",
+                        o.cmdline(&format!("define {}", quote(&ours_xml))),
+                        o.cmdline(&format!("start {OURS}"))
+                    );
+                    keep(i, &mut s_ours, time_process(&mut sh(&script))?);
+                    expect_running("virt-snap", util::output(&mut o.cmd(&["domstate", OURS])))?;
+                    keep(
+                        i,
+                        &mut d_ours,
+                        time_process(&mut o.cmd(&["destroy", OURS]))?,
+                    );
+                    util::output(&mut o.cmd(&["undefine", OURS]))?;
+                }
+                1 => {
+                    if daemons.is_none() {
+                        continue;
+                    }
+                    let script = format!(
+                        "virsh -q -c {u} define {} && virsh -q -c {u} start {PEER}",
+                        quote(&peer_xml),
+                        u = libvirt::URI
+                    );
+                    keep(i, &mut s_peer, time_process(&mut sh(&script))?);
+                    expect_running(
+                        "libvirt",
+                        util::output(&mut libvirt::virsh(&["domstate", PEER])),
+                    )?;
+                    keep(
+                        i,
+                        &mut d_peer,
+                        time_process(&mut libvirt::virsh(&["destroy", PEER]))?,
+                    );
+                    util::output(&mut libvirt::virsh(&["undefine", PEER]))?;
+                }
+                _ => {
+                    keep(i, &mut s_floor, time_process(&mut floor.cmd())?);
+                    floor.stop()?;
+                }
+            }
         }
-        if daemons.is_some() {
-            let script = format!(
-                "virsh -q -c {u} define {} >/dev/null && virsh -q -c {u} start {PEER}",
-                quote(&peer_xml),
-                u = libvirt::URI
-            );
-            keep(i, &mut s_peer, time_process(&mut sh(&script))?);
-            expect_running(
-                "libvirt",
-                util::output(&mut libvirt::virsh(&["domstate", PEER])),
-            )?;
-            keep(
-                i,
-                &mut d_peer,
-                time_process(&mut libvirt::virsh(&["destroy", PEER]))?,
-            );
-            util::output(&mut libvirt::virsh(&["undefine", PEER]))?;
-        }
-        keep(i, &mut s_floor, time_process(&mut floor.cmd())?);
-        floor.stop()?;
     }
     let load_after = loadavg();
 
