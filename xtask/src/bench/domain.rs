@@ -12,7 +12,7 @@
 //! bench ([`super::libvirt::Libvirtd`]); the disks live under target/bench/domain, removed at
 //! the end. Everything started is stopped also on error.
 
-use super::harness::{report, report_series, time_process, Sample, Series};
+use super::harness::{median, ms, report, report_series, time_process, Sample, Series};
 use super::libvirt::{self, Libvirtd};
 use super::{build_release, build_release_bin, runs_arg};
 use crate::util::{self, step};
@@ -121,11 +121,17 @@ impl Floor {
             .arg(&self.pid_file)
             .arg("-qmp")
             .arg(format!("unix:{},server=on,wait=off", self.qmp.display()));
+        // The disks as virt-snap and libvirt give them: file and qcow2 nodes, virtio-blk-pci.
         for (i, d) in self.disks.iter().enumerate() {
-            c.arg("-drive").arg(format!(
-                "file={},format=qcow2,if=virtio,id=d{i}",
-                d.display()
-            ));
+            c.arg("-blockdev")
+                .arg(format!(
+                    "driver=file,filename={},node-name=f{i}",
+                    d.display()
+                ))
+                .arg("-blockdev")
+                .arg(format!("driver=qcow2,file=f{i},node-name=q{i}"))
+                .arg("-device")
+                .arg(format!("virtio-blk-pci,drive=q{i},id=vd{i}"));
         }
         c
     }
@@ -319,6 +325,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
     let mut d_ours = Series::new("virt-snap destroy");
     let mut d_peer = Series::new("virsh destroy");
     let mut s_floor = Series::new("floor: qemu-system-x86_64 -daemonize");
+    let (mut daemon_start, mut daemon_destroy) = (Vec::new(), Vec::new());
     let keep = |i: usize, series: &mut Series, s: Sample| {
         if i > 0 {
             series.push(s);
@@ -346,24 +353,32 @@ pub fn run(args: &[String]) -> Result<(), String> {
                     util::output(&mut o.cmd(&["undefine", OURS]))?;
                 }
                 1 => {
-                    if daemons.is_none() {
-                        continue;
-                    }
+                    let Some(lv) = &daemons else { continue };
                     let script = format!(
                         "virsh -q -c {u} define {} && virsh -q -c {u} start {PEER}",
                         quote(&peer_xml),
                         u = libvirt::URI
                     );
+                    let c0 = lv.daemon_cpu();
                     keep(i, &mut s_peer, time_process(&mut sh(&script))?);
+                    let c1 = lv.daemon_cpu();
+                    if i > 0 {
+                        daemon_start.push(c1.saturating_sub(c0));
+                    }
                     expect_running(
                         "libvirt",
                         util::output(&mut libvirt::virsh(&["domstate", PEER])),
                     )?;
+                    let c0 = lv.daemon_cpu();
                     keep(
                         i,
                         &mut d_peer,
                         time_process(&mut libvirt::virsh(&["destroy", PEER]))?,
                     );
+                    let c1 = lv.daemon_cpu();
+                    if i > 0 {
+                        daemon_destroy.push(c1.saturating_sub(c0));
+                    }
                     util::output(&mut libvirt::virsh(&["undefine", PEER]))?;
                 }
                 _ => {
@@ -397,6 +412,13 @@ pub fn run(args: &[String]) -> Result<(), String> {
     }
     if daemons.is_some() {
         shares.push(format!("{:.0}% of libvirt's", share(&s_peer)));
+    }
+    if daemons.is_some() {
+        println!(
+            "\nlibvirtd + virtlogd CPU (not in virsh's cpu column; 10 ms ticks): median {} per define + start, {} per destroy",
+            ms(median(&daemon_start)),
+            ms(median(&daemon_destroy))
+        );
     }
     println!(
         "\nQEMU start share (floor median / start median): {}",

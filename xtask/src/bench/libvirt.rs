@@ -167,22 +167,13 @@ impl Libvirtd {
             .lines()
             .filter_map(|l| l.trim().parse().ok())
             .collect();
-        let parent = |pid: i32| -> Option<i32> {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-            stat.rsplit_once(')')?
-                .1
-                .split_whitespace()
-                .nth(1)?
-                .parse()
-                .ok()
-        };
         for (name, pid_file) in PID_FILES {
             let mut pids = pids_named(name);
             pids.extend(live_pid(pid_file, name));
             pids.sort();
             pids.dedup();
             for pid in pids {
-                let mine = ours.contains(&pid) || parent(pid).is_some_and(|p| ours.contains(&p));
+                let mine = ours.contains(&pid) || parent_of(pid).is_some_and(|p| ours.contains(&p));
                 if !mine {
                     return Err(format!(
                         "a {name} (pid {pid}) is already running and was not started by a bench: \
@@ -211,6 +202,29 @@ impl Libvirtd {
         Ok(())
     }
 
+    /// User + system CPU that libvirtd and virtlogd have used so far (clock-tick resolution,
+    /// 10 ms here): the daemons' share of an operation, which virsh's own rusage lacks.
+    pub fn daemon_cpu(&self) -> Duration {
+        let reaper = self.reaper.as_ref().map(|c| c.id() as i32);
+        let libvirtd = pids_named("libvirtd")
+            .into_iter()
+            .find(|&p| reaper.is_some() && parent_of(p) == reaper);
+        let virtlogd = self.virtlogd.as_ref().map(|c| c.id() as i32);
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        let ticks: u64 = [libvirtd, virtlogd]
+            .into_iter()
+            .flatten()
+            .filter_map(|pid| {
+                let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+                let f: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+                // Fields 14 and 15 of stat (utime, stime) are the 12th and 13th after ')'.
+                Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+            })
+            .sum();
+        Duration::from_secs_f64(ticks as f64 / hz)
+    }
+
     /// Destroy and undefine every domain whose name starts with the prefix (errors ignored).
     pub fn remove_domains(&self) {
         let Ok(names) = util::output(&mut virsh(&["list", "--all", "--name"])) else {
@@ -224,6 +238,16 @@ impl Libvirtd {
             let _ = virsh(&["undefine", n]).output();
         }
     }
+}
+
+fn parent_of(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
 }
 
 fn live_pid_of(pid: i32, name: &str) -> bool {
