@@ -161,29 +161,48 @@ pub fn report(title: &str, pairs: &[(&Series, &Series)]) -> Vec<f64> {
     let mut ratios = Vec::new();
     for (ours, peer) in pairs {
         for s in [ours, peer] {
-            println!(
-                "{:<44} {:>11} {:>11} {:>11} {:>10} {:>5}",
-                s.label,
-                ms(s.median()),
-                ms(s.p90()),
-                if s.cpu.is_empty() {
-                    "-".into()
-                } else {
-                    ms(s.cpu_median())
-                },
-                if s.rss_kib.is_empty() {
-                    "-".into()
-                } else {
-                    format!("{} KiB", s.max_rss_kib())
-                },
-                s.wall.len()
-            );
+            row(s);
         }
         let r = peer.median().as_secs_f64() / ours.median().as_secs_f64().max(1e-12);
         println!("  => peer / ours = {r:.2}x (above 1: virt-snap is faster)");
         ratios.push(r);
     }
     ratios
+}
+
+/// Print rows for `series` alone (no peer to compare with), in [`report`]'s format; an empty
+/// title prints no heading.
+pub fn report_series(title: &str, series: &[&Series]) {
+    if !title.is_empty() {
+        println!("\n{title}");
+        println!(
+            "{:<44} {:>11} {:>11} {:>11} {:>10} {:>5}",
+            "measured", "median", "p90", "cpu median", "max rss", "runs"
+        );
+    }
+    for s in series {
+        row(s);
+    }
+}
+
+fn row(s: &Series) {
+    println!(
+        "{:<44} {:>11} {:>11} {:>11} {:>10} {:>5}",
+        s.label,
+        ms(s.median()),
+        ms(s.p90()),
+        if s.cpu.is_empty() {
+            "-".into()
+        } else {
+            ms(s.cpu_median())
+        },
+        if s.rss_kib.is_empty() {
+            "-".into()
+        } else {
+            format!("{} KiB", s.max_rss_kib())
+        },
+        s.wall.len()
+    );
 }
 
 /// Parse a driver's report: one JSON object `{"label": ..., "wall_ns": [..], "cpu_ns": [..]}`

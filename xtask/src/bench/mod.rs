@@ -4,10 +4,12 @@
 //! side (interleaved), and prints medians and the ratio peer / ours.
 
 // The process-timing half of the harness serves the image benchmarks being added.
+mod domain;
 #[allow(dead_code)]
 pub mod harness;
 mod image_info;
 mod image_snapshot;
+mod libvirt;
 mod qemu_start;
 mod qmp;
 mod storage;
@@ -19,6 +21,10 @@ const BENCHES: &[(&str, &str)] = &[
     (
         "storage",
         "4 GiB raw volume snapshot create/revert on btrfs and dir (reflink, copy): virt-snap vs btrfs/cp by hand",
+    ),
+    (
+        "domain",
+        "define + start to running, destroy: a no-OS KVM domain with 2 qcow2 disks, virt-snap vs libvirt 11.3 (virsh)",
     ),
     (
         "qemu-start",
@@ -49,6 +55,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
             }
             Ok(())
         }
+        "domain" => domain::run(rest),
         "qemu-start" => qemu_start::run(rest),
         "image-info" => image_info::run(rest),
         "image-snapshot" => image_snapshot::run(rest),
@@ -64,6 +71,16 @@ pub fn run(args: &[String]) -> Result<(), String> {
 pub fn build_release(package: &str) -> Result<std::path::PathBuf, String> {
     step(&format!("cargo build --release -p {package}"));
     util::cargo(&["build", "--release", "--quiet", "-p", package])?;
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(util::target_dir);
+    Ok(target.join("release"))
+}
+
+/// Build only the binary `bin` of `package` in release mode; returns the release directory.
+pub fn build_release_bin(package: &str, bin: &str) -> Result<std::path::PathBuf, String> {
+    step(&format!("cargo build --release -p {package} --bin {bin}"));
+    util::cargo(&["build", "--release", "--quiet", "-p", package, "--bin", bin])?;
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(util::target_dir);
