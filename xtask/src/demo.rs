@@ -4,8 +4,10 @@
 //! Today: native image inspection (`image info`, `--backing-chain`, `image snapshot list`),
 //! also while a running QEMU holds the image; QMP through qmp-proto; QEMU's image locks seen
 //! (`image locks`) and respected (a write is refused while QEMU runs); native internal
-//! snapshots checked by qemu-img; a dir-pool volume snapshot and revert. Live snapshots of
-//! running VMs come with the domain layer.
+//! snapshots checked by qemu-img; a dir-pool volume snapshot and revert; a domain defined
+//! from libvirt XML on pool volumes, started (QEMU holds the volumes' leases: an offline
+//! volume snapshot is refused until it is destroyed). Live snapshots of running VMs come
+//! with the capture layer.
 
 use crate::util::{self, step, target_dir};
 use std::io::{BufRead, BufReader};
@@ -209,14 +211,79 @@ pub fn run() -> Result<(), String> {
         return Err("revert did not bring the original bytes back".into());
     }
 
+    step("7. a domain defined from libvirt XML on two pool volumes; QEMU holds their leases");
+    show(virt_snap().args(["vol-create-as", "demo", "sys", "64M", "--format", "qcow2"]))?;
+    let xml = at("vm1.xml");
+    std::fs::write(&xml, DOMAIN_XML).map_err(|e| format!("{}: {e}", xml.display()))?;
+    println!("\n(vm1.xml: a no-OS KVM domain, disks vda = volume demo/sys, vdb = demo/disk0)");
+    show(virt_snap().arg("define").arg(&xml))?;
+    let started = Instant::now();
+    show(virt_snap().args(["start", "vm1"]))?;
+    println!("(started in {} ms)", started.elapsed().as_millis());
+    // Whatever happens next, the demo's QEMU does not outlive it.
+    let _stop = DestroyOnDrop(virt_snap());
+    show(virt_snap().args(["list"]))?;
+    show(virt_snap().args(["domblklist", "vm1"]))?;
+    show(virt_snap().args([
+        "qemu-monitor-command",
+        "vm1",
+        r#"{"execute":"query-status"}"#,
+    ]))?;
+    step("   while vm1 runs, its volumes cannot be snapshotted offline");
+    expect_refusal(virt_snap().args(["vol-snapshot-create", "disk0", "s2", "--pool", "demo"]))?;
+    let started = Instant::now();
+    show(virt_snap().args(["destroy", "vm1"]))?;
+    println!("(destroyed in {} ms)", started.elapsed().as_millis());
+    show(virt_snap().args(["domstate", "vm1", "--reason"]))?;
+    step("   vm1 gone: the same volume snapshot succeeds");
+    show(virt_snap().args(["vol-snapshot-create", "disk0", "s2", "--pool", "demo"]))?;
+    show(virt_snap().args(["undefine", "vm1"]))?;
+
     println!(
         "\ndemo done: read qcow2 headers, backing chains and snapshot tables natively (also \
          under a running QEMU), saw and respected QEMU's image locks, took and applied internal \
-         snapshots natively (qemu-img agrees), and snapshotted and reverted a pool volume. \
-         Files are in {}.",
+         snapshots natively (qemu-img agrees), snapshotted and reverted a pool volume, and ran \
+         a domain defined from libvirt XML whose QEMU held its volumes' leases. Files are in {}.",
         dir.display()
     );
     Ok(())
+}
+
+/// The demo's domain: no guest OS (KVM, SeaBIOS halts), two volumes of the demo pool.
+const DOMAIN_XML: &str = "<domain type='kvm'>
+  <name>vm1</name>
+  <memory unit='MiB'>128</memory>
+  <vcpu>1</vcpu>
+  <os>
+    <type arch='x86_64' machine='q35'>hvm</type>
+  </os>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    <disk type='volume' device='disk'>
+      <driver name='qemu' type='qcow2'/>
+      <source pool='demo' volume='sys'/>
+      <target dev='vda' bus='virtio'/>
+    </disk>
+    <disk type='volume' device='disk'>
+      <driver name='qemu' type='raw'/>
+      <source pool='demo' volume='disk0'/>
+      <target dev='vdb' bus='virtio'/>
+    </disk>
+  </devices>
+</domain>
+";
+
+/// Destroys the demo's domain when dropped (quietly: it is usually gone already).
+struct DestroyOnDrop(Command);
+impl Drop for DestroyOnDrop {
+    fn drop(&mut self) {
+        let _ = self
+            .0
+            .args(["destroy", "vm1"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
 }
 
 /// Run a command that must fail (a refusal), showing what it said.
