@@ -30,6 +30,16 @@ pub enum ErrorKind {
     /// A journal call that does not fit the operation's state (unknown operation, unknown
     /// step, an operation already finished).
     InvalidOperation,
+    /// A snapshot request that cannot be planned against the domain (internal on a raw disk,
+    /// an unknown disk, ...): nothing was done.
+    InvalidPlan,
+    /// What the facade's hypervisor or storage layer reported (through the capture traits).
+    Backend,
+    /// A bounded step (guest freeze, the paused window) ran out of its budget.
+    Timeout,
+    /// A capture failed; every step was undone, or [`Error::undo_failures`] says what was
+    /// not. The original failure is the [`std::error::Error::source`].
+    CaptureFailed,
 }
 
 /// An error from snapshot-core.
@@ -46,6 +56,7 @@ struct Inner {
     path: Option<PathBuf>,
     offset: Option<u64>,
     source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
+    undo_failures: Vec<String>,
 }
 
 impl Error {
@@ -58,6 +69,7 @@ impl Error {
                 path: None,
                 offset: None,
                 source: None,
+                undo_failures: Vec::new(),
             }),
         }
     }
@@ -101,6 +113,28 @@ impl Error {
         self
     }
 
+    /// An error reported by the code behind the capture traits (QMP, storage backends): the
+    /// facade's implementations build theirs with this.
+    pub fn backend(object: impl Into<String>, what: impl Into<String>) -> Self {
+        Error::new(ErrorKind::Backend, object, what)
+    }
+
+    /// Attaches the underlying cause.
+    pub fn caused_by(self, source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        self.with_source(source)
+    }
+
+    pub(crate) fn with_undo_failures(mut self, failures: Vec<String>) -> Self {
+        self.inner.undo_failures = failures;
+        self
+    }
+
+    /// For a [`ErrorKind::CaptureFailed`] error: what could not be undone, one line each
+    /// (empty: everything was undone).
+    pub fn undo_failures(&self) -> &[String] {
+        &self.inner.undo_failures
+    }
+
     /// The kind of failure.
     pub fn kind(&self) -> ErrorKind {
         self.inner.kind
@@ -142,6 +176,9 @@ impl fmt::Display for Error {
         }
         if let Some(s) = &i.source {
             write!(f, ": {s}")?;
+        }
+        for u in &i.undo_failures {
+            write!(f, "; not undone: {u}")?;
         }
         Ok(())
     }

@@ -8,11 +8,14 @@
 //!   virt-snap can run;
 //! - [`tree`]: a domain's snapshots as a tree with a current snapshot, and virsh's list filters;
 //! - [`store`]: the per-domain metadata directory, updated atomically;
-//! - [`journal`]: the journal of in-flight operations, for recovery after a crash.
+//! - [`journal`]: the journal of in-flight operations, for recovery after a crash;
+//! - [`capture`]: the live capture state machine (plan, steps, runner, recovery) over
+//!   capability traits the facade implements.
 //!
 //! See docs/snapshot-metadata.md for the formats and the crash guarantees.
 #![deny(missing_docs)]
 
+pub mod capture;
 pub mod domain;
 mod error;
 mod fsutil;
