@@ -22,7 +22,6 @@
 //! before. Hidden entries of `.snapshots/NAME/` are temporaries of operations on NAME: the
 //! next operation on NAME (holding its lease) removes them.
 
-use crate::dir::{check_spec, count_leftovers, create_file, exists, not_a_pool_volume, probe};
 use crate::error::{Error, ErrorKind, Result};
 use crate::fsutil;
 use crate::lease::{for_domain, key_string, lease};
@@ -31,7 +30,9 @@ use crate::name::{check_name, NameOf};
 use crate::pooldir::{self, shown_name, symlink_error, utf8_name, DirFd, EntryKind};
 use crate::reverter::Reverter;
 use crate::runner::{argv, run_ok, CommandRunner};
-use crate::{blocking, failpoint, find_listed, no_snapshot, Backend};
+use crate::util::{blocking, exists, failpoint, find_listed, no_snapshot};
+use crate::volfile::{check_spec, count_leftovers, create_file, not_a_pool_volume, probe};
+use crate::Backend;
 use async_trait::async_trait;
 use locking::{LockManager, Resource};
 use std::future::Future;
@@ -40,7 +41,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 /// Directory of snapshots under a btrfs pool's target.
-pub const SNAPSHOT_DIR: &str = ".snapshots";
+pub const SNAPSHOT_DIR: &str = crate::volfile::SNAPSHOT_DIR;
 
 /// One line of `btrfs subvolume list -s` output.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -84,38 +85,9 @@ pub fn parse_subvolume_list(out: &str) -> Result<Vec<ListEntry>> {
     Ok(v)
 }
 
-/// `YYYY-MM-DD HH:MM:SS` read as UTC, in seconds since the epoch.
-pub fn parse_time_utc(s: &str) -> Option<i64> {
-    let (d, t) = s.trim().split_once(' ')?;
-    let mut dp = d.split('-').map(|x| x.parse::<i64>().ok());
-    let (y, m, dd) = (dp.next()??, dp.next()??, dp.next()??);
-    let mut tp = t
-        .split(' ')
-        .next()?
-        .split(':')
-        .map(|x| x.parse::<i64>().ok());
-    let (hh, mm, ss) = (tp.next()??, tp.next()??, tp.next()??);
-    // Days from civil (Howard Hinnant's algorithm).
-    let y2 = if m <= 2 { y - 1 } else { y };
-    let era = y2.div_euclid(400);
-    let yoe = y2 - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + dd - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146097 + doe - 719468;
-    let mut secs = days * 86400 + hh * 3600 + mm * 60 + ss;
-    // An offset like "+0100" (lvs, btrfs show) when present.
-    if let Some(off) = t.split(' ').nth(1) {
-        let sign = if off.starts_with('-') { -1 } else { 1 };
-        let digits = off.trim_start_matches(['+', '-']);
-        if digits.len() == 4 {
-            let h: i64 = digits[..2].parse().ok()?;
-            let mi: i64 = digits[2..].parse().ok()?;
-            secs -= sign * (h * 3600 + mi * 60);
-        }
-    }
-    Some(secs)
-}
+/// `YYYY-MM-DD HH:MM:SS` (an optional `+HHMM` offset) read as UTC (shared with the LVM
+/// backend's `lvs` times).
+pub use crate::util::parse_time_utc;
 
 /// A btrfs pool.
 #[derive(Debug)]

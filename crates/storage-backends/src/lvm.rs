@@ -30,7 +30,8 @@ use crate::model::*;
 use crate::name::{check_lvm_name, NameOf};
 use crate::reverter::Reverter;
 use crate::runner::{argv, run_ok, CommandRunner};
-use crate::{find_snapshot, Backend};
+use crate::util::{exists, find_snapshot, no_snapshot};
+use crate::Backend;
 use async_trait::async_trait;
 use locking::{LockManager, Resource};
 use std::sync::Arc;
@@ -265,7 +266,7 @@ impl LvmPool {
         self.snapshots_of(lvs, volume)
             .into_iter()
             .find(|(_, s)| s.name == snapshot)
-            .ok_or_else(|| crate::no_snapshot(volume, snapshot))
+            .ok_or_else(|| no_snapshot(volume, snapshot))
     }
 
     fn snapshots_of(&self, lvs: &[LvRow], volume: &str) -> Vec<(LvRow, VolSnapshot)> {
@@ -285,7 +286,7 @@ impl LvmPool {
                         } else {
                             SnapshotKind::LvmCow
                         },
-                        created: l.time.as_deref().and_then(crate::btrfs::parse_time_utc),
+                        created: l.time.as_deref().and_then(crate::util::parse_time_utc),
                         size: Some(l.size),
                         valid: !l.is_invalid_snapshot(),
                         usage_percent: if l.is_thin() {
@@ -347,7 +348,7 @@ impl LvmPool {
         }
         let lvname = format!("{volume}.{snapshot}");
         if lvs.iter().any(|l| l.name == lvname) {
-            return Err(crate::dir::exists(volume, snapshot));
+            return Err(exists(volume, snapshot));
         }
         self.snapshot_lv(&vol, &lvname, opts.size).await?;
         let lvs = self.lvs().await?;
