@@ -30,9 +30,9 @@ use crate::name::{check_name, NameOf};
 use crate::pooldir::{self, shown_name, symlink_error, utf8_name, DirFd, EntryKind};
 use crate::reverter::Reverter;
 use crate::runner::{argv, run_ok, CommandRunner};
-use crate::util::{blocking, exists, failpoint, find_listed, no_snapshot};
+use crate::util::{exists, failpoint, find_listed, no_snapshot};
 use crate::volfile::{check_spec, count_leftovers, create_file, not_a_pool_volume, probe};
-use crate::Backend;
+use crate::{Backend, Blocking};
 use async_trait::async_trait;
 use locking::{LockManager, Resource};
 use std::future::Future;
@@ -96,6 +96,7 @@ pub struct BtrfsPool {
     root: PathBuf,
     runner: Arc<dyn CommandRunner>,
     locks: LockManager,
+    blocking: Blocking,
 }
 
 /// A revert's new volume being made, in `.snapshots/VOL/`.
@@ -134,7 +135,15 @@ impl BtrfsPool {
             root,
             runner,
             locks,
+            blocking: Blocking::default(),
         })
+    }
+
+    /// Run the blocking file work (volume file creation) as `b` says (default:
+    /// [`Blocking::SpawnBlocking`]).
+    pub fn with_blocking(mut self, b: Blocking) -> BtrfsPool {
+        self.blocking = b;
+        self
     }
 
     fn open_root(&self) -> Result<DirFd> {
@@ -533,7 +542,7 @@ impl Backend for BtrfsPool {
         let made = match self.open_subvol(&root, &spec.name) {
             Ok(d) => {
                 let s = spec.clone();
-                blocking(move || create_file(&d, &fname, &s)).await
+                self.blocking.run(move || create_file(&d, &fname, &s)).await
             }
             Err(e) => Err(e),
         };

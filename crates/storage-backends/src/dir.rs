@@ -28,9 +28,9 @@ use crate::model::*;
 use crate::name::{check_name, NameOf};
 use crate::pooldir::{self, shown_name, symlink_error, utf8_name, DirFd, EntryKind, EntryStat};
 use crate::runner::CommandRunner;
-use crate::util::{blocking, exists, failpoint, find_listed, find_snapshot, no_snapshot};
+use crate::util::{exists, failpoint, find_listed, find_snapshot, no_snapshot};
 use crate::volfile::{check_spec, count_leftovers, create_file, not_a_pool_volume, probe};
-use crate::Backend;
+use crate::{Backend, Blocking};
 use async_trait::async_trait;
 use locking::{LockManager, Resource};
 use std::fs::File;
@@ -50,6 +50,7 @@ pub struct DirPool {
     def: PoolDef,
     root: PathBuf,
     locks: LockManager,
+    blocking: Blocking,
 }
 
 fn by_name(snapshot: &str) -> SnapshotRef {
@@ -99,7 +100,19 @@ impl DirPool {
             }
         })?;
         let _ = runner;
-        Ok(DirPool { def, root, locks })
+        Ok(DirPool {
+            def,
+            root,
+            locks,
+            blocking: Blocking::default(),
+        })
+    }
+
+    /// Run the blocking file work (clones, copies, fsyncs, qcow2 writes) as `b` says
+    /// (default: [`Blocking::SpawnBlocking`]).
+    pub fn with_blocking(mut self, b: Blocking) -> DirPool {
+        self.blocking = b;
+        self
     }
 
     /// The pool's directory, opened for this operation.
@@ -169,6 +182,7 @@ impl DirPool {
             }
         }
         if let Some(d) = Self::snap_dir(root, volume, false)? {
+            let mut kept = 0;
             for e in d.entries()? {
                 if let Some(n) = e.to_str().filter(|n| n.starts_with('.')) {
                     tracing::info!(
@@ -176,9 +190,14 @@ impl DirPool {
                         d.join(n).display()
                     );
                     d.remove_tree(n)?;
+                } else {
+                    kept += 1;
                 }
             }
-            Self::drop_empty_snap_dir(root, volume);
+            // Snapshots are kept: no need to try removing the (non-empty) directories.
+            if kept == 0 {
+                Self::drop_empty_snap_dir(root, volume);
+            }
         }
         Ok(())
     }
@@ -272,17 +291,19 @@ impl DirPool {
             }
         }
         let (vs, snap) = (volume.to_string(), snapshot.to_string());
-        let root = blocking(move || {
-            let r = raw_snapshot(&root, &vs, &snap, reflink_only);
-            if r.is_err() {
-                DirPool::drop_empty_snap_dir(&root, &vs);
-            }
-            r.map(|m| {
-                tracing::debug!("raw snapshot by {m:?}");
-                root
+        let root = self
+            .blocking
+            .run(move || {
+                let r = raw_snapshot(&root, &vs, &snap, reflink_only);
+                if r.is_err() {
+                    DirPool::drop_empty_snap_dir(&root, &vs);
+                }
+                r.map(|m| {
+                    tracing::debug!("raw snapshot by {m:?}");
+                    root
+                })
             })
-        })
-        .await?;
+            .await?;
         find_listed(Self::raw_snapshots(&root, volume)?, volume, snapshot)
     }
 
@@ -340,7 +361,7 @@ impl Backend for DirPool {
         let (leftovers, leftover_bytes) = count_leftovers(&root)?;
         // Reflink support decides whether raw snapshots share blocks, and whether an open
         // volume can be snapshotted (a full copy would stretch a paused guest's pause).
-        let reflink = blocking(move || Ok(probe_reflink(&root))).await?;
+        let reflink = self.blocking.run(move || Ok(probe_reflink(&root))).await?;
         caps.space_efficient_snapshots = reflink;
         if !reflink {
             caps.open_volume_snapshots = &[];
@@ -421,7 +442,10 @@ impl Backend for DirPool {
         }
         Self::clean_leftovers(&root, &spec.name)?;
         let name = spec.name.clone();
-        let root = blocking(move || create_file(&root, &spec.name, &spec).map(|_| root)).await?;
+        let root = self
+            .blocking
+            .run(move || create_file(&root, &spec.name, &spec).map(|_| root))
+            .await?;
         self.describe(&root, &name)
     }
 
@@ -466,7 +490,9 @@ impl Backend for DirPool {
                 let f = root.open_file(volume, true)?;
                 let p = path.clone();
                 let op = SnapshotOp::Create(snapshot.as_bytes().to_vec());
-                blocking(move || image::snapshot_file(f, &p, &op, &SystemClock)).await?;
+                self.blocking
+                    .run(move || image::snapshot_file(f, &p, &op, &SystemClock))
+                    .await?;
                 let list = qcow2_snapshots(root.open_file(volume, false)?, &path, volume)?;
                 find_snapshot(list, volume, snapshot)
             }
@@ -532,12 +558,16 @@ impl Backend for DirPool {
                 find_snapshot(list, volume, snapshot)?;
                 let f = root.open_file(volume, true)?;
                 let op = SnapshotOp::Apply(by_name(snapshot));
-                blocking(move || image::snapshot_file(f, &path, &op, &SystemClock).map(drop)).await
+                self.blocking
+                    .run(move || image::snapshot_file(f, &path, &op, &SystemClock).map(drop))
+                    .await
             }
             VolFormat::Raw => {
                 find_listed(Self::raw_snapshots(&root, volume)?, volume, snapshot)?;
                 let (vs, snap) = (volume.to_string(), snapshot.to_string());
-                blocking(move || raw_revert(&root, &vs, &snap)).await
+                self.blocking
+                    .run(move || raw_revert(&root, &vs, &snap))
+                    .await
             }
         }
     }
@@ -555,7 +585,9 @@ impl Backend for DirPool {
                 find_snapshot(list, volume, snapshot)?;
                 let f = root.open_file(volume, true)?;
                 let op = SnapshotOp::Delete(by_name(snapshot));
-                blocking(move || image::snapshot_file(f, &path, &op, &SystemClock).map(drop)).await
+                self.blocking
+                    .run(move || image::snapshot_file(f, &path, &op, &SystemClock).map(drop))
+                    .await
             }
             VolFormat::Raw => {
                 find_listed(Self::raw_snapshots(&root, volume)?, volume, snapshot)?;

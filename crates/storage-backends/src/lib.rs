@@ -40,11 +40,11 @@ pub use model::{
     RejectedEntry, SnapshotKind, SnapshotOptions, VolFormat, VolSnapshot, Volume, VolumeBacking,
     VolumeSpec,
 };
-pub use open::open_pool;
+pub use open::{open_pool, open_pool_with};
 pub use reverter::Reverter;
 pub use runner::{CommandRunner, LocalRunner, Output, RecordingRunner};
 pub use store::{DamagedPool, PoolListing, PoolStore, POOLS_SUBDIR};
-pub use util::failpoint;
+pub use util::{failpoint, Blocking};
 
 use async_trait::async_trait;
 
