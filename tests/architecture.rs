@@ -198,7 +198,14 @@ fn the_cli_names_no_lower_crate() {
             "locking::",
             "use locking",
         ] {
-            if text.contains(n) {
+            // As a path or word of its own (`Blocking::Inline` names no `locking`).
+            let named = text.match_indices(n).any(|(i, _)| {
+                !text[..i]
+                    .chars()
+                    .next_back()
+                    .is_some_and(|c| c.is_alphanumeric() || c == '_')
+            });
+            if named {
                 hits.push(format!("{}: {n}", f.display()));
             }
         }

@@ -356,6 +356,7 @@ impl BtrfsPool {
             }
         }
         if let Some(d) = Self::snap_dir(root, volume, false)? {
+            let mut kept = 0;
             for e in d.entries()? {
                 if let Some(n) = e.to_str().filter(|n| n.starts_with('.')) {
                     tracing::info!(
@@ -363,9 +364,14 @@ impl BtrfsPool {
                         d.join(n).display()
                     );
                     self.remove_any(&d, n.to_string()).await?;
+                } else {
+                    kept += 1;
                 }
             }
-            Self::drop_empty_snap_dir(root, volume);
+            // Snapshots are kept: no need to try removing the (non-empty) directories.
+            if kept == 0 {
+                Self::drop_empty_snap_dir(root, volume);
+            }
         }
         Ok(())
     }

@@ -210,6 +210,41 @@ impl DirPool {
         root.rmdir_if_empty(SNAPSHOT_DIR);
     }
 
+    /// The snapshot file `n` of `volume` in its snapshot directory `dir`: `None` if absent,
+    /// an inner error for an entry that is no snapshot file (a symlink, a directory).
+    fn raw_entry(
+        dir: &DirFd,
+        volume: &str,
+        n: &str,
+    ) -> Result<Option<std::result::Result<VolSnapshot, Error>>> {
+        Ok(match dir.stat(n)? {
+            Some(s) if s.kind == EntryKind::File => {
+                let created = dir.open_file(n, false).ok().and_then(|f| {
+                    let m = f.metadata().ok()?;
+                    let t = m.created().or_else(|_| m.modified()).ok()?;
+                    t.duration_since(std::time::UNIX_EPOCH)
+                        .ok()
+                        .map(|d| d.as_secs() as i64)
+                });
+                Some(Ok(VolSnapshot {
+                    name: n.to_string(),
+                    volume: volume.to_string(),
+                    kind: SnapshotKind::File,
+                    created,
+                    size: Some(s.len),
+                    valid: true,
+                    usage_percent: None,
+                }))
+            }
+            Some(s) if s.kind == EntryKind::Symlink => Some(Err(symlink_error(&dir.join(n)))),
+            Some(_) => Some(Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!("{} is not a snapshot file", dir.join(n).display()),
+            ))),
+            None => None,
+        })
+    }
+
     /// The raw snapshots of `volume`; symlinks, non-UTF-8 names and other entries that are
     /// no snapshot file are rejected by name.
     fn raw_snapshots(root: &DirFd, volume: &str) -> Result<Listing<VolSnapshot>> {
@@ -232,36 +267,9 @@ impl DirPool {
             if n.starts_with('.') {
                 continue; // temporaries
             }
-            match dir.stat(&n)? {
-                Some(s) if s.kind == EntryKind::File => {
-                    let created = dir.open_file(&n, false).ok().and_then(|f| {
-                        let m = f.metadata().ok()?;
-                        let t = m.created().or_else(|_| m.modified()).ok()?;
-                        t.duration_since(std::time::UNIX_EPOCH)
-                            .ok()
-                            .map(|d| d.as_secs() as i64)
-                    });
-                    out.push(VolSnapshot {
-                        name: n,
-                        volume: volume.to_string(),
-                        kind: SnapshotKind::File,
-                        created,
-                        size: Some(s.len),
-                        valid: true,
-                        usage_percent: None,
-                    });
-                }
-                Some(s) if s.kind == EntryKind::Symlink => rejected.push(RejectedEntry {
-                    error: symlink_error(&dir.join(&n)),
-                    name: n,
-                }),
-                Some(_) => rejected.push(RejectedEntry {
-                    error: Error::new(
-                        ErrorKind::InvalidInput,
-                        format!("{} is not a snapshot file", dir.join(&n).display()),
-                    ),
-                    name: n,
-                }),
+            match Self::raw_entry(&dir, volume, &n)? {
+                Some(Ok(s)) => out.push(s),
+                Some(Err(error)) => rejected.push(RejectedEntry { name: n, error }),
                 None => {}
             }
         }
@@ -304,7 +312,10 @@ impl DirPool {
                 })
             })
             .await?;
-        find_listed(Self::raw_snapshots(&root, volume)?, volume, snapshot)
+        // The new snapshot alone (not the whole listing: a volume may have many).
+        Self::snap_dir(&root, volume, false)?
+            .and_then(|d| Self::raw_entry(&d, volume, snapshot).transpose())
+            .unwrap_or_else(|| Err(no_snapshot(volume, snapshot)))?
     }
 
     /// The backing volume of `spec` resolved in this pool: its path must name one of the
