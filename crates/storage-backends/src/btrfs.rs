@@ -29,7 +29,7 @@ use crate::model::*;
 use crate::name::{check_name, NameOf};
 use crate::pooldir::{self, shown_name, symlink_error, utf8_name, DirFd, EntryKind};
 use crate::reverter::Reverter;
-use crate::runner::{argv, run_ok, CommandRunner};
+use crate::runner::{run_ok, CommandRunner, ToolCmd};
 use crate::util::{exists, failpoint, find_listed, no_snapshot};
 use crate::volfile::{check_spec, count_leftovers, create_file, not_a_pool_volume, probe};
 use crate::{Backend, Blocking};
@@ -238,13 +238,11 @@ impl BtrfsPool {
         let src = self.open_subvol(root, volume)?;
         let dst = dir.join(snapshot);
         let r = self
-            .btrfs(&[
-                "subvolume",
-                "snapshot",
-                "-r",
-                &src.path().display().to_string(),
-                &dst.display().to_string(),
-            ])
+            .btrfs(ToolCmd::BtrfsSnapshot {
+                src: src.path().to_path_buf(),
+                dst,
+                readonly: true,
+            })
             .await;
         if let Err(e) = r {
             Self::drop_empty_snap_dir(root, volume);
@@ -301,15 +299,15 @@ impl BtrfsPool {
         }
     }
 
-    async fn btrfs(&self, args: &[&str]) -> Result<()> {
-        let mut a = vec!["btrfs"];
-        a.extend_from_slice(args);
-        run_ok(self.runner.as_ref(), &argv(a)).await.map(|_| ())
+    async fn btrfs(&self, cmd: ToolCmd) -> Result<()> {
+        run_ok(self.runner.as_ref(), &cmd).await.map(|_| ())
     }
 
     async fn delete_subvol(&self, p: &Path) -> Result<()> {
-        self.btrfs(&["subvolume", "delete", &p.display().to_string()])
-            .await
+        self.btrfs(ToolCmd::BtrfsSubvolumeDelete {
+            path: p.to_path_buf(),
+        })
+        .await
     }
 
     /// Remove `name` of `dir` whatever it is: a subvolume (with any subvolumes nested in it,
@@ -541,7 +539,8 @@ impl Backend for BtrfsPool {
         self.clean_leftovers(&root, &spec.name).await?;
         let mut rev = Reverter::new();
         let svs = sv.display().to_string();
-        if let Err(e) = self.btrfs(&["subvolume", "create", &svs]).await {
+        let create = ToolCmd::BtrfsSubvolumeCreate { path: sv.clone() };
+        if let Err(e) = self.btrfs(create).await {
             return Err(rev.fail(e).await);
         }
         rev.add(format!("delete subvolume {svs}"), self.delete_subvol(&sv));
@@ -643,14 +642,9 @@ impl Backend for BtrfsPool {
         } = Self::snapshot_names(&dir)?;
         let out = run_ok(
             self.runner.as_ref(),
-            &argv([
-                "btrfs",
-                "subvolume",
-                "list",
-                "-s",
-                "-o",
-                &dir.path().display().to_string(),
-            ]),
+            &ToolCmd::BtrfsSnapshotList {
+                dir: dir.path().to_path_buf(),
+            },
         )
         .await?;
         let mut v = Vec::new();
@@ -714,9 +708,14 @@ impl Backend for BtrfsPool {
             ));
         }
         let new = dir.join(REVERT_TMP);
-        let (news, snaps) = (new.display().to_string(), snap.path().display().to_string());
+        let news = new.display().to_string();
         let mut rev = Reverter::new();
-        if let Err(e) = self.btrfs(&["subvolume", "snapshot", &snaps, &news]).await {
+        let snapshot_cmd = ToolCmd::BtrfsSnapshot {
+            src: snap.path().to_path_buf(),
+            dst: new.clone(),
+            readonly: false,
+        };
+        if let Err(e) = self.btrfs(snapshot_cmd).await {
             return Err(rev.fail(e).await);
         }
         rev.add(format!("delete subvolume {news}"), self.delete_subvol(&new));

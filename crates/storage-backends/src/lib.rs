@@ -10,8 +10,9 @@
 //!   it; every multi-step change records its undo steps in a [`Reverter`].
 //! - [`image`]: the one path for writing qcow2 images (create, overlays, internal snapshots),
 //!   used by the dir and btrfs pools and by the virt-snap facade.
-//! - [`runner`]: every tool runs through a [`CommandRunner`]: local, and recording (golden
-//!   argv, canned output, failure injection); the LVM tests add a guest-agent runner.
+//! - [`runner`]: every tool runs through a [`CommandRunner`] as a typed [`ToolCmd`] that
+//!   renders its argv: local, and recording (golden argv, canned output, failure
+//!   injection); the LVM tests add a guest-agent runner.
 //!
 //! docs/storage-backends.md describes each backend's commands and revert semantics.
 #![doc = include_str!("../README.md")]
@@ -31,6 +32,7 @@ pub mod pooldir;
 pub mod reverter;
 pub mod runner;
 mod store;
+mod tool;
 mod util;
 mod volfile;
 
@@ -42,7 +44,7 @@ pub use model::{
 };
 pub use open::{open_pool, open_pool_with};
 pub use reverter::Reverter;
-pub use runner::{CommandRunner, LocalRunner, Output, RecordingRunner};
+pub use runner::{CommandRunner, LocalRunner, Output, RecordingRunner, ToolCmd};
 pub use store::{DamagedPool, PoolListing, PoolStore, POOLS_SUBDIR};
 pub use util::{failpoint, Blocking};
 
