@@ -11,7 +11,8 @@
 //!   `cp --sparse=always`; revert vs `cp --sparse=always SNAP TMP && mv TMP VOL`.
 //! - dir pools, durable: ours makes a snapshot durable (a copy is fsynced before it gets its
 //!   name, the snapshot directory is fsynced after), `cp` does not: the create is also timed
-//!   against `cp ... && sync DIR` (reflink) and `cp ... && sync FILE` (copy), one `sh -c`.
+//!   against `cp ... && sync DIR` (reflink) and `cp ... && sync FILE` (copy), and the revert
+//!   against `cp ... [&& sync TMP] && mv TMP VOL && sync DIR`, one `sh -c` each.
 //!
 //! The btrfs filesystem is a sparse file on a loop device under target/bench/storage,
 //! unmounted and detached at the end (also on error). Each run's snapshot is deleted,
@@ -306,6 +307,44 @@ pub fn run(args: &[String]) -> Result<(), String> {
             (&format!("cp {cp} + mv (sh)"), &mut |_| sh(&by_hand)),
             &mut |_, _| Ok(()),
         )?;
+        // The same revert made durable, as ours is: a copy is fsynced before it is renamed
+        // over the volume, the directory after the rename (a reflink clone: the directory).
+        step(&format!(
+            "dir ({how}) revert vs a durable cp + mv, {n} runs each"
+        ));
+        let tmp = quote(&dir.join(".v.tmp"));
+        let durable = format!(
+            "cp {cp} {} {tmp} && {}mv {tmp} {} && sync {}",
+            quote(&dir.join(".snapshots/v/base")),
+            if how == "copy" {
+                format!("sync {tmp} && ")
+            } else {
+                String::new()
+            },
+            quote(&vol),
+            quote(&dir)
+        );
+        let durable_name = if how == "copy" {
+            format!("cp {cp} + sync FILE + mv + sync DIR (sh)")
+        } else {
+            format!("cp {cp} + mv + sync DIR (sh)")
+        };
+        let (dr_ours, dr_peer) = interleaved(
+            n,
+            (
+                &format!("virt-snap vol-snapshot-revert (dir, {how})"),
+                &mut |_| {
+                    vs(
+                        &bin,
+                        &state,
+                        &["vol-snapshot-revert", "v", "base", "--pool", pool],
+                    )
+                },
+            ),
+            (&durable_name, &mut |_| sh(&durable)),
+            &mut |_, _| Ok(()),
+        )?;
+        synced.push((dr_ours, dr_peer));
         {
             // The same snapshot made durable, as ours is: a copy is fsynced before it gets
             // its name (`sync FILE`); a reflink snapshot's directory is fsynced once it has
