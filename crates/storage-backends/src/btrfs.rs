@@ -22,7 +22,6 @@
 //! before. Hidden entries of `.snapshots/NAME/` are temporaries of operations on NAME: the
 //! next operation on NAME (holding its lease) removes them.
 
-use crate::dir::{check_spec, count_leftovers, create_file, exists, not_a_pool_volume, probe};
 use crate::error::{Error, ErrorKind, Result};
 use crate::fsutil;
 use crate::lease::{for_domain, key_string, lease};
@@ -30,8 +29,10 @@ use crate::model::*;
 use crate::name::{check_name, NameOf};
 use crate::pooldir::{self, shown_name, symlink_error, utf8_name, DirFd, EntryKind};
 use crate::reverter::Reverter;
-use crate::runner::{argv, run_ok, CommandRunner};
-use crate::{blocking, failpoint, find_listed, no_snapshot, Backend};
+use crate::runner::{run_ok, CommandRunner, ToolCmd};
+use crate::util::{exists, failpoint, find_listed, no_snapshot};
+use crate::volfile::{check_spec, count_leftovers, create_file, not_a_pool_volume, probe};
+use crate::{Backend, Blocking};
 use async_trait::async_trait;
 use locking::{LockManager, Resource};
 use std::future::Future;
@@ -40,7 +41,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 /// Directory of snapshots under a btrfs pool's target.
-pub const SNAPSHOT_DIR: &str = ".snapshots";
+pub const SNAPSHOT_DIR: &str = crate::volfile::SNAPSHOT_DIR;
 
 /// One line of `btrfs subvolume list -s` output.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -84,38 +85,9 @@ pub fn parse_subvolume_list(out: &str) -> Result<Vec<ListEntry>> {
     Ok(v)
 }
 
-/// `YYYY-MM-DD HH:MM:SS` read as UTC, in seconds since the epoch.
-pub fn parse_time_utc(s: &str) -> Option<i64> {
-    let (d, t) = s.trim().split_once(' ')?;
-    let mut dp = d.split('-').map(|x| x.parse::<i64>().ok());
-    let (y, m, dd) = (dp.next()??, dp.next()??, dp.next()??);
-    let mut tp = t
-        .split(' ')
-        .next()?
-        .split(':')
-        .map(|x| x.parse::<i64>().ok());
-    let (hh, mm, ss) = (tp.next()??, tp.next()??, tp.next()??);
-    // Days from civil (Howard Hinnant's algorithm).
-    let y2 = if m <= 2 { y - 1 } else { y };
-    let era = y2.div_euclid(400);
-    let yoe = y2 - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + dd - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146097 + doe - 719468;
-    let mut secs = days * 86400 + hh * 3600 + mm * 60 + ss;
-    // An offset like "+0100" (lvs, btrfs show) when present.
-    if let Some(off) = t.split(' ').nth(1) {
-        let sign = if off.starts_with('-') { -1 } else { 1 };
-        let digits = off.trim_start_matches(['+', '-']);
-        if digits.len() == 4 {
-            let h: i64 = digits[..2].parse().ok()?;
-            let mi: i64 = digits[2..].parse().ok()?;
-            secs -= sign * (h * 3600 + mi * 60);
-        }
-    }
-    Some(secs)
-}
+/// `YYYY-MM-DD HH:MM:SS` (an optional `+HHMM` offset) read as UTC (shared with the LVM
+/// backend's `lvs` times).
+pub use crate::util::parse_time_utc;
 
 /// A btrfs pool.
 #[derive(Debug)]
@@ -124,6 +96,7 @@ pub struct BtrfsPool {
     root: PathBuf,
     runner: Arc<dyn CommandRunner>,
     locks: LockManager,
+    blocking: Blocking,
 }
 
 /// A revert's new volume being made, in `.snapshots/VOL/`.
@@ -162,7 +135,15 @@ impl BtrfsPool {
             root,
             runner,
             locks,
+            blocking: Blocking::default(),
         })
+    }
+
+    /// Run the blocking file work (volume file creation) as `b` says (default:
+    /// [`Blocking::SpawnBlocking`]).
+    pub fn with_blocking(mut self, b: Blocking) -> BtrfsPool {
+        self.blocking = b;
+        self
     }
 
     fn open_root(&self) -> Result<DirFd> {
@@ -257,13 +238,11 @@ impl BtrfsPool {
         let src = self.open_subvol(root, volume)?;
         let dst = dir.join(snapshot);
         let r = self
-            .btrfs(&[
-                "subvolume",
-                "snapshot",
-                "-r",
-                &src.path().display().to_string(),
-                &dst.display().to_string(),
-            ])
+            .btrfs(ToolCmd::BtrfsSnapshot {
+                src: src.path().to_path_buf(),
+                dst,
+                readonly: true,
+            })
             .await;
         if let Err(e) = r {
             Self::drop_empty_snap_dir(root, volume);
@@ -320,15 +299,15 @@ impl BtrfsPool {
         }
     }
 
-    async fn btrfs(&self, args: &[&str]) -> Result<()> {
-        let mut a = vec!["btrfs"];
-        a.extend_from_slice(args);
-        run_ok(self.runner.as_ref(), &argv(a)).await.map(|_| ())
+    async fn btrfs(&self, cmd: ToolCmd) -> Result<()> {
+        run_ok(self.runner.as_ref(), &cmd).await.map(|_| ())
     }
 
     async fn delete_subvol(&self, p: &Path) -> Result<()> {
-        self.btrfs(&["subvolume", "delete", &p.display().to_string()])
-            .await
+        self.btrfs(ToolCmd::BtrfsSubvolumeDelete {
+            path: p.to_path_buf(),
+        })
+        .await
     }
 
     /// Remove `name` of `dir` whatever it is: a subvolume (with any subvolumes nested in it,
@@ -375,6 +354,7 @@ impl BtrfsPool {
             }
         }
         if let Some(d) = Self::snap_dir(root, volume, false)? {
+            let mut kept = 0;
             for e in d.entries()? {
                 if let Some(n) = e.to_str().filter(|n| n.starts_with('.')) {
                     tracing::info!(
@@ -382,9 +362,14 @@ impl BtrfsPool {
                         d.join(n).display()
                     );
                     self.remove_any(&d, n.to_string()).await?;
+                } else {
+                    kept += 1;
                 }
             }
-            Self::drop_empty_snap_dir(root, volume);
+            // Snapshots are kept: no need to try removing the (non-empty) directories.
+            if kept == 0 {
+                Self::drop_empty_snap_dir(root, volume);
+            }
         }
         Ok(())
     }
@@ -554,14 +539,15 @@ impl Backend for BtrfsPool {
         self.clean_leftovers(&root, &spec.name).await?;
         let mut rev = Reverter::new();
         let svs = sv.display().to_string();
-        if let Err(e) = self.btrfs(&["subvolume", "create", &svs]).await {
+        let create = ToolCmd::BtrfsSubvolumeCreate { path: sv.clone() };
+        if let Err(e) = self.btrfs(create).await {
             return Err(rev.fail(e).await);
         }
         rev.add(format!("delete subvolume {svs}"), self.delete_subvol(&sv));
         let made = match self.open_subvol(&root, &spec.name) {
             Ok(d) => {
                 let s = spec.clone();
-                blocking(move || create_file(&d, &fname, &s)).await
+                self.blocking.run(move || create_file(&d, &fname, &s)).await
             }
             Err(e) => Err(e),
         };
@@ -656,14 +642,9 @@ impl Backend for BtrfsPool {
         } = Self::snapshot_names(&dir)?;
         let out = run_ok(
             self.runner.as_ref(),
-            &argv([
-                "btrfs",
-                "subvolume",
-                "list",
-                "-s",
-                "-o",
-                &dir.path().display().to_string(),
-            ]),
+            &ToolCmd::BtrfsSnapshotList {
+                dir: dir.path().to_path_buf(),
+            },
         )
         .await?;
         let mut v = Vec::new();
@@ -727,9 +708,14 @@ impl Backend for BtrfsPool {
             ));
         }
         let new = dir.join(REVERT_TMP);
-        let (news, snaps) = (new.display().to_string(), snap.path().display().to_string());
+        let news = new.display().to_string();
         let mut rev = Reverter::new();
-        if let Err(e) = self.btrfs(&["subvolume", "snapshot", &snaps, &news]).await {
+        let snapshot_cmd = ToolCmd::BtrfsSnapshot {
+            src: snap.path().to_path_buf(),
+            dst: new.clone(),
+            readonly: false,
+        };
+        if let Err(e) = self.btrfs(snapshot_cmd).await {
             return Err(rev.fail(e).await);
         }
         rev.add(format!("delete subvolume {news}"), self.delete_subvol(&new));

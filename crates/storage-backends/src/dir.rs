@@ -28,7 +28,9 @@ use crate::model::*;
 use crate::name::{check_name, NameOf};
 use crate::pooldir::{self, shown_name, symlink_error, utf8_name, DirFd, EntryKind, EntryStat};
 use crate::runner::CommandRunner;
-use crate::{blocking, failpoint, find_listed, find_snapshot, no_snapshot, Backend};
+use crate::util::{exists, failpoint, find_listed, find_snapshot, no_snapshot};
+use crate::volfile::{check_spec, count_leftovers, create_file, not_a_pool_volume, probe};
+use crate::{Backend, Blocking};
 use async_trait::async_trait;
 use locking::{LockManager, Resource};
 use std::fs::File;
@@ -36,7 +38,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// Directory of raw volumes' snapshots under a pool's target.
-pub const SNAPSHOT_DIR: &str = ".snapshots";
+pub const SNAPSHOT_DIR: &str = crate::volfile::SNAPSHOT_DIR;
 /// A raw snapshot being made, in `.snapshots/VOL/`.
 const SNAP_TMP: &str = ".vs-snap";
 /// A raw revert's new volume being made, in `.snapshots/VOL/`.
@@ -48,77 +50,11 @@ pub struct DirPool {
     def: PoolDef,
     root: PathBuf,
     locks: LockManager,
-}
-
-/// Read the format, size and backing of the volume file open as `f` (named `path`).
-pub(crate) fn probe(f: File, path: &Path) -> Result<(VolFormat, u64, Option<VolumeBacking>)> {
-    let storage = image_formats::FileStorage::from_file(f);
-    let info = image_formats::ImageInfo::read(&path.to_string_lossy(), &storage, None)?;
-    match info.format() {
-        image_formats::Format::Qcow2 => {
-            let q = info.qcow2().expect("qcow2 details");
-            // The backing format as recorded; none recorded is unknown, never raw.
-            let backing = q.backing_file.as_ref().map(|b| VolumeBacking {
-                path: String::from_utf8_lossy(b).into_owned(),
-                format: match q.backing_format() {
-                    Some(b"qcow2") => Some(VolFormat::Qcow2),
-                    Some(b"raw") => Some(VolFormat::Raw),
-                    _ => None,
-                },
-            });
-            Ok((VolFormat::Qcow2, info.virtual_size(), backing))
-        }
-        image_formats::Format::Raw => Ok((VolFormat::Raw, info.file_length, None)),
-        other => Err(Error::new(
-            ErrorKind::NotSupported,
-            format!("{}: {other} volumes are not supported", path.display()),
-        )),
-    }
-}
-
-/// Create the volume file `name` in `dir` for `spec` (mode 0600; `spec.capacity` already
-/// resolved), removed again on failure.
-pub(crate) fn create_file(dir: &DirFd, name: &str, spec: &VolumeSpec) -> Result<()> {
-    let path = dir.join(name);
-    let f = dir.create_file(name, 0o600)?;
-    let r = match spec.format {
-        VolFormat::Raw => f
-            .set_len(spec.capacity)
-            .and_then(|_| f.sync_all())
-            .map_err(|e| Error::io(format!("size {}", path.display()), e)),
-        VolFormat::Qcow2 => image::create_in(f, &path, &image::volume_options(spec)),
-    };
-    if r.is_err() {
-        let _ = dir.unlink(name);
-    }
-    r.and_then(|_| dir.sync())
+    blocking: Blocking,
 }
 
 fn by_name(snapshot: &str) -> SnapshotRef {
     SnapshotRef::Name(snapshot.as_bytes().to_vec())
-}
-
-/// Check a spec's format/backing combination.
-pub(crate) fn check_spec(spec: &VolumeSpec) -> Result<()> {
-    check_name(NameOf::Volume, &spec.name)?;
-    if spec.backing.is_some() && spec.format != VolFormat::Qcow2 {
-        return Err(Error::new(
-            ErrorKind::NotSupported,
-            "a backing volume needs a qcow2 volume (raw volumes cannot have one)",
-        ));
-    }
-    if spec.backing.is_none() && spec.capacity == 0 {
-        return Err(Error::new(ErrorKind::InvalidInput, "a volume needs a size"));
-    }
-    Ok(())
-}
-
-/// The error for a backing path that is not a volume of the pool.
-pub(crate) fn not_a_pool_volume(pool: &str, path: &str) -> Error {
-    Error::new(
-        ErrorKind::InvalidInput,
-        format!("backing volume {path:?} is not a volume of pool {pool:?} (a backing volume must be one of the pool's volumes)"),
-    )
 }
 
 /// The snapshots in the qcow2 image open as `f`: its internal snapshot table.
@@ -144,53 +80,6 @@ pub(crate) fn qcow2_snapshots(f: File, path: &Path, volume: &str) -> Result<Vec<
         .collect())
 }
 
-/// Leftovers (count, bytes) of dead operations in the pool whose target is `root`: hidden
-/// entries of `.snapshots/*/` and an older version's `.VOL.revert-PID` files.
-pub(crate) fn count_leftovers(root: &DirFd) -> Result<(u64, u64)> {
-    let (mut n, mut bytes) = (0, 0);
-    for e in root.entries()? {
-        let Some(name) = e.to_str() else { continue };
-        if name.starts_with('.') && name != SNAPSHOT_DIR && name.contains(".revert") {
-            n += 1;
-            bytes += tree_size(root, name);
-        }
-    }
-    if let Some(snaps) = root.open_dir(SNAPSHOT_DIR)? {
-        for v in snaps.entries()? {
-            let Some(v) = v.to_str() else { continue };
-            let Ok(Some(vd)) = snaps.open_dir(v) else {
-                continue;
-            };
-            for e in vd.entries()? {
-                if let Some(t) = e.to_str().filter(|t| t.starts_with('.')) {
-                    n += 1;
-                    bytes += tree_size(&vd, t);
-                }
-            }
-        }
-    }
-    Ok((n, bytes))
-}
-
-/// Bytes allocated to `name` in `dir` and below it (links not followed).
-pub(crate) fn tree_size(dir: &DirFd, name: &str) -> u64 {
-    let Ok(Some(st)) = dir.stat(name) else {
-        return 0;
-    };
-    if st.kind != EntryKind::Dir {
-        return st.allocated;
-    }
-    let Ok(Some(sub)) = dir.open_dir(name) else {
-        return 0;
-    };
-    sub.entries()
-        .unwrap_or_default()
-        .iter()
-        .filter_map(|e| e.to_str())
-        .map(|e| tree_size(&sub, e))
-        .sum()
-}
-
 impl DirPool {
     /// Open a dir pool (its target must be a directory). Dir pools run no tools: `runner` is
     /// taken for a uniform constructor and not used.
@@ -211,7 +100,19 @@ impl DirPool {
             }
         })?;
         let _ = runner;
-        Ok(DirPool { def, root, locks })
+        Ok(DirPool {
+            def,
+            root,
+            locks,
+            blocking: Blocking::default(),
+        })
+    }
+
+    /// Run the blocking file work (clones, copies, fsyncs, qcow2 writes) as `b` says
+    /// (default: [`Blocking::SpawnBlocking`]).
+    pub fn with_blocking(mut self, b: Blocking) -> DirPool {
+        self.blocking = b;
+        self
     }
 
     /// The pool's directory, opened for this operation.
@@ -281,6 +182,7 @@ impl DirPool {
             }
         }
         if let Some(d) = Self::snap_dir(root, volume, false)? {
+            let mut kept = 0;
             for e in d.entries()? {
                 if let Some(n) = e.to_str().filter(|n| n.starts_with('.')) {
                     tracing::info!(
@@ -288,9 +190,14 @@ impl DirPool {
                         d.join(n).display()
                     );
                     d.remove_tree(n)?;
+                } else {
+                    kept += 1;
                 }
             }
-            Self::drop_empty_snap_dir(root, volume);
+            // Snapshots are kept: no need to try removing the (non-empty) directories.
+            if kept == 0 {
+                Self::drop_empty_snap_dir(root, volume);
+            }
         }
         Ok(())
     }
@@ -301,6 +208,41 @@ impl DirPool {
             s.rmdir_if_empty(volume);
         }
         root.rmdir_if_empty(SNAPSHOT_DIR);
+    }
+
+    /// The snapshot file `n` of `volume` in its snapshot directory `dir`: `None` if absent,
+    /// an inner error for an entry that is no snapshot file (a symlink, a directory).
+    fn raw_entry(
+        dir: &DirFd,
+        volume: &str,
+        n: &str,
+    ) -> Result<Option<std::result::Result<VolSnapshot, Error>>> {
+        Ok(match dir.stat(n)? {
+            Some(s) if s.kind == EntryKind::File => {
+                let created = dir.open_file(n, false).ok().and_then(|f| {
+                    let m = f.metadata().ok()?;
+                    let t = m.created().or_else(|_| m.modified()).ok()?;
+                    t.duration_since(std::time::UNIX_EPOCH)
+                        .ok()
+                        .map(|d| d.as_secs() as i64)
+                });
+                Some(Ok(VolSnapshot {
+                    name: n.to_string(),
+                    volume: volume.to_string(),
+                    kind: SnapshotKind::File,
+                    created,
+                    size: Some(s.len),
+                    valid: true,
+                    usage_percent: None,
+                }))
+            }
+            Some(s) if s.kind == EntryKind::Symlink => Some(Err(symlink_error(&dir.join(n)))),
+            Some(_) => Some(Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!("{} is not a snapshot file", dir.join(n).display()),
+            ))),
+            None => None,
+        })
     }
 
     /// The raw snapshots of `volume`; symlinks, non-UTF-8 names and other entries that are
@@ -325,36 +267,9 @@ impl DirPool {
             if n.starts_with('.') {
                 continue; // temporaries
             }
-            match dir.stat(&n)? {
-                Some(s) if s.kind == EntryKind::File => {
-                    let created = dir.open_file(&n, false).ok().and_then(|f| {
-                        let m = f.metadata().ok()?;
-                        let t = m.created().or_else(|_| m.modified()).ok()?;
-                        t.duration_since(std::time::UNIX_EPOCH)
-                            .ok()
-                            .map(|d| d.as_secs() as i64)
-                    });
-                    out.push(VolSnapshot {
-                        name: n,
-                        volume: volume.to_string(),
-                        kind: SnapshotKind::File,
-                        created,
-                        size: Some(s.len),
-                        valid: true,
-                        usage_percent: None,
-                    });
-                }
-                Some(s) if s.kind == EntryKind::Symlink => rejected.push(RejectedEntry {
-                    error: symlink_error(&dir.join(&n)),
-                    name: n,
-                }),
-                Some(_) => rejected.push(RejectedEntry {
-                    error: Error::new(
-                        ErrorKind::InvalidInput,
-                        format!("{} is not a snapshot file", dir.join(&n).display()),
-                    ),
-                    name: n,
-                }),
+            match Self::raw_entry(&dir, volume, &n)? {
+                Some(Ok(s)) => out.push(s),
+                Some(Err(error)) => rejected.push(RejectedEntry { name: n, error }),
                 None => {}
             }
         }
@@ -384,18 +299,23 @@ impl DirPool {
             }
         }
         let (vs, snap) = (volume.to_string(), snapshot.to_string());
-        let root = blocking(move || {
-            let r = raw_snapshot(&root, &vs, &snap, reflink_only);
-            if r.is_err() {
-                DirPool::drop_empty_snap_dir(&root, &vs);
-            }
-            r.map(|m| {
-                tracing::debug!("raw snapshot by {m:?}");
-                root
+        let root = self
+            .blocking
+            .run(move || {
+                let r = raw_snapshot(&root, &vs, &snap, reflink_only);
+                if r.is_err() {
+                    DirPool::drop_empty_snap_dir(&root, &vs);
+                }
+                r.map(|m| {
+                    tracing::debug!("raw snapshot by {m:?}");
+                    root
+                })
             })
-        })
-        .await?;
-        find_listed(Self::raw_snapshots(&root, volume)?, volume, snapshot)
+            .await?;
+        // The new snapshot alone (not the whole listing: a volume may have many).
+        Self::snap_dir(&root, volume, false)?
+            .and_then(|d| Self::raw_entry(&d, volume, snapshot).transpose())
+            .unwrap_or_else(|| Err(no_snapshot(volume, snapshot)))?
     }
 
     /// The backing volume of `spec` resolved in this pool: its path must name one of the
@@ -452,7 +372,7 @@ impl Backend for DirPool {
         let (leftovers, leftover_bytes) = count_leftovers(&root)?;
         // Reflink support decides whether raw snapshots share blocks, and whether an open
         // volume can be snapshotted (a full copy would stretch a paused guest's pause).
-        let reflink = blocking(move || Ok(probe_reflink(&root))).await?;
+        let reflink = self.blocking.run(move || Ok(probe_reflink(&root))).await?;
         caps.space_efficient_snapshots = reflink;
         if !reflink {
             caps.open_volume_snapshots = &[];
@@ -533,7 +453,10 @@ impl Backend for DirPool {
         }
         Self::clean_leftovers(&root, &spec.name)?;
         let name = spec.name.clone();
-        let root = blocking(move || create_file(&root, &spec.name, &spec).map(|_| root)).await?;
+        let root = self
+            .blocking
+            .run(move || create_file(&root, &spec.name, &spec).map(|_| root))
+            .await?;
         self.describe(&root, &name)
     }
 
@@ -578,7 +501,9 @@ impl Backend for DirPool {
                 let f = root.open_file(volume, true)?;
                 let p = path.clone();
                 let op = SnapshotOp::Create(snapshot.as_bytes().to_vec());
-                blocking(move || image::snapshot_file(f, &p, &op, &SystemClock)).await?;
+                self.blocking
+                    .run(move || image::snapshot_file(f, &p, &op, &SystemClock))
+                    .await?;
                 let list = qcow2_snapshots(root.open_file(volume, false)?, &path, volume)?;
                 find_snapshot(list, volume, snapshot)
             }
@@ -644,12 +569,16 @@ impl Backend for DirPool {
                 find_snapshot(list, volume, snapshot)?;
                 let f = root.open_file(volume, true)?;
                 let op = SnapshotOp::Apply(by_name(snapshot));
-                blocking(move || image::snapshot_file(f, &path, &op, &SystemClock).map(drop)).await
+                self.blocking
+                    .run(move || image::snapshot_file(f, &path, &op, &SystemClock).map(drop))
+                    .await
             }
             VolFormat::Raw => {
                 find_listed(Self::raw_snapshots(&root, volume)?, volume, snapshot)?;
                 let (vs, snap) = (volume.to_string(), snapshot.to_string());
-                blocking(move || raw_revert(&root, &vs, &snap)).await
+                self.blocking
+                    .run(move || raw_revert(&root, &vs, &snap))
+                    .await
             }
         }
     }
@@ -667,7 +596,9 @@ impl Backend for DirPool {
                 find_snapshot(list, volume, snapshot)?;
                 let f = root.open_file(volume, true)?;
                 let op = SnapshotOp::Delete(by_name(snapshot));
-                blocking(move || image::snapshot_file(f, &path, &op, &SystemClock).map(drop)).await
+                self.blocking
+                    .run(move || image::snapshot_file(f, &path, &op, &SystemClock).map(drop))
+                    .await
             }
             VolFormat::Raw => {
                 find_listed(Self::raw_snapshots(&root, volume)?, volume, snapshot)?;
@@ -747,13 +678,6 @@ fn raw_revert(root: &DirFd, volume: &str, snapshot: &str) -> Result<()> {
         let _ = dir.unlink(REVERT_TMP);
     }
     r
-}
-
-pub(crate) fn exists(volume: &str, snapshot: &str) -> Error {
-    Error::new(
-        ErrorKind::AlreadyExists,
-        format!("volume {volume:?} already has a snapshot {snapshot:?}"),
-    )
 }
 
 /// Whether FICLONE works in `dir`: two unnamed files (O_TMPFILE), so nothing can be left.

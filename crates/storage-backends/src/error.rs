@@ -81,12 +81,19 @@ impl Error {
             std::io::ErrorKind::AlreadyExists => ErrorKind::AlreadyExists,
             std::io::ErrorKind::StorageFull => ErrorKind::NoSpace,
             std::io::ErrorKind::Unsupported => ErrorKind::NotSupported,
+            std::io::ErrorKind::ResourceBusy => ErrorKind::InUse,
             _ => ErrorKind::Io,
         };
         Error::new(kind, format!("{}: {e}", what.into())).with_source(e)
     }
     /// A tool failure: `argv` exited with `status` and wrote `stderr`. The kind is derived
     /// from the stderr text (no space, not found, in use, exists), else `ToolFailed`.
+    ///
+    /// The one place a kind is read from a tool's text: LVM exits 5 and btrfs-progs 1 for
+    /// every failure, so neither the exit code nor anything typed can tell them apart. The
+    /// backends check names and existence themselves before running a tool (so the usual
+    /// "exists"/"not found" cases never reach here), and the built-in btrfs snapshot fails
+    /// with its system call's error instead.
     pub fn tool(argv: &[String], status: Option<i32>, stderr: &str) -> Error {
         let low = stderr.to_ascii_lowercase();
         let kind = if low.contains("insufficient free space")
@@ -123,6 +130,11 @@ impl Error {
         e.command = Some(argv.to_vec());
         e.stderr = Some(stderr.to_string());
         e
+    }
+    /// Record the command that failed (a runner's built-in command).
+    pub(crate) fn with_command(mut self, argv: Vec<String>) -> Error {
+        self.command = Some(argv);
+        self
     }
     /// Attach a source error.
     pub fn with_source(mut self, e: impl std::error::Error + Send + Sync + 'static) -> Error {

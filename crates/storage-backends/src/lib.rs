@@ -10,8 +10,9 @@
 //!   it; every multi-step change records its undo steps in a [`Reverter`].
 //! - [`image`]: the one path for writing qcow2 images (create, overlays, internal snapshots),
 //!   used by the dir and btrfs pools and by the virt-snap facade.
-//! - [`runner`]: every tool runs through a [`CommandRunner`]: local, and recording (golden
-//!   argv, canned output, failure injection); the LVM tests add a guest-agent runner.
+//! - [`runner`]: every tool runs through a [`CommandRunner`] as a typed [`ToolCmd`] that
+//!   renders its argv: local, and recording (golden argv, canned output, failure
+//!   injection); the LVM tests add a guest-agent runner.
 //!
 //! docs/storage-backends.md describes each backend's commands and revert semantics.
 #![doc = include_str!("../README.md")]
@@ -26,10 +27,14 @@ mod lease;
 pub mod lvm;
 pub mod model;
 pub mod name;
+mod open;
 pub mod pooldir;
 pub mod reverter;
 pub mod runner;
 mod store;
+mod tool;
+mod util;
+mod volfile;
 
 pub use error::{Error, ErrorKind, Result};
 pub use model::{
@@ -37,12 +42,13 @@ pub use model::{
     RejectedEntry, SnapshotKind, SnapshotOptions, VolFormat, VolSnapshot, Volume, VolumeBacking,
     VolumeSpec,
 };
+pub use open::{open_pool, open_pool_with};
 pub use reverter::Reverter;
-pub use runner::{CommandRunner, LocalRunner, Output, RecordingRunner};
+pub use runner::{CommandRunner, LocalRunner, Output, RecordingRunner, ToolCmd};
 pub use store::{DamagedPool, PoolListing, PoolStore, POOLS_SUBDIR};
+pub use util::{failpoint, Blocking};
 
 use async_trait::async_trait;
-use std::sync::Arc;
 
 /// A storage pool's backend: volumes and their offline snapshots.
 ///
@@ -120,69 +126,4 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     async fn revert_snapshot(&self, volume: &str, snapshot: &str) -> Result<()>;
     /// Delete a snapshot.
     async fn delete_snapshot(&self, volume: &str, snapshot: &str) -> Result<()>;
-}
-
-/// Open the backend of pool `def`, running its tools with `runner` and taking leases from
-/// `locks`.
-pub fn open_pool(
-    def: PoolDef,
-    runner: Arc<dyn CommandRunner>,
-    locks: locking::LockManager,
-) -> Result<Box<dyn Backend>> {
-    Ok(match def.kind {
-        PoolKind::Dir => Box::new(dir::DirPool::new(def, runner, locks)?),
-        PoolKind::Btrfs => Box::new(btrfs::BtrfsPool::new(def, runner, locks)?),
-        PoolKind::Logical => Box::new(lvm::LvmPool::new(def, runner, locks)?),
-    })
-}
-
-/// The snapshot `snapshot` among `list`, or [`ErrorKind::NotFound`].
-pub(crate) fn find_snapshot(
-    list: Vec<VolSnapshot>,
-    volume: &str,
-    snapshot: &str,
-) -> Result<VolSnapshot> {
-    list.into_iter()
-        .find(|s| s.name == snapshot)
-        .ok_or_else(|| no_snapshot(volume, snapshot))
-}
-
-/// The snapshot `snapshot` in `list`: a rejected entry of that name gives its error (a
-/// symlink, say), else [`find_snapshot`].
-pub(crate) fn find_listed(
-    list: Listing<VolSnapshot>,
-    volume: &str,
-    snapshot: &str,
-) -> Result<VolSnapshot> {
-    if let Some(r) = list.rejected.into_iter().find(|r| r.name == snapshot) {
-        return Err(r.error);
-    }
-    find_snapshot(list.items, volume, snapshot)
-}
-
-/// The error for a snapshot a volume does not have.
-pub(crate) fn no_snapshot(volume: &str, snapshot: &str) -> Error {
-    Error::new(
-        ErrorKind::NotFound,
-        format!("volume {volume:?} has no snapshot {snapshot:?}"),
-    )
-}
-
-/// A test hook: when the environment variable `VIRT_SNAP_FAILPOINT` equals `name`, the
-/// process aborts here (as if killed at this step). The crash tests run an operation in a
-/// child process with it set, then check what the next operation finds. Named steps are
-/// listed in docs/storage-backends.md ("After a crash").
-pub fn failpoint(name: &str) {
-    if std::env::var_os("VIRT_SNAP_FAILPOINT").is_some_and(|v| v == name) {
-        std::process::abort();
-    }
-}
-
-/// Run blocking file work off the runtime's threads.
-pub(crate) async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T> + Send + 'static,
-) -> Result<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| Error::new(ErrorKind::Io, format!("blocking task failed: {e}")))?
 }

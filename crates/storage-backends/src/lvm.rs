@@ -29,8 +29,9 @@ use crate::lease::{for_domain, key_string, lease};
 use crate::model::*;
 use crate::name::{check_lvm_name, NameOf};
 use crate::reverter::Reverter;
-use crate::runner::{argv, run_ok, CommandRunner};
-use crate::{find_snapshot, Backend};
+use crate::runner::{run_ok, CommandRunner, ToolCmd};
+use crate::util::{exists, find_snapshot, no_snapshot};
+use crate::Backend;
 use async_trait::async_trait;
 use locking::{LockManager, Resource};
 use std::sync::Arc;
@@ -178,8 +179,8 @@ impl LvmPool {
         })
     }
 
-    async fn tool(&self, a: &[&str]) -> Result<String> {
-        run_ok(self.runner.as_ref(), &argv(a))
+    async fn tool(&self, cmd: ToolCmd) -> Result<String> {
+        run_ok(self.runner.as_ref(), &cmd)
             .await
             .map(|o| o.stdout_str())
     }
@@ -187,17 +188,9 @@ impl LvmPool {
     /// Every LV of the volume group.
     pub async fn lvs(&self) -> Result<Vec<LvRow>> {
         let out = self
-            .tool(&[
-                "lvs",
-                "--reportformat",
-                "json",
-                "--units",
-                "b",
-                "--nosuffix",
-                "-o",
-                LVS_FIELDS,
-                &self.vg,
-            ])
+            .tool(ToolCmd::Lvs {
+                vg: self.vg.clone(),
+            })
             .await?;
         parse_lvs(&out)
     }
@@ -265,7 +258,7 @@ impl LvmPool {
         self.snapshots_of(lvs, volume)
             .into_iter()
             .find(|(_, s)| s.name == snapshot)
-            .ok_or_else(|| crate::no_snapshot(volume, snapshot))
+            .ok_or_else(|| no_snapshot(volume, snapshot))
     }
 
     fn snapshots_of(&self, lvs: &[LvRow], volume: &str) -> Vec<(LvRow, VolSnapshot)> {
@@ -285,7 +278,7 @@ impl LvmPool {
                         } else {
                             SnapshotKind::LvmCow
                         },
-                        created: l.time.as_deref().and_then(crate::btrfs::parse_time_utc),
+                        created: l.time.as_deref().and_then(crate::util::parse_time_utc),
                         size: Some(l.size),
                         valid: !l.is_invalid_snapshot(),
                         usage_percent: if l.is_thin() {
@@ -306,15 +299,19 @@ impl LvmPool {
     }
 
     async fn remove(&self, name: &str) -> Result<()> {
-        self.tool(&["lvremove", "-q", "-y", &self.lv(name)])
+        self.tool(ToolCmd::LvRemove { lv: self.lv(name) })
             .await
             .map(|_| ())
     }
 
     async fn rename(&self, from: &str, to: &str) -> Result<()> {
-        self.tool(&["lvrename", "-q", &self.vg, from, to])
-            .await
-            .map(|_| ())
+        self.tool(ToolCmd::LvRename {
+            vg: self.vg.clone(),
+            from: from.to_string(),
+            to: to.to_string(),
+        })
+        .await
+        .map(|_| ())
     }
 
     /// The volumes, sorted by name (LV names are always text: nothing is rejected).
@@ -347,7 +344,7 @@ impl LvmPool {
         }
         let lvname = format!("{volume}.{snapshot}");
         if lvs.iter().any(|l| l.name == lvname) {
-            return Err(crate::dir::exists(volume, snapshot));
+            return Err(exists(volume, snapshot));
         }
         self.snapshot_lv(&vol, &lvname, opts.size).await?;
         let lvs = self.lvs().await?;
@@ -363,42 +360,18 @@ impl LvmPool {
 
     async fn snapshot_lv(&self, vol: &LvRow, lvname: &str, cow_size: Option<u64>) -> Result<()> {
         let origin = self.lv(&vol.name);
-        if vol.is_thin() {
-            self.tool(&[
-                "lvcreate",
-                "-q",
-                "-y",
-                "-s",
-                "-n",
-                lvname,
-                "--addtag",
-                SNAPSHOT_TAG,
-                "-pr",
-                "--setactivationskip",
-                "y",
-                &origin,
-            ])
-            .await
-            .map(|_| ())
+        let cow_size = if vol.is_thin() {
+            None
         } else {
-            let size = format!("{}b", cow_size.unwrap_or(vol.size));
-            self.tool(&[
-                "lvcreate",
-                "-q",
-                "-y",
-                "-s",
-                "-n",
-                lvname,
-                "-L",
-                &size,
-                "--addtag",
-                SNAPSHOT_TAG,
-                "-pr",
-                &origin,
-            ])
-            .await
-            .map(|_| ())
-        }
+            Some(cow_size.unwrap_or(vol.size))
+        };
+        self.tool(ToolCmd::LvCreateSnapshot {
+            origin,
+            name: lvname.to_string(),
+            cow_size,
+        })
+        .await
+        .map(|_| ())
     }
 }
 
@@ -429,17 +402,9 @@ impl Backend for LvmPool {
 
     async fn info(&self) -> Result<PoolInfo> {
         let out = self
-            .tool(&[
-                "vgs",
-                "--reportformat",
-                "json",
-                "--units",
-                "b",
-                "--nosuffix",
-                "-o",
-                "vg_name,vg_size,vg_free",
-                &self.vg,
-            ])
+            .tool(ToolCmd::Vgs {
+                vg: self.vg.clone(),
+            })
             .await?;
         let (capacity, available) = parse_vgs(&out)?;
         Ok(PoolInfo {
@@ -499,27 +464,22 @@ impl Backend for LvmPool {
                 format!("VG {} already has an LV {:?}", self.vg, spec.name),
             ));
         }
-        let size = format!("{}b", spec.capacity);
         match &self.def.thin_pool {
             Some(tp) => {
                 let tp = self.lv(tp);
-                self.tool(&[
-                    "lvcreate",
-                    "-q",
-                    "-y",
-                    "-n",
-                    &spec.name,
-                    "-V",
-                    &size,
-                    "--thinpool",
-                    &tp,
-                ])
+                self.tool(ToolCmd::LvCreateThin {
+                    name: spec.name.clone(),
+                    size: spec.capacity,
+                    thin_pool: tp,
+                })
                 .await?
             }
             None => {
-                self.tool(&[
-                    "lvcreate", "-q", "-y", "-n", &spec.name, "-L", &size, &self.vg,
-                ])
+                self.tool(ToolCmd::LvCreate {
+                    vg: self.vg.clone(),
+                    name: spec.name.clone(),
+                    size: spec.capacity,
+                })
                 .await?
             }
         };
@@ -604,17 +564,10 @@ impl Backend for LvmPool {
                 ));
             }
             let steps: Result<()> = async {
-                self.tool(&[
-                    "lvcreate",
-                    "-q",
-                    "-y",
-                    "-s",
-                    "-n",
-                    &new,
-                    "-kn",
-                    "-prw",
-                    &self.lv(&snap_lv.name),
-                ])
+                self.tool(ToolCmd::LvCreateWritableThinSnapshot {
+                    origin: self.lv(&snap_lv.name),
+                    name: new.clone(),
+                })
                 .await?;
                 rev.add(format!("lvremove {}", self.lv(&new)), self.remove(&new));
                 self.rename(volume, &old).await?;
@@ -637,7 +590,9 @@ impl Backend for LvmPool {
             // LVM cannot snapshot a COW snapshot: merge it (this consumes it), then take it
             // again of the merged volume, the same size.
             let steps: Result<()> = async {
-                self.tool(&["lvconvert", "-q", "-y", "--merge", &self.lv(&snap_lv.name)])
+                self.tool(ToolCmd::LvConvertMerge {
+                    lv: self.lv(&snap_lv.name),
+                })
                     .await?;
                 rev.add_irreversible(format!(
                     "the merge of {} into {} (the volume holds the snapshot's data; the snapshot is gone)",

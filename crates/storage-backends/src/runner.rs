@@ -1,4 +1,5 @@
-//! Every storage tool (btrfs, lvm, qemu-img) runs through a [`CommandRunner`]:
+//! Every storage tool (btrfs, lvm) runs through a [`CommandRunner`], as a typed
+//! [`ToolCmd`] that renders its argv:
 //!
 //! - [`LocalRunner`]: spawns the tool on this host (production), with `LC_ALL=C`.
 //! - [`RecordingRunner`]: records every argv (checked against golden files with
@@ -8,8 +9,15 @@
 //! The LVM tests run the tools inside a guest through the QEMU guest agent (`guest-exec`), so
 //! that LVM is exercised for real from a host without device-mapper: their `QgaRunner` is a
 //! test helper (`tests/common/mod.rs`), not part of this crate, which depends on no qmp-proto.
+//!
+//! Error kinds: a command's failure gets its kind where something typed decides it (the
+//! backends check names and existence before they run a tool; the built-in btrfs snapshot
+//! fails with its system call's error). The tools themselves do not say: LVM exits 5 and
+//! btrfs-progs 1 for every failure, so for a tool's non-zero exit the kind is read from its
+//! stderr, in one place: [`Error::tool`].
 
 use crate::error::{Error, ErrorKind, Result};
+pub use crate::tool::ToolCmd;
 use async_trait::async_trait;
 use std::fmt;
 use std::path::Path;
@@ -57,37 +65,39 @@ impl Output {
 /// add one that runs them in a guest through the guest agent (`tests/common`).
 #[async_trait]
 pub trait CommandRunner: Send + Sync + fmt::Debug {
-    /// Run `argv` (argv\[0\] is looked up in `PATH`) and return what it did; an `Err` only
-    /// when it could not be run at all. A non-zero exit is an `Ok` [`Output`].
-    async fn run(&self, argv: &[String]) -> Result<Output>;
+    /// Run `cmd` (its [`ToolCmd::argv`]; argv\[0\] is looked up in `PATH`) and return what
+    /// it did; an `Err` when it could not be run at all, or when a command the runner
+    /// performs itself failed (with the kind its system call's error gives). A tool's
+    /// non-zero exit is an `Ok` [`Output`].
+    async fn run(&self, cmd: &ToolCmd) -> Result<Output>;
     /// Whether the tools run on this host (so that device paths they name exist here).
     fn is_local(&self) -> bool {
         true
     }
 }
 
-/// Run `argv` and fail unless it exits 0: the error carries the argv and stderr, with a kind
+/// Run `cmd` and fail unless it exits 0: the error carries the argv and stderr, with a kind
 /// derived from the stderr text (see [`Error::tool`]).
-pub async fn run_ok(runner: &dyn CommandRunner, argv: &[String]) -> Result<Output> {
-    let out = runner.run(argv).await?;
+pub async fn run_ok(runner: &dyn CommandRunner, cmd: &ToolCmd) -> Result<Output> {
+    let out = runner.run(cmd).await?;
     if out.success() {
         Ok(out)
     } else {
         Err(Error::tool(
-            argv,
+            &cmd.argv(),
             out.status,
             &String::from_utf8_lossy(&out.stderr),
         ))
     }
 }
 
-/// Build an argv from string-likes.
-pub fn argv<I, S>(items: I) -> Vec<String>
+/// A command line as is ([`ToolCmd::Argv`]), from string-likes.
+pub fn argv<I, S>(items: I) -> ToolCmd
 where
     I: IntoIterator<Item = S>,
     S: AsRef<str>,
 {
-    items.into_iter().map(|s| s.as_ref().to_string()).collect()
+    ToolCmd::Argv(items.into_iter().map(|s| s.as_ref().to_string()).collect())
 }
 
 fn install_hint(prog: &str) -> &'static str {
@@ -103,51 +113,49 @@ fn install_hint(prog: &str) -> &'static str {
 
 /// Spawns tools on this host with `LC_ALL=C` (stable, parseable messages) and no stdin.
 ///
-/// One command is built in: `btrfs subvolume snapshot [-r] SRC DST` where DST does not
-/// exist runs in-process as the one ioctl btrfs-progs itself makes
-/// (`BTRFS_IOC_SNAP_CREATE_V2`), saving a process (about half the time of a snapshot create
-/// on this kind of machine). Its failures read like btrfs-progs' (`ERROR: cannot snapshot
-/// ...: <reason>`, exit 1). `VIRT_SNAP_NO_BUILTINS=1` spawns the real tool instead.
+/// One command is built in: [`ToolCmd::BtrfsSnapshot`] where DST does not exist runs
+/// in-process as the one ioctl btrfs-progs itself makes (`BTRFS_IOC_SNAP_CREATE_V2`),
+/// saving a process (about half the time of a snapshot create on this kind of machine). Its
+/// failure is the system call's error (`NotFound` for a missing parent directory, ...), the
+/// command named. `VIRT_SNAP_NO_BUILTINS=1` spawns the real tool instead.
 #[derive(Debug, Clone, Default)]
 pub struct LocalRunner;
 
-/// The built-in commands of [`LocalRunner`]: `Some(output)` when `argv` is one of them.
-fn builtin(argv: &[String]) -> Option<Output> {
+/// The built-in commands of [`LocalRunner`]: `Some(result)` when `cmd` is one of them.
+fn builtin(cmd: &ToolCmd) -> Option<Result<Output>> {
+    let ToolCmd::BtrfsSnapshot { src, dst, readonly } = cmd else {
+        return None;
+    };
     if std::env::var_os("VIRT_SNAP_NO_BUILTINS").is_some_and(|v| v == "1") {
         return None;
     }
-    let a: Vec<&str> = argv.iter().map(String::as_str).collect();
-    let (ro, src, dst) = match a.as_slice() {
-        ["btrfs", "subvolume", "snapshot", "-r", src, dst] => (true, *src, *dst),
-        ["btrfs", "subvolume", "snapshot", src, dst] if !src.starts_with('-') => {
-            (false, *src, *dst)
-        }
-        _ => return None,
-    };
     // An existing DST means "inside DST" to btrfs-progs: leave that to the tool.
-    if std::fs::symlink_metadata(dst).is_ok() || !crate::fsutil::is_subvolume(Path::new(src)) {
+    if std::fs::symlink_metadata(dst).is_ok() || !crate::fsutil::is_subvolume(src) {
         return None;
     }
     Some(
-        match crate::fsutil::btrfs_snapshot(Path::new(src), Path::new(dst), ro) {
-            Ok(()) => Output::ok(Vec::new()),
-            Err(e) => Output::failed(
-                1,
-                format!("ERROR: cannot snapshot '{src}': {e}\n").into_bytes(),
-            ),
-        },
+        crate::fsutil::btrfs_snapshot(src, dst, *readonly)
+            .map(|()| Output::ok(Vec::new()))
+            .map_err(|e| {
+                Error::io(
+                    format!("`{cmd}` (built in): cannot snapshot {}", src.display()),
+                    e,
+                )
+                .with_command(cmd.argv())
+            }),
     )
 }
 
 #[async_trait]
 impl CommandRunner for LocalRunner {
-    async fn run(&self, argv: &[String]) -> Result<Output> {
+    async fn run(&self, cmd: &ToolCmd) -> Result<Output> {
+        if let Some(out) = builtin(cmd) {
+            return out;
+        }
+        let argv = cmd.argv();
         let (prog, args) = argv
             .split_first()
             .ok_or_else(|| Error::new(ErrorKind::InvalidInput, "empty command line"))?;
-        if let Some(out) = builtin(argv) {
-            return Ok(out);
-        }
         let out = tokio::process::Command::new(prog)
             .args(args)
             .env("LC_ALL", "C")
@@ -163,7 +171,7 @@ impl CommandRunner for LocalRunner {
                         format!("`{prog}` is not installed: {}", install_hint(prog)),
                     )
                 } else {
-                    Error::io(format!("cannot run `{}`", argv.join(" ")), e)
+                    Error::io(format!("cannot run `{cmd}`"), e)
                 }
             })?;
         Ok(Output {
@@ -315,13 +323,14 @@ impl RecordingRunner {
 
 #[async_trait]
 impl CommandRunner for RecordingRunner {
-    async fn run(&self, argv: &[String]) -> Result<Output> {
-        self.calls.lock().unwrap().push(argv.to_vec());
+    async fn run(&self, cmd: &ToolCmd) -> Result<Output> {
+        let argv = cmd.argv();
+        self.calls.lock().unwrap().push(argv.clone());
         let canned = {
             let mut canned = self.canned.lock().unwrap();
             let mut hit = None;
             for (i, c) in canned.iter_mut().enumerate() {
-                if (c.matches)(argv) {
+                if (c.matches)(&argv) {
                     if let Some(t) = &mut c.times {
                         *t -= 1;
                     }
@@ -336,7 +345,7 @@ impl CommandRunner for RecordingRunner {
         };
         match (canned, &self.inner) {
             (Some(o), _) => Ok(o),
-            (None, Some(inner)) => inner.run(argv).await,
+            (None, Some(inner)) => inner.run(cmd).await,
             (None, None) => Ok(Output::ok(Vec::new())),
         }
     }

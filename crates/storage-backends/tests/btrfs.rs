@@ -223,10 +223,10 @@ async fn the_local_runners_built_in_btrfs_snapshot_matches_the_tool() {
     let _serial = serial();
     let fs = testbed::Btrfs::new(256).expect("btrfs testbed (cargo xtask deps)");
     let m = fs.mountpoint();
-    let run = |args: &[&std::path::Path]| {
-        let mut a: Vec<String> = ["btrfs", "subvolume"].map(String::from).to_vec();
-        a.extend(args.iter().map(|p| p.display().to_string()));
-        a
+    let snap = |src: &str, dst: &str, readonly| ToolCmd::BtrfsSnapshot {
+        src: m.join(src),
+        dst: m.join(dst),
+        readonly,
     };
     std::process::Command::new("btrfs")
         .args(["-q", "subvolume", "create"])
@@ -234,17 +234,13 @@ async fn the_local_runners_built_in_btrfs_snapshot_matches_the_tool() {
         .status()
         .unwrap();
     std::fs::write(m.join("src/f"), b"data").unwrap();
-    let mut a = run(&[]);
-    a.extend(["snapshot".into(), "-r".into()]);
-    a.push(m.join("src").display().to_string());
-    a.push(m.join("ro").display().to_string());
-    let out = LocalRunner.run(&a).await.unwrap();
+    let out = LocalRunner.run(&snap("src", "ro", true)).await.unwrap();
     assert!(out.success(), "{out:?}");
-    let mut w = run(&[]);
-    w.push("snapshot".into());
-    w.push(m.join("ro").display().to_string());
-    w.push(m.join("rw").display().to_string());
-    assert!(LocalRunner.run(&w).await.unwrap().success());
+    assert!(LocalRunner
+        .run(&snap("ro", "rw", false))
+        .await
+        .unwrap()
+        .success());
     // What btrfs-progs reports about them.
     let show = |p: &str| {
         String::from_utf8_lossy(
@@ -270,24 +266,19 @@ async fn the_local_runners_built_in_btrfs_snapshot_matches_the_tool() {
     let info = fsutil::subvol_info(&m.join("ro")).unwrap();
     assert!(info.readonly);
     assert_eq!(info.uuid, field(&ro, "UUID:"));
-    // Failures read like the tool's and get a kind.
-    let e = runner::run_ok(&LocalRunner, &{
-        let mut x = run(&[]);
-        x.push("snapshot".into());
-        x.push(m.join("src").display().to_string());
-        x.push(m.join("no/such/dir/x").display().to_string());
-        x
-    })
-    .await
-    .unwrap_err();
+    // A failure gets its kind from the system call, and names the command.
+    let missing = snap("src", "no/such/dir/x", false);
+    let e = runner::run_ok(&LocalRunner, &missing).await.unwrap_err();
     assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
+    assert_eq!(e.command(), Some(missing.argv().as_slice()));
+    assert!(e.to_string().contains(&missing.to_string()), "{e}");
     // An existing destination directory means "inside it": left to the real tool.
     std::fs::create_dir(m.join("into")).unwrap();
-    let mut x = run(&[]);
-    x.push("snapshot".into());
-    x.push(m.join("src").display().to_string());
-    x.push(m.join("into").display().to_string());
-    assert!(LocalRunner.run(&x).await.unwrap().success());
+    assert!(LocalRunner
+        .run(&snap("src", "into", false))
+        .await
+        .unwrap()
+        .success());
     assert!(fsutil::is_subvolume(&m.join("into/src")));
     for p in ["into/src", "rw", "ro", "src"] {
         std::process::Command::new("btrfs")

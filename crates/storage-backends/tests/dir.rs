@@ -743,3 +743,38 @@ async fn backing_volumes_non_utf8_names_and_enospc_in_a_dir_pool() {
         .status()
         .unwrap();
 }
+
+#[test]
+fn a_dir_pool_doing_its_file_work_inline_gives_the_same_results() {
+    // The CLI's mode (Blocking::Inline, one operation per process) on a current-thread
+    // runtime: every operation succeeds and the bytes read back are the snapshot's.
+    let _serial = serial();
+    let t = tempfile::tempdir().unwrap();
+    let root = t.path().join("pool");
+    std::fs::create_dir(&root).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let pool = storage_backends::open_pool_with(
+            PoolDef {
+                name: "p".into(),
+                kind: PoolKind::Dir,
+                target: root.display().to_string(),
+                thin_pool: None,
+            },
+            local(),
+            locks(t.path()),
+            storage_backends::Blocking::Inline,
+        )
+        .unwrap();
+        let p = populated(pool.as_ref()).await;
+        pool.revert_snapshot("v1", "s1").await.unwrap();
+        let mut buf = [0u8; 4096];
+        std::os::unix::fs::FileExt::read_exact_at(&std::fs::File::open(&p).unwrap(), &mut buf, 0)
+            .unwrap();
+        assert_eq!(buf, [b'A'; 4096], "revert restores the snapshot's bytes");
+        pool.revert_snapshot("q1", "qs").await.unwrap();
+        assert_eq!(every_operation(pool.as_ref()).await, vec!["ok"; 9]);
+    });
+}

@@ -5,7 +5,7 @@ use crate::image::{Clock, Image, SystemClock};
 use crate::pool::{DamagedPool, Pool, PoolDef, PoolListing};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use storage_backends::{CommandRunner, LocalRunner, PoolStore};
+use storage_backends::{Blocking, CommandRunner, LocalRunner, PoolStore};
 
 /// An open state directory: the lock manager (leases in `locks/`), the pool store (`pools/`),
 /// the command runner storage tools run through, and the clock snapshot dates come from. It
@@ -25,15 +25,17 @@ pub(crate) struct Inner {
     pub(crate) pools: PoolStore,
     pub(crate) runner: Arc<dyn CommandRunner>,
     pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) blocking: Blocking,
 }
 
 /// Options of [`Connection::builder`]: another command runner or clock (tests, failure
-/// injection).
+/// injection), where blocking file work runs.
 #[derive(Debug)]
 pub struct ConnectionBuilder {
     state_dir: PathBuf,
     runner: Arc<dyn CommandRunner>,
     clock: Arc<dyn Clock>,
+    blocking: Blocking,
 }
 
 impl ConnectionBuilder {
@@ -46,6 +48,15 @@ impl ConnectionBuilder {
     /// Take snapshot dates from `clock` instead of the system clock.
     pub fn clock(mut self, clock: Arc<dyn Clock>) -> ConnectionBuilder {
         self.clock = clock;
+        self
+    }
+
+    /// Run the pools' blocking file work (reflink clones, copies, fsyncs, qcow2 writes) as
+    /// `b` says. The default, [`Blocking::SpawnBlocking`], keeps the runtime's threads free
+    /// for other tasks; [`Blocking::Inline`] saves a thread start and hand-off per
+    /// operation, for a process that runs one operation at a time (the CLI does).
+    pub fn blocking(mut self, b: Blocking) -> ConnectionBuilder {
+        self.blocking = b;
         self
     }
 
@@ -66,6 +77,7 @@ impl ConnectionBuilder {
                 locks,
                 runner: self.runner,
                 clock: self.clock,
+                blocking: self.blocking,
             }),
         })
     }
@@ -97,6 +109,7 @@ impl Connection {
             state_dir: state_dir.into(),
             runner: Arc::new(LocalRunner),
             clock: Arc::new(SystemClock),
+            blocking: Blocking::default(),
         }
     }
 
@@ -148,8 +161,12 @@ impl Connection {
     /// The pool `name` ([`ErrorKind::NotFound`] if it is not defined).
     pub fn pool(&self, name: &str) -> Result<Pool> {
         let def = self.inner.pools.get(name)?;
-        let backend =
-            storage_backends::open_pool(def, self.inner.runner.clone(), self.inner.locks.clone())?;
+        let backend = storage_backends::open_pool_with(
+            def,
+            self.inner.runner.clone(),
+            self.inner.locks.clone(),
+            self.inner.blocking,
+        )?;
         Ok(Pool::new(backend))
     }
 

@@ -47,4 +47,4 @@ pub use domain::{Domain, RunSpec};
 pub use error::{Error, ErrorKind, Result};
 pub use image::{Clock, FixedClock, Image, SystemClock};
 pub use pool::{Listing, Pool, RejectedEntry, Volume};
-pub use storage_backends::{CommandRunner, LocalRunner, RecordingRunner};
+pub use storage_backends::{Blocking, CommandRunner, LocalRunner, RecordingRunner};

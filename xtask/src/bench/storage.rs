@@ -9,6 +9,10 @@
 //!   `cp --reflink=always SNAP TMP && mv TMP VOL`.
 //! - dir pool on the host's ext4 (no reflink: sparse copy): `vol-snapshot-create` vs
 //!   `cp --sparse=always`; revert vs `cp --sparse=always SNAP TMP && mv TMP VOL`.
+//! - dir pools, durable: ours makes a snapshot durable (a copy is fsynced before it gets its
+//!   name, the snapshot directory is fsynced after), `cp` does not: the create is also timed
+//!   against `cp ... && sync DIR` (reflink) and `cp ... && sync FILE` (copy), and the revert
+//!   against `cp ... [&& sync TMP] && mv TMP VOL && sync DIR`, one `sh -c` each.
 //!
 //! The btrfs filesystem is a sparse file on a loop device under target/bench/storage,
 //! unmounted and detached at the end (also on error). Each run's snapshot is deleted,
@@ -218,7 +222,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
 
     // --- dir pools: on btrfs (reflink) and on the host's filesystem (copy).
     let mut dir_pairs = Vec::new();
-    let mut synced = None;
+    let mut synced = Vec::new();
     let host_dir = work.join("dpool");
     std::fs::create_dir(&host_dir).map_err(|e| e.to_string())?;
     let rdir = fs.mnt.join("dpool");
@@ -303,10 +307,51 @@ pub fn run(args: &[String]) -> Result<(), String> {
             (&format!("cp {cp} + mv (sh)"), &mut |_| sh(&by_hand)),
             &mut |_, _| Ok(()),
         )?;
-        if how == "copy" {
-            // The same copy made durable, as ours is (fsync before it gets its name).
+        // The same revert made durable, as ours is: a copy is fsynced before it is renamed
+        // over the volume, the directory after the rename (a reflink clone: the directory).
+        step(&format!(
+            "dir ({how}) revert vs a durable cp + mv, {n} runs each"
+        ));
+        let tmp = quote(&dir.join(".v.tmp"));
+        let durable = format!(
+            "cp {cp} {} {tmp} && {}mv {tmp} {} && sync {}",
+            quote(&dir.join(".snapshots/v/base")),
+            if how == "copy" {
+                format!("sync {tmp} && ")
+            } else {
+                String::new()
+            },
+            quote(&vol),
+            quote(&dir)
+        );
+        let durable_name = if how == "copy" {
+            format!("cp {cp} + sync FILE + mv + sync DIR (sh)")
+        } else {
+            format!("cp {cp} + mv + sync DIR (sh)")
+        };
+        let (dr_ours, dr_peer) = interleaved(
+            n,
+            (
+                &format!("virt-snap vol-snapshot-revert (dir, {how})"),
+                &mut |_| {
+                    vs(
+                        &bin,
+                        &state,
+                        &["vol-snapshot-revert", "v", "base", "--pool", pool],
+                    )
+                },
+            ),
+            (&durable_name, &mut |_| sh(&durable)),
+            &mut |_, _| Ok(()),
+        )?;
+        synced.push((dr_ours, dr_peer));
+        {
+            // The same snapshot made durable, as ours is: a copy is fsynced before it gets
+            // its name (`sync FILE`); a reflink snapshot's directory is fsynced once it has
+            // its name (`sync DIR`, the fsync we make). `cp` flushes neither.
+            let what = if how == "copy" { "FILE" } else { "DIR" };
             step(&format!(
-                "dir ({how}) snapshot create vs cp + sync, {n} runs each"
+                "dir ({how}) snapshot create vs cp + sync {what}, {n} runs each"
             ));
             let (s_ours, s_peer) = interleaved(
                 n,
@@ -320,9 +365,14 @@ pub fn run(args: &[String]) -> Result<(), String> {
                         )
                     },
                 ),
-                (&format!("cp {cp} + sync FILE (sh)"), &mut |i| {
+                (&format!("cp {cp} + sync {what} (sh)"), &mut |i| {
                     let t = quote(&dir.join(format!(".h{i}")));
-                    sh(&format!("cp {cp} {} {t} && sync {t}", quote(&vol)))
+                    let flushed = if how == "copy" {
+                        t.clone()
+                    } else {
+                        quote(&dir)
+                    };
+                    sh(&format!("cp {cp} {} {t} && sync {flushed}", quote(&vol)))
                 }),
                 &mut |i, ours| {
                     if ours {
@@ -337,7 +387,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
                     }
                 },
             )?;
-            synced = Some((s_ours, s_peer));
+            synced.push((s_ours, s_peer));
         }
         out(&mut vs(&bin, &state, &["vol-delete", "v", "--pool", pool]))?;
         dir_pairs.push((c_ours, c_peer, r_ours, r_peer));
@@ -348,7 +398,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
         pairs.push((a, b));
         pairs.push((c, d));
     }
-    if let Some((a, b)) = &synced {
+    for (a, b) in &synced {
         pairs.push((a, b));
     }
     let ratios = report(

@@ -243,7 +243,8 @@ impl QgaRunner {
 
 #[async_trait::async_trait]
 impl CommandRunner for QgaRunner {
-    async fn run(&self, argv: &[String]) -> storage_backends::Result<Output> {
+    async fn run(&self, cmd: &storage_backends::ToolCmd) -> storage_backends::Result<Output> {
+        let argv = cmd.argv();
         let io = |e: qmp_proto::Error| {
             storage_backends::Error::new(
                 storage_backends::ErrorKind::Io,

@@ -115,18 +115,24 @@ pub enum Command {
 
 /// Set up logging on stderr from `-v` and `RUST_LOG`.
 pub fn init_logging(verbose: u8) {
+    use tracing_subscriber::filter::LevelFilter;
     use tracing_subscriber::EnvFilter;
-    let default = match verbose {
-        0 => "warn",
-        1 => "info",
-        2 => "debug",
-        _ => "trace",
+    let level = match verbose {
+        0 => LevelFilter::WARN,
+        1 => LevelFilter::INFO,
+        2 => LevelFilter::DEBUG,
+        _ => LevelFilter::TRACE,
     };
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+    let fmt = tracing_subscriber::fmt().with_writer(std::io::stderr);
+    if std::env::var_os(EnvFilter::DEFAULT_ENV).is_none() {
+        // No RUST_LOG: one level for every target, what EnvFilter::new("warn") would filter,
+        // without building and parsing a directive filter at every start.
+        let _ = fmt.with_max_level(level).try_init();
+        return;
+    }
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(level.to_string().to_lowercase()));
+    let _ = fmt.with_env_filter(filter).try_init();
 }
 
 /// Resolve the state directory or fail with a clear message.
@@ -136,9 +142,12 @@ pub fn state_dir(cli_choice: Option<&std::path::Path>) -> Result<PathBuf, CliErr
     })
 }
 
-/// Open the state directory the command line or the environment names.
+/// Open the state directory the command line or the environment names. The process runs
+/// one operation: blocking file work runs inline (no thread start and hand-off).
 pub fn connect(cli_choice: Option<&std::path::Path>) -> Result<virt_snap::Connection, CliError> {
-    Ok(virt_snap::Connection::open(state_dir(cli_choice)?)?)
+    Ok(virt_snap::Connection::builder(state_dir(cli_choice)?)
+        .blocking(virt_snap::Blocking::Inline)
+        .open()?)
 }
 
 /// Run the parsed command line.
