@@ -500,7 +500,6 @@ pub async fn run(cmd: SnapshotCmd, out: Format, state: Option<&Path>) -> CliResu
                     field("Descendants", &i.descendants.to_string());
                     field("Metadata", yes(i.metadata));
                     print!("{s}");
-                    println!();
                     Ok(())
                 }
             }

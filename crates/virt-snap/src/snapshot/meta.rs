@@ -57,6 +57,10 @@ pub struct SnapshotListing {
     pub snapshots: Vec<SnapshotSummary>,
     /// The snapshot files that could not be loaded (each named, none hiding the others).
     pub damaged: Vec<DamagedSnapshot>,
+    /// How many snapshot-tree nodes the query touched: at most a small multiple of the
+    /// snapshots (every query is linear), for tests to check without timing.
+    #[serde(skip)]
+    pub visits: u64,
 }
 
 /// virsh `snapshot-info`'s fields.
@@ -195,6 +199,7 @@ impl Connection {
         Ok(SnapshotListing {
             snapshots,
             damaged: damaged(&loaded),
+            visits: tree.visits(),
         })
     }
 
