@@ -100,8 +100,11 @@ pub enum SnapshotCmd {
 pub struct ListArgs {
     /// The domain.
     domain: String,
-    /// virsh's tree of parents and children.
-    #[arg(long, conflicts_with_all = ["parent", "name", "roots", "from"])]
+    /// virsh's tree of parents and children (of every snapshot: no filter applies).
+    #[arg(long, conflicts_with_all = [
+        "parent", "name", "roots", "from", "leaves", "no_leaves", "topological", "internal",
+        "external", "disk_only", "active", "inactive",
+    ])]
     tree: bool,
     /// Add a Parent column.
     #[arg(long, conflicts_with_all = ["roots", "name"])]
