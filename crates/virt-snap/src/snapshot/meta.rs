@@ -4,8 +4,8 @@
 //! docs/snapshot-metadata.md).
 //!
 //! Every query loads the domain's tree once (linear in its snapshots). A snapshot file that
-//! cannot be read is reported by path in [`SnapshotListing::damaged`] (and logged as a
-//! warning); the other snapshots are listed regardless. A domain that is neither defined nor
+//! cannot be read is reported by name and path in [`SnapshotListing::damaged`] (logged as a
+//! warning where the caller does not get the list); the other snapshots are listed regardless. A domain that is neither defined nor
 //! ran here is [`ErrorKind::NotFound`], naming it.
 
 use super::{DomainSnapshot, ListFilter, Location};
@@ -134,11 +134,6 @@ fn damaged(loaded: &Loaded) -> Vec<DamagedSnapshot> {
                 .and_then(|f| f.to_str())
                 .and_then(|f| f.strip_suffix(".xml"))
                 .map(str::to_string);
-            tracing::warn!(
-                "snapshot {} cannot be loaded: {}",
-                name.as_deref().unwrap_or("?"),
-                d.error
-            );
             DamagedSnapshot {
                 name,
                 path: d.path.clone(),
@@ -146,6 +141,17 @@ fn damaged(loaded: &Loaded) -> Vec<DamagedSnapshot> {
             }
         })
         .collect()
+}
+
+fn log_damaged(damaged: &[DamagedSnapshot]) {
+    for d in damaged {
+        tracing::warn!(
+            "snapshot {} cannot be loaded ({}): {}",
+            d.name.as_deref().unwrap_or("?"),
+            d.path.display(),
+            d.error
+        );
+    }
 }
 
 impl Connection {
@@ -206,7 +212,9 @@ impl Connection {
     /// virsh `snapshot-list DOMAIN` with `filter` (damaged files are logged as warnings;
     /// [`Connection::snapshot_listing`] returns them).
     pub fn snapshot_list(&self, domain: &str, filter: &ListFilter) -> Result<Vec<SnapshotSummary>> {
-        Ok(self.snapshot_listing(domain, filter)?.snapshots)
+        let l = self.snapshot_listing(domain, filter)?;
+        log_damaged(&l.damaged);
+        Ok(l.snapshots)
     }
 
     /// virsh `snapshot-list DOMAIN --tree`: the text virsh prints, and the damaged files.
@@ -292,7 +300,7 @@ impl Connection {
             ));
         };
         let mut loaded = store.load()?;
-        damaged(&loaded);
+        log_damaged(&damaged(&loaded));
         if let Some(p) = &def.parent {
             if !loaded.tree.contains(p) {
                 return Err(Error::new(
