@@ -601,6 +601,13 @@ fn user_errors_are_one_clear_line() {
     let bad = write(&s.dir, "bad.xml", "<domainsnapshot><name>x</name>");
     let e = fails(st, &["snapshot-create", "vm1", &bad, "--redefine"]);
     assert!(e.contains("cannot be parsed"), "{e}");
+    let e = fails(st, &["snapshot-create", "vm1", &bad]);
+    assert!(e.contains("cannot be parsed"), "{e}");
+    let e = fails(
+        st,
+        &["snapshot-create", "vm1", "/nonexistent/s.xml", "--redefine"],
+    );
+    assert!(e.contains("cannot read /nonexistent/s.xml"), "{e}");
     let orphan = write(
         &s.dir,
         "orphan.xml",

@@ -649,6 +649,21 @@ mod tests {
     }
 
     #[test]
+    fn default_name_is_the_time_in_seconds() {
+        let before = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let mut def = create_as_xml(None, None, None, &[]).unwrap();
+        default_name(&mut def).unwrap();
+        let n: u64 = def.name.unwrap().as_str().parse().unwrap();
+        assert!((before..before + 5).contains(&n), "{n}");
+        let mut def = create_as_xml(Some("mine"), None, None, &[]).unwrap();
+        default_name(&mut def).unwrap();
+        assert_eq!(def.name.unwrap().as_str(), "mine");
+    }
+
+    #[test]
     fn memspecs() {
         let m = parse_memspec("/var/ram.save").unwrap();
         assert_eq!(
