@@ -365,6 +365,9 @@ async fn capture(
     conn.snapshot_check_request(domain, &def)?;
     let req = CaptureRequest::from_xml(&def, flags)
         .map_err(|e| CliError::with_source("the snapshot request is not valid", e))?;
+    // Wiring, once `Domain::snapshot_create` is merged:
+    //     let r = conn.domain(domain)?.snapshot_create(req).await?;
+    //     return Ok(/* the created snapshot's name from r */);
     Err(CliError::new(format!(
         "cannot create snapshot {:?} of domain {domain:?}: live capture is not available in this build yet",
         req.name.as_str()
