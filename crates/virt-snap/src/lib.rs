@@ -13,6 +13,10 @@
 //!   ([`Connection::define`], `undefine`, `dumpxml`, `start_defined`) or started from a
 //!   [`RunSpec`] (QEMU holding the disks' leases, outliving the command), attach to a QEMU of
 //!   another tool, state, destroy, shutdown, disks, monitor and guest agent commands.
+//! - Domain snapshots ([`snapshot`]): the metadata queries of [`Connection`]
+//!   (`snapshot_list`, `snapshot_info`, `snapshot_dumpxml`, `snapshot_current`,
+//!   `snapshot_parent`, `snapshot_tree_text`) and `snapshot_redefine` (libvirt's
+//!   domainsnapshot XML imported as metadata); docs/snapshot-cli.md.
 //! - [`Volume`]: a pool's volume: info, path, delete, and its snapshots (create, list, revert,
 //!   delete).
 //!
@@ -40,6 +44,7 @@ pub mod domain;
 mod error;
 pub mod image;
 pub mod pool;
+pub mod snapshot;
 pub mod state;
 
 pub use connection::{Connection, ConnectionBuilder};

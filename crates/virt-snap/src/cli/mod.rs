@@ -12,6 +12,7 @@ mod locks;
 pub mod output;
 mod pool;
 pub mod render;
+mod snapshot;
 mod vol;
 
 use clap::{Parser, Subcommand};
@@ -111,6 +112,10 @@ pub enum Command {
     /// domblklist, qemu-monitor-command, qemu-agent-command.
     #[command(flatten)]
     Domain(domain::DomainCmd),
+    /// Domain snapshots: snapshot-list, snapshot-info, snapshot-dumpxml, snapshot-current,
+    /// snapshot-parent, snapshot-create (--redefine), snapshot-create-as.
+    #[command(flatten)]
+    Snapshot(snapshot::SnapshotCmd),
 }
 
 /// Set up logging on stderr from `-v` and `RUST_LOG`.
@@ -165,6 +170,7 @@ async fn dispatch(cli: Cli) -> CliResult {
         Command::Pool(cmd) => pool::run(cmd, cli.output, cli.state_dir.as_deref()).await,
         Command::Vol(cmd) => vol::run(cmd, cli.output, cli.state_dir.as_deref()).await,
         Command::Domain(cmd) => domain::run(cmd, cli.output, cli.state_dir.as_deref()).await,
+        Command::Snapshot(cmd) => snapshot::run(cmd, cli.output, cli.state_dir.as_deref()).await,
         Command::StateDir => {
             let dir = state_dir(cli.state_dir.as_deref())?;
             match cli.output {
