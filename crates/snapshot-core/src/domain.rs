@@ -21,7 +21,7 @@
 use crate::error::{Error, ErrorKind, Result};
 use crate::name::DomainName;
 pub use crate::xmltree::Extra;
-use crate::xmltree::{parse_tree, unit_scale, Elem, Out, OutNode};
+use crate::xmltree::{attr_rank, parse_tree, unit_scale, Elem, Out, OutNode};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
@@ -885,6 +885,9 @@ fn parse_size(e: &Elem<'_>) -> Result<MemorySize> {
     Ok(m)
 }
 
+/// libvirt's order of `<vcpu>`'s attributes.
+const VCPU_ATTRS: &[&str] = &["placement", "cpuset", "current"];
+
 fn parse_vcpu(e: &Elem<'_>) -> Result<Vcpu> {
     let v = Vcpu {
         count: number(e, &e.text_ignoring_attrs()?, "a number of vCPUs")?,
@@ -893,7 +896,13 @@ fn parse_vcpu(e: &Elem<'_>) -> Result<Vcpu> {
             .attr("current")
             .map(|c| number(e, c, "a number of vCPUs"))
             .transpose()?,
-        extra: e.extra_attrs(&["placement", "current"]),
+        extra: {
+            // Kept in the order they are written back (VCPU_ATTRS first, then the rest as
+            // they came), so that reading what we wrote gives the same value.
+            let mut x = e.extra_attrs(&["placement", "current"]);
+            x.attrs.sort_by_key(|(k, _)| attr_rank(VCPU_ATTRS, k));
+            x
+        },
     };
     if v.count == 0 {
         return Err(e.err("needs at least one vCPU"));
@@ -1190,7 +1199,7 @@ impl DomainDef {
                 ],
                 &v.extra,
             );
-            ve.order_attrs(&["placement", "cpuset", "current"]);
+            ve.order_attrs(VCPU_ATTRS);
             root.child(ve);
         }
         let mut os = Out::new("os");

@@ -422,8 +422,7 @@ impl Out {
     /// Sorts the attributes into `order` (libvirt's attribute order for this element),
     /// stably; names not in the table go last, in their order.
     pub(crate) fn order_attrs(&mut self, order: &[&str]) {
-        let rank = |k: &str| order.iter().position(|o| *o == k).unwrap_or(order.len());
-        self.attrs.sort_by_key(|(k, _)| rank(k));
+        self.attrs.sort_by_key(|(k, _)| attr_rank(order, k));
     }
 
     /// Sorts the children into `order` (libvirt's element order for this element), stably:
@@ -472,4 +471,9 @@ impl Out {
             }
         }
     }
+}
+
+/// Where attribute `k` goes in `order` (names not in it after all of them, in their order).
+pub(crate) fn attr_rank(order: &[&str], k: &str) -> usize {
+    order.iter().position(|o| *o == k).unwrap_or(order.len())
 }
