@@ -40,6 +40,7 @@ pub mod domain;
 mod error;
 pub mod image;
 pub mod pool;
+pub mod snapshot;
 pub mod state;
 
 pub use connection::{Connection, ConnectionBuilder};
