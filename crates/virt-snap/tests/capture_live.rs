@@ -289,3 +289,32 @@ fn external_live_ram_snapshot_to_a_private_file() {
         "the disks at the same instant: {blocks}"
     );
 }
+
+#[test]
+fn a_refused_blockdev_add_is_undone() {
+    let vm = start("capnode", 2);
+    // A node QEMU has already under the name the overlay of vdb would get.
+    let taken = snapshot_core::capture::overlay_node_name("vdb", "bad2");
+    vm.qmp(
+        "blockdev-add",
+        serde_json::json!({"driver": "null-co", "node-name": taken}),
+    );
+    let before = vm.node_names();
+    let mut r = req("bad2");
+    r.flags.disk_only = true;
+    let e = vm.rt.block_on(vm.dom.snapshot_create(r)).unwrap_err();
+    assert!(e.to_string().contains("bad2"), "{e}");
+    assert!(vm.running(), "the VM runs (not paused)");
+    assert_eq!(
+        vm.node_names(),
+        before,
+        "no block node left (the decoy kept)"
+    );
+    for t in &TARGETS[..2] {
+        assert!(
+            !vm.dir.join(format!("{t}.bad2")).exists(),
+            "{t}: no overlay"
+        );
+    }
+    assert!(!vm.snapshots_dir().join("bad2.xml").exists());
+}

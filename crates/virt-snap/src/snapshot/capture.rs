@@ -374,14 +374,29 @@ impl core::BlockLayer for LiveDomain {
         }
         leases.hand_over(self.qemu_pid).map_err(|e| be(path, e))?;
         let fnode = file_node(node);
-        qmp.run(&BlockdevAdd(BlockdevOptions::file(&fnode, path)))
-            .await
-            .map_err(|e| be("blockdev-add", e))?;
-        let fmt = BlockdevOptions::new(format, node)
-            .set("file", fnode.as_str())
-            .backing(None);
-        if let Err(e) = qmp.run(&BlockdevAdd(fmt)).await {
-            let _ = qmp.run(&BlockdevDel { node_name: fnode }).await;
+        let added = async {
+            qmp.run(&BlockdevAdd(BlockdevOptions::file(&fnode, path)))
+                .await?;
+            let fmt = BlockdevOptions::new(format, node)
+                .set("file", fnode.as_str())
+                .backing(None);
+            if let Err(e) = qmp.run(&BlockdevAdd(fmt)).await {
+                let _ = qmp
+                    .run(&BlockdevDel {
+                        node_name: fnode.clone(),
+                    })
+                    .await;
+                return Err(e);
+            }
+            Ok(())
+        };
+        if let Err(e) = added.await {
+            // The failed step is not undone: give the lease back here.
+            let _ = qmp
+                .run(&qc::Closefd {
+                    fdname: lease_fd_name(node),
+                })
+                .await;
             return Err(be("blockdev-add", e));
         }
         failpoint("add-node");
