@@ -92,6 +92,10 @@ struct Timings {
 /// QMP connection and only offline internal snapshots and overlay files are possible).
 pub(crate) struct LiveDomain {
     conn: Connection,
+    dom: Domain,
+    /// The domain's operation lock, when this operation holds it through the capabilities
+    /// (see [`core::BackendSnapshots::create`] below).
+    op: tokio::sync::Mutex<Option<locking::Acquired>>,
     domain: String,
     qemu_pid: u32,
     qmp: Option<QmpClient>,
@@ -702,9 +706,23 @@ impl core::BackendSnapshots for LiveDomain {
             domain: self.domain.clone(),
             qemu_pid: self.qemu_pid,
         };
-        vol.create_snapshot_for_domain(name, &d, &Default::default())
-            .await
-            .map_err(|e| be(&obj, e))?;
+        // The backend takes the domain's operation lock itself (and checks that the domain's
+        // QEMU holds the volume): this operation's own is handed over for the call, and taken
+        // back after it.
+        let mut op = self.op.lock().await;
+        let mine = op.take().is_some();
+        let r = vol
+            .create_snapshot_for_domain(name, &d, &Default::default())
+            .await;
+        if mine {
+            *op = Some(
+                self.dom
+                    .op_lock("snapshot create")
+                    .await
+                    .map_err(|e| be(&obj, e))?,
+            );
+        }
+        r.map_err(|e| be(&obj, e))?;
         failpoint("backend-snapshot");
         Ok(())
     }
@@ -775,6 +793,8 @@ impl Domain {
         };
         Ok(LiveDomain {
             conn: self.conn.clone(),
+            dom: self.clone(),
+            op: tokio::sync::Mutex::new(None),
             domain: self.name.clone(),
             qemu_pid: st.map_or(0, |s| s.pid),
             qmp,
@@ -832,7 +852,7 @@ impl Domain {
     /// thawed, the metadata unchanged. A defined domain's stored definition then points its
     /// disks at their new overlays, so that its next start uses them.
     pub async fn snapshot_create(&self, req: CaptureRequest) -> Result<CaptureResult> {
-        let _op = self.op_lock("snapshot create").await?;
+        let op = self.op_lock("snapshot create").await?;
         self.recover_before_command().await?;
         let st = self.running_or_off()?;
         let def = self.conn.definition(&self.name).ok();
@@ -842,6 +862,7 @@ impl Domain {
             }));
         }
         let live = self.live(st.as_ref()).await?;
+        *live.op.lock().await = Some(op);
         let store = self.snapshot_store()?;
         let info = self
             .domain_info(&live, st.as_ref(), def.as_ref(), &store)
