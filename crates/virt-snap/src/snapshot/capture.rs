@@ -618,12 +618,17 @@ impl core::MemorySaver for LiveDomain {
             return Err(be("migrate", e));
         }
         if live {
-            // RAM is fixed (write-protected) once the migration is active.
+            // RAM is fixed once QEMU's background-snapshot thread has stopped the VM, saved
+            // the device state and started tracking RAM writes (userfaultfd write-protect):
+            // pages are only sent after that, so the first page sent (or the end) says so.
+            // The status turning `active` comes before it.
             self.poll_migration(|i| {
-                matches!(
-                    i.status,
-                    Some(MigrationStatus::Active) | Some(MigrationStatus::Completed)
-                ) && i.ram.is_some()
+                let pages = i
+                    .ram
+                    .as_ref()
+                    .map_or(0, |r| r.normal.unwrap_or(0) + r.duplicate.unwrap_or(0));
+                i.status == Some(MigrationStatus::Completed)
+                    || (i.status == Some(MigrationStatus::Active) && pages > 0)
             })
             .await?;
         } else {
@@ -666,22 +671,7 @@ impl core::MemorySaver for LiveDomain {
                             | Some(MigrationStatus::Cancelling)
                     )
                 })
-                .await
-                .or_else(|e| {
-                    if e.to_string().contains("failed") {
-                        Ok(qc::MigrationInfo {
-                            status: None,
-                            ram: None,
-                            total_time: None,
-                            downtime: None,
-                            expected_downtime: None,
-                            setup_time: None,
-                            error_desc: None,
-                        })
-                    } else {
-                        Err(e)
-                    }
-                })?;
+                .await?;
             }
             let _ = self.set_background_snapshot(false).await;
         }
