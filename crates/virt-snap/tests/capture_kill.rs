@@ -1,4 +1,4 @@
-//! virt-snap killed mid-capture (a failpoint aborts the process right after a step's effect,
+//! virt-snap killed mid-capture, or a transaction QEMU refuses, (a failpoint aborts the process right after a step's effect,
 //! in a child process) against real QEMU 10.0.2: the next command on the domain recovers it:
 //! the VM runs, no overlay file or block node is left, nothing is recorded.
 
@@ -35,8 +35,10 @@ fn child_capture() {
         }
         Err(_) => r.flags.disk_only = true,
     }
-    let res = rt().block_on(dom.snapshot_create(r));
-    panic!("the failpoint did not fire: {res:?}");
+    match rt().block_on(dom.snapshot_create(r)) {
+        Err(e) => eprintln!("capture failed: {e}: {:?}", std::error::Error::source(&e)),
+        Ok(r) => panic!("the failpoint did not fire: {r:?}"),
+    }
 }
 
 fn killed_at(failpoint: &str, memory: bool) {
@@ -103,10 +105,17 @@ fn killed_at(failpoint: &str, memory: bool) {
     }
     let out = child.output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains(&format!("failpoint capture:{failpoint}")),
-        "the child died at the failpoint: {err}"
-    );
+    if failpoint == "transaction-bad-node" {
+        assert!(
+            out.status.success() && err.contains("capture failed") && err.contains("transaction"),
+            "QEMU refused the transaction: {err}"
+        );
+    } else {
+        assert!(
+            err.contains(&format!("failpoint capture:{failpoint}")),
+            "the child died at the failpoint: {err}"
+        );
+    }
 
     // The next command (domstate) recovers first.
     let st = rt.block_on(dom.state()).unwrap();
@@ -126,6 +135,14 @@ fn killed_at(failpoint: &str, memory: bool) {
         assert!(!p.exists(), "{f} left");
     }
     assert!(!state.join("snapshots").join(name).join("k1.xml").exists());
+    let caps = qmp("query-migrate-capabilities");
+    let bg = caps
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["capability"] == "background-snapshot")
+        .unwrap();
+    assert_eq!(bg["state"], false, "background-snapshot reset");
     assert!(!conn.dumpxml(name).unwrap().contains(".k1"));
 }
 
@@ -142,4 +159,16 @@ fn killed_after_the_transaction_before_it_is_recorded_done() {
 #[test]
 fn killed_while_paused_for_a_live_ram_snapshot() {
     killed_at("pause", true);
+}
+
+/// Not a kill: QEMU refuses the one transaction (its last action names a node QEMU does not
+/// have), so none of its actions applies; the capture undoes the overlays and nodes itself.
+#[test]
+fn a_transaction_qemu_refuses_changes_no_disk() {
+    killed_at("transaction-bad-node", false);
+}
+
+#[test]
+fn killed_after_starting_a_live_ram_save() {
+    killed_at("save-memory", true);
 }

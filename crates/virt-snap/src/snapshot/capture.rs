@@ -63,12 +63,17 @@ pub struct CaptureResult {
 /// after the effect named `<name>` (`create-overlay`, `add-node`, `pause`, `transaction`,
 /// `save-memory`, `backend-snapshot`, `internal-snapshot`), as a kill would.
 fn failpoint(name: &str) {
-    if let Ok(v) = std::env::var("VIRT_SNAP_FAILPOINT") {
-        if v.strip_prefix("capture:") == Some(name) {
-            eprintln!("virt-snap: failpoint capture:{name}: aborting");
-            std::process::abort();
-        }
+    if failpoint_is(name) {
+        eprintln!("virt-snap: failpoint capture:{name}: aborting");
+        std::process::abort();
     }
+}
+
+/// Is the test-only failpoint `capture:<name>` set? `capture:transaction-bad-node` makes
+/// the transaction's last action name a node QEMU does not have, so that QEMU refuses the
+/// whole transaction.
+fn failpoint_is(name: &str) -> bool {
+    std::env::var("VIRT_SNAP_FAILPOINT").is_ok_and(|v| v.strip_prefix("capture:") == Some(name))
 }
 
 /// A lower error as snapshot-core's backend error (the facade error as its source).
@@ -426,17 +431,21 @@ impl core::BlockLayer for LiveDomain {
     }
 
     async fn snapshot_transaction(&self, actions: &[OverlayAction]) -> CoreResult<()> {
-        let t = qc::Transaction::new(
-            actions
-                .iter()
-                .map(|a| {
-                    TransactionAction::BlockdevSnapshot(BlockdevSnapshot {
-                        node: a.node.clone(),
-                        overlay: a.overlay.clone(),
-                    })
+        let mut list: Vec<TransactionAction> = actions
+            .iter()
+            .map(|a| {
+                TransactionAction::BlockdevSnapshot(BlockdevSnapshot {
+                    node: a.node.clone(),
+                    overlay: a.overlay.clone(),
                 })
-                .collect(),
-        );
+            })
+            .collect();
+        if failpoint_is("transaction-bad-node") {
+            if let Some(TransactionAction::BlockdevSnapshot(a)) = list.last_mut() {
+                a.node = "vs-no-such-node".into();
+            }
+        }
+        let t = qc::Transaction::new(list);
         self.qmp()?
             .run(&t)
             .await
@@ -860,7 +869,12 @@ impl Domain {
         let clock = RealClock(Instant::now());
         let plan = CapturePlan::new(&req, &info, &clock)?;
         let mut journal = self.journal(&store)?;
-        let outcome = core::run(&plan, &caps(&live, &clock), &mut journal, &store).await?;
+        let outcome = core::run(&plan, &caps(&live, &clock), &mut journal, &store).await;
+        // Only pending operations are kept (a failed metadata write stays for recovery).
+        if let Err(e) = journal.compact() {
+            tracing::warn!(domain = %self.name, "cannot compact the capture journal: {e}");
+        }
+        let outcome = outcome?;
         if let Some(mut def) = def {
             let mut changed = false;
             for s in &plan.steps {
