@@ -25,6 +25,11 @@ fn child_capture() {
     let Ok(state) = std::env::var("CAP_STATE") else {
         return;
     };
+    // The failpoint reports itself through tracing, on stderr.
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .init();
     let conn = Connection::open(state).unwrap();
     let dom = conn.domain(&std::env::var("CAP_DOMAIN").unwrap()).unwrap();
     let mut r = CaptureRequest::new(SnapshotName::new("k1").unwrap());

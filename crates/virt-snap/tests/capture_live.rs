@@ -231,6 +231,11 @@ fn a_refused_overlay_is_undone_and_the_vm_runs_on() {
     });
     let e = vm.rt.block_on(vm.dom.snapshot_create(r)).unwrap_err();
     assert!(e.to_string().contains("bad"), "{e}");
+    assert_eq!(
+        e.kind(),
+        virt_snap::ErrorKind::NotFound,
+        "the cause's kind: {e}"
+    );
     assert!(vm.running(), "the VM runs (not paused)");
     for t in &TARGETS[..3] {
         assert!(
@@ -242,6 +247,13 @@ fn a_refused_overlay_is_undone_and_the_vm_runs_on() {
     let sd = vm.snapshots_dir();
     assert!(!sd.join("bad.xml").exists(), "metadata unchanged");
     assert!(!vm.conn.dumpxml("capfail").unwrap().contains(".bad"));
+
+    // A request the plan refuses is invalid input; nothing is done.
+    let mut r = req("bad");
+    r.flags.live = true;
+    let e = vm.rt.block_on(vm.dom.snapshot_create(r)).unwrap_err();
+    assert_eq!(e.kind(), virt_snap::ErrorKind::InvalidInput, "{e}");
+    assert_eq!(vm.node_names(), before);
 }
 
 #[test]

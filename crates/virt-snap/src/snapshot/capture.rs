@@ -64,7 +64,7 @@ pub struct CaptureResult {
 /// `save-memory`, `backend-snapshot`, `internal-snapshot`), as a kill would.
 fn failpoint(name: &str) {
     if failpoint_is(name) {
-        eprintln!("virt-snap: failpoint capture:{name}: aborting");
+        tracing::error!("failpoint capture:{name}: aborting");
         std::process::abort();
     }
 }
