@@ -330,3 +330,48 @@ fn a_refused_blockdev_add_is_undone() {
     }
     assert!(!vm.snapshots_dir().join("bad2.xml").exists());
 }
+
+#[test]
+fn a_shut_off_domain_gets_offline_snapshots_and_starts_on_its_overlays() {
+    let vm = start("capoff", 2);
+    vm.rt.block_on(vm.dom.destroy()).unwrap();
+    // virsh's default for a shut-off domain: internal disk snapshots, no memory.
+    let res = vm
+        .rt
+        .block_on(vm.dom.snapshot_create(req("off1")))
+        .expect("internal");
+    assert_eq!(
+        res.snapshot
+            .unwrap()
+            .memory
+            .and_then(|m| m.snapshot)
+            .map(|l| l.as_str().to_string()),
+        Some("no".into())
+    );
+    for t in &TARGETS[..2] {
+        let l = qemu_img(&["snapshot", "-l", vm.disk(t).to_str().unwrap()]);
+        assert!(l.contains("off1"), "{t}: {l}");
+    }
+    // Disk-only: overlays made offline, the definition moved onto them.
+    let mut r = req("off2");
+    r.flags.disk_only = true;
+    vm.rt.block_on(vm.dom.snapshot_create(r)).expect("external");
+    let def = vm.conn.dumpxml("capoff").unwrap();
+    assert!(
+        def.contains(&vm.dir.join("vda.off2").display().to_string()),
+        "{def}"
+    );
+    let dom = vm
+        .rt
+        .block_on(vm.conn.start_defined("capoff", false))
+        .unwrap();
+    let _g = KillGuard(dom.pid().unwrap());
+    let blocks = vm.rt.block_on(dom.block_devices()).unwrap();
+    for (b, t) in blocks.iter().zip(TARGETS) {
+        assert_eq!(
+            b.source,
+            vm.dir.join(format!("{t}.off2")).display().to_string()
+        );
+        assert_eq!(b.format, "qcow2");
+    }
+}
