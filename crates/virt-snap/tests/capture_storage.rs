@@ -51,13 +51,24 @@ async fn btrfs_volume_of_a_running_domain_snapshotted_by_its_backend() {
     })
     .await
     .unwrap();
-    conn.define(
+    let vdb = tmp.path().join("vdb.qcow2");
+    let st = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", vdb.to_str().unwrap(), "16M"])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let vdb = format!(
+        "<disk type='file'><driver name='qemu' type='qcow2'/><source file='{}'/>\
+         <target dev='vdb' bus='virtio'/></disk>",
+        vdb.display()
+    );
+    conn.define(&format!(
         "<domain type='kvm'><name>capbtrfs</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>\
          <os><type arch='x86_64' machine='pc'>hvm</type></os><devices>\
          <disk type='volume'><driver name='qemu' type='raw'/><source pool='bp' volume='v1'/>\
-         <target dev='vda' bus='virtio'/></disk>\
-         <controller type='usb' model='none'/></devices></domain>",
-    )
+         <target dev='vda' bus='virtio'/></disk>{vdb}\
+         <controller type='usb' model='none'/></devices></domain>"
+    ))
     .await
     .unwrap();
     let dom = conn.start_defined("capbtrfs", false).await.unwrap();
@@ -93,4 +104,43 @@ async fn btrfs_volume_of_a_running_domain_snapshotted_by_its_backend() {
     assert_eq!(first_64k(&live), vec![0xcd; 65536], "the volume runs on");
     let xml = res.xml.unwrap();
     assert!(xml.contains("snapshot='storage'"), "{xml}");
+    assert!(
+        xml.contains("vdb.st1"),
+        "vdb external in the same pause: {xml}"
+    );
+
+    // The same plan failing at its transaction (QEMU refuses it: a wrong node name): the
+    // backend snapshot taken before it in the same pause is deleted for the domain.
+    // (The only test in this binary: the environment is its own.)
+    std::env::set_var("VIRT_SNAP_FAILPOINT", "capture:transaction-bad-node");
+    let mut r = CaptureRequest::new(SnapshotName::new("st2").unwrap());
+    r.flags.disk_only = true;
+    r.disks.push(DiskRequest {
+        name: "vda".into(),
+        choice: DiskChoice::Storage,
+    });
+    let e = dom.snapshot_create(r).await.unwrap_err();
+    std::env::remove_var("VIRT_SNAP_FAILPOINT");
+    assert!(e.to_string().contains("st2"), "{e}");
+    let undo = format!("{e:?}");
+    assert!(
+        !undo.contains("undo_failures: [\""),
+        "everything undone: {undo}"
+    );
+    assert_eq!(dom.state().await.unwrap().state, DomainState::Running);
+    let names: Vec<_> = pool
+        .volume("v1")
+        .snapshots()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| s.name)
+        .collect();
+    assert_eq!(
+        names,
+        ["st1"],
+        "the backend snapshot of the failed capture is gone"
+    );
+    assert!(!tmp.path().join("vdb.st2").exists());
+    assert!(!tmp.path().join("vdb.st1.st2").exists());
 }

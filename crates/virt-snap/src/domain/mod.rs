@@ -670,12 +670,15 @@ impl Domain {
             .await?)
     }
 
-    /// Recovers captures a killed virt-snap left pending (under the operation lock); a
+    /// Recovers captures a killed virt-snap left pending (under the operation lock `op`); a
     /// failure is logged, not fatal to the command at hand.
-    async fn recover_pending(&self) {
-        if let Err(e) = self.recover_before_command().await {
+    /// Returns the operation lock `op` (held throughout).
+    async fn recover_pending(&self, op: locking::Acquired) -> Result<locking::Acquired> {
+        let (r, op) = self.recover_captures(op).await;
+        if let Err(e) = r {
             tracing::warn!(domain = %self.name, "cannot recover an interrupted snapshot: {e}");
         }
+        op
     }
 
     /// Bring the record up to date with `/proc`: a QEMU that is gone is recorded as ended
@@ -773,8 +776,9 @@ impl Domain {
         if st.status == Status::ShutOff {
             return Ok(shut_off(&st));
         }
-        let _op = self.op_lock("domstate").await?;
-        self.recover_pending().await;
+        let _op = self
+            .recover_pending(self.op_lock("domstate").await?)
+            .await?;
         let st = self.refresh(self.record()?, true)?;
         if st.status == Status::ShutOff {
             return Ok(shut_off(&st));
@@ -808,8 +812,7 @@ impl Domain {
     /// Stop the domain now: QMP `quit`, then SIGKILL after a short wait. Returns once the
     /// QEMU is gone and its leases are free.
     pub async fn destroy(&self) -> Result<()> {
-        let _op = self.op_lock("destroy").await?;
-        self.recover_pending().await;
+        let _op = self.recover_pending(self.op_lock("destroy").await?).await?;
         let mut st = self.running()?;
         st.destroy_requested = true;
         runstate::save(&self.dir(), &st)?;
@@ -843,8 +846,9 @@ impl Domain {
     /// QEMU to end. Returns the state then: `shut off (shutdown)`, or still running when the
     /// guest did not react (a guest without ACPI support, or still busy).
     pub async fn shutdown(&self, timeout: Duration) -> Result<StateInfo> {
-        let _op = self.op_lock("shutdown").await?;
-        self.recover_pending().await;
+        let _op = self
+            .recover_pending(self.op_lock("shutdown").await?)
+            .await?;
         let mut st = self.running()?;
         st.shutdown_requested = true;
         runstate::save(&self.dir(), &st)?;
@@ -885,8 +889,9 @@ impl Domain {
 
     /// The disks of the running QEMU (`query-block`).
     pub async fn block_devices(&self) -> Result<Vec<BlockDevice>> {
-        let _op = self.op_lock("domblklist").await?;
-        self.recover_pending().await;
+        let _op = self
+            .recover_pending(self.op_lock("domblklist").await?)
+            .await?;
         let st = self.running()?;
         let qmp = self.qmp(&st).await?;
         let blocks = qmp.run(&qmp_proto::commands::QueryBlock).await?;
@@ -916,8 +921,9 @@ impl Domain {
     /// domain's QEMU; returns the reply (`{"return": ..}`).
     pub async fn monitor_command(&self, json: &str) -> Result<Value> {
         let (cmd, args) = parse_command(json)?;
-        let _op = self.op_lock("qemu-monitor-command").await?;
-        self.recover_pending().await;
+        let _op = self
+            .recover_pending(self.op_lock("qemu-monitor-command").await?)
+            .await?;
         let st = self.running()?;
         let qmp = self.qmp(&st).await?;
         let r = qmp.execute(&cmd, args).await?;
@@ -929,8 +935,9 @@ impl Domain {
     /// (`{"return": ..}`).
     pub async fn agent_command(&self, json: &str, timeout: Duration) -> Result<Value> {
         let (cmd, args) = parse_command(json)?;
-        let _op = self.op_lock("qemu-agent-command").await?;
-        self.recover_pending().await;
+        let _op = self
+            .recover_pending(self.op_lock("qemu-agent-command").await?)
+            .await?;
         let st = self.running()?;
         let Some(agent) = &st.agent else {
             return Err(Error::new(

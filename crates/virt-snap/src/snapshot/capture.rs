@@ -185,6 +185,34 @@ impl LiveDomain {
         }
     }
 
+    /// The operation lock back from the capabilities (taken again if it was handed over
+    /// and not taken back).
+    async fn take_op(&self) -> Result<locking::Acquired> {
+        match self.op.lock().await.take() {
+            Some(op) => Ok(op),
+            None => self.dom.op_lock("snapshot create").await,
+        }
+    }
+
+    /// Runs `f`, a storage backend's domain path, which takes the domain's operation lock
+    /// itself: this operation's is handed over for the call and taken back after it.
+    async fn as_domain_op<T>(&self, f: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+        let mut op = self.op.lock().await;
+        let mine = op.take().is_some();
+        let r = f.await;
+        if mine {
+            *op = Some(self.dom.op_lock("snapshot create").await?);
+        }
+        r
+    }
+
+    fn domain_ref(&self) -> storage_backends::DomainRef {
+        storage_backends::DomainRef {
+            domain: self.domain.clone(),
+            qemu_pid: self.qemu_pid,
+        }
+    }
+
     async fn set_background_snapshot(&self, on: bool) -> CoreResult<()> {
         self.qmp()?
             .run(&qc::MigrateSetCapabilities {
@@ -701,27 +729,10 @@ impl core::BackendSnapshots for LiveDomain {
             .pool(&volume.pool)
             .map_err(|e| be(&obj, e))?
             .volume(&volume.volume);
-        let d = storage_backends::DomainRef {
-            domain: self.domain.clone(),
-            qemu_pid: self.qemu_pid,
-        };
-        // The backend takes the domain's operation lock itself (and checks that the domain's
-        // QEMU holds the volume): this operation's own is handed over for the call, and taken
-        // back after it.
-        let mut op = self.op.lock().await;
-        let mine = op.take().is_some();
-        let r = vol
-            .create_snapshot_for_domain(name, &d, &Default::default())
-            .await;
-        if mine {
-            *op = Some(
-                self.dom
-                    .op_lock("snapshot create")
-                    .await
-                    .map_err(|e| be(&obj, e))?,
-            );
-        }
-        r.map_err(|e| be(&obj, e))?;
+        let d = self.domain_ref();
+        self.as_domain_op(vol.create_snapshot_for_domain(name, &d, &Default::default()))
+            .await
+            .map_err(|e| be(&obj, e))?;
         failpoint("backend-snapshot");
         Ok(())
     }
@@ -733,10 +744,17 @@ impl core::BackendSnapshots for LiveDomain {
             .pool(&volume.pool)
             .map_err(|e| be(&obj, e))?
             .volume(&volume.volume);
-        match vol.delete_snapshot(name).await {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(be(&obj, e)),
+        let d = self.domain_ref();
+        let r = if self.qmp.is_some() {
+            self.as_domain_op(vol.delete_snapshot_for_domain(name, &d))
+                .await
+        } else {
+            vol.delete_snapshot(name).await
+        };
+        match r {
+            // Not there (any more) is success.
+            Err(e) if e.kind() != ErrorKind::NotFound => Err(be(&obj, e)),
+            _ => Ok(()),
         }
     }
 }
@@ -813,35 +831,52 @@ impl Domain {
         }
     }
 
-    /// Recovers the captures a killed virt-snap left pending on this domain (under the
-    /// operation lock): finished if they had reached their commit point, undone otherwise;
-    /// the VM resumed and the guest thawed either way. Nothing to do is cheap (no journal).
-    pub(crate) async fn recover_captures(&self) -> Result<Vec<Recovered>> {
-        let store = self.snapshot_store()?;
+    /// Recovers the captures a killed virt-snap left pending on this domain, under the
+    /// operation lock `op` (given back, held throughout): finished if they had reached their
+    /// commit point, undone otherwise; the VM resumed and the guest thawed either way.
+    /// Nothing to do is cheap (no journal, or nothing pending in it).
+    pub(crate) async fn recover_captures(
+        &self,
+        op: locking::Acquired,
+    ) -> (Result<Vec<Recovered>>, Result<locking::Acquired>) {
+        let store = match self.snapshot_store() {
+            Ok(s) => s,
+            Err(e) => return (Err(e), Ok(op)),
+        };
         if !store.journal_path().exists() {
-            return Ok(Vec::new());
+            return (Ok(Vec::new()), Ok(op));
         }
-        let mut journal = Journal::<core::CaptureRecord>::open(store.journal_path())?;
+        let mut journal = match Journal::<core::CaptureRecord>::open(store.journal_path()) {
+            Ok(j) => j,
+            Err(e) => return (Err(e.into()), Ok(op)),
+        };
         if !journal
             .pending()
             .iter()
             .any(|p| p.kind == core::JOURNAL_KIND)
         {
-            return Ok(Vec::new());
+            return (Ok(Vec::new()), Ok(op));
         }
-        let st = self.running_or_off()?;
-        let live = self.live(st.as_ref()).await?;
+        let live = match self.running_or_off() {
+            Ok(st) => self.live(st.as_ref()).await,
+            Err(e) => Err(e),
+        };
+        let live = match live {
+            Ok(l) => l,
+            Err(e) => return (Err(e), Ok(op)),
+        };
+        *live.op.lock().await = Some(op);
         let clock = RealClock(Instant::now());
-        let out = core::recover(&caps(&live, &clock), &mut journal, &store).await?;
-        for r in &out {
-            tracing::warn!(domain = %self.name, ?r, "recovered an interrupted snapshot");
+        let out = core::recover(&caps(&live, &clock), &mut journal, &store)
+            .await
+            .map_err(Error::from);
+        if let Ok(out) = &out {
+            for r in out {
+                tracing::warn!(domain = %self.name, ?r, "recovered an interrupted snapshot");
+            }
+            let _ = journal.compact();
         }
-        Ok(out)
-    }
-
-    /// Recover pending captures before a command on this domain (under its operation lock).
-    pub(crate) async fn recover_before_command(&self) -> Result<()> {
-        self.recover_captures().await.map(drop)
+        (out, live.take_op().await)
     }
 
     /// Take snapshot `req` of the domain (`virsh snapshot-create-as`): planned against the
@@ -852,7 +887,9 @@ impl Domain {
     /// disks at their new overlays, so that its next start uses them.
     pub async fn snapshot_create(&self, req: CaptureRequest) -> Result<CaptureResult> {
         let op = self.op_lock("snapshot create").await?;
-        self.recover_before_command().await?;
+        let (recovered, op) = self.recover_captures(op).await;
+        let op = op?;
+        recovered?;
         let st = self.running_or_off()?;
         let def = self.conn.definition(&self.name).ok();
         if st.is_none() && def.is_none() {
