@@ -177,6 +177,18 @@ fn disk_only_atomic_snapshot_of_four_qcow2_disks() {
         assert_eq!(info["backing-filename"], vm.disk(t).display().to_string());
         assert_eq!(info["backing-filename-format"], "qcow2");
         assert_eq!(mode(&overlay), 0o600, "{t}: the overlay is private");
+        // Its lease is the domain's QEMU's (handed over with getfd), and QEMU has it open.
+        let locks = vm.conn.image(&overlay).locks(None).unwrap();
+        let holders = locks.holders.clone().expect("the connection's lockspace");
+        let pid = vm.dom.pid().unwrap().unwrap();
+        assert!(
+            holders.iter().any(|h| h.pid == pid),
+            "{t}: lease holders {holders:?}"
+        );
+        assert!(
+            locks.processes.iter().any(|p| p.pid == pid),
+            "{t}: {locks:?}"
+        );
     }
 
     // The snapshot is stored and current; the journal and metadata are private.

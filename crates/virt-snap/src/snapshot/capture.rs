@@ -30,7 +30,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-pub use snapshot_core::capture::{CaptureRequest, DiskChoice, DiskRequest, Flags, MemoryChoice};
+pub use snapshot_core::capture::{
+    CaptureRequest, DiskChoice, DiskRequest, Flags, MemoryChoice, DEFAULT_FREEZE_BUDGET_MS,
+    DEFAULT_PAUSE_BUDGET_MS,
+};
 pub use snapshot_core::xml::DomainSnapshot;
 pub use snapshot_core::SnapshotName;
 

@@ -4,5 +4,5 @@ pub mod capture;
 
 pub use capture::{
     CaptureRequest, CaptureResult, DiskChoice, DiskRequest, DomainSnapshot, Flags, MemoryChoice,
-    SnapshotName,
+    SnapshotName, DEFAULT_FREEZE_BUDGET_MS, DEFAULT_PAUSE_BUDGET_MS,
 };
