@@ -224,6 +224,11 @@ fn disk_only_atomic_snapshot_of_four_qcow2_disks() {
     let blocks = vm.qmp("query-block", Value::Null).to_string();
     assert!(blocks.contains("vda.s2"), "{blocks}");
     assert!(vm.running());
+
+    // The overlays' leases end with QEMU.
+    vm.rt.block_on(vm.dom.destroy()).unwrap();
+    let locks = vm.conn.image(vm.dir.join("vda.s2")).locks(None).unwrap();
+    assert!(!locks.in_use, "{locks:?}");
 }
 
 #[test]
@@ -386,4 +391,23 @@ fn a_shut_off_domain_gets_offline_snapshots_and_starts_on_its_overlays() {
         );
         assert_eq!(b.format, "qcow2");
     }
+}
+
+#[test]
+fn external_ram_snapshot_without_live_pauses_for_the_save_then_resumes() {
+    let vm = start("capsave", 1);
+    let mem = vm.dir.join("capsave.mem");
+    let mut r = req("save1");
+    r.memory = MemoryChoice::External {
+        file: mem.display().to_string(),
+    };
+    r.pause_budget_ms = 30_000;
+    let res = vm.rt.block_on(vm.dom.snapshot_create(r)).expect("capture");
+    assert!(vm.running(), "resumed after the save");
+    assert_eq!(mode(&mem), 0o600);
+    assert!(std::fs::metadata(&mem).unwrap().len() > 64 << 10);
+    assert_eq!(vm.qmp("query-migrate", Value::Null)["status"], "completed");
+    assert!(res.paused.is_some() && res.memory_downtime_ms.is_some());
+    let blocks = vm.qmp("query-block", Value::Null).to_string();
+    assert!(blocks.contains("vda.save1"), "{blocks}");
 }

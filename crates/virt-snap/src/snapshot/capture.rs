@@ -915,6 +915,23 @@ impl Domain {
             tracing::warn!(domain = %self.name, "cannot compact the capture journal: {e}");
         }
         let outcome = outcome?;
+        let overlays: Vec<(&str, &str)> = plan
+            .steps
+            .iter()
+            .filter_map(|s| match s {
+                Step::PreCreateOverlay { disk, path, .. } => Some((disk.as_str(), path.as_str())),
+                _ => None,
+            })
+            .collect();
+        // The run record names each disk's top image as QEMU has it now.
+        if let (Some(mut rec), false) = (st, overlays.is_empty()) {
+            for d in &mut rec.disks {
+                if let Some((_, p)) = overlays.iter().find(|(t, _)| *t == d.target) {
+                    d.source = PathBuf::from(p);
+                }
+            }
+            runstate::save(&self.dir(), &rec)?;
+        }
         if let Some(mut def) = def {
             let mut changed = false;
             for s in &plan.steps {
