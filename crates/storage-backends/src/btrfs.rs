@@ -24,7 +24,7 @@
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::fsutil;
-use crate::lease::{for_domain, key_string, lease};
+use crate::lease::{delete_lock, for_domain, key_string, lease};
 use crate::model::*;
 use crate::name::{check_name, NameOf};
 use crate::pooldir::{self, shown_name, symlink_error, utf8_name, DirFd, EntryKind};
@@ -740,10 +740,33 @@ impl Backend for BtrfsPool {
     }
 
     async fn delete_snapshot(&self, volume: &str, snapshot: &str) -> Result<()> {
+        self.delete_snapshot_as(volume, snapshot, None).await
+    }
+
+    async fn delete_snapshot_for_domain(
+        &self,
+        volume: &str,
+        snapshot: &str,
+        domain: &DomainRef,
+    ) -> Result<()> {
+        self.delete_snapshot_as(volume, snapshot, Some(domain))
+            .await
+    }
+}
+
+impl BtrfsPool {
+    /// Deletes a snapshot under the volume's lease, or for the running domain `domain`
+    /// (under its operation lock, its QEMU holding the volume).
+    async fn delete_snapshot_as(
+        &self,
+        volume: &str,
+        snapshot: &str,
+        domain: Option<&DomainRef>,
+    ) -> Result<()> {
         check_name(NameOf::Snapshot, snapshot)?;
         let root = self.open_root()?;
         let (_, res) = self.describe(&root, volume)?;
-        let _l = lease(&self.locks, "volume snapshot delete", res).await?;
+        let _l = delete_lock(&self.locks, res, domain).await?;
         self.clean_leftovers(&root, volume).await?;
         find_listed(self.snapshot_listing(volume).await?, volume, snapshot)?;
         let dir =

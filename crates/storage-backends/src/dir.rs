@@ -23,7 +23,7 @@
 use crate::error::{Error, ErrorKind, Result};
 use crate::fsutil::{self, CloneMethod};
 use crate::image::{self, SnapshotOp, SnapshotRef, SystemClock};
-use crate::lease::{for_domain, key_string, lease};
+use crate::lease::{delete_lock, for_domain, key_string, lease};
 use crate::model::*;
 use crate::name::{check_name, NameOf};
 use crate::pooldir::{self, shown_name, symlink_error, utf8_name, DirFd, EntryKind, EntryStat};
@@ -584,32 +584,17 @@ impl Backend for DirPool {
     }
 
     async fn delete_snapshot(&self, volume: &str, snapshot: &str) -> Result<()> {
-        check_name(NameOf::Snapshot, snapshot)?;
-        let root = self.open_root()?;
-        let path = root.join(volume);
-        let vol = self.describe(&root, volume)?;
-        let _l = lease(&self.locks, "volume snapshot delete", Resource::file(&path)).await?;
-        Self::clean_leftovers(&root, volume)?;
-        match vol.format {
-            VolFormat::Qcow2 => {
-                let list = qcow2_snapshots(root.open_file(volume, false)?, &path, volume)?;
-                find_snapshot(list, volume, snapshot)?;
-                let f = root.open_file(volume, true)?;
-                let op = SnapshotOp::Delete(by_name(snapshot));
-                self.blocking
-                    .run(move || image::snapshot_file(f, &path, &op, &SystemClock).map(drop))
-                    .await
-            }
-            VolFormat::Raw => {
-                find_listed(Self::raw_snapshots(&root, volume)?, volume, snapshot)?;
-                let dir = Self::snap_dir(&root, volume, false)?
-                    .ok_or_else(|| no_snapshot(volume, snapshot))?;
-                dir.unlink(snapshot)?;
-                dir.sync()?;
-                Self::drop_empty_snap_dir(&root, volume);
-                Ok(())
-            }
-        }
+        self.delete_snapshot_as(volume, snapshot, None).await
+    }
+
+    async fn delete_snapshot_for_domain(
+        &self,
+        volume: &str,
+        snapshot: &str,
+        domain: &DomainRef,
+    ) -> Result<()> {
+        self.delete_snapshot_as(volume, snapshot, Some(domain))
+            .await
     }
 }
 
@@ -703,4 +688,48 @@ fn probe_reflink(dir: &DirFd) -> bool {
         fsutil::clone_fd(&a, &b, &dir.join("(reflink probe)")),
         Ok(CloneMethod::Reflink)
     )
+}
+
+impl DirPool {
+    /// Deletes a snapshot under the volume's lease, or for the running domain `domain`
+    /// (under its operation lock, its QEMU holding the volume).
+    async fn delete_snapshot_as(
+        &self,
+        volume: &str,
+        snapshot: &str,
+        domain: Option<&DomainRef>,
+    ) -> Result<()> {
+        check_name(NameOf::Snapshot, snapshot)?;
+        let root = self.open_root()?;
+        let path = root.join(volume);
+        let vol = self.describe(&root, volume)?;
+        let _l = delete_lock(&self.locks, Resource::file(&path), domain).await?;
+        Self::clean_leftovers(&root, volume)?;
+        match vol.format {
+            VolFormat::Qcow2 if domain.is_some() => Err(Error::new(
+                ErrorKind::NotSupported,
+                format!(
+                    "volume {volume:?} is qcow2: its internal snapshots are deleted through QEMU (QMP) while a domain runs it"
+                ),
+            )),
+            VolFormat::Qcow2 => {
+                let list = qcow2_snapshots(root.open_file(volume, false)?, &path, volume)?;
+                find_snapshot(list, volume, snapshot)?;
+                let f = root.open_file(volume, true)?;
+                let op = SnapshotOp::Delete(by_name(snapshot));
+                self.blocking
+                    .run(move || image::snapshot_file(f, &path, &op, &SystemClock).map(drop))
+                    .await
+            }
+            VolFormat::Raw => {
+                find_listed(Self::raw_snapshots(&root, volume)?, volume, snapshot)?;
+                let dir = Self::snap_dir(&root, volume, false)?
+                    .ok_or_else(|| no_snapshot(volume, snapshot))?;
+                dir.unlink(snapshot)?;
+                dir.sync()?;
+                Self::drop_empty_snap_dir(&root, volume);
+                Ok(())
+            }
+        }
+    }
 }

@@ -67,3 +67,17 @@ pub(crate) fn key_string(res: &Resource) -> String {
         Err(_) => res.to_string(),
     }
 }
+
+/// The lock a snapshot deletion takes: the volume's lease, or, for the running domain `d`
+/// (undoing a snapshot taken for it), the domain's operation lock and the check that its
+/// QEMU holds the volume.
+pub(crate) async fn delete_lock(
+    locks: &LockManager,
+    res: Resource,
+    d: Option<&DomainRef>,
+) -> Result<Acquired> {
+    match d {
+        None => lease(locks, "volume snapshot delete", res).await,
+        Some(d) => for_domain(locks, "volume snapshot delete (for a domain)", res, d),
+    }
+}

@@ -126,4 +126,13 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     async fn revert_snapshot(&self, volume: &str, snapshot: &str) -> Result<()>;
     /// Delete a snapshot.
     async fn delete_snapshot(&self, volume: &str, snapshot: &str) -> Result<()>;
+    /// Delete snapshot `snapshot` of `volume` for the running domain `domain` whose QEMU holds
+    /// the volume (the undo of [`Backend::create_snapshot_for_domain`]): under
+    /// `locking::Purpose::ForDomain`, like the create, never the volume's lease.
+    async fn delete_snapshot_for_domain(
+        &self,
+        volume: &str,
+        snapshot: &str,
+        domain: &DomainRef,
+    ) -> Result<()>;
 }

@@ -25,7 +25,7 @@
 //! LVM test guest through the guest agent.
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::lease::{for_domain, key_string, lease};
+use crate::lease::{delete_lock, for_domain, key_string, lease};
 use crate::model::*;
 use crate::name::{check_lvm_name, NameOf};
 use crate::reverter::Reverter;
@@ -611,8 +611,31 @@ impl Backend for LvmPool {
     }
 
     async fn delete_snapshot(&self, volume: &str, snapshot: &str) -> Result<()> {
+        self.delete_snapshot_as(volume, snapshot, None).await
+    }
+
+    async fn delete_snapshot_for_domain(
+        &self,
+        volume: &str,
+        snapshot: &str,
+        domain: &DomainRef,
+    ) -> Result<()> {
+        self.delete_snapshot_as(volume, snapshot, Some(domain))
+            .await
+    }
+}
+
+impl LvmPool {
+    /// Deletes a snapshot under the volume's lease, or for the running domain `domain`
+    /// (under its operation lock, its QEMU holding the volume).
+    async fn delete_snapshot_as(
+        &self,
+        volume: &str,
+        snapshot: &str,
+        domain: Option<&DomainRef>,
+    ) -> Result<()> {
         crate::name::check_lvm_snapshot_lv(volume, snapshot)?;
-        let _l = lease(&self.locks, "volume snapshot delete", self.resource(volume)).await?;
+        let _l = delete_lock(&self.locks, self.resource(volume), domain).await?;
         let lvs = self.lvs().await?;
         self.find_volume(&lvs, volume)?;
         let (lv, _) = self.find_snapshot_lv(&lvs, volume, snapshot)?;

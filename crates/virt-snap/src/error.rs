@@ -83,7 +83,10 @@ impl Error {
     }
 
     fn from_ref_kind<E: std::error::Error + 'static>(e: &E) -> ErrorKind {
-        let any = e as &dyn std::error::Error;
+        Error::dyn_kind(e)
+    }
+
+    fn dyn_kind(any: &(dyn std::error::Error + 'static)) -> ErrorKind {
         if let Some(e) = any.downcast_ref::<storage_backends::Error>() {
             // storage-backends folds image errors into one kind: the image error says more.
             match std::error::Error::source(e)
@@ -99,7 +102,13 @@ impl Error {
         } else if let Some(e) = any.downcast_ref::<locking::Error>() {
             lock_kind(e.kind())
         } else if let Some(e) = any.downcast_ref::<snapshot_core::Error>() {
-            core_kind(e.kind())
+            match e.kind() {
+                // What failed behind the capture traits (or made a capture fail) says more.
+                snapshot_core::ErrorKind::Backend | snapshot_core::ErrorKind::CaptureFailed => {
+                    std::error::Error::source(e).map_or(ErrorKind::Io, Error::dyn_kind)
+                }
+                k => core_kind(k),
+            }
         } else if any.downcast_ref::<qmp_proto::Error>().is_some() {
             ErrorKind::Monitor
         } else if let Some(e) = any.downcast_ref::<std::io::Error>() {
@@ -180,7 +189,10 @@ fn lock_kind(k: locking::ErrorKind) -> ErrorKind {
 fn core_kind(k: snapshot_core::ErrorKind) -> ErrorKind {
     use snapshot_core::ErrorKind as K;
     match k {
-        K::InvalidName | K::Xml | K::Cycle | K::InvalidOperation => ErrorKind::InvalidInput,
+        K::InvalidName | K::Xml | K::Cycle | K::InvalidOperation | K::InvalidPlan => {
+            ErrorKind::InvalidInput
+        }
+        K::Timeout => ErrorKind::Monitor,
         K::Unsupported | K::UnsupportedVersion => ErrorKind::Unsupported,
         K::NotFound => ErrorKind::NotFound,
         K::AlreadyExists => ErrorKind::AlreadyExists,

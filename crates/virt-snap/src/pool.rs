@@ -246,4 +246,18 @@ impl Volume {
     pub async fn delete_snapshot(&self, snapshot: &str) -> Result<()> {
         Ok(self.backend.delete_snapshot(&self.name, snapshot).await?)
     }
+
+    /// Delete snapshot `snapshot` for the running domain `domain` whose QEMU holds the
+    /// volume (undoing [`Volume::create_snapshot_for_domain`]): under the domain's
+    /// operation lock, never the volume's lease.
+    pub async fn delete_snapshot_for_domain(
+        &self,
+        snapshot: &str,
+        domain: &DomainRef,
+    ) -> Result<()> {
+        Ok(self
+            .backend
+            .delete_snapshot_for_domain(&self.name, snapshot, domain)
+            .await?)
+    }
 }

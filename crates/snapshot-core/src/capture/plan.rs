@@ -774,9 +774,16 @@ impl CapturePlan {
         if f.quiesce {
             steps.push(Step::Thaw);
         }
+        // Offline, an external disk is captured by its overlay file alone (no node, no
+        // transaction): the last overlay made is the commit point.
         let commit_point = steps
             .iter()
             .rposition(Step::captures)
+            .or_else(|| {
+                steps
+                    .iter()
+                    .rposition(|s| !live_vm && matches!(s, Step::PreCreateOverlay { .. }))
+            })
             .expect("a plan captures something");
 
         let memory = match &mem {

@@ -512,6 +512,17 @@ fn modes() -> Vec<Mode> {
         dom: d,
         user_files: vec![],
     });
+    // Offline overlays alone: the last overlay made is the commit point.
+    let mut d = domain(vec![qcow2("vda"), qcow2("vdb")]);
+    d.state = RunState::ShutOff;
+    let mut r = req("s1");
+    r.flags.disk_only = true;
+    v.push(Mode {
+        label: "shut off disk-only external",
+        req: r,
+        dom: d,
+        user_files: vec![],
+    });
     v
 }
 

@@ -22,7 +22,7 @@ fn not_defined(name: &str) -> Error {
 }
 
 impl Connection {
-    fn definitions(&self) -> DefinitionStore {
+    pub(crate) fn definitions(&self) -> DefinitionStore {
         DefinitionStore::new(self.state_dir().join(DOMAINS_SUBDIR))
     }
 

@@ -161,8 +161,8 @@ pub struct BlockDevice {
 /// A domain, by name: the handle every domain operation is a method of.
 #[derive(Debug, Clone)]
 pub struct Domain {
-    conn: Connection,
-    name: String,
+    pub(crate) conn: Connection,
+    pub(crate) name: String,
     op_timeout: Duration,
 }
 
@@ -181,7 +181,7 @@ fn not_running(name: &str) -> Error {
 }
 
 /// The short id of a qdev QOM path: `/machine/peripheral/vs-vda/virtio-backend` -> `vs-vda`.
-fn short_qdev(q: &str) -> String {
+pub(crate) fn short_qdev(q: &str) -> String {
     let q = q.strip_suffix("/virtio-backend").unwrap_or(q);
     q.rsplit('/').next().unwrap_or(q).to_string()
 }
@@ -584,7 +584,7 @@ async fn launch(emulator: &Path, args: &[String], dir: &Path, inherit: Vec<i32>)
 }
 
 /// Connect to a QMP socket (long paths through the directory's descriptor).
-async fn connect_qmp(path: &Path) -> Result<QmpClient> {
+pub(crate) async fn connect_qmp(path: &Path) -> Result<QmpClient> {
     let (p, _keep) = runstate::socket_path(path)?;
     QmpClient::connect_unix_timeout(&p, QMP_CONNECT_TIMEOUT)
         .await
@@ -647,7 +647,7 @@ impl Domain {
     }
 
     /// The run record; a defined domain that never ran has none: [`ErrorKind::NotRunning`].
-    fn record(&self) -> Result<RunState> {
+    pub(crate) fn record(&self) -> Result<RunState> {
         match runstate::load(&self.dir())? {
             Some(st) => Ok(st),
             None if self.conn.is_defined(&self.name) => Err(not_running(&self.name)),
@@ -655,7 +655,7 @@ impl Domain {
         }
     }
 
-    async fn op_lock(&self, op: &str) -> Result<locking::Acquired> {
+    pub(crate) async fn op_lock(&self, op: &str) -> Result<locking::Acquired> {
         let p = Purpose::ForDomain {
             domain: self.name.clone(),
             qemu_pid: 0,
@@ -670,11 +670,22 @@ impl Domain {
             .await?)
     }
 
+    /// Recovers captures a killed virt-snap left pending (under the operation lock `op`); a
+    /// failure is logged, not fatal to the command at hand.
+    /// Returns the operation lock `op` (held throughout).
+    async fn recover_pending(&self, op: locking::Acquired) -> Result<locking::Acquired> {
+        let (r, op) = self.recover_captures(op).await;
+        if let Err(e) = r {
+            tracing::warn!(domain = %self.name, "cannot recover an interrupted snapshot: {e}");
+        }
+        op
+    }
+
     /// Bring the record up to date with `/proc`: a QEMU that is gone is recorded as ended
     /// (destroyed or shut down if that was asked for, crashed otherwise) and its sockets
     /// removed. A record of a start in progress is only judged under the operation lock
     /// (`locked`): then the start was interrupted.
-    fn refresh(&self, mut st: RunState, locked: bool) -> Result<RunState> {
+    pub(crate) fn refresh(&self, mut st: RunState, locked: bool) -> Result<RunState> {
         let dir = self.dir();
         match st.status {
             Status::ShutOff => return Ok(st),
@@ -727,7 +738,7 @@ impl Domain {
 
     /// The record of the running domain (under the operation lock), or
     /// [`ErrorKind::NotRunning`].
-    fn running(&self) -> Result<RunState> {
+    pub(crate) fn running(&self) -> Result<RunState> {
         let st = self.refresh(self.record()?, true)?;
         if st.status == Status::ShutOff {
             return Err(not_running(&self.name));
@@ -735,7 +746,7 @@ impl Domain {
         Ok(st)
     }
 
-    async fn qmp(&self, st: &RunState) -> Result<QmpClient> {
+    pub(crate) async fn qmp(&self, st: &RunState) -> Result<QmpClient> {
         match connect_qmp(&st.qmp).await {
             Ok(c) => Ok(c),
             Err(e) => {
@@ -765,7 +776,9 @@ impl Domain {
         if st.status == Status::ShutOff {
             return Ok(shut_off(&st));
         }
-        let _op = self.op_lock("domstate").await?;
+        let _op = self
+            .recover_pending(self.op_lock("domstate").await?)
+            .await?;
         let st = self.refresh(self.record()?, true)?;
         if st.status == Status::ShutOff {
             return Ok(shut_off(&st));
@@ -799,7 +812,7 @@ impl Domain {
     /// Stop the domain now: QMP `quit`, then SIGKILL after a short wait. Returns once the
     /// QEMU is gone and its leases are free.
     pub async fn destroy(&self) -> Result<()> {
-        let _op = self.op_lock("destroy").await?;
+        let _op = self.recover_pending(self.op_lock("destroy").await?).await?;
         let mut st = self.running()?;
         st.destroy_requested = true;
         runstate::save(&self.dir(), &st)?;
@@ -833,7 +846,9 @@ impl Domain {
     /// QEMU to end. Returns the state then: `shut off (shutdown)`, or still running when the
     /// guest did not react (a guest without ACPI support, or still busy).
     pub async fn shutdown(&self, timeout: Duration) -> Result<StateInfo> {
-        let _op = self.op_lock("shutdown").await?;
+        let _op = self
+            .recover_pending(self.op_lock("shutdown").await?)
+            .await?;
         let mut st = self.running()?;
         st.shutdown_requested = true;
         runstate::save(&self.dir(), &st)?;
@@ -874,7 +889,9 @@ impl Domain {
 
     /// The disks of the running QEMU (`query-block`).
     pub async fn block_devices(&self) -> Result<Vec<BlockDevice>> {
-        let _op = self.op_lock("domblklist").await?;
+        let _op = self
+            .recover_pending(self.op_lock("domblklist").await?)
+            .await?;
         let st = self.running()?;
         let qmp = self.qmp(&st).await?;
         let blocks = qmp.run(&qmp_proto::commands::QueryBlock).await?;
@@ -904,7 +921,9 @@ impl Domain {
     /// domain's QEMU; returns the reply (`{"return": ..}`).
     pub async fn monitor_command(&self, json: &str) -> Result<Value> {
         let (cmd, args) = parse_command(json)?;
-        let _op = self.op_lock("qemu-monitor-command").await?;
+        let _op = self
+            .recover_pending(self.op_lock("qemu-monitor-command").await?)
+            .await?;
         let st = self.running()?;
         let qmp = self.qmp(&st).await?;
         let r = qmp.execute(&cmd, args).await?;
@@ -916,7 +935,9 @@ impl Domain {
     /// (`{"return": ..}`).
     pub async fn agent_command(&self, json: &str, timeout: Duration) -> Result<Value> {
         let (cmd, args) = parse_command(json)?;
-        let _op = self.op_lock("qemu-agent-command").await?;
+        let _op = self
+            .recover_pending(self.op_lock("qemu-agent-command").await?)
+            .await?;
         let st = self.running()?;
         let Some(agent) = &st.agent else {
             return Err(Error::new(

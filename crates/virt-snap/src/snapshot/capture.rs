@@ -1,0 +1,1073 @@
+//! Live capture of a domain: snapshot-core's capability traits implemented over the domain's
+//! QMP monitor, its guest agent, image-formats and the storage backends, and
+//! [`Domain::snapshot_create`]. See docs/capture.md.
+//!
+//! One [`LiveDomain`] serves one operation: it owns the operation's single QMP connection and
+//! the guest agent connection, and measures how long the vCPUs were paused and the guest
+//! frozen.
+
+use crate::domain::runstate::{self, RunState as RunRecord};
+use crate::domain::{short_qdev, Domain};
+use crate::error::{Error, ErrorKind, Result};
+use crate::Connection;
+use async_trait::async_trait;
+use locking::{DiskUse, Purpose, Resource};
+use qmp_proto::commands::{
+    self as qc, BlockdevAdd, BlockdevDel, BlockdevOptions, BlockdevSnapshot, MigrationStatus,
+    TransactionAction,
+};
+use qmp_proto::{QgaClient, QmpClient};
+use snapshot_core::capture::{
+    self as core, BackendKind, Capabilities, CapturePlan, DomainDisk, DomainInfo, OverlayAction,
+    PoolVolume, Recovered, Step,
+};
+use snapshot_core::domain::SourceRef;
+use snapshot_core::journal::Journal;
+use snapshot_core::store::{DomainStore, SnapshotStore};
+use snapshot_core::xml::RawXml;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+pub use snapshot_core::capture::{
+    CaptureRequest, DiskChoice, DiskRequest, Flags, MemoryChoice, DEFAULT_FREEZE_BUDGET_MS,
+    DEFAULT_PAUSE_BUDGET_MS,
+};
+pub use snapshot_core::xml::DomainSnapshot;
+pub use snapshot_core::SnapshotName;
+
+/// The snapshot metadata's directory in the state dir (`<state>/snapshots/<domain>/`).
+pub const SNAPSHOTS_SUBDIR: &str = "snapshots";
+
+/// How long a snapshot-save or snapshot-delete job, a RAM save or a merge-back may take.
+const JOB_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// What [`Domain::snapshot_create`] made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaptureResult {
+    /// The snapshot's name.
+    pub name: String,
+    /// Its metadata (`None` with `--no-metadata`).
+    pub snapshot: Option<DomainSnapshot>,
+    /// Its metadata as domainsnapshot XML (`None` with `--no-metadata`).
+    pub xml: Option<String>,
+    /// What failed after the snapshot was taken without undoing it.
+    pub warnings: Vec<String>,
+    /// How long the vCPUs were paused (none if they were not).
+    pub paused: Option<Duration>,
+    /// How long the guest's file systems were frozen (none if they were not).
+    pub frozen: Option<Duration>,
+    /// The downtime QEMU reported for a RAM save to a file, in milliseconds.
+    pub memory_downtime_ms: Option<u64>,
+}
+
+/// A test-only failpoint: `VIRT_SNAP_FAILPOINT=capture:<name>` aborts the process right
+/// after the effect named `<name>` (`create-overlay`, `add-node`, `pause`, `transaction`,
+/// `save-memory`, `backend-snapshot`, `internal-snapshot`), as a kill would.
+fn failpoint(name: &str) {
+    if failpoint_is(name) {
+        tracing::error!("failpoint capture:{name}: aborting");
+        std::process::abort();
+    }
+}
+
+/// Is the test-only failpoint `capture:<name>` set? `capture:transaction-bad-node` makes
+/// the transaction's last action name a node QEMU does not have, so that QEMU refuses the
+/// whole transaction.
+fn failpoint_is(name: &str) -> bool {
+    std::env::var("VIRT_SNAP_FAILPOINT").is_ok_and(|v| v.strip_prefix("capture:") == Some(name))
+}
+
+/// A lower error as snapshot-core's backend error (the facade error as its source).
+fn be(object: &str, e: impl Into<Error>) -> snapshot_core::Error {
+    let e: Error = e.into();
+    snapshot_core::Error::backend(object, e.to_string()).caused_by(e)
+}
+
+type CoreResult<T> = snapshot_core::Result<T>;
+
+#[derive(Debug, Default)]
+struct Timings {
+    paused_at: Option<Instant>,
+    paused: Option<Duration>,
+    frozen_at: Option<Instant>,
+    frozen: Option<Duration>,
+    downtime_ms: Option<u64>,
+}
+
+/// The capabilities of one operation on one domain (running, or shut off: then there is no
+/// QMP connection and only offline internal snapshots and overlay files are possible).
+pub(crate) struct LiveDomain {
+    conn: Connection,
+    dom: Domain,
+    /// The domain's operation lock, when this operation holds it through the capabilities
+    /// (see [`core::BackendSnapshots::create`] below).
+    op: tokio::sync::Mutex<Option<locking::Acquired>>,
+    domain: String,
+    qemu_pid: u32,
+    qmp: Option<QmpClient>,
+    agent_socket: Option<PathBuf>,
+    agent: tokio::sync::Mutex<Option<QgaClient>>,
+    timings: Mutex<Timings>,
+}
+
+impl LiveDomain {
+    fn qmp(&self) -> CoreResult<&QmpClient> {
+        self.qmp.as_ref().ok_or_else(|| {
+            snapshot_core::Error::backend(self.domain.as_str(), "the domain is not running")
+        })
+    }
+
+    fn times(&self) -> std::sync::MutexGuard<'_, Timings> {
+        self.timings.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The named block nodes QEMU has.
+    async fn node_names(&self) -> CoreResult<Vec<String>> {
+        let nodes = self
+            .qmp()?
+            .run(&qc::QueryNamedBlockNodes { flat: Some(true) })
+            .await
+            .map_err(|e| be("query-named-block-nodes", e))?;
+        Ok(nodes.into_iter().filter_map(|n| n.node_name).collect())
+    }
+
+    async fn agent_call(&self, cmd: &str, t: Duration) -> CoreResult<serde_json::Value> {
+        let Some(sock) = &self.agent_socket else {
+            return Err(snapshot_core::Error::backend(
+                self.domain.as_str(),
+                "the domain has no guest agent channel",
+            ));
+        };
+        let mut guard = self.agent.lock().await;
+        if guard.is_none() {
+            let (p, _keep) = runstate::socket_path(sock).map_err(|e| be(cmd, e))?;
+            let c = QgaClient::connect_unix(&p, t)
+                .await
+                .map_err(|e| be("guest agent", e))?;
+            *guard = Some(c);
+        }
+        let c = guard.as_mut().expect("connected above");
+        c.execute(cmd, None, t).await.map_err(|e| be(cmd, e))
+    }
+
+    /// The migration's state, polled until `done` says so (or it failed).
+    async fn poll_migration(
+        &self,
+        done: impl Fn(&qc::MigrationInfo) -> bool,
+    ) -> CoreResult<qc::MigrationInfo> {
+        let end = Instant::now() + JOB_TIMEOUT;
+        loop {
+            let info = self
+                .qmp()?
+                .run(&qc::QueryMigrate)
+                .await
+                .map_err(|e| be("query-migrate", e))?;
+            if done(&info) {
+                return Ok(info);
+            }
+            match info.status {
+                Some(MigrationStatus::Failed) | Some(MigrationStatus::Cancelled) => {
+                    return Err(snapshot_core::Error::backend(
+                        "migrate",
+                        format!(
+                            "the RAM save failed: {}",
+                            info.error_desc.as_deref().unwrap_or("(no reason given)")
+                        ),
+                    ))
+                }
+                _ if Instant::now() > end => {
+                    return Err(snapshot_core::Error::backend(
+                        "migrate",
+                        "the RAM save did not finish in time",
+                    ))
+                }
+                _ => tokio::time::sleep(Duration::from_millis(5)).await,
+            }
+        }
+    }
+
+    /// The operation lock back from the capabilities (taken again if it was handed over
+    /// and not taken back).
+    async fn take_op(&self) -> Result<locking::Acquired> {
+        match self.op.lock().await.take() {
+            Some(op) => Ok(op),
+            None => self.dom.op_lock("snapshot create").await,
+        }
+    }
+
+    /// Runs `f`, a storage backend's domain path, which takes the domain's operation lock
+    /// itself: this operation's is handed over for the call and taken back after it.
+    async fn as_domain_op<T>(&self, f: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+        let mut op = self.op.lock().await;
+        let mine = op.take().is_some();
+        let r = f.await;
+        if mine {
+            *op = Some(self.dom.op_lock("snapshot create").await?);
+        }
+        r
+    }
+
+    fn domain_ref(&self) -> storage_backends::DomainRef {
+        storage_backends::DomainRef {
+            domain: self.domain.clone(),
+            qemu_pid: self.qemu_pid,
+        }
+    }
+
+    async fn set_background_snapshot(&self, on: bool) -> CoreResult<()> {
+        self.qmp()?
+            .run(&qc::MigrateSetCapabilities {
+                capabilities: vec![qc::MigrationCapabilityStatus::new(
+                    "background-snapshot",
+                    on,
+                )],
+            })
+            .await
+            .map(drop)
+            .map_err(|e| be("migrate-set-capabilities background-snapshot", e))
+    }
+}
+
+/// The file node under overlay node `node`.
+fn file_node(node: &str) -> String {
+    format!("{node}-f")
+}
+
+/// The name QEMU keeps an overlay's lease descriptor under.
+fn lease_fd_name(node: &str) -> String {
+    format!("vs-lease-{node}")
+}
+
+#[async_trait]
+impl core::Vcpus for LiveDomain {
+    async fn pause(&self) -> CoreResult<()> {
+        self.qmp()?
+            .run(&qc::Stop)
+            .await
+            .map_err(|e| be("stop", e))?;
+        self.times().paused_at = Some(Instant::now());
+        failpoint("pause");
+        Ok(())
+    }
+
+    async fn resume(&self) -> CoreResult<()> {
+        self.qmp()?
+            .run(&qc::Cont)
+            .await
+            .map_err(|e| be("cont", e))?;
+        let mut t = self.times();
+        if let Some(at) = t.paused_at.take() {
+            t.paused = Some(at.elapsed());
+        }
+        Ok(())
+    }
+
+    async fn is_running(&self) -> CoreResult<bool> {
+        Ok(self
+            .qmp()?
+            .run(&qc::QueryStatus)
+            .await
+            .map_err(|e| be("query-status", e))?
+            .running)
+    }
+
+    async fn halt(&self) -> CoreResult<()> {
+        let q = self.qmp()?;
+        // The connection ends with QEMU: no reply is no failure.
+        let _ = q
+            .execute_timeout("quit", None, Duration::from_secs(5))
+            .await;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl core::GuestAgent for LiveDomain {
+    async fn freeze(&self) -> CoreResult<u32> {
+        // The runner bounds the call by the freeze budget; the agent's own timeout is a
+        // backstop.
+        self.times().frozen_at = Some(Instant::now());
+        let v = self
+            .agent_call("guest-fsfreeze-freeze", Duration::from_secs(10))
+            .await?;
+        Ok(v.as_u64().unwrap_or(0) as u32)
+    }
+
+    async fn thaw(&self) -> CoreResult<u32> {
+        let v = self
+            .agent_call("guest-fsfreeze-thaw", Duration::from_secs(10))
+            .await?;
+        let mut t = self.times();
+        if let Some(at) = t.frozen_at.take() {
+            t.frozen = Some(at.elapsed());
+        }
+        Ok(v.as_u64().unwrap_or(0) as u32)
+    }
+
+    async fn is_frozen(&self) -> CoreResult<bool> {
+        let v = self
+            .agent_call("guest-fsfreeze-status", Duration::from_secs(5))
+            .await?;
+        Ok(v.as_str() == Some("frozen"))
+    }
+}
+
+/// The backing file `path` records, if it is a qcow2 image.
+fn recorded_backing(path: &Path) -> CoreResult<Option<String>> {
+    let info = image_formats::ImageInfo::open(path, Some(image_formats::Format::Qcow2))
+        .map_err(|e| be(&path.display().to_string(), e))?;
+    Ok(info.backing_filename())
+}
+
+#[async_trait]
+impl core::BlockLayer for LiveDomain {
+    async fn create_overlay(
+        &self,
+        path: &str,
+        backing: &str,
+        backing_format: &str,
+        format: &str,
+    ) -> CoreResult<()> {
+        if format != "qcow2" {
+            return Err(snapshot_core::Error::backend(
+                path,
+                format!("an overlay must be qcow2, not {format}"),
+            ));
+        }
+        let bfmt = crate::image::parse_format(backing_format).map_err(|e| be(path, e))?;
+        let size = image_formats::ImageInfo::open(Path::new(backing), Some(bfmt))
+            .map_err(|e| be(backing, e))?
+            .virtual_size();
+        let opts = storage_backends::image::CreateOptions {
+            size,
+            backing_file: Some(backing.as_bytes().to_vec()),
+            backing_format: Some(backing_format.as_bytes().to_vec()),
+        };
+        // Exclusive create, mode 0600.
+        storage_backends::image::create(
+            Path::new(path),
+            &opts,
+            storage_backends::image::IfExists::Refuse,
+        )
+        .map_err(|e| be(path, e))?;
+        failpoint("create-overlay");
+        Ok(())
+    }
+
+    async fn check_overlay(&self, path: &str, backing: &str) -> CoreResult<()> {
+        match recorded_backing(Path::new(path))? {
+            Some(b) if b == backing => Ok(()),
+            other => Err(snapshot_core::Error::backend(
+                path,
+                format!(
+                    "--reuse-external: the image records backing file {other:?}, not {backing:?}"
+                ),
+            )),
+        }
+    }
+
+    async fn remove_overlay(&self, path: &str, backing: &str) -> CoreResult<()> {
+        let p = Path::new(path);
+        if std::fs::symlink_metadata(p).is_err() {
+            return Ok(());
+        }
+        // Only an overlay of `backing`: never the user's file.
+        match recorded_backing(p) {
+            Ok(Some(b)) if b == backing => {}
+            _ => {
+                return Err(snapshot_core::Error::backend(
+                    path,
+                    format!("not removed: it is not an overlay of {backing} that virt-snap made"),
+                ))
+            }
+        }
+        match std::fs::remove_file(p) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(be(path, e)),
+        }
+    }
+
+    async fn add_node(&self, node: &str, path: &str, format: &str) -> CoreResult<()> {
+        let qmp = self.qmp()?;
+        // The overlay's lease, handed to QEMU so that it lives as long as QEMU.
+        let leases = self
+            .conn
+            .inner()
+            .locks
+            .acquire(&Purpose::VmAttach {
+                domain: self.domain.clone(),
+                qemu_pid: self.qemu_pid,
+                disks: vec![DiskUse {
+                    resource: Resource::file(path),
+                    read_only: false,
+                    shareable: false,
+                }],
+            })
+            .map_err(|e| be(path, e))?;
+        for fd in leases.lock_fds() {
+            qmp.getfd(&lease_fd_name(node), fd.as_fd())
+                .await
+                .map_err(|e| be("getfd", e))?;
+        }
+        leases.hand_over(self.qemu_pid).map_err(|e| be(path, e))?;
+        let fnode = file_node(node);
+        let added = async {
+            qmp.run(&BlockdevAdd(BlockdevOptions::file(&fnode, path)))
+                .await?;
+            let fmt = BlockdevOptions::new(format, node)
+                .set("file", fnode.as_str())
+                .backing(None);
+            if let Err(e) = qmp.run(&BlockdevAdd(fmt)).await {
+                let _ = qmp
+                    .run(&BlockdevDel {
+                        node_name: fnode.clone(),
+                    })
+                    .await;
+                return Err(e);
+            }
+            Ok(())
+        };
+        if let Err(e) = added.await {
+            // The failed step is not undone: give the lease back here.
+            let _ = qmp
+                .run(&qc::Closefd {
+                    fdname: lease_fd_name(node),
+                })
+                .await;
+            return Err(be("blockdev-add", e));
+        }
+        failpoint("add-node");
+        Ok(())
+    }
+
+    async fn del_node(&self, node: &str) -> CoreResult<()> {
+        let qmp = self.qmp()?;
+        let have = self.node_names().await?;
+        for n in [node.to_string(), file_node(node)] {
+            if have.contains(&n) {
+                qmp.run(&BlockdevDel { node_name: n })
+                    .await
+                    .map_err(|e| be("blockdev-del", e))?;
+            }
+        }
+        let _ = qmp
+            .run(&qc::Closefd {
+                fdname: lease_fd_name(node),
+            })
+            .await;
+        Ok(())
+    }
+
+    async fn snapshot_transaction(&self, actions: &[OverlayAction]) -> CoreResult<()> {
+        let mut list: Vec<TransactionAction> = actions
+            .iter()
+            .map(|a| {
+                TransactionAction::BlockdevSnapshot(BlockdevSnapshot {
+                    node: a.node.clone(),
+                    overlay: a.overlay.clone(),
+                })
+            })
+            .collect();
+        if failpoint_is("transaction-bad-node") {
+            if let Some(TransactionAction::BlockdevSnapshot(a)) = list.last_mut() {
+                a.node = "vs-no-such-node".into();
+            }
+        }
+        let t = qc::Transaction::new(list);
+        self.qmp()?
+            .run(&t)
+            .await
+            .map_err(|e| be("transaction", e))?;
+        failpoint("transaction");
+        Ok(())
+    }
+
+    async fn merge_back(&self, actions: &[OverlayAction]) -> CoreResult<()> {
+        let qmp = self.qmp()?;
+        let blocks = qmp
+            .run(&qc::QueryBlock)
+            .await
+            .map_err(|e| be("query-block", e))?;
+        for a in actions {
+            // Only where the overlay is on top (the transaction may not have acted).
+            let on_top = blocks.iter().any(|b| {
+                b.inserted.as_ref().and_then(|i| i.node_name.as_deref()) == Some(&a.overlay)
+            });
+            if !on_top {
+                continue;
+            }
+            let job = format!("vs-merge-{}", a.disk);
+            let mut events = qmp.subscribe();
+            qmp.run(&qc::BlockCommit {
+                job_id: Some(job.clone()),
+                device: a.overlay.clone(),
+                top_node: Some(a.overlay.clone()),
+                base_node: Some(a.node.clone()),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| be("block-commit", e))?;
+            // Active commit: wait for ready, then pivot.
+            let ready = async {
+                while let Some(ev) = events.next().await {
+                    if ev.name == "BLOCK_JOB_READY"
+                        && ev.data.get("device") == Some(&serde_json::json!(job))
+                    {
+                        return true;
+                    }
+                }
+                false
+            };
+            if !tokio::time::timeout(JOB_TIMEOUT, ready)
+                .await
+                .unwrap_or(false)
+            {
+                let _ = qmp.run(&qc::JobCancel::new(&job)).await;
+                return Err(snapshot_core::Error::backend(
+                    a.disk.as_str(),
+                    "merge-back: the commit job did not become ready",
+                ));
+            }
+            let mut events = qmp.subscribe();
+            qmp.run(&qc::JobComplete::new(&job))
+                .await
+                .map_err(|e| be("job-complete", e))?;
+            let done = async {
+                while let Some(ev) = events.next().await {
+                    if ev.name == "BLOCK_JOB_COMPLETED" {
+                        return true;
+                    }
+                }
+                false
+            };
+            let _ = tokio::time::timeout(JOB_TIMEOUT, done).await;
+        }
+        Ok(())
+    }
+
+    async fn internal_snapshot(
+        &self,
+        tag: &str,
+        nodes: &[String],
+        vmstate: Option<&str>,
+    ) -> CoreResult<()> {
+        match (vmstate, &self.qmp) {
+            (Some(vm), Some(qmp)) => {
+                let cmd = qc::SnapshotSave {
+                    job_id: format!("vs-save-{:08x}", crc(tag)),
+                    tag: tag.to_string(),
+                    vmstate: vm.to_string(),
+                    devices: nodes.to_vec(),
+                };
+                qmp.run_job_command(&cmd, JOB_TIMEOUT)
+                    .await
+                    .map_err(|e| be("snapshot-save", e))?;
+            }
+            (None, None) => {
+                for p in nodes {
+                    self.conn
+                        .image(p)
+                        .snapshot_create(tag.as_bytes())
+                        .map_err(|e| be(p, e))?;
+                }
+            }
+            _ => {
+                return Err(snapshot_core::Error::backend(
+                    tag,
+                    "an internal snapshot of a running domain needs its vmstate",
+                ))
+            }
+        }
+        failpoint("internal-snapshot");
+        Ok(())
+    }
+
+    async fn delete_internal_snapshot(&self, tag: &str, nodes: &[String]) -> CoreResult<()> {
+        match &self.qmp {
+            Some(qmp) => {
+                let cmd = qc::SnapshotDelete {
+                    job_id: format!("vs-del-{:08x}", crc(tag)),
+                    tag: tag.to_string(),
+                    devices: nodes.to_vec(),
+                };
+                match qmp.run_job_command(&cmd, JOB_TIMEOUT).await {
+                    Ok(()) => Ok(()),
+                    // Not there (any more) is success.
+                    Err(e) if e.to_string().contains("not found") => Ok(()),
+                    Err(e) => Err(be("snapshot-delete", e)),
+                }
+            }
+            None => {
+                for p in nodes {
+                    let which = crate::image::SnapshotRef::Name(tag.as_bytes().to_vec());
+                    match self.conn.image(p).snapshot_delete(&which) {
+                        Ok(_) => {}
+                        Err(e) if e.kind() == ErrorKind::NotFound => {}
+                        Err(e) => return Err(be(p, e)),
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+fn crc(s: &str) -> u32 {
+    // A small stable hash for job ids (FNV-1a).
+    s.bytes().fold(0x811c_9dc5u32, |h, b| {
+        (h ^ b as u32).wrapping_mul(0x0100_0193)
+    })
+}
+
+/// Creates `file` for the RAM save: new, 0600.
+fn create_private(file: &str) -> CoreResult<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(file)
+        .map(drop)
+        .map_err(|e| be(file, e))
+}
+
+#[async_trait]
+impl core::MemorySaver for LiveDomain {
+    async fn save(&self, file: &str, live: bool) -> CoreResult<()> {
+        let qmp = self.qmp()?;
+        if live {
+            self.set_background_snapshot(true).await.map_err(|e| {
+                snapshot_core::Error::backend(
+                    file,
+                    format!(
+                        "--live needs QEMU's background-snapshot (userfaultfd write-protect), \
+                         which this QEMU refuses: {e}"
+                    ),
+                )
+            })?;
+        }
+        create_private(file)?;
+        if let Err(e) = qmp.run(&qc::Migrate::to(format!("file:{file}"))).await {
+            if live {
+                let _ = self.set_background_snapshot(false).await;
+            }
+            let _ = std::fs::remove_file(file);
+            return Err(be("migrate", e));
+        }
+        if live {
+            // RAM is fixed once QEMU's background-snapshot thread has stopped the VM, saved
+            // the device state and started tracking RAM writes (userfaultfd write-protect):
+            // pages are only sent after that, so the first page sent (or the end) says so.
+            // The status turning `active` comes before it.
+            self.poll_migration(|i| {
+                let pages = i
+                    .ram
+                    .as_ref()
+                    .map_or(0, |r| r.normal.unwrap_or(0) + r.duplicate.unwrap_or(0));
+                i.status == Some(MigrationStatus::Completed)
+                    || (i.status == Some(MigrationStatus::Active) && pages > 0)
+            })
+            .await?;
+        } else {
+            let info = self
+                .poll_migration(|i| i.status == Some(MigrationStatus::Completed))
+                .await?;
+            self.times().downtime_ms = info.downtime;
+        }
+        failpoint("save-memory");
+        Ok(())
+    }
+
+    async fn wait(&self, _file: &str) -> CoreResult<()> {
+        let info = self
+            .poll_migration(|i| i.status == Some(MigrationStatus::Completed))
+            .await?;
+        self.times().downtime_ms = info.downtime;
+        let _ = self.set_background_snapshot(false).await;
+        Ok(())
+    }
+
+    async fn discard(&self, file: &str) -> CoreResult<()> {
+        if let Ok(qmp) = self.qmp() {
+            let info = qmp
+                .run(&qc::QueryMigrate)
+                .await
+                .map_err(|e| be("query-migrate", e))?;
+            if matches!(
+                info.status,
+                Some(MigrationStatus::Setup) | Some(MigrationStatus::Active)
+            ) {
+                qmp.run(&qc::MigrateCancel)
+                    .await
+                    .map_err(|e| be("migrate_cancel", e))?;
+                self.poll_migration(|i| {
+                    !matches!(
+                        i.status,
+                        Some(MigrationStatus::Setup)
+                            | Some(MigrationStatus::Active)
+                            | Some(MigrationStatus::Cancelling)
+                    )
+                })
+                .await?;
+            }
+            let _ = self.set_background_snapshot(false).await;
+        }
+        match std::fs::remove_file(file) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(be(file, e)),
+        }
+    }
+}
+
+#[async_trait]
+impl core::BackendSnapshots for LiveDomain {
+    async fn create(&self, volume: &PoolVolume, _kind: BackendKind, name: &str) -> CoreResult<()> {
+        let obj = format!("{}/{}", volume.pool, volume.volume);
+        let vol = self
+            .conn
+            .pool(&volume.pool)
+            .map_err(|e| be(&obj, e))?
+            .volume(&volume.volume);
+        let d = self.domain_ref();
+        self.as_domain_op(vol.create_snapshot_for_domain(name, &d, &Default::default()))
+            .await
+            .map_err(|e| be(&obj, e))?;
+        failpoint("backend-snapshot");
+        Ok(())
+    }
+
+    async fn delete(&self, volume: &PoolVolume, _kind: BackendKind, name: &str) -> CoreResult<()> {
+        let obj = format!("{}/{}", volume.pool, volume.volume);
+        let vol = self
+            .conn
+            .pool(&volume.pool)
+            .map_err(|e| be(&obj, e))?
+            .volume(&volume.volume);
+        let d = self.domain_ref();
+        let r = if self.qmp.is_some() {
+            self.as_domain_op(vol.delete_snapshot_for_domain(name, &d))
+                .await
+        } else {
+            vol.delete_snapshot(name).await
+        };
+        match r {
+            // Not there (any more) is success.
+            Err(e) if e.kind() != ErrorKind::NotFound => Err(be(&obj, e)),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The real clock.
+pub(crate) struct RealClock(Instant);
+
+#[async_trait]
+impl core::Clock for RealClock {
+    fn unix_time(&self) -> i64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64)
+    }
+
+    fn monotonic(&self) -> Duration {
+        self.0.elapsed()
+    }
+
+    async fn sleep(&self, d: Duration) {
+        tokio::time::sleep(d).await
+    }
+}
+
+fn caps<'a>(l: &'a LiveDomain, clock: &'a RealClock) -> Capabilities<'a> {
+    Capabilities {
+        vcpus: l,
+        agent: l,
+        block: l,
+        memory: l,
+        backends: l,
+        clock,
+    }
+}
+
+impl Domain {
+    /// The domain's snapshot metadata.
+    pub(crate) fn snapshot_store(&self) -> Result<DomainStore> {
+        let root = self.conn.state_dir().join(SNAPSHOTS_SUBDIR);
+        Ok(SnapshotStore::new(root).domain(&self.name)?)
+    }
+
+    fn journal(&self, store: &DomainStore) -> Result<Journal<core::CaptureRecord>> {
+        create_private_dir(store.dir())?;
+        Ok(Journal::open(store.journal_path())?)
+    }
+
+    /// The capabilities for one operation: the domain's QMP connection if it runs.
+    async fn live(&self, st: Option<&RunRecord>) -> Result<LiveDomain> {
+        let qmp = match st {
+            Some(st) => Some(self.qmp(st).await?),
+            None => None,
+        };
+        Ok(LiveDomain {
+            conn: self.conn.clone(),
+            dom: self.clone(),
+            op: tokio::sync::Mutex::new(None),
+            domain: self.name.clone(),
+            qemu_pid: st.map_or(0, |s| s.pid),
+            qmp,
+            agent_socket: st.and_then(|s| s.agent.clone()),
+            agent: tokio::sync::Mutex::new(None),
+            timings: Mutex::new(Timings::default()),
+        })
+    }
+
+    /// The run record if the domain runs (under the operation lock), `None` if it is shut
+    /// off.
+    fn running_or_off(&self) -> Result<Option<RunRecord>> {
+        match self.running() {
+            Ok(st) => Ok(Some(st)),
+            Err(e) if e.kind() == ErrorKind::NotRunning => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Recovers the captures a killed virt-snap left pending on this domain, under the
+    /// operation lock `op` (given back, held throughout): finished if they had reached their
+    /// commit point, undone otherwise; the VM resumed and the guest thawed either way.
+    /// Nothing to do is cheap (no journal, or nothing pending in it).
+    pub(crate) async fn recover_captures(
+        &self,
+        op: locking::Acquired,
+    ) -> (Result<Vec<Recovered>>, Result<locking::Acquired>) {
+        let store = match self.snapshot_store() {
+            Ok(s) => s,
+            Err(e) => return (Err(e), Ok(op)),
+        };
+        if !store.journal_path().exists() {
+            return (Ok(Vec::new()), Ok(op));
+        }
+        let mut journal = match Journal::<core::CaptureRecord>::open(store.journal_path()) {
+            Ok(j) => j,
+            Err(e) => return (Err(e.into()), Ok(op)),
+        };
+        if !journal
+            .pending()
+            .iter()
+            .any(|p| p.kind == core::JOURNAL_KIND)
+        {
+            return (Ok(Vec::new()), Ok(op));
+        }
+        let live = match self.running_or_off() {
+            Ok(st) => self.live(st.as_ref()).await,
+            Err(e) => Err(e),
+        };
+        let live = match live {
+            Ok(l) => l,
+            Err(e) => return (Err(e), Ok(op)),
+        };
+        *live.op.lock().await = Some(op);
+        let clock = RealClock(Instant::now());
+        let out = core::recover(&caps(&live, &clock), &mut journal, &store)
+            .await
+            .map_err(Error::from);
+        if let Ok(out) = &out {
+            for r in out {
+                tracing::warn!(domain = %self.name, ?r, "recovered an interrupted snapshot");
+            }
+            let _ = journal.compact();
+        }
+        (out, live.take_op().await)
+    }
+
+    /// Take snapshot `req` of the domain (`virsh snapshot-create-as`): planned against the
+    /// domain's disks (their current top images, pool volumes, agent), run step by step
+    /// through the journal at `<state>/snapshots/<domain>/journal` under the domain's
+    /// operation lock; a failure undoes what was done and leaves the VM running, the guest
+    /// thawed, the metadata unchanged. A defined domain's stored definition then points its
+    /// disks at their new overlays, so that its next start uses them.
+    pub async fn snapshot_create(&self, req: CaptureRequest) -> Result<CaptureResult> {
+        let op = self.op_lock("snapshot create").await?;
+        let (recovered, op) = self.recover_captures(op).await;
+        let op = op?;
+        recovered?;
+        let st = self.running_or_off()?;
+        let def = self.conn.definition(&self.name).ok();
+        if st.is_none() && def.is_none() {
+            return Err(self.record().err().unwrap_or_else(|| {
+                Error::new(ErrorKind::NotRunning, "the domain is not running")
+            }));
+        }
+        let live = self.live(st.as_ref()).await?;
+        *live.op.lock().await = Some(op);
+        let store = self.snapshot_store()?;
+        let info = self
+            .domain_info(&live, st.as_ref(), def.as_ref(), &store)
+            .await?;
+        let clock = RealClock(Instant::now());
+        let plan = CapturePlan::new(&req, &info, &clock)?;
+        let mut journal = self.journal(&store)?;
+        let outcome = core::run(&plan, &caps(&live, &clock), &mut journal, &store).await;
+        // Only pending operations are kept (a failed metadata write stays for recovery).
+        if let Err(e) = journal.compact() {
+            tracing::warn!(domain = %self.name, "cannot compact the capture journal: {e}");
+        }
+        let outcome = outcome?;
+        let overlays: Vec<(&str, &str)> = plan
+            .steps
+            .iter()
+            .filter_map(|s| match s {
+                Step::PreCreateOverlay { disk, path, .. } => Some((disk.as_str(), path.as_str())),
+                _ => None,
+            })
+            .collect();
+        // The run record names each disk's top image as QEMU has it now.
+        if let (Some(mut rec), false) = (st, overlays.is_empty()) {
+            for d in &mut rec.disks {
+                if let Some((_, p)) = overlays.iter().find(|(t, _)| *t == d.target) {
+                    d.source = PathBuf::from(p);
+                }
+            }
+            runstate::save(&self.dir(), &rec)?;
+        }
+        if let Some(mut def) = def {
+            let mut changed = false;
+            for s in &plan.steps {
+                if let Step::PreCreateOverlay {
+                    disk, path, format, ..
+                } = s
+                {
+                    if let Some(d) = def.disk_mut(disk) {
+                        d.push_overlay(path, format);
+                        changed = true;
+                    }
+                }
+            }
+            if changed {
+                self.conn.definitions().save(&def)?;
+            }
+        }
+        let t = live.times();
+        Ok(CaptureResult {
+            name: plan.name.to_string(),
+            xml: outcome.snapshot.as_ref().map(|s| s.to_xml()),
+            snapshot: outcome.snapshot,
+            warnings: outcome.warnings,
+            paused: t.paused,
+            frozen: t.frozen,
+            memory_downtime_ms: t.downtime_ms,
+        })
+    }
+
+    /// The domain as the planner sees it.
+    async fn domain_info(
+        &self,
+        live: &LiveDomain,
+        st: Option<&RunRecord>,
+        def: Option<&snapshot_core::DomainDef>,
+        store: &DomainStore,
+    ) -> Result<DomainInfo> {
+        let mut disks = Vec::new();
+        let state;
+        if let Some(st) = st {
+            let qmp = live.qmp.as_ref().expect("running");
+            state = if qmp.run(&qc::QueryStatus).await?.running {
+                core::RunState::Running
+            } else {
+                core::RunState::Paused
+            };
+            for b in qmp.run(&qc::QueryBlock).await? {
+                let qdev = short_qdev(b.qdev.as_deref().unwrap_or(&b.device));
+                let Some(rd) = st.disks.iter().find(|d| d.qdev == qdev) else {
+                    continue;
+                };
+                let ddef = def.and_then(|d| d.disk(&rd.target));
+                let (source, format, node, ro) = match &b.inserted {
+                    Some(i) => (
+                        Some(i.image.filename.clone()),
+                        i.image.format.clone(),
+                        i.node_name.clone().unwrap_or_default(),
+                        i.ro,
+                    ),
+                    None => (None, "raw".into(), String::new(), true),
+                };
+                disks.push(DomainDisk {
+                    target: rd.target.clone(),
+                    source,
+                    format,
+                    volume: self.pool_volume(ddef).await?,
+                    readonly: ro || rd.readonly,
+                    cdrom: ddef.is_some_and(|d| d.is_cdrom()),
+                    node,
+                });
+            }
+        } else {
+            state = core::RunState::ShutOff;
+            let def = def.expect("checked by the caller");
+            let spec = self.conn.run_spec(def).await?;
+            for (d, ddef) in spec.disks.iter().zip(def.disks()) {
+                disks.push(DomainDisk {
+                    target: d.target.clone(),
+                    source: Some(d.path.display().to_string()),
+                    format: d.format.as_str().to_string(),
+                    volume: self.pool_volume(Some(ddef)).await?,
+                    readonly: d.readonly,
+                    cdrom: ddef.is_cdrom(),
+                    node: String::new(),
+                });
+            }
+        }
+        let domain_xml = def.map(|d| RawXml::element(&d.to_xml())).transpose()?;
+        Ok(DomainInfo {
+            name: self.name.clone(),
+            state,
+            has_agent: st.is_some_and(|s| s.agent.is_some()),
+            disks,
+            current: store.current()?,
+            domain_xml,
+        })
+    }
+
+    /// The pool volume a disk of the definition is, with its backend's snapshot kind.
+    async fn pool_volume(
+        &self,
+        d: Option<&snapshot_core::domain::Disk>,
+    ) -> Result<Option<PoolVolume>> {
+        let Some(SourceRef::Volume { pool, volume }) = d.and_then(|d| d.source_ref()) else {
+            return Ok(None);
+        };
+        let p = self.conn.pool(pool)?;
+        let info = p.info().await?;
+        use storage_backends::{PoolKind, SnapshotKind};
+        let backend = match info.kind {
+            PoolKind::Btrfs => Some(BackendKind::Btrfs),
+            PoolKind::Logical => Some(BackendKind::Lvm),
+            PoolKind::Dir
+                if info
+                    .capabilities
+                    .open_volume_snapshots
+                    .contains(&SnapshotKind::File) =>
+            {
+                Some(BackendKind::Reflink)
+            }
+            PoolKind::Dir => None,
+        };
+        Ok(Some(PoolVolume {
+            pool: pool.to_string(),
+            volume: volume.to_string(),
+            backend,
+        }))
+    }
+}
+
+/// Creates `dir` (and its parents) `0700` if missing.
+fn create_private_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| Error::caused_by(format!("cannot create {}", dir.display()), e))
+}

@@ -1,0 +1,413 @@
+//! Live capture through the library against real QEMU 10.0.2 (no-OS KVM domains): a disk-only
+//! atomic snapshot of 4 qcow2 disks, an internal snapshot with RAM (snapshot-save), an
+//! external RAM snapshot with `--live` (background-snapshot), and a failure in the real path
+//! undone (VM running, no overlay file or block node left, metadata unchanged).
+
+use serde_json::Value;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use virt_snap::domain::DomainState;
+use virt_snap::snapshot::{CaptureRequest, DiskChoice, DiskRequest, MemoryChoice, SnapshotName};
+use virt_snap::{Connection, Domain};
+
+/// Kills the QEMU of a domain when the test ends, however it ends.
+struct KillGuard(Option<u32>);
+
+impl Drop for KillGuard {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0 {
+            // SAFETY: kill(2) on a QEMU this test started (it may be gone already).
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+    }
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+const TARGETS: [&str; 4] = ["vda", "vdb", "vdc", "vdd"];
+
+fn qemu_img(args: &[&str]) -> String {
+    let out = Command::new("qemu-img")
+        .args(args)
+        .output()
+        .expect("qemu-img (run `cargo xtask deps`)");
+    assert!(
+        out.status.success(),
+        "qemu-img {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// A defined and started KVM domain `name` with `n` qcow2 disks `d/<target>.qcow2`.
+struct Vm {
+    _tmp: tempfile::TempDir,
+    dir: PathBuf,
+    conn: Connection,
+    dom: Domain,
+    _guard: KillGuard,
+    rt: tokio::runtime::Runtime,
+}
+
+fn start(name: &str, n: usize) -> Vm {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_path_buf();
+    let mut disks = String::new();
+    for t in &TARGETS[..n] {
+        let p = dir.join(format!("{t}.qcow2"));
+        qemu_img(&["create", "-q", "-f", "qcow2", p.to_str().unwrap(), "32M"]);
+        disks += &format!(
+            "<disk type='file'><driver name='qemu' type='qcow2'/><source file='{}'/>\
+             <target dev='{t}' bus='virtio'/></disk>",
+            p.display()
+        );
+    }
+    let xml = format!(
+        "<domain type='kvm'><name>{name}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>\
+         <os><type arch='x86_64' machine='pc'>hvm</type></os><devices>{disks}\
+         <controller type='usb' model='none'/></devices></domain>"
+    );
+    let conn = Connection::open(dir.join("state")).unwrap();
+    let rt = rt();
+    rt.block_on(conn.define(&xml)).unwrap();
+    let dom = rt.block_on(conn.start_defined(name, false)).unwrap();
+    let guard = KillGuard(dom.pid().unwrap());
+    Vm {
+        _tmp: tmp,
+        dir,
+        conn,
+        dom,
+        _guard: guard,
+        rt,
+    }
+}
+
+impl Vm {
+    fn qmp(&self, cmd: &str, args: Value) -> Value {
+        let json = if args.is_null() {
+            serde_json::json!({ "execute": cmd })
+        } else {
+            serde_json::json!({"execute": cmd, "arguments": args})
+        }
+        .to_string();
+        let r = self.rt.block_on(self.dom.monitor_command(&json)).unwrap();
+        r["return"].clone()
+    }
+
+    fn running(&self) -> bool {
+        self.rt.block_on(self.dom.state()).unwrap().state == DomainState::Running
+    }
+
+    fn node_names(&self) -> Vec<String> {
+        self.qmp("query-named-block-nodes", serde_json::json!({"flat": true}))
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|n| n["node-name"].as_str().map(String::from))
+            .collect()
+    }
+
+    fn disk(&self, t: &str) -> PathBuf {
+        self.dir.join(format!("{t}.qcow2"))
+    }
+
+    fn snapshots_dir(&self) -> PathBuf {
+        self.dir.join("state/snapshots").join(self.dom.name())
+    }
+}
+
+fn req(name: &str) -> CaptureRequest {
+    CaptureRequest::new(SnapshotName::new(name).unwrap())
+}
+
+fn mode(p: &Path) -> u32 {
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+}
+
+#[test]
+fn disk_only_atomic_snapshot_of_four_qcow2_disks() {
+    let vm = start("cap4", 4);
+    let mut r = req("s1");
+    r.flags.disk_only = true;
+    r.flags.atomic = true;
+    let res = vm.rt.block_on(vm.dom.snapshot_create(r)).expect("capture");
+    assert_eq!(res.name, "s1");
+    assert!(
+        res.paused.is_none(),
+        "no pause: the I/O stall is the transaction"
+    );
+    assert!(vm.running(), "the domain still runs");
+
+    // Each disk is on its overlay in QEMU, whose backing is the old image.
+    let blocks = vm.qmp("query-block", Value::Null);
+    for t in TARGETS {
+        let overlay = vm.dir.join(format!("{t}.s1"));
+        let b = blocks
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| {
+                b["qdev"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains(&format!("vs-{t}"))
+            })
+            .unwrap_or_else(|| panic!("{t} in {blocks}"));
+        let img = &b["inserted"]["image"];
+        assert_eq!(img["filename"], overlay.display().to_string(), "{t}");
+        assert_eq!(
+            img["backing-image"]["filename"],
+            vm.disk(t).display().to_string()
+        );
+        let info: Value = serde_json::from_str(&qemu_img(&[
+            "info",
+            "-U",
+            "--output=json",
+            overlay.to_str().unwrap(),
+        ]))
+        .unwrap();
+        assert_eq!(info["format"], "qcow2");
+        assert_eq!(info["backing-filename"], vm.disk(t).display().to_string());
+        assert_eq!(info["backing-filename-format"], "qcow2");
+        assert_eq!(mode(&overlay), 0o600, "{t}: the overlay is private");
+        // Its lease is the domain's QEMU's (handed over with getfd), and QEMU has it open.
+        let locks = vm.conn.image(&overlay).locks(None).unwrap();
+        let holders = locks.holders.clone().expect("the connection's lockspace");
+        let pid = vm.dom.pid().unwrap().unwrap();
+        assert!(
+            holders.iter().any(|h| h.pid == pid),
+            "{t}: lease holders {holders:?}"
+        );
+        assert!(
+            locks.processes.iter().any(|p| p.pid == pid),
+            "{t}: {locks:?}"
+        );
+    }
+
+    // The snapshot is stored and current; the journal and metadata are private.
+    let snap = res.snapshot.expect("metadata");
+    assert_eq!(snap.disks.len(), 4);
+    let sd = vm.snapshots_dir();
+    let xml = std::fs::read_to_string(sd.join("s1.xml")).expect("stored");
+    assert!(xml.contains("<name>s1</name>"), "{xml}");
+    assert!(res.xml.unwrap().contains("s1"));
+    for f in std::fs::read_dir(&sd).unwrap() {
+        let p = f.unwrap().path();
+        assert_eq!(mode(&p) & 0o077, 0, "{} is private", p.display());
+    }
+    // The definition now starts from the overlays.
+    let def = vm.conn.dumpxml("cap4").unwrap();
+    assert!(
+        def.contains(&format!("{}", vm.dir.join("vda.s1").display())),
+        "{def}"
+    );
+
+    // A second snapshot stacks on the first (the current top is the overlay node).
+    let mut r = req("s2");
+    r.flags.disk_only = true;
+    let res = vm.rt.block_on(vm.dom.snapshot_create(r)).expect("second");
+    assert_eq!(
+        res.snapshot
+            .unwrap()
+            .parent
+            .map(|p| p.to_string())
+            .as_deref(),
+        Some("s1")
+    );
+    let blocks = vm.qmp("query-block", Value::Null).to_string();
+    assert!(blocks.contains("vda.s2"), "{blocks}");
+    assert!(vm.running());
+
+    // The overlays' leases end with QEMU.
+    vm.rt.block_on(vm.dom.destroy()).unwrap();
+    let locks = vm.conn.image(vm.dir.join("vda.s2")).locks(None).unwrap();
+    assert!(!locks.in_use, "{locks:?}");
+}
+
+#[test]
+fn a_refused_overlay_is_undone_and_the_vm_runs_on() {
+    let vm = start("capfail", 4);
+    let before = vm.node_names();
+    let mut r = req("bad");
+    r.flags.disk_only = true;
+    // The last disk's overlay in a directory that does not exist: its pre-create fails
+    // after the first three overlays were made and added.
+    r.disks.push(DiskRequest {
+        name: "vdd".into(),
+        choice: DiskChoice::External {
+            file: Some(vm.dir.join("missing/vdd.bad").display().to_string()),
+            format: None,
+        },
+    });
+    let e = vm.rt.block_on(vm.dom.snapshot_create(r)).unwrap_err();
+    assert!(e.to_string().contains("bad"), "{e}");
+    assert_eq!(
+        e.kind(),
+        virt_snap::ErrorKind::NotFound,
+        "the cause's kind: {e}"
+    );
+    assert!(vm.running(), "the VM runs (not paused)");
+    for t in &TARGETS[..3] {
+        assert!(
+            !vm.dir.join(format!("{t}.bad")).exists(),
+            "{t}: no overlay left"
+        );
+    }
+    assert_eq!(vm.node_names(), before, "no block node left");
+    let sd = vm.snapshots_dir();
+    assert!(!sd.join("bad.xml").exists(), "metadata unchanged");
+    assert!(!vm.conn.dumpxml("capfail").unwrap().contains(".bad"));
+
+    // A request the plan refuses is invalid input; nothing is done.
+    let mut r = req("bad");
+    r.flags.live = true;
+    let e = vm.rt.block_on(vm.dom.snapshot_create(r)).unwrap_err();
+    assert_eq!(e.kind(), virt_snap::ErrorKind::InvalidInput, "{e}");
+    assert_eq!(vm.node_names(), before);
+}
+
+#[test]
+fn internal_snapshot_with_ram_on_every_disk() {
+    let vm = start("capint", 2);
+    let res = vm
+        .rt
+        .block_on(vm.dom.snapshot_create(req("int1")))
+        .expect("capture");
+    assert!(vm.running(), "resumed after snapshot-save");
+    let snap = res.snapshot.unwrap();
+    assert_eq!(
+        snap.memory
+            .and_then(|m| m.snapshot)
+            .map(|l| l.as_str().to_string()),
+        Some("internal".into())
+    );
+    for t in &TARGETS[..2] {
+        let l = qemu_img(&["snapshot", "-l", "-U", vm.disk(t).to_str().unwrap()]);
+        assert!(l.contains("int1"), "{t}: {l}");
+    }
+}
+
+#[test]
+fn external_live_ram_snapshot_to_a_private_file() {
+    let vm = start("caplive", 2);
+    let mem = vm.dir.join("caplive.mem");
+    let mut r = req("live1");
+    r.flags.live = true;
+    r.memory = MemoryChoice::External {
+        file: mem.display().to_string(),
+    };
+    let res = vm.rt.block_on(vm.dom.snapshot_create(r)).expect("capture");
+    assert!(vm.running(), "the VM kept running");
+    let m = std::fs::metadata(&mem).expect("the RAM file");
+    assert!(m.len() > 64 << 10, "RAM saved: {} bytes", m.len());
+    assert_eq!(mode(&mem), 0o600, "not world-readable");
+    let q = vm.qmp("query-migrate", Value::Null);
+    assert_eq!(q["status"], "completed", "{q}");
+    assert!(res.memory_downtime_ms.is_some(), "downtime reported");
+    assert!(res.paused.is_some(), "paused for the disks' instant");
+    let blocks = vm.qmp("query-block", Value::Null).to_string();
+    assert!(
+        blocks.contains("vda.live1"),
+        "the disks at the same instant: {blocks}"
+    );
+}
+
+#[test]
+fn a_refused_blockdev_add_is_undone() {
+    let vm = start("capnode", 2);
+    // A node QEMU has already under the name the overlay of vdb would get.
+    let taken = snapshot_core::capture::overlay_node_name("vdb", "bad2");
+    vm.qmp(
+        "blockdev-add",
+        serde_json::json!({"driver": "null-co", "node-name": taken}),
+    );
+    let before = vm.node_names();
+    let mut r = req("bad2");
+    r.flags.disk_only = true;
+    let e = vm.rt.block_on(vm.dom.snapshot_create(r)).unwrap_err();
+    assert!(e.to_string().contains("bad2"), "{e}");
+    assert!(vm.running(), "the VM runs (not paused)");
+    assert_eq!(
+        vm.node_names(),
+        before,
+        "no block node left (the decoy kept)"
+    );
+    for t in &TARGETS[..2] {
+        assert!(
+            !vm.dir.join(format!("{t}.bad2")).exists(),
+            "{t}: no overlay"
+        );
+    }
+    assert!(!vm.snapshots_dir().join("bad2.xml").exists());
+}
+
+#[test]
+fn a_shut_off_domain_gets_offline_snapshots_and_starts_on_its_overlays() {
+    let vm = start("capoff", 2);
+    vm.rt.block_on(vm.dom.destroy()).unwrap();
+    // virsh's default for a shut-off domain: internal disk snapshots, no memory.
+    let res = vm
+        .rt
+        .block_on(vm.dom.snapshot_create(req("off1")))
+        .expect("internal");
+    assert_eq!(
+        res.snapshot
+            .unwrap()
+            .memory
+            .and_then(|m| m.snapshot)
+            .map(|l| l.as_str().to_string()),
+        Some("no".into())
+    );
+    for t in &TARGETS[..2] {
+        let l = qemu_img(&["snapshot", "-l", vm.disk(t).to_str().unwrap()]);
+        assert!(l.contains("off1"), "{t}: {l}");
+    }
+    // Disk-only: overlays made offline, the definition moved onto them.
+    let mut r = req("off2");
+    r.flags.disk_only = true;
+    vm.rt.block_on(vm.dom.snapshot_create(r)).expect("external");
+    let def = vm.conn.dumpxml("capoff").unwrap();
+    assert!(
+        def.contains(&vm.dir.join("vda.off2").display().to_string()),
+        "{def}"
+    );
+    let dom = vm
+        .rt
+        .block_on(vm.conn.start_defined("capoff", false))
+        .unwrap();
+    let _g = KillGuard(dom.pid().unwrap());
+    let blocks = vm.rt.block_on(dom.block_devices()).unwrap();
+    for (b, t) in blocks.iter().zip(TARGETS) {
+        assert_eq!(
+            b.source,
+            vm.dir.join(format!("{t}.off2")).display().to_string()
+        );
+        assert_eq!(b.format, "qcow2");
+    }
+}
+
+#[test]
+fn external_ram_snapshot_without_live_pauses_for_the_save_then_resumes() {
+    let vm = start("capsave", 1);
+    let mem = vm.dir.join("capsave.mem");
+    let mut r = req("save1");
+    r.memory = MemoryChoice::External {
+        file: mem.display().to_string(),
+    };
+    r.pause_budget_ms = 30_000;
+    let res = vm.rt.block_on(vm.dom.snapshot_create(r)).expect("capture");
+    assert!(vm.running(), "resumed after the save");
+    assert_eq!(mode(&mem), 0o600);
+    assert!(std::fs::metadata(&mem).unwrap().len() > 64 << 10);
+    assert_eq!(vm.qmp("query-migrate", Value::Null)["status"], "completed");
+    assert!(res.paused.is_some() && res.memory_downtime_ms.is_some());
+    let blocks = vm.qmp("query-block", Value::Null).to_string();
+    assert!(blocks.contains("vda.save1"), "{blocks}");
+}
