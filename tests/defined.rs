@@ -306,34 +306,22 @@ fn the_test_guest_defined_from_xml_answers_guest_ping() {
     let mut guard = KillGuard::default();
     // The guest's /init mounts an ext4 data disk at /dev/vda.
     let data = tmp.path().join("data.raw");
-    std::fs::File::create(&data)
-        .unwrap()
-        .set_len(64 << 20)
-        .unwrap();
-    let st = std::process::Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-L", "vs-data"])
-        .arg(&data)
-        .status()
-        .expect("mkfs.ext4");
-    assert!(st.success());
-    let kernel = match image.join("vmlinux") {
-        k if k.is_file() => k,
-        _ => image.join("vmlinuz"),
-    };
+    testbed::make_data_disk(&data, 64 << 20).expect("the guest's data disk");
+    let boot = testbed::GuestBoot::from_dir(&image);
     let console = tmp.path().join("console.log");
     let xml = format!(
         "<domain type='qemu'>\n  <name>guest1</name>\n  <memory unit='KiB'>262144</memory>\n  \
          <currentMemory unit='KiB'>262144</currentMemory>\n  <vcpu>1</vcpu>\n  <os>\n    \
          <type arch='x86_64' machine='q35'>hvm</type>\n    <kernel>{}</kernel>\n    \
-         <initrd>{}</initrd>\n    <cmdline>console=ttyS0 panic=-1 cryptomgr.notests \
-         tsc=reliable no_timer_check mitigations=off</cmdline>\n  </os>\n  <devices>\n    \
+         <initrd>{}</initrd>\n    <cmdline>{}</cmdline>\n  </os>\n  <devices>\n    \
          <emulator>/usr/bin/qemu-system-x86_64</emulator>\n{}    <serial type='file'>\n      \
          <source path='{}'/>\n      <target port='0'/>\n    </serial>\n    \
          <channel type='unix'>\n      <source mode='bind' path='/nonexistent/ignored.sock'/>\n      \
          <target type='virtio' name='org.qemu.guest_agent.0'/>\n    </channel>\n  \
          </devices>\n</domain>\n",
-        kernel.display(),
-        image.join("initrd.img").display(),
+        boot.kernel.display(),
+        boot.initrd.display(),
+        boot.cmdline,
         file_disk(&data, "raw", "vda"),
         console.display(),
     );

@@ -72,6 +72,52 @@ const BOOT_SPEEDUPS: &[&str] = &[
     "mitigations=off",
 ];
 
+/// What booting the test guest directly takes (QEMU `-kernel/-initrd/-append`, or a domain
+/// XML's `os/kernel`, `os/initrd`, `os/cmdline`).
+#[derive(Debug, Clone)]
+pub struct GuestBoot {
+    /// The kernel: the uncompressed one where the image has it (it boots with PVH, skipping
+    /// the bzImage's decompression under TCG, about 1.4 s), else the bzImage.
+    pub kernel: PathBuf,
+    /// The initramfs.
+    pub initrd: PathBuf,
+    /// The kernel command line: serial console, panic reboots (QEMU runs with -no-reboot),
+    /// and the boot speed-ups.
+    pub cmdline: String,
+}
+
+impl GuestBoot {
+    /// The boot files of the guest image in `dir` (see [`guest_dir`]).
+    pub fn from_dir(dir: &Path) -> GuestBoot {
+        let kernel = match dir.join("vmlinux") {
+            k if k.is_file() => k,
+            _ => dir.join("vmlinuz"),
+        };
+        let cmdline = ["console=ttyS0", "panic=-1"]
+            .iter()
+            .chain(BOOT_SPEEDUPS)
+            .copied()
+            .collect::<Vec<_>>()
+            .join(" ");
+        GuestBoot {
+            kernel,
+            initrd: dir.join("initrd.img"),
+            cmdline,
+        }
+    }
+}
+
+/// Create the guest's data disk at `path`: a raw file of `bytes` with the ext4 file system
+/// (label `vs-data`) its /init mounts at /mnt from /dev/vda.
+pub fn make_data_disk(path: &Path, bytes: u64) -> Result<()> {
+    crate::require_tool("mkfs.ext4", "run `cargo xtask deps` (installs e2fsprogs)")?;
+    std::fs::File::create(path)?.set_len(bytes)?;
+    run(Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-L", "vs-data"])
+        .arg(path))
+    .map(drop)
+}
+
 /// Prefix of the guests' temporary directories (in the system's temporary directory).
 const DIR_PREFIX: &str = "vs-guest-";
 
@@ -199,17 +245,13 @@ impl TestGuestBuilder {
     /// Create the disks, boot the guest and wait until its agent answers `guest-ping`.
     pub async fn start(self) -> Result<TestGuest> {
         let image = guest_dir()?;
-        crate::require_tool("mkfs.ext4", "run `cargo xtask deps` (installs e2fsprogs)")?;
         sweep_stale_dirs();
         let tmp = tempfile::Builder::new().prefix(DIR_PREFIX).tempdir()?;
         let dir = tmp.path().to_path_buf();
         std::fs::write(dir.join("owner"), std::process::id().to_string())?;
 
         let raw = dir.join("data.raw");
-        std::fs::File::create(&raw)?.set_len(self.data_disk_size)?;
-        run(Command::new("mkfs.ext4")
-            .args(["-q", "-F", "-L", "vs-data"])
-            .arg(&raw))?;
+        make_data_disk(&raw, self.data_disk_size)?;
         let data = match self.data_disk_format {
             DiskFormat::Raw => raw,
             DiskFormat::Qcow2 => {
@@ -223,19 +265,10 @@ impl TestGuestBuilder {
             }
         };
 
-        // The uncompressed kernel boots with PVH, skipping the bzImage's decompression under
-        // TCG (about 1.4 s); older image directories have only the bzImage.
-        let kernel = match image.join("vmlinux") {
-            k if k.is_file() => k,
-            _ => image.join("vmlinuz"),
-        };
+        let boot = GuestBoot::from_dir(&image);
         let qga_path = dir.join("qga.sock");
         let console_path = dir.join("console.log");
-        let mut append: Vec<String> = ["console=ttyS0", "panic=-1"]
-            .iter()
-            .chain(BOOT_SPEEDUPS)
-            .map(|s| s.to_string())
-            .collect();
+        let mut append = vec![boot.cmdline.clone()];
         append.extend(self.append.iter().cloned());
 
         let mut b = Qemu::builder()
@@ -251,9 +284,9 @@ impl TestGuestBuilder {
         }
         b = b
             .arg("-kernel")
-            .arg(kernel.to_string_lossy())
+            .arg(boot.kernel.to_string_lossy())
             .arg("-initrd")
-            .arg(image.join("initrd.img").to_string_lossy())
+            .arg(boot.initrd.to_string_lossy())
             .arg("-append")
             .arg(append.join(" "))
             .arg("-no-reboot")

@@ -25,7 +25,7 @@ mod registry;
 
 pub use btrfs::Btrfs;
 pub use error::{Error, Result};
-pub use guest::{guest_dir, LvmGuest, TestGuest, TestGuestBuilder};
+pub use guest::{guest_dir, make_data_disk, GuestBoot, LvmGuest, TestGuest, TestGuestBuilder};
 pub use process::{require_tool, KillOnDrop};
 pub use qemu::{Accel, Disk, DiskFormat, Qemu, QemuBuilder};
 pub use registry::sweep_stale;

@@ -1,6 +1,5 @@
 //! The test guest (TCG, direct kernel boot, guest agent) started through a `RunSpec`.
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 use virt_snap::domain::{DiskFormat, DiskSpec, DomainKind, DomainState};
 use virt_snap::{Connection, ErrorKind, RunSpec};
@@ -23,30 +22,15 @@ fn the_test_guest_answers_guest_ping_through_its_agent_channel() {
     let conn = Connection::open(tmp.path().join("state")).unwrap();
     // The guest's /init mounts an ext4 data disk at /dev/vda.
     let data = tmp.path().join("data.raw");
-    std::fs::File::create(&data)
-        .unwrap()
-        .set_len(64 << 20)
-        .unwrap();
-    let st = Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-L", "vs-data"])
-        .arg(&data)
-        .status()
-        .expect("mkfs.ext4 (cargo xtask deps)");
-    assert!(st.success());
-    let kernel = match image.join("vmlinux") {
-        k if k.is_file() => k,
-        _ => image.join("vmlinuz"),
-    };
+    testbed::make_data_disk(&data, 64 << 20).expect("the guest's data disk");
+    let boot = testbed::GuestBoot::from_dir(&image);
     let console = tmp.path().join("console.log");
     let mut spec = RunSpec::new("guest1");
     spec.kind = DomainKind::Tcg;
     spec.memory_bytes = 256 << 20;
-    spec.kernel = Some(kernel);
-    spec.initrd = Some(image.join("initrd.img"));
-    spec.cmdline = Some(
-        "console=ttyS0 panic=-1 cryptomgr.notests tsc=reliable no_timer_check mitigations=off"
-            .into(),
-    );
+    spec.kernel = Some(boot.kernel);
+    spec.initrd = Some(boot.initrd);
+    spec.cmdline = Some(boot.cmdline);
     spec.serial_file = Some(console.clone());
     spec.disks
         .push(DiskSpec::file(&data, DiskFormat::Raw, "vda"));
