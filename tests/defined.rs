@@ -5,38 +5,10 @@
 
 use locking::{LockManager, Purpose, Resource};
 use std::path::{Path, PathBuf};
-use std::process::Output;
 use std::time::{Duration, Instant};
 use testbed::{DiskFormat, Qemu};
-use virt_snap_e2e::{run, stderr, stdout, virt_snap};
-
-fn vs(state: &Path, args: &[&str]) -> Output {
-    run(virt_snap().arg("--state-dir").arg(state).args(args))
-}
-
-fn ok(state: &Path, args: &[&str]) -> String {
-    let o = vs(state, args);
-    assert!(o.status.success(), "{args:?}: {}", stderr(&o));
-    stdout(&o)
-}
-
-fn ok_json(state: &Path, args: &[&str]) -> serde_json::Value {
-    let mut a = args.to_vec();
-    a.extend(["--output", "json"]);
-    serde_json::from_str(&ok(state, &a)).expect("one JSON document")
-}
-
-/// A failure: one line on stderr, a non-zero exit, nothing on stdout.
-fn fails(state: &Path, args: &[&str]) -> String {
-    let o = vs(state, args);
-    assert!(!o.status.success(), "{args:?} succeeded: {}", stdout(&o));
-    assert!(o.stdout.is_empty(), "{args:?}: {}", stdout(&o));
-    let err = stderr(&o);
-    assert_eq!(err.lines().count(), 1, "{args:?}: one line: {err:?}");
-    assert!(err.starts_with("virt-snap: error: "), "{err:?}");
-    assert!(!err.contains("panicked"), "{err:?}");
-    err
-}
+use virt_snap_e2e::in_state::{fails, ok, ok_json, vs};
+use virt_snap_e2e::{stderr, stdout};
 
 /// Kills the QEMUs the test started when it ends, however it ends.
 #[derive(Default)]

@@ -1,31 +1,8 @@
 //! Domain commands on the real binary: attach to QEMUs started by the test, list, domstate,
 //! domblklist, monitor and agent commands, shutdown, destroy, kill -9, and user errors.
 
-use std::path::Path;
-use std::process::Output;
 use testbed::{DiskFormat, Qemu};
-use virt_snap_e2e::{run, stderr, stdout, virt_snap};
-
-fn vs(state: &Path, args: &[&str]) -> Output {
-    run(virt_snap().arg("--state-dir").arg(state).args(args))
-}
-
-fn ok(state: &Path, args: &[&str]) -> String {
-    let o = vs(state, args);
-    assert!(o.status.success(), "{args:?}: {}", stderr(&o));
-    stdout(&o)
-}
-
-/// A failure: one line on stderr, a non-zero exit, nothing on stdout.
-fn fails(state: &Path, args: &[&str]) -> String {
-    let o = vs(state, args);
-    assert!(!o.status.success(), "{args:?} succeeded: {}", stdout(&o));
-    let err = stderr(&o);
-    assert_eq!(err.lines().count(), 1, "{args:?}: one line: {err:?}");
-    assert!(err.starts_with("virt-snap: error: "), "{err:?}");
-    assert!(!err.contains("panicked"), "{err:?}");
-    err
-}
+use virt_snap_e2e::in_state::{fails, ok};
 
 #[test]
 fn attach_list_domstate_domblklist_monitor_kill_9_and_destroy() {

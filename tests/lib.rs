@@ -54,3 +54,41 @@ pub fn stdout(o: &Output) -> String {
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
+
+/// `virt-snap --state-dir STATE ARGS...` and the checks every end-to-end test makes of it.
+pub mod in_state {
+    use super::{run, stderr, stdout, virt_snap};
+    use std::path::Path;
+    use std::process::Output;
+
+    /// Run `virt-snap --state-dir state args...`.
+    pub fn vs(state: &Path, args: &[&str]) -> Output {
+        run(virt_snap().arg("--state-dir").arg(state).args(args))
+    }
+
+    /// A success: its stdout.
+    pub fn ok(state: &Path, args: &[&str]) -> String {
+        let o = vs(state, args);
+        assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+        stdout(&o)
+    }
+
+    /// A success with `--output json`: its one JSON document.
+    pub fn ok_json(state: &Path, args: &[&str]) -> serde_json::Value {
+        let mut a = args.to_vec();
+        a.extend(["--output", "json"]);
+        serde_json::from_str(&ok(state, &a)).expect("one JSON document")
+    }
+
+    /// A failure: one line on stderr, a non-zero exit, nothing on stdout.
+    pub fn fails(state: &Path, args: &[&str]) -> String {
+        let o = vs(state, args);
+        assert!(!o.status.success(), "{args:?} succeeded: {}", stdout(&o));
+        assert!(o.stdout.is_empty(), "{args:?}: {}", stdout(&o));
+        let err = stderr(&o);
+        assert_eq!(err.lines().count(), 1, "{args:?}: one line: {err:?}");
+        assert!(err.starts_with("virt-snap: error: "), "{err:?}");
+        assert!(!err.contains("panicked"), "{err:?}");
+        err
+    }
+}
