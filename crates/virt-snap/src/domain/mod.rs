@@ -750,7 +750,7 @@ impl Domain {
         match connect_qmp(&st.qmp).await {
             Ok(c) => Ok(c),
             Err(e) => {
-                if !st.alive() {
+                if ended_meanwhile(st).await {
                     self.refresh(st.clone(), true)?;
                     return Err(not_running(&self.name));
                 }
@@ -789,7 +789,13 @@ impl Domain {
             }
             r => r?,
         };
-        let v = qmp.execute("query-status", None).await?;
+        let v = match qmp.execute("query-status", None).await {
+            Ok(v) => v,
+            Err(_) if ended_meanwhile(&st).await => {
+                return Ok(shut_off(&self.refresh(st, true)?));
+            }
+            Err(e) => return Err(e.into()),
+        };
         let status = v.get("status").and_then(Value::as_str).unwrap_or("");
         let (state, reason) = match status {
             "running" => (DomainState::Running, StateReason::Booted),
@@ -957,6 +963,19 @@ impl Domain {
         let r = qga.execute(&cmd, args, timeout).await?;
         Ok(serde_json::json!({ "return": r }))
     }
+}
+
+/// After the monitor failed: whether QEMU is ending (a kill -9 closes its socket before its
+/// process is gone), waiting up to a second for it to be gone.
+async fn ended_meanwhile(st: &RunState) -> bool {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+    while st.alive() {
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    true
 }
 
 /// Whether a QEMU we started, now gone, exited by itself (a poweroff from inside the guest, a
