@@ -245,7 +245,7 @@ impl QgaClient {
             let Some(line) = self.read_line(deadline, cmd).await? else {
                 continue;
             };
-            let mut v: Value = match serde_json::from_slice(line) {
+            let mut v: Value = match crate::deep::parse_line(line) {
                 Ok(v) => v,
                 Err(_) => {
                     tracing::warn!(line = %excerpt(line), "guest agent: ignoring a line that is not JSON");
