@@ -7,7 +7,7 @@
 //! frozen.
 
 use crate::domain::runstate::{self, RunState as RunRecord};
-use crate::domain::{short_qdev, Domain};
+use crate::domain::Domain;
 use crate::error::{Error, ErrorKind, Result};
 use crate::Connection;
 use async_trait::async_trait;
@@ -915,19 +915,26 @@ impl Domain {
             tracing::warn!(domain = %self.name, "cannot compact the capture journal: {e}");
         }
         let outcome = outcome?;
-        let overlays: Vec<(&str, &str)> = plan
+        let overlays: Vec<(&str, &str, &str, &str)> = plan
             .steps
             .iter()
             .filter_map(|s| match s {
-                Step::PreCreateOverlay { disk, path, .. } => Some((disk.as_str(), path.as_str())),
+                Step::AddOverlayNode {
+                    disk,
+                    node,
+                    path,
+                    format,
+                } => Some((disk.as_str(), node.as_str(), path.as_str(), format.as_str())),
                 _ => None,
             })
             .collect();
-        // The run record names each disk's top image as QEMU has it now.
+        // The run record names each disk's top image, node and format as QEMU has them now.
         if let (Some(mut rec), false) = (st, overlays.is_empty()) {
             for d in &mut rec.disks {
-                if let Some((_, p)) = overlays.iter().find(|(t, _)| *t == d.target) {
+                if let Some((_, n, p, f)) = overlays.iter().find(|(t, ..)| *t == d.target) {
                     d.source = PathBuf::from(p);
+                    d.node = Some(n.to_string());
+                    d.format = Some(f.to_string());
                 }
             }
             runstate::save(&self.dir(), &rec)?;
@@ -940,7 +947,7 @@ impl Domain {
                 } = s
                 {
                     if let Some(d) = def.disk_mut(disk) {
-                        d.push_overlay(path, format);
+                        d.put_overlay(path, format);
                         changed = true;
                     }
                 }
@@ -978,29 +985,19 @@ impl Domain {
             } else {
                 core::RunState::Paused
             };
-            for b in qmp.run(&qc::QueryBlock).await? {
-                let qdev = short_qdev(b.qdev.as_deref().unwrap_or(&b.device));
-                let Some(rd) = st.disks.iter().find(|d| d.qdev == qdev) else {
+            for b in crate::domain::block_devices(qmp, st).await? {
+                let Some(rd) = st.disks.iter().find(|d| d.qdev == b.qdev) else {
                     continue;
                 };
                 let ddef = def.and_then(|d| d.disk(&rd.target));
-                let (source, format, node, ro) = match &b.inserted {
-                    Some(i) => (
-                        Some(i.image.filename.clone()),
-                        i.image.format.clone(),
-                        i.node_name.clone().unwrap_or_default(),
-                        i.ro,
-                    ),
-                    None => (None, "raw".into(), String::new(), true),
-                };
                 disks.push(DomainDisk {
                     target: rd.target.clone(),
-                    source,
-                    format,
+                    source: Some(b.source),
+                    format: b.format,
                     volume: self.pool_volume(ddef).await?,
-                    readonly: ro || rd.readonly,
+                    readonly: b.readonly || rd.readonly,
                     cdrom: ddef.is_some_and(|d| d.is_cdrom()),
-                    node,
+                    node: b.node_name.unwrap_or_default(),
                 });
             }
         } else {
