@@ -285,7 +285,7 @@ impl core::Vcpus for LiveDomain {
 
 #[async_trait]
 impl core::GuestAgent for LiveDomain {
-    async fn freeze(&self) -> CoreResult<u32> {
+    async fn freeze(&self, _budget: Duration) -> CoreResult<u32> {
         // The runner bounds the call by the freeze budget; the agent's own timeout is a
         // backstop.
         self.times().frozen_at = Some(Instant::now());
