@@ -49,8 +49,10 @@ pub trait Vcpus: Send + Sync {
 #[async_trait]
 pub trait GuestAgent: Send + Sync {
     /// Freezes the guest's file systems; returns how many. The runner bounds it with the
-    /// freeze budget.
-    async fn freeze(&self) -> Result<u32>;
+    /// freeze `budget`, which also bounds the frozen window: an implementation arranges for
+    /// the guest to be thawed at the budget's end even if this process dies before its
+    /// thaw (the facade forks a watchdog that outlives it).
+    async fn freeze(&self, budget: Duration) -> Result<u32>;
     /// Thaws them; thawing a thawed guest is not an error.
     async fn thaw(&self) -> Result<u32>;
     /// Is the guest frozen?

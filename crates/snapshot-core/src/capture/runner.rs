@@ -129,7 +129,8 @@ async fn act(
     match step {
         Step::Freeze { budget_ms } => {
             win.frozen_until = Some(c.monotonic() + ms(*budget_ms));
-            within(c, Some(ms(*budget_ms)), &label, caps.agent.freeze()).await?;
+            let budget = ms(*budget_ms);
+            within(c, Some(budget), &label, caps.agent.freeze(budget)).await?;
         }
         Step::PreCreateOverlay {
             path,

@@ -47,6 +47,8 @@ struct State {
     effects: usize,
     inject: Option<(usize, Inject)>,
     now_ms: u64,
+    /// The budget each freeze call was given.
+    freeze_budgets: Vec<Duration>,
 }
 
 #[derive(Debug, Default)]
@@ -156,9 +158,10 @@ impl Vcpus for World {
 
 #[async_trait]
 impl GuestAgent for World {
-    async fn freeze(&self) -> Result<u32> {
+    async fn freeze(&self, budget: Duration) -> Result<u32> {
         self.effect("freeze", |s| {
             s.frozen = true;
+            s.freeze_budgets.push(budget);
             Ok(2)
         })
         .await
@@ -722,6 +725,33 @@ fn a_hung_freeze_fails_within_its_budget_and_thaws() {
     assert!(cause.contains("300 ms"), "{cause}");
     assert!(e.world.st().now_ms <= 300, "bounded by the budget");
     assert_nothing_left(&e, &mode, "hung freeze");
+}
+
+#[test]
+fn the_freeze_is_given_its_budget() {
+    // Every quiesced mode: the one freeze call receives the request's budget (the facade's
+    // watchdog thaws the guest at its end if virt-snap dies meanwhile).
+    let quiesced: Vec<Mode> = modes()
+        .into_iter()
+        .filter(|m| m.req.flags.quiesce)
+        .collect();
+    assert!(!quiesced.is_empty());
+    for mut mode in quiesced {
+        mode.req.freeze_budget_ms = 1_234;
+        let e = env(&mode);
+        let plan = plan_of(&mode, &e.world);
+        let mut j = journal(&e);
+        block_on(run(&plan, &e.world.caps(), &mut j, &e.store))
+            .unwrap_or_else(|err| panic!("{}: {err}", mode.label));
+        drop(j);
+        assert_eq!(
+            e.world.st().freeze_budgets,
+            [Duration::from_millis(1_234)],
+            "{}",
+            mode.label
+        );
+        assert_completed(&e, &mode, &plan, mode.label);
+    }
 }
 
 #[test]

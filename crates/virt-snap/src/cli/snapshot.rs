@@ -159,6 +159,12 @@ pub struct FlagArgs {
     /// Freeze the guest's file systems through the agent.
     #[arg(long)]
     quiesce: bool,
+    /// With --quiesce: how long the guest may stay frozen, in milliseconds (default 2000).
+    /// The capture fails and thaws if it is not done by then; should virt-snap die or hang
+    /// meanwhile, a watchdog process thaws the guest at the latest then.
+    #[arg(long, value_name = "MS", requires = "quiesce",
+          value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
+    freeze_budget: Option<u64>,
     /// Save RAM with the guest running.
     #[arg(long)]
     live: bool,
@@ -360,11 +366,14 @@ async fn capture(
     conn: &Connection,
     domain: &str,
     def: DomainSnapshot,
-    flags: Flags,
+    flags: &FlagArgs,
 ) -> Result<String, CliError> {
     conn.snapshot_check_request(domain, &def)?;
-    let req = CaptureRequest::from_xml(&def, flags)
+    let mut req = CaptureRequest::from_xml(&def, flags.flags())
         .map_err(|e| CliError::with_source("the snapshot request is not valid", e))?;
+    if let Some(ms) = flags.freeze_budget {
+        req.freeze_budget_ms = ms;
+    }
     let r = conn.domain(domain)?.snapshot_create(req).await?;
     for w in &r.warnings {
         eprintln!("warning: {w}");
@@ -593,7 +602,7 @@ pub async fn run(cmd: SnapshotCmd, out: Format, state: Option<&Path>) -> CliResu
             let mut def = DomainSnapshot::from_xml(&xml)
                 .map_err(|e| CliError::with_source("the domainsnapshot XML cannot be parsed", e))?;
             default_name(&mut def)?;
-            let name = capture(&conn, &domain, def, flags.flags()).await?;
+            let name = capture(&conn, &domain, def, &flags).await?;
             created(out, &name, xmlfile.as_deref(), false)
         }
         SnapshotCmd::SnapshotCreateAs {
@@ -625,7 +634,7 @@ pub async fn run(cmd: SnapshotCmd, out: Format, state: Option<&Path>) -> CliResu
                 };
             }
             default_name(&mut def)?;
-            let name = capture(&conn, &domain, def, flags.flags()).await?;
+            let name = capture(&conn, &domain, def, &flags).await?;
             created(out, &name, None, false)
         }
     }
@@ -706,5 +715,30 @@ mod tests {
         ] {
             assert!(parse_diskspec(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn freeze_budget_flag() {
+        use clap::Parser;
+        let parse = |extra: &[&str]| {
+            let mut a = vec!["virt-snap", "snapshot-create-as", "d", "--disk-only"];
+            a.extend(extra);
+            super::super::Cli::try_parse_from(a).map(|c| match c.command {
+                super::super::Command::Snapshot(SnapshotCmd::SnapshotCreateAs {
+                    flags, ..
+                }) => flags.freeze_budget,
+                other => panic!("{other:?}"),
+            })
+        };
+        assert_eq!(
+            parse(&["--quiesce", "--freeze-budget", "3000"]).unwrap(),
+            Some(3000)
+        );
+        assert_eq!(parse(&["--quiesce"]).unwrap(), None);
+        assert!(
+            parse(&["--freeze-budget", "3000"]).is_err(),
+            "needs --quiesce"
+        );
+        assert!(parse(&["--quiesce", "--freeze-budget", "0"]).is_err());
     }
 }

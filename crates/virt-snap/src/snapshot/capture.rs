@@ -6,6 +6,7 @@
 //! the guest agent connection, and measures how long the vCPUs were paused and the guest
 //! frozen.
 
+use super::watchdog::ThawWatchdog;
 use crate::domain::runstate::{self, RunState as RunRecord};
 use crate::domain::Domain;
 use crate::error::{Error, ErrorKind, Result};
@@ -63,8 +64,10 @@ pub struct CaptureResult {
 }
 
 /// A test-only failpoint: `VIRT_SNAP_FAILPOINT=capture:<name>` aborts the process right
-/// after the effect named `<name>` (`create-overlay`, `add-node`, `pause`, `transaction`,
-/// `save-memory`, `backend-snapshot`, `internal-snapshot`), as a kill would.
+/// after the effect named `<name>` (`create-overlay`, `add-node`, `freeze`, `pause`,
+/// `transaction`, `save-memory`, `backend-snapshot`, `internal-snapshot`), as a kill would.
+/// `capture:freeze-stall` blocks the thread for the freeze budget + 4 s after the freeze,
+/// then aborts (virt-snap stuck while the guest is frozen).
 fn failpoint(name: &str) {
     if failpoint_is(name) {
         tracing::error!("failpoint capture:{name}: aborting");
@@ -109,6 +112,9 @@ pub(crate) struct LiveDomain {
     qmp: Option<QmpClient>,
     agent_socket: Option<PathBuf>,
     agent: tokio::sync::Mutex<Option<QgaClient>>,
+    /// Armed from a freeze until the thaw that succeeds; dropped armed (this operation
+    /// ends with a thaw that failed), it thaws the guest at once.
+    watchdog: Mutex<Option<ThawWatchdog>>,
     timings: Mutex<Timings>,
 }
 
@@ -133,7 +139,11 @@ impl LiveDomain {
         Ok(nodes.into_iter().filter_map(|n| n.node_name).collect())
     }
 
-    async fn agent_call(&self, cmd: &str, t: Duration) -> CoreResult<serde_json::Value> {
+    /// The guest agent connection (made on first use, within `t`).
+    async fn agent_client(
+        &self,
+        t: Duration,
+    ) -> CoreResult<tokio::sync::MappedMutexGuard<'_, QgaClient>> {
         let Some(sock) = &self.agent_socket else {
             return Err(snapshot_core::Error::backend(
                 self.domain.as_str(),
@@ -142,14 +152,24 @@ impl LiveDomain {
         };
         let mut guard = self.agent.lock().await;
         if guard.is_none() {
-            let (p, _keep) = runstate::socket_path(sock).map_err(|e| be(cmd, e))?;
+            let (p, _keep) = runstate::socket_path(sock).map_err(|e| be("guest agent", e))?;
             let c = QgaClient::connect_unix(&p, t)
                 .await
                 .map_err(|e| be("guest agent", e))?;
             *guard = Some(c);
         }
-        let c = guard.as_mut().expect("connected above");
+        Ok(tokio::sync::MutexGuard::map(guard, |g| {
+            g.as_mut().expect("connected above")
+        }))
+    }
+
+    async fn agent_call(&self, cmd: &str, t: Duration) -> CoreResult<serde_json::Value> {
+        let mut c = self.agent_client(t).await?;
         c.execute(cmd, None, t).await.map_err(|e| be(cmd, e))
+    }
+
+    fn watchdog(&self) -> std::sync::MutexGuard<'_, Option<ThawWatchdog>> {
+        self.watchdog.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The migration's state, polled until `done` says so (or it failed).
@@ -285,13 +305,38 @@ impl core::Vcpus for LiveDomain {
 
 #[async_trait]
 impl core::GuestAgent for LiveDomain {
-    async fn freeze(&self) -> CoreResult<u32> {
+    async fn freeze(&self, budget: Duration) -> CoreResult<u32> {
         // The runner bounds the call by the freeze budget; the agent's own timeout is a
         // backstop.
+        let t = Duration::from_secs(10);
+        let mut c = self.agent_client(t).await?;
+        // Before the freeze is sent: a watchdog process that thaws the guest at the
+        // budget's end if this process dies (or is stuck) before its own thaw. No
+        // watchdog, no freeze.
+        let wd = ThawWatchdog::arm(c.as_fd(), budget).map_err(|e| {
+            snapshot_core::Error::backend(
+                "guest-fsfreeze-freeze",
+                format!("cannot start the thaw watchdog, so the guest is not frozen: {e}"),
+            )
+        })?;
+        if let Some(old) = self.watchdog().replace(wd) {
+            // An earlier freeze's, never disarmed: this one covers the guest now.
+            let _ = old.disarm();
+        }
         self.times().frozen_at = Some(Instant::now());
-        let v = self
-            .agent_call("guest-fsfreeze-freeze", Duration::from_secs(10))
-            .await?;
+        let v = c
+            .execute("guest-fsfreeze-freeze", None, t)
+            .await
+            .map_err(|e| be("guest-fsfreeze-freeze", e))?;
+        drop(c);
+        failpoint("freeze");
+        if failpoint_is("freeze-stall") {
+            // Stuck, not dead: the thread blocks (so the runner's budget cannot fire
+            // either) past the budget, then the process dies.
+            tracing::error!("failpoint capture:freeze-stall: blocking, then aborting");
+            std::thread::sleep(budget + Duration::from_secs(4));
+            std::process::abort();
+        }
         Ok(v.as_u64().unwrap_or(0) as u32)
     }
 
@@ -299,6 +344,13 @@ impl core::GuestAgent for LiveDomain {
         let v = self
             .agent_call("guest-fsfreeze-thaw", Duration::from_secs(10))
             .await?;
+        // Thawed: the watchdog exits without doing anything. (A failed thaw leaves it armed:
+        // it thaws at the budget's end, or when this operation ends.)
+        if let Some(wd) = self.watchdog().take() {
+            if let Err(e) = wd.disarm() {
+                tracing::warn!(domain = %self.domain, "thaw watchdog: {e}");
+            }
+        }
         let mut t = self.times();
         if let Some(at) = t.frozen_at.take() {
             t.frozen = Some(at.elapsed());
@@ -820,6 +872,7 @@ impl Domain {
             qmp,
             agent_socket: st.and_then(|s| s.agent.clone()),
             agent: tokio::sync::Mutex::new(None),
+            watchdog: Mutex::new(None),
             timings: Mutex::new(Timings::default()),
         })
     }

@@ -4,6 +4,7 @@
 
 pub mod capture;
 pub mod meta;
+mod watchdog;
 
 pub use capture::{
     CaptureRequest, CaptureResult, DiskChoice, DiskRequest, DomainSnapshot, Flags, MemoryChoice,
