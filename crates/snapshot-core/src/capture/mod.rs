@@ -6,7 +6,7 @@
 //! ```text
 //! plan -> [Freeze] -> PreCreateOverlay/AddOverlayNode* -> [Pause] -> [SaveMemory]
 //!      -> BackendSnapshot* -> [Transaction] | [InternalSnapshot] -> [Resume] -> [AwaitMemory]
-//!      -> [Thaw] -> [CommitMetadata] -> [Halt]
+//!      -> [Thaw] -> [CommitMetadata] -> [Halt] | [HoldPaused]
 //! ```
 //!
 //! The commit point is the last capturing step ([`CapturePlan::commit_point`]): a failure
@@ -24,7 +24,7 @@ mod tests;
 pub use plan::{
     default_overlay_path, overlay_node_name, BackendKind, CapturePlan, CaptureRequest, DiskChoice,
     DiskRequest, DomainDisk, DomainInfo, Flags, MemoryChoice, OverlayAction, PoolVolume, RunState,
-    Step, DEFAULT_FREEZE_BUDGET_MS, DEFAULT_PAUSE_BUDGET_MS,
+    Step, DEFAULT_FREEZE_BUDGET_MS, DEFAULT_MANUAL_HOLD_MS, DEFAULT_PAUSE_BUDGET_MS,
 };
 pub use runner::{recover, run, CaptureOutcome, CaptureRecord, Recovered, JOURNAL_KIND};
 
@@ -43,6 +43,10 @@ pub trait Vcpus: Send + Sync {
     async fn is_running(&self) -> Result<bool>;
     /// Stops the domain (`--halt`).
     async fn halt(&self) -> Result<()>;
+    /// Leaves the paused vCPUs paused for the user's own snapshots of the manual `disks` of
+    /// snapshot `snapshot`, until the user resumes the domain or, at the latest, `hold` from
+    /// now (resumed then by something that outlives this process).
+    async fn hold(&self, snapshot: &str, disks: &[String], hold: Duration) -> Result<()>;
 }
 
 /// The guest agent's file-system freeze (`guest-fsfreeze-*`).

@@ -207,6 +207,11 @@ async fn act(
             store.set_current(snapshot.name.as_ref())?;
         }
         Step::Halt => caps.vcpus.halt().await?,
+        Step::HoldPaused {
+            snapshot,
+            disks,
+            hold_ms,
+        } => caps.vcpus.hold(snapshot, disks, ms(*hold_ms)).await?,
     }
     Ok(())
 }
@@ -234,6 +239,7 @@ async fn undo(caps: &Capabilities<'_>, step: &Step) -> Result<()> {
         Step::InternalSnapshot { tag, nodes, .. } => {
             caps.block.delete_internal_snapshot(tag, nodes).await
         }
+        Step::HoldPaused { .. } => caps.vcpus.resume().await,
         Step::Resume | Step::Thaw | Step::CommitMetadata { .. } | Step::Halt => Ok(()),
     }
 }
@@ -394,6 +400,7 @@ async fn roll_forward(
     let mut win = Windows::default();
     let mut metadata_error = None;
     let mut snapshot = None;
+    let mut held = false;
     for (at, step) in plan.steps.iter().enumerate().skip(from) {
         let res = match journal.record_step(
             op,
@@ -411,13 +418,19 @@ async fn roll_forward(
         };
         match (res, step) {
             (Ok(()), Step::CommitMetadata { snapshot: s }) => snapshot = Some((**s).clone()),
+            (Ok(()), Step::HoldPaused { .. }) => held = true,
+            (Err(e), Step::HoldPaused { .. }) => warnings.push(format!(
+                "the domain cannot be held paused for the manual snapshots, so it was \
+                 resumed: {e}"
+            )),
             (Ok(()), _) => {}
             (Err(e), Step::CommitMetadata { .. }) => metadata_error = Some(e),
             (Err(e), _) => warnings.push(format!("{}: {e}", step.label())),
         }
     }
-    // A `--halt`ed domain is not resumed.
-    if !plan.steps.iter().any(|s| matches!(s, Step::Halt)) {
+    // A `--halt`ed domain is not resumed, nor one held paused for manual snapshots (a hold
+    // that failed is reported and the domain resumed).
+    if !plan.steps.iter().any(|s| matches!(s, Step::Halt)) && !held {
         warnings.extend(ensure_safe(caps, plan, &touched).await);
     }
     if let Some(e) = metadata_error {

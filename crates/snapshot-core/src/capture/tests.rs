@@ -49,6 +49,8 @@ struct State {
     now_ms: u64,
     /// The budget each freeze call was given.
     freeze_budgets: Vec<Duration>,
+    /// Held paused for manual snapshots: the snapshot, its manual disks, the hold.
+    held: Option<(String, Vec<String>, Duration)>,
 }
 
 #[derive(Debug, Default)]
@@ -139,6 +141,7 @@ impl Vcpus for World {
     async fn resume(&self) -> Result<()> {
         self.effect("resume", |s| {
             s.running = !s.halted;
+            s.held = None;
             Ok(())
         })
         .await
@@ -150,6 +153,16 @@ impl Vcpus for World {
         self.effect("halt", |s| {
             s.halted = true;
             s.running = false;
+            Ok(())
+        })
+        .await
+    }
+    async fn hold(&self, snapshot: &str, disks: &[String], hold: Duration) -> Result<()> {
+        self.effect("hold", |s| {
+            if s.running {
+                s.violations.push("held while running".into());
+            }
+            s.held = Some((snapshot.to_string(), disks.to_vec(), hold));
             Ok(())
         })
         .await
@@ -515,6 +528,34 @@ fn modes() -> Vec<Mode> {
         dom: d,
         user_files: vec![],
     });
+    // Manual disks: paused and held for the user's own snapshots after the capture.
+    let mut r = req("s1");
+    r.flags.disk_only = true;
+    r.disks = vec![spec("vdb", DiskChoice::Manual)];
+    v.push(Mode {
+        label: "manual + external",
+        req: r,
+        dom: domain(vec![qcow2("vda"), qcow2("vdb")]),
+        user_files: vec![],
+    });
+    let mut r = req("s1");
+    r.disks = vec![spec("vda", DiskChoice::Manual)];
+    v.push(Mode {
+        label: "manual only",
+        req: r,
+        dom: domain(vec![qcow2("vda")]),
+        user_files: vec![],
+    });
+    let mut d = domain(vec![qcow2("vda")]);
+    d.state = RunState::ShutOff;
+    let mut r = req("s1");
+    r.disks = vec![spec("vda", DiskChoice::Manual)];
+    v.push(Mode {
+        label: "shut off manual only",
+        req: r,
+        dom: d,
+        user_files: vec![],
+    });
     // Offline overlays alone: the last overlay made is the commit point.
     let mut d = domain(vec![qcow2("vda"), qcow2("vdb")]);
     d.state = RunState::ShutOff;
@@ -591,6 +632,7 @@ fn assert_nothing_left(e: &Env, mode: &Mode, ctx: &str) {
     assert!(s.nodes.is_empty(), "{ctx}: nodes {:?}", s.nodes);
     assert!(s.active.is_empty(), "{ctx}: active {:?}", s.active);
     assert!(s.internal.is_empty(), "{ctx}: internal");
+    assert!(s.held.is_none(), "{ctx}: held");
     assert!(s.memory.is_empty(), "{ctx}: memory");
     assert!(s.backend.is_empty(), "{ctx}: backend {:?}", s.backend);
     assert!(s.violations.is_empty(), "{ctx}: {:?}", s.violations);
@@ -603,12 +645,20 @@ fn assert_nothing_left(e: &Env, mode: &Mode, ctx: &str) {
 /// The guarantees after a completed capture.
 fn assert_completed(e: &Env, mode: &Mode, plan: &CapturePlan, ctx: &str) {
     let s = e.world.st();
-    // A failed --halt leaves it running.
+    // A failed --halt leaves it running; so does a hold for manual disks that failed.
     assert_eq!(
         s.running,
-        mode.dom.state == RunState::Running && !s.halted,
+        mode.dom.state == RunState::Running && !s.halted && s.held.is_none(),
         "{ctx}: running"
     );
+    let holds = plan.steps.iter().find_map(|s| match s {
+        Step::HoldPaused { disks, .. } => Some(disks.clone()),
+        _ => None,
+    });
+    if let Some((snap, disks, _)) = &s.held {
+        assert_eq!(snap, plan.name.as_str(), "{ctx}: held for");
+        assert_eq!(Some(disks), holds.as_ref(), "{ctx}: held disks");
+    }
     assert!(mode.req.flags.halt || !s.halted, "{ctx}: halted");
     assert!(!s.frozen, "{ctx}: frozen");
     assert!(!s.ever_frozen_while_saving, "{ctx}: frozen while RAM saved");
@@ -956,6 +1006,12 @@ fn impossible_requests_are_refused() {
     assert!(plan_err(&r, &domain(vec![qcow2("vda")])).contains("reuse"));
     let mut r = req("s");
     r.disks = vec![spec("vda", DiskChoice::Manual)];
+    r.memory = MemoryChoice::Internal;
+    assert!(plan_err(&r, &d2()).contains("manual"));
+    let mut r = req("s");
+    r.flags.disk_only = true;
+    r.flags.quiesce = true;
+    r.disks = vec![spec("vda", DiskChoice::Manual)];
     assert!(plan_err(&r, &d2()).contains("manual"));
     let mut d = d2();
     d.state = RunState::ShutOff;
@@ -1096,4 +1152,64 @@ fn the_500th_external_snapshot_plans_and_commits_in_constant_work() {
     assert_eq!(loaded.tree.len(), 500);
     assert_eq!(loaded.tree.ancestors("s500").unwrap().len(), 499);
     assert_eq!(e.store.current().unwrap().unwrap().as_str(), "s500");
+}
+
+#[test]
+fn manual_disks_leave_the_domain_paused_and_held() {
+    let mode = modes()
+        .into_iter()
+        .find(|m| m.label == "manual + external")
+        .unwrap();
+    let mut mode = mode;
+    mode.req.manual_hold_ms = 42_000;
+    let e = env(&mode);
+    let plan = plan_of(&mode, &e.world);
+    assert_eq!(
+        labels(&plan),
+        [
+            "pre-create-overlay vda",
+            "add-overlay-node vda",
+            "pause",
+            "transaction",
+            "commit-metadata",
+            "hold-paused"
+        ]
+    );
+    let mut j = journal(&e);
+    let out = block_on(run(&plan, &e.world.caps(), &mut j, &e.store)).unwrap();
+    assert!(out.warnings.is_empty(), "{:?}", out.warnings);
+    let s = e.world.st();
+    assert!(!s.running, "paused for the manual snapshot");
+    assert_eq!(
+        s.held,
+        Some((
+            "s1".into(),
+            vec!["vdb".into()],
+            Duration::from_millis(42_000)
+        ))
+    );
+    drop(s);
+    let snap = e.store.read(&plan.name).unwrap();
+    let vdb = snap.disks.iter().find(|d| d.name == "vdb").unwrap();
+    assert_eq!(vdb.snapshot, Some(Location::Manual));
+
+    // Only manual disks: the pause is the commit point; a stopped domain is not held.
+    let only = modes()
+        .into_iter()
+        .find(|m| m.label == "manual only")
+        .unwrap();
+    let p = plan_of(&only, &World::running());
+    assert_eq!(labels(&p), ["pause", "commit-metadata", "hold-paused"]);
+    assert_eq!(p.commit_point, 0);
+    let off = modes()
+        .into_iter()
+        .find(|m| m.label == "shut off manual only")
+        .unwrap();
+    let p = plan_of(&off, &World::default());
+    assert_eq!(labels(&p), ["commit-metadata"]);
+    // --halt: no hold, the domain is stopped.
+    let mut halt = only;
+    halt.req.flags.halt = true;
+    let p = plan_of(&halt, &World::running());
+    assert_eq!(labels(&p), ["pause", "resume", "commit-metadata", "halt"]);
 }
