@@ -165,6 +165,11 @@ pub struct FlagArgs {
     #[arg(long, value_name = "MS", requires = "quiesce",
           value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
     freeze_budget: Option<u64>,
+    /// With snapshot=manual disks: how long the domain stays paused at most for your own
+    /// snapshots of them, in seconds (default 300); `virt-snap resume DOM` ends it sooner.
+    #[arg(long, value_name = "SECS",
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    manual_hold: Option<u64>,
     /// Save RAM with the guest running.
     #[arg(long)]
     live: bool,
@@ -374,9 +379,20 @@ async fn capture(
     if let Some(ms) = flags.freeze_budget {
         req.freeze_budget_ms = ms;
     }
+    if let Some(secs) = flags.manual_hold {
+        req.manual_hold_ms = secs * 1000;
+    }
     let r = conn.domain(domain)?.snapshot_create(req).await?;
     for w in &r.warnings {
         eprintln!("warning: {w}");
+    }
+    if let Some(h) = &r.held {
+        eprintln!(
+            "Domain '{domain}' is paused for your snapshots of its manual disks ({}): run \
+             `virt-snap resume {domain}` when they are done (it resumes by itself at {})",
+            h.disks.join(", "),
+            output::utc_date_time(h.until as i64)
+        );
     }
     Ok(r.name)
 }

@@ -75,6 +75,9 @@ pub enum StateReason {
     Booted,
     /// Paused on request.
     User,
+    /// Paused for the user's own snapshots of a snapshot's `manual` disks (until resumed,
+    /// at the latest at the hold's end).
+    Snapshot,
     /// Paused before the guest ran (started with `--paused`).
     StartingUp,
     /// Paused on an I/O error.
@@ -100,6 +103,7 @@ impl std::fmt::Display for StateReason {
         f.write_str(match self {
             StateReason::Booted => "booted",
             StateReason::User => "user",
+            StateReason::Snapshot => "snapshot",
             StateReason::StartingUp => "starting up",
             StateReason::IoError => "I/O error",
             StateReason::Panicked => "panicked",
@@ -803,6 +807,9 @@ impl Domain {
         let status = v.get("status").and_then(Value::as_str).unwrap_or("");
         let (state, reason) = match status {
             "running" => (DomainState::Running, StateReason::Booted),
+            "paused" | "suspended" if !crate::snapshot::hold::current(&self.dir()).is_empty() => {
+                (DomainState::Paused, StateReason::Snapshot)
+            }
             "paused" | "suspended" => (DomainState::Paused, StateReason::User),
             "prelaunch" => (DomainState::Paused, StateReason::StartingUp),
             "io-error" => (DomainState::Paused, StateReason::IoError),
@@ -817,6 +824,31 @@ impl Domain {
             reason,
             pid: Some(st.pid),
         })
+    }
+
+    /// Pause the domain's vCPUs (`virsh suspend`).
+    pub async fn suspend(&self) -> Result<()> {
+        let _op = self.recover_pending(self.op_lock("suspend").await?).await?;
+        let st = self.running()?;
+        self.qmp(&st).await?.run(&qmp_proto::commands::Stop).await?;
+        Ok(())
+    }
+
+    /// Resume the domain's vCPUs (`virsh resume`); this also ends a manual hold (the
+    /// domain paused after a snapshot with `manual` disks, for the user's own snapshots of
+    /// them), which is ended first, so that its resumer does nothing later.
+    pub async fn resume(&self) -> Result<()> {
+        let _op = self.recover_pending(self.op_lock("resume").await?).await?;
+        let st = self.running()?;
+        crate::snapshot::hold::clear(&self.dir())?;
+        self.qmp(&st).await?.run(&qmp_proto::commands::Cont).await?;
+        Ok(())
+    }
+
+    /// The manual holds in force: a domain left paused after a snapshot with `manual`
+    /// disks ([`crate::snapshot::CaptureResult::held`]).
+    pub fn manual_holds(&self) -> Vec<crate::snapshot::ManualHold> {
+        crate::snapshot::hold::current(&self.dir())
     }
 
     /// Stop the domain now: QMP `quit`, then SIGKILL after a short wait. Returns once the

@@ -6,6 +6,7 @@
 //! the guest agent connection, and measures how long the vCPUs were paused and the guest
 //! frozen.
 
+use super::hold::ManualHold;
 use super::watchdog::ThawWatchdog;
 use crate::domain::runstate::{self, RunState as RunRecord};
 use crate::domain::Domain;
@@ -33,7 +34,7 @@ use std::time::{Duration, Instant};
 
 pub use snapshot_core::capture::{
     CaptureRequest, DiskChoice, DiskRequest, Flags, MemoryChoice, DEFAULT_FREEZE_BUDGET_MS,
-    DEFAULT_PAUSE_BUDGET_MS,
+    DEFAULT_MANUAL_HOLD_MS, DEFAULT_PAUSE_BUDGET_MS,
 };
 pub use snapshot_core::xml::DomainSnapshot;
 pub use snapshot_core::SnapshotName;
@@ -61,6 +62,9 @@ pub struct CaptureResult {
     pub frozen: Option<Duration>,
     /// The downtime QEMU reported for a RAM save to a file, in milliseconds.
     pub memory_downtime_ms: Option<u64>,
+    /// `snapshot='manual'` disks of a running domain: the domain is left paused for the
+    /// user's own snapshots of them, until [`Domain::resume`] or the hold's end.
+    pub held: Option<ManualHold>,
 }
 
 /// A test-only failpoint: `VIRT_SNAP_FAILPOINT=capture:<name>` aborts the process right
@@ -97,6 +101,7 @@ struct Timings {
     frozen_at: Option<Instant>,
     frozen: Option<Duration>,
     downtime_ms: Option<u64>,
+    held: Option<ManualHold>,
 }
 
 /// The capabilities of one operation on one domain (running, or shut off: then there is no
@@ -109,6 +114,7 @@ pub(crate) struct LiveDomain {
     op: tokio::sync::Mutex<Option<locking::Acquired>>,
     domain: String,
     qemu_pid: u32,
+    qmp_path: Option<PathBuf>,
     qmp: Option<QmpClient>,
     agent_socket: Option<PathBuf>,
     agent: tokio::sync::Mutex<Option<QgaClient>>,
@@ -291,6 +297,16 @@ impl core::Vcpus for LiveDomain {
             .await
             .map_err(|e| be("query-status", e))?
             .running)
+    }
+
+    async fn hold(&self, snapshot: &str, disks: &[String], hold: Duration) -> CoreResult<()> {
+        let qmp = self.qmp_path.as_deref().ok_or_else(|| {
+            snapshot_core::Error::backend(self.domain.as_str(), "the domain is not running")
+        })?;
+        let h = super::hold::arm(&self.dom.dir(), qmp, snapshot, disks, hold)
+            .map_err(|e| be("manual hold", e))?;
+        self.times().held = Some(h);
+        Ok(())
     }
 
     async fn halt(&self) -> CoreResult<()> {
@@ -869,6 +885,7 @@ impl Domain {
             op: tokio::sync::Mutex::new(None),
             domain: self.name.clone(),
             qemu_pid: st.map_or(0, |s| s.pid),
+            qmp_path: st.map(|s| s.qmp.clone()),
             qmp,
             agent_socket: st.and_then(|s| s.agent.clone()),
             agent: tokio::sync::Mutex::new(None),
@@ -947,6 +964,19 @@ impl Domain {
         let op = op?;
         recovered?;
         let st = self.running_or_off()?;
+        if let (Some(_), Some(h)) = (&st, super::hold::current(&self.dir()).first()) {
+            return Err(Error::new(
+                ErrorKind::InUse,
+                format!(
+                    "domain {:?} is paused for the manual snapshots of snapshot {:?} (disks {}): \
+                     resume it first (virt-snap resume {})",
+                    self.name,
+                    h.snapshot,
+                    h.disks.join(", "),
+                    self.name
+                ),
+            ));
+        }
         let def = self.conn.definition(&self.name).ok();
         if st.is_none() && def.is_none() {
             return Err(self.record().err().unwrap_or_else(|| {
@@ -1018,6 +1048,7 @@ impl Domain {
             paused: t.paused,
             frozen: t.frozen,
             memory_downtime_ms: t.downtime_ms,
+            held: t.held.clone(),
         })
     }
 

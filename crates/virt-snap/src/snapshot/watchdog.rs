@@ -118,7 +118,7 @@ impl Drop for ThawWatchdog {
 
 /// Waits for child `pid` briefly (a disarmed child exits at once), then leaves it to a
 /// thread, so that it never stays a zombie and no caller blocks on it for long.
-fn reap(pid: libc::pid_t) {
+pub(super) fn reap(pid: libc::pid_t) {
     for _ in 0..200 {
         let mut st = 0;
         // SAFETY: waitpid on our own child, with a live status word.
@@ -128,8 +128,13 @@ fn reap(pid: libc::pid_t) {
         }
         std::thread::sleep(Duration::from_millis(1));
     }
+    reap_in_background(pid);
+}
+
+/// Leaves child `pid` to a thread that waits for it.
+pub(super) fn reap_in_background(pid: libc::pid_t) {
     let spawned = std::thread::Builder::new()
-        .name("thaw-watchdog-reaper".into())
+        .name("child-reaper".into())
         .spawn(move || loop {
             let mut st = 0;
             // SAFETY: as above, blocking.
@@ -139,11 +144,11 @@ fn reap(pid: libc::pid_t) {
             }
         });
     if let Err(e) = spawned {
-        tracing::warn!(pid, "cannot start a thread to reap the thaw watchdog: {e}");
+        tracing::warn!("cannot start a thread to reap child process {pid}: {e}");
     }
 }
 
-fn monotonic_now() -> io::Result<libc::timespec> {
+pub(super) fn monotonic_now() -> io::Result<libc::timespec> {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
@@ -155,7 +160,7 @@ fn monotonic_now() -> io::Result<libc::timespec> {
     Ok(ts)
 }
 
-fn add(t: libc::timespec, d: Duration) -> libc::timespec {
+pub(super) fn add(t: libc::timespec, d: Duration) -> libc::timespec {
     let ns = t.tv_nsec as u64 + u64::from(d.subsec_nanos());
     libc::timespec {
         tv_sec: t
@@ -202,7 +207,7 @@ fn child_now() -> libc::timespec {
 
 /// Polls `fd` for `events` for at most `ms` (negative: no limit), retrying on EINTR;
 /// returns the revents (0: timed out).
-fn child_poll(fd: RawFd, events: libc::c_short, ms: libc::c_int) -> libc::c_short {
+pub(super) fn child_poll(fd: RawFd, events: libc::c_short, ms: libc::c_int) -> libc::c_short {
     let mut p = libc::pollfd {
         fd,
         events,
@@ -219,7 +224,7 @@ fn child_poll(fd: RawFd, events: libc::c_short, ms: libc::c_int) -> libc::c_shor
     }
 }
 
-fn errno() -> libc::c_int {
+pub(super) fn errno() -> libc::c_int {
     // SAFETY: __errno_location returns this thread's errno slot, always valid.
     unsafe { *libc::__errno_location() }
 }
