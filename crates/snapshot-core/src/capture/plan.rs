@@ -486,15 +486,12 @@ impl CapturePlan {
         let mem = match (&req.memory, f.disk_only) {
             (MemoryChoice::Default, true) | (MemoryChoice::No, _) => None,
             (MemoryChoice::Default, false) => {
-                let any_external = chosen
-                    .iter()
-                    .flatten()
-                    .any(|c| {
-                        matches!(
-                            c,
-                            DiskChoice::External { .. } | DiskChoice::Storage | DiskChoice::Manual
-                        )
-                    });
+                let any_external = chosen.iter().flatten().any(|c| {
+                    matches!(
+                        c,
+                        DiskChoice::External { .. } | DiskChoice::Storage | DiskChoice::Manual
+                    )
+                });
                 if live_vm && !any_external {
                     Some(MemoryChoice::Internal)
                 } else {
@@ -545,16 +542,12 @@ impl CapturePlan {
         // Per-disk defaults and checks.
         let default = if f.disk_only
             || external_mem
-            || chosen
-                .iter()
-                .flatten()
-                .any(|c| {
-                    matches!(
-                        c,
-                        DiskChoice::External { .. } | DiskChoice::Storage | DiskChoice::Manual
-                    )
-                })
-        {
+            || chosen.iter().flatten().any(|c| {
+                matches!(
+                    c,
+                    DiskChoice::External { .. } | DiskChoice::Storage | DiskChoice::Manual
+                )
+            }) {
             DiskChoice::External {
                 file: None,
                 format: None,
@@ -868,17 +861,16 @@ impl CapturePlan {
                 snapshot: Box::new(snapshot),
             });
         }
-        let commit_point = match commit_point {
-            Some(c) => c,
-            None if manual_only_offline && !f.no_metadata => steps.len() - 1,
-            None => {
-                return Err(plan_error(
+        let commit_point =
+            match commit_point {
+                Some(c) => c,
+                None if manual_only_offline && !f.no_metadata => steps.len() - 1,
+                None => return Err(plan_error(
                     "disks",
                     "nothing to capture: only manual disks of a stopped domain, and no metadata"
                         .into(),
-                ))
-            }
-        };
+                )),
+            };
         if f.halt {
             steps.push(Step::Halt);
         }
