@@ -105,14 +105,25 @@ pub trait BlockLayer: Send + Sync {
     async fn delete_internal_snapshot(&self, tag: &str, nodes: &[String]) -> Result<()>;
 }
 
+/// How a RAM save went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Saved {
+    /// Background-snapshot started: RAM is fixed, the guest may run on, the save completes
+    /// later ([`MemorySaver::wait`]).
+    Live,
+    /// Saved completely with the guest paused (without `live`, or its fallback).
+    Complete,
+}
+
 /// Saving RAM to a file (migration to a file; `live`: the background-snapshot capability).
 #[async_trait]
 pub trait MemorySaver: Send + Sync {
-    /// Without `live`: saves RAM to `file` and returns when done. With `live`: starts the
-    /// background-snapshot migration and returns once RAM is fixed (write-protected); the
-    /// guest may run on. Refuses (clearly, never by a long pause) where background-snapshot
-    /// is not available.
-    async fn save(&self, file: &str, live: bool) -> Result<()>;
+    /// Without `live`: saves RAM to `file` and returns when done ([`Saved::Complete`]). With
+    /// `live`: starts the background-snapshot migration and returns once RAM is fixed
+    /// (write-protected; [`Saved::Live`]); the guest may run on. Where background-snapshot is
+    /// not available, `live` fails clearly, never by a long pause, unless `fallback`: then
+    /// RAM is saved with the guest paused ([`Saved::Complete`]).
+    async fn save(&self, file: &str, live: bool, fallback: bool) -> Result<Saved>;
     /// Waits for a live save to complete.
     async fn wait(&self, file: &str) -> Result<()>;
     /// Cancels a save in progress (if any) and deletes `file` (if it exists).

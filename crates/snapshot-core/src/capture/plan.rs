@@ -76,6 +76,11 @@ pub struct Flags {
     pub quiesce: bool,
     /// `--live`: save RAM with the guest running (background-snapshot).
     pub live: bool,
+    /// `--fallback-paused` (with `--live`): where QEMU refuses background-snapshot (VFIO
+    /// devices, no userfaultfd write-protect), save RAM with the guest paused instead of
+    /// failing. Without it such a refusal is an error: never a silent long pause.
+    #[serde(default)]
+    pub fallback_paused: bool,
     /// `--atomic`: all disks or none. Always the case here (one transaction, undo on
     /// failure); accepted for virsh compatibility.
     pub atomic: bool,
@@ -312,6 +317,10 @@ pub enum Step {
         file: String,
         /// Background-snapshot.
         live: bool,
+        /// With `live`: a refused background-snapshot falls back to a save with the guest
+        /// paused.
+        #[serde(default)]
+        fallback: bool,
     },
     /// Take the storage backend's snapshot of a pool volume (while paused). Undo: delete
     /// that backend snapshot.
@@ -513,6 +522,12 @@ impl CapturePlan {
             ));
         }
         let external_mem = matches!(mem, Some(MemoryChoice::External { .. }));
+        if f.fallback_paused && !f.live {
+            return Err(plan_error(
+                "--fallback-paused",
+                "--fallback-paused is the fallback of --live".into(),
+            ));
+        }
         if f.live && !external_mem {
             return Err(plan_error(
                 "--live",
@@ -763,6 +778,7 @@ impl CapturePlan {
         }
         if let Some(MemoryChoice::External { file }) = &mem {
             steps.push(Step::SaveMemory {
+                fallback: f.live && f.fallback_paused,
                 file: file.clone(),
                 live: f.live,
             });

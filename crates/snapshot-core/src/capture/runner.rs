@@ -1,7 +1,7 @@
 //! Executing a plan, undoing it, and recovering a killed run from the journal.
 
 use super::plan::{CapturePlan, RunState, Step};
-use super::{Capabilities, Clock};
+use super::{Capabilities, Clock, Saved};
 use crate::error::{Error, ErrorKind, Result};
 use crate::journal::{Journal, OpId, Outcome, StepState};
 use crate::store::DomainStore;
@@ -98,11 +98,13 @@ async fn within<T>(
     .await
 }
 
-/// The deadlines in force: the guest frozen, the vCPUs paused.
+/// The deadlines in force: the guest frozen, the vCPUs paused (and the pause budget, which
+/// starts again after a RAM save with the guest paused: that pause is the save's own).
 #[derive(Default)]
 struct Windows {
     frozen_until: Option<Duration>,
     paused_until: Option<Duration>,
+    pause_budget: Option<Duration>,
 }
 
 impl Windows {
@@ -157,11 +159,28 @@ async fn act(
         Step::Pause { budget_ms } => {
             let until = c.monotonic() + ms(*budget_ms);
             win.paused_until = Some(until);
+            win.pause_budget = Some(ms(*budget_ms));
             let b = win.remaining(c);
             within(c, b, &label, caps.vcpus.pause()).await?;
         }
-        Step::SaveMemory { file, live } => {
-            within(c, bounded, &label, caps.memory.save(file, *live)).await?
+        Step::SaveMemory {
+            file,
+            live,
+            fallback,
+        } => {
+            // A save with the guest paused takes as long as the RAM needs (the user asked for
+            // it): only the live start, which must not stall the guest, is bounded.
+            let bound = if *live && !*fallback {
+                bounded
+            } else {
+                win.frozen_until.map(|d| d.saturating_sub(c.monotonic()))
+            };
+            let saved = within(c, bound, &label, caps.memory.save(file, *live, *fallback)).await?;
+            if saved == Saved::Complete {
+                if let Some(b) = win.pause_budget {
+                    win.paused_until = Some(c.monotonic() + b);
+                }
+            }
         }
         Step::BackendSnapshot {
             volume,

@@ -49,6 +49,10 @@ struct State {
     now_ms: u64,
     /// The budget each freeze call was given.
     freeze_budgets: Vec<Duration>,
+    /// QEMU refuses background-snapshot.
+    refuse_background: bool,
+    /// How long a save with the guest paused takes (fake clock).
+    paused_save_ms: u64,
     /// Held paused for manual snapshots: the snapshot, its manual disks, the hold.
     held: Option<(String, Vec<String>, Duration)>,
 }
@@ -278,13 +282,24 @@ impl BlockLayer for World {
 
 #[async_trait]
 impl MemorySaver for World {
-    async fn save(&self, file: &str, _live: bool) -> Result<()> {
+    async fn save(&self, file: &str, live: bool, fallback: bool) -> Result<Saved> {
         self.effect("save", |s| {
             if s.frozen {
                 s.ever_frozen_while_saving = true;
             }
+            let saved = match (live, s.refuse_background, fallback) {
+                (true, false, _) => Saved::Live,
+                (true, true, false) => {
+                    return Err(Error::backend(file, "background-snapshot refused"))
+                }
+                _ => {
+                    // A save with the guest paused takes its time.
+                    s.now_ms += s.paused_save_ms;
+                    Saved::Complete
+                }
+            };
             s.memory.insert(file.to_string());
-            Ok(())
+            Ok(saved)
         })
         .await
     }
@@ -723,9 +738,15 @@ fn a_failure_at_every_step_of_every_mode_undoes_everything() {
             let freeze = after(|s| matches!(s, Step::Freeze { .. }));
             let thaw = after(|s| matches!(s, Step::Thaw));
             let inside = |from: Option<usize>, to: Option<usize>| matches!((from, to), (Some(f), Some(t)) if idx > f && idx < t);
+            // A RAM save with the guest paused is the pause the user asked for: bounded by
+            // the facade's job timeout, not by the pause budget.
             let bounded_kind = !matches!(
                 plan.steps[idx],
-                Step::Resume | Step::Thaw | Step::AwaitMemory { .. } | Step::Halt
+                Step::Resume
+                    | Step::Thaw
+                    | Step::AwaitMemory { .. }
+                    | Step::Halt
+                    | Step::SaveMemory { live: false, .. }
             );
             let in_window = matches!(plan.steps[idx], Step::Freeze { .. } | Step::Pause { .. })
                 || (bounded_kind && (inside(pause, resume) || inside(freeze, thaw)));
@@ -1212,4 +1233,54 @@ fn manual_disks_leave_the_domain_paused_and_held() {
     halt.req.flags.halt = true;
     let p = plan_of(&halt, &World::running());
     assert_eq!(labels(&p), ["pause", "resume", "commit-metadata", "halt"]);
+}
+
+#[test]
+fn a_refused_background_snapshot_fails_clearly_or_falls_back_when_asked() {
+    let live = || {
+        modes()
+            .into_iter()
+            .find(|m| m.label == "external RAM live")
+            .unwrap()
+    };
+    // Refused, no fallback: the capture fails, nothing is left, the guest runs.
+    let mode = live();
+    let e = env(&mode);
+    e.world.st().refuse_background = true;
+    let plan = plan_of(&mode, &e.world);
+    let mut j = journal(&e);
+    let err = block_on(run(&plan, &e.world.caps(), &mut j, &e.store)).unwrap_err();
+    drop(j);
+    let cause = std::error::Error::source(&err).unwrap().to_string();
+    assert!(cause.contains("background-snapshot"), "{cause}");
+    assert_nothing_left(&e, &mode, "refused, no fallback");
+
+    // Refused with --fallback-paused: saved with the guest paused (for as long as the save
+    // takes, past the pause budget), then the disks, then resumed.
+    let mut mode = live();
+    mode.req.flags.fallback_paused = true;
+    mode.req.pause_budget_ms = 50;
+    let e = env(&mode);
+    {
+        let mut s = e.world.st();
+        s.refuse_background = true;
+        s.paused_save_ms = 5_000;
+    }
+    let plan = plan_of(&mode, &e.world);
+    assert!(plan
+        .steps
+        .iter()
+        .any(|s| matches!(s, Step::SaveMemory { fallback: true, .. })));
+    let mut j = journal(&e);
+    let out = block_on(run(&plan, &e.world.caps(), &mut j, &e.store)).unwrap();
+    drop(j);
+    assert!(out.warnings.is_empty(), "{:?}", out.warnings);
+    assert_completed(&e, &mode, &plan, "fallback");
+    assert!(e.world.st().now_ms >= 5_000);
+
+    // --fallback-paused is the fallback of --live only.
+    let mut r = req("s");
+    r.flags.fallback_paused = true;
+    r.memory = MemoryChoice::External { file: "/m".into() };
+    assert!(plan_err(&r, &domain(vec![qcow2("vda")])).contains("--fallback-paused"));
 }

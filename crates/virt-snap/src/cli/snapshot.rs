@@ -173,6 +173,10 @@ pub struct FlagArgs {
     /// Save RAM with the guest running.
     #[arg(long)]
     live: bool,
+    /// With --live: where QEMU refuses background-snapshot (VFIO devices, no userfaultfd
+    /// write-protect), save RAM with the guest paused instead of failing (reported).
+    #[arg(long, requires = "live")]
+    fallback_paused: bool,
     /// Stop the domain once captured.
     #[arg(long)]
     halt: bool,
@@ -190,6 +194,7 @@ impl FlagArgs {
             disk_only: self.disk_only,
             quiesce: self.quiesce,
             live: self.live,
+            fallback_paused: self.fallback_paused,
             atomic: self.atomic,
             halt: self.halt,
             no_metadata: self.no_metadata,

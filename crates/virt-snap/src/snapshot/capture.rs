@@ -102,6 +102,8 @@ struct Timings {
     frozen: Option<Duration>,
     downtime_ms: Option<u64>,
     held: Option<ManualHold>,
+    /// `--fallback-paused` was used: why background-snapshot was refused.
+    fell_back: Option<String>,
 }
 
 /// The capabilities of one operation on one domain (running, or shut off: then there is no
@@ -704,18 +706,42 @@ fn create_private(file: &str) -> CoreResult<()> {
 
 #[async_trait]
 impl core::MemorySaver for LiveDomain {
-    async fn save(&self, file: &str, live: bool) -> CoreResult<()> {
+    async fn save(&self, file: &str, live: bool, fallback: bool) -> CoreResult<core::Saved> {
         let qmp = self.qmp()?;
+        let mut live = live;
         if live {
-            self.set_background_snapshot(true).await.map_err(|e| {
-                snapshot_core::Error::backend(
-                    file,
-                    format!(
-                        "--live needs QEMU's background-snapshot (userfaultfd write-protect), \
-                         which this QEMU refuses: {e}"
+            let on = if failpoint_is("refuse-background-snapshot") {
+                Err(be(
+                    "migrate-set-capabilities",
+                    Error::new(
+                        ErrorKind::Monitor,
+                        "Background-snapshot: userfaultfd write-protect not available \
+                         (failpoint)",
                     ),
-                )
-            })?;
+                ))
+            } else {
+                self.set_background_snapshot(true).await
+            };
+            match on {
+                Ok(()) => {}
+                Err(e) if fallback => {
+                    tracing::warn!(
+                        "background-snapshot refused, saving with the guest paused: {e}"
+                    );
+                    self.times().fell_back = Some(e.to_string());
+                    live = false;
+                }
+                Err(e) => {
+                    return Err(snapshot_core::Error::backend(
+                        file,
+                        format!(
+                            "--live needs QEMU's background-snapshot (userfaultfd \
+                             write-protect), which this QEMU refuses (--fallback-paused saves \
+                             with the guest paused instead): {e}"
+                        ),
+                    ))
+                }
+            }
         }
         create_private(file)?;
         if let Err(e) = qmp.run(&qc::Migrate::to(format!("file:{file}"))).await {
@@ -746,7 +772,11 @@ impl core::MemorySaver for LiveDomain {
             self.times().downtime_ms = info.downtime;
         }
         failpoint("save-memory");
-        Ok(())
+        Ok(if live {
+            core::Saved::Live
+        } else {
+            core::Saved::Complete
+        })
     }
 
     async fn wait(&self, _file: &str) -> CoreResult<()> {
@@ -1040,11 +1070,22 @@ impl Domain {
             }
         }
         let t = live.times();
+        let mut warnings = outcome.warnings;
+        if let Some(why) = &t.fell_back {
+            warnings.insert(
+                0,
+                format!(
+                    "QEMU refused background-snapshot, so RAM was saved with the guest paused \
+                     (--fallback-paused) for {} ms: {why}",
+                    t.paused.map_or(0, |d| d.as_millis())
+                ),
+            );
+        }
         Ok(CaptureResult {
             name: plan.name.to_string(),
             xml: outcome.snapshot.as_ref().map(|s| s.to_xml()),
             snapshot: outcome.snapshot,
-            warnings: outcome.warnings,
+            warnings,
             paused: t.paused,
             frozen: t.frozen,
             memory_downtime_ms: t.downtime_ms,
