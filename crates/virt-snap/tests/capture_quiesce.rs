@@ -373,3 +373,61 @@ fn virt_snap_stuck_while_the_guest_is_frozen_is_thawed_at_the_budgets_end() {
     );
     recovered(&g);
 }
+
+/// The guest agent stops answering (SIGSTOP inside the guest, sent by a child it spawned):
+/// `--quiesce` fails within its budget (plus the half-second thaw try), the VM runs on, no
+/// overlay file or block node is left and nothing is recorded.
+#[test]
+fn an_agent_that_stops_answering_fails_the_quiesce_within_its_budget() {
+    let g = Guest::start("qstop");
+    // The agent's child stops its parent, the agent, a moment after guest-exec returned.
+    let stop = r#"{"execute":"guest-exec","arguments":{"path":"/bin/sh","arg":["-c","sleep 1; kill -STOP $PPID"]}}"#;
+    g.rt.block_on(g.dom.agent_command(stop, Duration::from_secs(5)))
+        .expect("guest-exec");
+    std::thread::sleep(Duration::from_secs(2));
+    let nodes_before =
+        g.rt.block_on(
+            g.dom.monitor_command(
+                r#"{"execute":"query-named-block-nodes","arguments":{"flat":true}}"#,
+            ),
+        )
+        .unwrap()["return"]
+            .as_array()
+            .unwrap()
+            .len();
+    let budget = Duration::from_millis(1500);
+    let mut r = CaptureRequest::new(SnapshotName::new("h1").unwrap());
+    r.flags.disk_only = true;
+    r.flags.quiesce = true;
+    r.freeze_budget_ms = budget.as_millis() as u64;
+    let t0 = Instant::now();
+    let err =
+        g.rt.block_on(g.dom.snapshot_create(r))
+            .expect_err("a capture with a stopped agent");
+    let took = t0.elapsed();
+    let msg = format!("{err:#}");
+    assert!(msg.contains("budget") || msg.contains("freeze"), "{msg}");
+    assert!(
+        took < budget + Duration::from_millis(1500),
+        "failed after {took:?} (budget {budget:?}): {msg}"
+    );
+    assert_eq!(
+        g.rt.block_on(g.dom.state()).unwrap().state,
+        DomainState::Running
+    );
+    assert!(!g.tmp.path().join("data.h1").exists(), "overlay left");
+    let nodes_after =
+        g.rt.block_on(
+            g.dom.monitor_command(
+                r#"{"execute":"query-named-block-nodes","arguments":{"flat":true}}"#,
+            ),
+        )
+        .unwrap()["return"]
+            .as_array()
+            .unwrap()
+            .len();
+    assert_eq!(nodes_after, nodes_before, "block nodes left");
+    let snaps = g.state.join("snapshots").join(g.dom.name());
+    assert!(!snaps.join("h1.xml").exists(), "metadata written");
+    assert!(!snaps.join("current").exists(), "current set");
+}

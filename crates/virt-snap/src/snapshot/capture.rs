@@ -29,6 +29,7 @@ use snapshot_core::store::{DomainStore, SnapshotStore};
 use snapshot_core::xml::RawXml;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -41,6 +42,9 @@ pub use snapshot_core::SnapshotName;
 
 /// The snapshot metadata's directory in the state dir (`<state>/snapshots/<domain>/`).
 pub const SNAPSHOTS_SUBDIR: &str = "snapshots";
+
+/// How long a thaw after a freeze the agent never answered waits for the agent.
+const UNANSWERED_THAW_WAIT: Duration = Duration::from_millis(500);
 
 /// How long a snapshot-save or snapshot-delete job, a RAM save or a merge-back may take.
 const JOB_TIMEOUT: Duration = Duration::from_secs(600);
@@ -120,6 +124,10 @@ pub(crate) struct LiveDomain {
     qmp: Option<QmpClient>,
     agent_socket: Option<PathBuf>,
     agent: tokio::sync::Mutex<Option<QgaClient>>,
+    /// A freeze was sent and its answer not read (yet).
+    agent_unanswered: AtomicBool,
+    /// A thaw after an unanswered freeze timed out: do not wait for the agent again.
+    agent_gave_up: AtomicBool,
     /// Armed from a freeze until the thaw that succeeds; dropped armed (this operation
     /// ends with a thaw that failed), it thaws the guest at once.
     watchdog: Mutex<Option<ThawWatchdog>>,
@@ -327,6 +335,9 @@ impl core::GuestAgent for LiveDomain {
         // The runner bounds the call by the freeze budget; the agent's own timeout is a
         // backstop.
         let t = Duration::from_secs(10);
+        // Set until the agent answered: a freeze the runner gave up on (budget) means an
+        // agent that does not answer, which the thaws after it must not wait for long.
+        self.agent_unanswered.store(true, Ordering::SeqCst);
         let mut c = self.agent_client(t).await?;
         // Before the freeze is sent: a watchdog process that thaws the guest at the
         // budget's end if this process dies (or is stuck) before its own thaw. No
@@ -346,6 +357,7 @@ impl core::GuestAgent for LiveDomain {
             .execute("guest-fsfreeze-freeze", None, t)
             .await
             .map_err(|e| be("guest-fsfreeze-freeze", e))?;
+        self.agent_unanswered.store(false, Ordering::SeqCst);
         drop(c);
         failpoint("freeze");
         if failpoint_is("freeze-stall") {
@@ -359,9 +371,33 @@ impl core::GuestAgent for LiveDomain {
     }
 
     async fn thaw(&self) -> CoreResult<u32> {
-        let v = self
-            .agent_call("guest-fsfreeze-thaw", Duration::from_secs(10))
-            .await?;
+        // After a freeze the agent never answered, one short try: the thaw is queued on the
+        // connection behind the freeze either way, and the watchdog (armed until a thaw
+        // succeeds) sends its own when this operation ends, so the agent thaws the guest
+        // whenever it answers again. Later tries in this operation do not wait at all.
+        let unanswered = self.agent_unanswered.load(Ordering::SeqCst);
+        if unanswered && self.agent_gave_up.load(Ordering::SeqCst) {
+            return Err(snapshot_core::Error::backend(
+                "guest-fsfreeze-thaw",
+                "the guest agent does not answer (its freeze never returned); the thaw is \
+                 queued for it",
+            ));
+        }
+        let t = if unanswered {
+            UNANSWERED_THAW_WAIT
+        } else {
+            Duration::from_secs(10)
+        };
+        let v = match self.agent_call("guest-fsfreeze-thaw", t).await {
+            Ok(v) => v,
+            Err(e) => {
+                if unanswered {
+                    self.agent_gave_up.store(true, Ordering::SeqCst);
+                }
+                return Err(e);
+            }
+        };
+        self.agent_unanswered.store(false, Ordering::SeqCst);
         // Thawed: the watchdog exits without doing anything. (A failed thaw leaves it armed:
         // it thaws at the budget's end, or when this operation ends.)
         if let Some(wd) = self.watchdog().take() {
@@ -919,6 +955,8 @@ impl Domain {
             qmp,
             agent_socket: st.and_then(|s| s.agent.clone()),
             agent: tokio::sync::Mutex::new(None),
+            agent_unanswered: AtomicBool::new(false),
+            agent_gave_up: AtomicBool::new(false),
             watchdog: Mutex::new(None),
             timings: Mutex::new(Timings::default()),
         })
