@@ -140,9 +140,21 @@ impl Vm {
             })
             .unwrap_or_else(|| panic!("{t} in {blocks}"));
         let img = &b["inserted"]["image"];
+        // QEMU describes an image whose backing node is not the one its header names (a
+        // relative name, a user's overlay put on top) as `json:{..., "file": {"filename":
+        // F}}`: F is the image's file.
+        let file = |v: &Value| {
+            let f = v.as_str()?;
+            match f.strip_prefix("json:") {
+                Some(j) => serde_json::from_str::<Value>(j).ok()?["file"]["filename"]
+                    .as_str()
+                    .map(String::from),
+                None => Some(f.to_string()),
+            }
+        };
         (
-            img["filename"].as_str().unwrap().to_string(),
-            img["backing-image"]["filename"].as_str().map(String::from),
+            file(&img["filename"]).unwrap(),
+            file(&img["backing-image"]["filename"]),
         )
     }
 
@@ -674,6 +686,58 @@ fn reuse_external_puts_the_users_own_overlay_on_top_as_it_is() {
     let def = vm.conn.dumpxml("capreuse").unwrap();
     assert!(def.contains(&ovl.display().to_string()), "{def}");
     assert_eq!(vm.listed(), (vec!["r1".to_string()], Some("r1".into())));
+
+    // A user's overlay naming its backing file relative to its own directory (as `qemu-img
+    // create -b mine.qcow2` in that directory writes it) is an overlay of the current top.
+    let rel = vm.dir.join("mine2.qcow2");
+    let out = Command::new("qemu-img")
+        .current_dir(&vm.dir)
+        .args([
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "mine.qcow2",
+            "-F",
+            "qcow2",
+        ])
+        .arg("mine2.qcow2")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let out = qemu_io_file(&rel, "write -P 0x78 2M 64k", false);
+    assert!(out.contains("wrote 65536/65536"), "{out}");
+    let mut r = req("r2");
+    r.flags.disk_only = true;
+    r.flags.reuse_external = true;
+    r.disks.push(external("vda", &rel));
+    vm.rt
+        .block_on(vm.dom.snapshot_create(r))
+        .expect("a relative backing path");
+    assert_eq!(
+        vm.top("vda"),
+        (rel.display().to_string(), Some(ovl.display().to_string()))
+    );
+    let blocks = vm.rt.block_on(vm.dom.block_devices()).unwrap();
+    assert_eq!(blocks[0].source, rel.display().to_string());
+    for (p, at) in [(0x78, "2M"), (0x77, "1M"), (0, "0")] {
+        assert_guest_reads(&vm, "vda", p, at);
+    }
+    // And the chain grows on from it.
+    let mut r = req("r3");
+    r.flags.disk_only = true;
+    vm.rt.block_on(vm.dom.snapshot_create(r)).expect("r3");
+    let r3 = vm.dir.join("mine2.r3");
+    assert_eq!(vm.top("vda").0, r3.display().to_string());
+    let chain = qemu_img(&["info", "-U", "--backing-chain", r3.to_str().unwrap()]);
+    for f in [&r3, &rel, &ovl, &vm.disk("vda")] {
+        assert!(
+            chain.contains(&format!("image: {}", f.display())),
+            "{chain}"
+        );
+    }
+    assert_guest_reads(&vm, "vda", 0x78, "2M");
 }
 
 #[test]
