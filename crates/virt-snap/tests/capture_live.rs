@@ -833,6 +833,7 @@ fn reuse_external_refuses_a_file_not_backed_by_the_disks_current_top() {
                 && msg.contains(&top.display().to_string()),
             "names the file, what it is backed by and what it should be: {msg}"
         );
+        assert_eq!(e.kind(), virt_snap::ErrorKind::InvalidInput, "{msg}");
         assert!(vm.running());
         assert_eq!(vm.node_names(), nodes, "no node added");
         assert_eq!(vm.top("vda").0, top.display().to_string());

@@ -424,15 +424,17 @@ impl core::BlockLayer for LiveDomain {
         let opened = recorded
             .as_deref()
             .map(|b| image_formats::info::combine_backing_path(path, b));
-        match &opened {
-            Some(b) if b == backing || same_file(Path::new(b), Path::new(backing)) => Ok(()),
-            _ => Err(snapshot_core::Error::backend(
-                path,
-                format!(
-                    "--reuse-external: the image records backing file {recorded:?}, not {backing:?}"
-                ),
-            )),
-        }
+        let why = match &opened {
+            Some(b) if b == backing || same_file(Path::new(b), Path::new(backing)) => return Ok(()),
+            Some(b) => format!("it is an overlay of {b}, not of"),
+            None => "it has no backing file: it is not an overlay of".to_string(),
+        };
+        // The user's file is not what the request says it is: invalid input.
+        let e = Error::new(
+            ErrorKind::InvalidInput,
+            format!("--reuse-external: {why} the disk's current top {backing}"),
+        );
+        Err(be(path, e))
     }
 
     async fn remove_overlay(&self, path: &str, backing: &str) -> CoreResult<()> {
