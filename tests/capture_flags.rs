@@ -385,6 +385,7 @@ fn reuse_external_uses_the_users_files_and_never_deletes_them() {
             && e.contains(mine("vda").to_str().unwrap()),
         "names the file and the disk's top: {e}"
     );
+    assert_eq!(e.matches("--reuse-external").count(), 1, "said once: {e}");
     assert_eq!(dom.domstate(), "running\n\n");
     assert_eq!(dom.node_names(), nodes);
     assert_eq!(dom.blklist(), dom.sources([&mine("vda"), &mine("vdb")]));
