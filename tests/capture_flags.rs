@@ -438,3 +438,49 @@ fn no_metadata_captures_but_lists_nothing_and_sets_no_current() {
     assert_eq!(dom.snapshot_names(), "s1\n");
     assert_eq!(ok(s, &["snapshot-current", "nometa1", "--name"]), "s1\n");
 }
+
+#[test]
+fn relative_overlay_and_memory_files_are_refused_before_anything_is_made() {
+    let dom = Dom::start("rel1");
+    let s = dom.s();
+    let _d = Destroy(s, dom.name);
+    let blk = dom.blklist();
+    let nodes = dom.node_names();
+    for (extra, file) in [
+        (
+            &["--disk-only", "--diskspec", "vda,file=rel.qcow2"][..],
+            "rel.qcow2",
+        ),
+        (
+            &[
+                "--disk-only",
+                "--reuse-external",
+                "--diskspec",
+                "vda,file=rel.qcow2",
+            ][..],
+            "rel.qcow2",
+        ),
+        (&["--memspec", "file=rel.mem"][..], "rel.mem"),
+    ] {
+        // From the domain's directory: a relative name would be made here by virt-snap and
+        // looked for elsewhere by QEMU.
+        let o = run(virt_snap()
+            .current_dir(dom.dir())
+            .arg("--state-dir")
+            .arg(s)
+            .args(["snapshot-create-as", "rel1", "r"])
+            .args(extra));
+        assert!(!o.status.success(), "{extra:?}: {}", stdout(&o));
+        let e = stderr(&o);
+        assert_eq!(e.lines().count(), 1, "{e}");
+        assert!(
+            e.contains(&format!("{file:?} must be an absolute path")),
+            "{extra:?}: {e}"
+        );
+        assert!(!dom.dir().join(file).exists(), "{extra:?}: nothing made");
+        assert_eq!(dom.blklist(), blk);
+        assert_eq!(dom.node_names(), nodes);
+        assert_eq!(dom.domstate(), "running\n\n");
+        assert_eq!(dom.snapshot_names(), "");
+    }
+}
