@@ -175,7 +175,12 @@ impl fmt::Display for Error {
             }
         }
         if let Some(s) = &i.source {
-            write!(f, ": {s}")?;
+            // A backend error whose text is its source's (the facade's lower errors, kept
+            // as the source for their kind) says it once.
+            let s = s.to_string();
+            if s != i.what {
+                write!(f, ": {s}")?;
+            }
         }
         for u in &i.undo_failures {
             write!(f, "; not undone: {u}")?;
@@ -195,3 +200,17 @@ impl std::error::Error for Error {
 
 /// The crate's result type.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_backend_error_made_from_its_source_says_it_once() {
+        let lower = std::io::Error::other("/x/o.qcow2: cannot open");
+        let e = Error::backend("/x/o.qcow2", lower.to_string()).caused_by(lower);
+        assert_eq!(e.to_string(), "/x/o.qcow2: /x/o.qcow2: cannot open");
+        let e = Error::backend("vda", "refused").caused_by(std::io::Error::other("why"));
+        assert_eq!(e.to_string(), "vda: refused: why");
+    }
+}

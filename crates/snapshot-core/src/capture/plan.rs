@@ -521,6 +521,16 @@ impl CapturePlan {
                 "the domain is not running: there is no memory to save".into(),
             ));
         }
+        // virt-snap, QEMU and the next start resolve a relative name each against their own
+        // directory: refused, as libvirt does.
+        if let Some(MemoryChoice::External { file }) = &mem {
+            if !file.starts_with('/') {
+                return Err(plan_error(
+                    "memory",
+                    format!("the memory file {file:?} must be an absolute path"),
+                ));
+            }
+        }
         let external_mem = matches!(mem, Some(MemoryChoice::External { .. }));
         if f.fallback_paused && !f.live {
             return Err(plan_error(
@@ -720,6 +730,12 @@ impl CapturePlan {
                     .clone()
                     .unwrap_or_else(|| default_overlay_path(&source, name));
                 let format = format.clone().unwrap_or_else(|| "qcow2".into());
+                if !path.starts_with('/') {
+                    return Err(plan_error(
+                        &d.target,
+                        format!("the overlay file {path:?} must be an absolute path"),
+                    ));
+                }
                 if !paths.insert(path.clone())
                     || dom.disks.iter().any(|o| o.source.as_deref() == Some(&path))
                 {

@@ -1034,6 +1034,24 @@ fn impossible_requests_are_refused() {
     r.flags.quiesce = true;
     r.disks = vec![spec("vda", DiskChoice::Manual)];
     assert!(plan_err(&r, &d2()).contains("manual"));
+    // Relative names: virt-snap, QEMU and the next start would each resolve them elsewhere.
+    for reuse in [false, true] {
+        let mut r = req("s");
+        r.flags.disk_only = true;
+        r.flags.reuse_external = reuse;
+        r.disks = vec![spec(
+            "vda",
+            DiskChoice::External {
+                file: Some("vda.s".into()),
+                format: None,
+            },
+        )];
+        assert!(plan_err(&r, &d2()).contains("\"vda.s\" must be an absolute path"));
+    }
+    let mut r = req("s");
+    r.memory = MemoryChoice::External { file: "m".into() };
+    r.disks = vec![spec("vdb", DiskChoice::No)];
+    assert!(plan_err(&r, &d2()).contains("\"m\" must be an absolute path"));
     let mut d = d2();
     d.state = RunState::ShutOff;
     let mut r = req("s");

@@ -420,6 +420,15 @@ impl core::GuestAgent for LiveDomain {
     }
 }
 
+/// Are `a` and `b` the same existing file (device and inode)?
+fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
 /// The backing file `path` records, if it is a qcow2 image.
 fn recorded_backing(path: &Path) -> CoreResult<Option<String>> {
     let info = image_formats::ImageInfo::open(path, Some(image_formats::Format::Qcow2))
@@ -463,15 +472,23 @@ impl core::BlockLayer for LiveDomain {
     }
 
     async fn check_overlay(&self, path: &str, backing: &str) -> CoreResult<()> {
-        match recorded_backing(Path::new(path))? {
-            Some(b) if b == backing => Ok(()),
-            other => Err(snapshot_core::Error::backend(
-                path,
-                format!(
-                    "--reuse-external: the image records backing file {other:?}, not {backing:?}"
-                ),
-            )),
-        }
+        // The recorded name as QEMU opens it (a relative one is relative to the overlay's
+        // directory), and the disk's top by file identity (a path spelled differently).
+        let recorded = recorded_backing(Path::new(path))?;
+        let opened = recorded
+            .as_deref()
+            .map(|b| image_formats::info::combine_backing_path(path, b));
+        let why = match &opened {
+            Some(b) if b == backing || same_file(Path::new(b), Path::new(backing)) => return Ok(()),
+            Some(b) => format!("it is an overlay of {b}, not of"),
+            None => "it has no backing file: it is not an overlay of".to_string(),
+        };
+        // The user's file is not what the request says it is: invalid input.
+        let e = Error::new(
+            ErrorKind::InvalidInput,
+            format!("--reuse-external: {why} the disk's current top {backing}"),
+        );
+        Err(be(path, e))
     }
 
     async fn remove_overlay(&self, path: &str, backing: &str) -> CoreResult<()> {
