@@ -40,6 +40,10 @@ pub enum ErrorKind {
     /// A capture failed; every step was undone, or [`Error::undo_failures`] says what was
     /// not. The original failure is the [`std::error::Error::source`].
     CaptureFailed,
+    /// A revert failed before its commit point; every step was undone, or
+    /// [`Error::undo_failures`] says what was not. The original failure is the
+    /// [`std::error::Error::source`].
+    RevertFailed,
 }
 
 /// An error from snapshot-core.

@@ -10,7 +10,9 @@
 //! - [`store`]: the per-domain metadata directory, updated atomically;
 //! - [`journal`]: the journal of in-flight operations, for recovery after a crash;
 //! - [`capture`]: the live capture state machine (plan, steps, runner, recovery) over
-//!   capability traits the facade implements.
+//!   capability traits the facade implements;
+//! - [`revert`]: the revert state machine, built the same way;
+//! - [`ops`]: the journal record of every operation kind, and what their recovery shares.
 //!
 //! See docs/snapshot-metadata.md for the formats and the crash guarantees.
 #![deny(missing_docs)]
@@ -21,6 +23,10 @@ mod error;
 mod fsutil;
 pub mod journal;
 mod name;
+pub mod ops;
+pub mod revert;
+#[cfg(test)]
+mod testkit;
 pub mod store;
 pub mod tree;
 pub mod xml;

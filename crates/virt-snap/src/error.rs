@@ -104,7 +104,9 @@ impl Error {
         } else if let Some(e) = any.downcast_ref::<snapshot_core::Error>() {
             match e.kind() {
                 // What failed behind the capture traits (or made a capture fail) says more.
-                snapshot_core::ErrorKind::Backend | snapshot_core::ErrorKind::CaptureFailed => {
+                snapshot_core::ErrorKind::Backend
+            | snapshot_core::ErrorKind::CaptureFailed
+            | snapshot_core::ErrorKind::RevertFailed => {
                     std::error::Error::source(e).map_or(ErrorKind::Io, Error::dyn_kind)
                 }
                 k => core_kind(k),

@@ -3,7 +3,9 @@
 use super::plan::{CapturePlan, RunState, Step};
 use super::{Capabilities, Clock, Saved};
 use crate::error::{Error, ErrorKind, Result};
-use crate::journal::{Journal, OpId, Outcome, StepState};
+use crate::journal::{OpId, Outcome};
+use crate::ops::{self, DomainJournal, OpRecord, PlanRecord};
+pub use crate::ops::Recovered;
 use crate::store::DomainStore;
 use crate::xml::DomainSnapshot;
 use serde::{Deserialize, Serialize};
@@ -41,30 +43,24 @@ pub struct CaptureOutcome {
     pub warnings: Vec<String>,
 }
 
-/// What [`recover`] did with one pending capture.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Recovered {
-    /// It had not reached its commit point: undone.
-    RolledBack {
-        /// The journal operation.
-        op: OpId,
-        /// The snapshot's name (none if killed before the plan was recorded).
-        name: Option<String>,
-        /// What could not be undone.
-        undo_failures: Vec<String>,
-    },
-    /// It had passed its commit point: completed (resumed, thawed, metadata written).
-    Completed {
-        /// The journal operation.
-        op: OpId,
-        /// The snapshot's name.
-        name: String,
-        /// Failures of the remaining steps.
-        warnings: Vec<String>,
-    },
-}
+type J = DomainJournal;
 
-type J = Journal<CaptureRecord>;
+impl PlanRecord for CaptureRecord {
+    type Plan = CapturePlan;
+    type Step = Step;
+    fn of(r: &OpRecord) -> Option<&Self> {
+        match r {
+            OpRecord::Capture(c) => Some(c),
+            _ => None,
+        }
+    }
+    fn split(&self) -> std::result::Result<&CapturePlan, (usize, &Step)> {
+        match self {
+            CaptureRecord::Plan { plan } => Ok(plan),
+            CaptureRecord::Step { at, step } => Err((*at, step)),
+        }
+    }
+}
 
 fn ms(v: u64) -> Duration {
     Duration::from_millis(v)
@@ -279,17 +275,8 @@ async fn roll_back(
     plan: &CapturePlan,
     touched: &[(u32, Step)],
 ) -> Vec<String> {
-    let mut failures = Vec::new();
-    for (j, step) in touched.iter().rev() {
-        match undo(caps, step).await {
-            Ok(()) => {
-                if let Err(e) = journal.step_undone(op, *j) {
-                    failures.push(format!("journal: {e}"));
-                }
-            }
-            Err(e) => failures.push(format!("{}: {e}", step.label())),
-        }
-    }
+    let mut failures =
+        ops::undo_in_reverse(journal, op, touched, Step::label, |s| undo(caps, s)).await;
     failures.extend(ensure_safe(caps, plan, touched).await);
     failures
 }
@@ -345,9 +332,9 @@ pub async fn run(
     let op = journal.begin(JOURNAL_KIND, &plan.domain)?;
     if let Err(e) = journal.record_step(
         op,
-        CaptureRecord::Plan {
+        OpRecord::Capture(CaptureRecord::Plan {
             plan: Box::new(plan.clone()),
-        },
+        }),
     ) {
         let _ = journal.finish(op, Outcome::RolledBack);
         return Err(failed(
@@ -363,10 +350,10 @@ pub async fn run(
         if at > plan.commit_point {
             return roll_forward(plan, caps, journal, store, op, at, touched).await;
         }
-        let rec = CaptureRecord::Step {
+        let rec = OpRecord::Capture(CaptureRecord::Step {
             at,
             step: step.clone(),
-        };
+        });
         let res = match journal.record_step(op, rec) {
             Ok(j) => match act(caps, store, step, &mut win).await {
                 Ok(()) => {
@@ -423,10 +410,10 @@ async fn roll_forward(
     for (at, step) in plan.steps.iter().enumerate().skip(from) {
         let res = match journal.record_step(
             op,
-            CaptureRecord::Step {
+            OpRecord::Capture(CaptureRecord::Step {
                 at,
                 step: step.clone(),
-            },
+            }),
         ) {
             Ok(j) => {
                 let r = act(caps, store, step, &mut win).await;
@@ -473,24 +460,10 @@ pub async fn recover(
     journal: &mut J,
     store: &DomainStore,
 ) -> Result<Vec<Recovered>> {
-    let pending: Vec<_> = journal
-        .pending()
-        .into_iter()
-        .filter(|p| p.kind == JOURNAL_KIND)
-        .cloned()
-        .collect();
     let mut out = Vec::new();
-    for p in pending {
-        let op = p.id;
-        let mut plan = None;
-        let mut steps = Vec::new();
-        for s in &p.steps {
-            match &s.undo {
-                CaptureRecord::Plan { plan: pl } => plan = Some((**pl).clone()),
-                CaptureRecord::Step { at, step } => steps.push((s.index, *at, step, s.state)),
-            }
-        }
-        let Some(plan) = plan else {
+    for p in ops::pending::<CaptureRecord>(journal, JOURNAL_KIND) {
+        let op = p.op;
+        let Some(plan) = p.plan.clone() else {
             journal.finish(op, Outcome::RolledBack)?;
             out.push(Recovered::RolledBack {
                 op,
@@ -499,22 +472,11 @@ pub async fn recover(
             });
             continue;
         };
-        let committed = steps
-            .iter()
-            .any(|(_, at, _, st)| *at == plan.commit_point && *st == StepState::Done);
-        let acted: Vec<(u32, Step)> = steps
-            .iter()
-            .filter(|(_, _, _, st)| *st != StepState::Undone)
-            .map(|(j, _, s, _)| (*j, (*s).clone()))
-            .collect();
+        let committed = p.passed(plan.commit_point);
+        let acted = p.acted();
         if committed {
             // The first step after the commit point not done yet, and everything after it.
-            let from = steps
-                .iter()
-                .filter(|(_, at, _, st)| *at > plan.commit_point && *st == StepState::Done)
-                .map(|(_, at, _, _)| at + 1)
-                .max()
-                .unwrap_or(plan.commit_point + 1);
+            let from = p.resume_from(plan.commit_point + 1);
             match roll_forward(&plan, caps, journal, store, op, from, acted).await {
                 Ok(o) => out.push(Recovered::Completed {
                     op,

@@ -8,26 +8,9 @@ use crate::name::SnapshotName;
 use crate::store::{DomainStore, SnapshotStore};
 use crate::xml::Location;
 use std::collections::BTreeSet;
-use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::Mutex;
-use std::task::{Context, Poll, Waker};
-
-/// What the fake does at its armed call.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Inject {
-    /// Fails without effect.
-    Fail,
-    /// Acts, then never answers.
-    HangAfterEffect,
-    /// virt-snap dies before the effect (after the step's journal record).
-    KillBefore,
-    /// virt-snap dies after the effect, before the step is marked done.
-    KillAfter,
-}
-
-/// The panic payload of a simulated kill (raised with `resume_unwind`: no panic message).
-struct Killed;
+use crate::testkit::{block_on, Faults, Faulty, Inject, Killed};
 
 #[derive(Debug, Default)]
 struct State {
@@ -43,9 +26,7 @@ struct State {
     memory: BTreeSet<String>,
     backend: BTreeSet<String>,
     violations: Vec<String>,
-    calls: u64,
-    effects: usize,
-    inject: Option<(usize, Inject)>,
+    faults: Faults,
     now_ms: u64,
     /// The budget each freeze call was given.
     freeze_budgets: Vec<Duration>,
@@ -60,6 +41,16 @@ struct State {
 #[derive(Debug, Default)]
 struct World(Mutex<State>);
 
+impl Faulty for World {
+    type State = State;
+    fn mutex(&self) -> &Mutex<State> {
+        &self.0
+    }
+    fn faults(s: &mut State) -> &mut Faults {
+        &mut s.faults
+    }
+}
+
 impl World {
     fn running() -> Self {
         let w = World::default();
@@ -67,54 +58,12 @@ impl World {
         w
     }
 
-    fn st(&self) -> std::sync::MutexGuard<'_, State> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     fn arm(&self, at: usize, how: Inject) {
-        let mut s = self.st();
-        s.effects = 0;
-        s.inject = Some((at, how));
+        self.st().faults.arm(at, how);
     }
 
     fn disarm(&self) {
-        self.st().inject = None;
-    }
-
-    /// A forward effect call: returns what to inject, if this is the armed call.
-    fn hit(&self) -> Option<Inject> {
-        let mut s = self.st();
-        s.calls += 1;
-        let n = s.effects;
-        s.effects += 1;
-        match s.inject {
-            Some((at, how)) if at == n => {
-                s.inject = None;
-                Some(how)
-            }
-            _ => None,
-        }
-    }
-
-    fn undo_call(&self) {
-        self.st().calls += 1;
-    }
-
-    /// Runs an effect with injection.
-    async fn effect<T>(&self, what: &str, f: impl FnOnce(&mut State) -> Result<T>) -> Result<T> {
-        match self.hit() {
-            None => f(&mut self.st()),
-            Some(Inject::Fail) => Err(Error::backend(what, "injected failure")),
-            Some(Inject::KillBefore) => std::panic::resume_unwind(Box::new(Killed)),
-            Some(Inject::KillAfter) => {
-                let _ = f(&mut self.st());
-                std::panic::resume_unwind(Box::new(Killed))
-            }
-            Some(Inject::HangAfterEffect) => {
-                let _ = f(&mut self.st());
-                std::future::pending().await
-            }
-        }
+        self.st().faults.disarm();
     }
 
     fn caps(&self) -> Capabilities<'_> {
@@ -350,18 +299,6 @@ impl Clock for World {
     async fn sleep(&self, d: std::time::Duration) {
         self.st().now_ms += d.as_millis() as u64;
     }
-}
-
-/// Polls `f` to completion; the fakes never wait on anything but the clock.
-fn block_on<F: Future>(f: F) -> F::Output {
-    let mut f = std::pin::pin!(f);
-    let mut cx = Context::from_waker(Waker::noop());
-    for _ in 0..100_000 {
-        if let Poll::Ready(v) = f.as_mut().poll(&mut cx) {
-            return v;
-        }
-    }
-    panic!("future never completed");
 }
 
 fn qcow2(target: &str) -> DomainDisk {
@@ -632,7 +569,7 @@ fn effect_steps(plan: &CapturePlan) -> Vec<(usize, String)> {
         .collect()
 }
 
-fn journal(e: &Env) -> Journal<CaptureRecord> {
+fn journal(e: &Env) -> crate::ops::DomainJournal {
     Journal::open(&e.journal_path).unwrap()
 }
 
@@ -1167,10 +1104,10 @@ fn the_500th_external_snapshot_plans_and_commits_in_constant_work() {
     for i in 1..=500 {
         let mut r = req(&format!("s{i}"));
         r.flags.disk_only = true;
-        let before = e.world.st().calls;
+        let before = e.world.st().faults.calls;
         let plan = CapturePlan::new(&r, &dom, &e.world).unwrap();
         let out = block_on(run(&plan, &e.world.caps(), &mut j, &e.store)).unwrap();
-        per_snapshot.push((e.world.st().calls - before, plan.steps.len()));
+        per_snapshot.push((e.world.st().faults.calls - before, plan.steps.len()));
         let snap = out.snapshot.unwrap();
         // The new overlay is the disk's top now; the new snapshot is current.
         let d = &mut dom.disks[0];

@@ -1,0 +1,600 @@
+//! The plan: a revert request checked against the domain and the target snapshot's metadata,
+//! as a list of [`Step`]s.
+
+use crate::capture::{default_overlay_path, DomainInfo, RunState};
+use crate::domain::{DomainDef, SourceRef};
+use crate::error::{Error, ErrorKind, Result};
+use crate::name::SnapshotName;
+use crate::xml::{DomainSnapshot, Location, SnapshotState};
+use serde::{Deserialize, Serialize};
+
+/// The flags of `snapshot-revert`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevertFlags {
+    /// `--running`: the domain ends running, whatever the snapshot's state.
+    pub running: bool,
+    /// `--paused`: the domain ends paused, whatever the snapshot's state.
+    pub paused: bool,
+    /// `--force`: revert where it is risky: a snapshot without a copy of the domain
+    /// definition (internal snapshots only), or whose disks are not the domain's disks now
+    /// (only the disks both have are reverted).
+    pub force: bool,
+}
+
+/// A revert request (`snapshot-revert DOM SNAP`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevertRequest {
+    /// The snapshot to revert to.
+    pub name: SnapshotName,
+    /// The flags.
+    pub flags: RevertFlags,
+}
+
+/// How the domain is reverted (docs/revert.md has the steps of each).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RevertKind {
+    /// An internal snapshot with RAM, domain running or paused: `snapshot-load` in the same
+    /// QEMU process.
+    InternalInPlace,
+    /// An internal snapshot of a shut-off domain: applied offline to each image, then
+    /// started (and its RAM loaded) if the snapshot has RAM or the flags ask.
+    InternalOffline,
+    /// An internal disk-only snapshot of a running (or paused) domain: the domain is
+    /// stopped, the snapshot applied offline, the domain started if the flags ask.
+    InternalRestart,
+    /// An external disk-only snapshot: a new overlay per disk on the snapshot's image; a
+    /// running domain is stopped and started again on them if the flags ask.
+    External,
+    /// An external snapshot with a RAM file: new overlays, then a QEMU started waiting for
+    /// the RAM (`-incoming defer`) that loads it from the file.
+    ExternalMemory,
+}
+
+impl RevertKind {
+    /// The name in messages and `--output json`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RevertKind::InternalInPlace => "internal-in-place",
+            RevertKind::InternalOffline => "internal-offline",
+            RevertKind::InternalRestart => "internal-restart",
+            RevertKind::External => "external",
+            RevertKind::ExternalMemory => "external-memory",
+        }
+    }
+}
+
+/// A disk whose image holds an internal snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InternalDisk {
+    /// The disk's target (`vda`): the facade finds its QEMU node by it when QEMU runs.
+    pub target: String,
+    /// Its current image (offline operations work on it).
+    pub image: String,
+}
+
+/// One step of a revert. Each step's undo is documented on it and in docs/revert.md.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "step", rename_all = "kebab-case")]
+pub enum Step {
+    /// Stop the vCPUs. Undo: resume.
+    Pause,
+    /// Load internal snapshot `tag` into the running QEMU (the `snapshot-load` job: the
+    /// disks' images go back to it, the RAM and device state come from `vmstate`'s image).
+    /// In the domain's own QEMU this cannot be undone: it is then the commit point. In a
+    /// QEMU this revert started, stopping that QEMU undoes it ([`Step::Start`]'s undo).
+    LoadInternal {
+        /// The tag.
+        tag: String,
+        /// The disks.
+        disks: Vec<InternalDisk>,
+        /// The disk whose image holds the vmstate.
+        vmstate: InternalDisk,
+    },
+    /// Stop the domain (QEMU quits; its RAM state is lost). Undo: start it again on its
+    /// definition, paused if it was paused.
+    Destroy {
+        /// It was paused (not running).
+        paused: bool,
+    },
+    /// Offline: save the images' current state as internal snapshot `tag` (the undo of the
+    /// apply that follows). Undo: delete that internal snapshot.
+    SaveCurrent {
+        /// The undo snapshot's tag.
+        tag: String,
+        /// The disks.
+        disks: Vec<InternalDisk>,
+    },
+    /// Offline: apply internal snapshot `tag` to each image. Undo: apply `undo_tag` (the
+    /// state [`Step::SaveCurrent`] saved); also after a failure, which may have applied
+    /// some images.
+    ApplyInternal {
+        /// The snapshot's tag.
+        tag: String,
+        /// The disks.
+        disks: Vec<InternalDisk>,
+        /// The saved current state.
+        undo_tag: String,
+    },
+    /// Create a new qcow2 overlay (exclusive, 0600) on the image holding the snapshot's
+    /// data. Undo: delete it (only an overlay of `backing`).
+    CreateOverlay {
+        /// The disk's target.
+        disk: String,
+        /// The new overlay.
+        path: String,
+        /// The image holding the snapshot's data for this disk.
+        backing: String,
+        /// Its format.
+        backing_format: String,
+    },
+    /// Store the domain definition `after` (the disks on their new overlays). Undo: store
+    /// `before`.
+    SwitchDefinition {
+        /// The definition now.
+        before: String,
+        /// The definition after the revert.
+        after: String,
+    },
+    /// Start QEMU from the stored definition with its vCPUs paused (`-S`); with `incoming`,
+    /// waiting for its RAM (`-incoming defer`). Undo: stop it.
+    Start {
+        /// Waits for an incoming RAM state.
+        incoming: bool,
+    },
+    /// Load the RAM state from `file` into the QEMU [`Step::Start`] started
+    /// (`migrate-incoming`). Undo: none (stopping that QEMU undoes it).
+    LoadMemory {
+        /// The RAM file.
+        file: String,
+    },
+    /// Make the snapshot current. Undo: make `before` current again.
+    SetCurrent {
+        /// The snapshot.
+        name: SnapshotName,
+        /// The current snapshot before the revert.
+        before: Option<SnapshotName>,
+    },
+    /// Resume the vCPUs (the domain ends running). After the commit point.
+    Resume,
+    /// Delete the undo snapshot [`Step::SaveCurrent`] made. After the commit point: a
+    /// failure is a warning.
+    DropSaved {
+        /// The undo snapshot's tag.
+        tag: String,
+        /// The disks.
+        disks: Vec<InternalDisk>,
+    },
+}
+
+impl Step {
+    /// A short name for messages and journals.
+    pub fn label(&self) -> String {
+        match self {
+            Step::Pause => "pause".into(),
+            Step::LoadInternal { .. } => "load-internal".into(),
+            Step::Destroy { .. } => "destroy".into(),
+            Step::SaveCurrent { .. } => "save-current".into(),
+            Step::ApplyInternal { .. } => "apply-internal".into(),
+            Step::CreateOverlay { disk, .. } => format!("create-overlay {disk}"),
+            Step::SwitchDefinition { .. } => "switch-definition".into(),
+            Step::Start { .. } => "start".into(),
+            Step::LoadMemory { .. } => "load-memory".into(),
+            Step::SetCurrent { .. } => "set-current".into(),
+            Step::Resume => "resume".into(),
+            Step::DropSaved { .. } => "drop-saved".into(),
+        }
+    }
+}
+
+/// A validated plan: the steps in order and the commit point.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevertPlan {
+    /// The domain.
+    pub domain: String,
+    /// The snapshot reverted to.
+    pub name: SnapshotName,
+    /// How.
+    pub kind: RevertKind,
+    /// The domain's run state when planned: a revert that fails ends in it.
+    pub run_state: RunState,
+    /// The domain's run state after the revert.
+    pub final_state: RunState,
+    /// The steps, in order.
+    pub steps: Vec<Step>,
+    /// The index of the commit point: the in-place load (which cannot be undone), or else
+    /// making the snapshot current. A failure before it is done undoes everything; once it
+    /// was started the revert rolls forward (every step from it on can be run again).
+    pub commit_point: usize,
+    /// The disks reverted (targets), in the snapshot's order.
+    pub disks: Vec<String>,
+}
+
+/// What the planner asks about files and images (the facade answers from the file system;
+/// nothing is changed).
+pub trait Facts {
+    /// Does `path` exist?
+    fn exists(&self, path: &str) -> bool;
+    /// The tags of the internal snapshots of the qcow2 image `image` (none if it is not
+    /// one).
+    fn internal_snapshots(&self, image: &str) -> Vec<String>;
+}
+
+fn plan_error(object: &str, what: String) -> Error {
+    Error::new(ErrorKind::InvalidPlan, object, what)
+}
+
+/// The new overlay for reverting `disk` of snapshot `snap` onto `base`:
+/// `<base minus extension>.<snap>.r<N>` next to it, with the first free N from 1.
+pub fn revert_overlay_path(base: &str, snap: &str, facts: &dyn Facts, taken: &[String]) -> String {
+    let stem = default_overlay_path(base, snap);
+    (1..)
+        .map(|n| format!("{stem}.r{n}"))
+        .find(|p| !facts.exists(p) && !taken.contains(p))
+        .expect("an unbounded range")
+}
+
+/// The tag of the undo snapshot an offline internal revert to `snap` saves the current
+/// state as: `vs-revert-undo-<hash>`, unused in `images`.
+fn undo_tag(snap: &str, disks: &[InternalDisk], facts: &dyn Facts) -> String {
+    let base = format!("vs-revert-undo-{:08x}", crc32fast::hash(snap.as_bytes()));
+    let used: Vec<String> = disks
+        .iter()
+        .flat_map(|d| facts.internal_snapshots(&d.image))
+        .collect();
+    std::iter::once(base.clone())
+        .chain((2..).map(|n| format!("{base}-{n}")))
+        .find(|t| !used.contains(t))
+        .expect("an unbounded range")
+}
+
+impl RevertPlan {
+    /// Plans `req` for the domain `dom` (its run state, its disks' current images and
+    /// nodes, its current snapshot, its stored definition) to snapshot `snap` (its metadata);
+    /// `facts` says which files exist and which internal snapshots an image holds. Refuses,
+    /// with [`ErrorKind::InvalidPlan`] naming the disk or flag, what cannot be reverted.
+    pub fn new(
+        req: &RevertRequest,
+        dom: &DomainInfo,
+        snap: &DomainSnapshot,
+        facts: &dyn Facts,
+    ) -> Result<Self> {
+        let f = req.flags;
+        let name = req.name.as_str();
+        if f.running && f.paused {
+            return Err(plan_error(
+                "--running",
+                "--running and --paused are mutually exclusive".into(),
+            ));
+        }
+        if snap.name.as_ref() != Some(&req.name) {
+            return Err(plan_error(name, "the metadata is not this snapshot's".into()));
+        }
+        let mem = snap
+            .memory
+            .as_ref()
+            .and_then(|m| m.location())
+            .unwrap_or(Location::No);
+        // The disks captured, matched with the domain's by target (or current source).
+        let mut internal = Vec::new();
+        let mut external = Vec::new();
+        let mut matched = Vec::new();
+        for d in &snap.disks {
+            let loc = d.location().unwrap_or(Location::No);
+            let dd = dom
+                .disks
+                .iter()
+                .find(|x| x.target == d.name || x.source.as_deref() == Some(d.name.as_str()));
+            if let Some(dd) = dd {
+                matched.push(dd.target.clone());
+            }
+            match loc {
+                Location::No => continue,
+                Location::Storage | Location::Manual => {
+                    return Err(plan_error(
+                        &d.name,
+                        format!(
+                            "reverting a snapshot='{}' disk is not supported yet",
+                            loc.as_str()
+                        ),
+                    ))
+                }
+                Location::Internal | Location::External => {}
+            }
+            let Some(dd) = dd else {
+                if f.force {
+                    continue;
+                }
+                return Err(plan_error(
+                    &d.name,
+                    "the domain has no such disk any more: --force reverts the other disks"
+                        .into(),
+                ));
+            };
+            if loc == Location::Internal {
+                internal.push(dd);
+            } else {
+                external.push(dd);
+            }
+        }
+        if let Some(extra) = dom.disks.iter().find(|d| {
+            !matched.contains(&d.target) && !d.readonly && !d.cdrom && d.source.is_some()
+        }) {
+            if !f.force {
+                return Err(plan_error(
+                    &extra.target,
+                    "the snapshot does not know this disk (added since): --force reverts the \
+                     others and leaves it as it is"
+                        .into(),
+                ));
+            }
+        }
+        if !internal.is_empty() && !external.is_empty() {
+            return Err(plan_error(
+                "disks",
+                "the snapshot mixes internal and external disks".into(),
+            ));
+        }
+        if internal.is_empty() && external.is_empty() {
+            return Err(plan_error(
+                name,
+                "the snapshot captured no disk of the domain: nothing to revert".into(),
+            ));
+        }
+        let copy = match &snap.domain {
+            Some(raw) => Some(DomainDef::from_xml(raw.as_str()).map_err(|e| {
+                plan_error(name, "its copy of the domain definition is not valid".into())
+                    .with_source(e)
+            })?),
+            None => None,
+        };
+        let snap_state = snap.state.unwrap_or(SnapshotState::Shutoff);
+        let with_ram = matches!(mem, Location::Internal | Location::External);
+        let final_state = if f.running {
+            RunState::Running
+        } else if f.paused {
+            RunState::Paused
+        } else {
+            match (with_ram, snap_state) {
+                (true, SnapshotState::Paused) => RunState::Paused,
+                (true, _) => RunState::Running,
+                // A disk-only or shut-off snapshot leaves the domain shut off (virsh).
+                (false, _) => RunState::ShutOff,
+            }
+        };
+        let up = dom.state != RunState::ShutOff;
+        let current_def = dom.domain_xml.as_ref().map(|x| x.as_str().to_string());
+        let restartable = |what: &str| {
+            if current_def.is_none() {
+                return Err(plan_error(
+                    &dom.name,
+                    format!(
+                        "{what}, and a transient domain (no stored definition) cannot be \
+                         started again"
+                    ),
+                ));
+            }
+            Ok(())
+        };
+        let mut steps = Vec::new();
+        let set_current = Step::SetCurrent {
+            name: req.name.clone(),
+            before: dom.current.clone(),
+        };
+        let kind;
+        // The in-place load, which cannot be undone; else making the snapshot current.
+        let mut in_place_load = None;
+        let mut saved = None;
+        if !internal.is_empty() {
+            if mem == Location::External {
+                return Err(plan_error(
+                    "memory",
+                    "internal disks with an external memory file cannot be reverted".into(),
+                ));
+            }
+            if copy.is_none() && !f.force {
+                return Err(plan_error(
+                    name,
+                    "the snapshot has no copy of the domain definition: --force reverts the \
+                     disks (and RAM) without it"
+                        .into(),
+                ));
+            }
+            let disks: Vec<InternalDisk> = internal
+                .iter()
+                .map(|d| InternalDisk {
+                    target: d.target.clone(),
+                    image: d.source.clone().unwrap_or_default(),
+                })
+                .collect();
+            for d in &disks {
+                if !facts.internal_snapshots(&d.image).iter().any(|t| t == name) {
+                    return Err(plan_error(
+                        &d.target,
+                        format!(
+                            "its current image {} does not hold internal snapshot {name:?} \
+                             (the disk moved on to an overlay since, or the snapshot was \
+                             deleted from the image)",
+                            d.image
+                        ),
+                    ));
+                }
+            }
+            let vmstate = disks[0].clone();
+            let load = Step::LoadInternal {
+                tag: name.to_string(),
+                disks: disks.clone(),
+                vmstate,
+            };
+            if up && mem == Location::Internal {
+                kind = RevertKind::InternalInPlace;
+                if dom.state == RunState::Running {
+                    steps.push(Step::Pause);
+                }
+                in_place_load = Some(steps.len());
+                steps.push(load);
+            } else {
+                let tag = undo_tag(name, &disks, facts);
+                if up {
+                    kind = RevertKind::InternalRestart;
+                    restartable("the domain must be stopped for this revert")?;
+                    steps.push(Step::Destroy {
+                        paused: dom.state == RunState::Paused,
+                    });
+                } else {
+                    kind = RevertKind::InternalOffline;
+                }
+                steps.push(Step::SaveCurrent {
+                    tag: tag.clone(),
+                    disks: disks.clone(),
+                });
+                steps.push(Step::ApplyInternal {
+                    tag: name.to_string(),
+                    disks: disks.clone(),
+                    undo_tag: tag.clone(),
+                });
+                if final_state != RunState::ShutOff {
+                    if current_def.is_none() {
+                        return Err(plan_error(&dom.name, "no stored definition to start".into()));
+                    }
+                    steps.push(Step::Start { incoming: false });
+                    if mem == Location::Internal {
+                        steps.push(load);
+                    }
+                }
+                saved = Some((tag, disks));
+            }
+        } else {
+            let Some(copy) = &copy else {
+                return Err(plan_error(
+                    name,
+                    "an external snapshot without a copy of the domain definition cannot be \
+                     reverted: it names the images that hold the snapshot's data"
+                        .into(),
+                ));
+            };
+            let Some(before) = &current_def else {
+                return Err(plan_error(
+                    &dom.name,
+                    "reverting an external snapshot changes the domain's disks, and a \
+                     transient domain has no stored definition"
+                        .into(),
+                ));
+            };
+            let mut after = DomainDef::from_xml(before).map_err(|e| {
+                plan_error(&dom.name, "its stored definition is not valid".into()).with_source(e)
+            })?;
+            let ram_file = match (mem, snap.memory.as_ref().and_then(|m| m.file.clone())) {
+                (Location::External, Some(file)) => {
+                    if !facts.exists(&file) {
+                        return Err(plan_error(
+                            "memory",
+                            format!("the snapshot's RAM file {file} is missing"),
+                        ));
+                    }
+                    Some(file)
+                }
+                (Location::External, None) => {
+                    return Err(plan_error("memory", "no RAM file recorded".into()))
+                }
+                _ => None,
+            };
+            let mut overlays = Vec::new();
+            for d in &external {
+                let t = &d.target;
+                let cd = copy.disk(t).ok_or_else(|| {
+                    plan_error(t, "the snapshot's domain definition has no such disk".into())
+                })?;
+                let base = match cd.source_ref() {
+                    Some(SourceRef::File(p)) | Some(SourceRef::Block(p)) => p.to_string(),
+                    Some(SourceRef::Volume { pool, volume }) => {
+                        return Err(plan_error(
+                            t,
+                            format!(
+                                "the snapshot's image is pool volume {pool}/{volume}: reverting \
+                                 onto a volume is not supported yet"
+                            ),
+                        ))
+                    }
+                    None => {
+                        return Err(plan_error(
+                            t,
+                            "the snapshot's domain definition gives no source".into(),
+                        ))
+                    }
+                };
+                let Some(base_format) = cd.format().map(str::to_string) else {
+                    return Err(plan_error(
+                        t,
+                        "the snapshot's domain definition gives no format for its image".into(),
+                    ));
+                };
+                if !facts.exists(&base) {
+                    return Err(plan_error(
+                        t,
+                        format!("the image holding the snapshot's data, {base}, is missing"),
+                    ));
+                }
+                let path = revert_overlay_path(&base, name, facts, &overlays);
+                overlays.push(path.clone());
+                steps.push(Step::CreateOverlay {
+                    disk: t.clone(),
+                    path: path.clone(),
+                    backing: base,
+                    backing_format: base_format,
+                });
+                let nd = after.disk_mut(t).ok_or_else(|| {
+                    plan_error(t, "the stored definition has no such disk".into())
+                })?;
+                nd.disk_type = cd.disk_type.clone();
+                nd.source = cd.source.clone();
+                if let Some(fm) = cd.format() {
+                    nd.set_format(fm);
+                }
+                nd.set_backing_store(cd.backing_store.clone());
+                nd.put_overlay(&path, "qcow2");
+            }
+            if up {
+                steps.push(Step::Destroy {
+                    paused: dom.state == RunState::Paused,
+                });
+            }
+            steps.push(Step::SwitchDefinition {
+                before: before.clone(),
+                after: after.to_xml(),
+            });
+            if let Some(file) = ram_file {
+                kind = RevertKind::ExternalMemory;
+                steps.push(Step::Start { incoming: true });
+                steps.push(Step::LoadMemory { file });
+            } else {
+                kind = RevertKind::External;
+                if final_state != RunState::ShutOff {
+                    steps.push(Step::Start { incoming: false });
+                }
+            }
+        }
+        let commit_point = in_place_load.unwrap_or(steps.len());
+        steps.push(set_current);
+        if final_state == RunState::Running {
+            steps.push(Step::Resume);
+        }
+        if let Some((tag, disks)) = saved {
+            steps.push(Step::DropSaved { tag, disks });
+        }
+        Ok(RevertPlan {
+            domain: dom.name.clone(),
+            name: req.name.clone(),
+            kind,
+            run_state: dom.state,
+            final_state,
+            steps,
+            commit_point,
+            disks: internal
+                .iter()
+                .chain(&external)
+                .map(|d| d.target.clone())
+                .collect(),
+        })
+    }
+}
