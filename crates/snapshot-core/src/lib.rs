@@ -25,9 +25,9 @@ pub mod journal;
 mod name;
 pub mod ops;
 pub mod revert;
+pub mod store;
 #[cfg(test)]
 mod testkit;
-pub mod store;
 pub mod tree;
 pub mod xml;
 mod xmltree;

@@ -6,11 +6,11 @@ use crate::error::{Error, ErrorKind};
 use crate::journal::Journal;
 use crate::name::SnapshotName;
 use crate::store::{DomainStore, SnapshotStore};
+use crate::testkit::{block_on, Faults, Faulty, Inject, Killed};
 use crate::xml::Location;
 use std::collections::BTreeSet;
 use std::panic::AssertUnwindSafe;
 use std::sync::Mutex;
-use crate::testkit::{block_on, Faults, Faulty, Inject, Killed};
 
 #[derive(Debug, Default)]
 struct State {

@@ -61,8 +61,7 @@ pub trait Machine: Send + Sync {
 pub trait Images: Send + Sync {
     /// Creates `path` (exclusively, mode 0600) as a qcow2 overlay of `backing`, recording
     /// `backing_format`.
-    async fn create_overlay(&self, path: &str, backing: &str, backing_format: &str)
-        -> Result<()>;
+    async fn create_overlay(&self, path: &str, backing: &str, backing_format: &str) -> Result<()>;
     /// Deletes an overlay this code created: only if `path` is an overlay of `backing`;
     /// missing is success.
     async fn remove_overlay(&self, path: &str, backing: &str) -> Result<()>;

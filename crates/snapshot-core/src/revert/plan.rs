@@ -268,7 +268,10 @@ impl RevertPlan {
             ));
         }
         if snap.name.as_ref() != Some(&req.name) {
-            return Err(plan_error(name, "the metadata is not this snapshot's".into()));
+            return Err(plan_error(
+                name,
+                "the metadata is not this snapshot's".into(),
+            ));
         }
         let mem = snap
             .memory
@@ -307,8 +310,7 @@ impl RevertPlan {
                 }
                 return Err(plan_error(
                     &d.name,
-                    "the domain has no such disk any more: --force reverts the other disks"
-                        .into(),
+                    "the domain has no such disk any more: --force reverts the other disks".into(),
                 ));
             };
             if loc == Location::Internal {
@@ -317,9 +319,11 @@ impl RevertPlan {
                 external.push(dd);
             }
         }
-        if let Some(extra) = dom.disks.iter().find(|d| {
-            !matched.contains(&d.target) && !d.readonly && !d.cdrom && d.source.is_some()
-        }) {
+        if let Some(extra) = dom
+            .disks
+            .iter()
+            .find(|d| !matched.contains(&d.target) && !d.readonly && !d.cdrom && d.source.is_some())
+        {
             if !f.force {
                 return Err(plan_error(
                     &extra.target,
@@ -343,8 +347,11 @@ impl RevertPlan {
         }
         let copy = match &snap.domain {
             Some(raw) => Some(DomainDef::from_xml(raw.as_str()).map_err(|e| {
-                plan_error(name, "its copy of the domain definition is not valid".into())
-                    .with_source(e)
+                plan_error(
+                    name,
+                    "its copy of the domain definition is not valid".into(),
+                )
+                .with_source(e)
             })?),
             None => None,
         };
@@ -455,7 +462,10 @@ impl RevertPlan {
                 });
                 if final_state != RunState::ShutOff {
                     if current_def.is_none() {
-                        return Err(plan_error(&dom.name, "no stored definition to start".into()));
+                        return Err(plan_error(
+                            &dom.name,
+                            "no stored definition to start".into(),
+                        ));
                     }
                     steps.push(Step::Start { incoming: false });
                     if mem == Location::Internal {
@@ -503,7 +513,10 @@ impl RevertPlan {
             for d in &external {
                 let t = &d.target;
                 let cd = copy.disk(t).ok_or_else(|| {
-                    plan_error(t, "the snapshot's domain definition has no such disk".into())
+                    plan_error(
+                        t,
+                        "the snapshot's domain definition has no such disk".into(),
+                    )
                 })?;
                 let base = match cd.source_ref() {
                     Some(SourceRef::File(p)) | Some(SourceRef::Block(p)) => p.to_string(),

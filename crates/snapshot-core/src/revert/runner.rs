@@ -5,8 +5,8 @@ use super::Capabilities;
 use crate::capture::RunState;
 use crate::error::{Error, ErrorKind, Result};
 use crate::journal::{OpId, Outcome};
-use crate::ops::{self, DomainJournal, OpRecord, PlanRecord};
 pub use crate::ops::Recovered;
+use crate::ops::{self, DomainJournal, OpRecord, PlanRecord};
 use crate::store::DomainStore;
 use serde::{Deserialize, Serialize};
 
