@@ -292,6 +292,13 @@ impl Connection {
         spec.validate()?;
         let dom = self.domain(&spec.name)?;
         let _op = dom.op_lock("start").await?;
+        self.start_locked(spec).await
+    }
+
+    /// [`Connection::start`] under the domain's operation lock, which the caller holds.
+    pub(crate) async fn start_locked(&self, spec: &RunSpec) -> Result<Domain> {
+        spec.validate()?;
+        let dom = self.domain(&spec.name)?;
         let dir = dom.dir();
         if let Some(st) = runstate::load(&dir)? {
             let st = dom.refresh(st, true)?;
@@ -855,6 +862,11 @@ impl Domain {
     /// QEMU is gone and its leases are free.
     pub async fn destroy(&self) -> Result<()> {
         let _op = self.recover_pending(self.op_lock("destroy").await?).await?;
+        self.destroy_locked().await
+    }
+
+    /// [`Domain::destroy`] under the domain's operation lock, which the caller holds.
+    pub(crate) async fn destroy_locked(&self) -> Result<()> {
         let mut st = self.running()?;
         st.destroy_requested = true;
         runstate::save(&self.dir(), &st)?;

@@ -24,7 +24,7 @@ use snapshot_core::capture::{
     PoolVolume, Recovered, Step,
 };
 use snapshot_core::domain::SourceRef;
-use snapshot_core::journal::Journal;
+use snapshot_core::ops::DomainJournal;
 use snapshot_core::store::{DomainStore, SnapshotStore};
 use snapshot_core::xml::RawXml;
 use std::os::fd::AsFd;
@@ -47,7 +47,7 @@ pub const SNAPSHOTS_SUBDIR: &str = "snapshots";
 const UNANSWERED_THAW_WAIT: Duration = Duration::from_millis(500);
 
 /// How long a snapshot-save or snapshot-delete job, a RAM save or a merge-back may take.
-const JOB_TIMEOUT: Duration = Duration::from_secs(600);
+pub(crate) const JOB_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// What [`Domain::snapshot_create`] made.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -91,7 +91,7 @@ fn failpoint_is(name: &str) -> bool {
 }
 
 /// A lower error as snapshot-core's backend error (the facade error as its source).
-fn be(object: &str, e: impl Into<Error>) -> snapshot_core::Error {
+pub(crate) fn be(object: &str, e: impl Into<Error>) -> snapshot_core::Error {
     let e: Error = e.into();
     snapshot_core::Error::backend(object, e.to_string()).caused_by(e)
 }
@@ -445,28 +445,7 @@ impl core::BlockLayer for LiveDomain {
         backing_format: &str,
         format: &str,
     ) -> CoreResult<()> {
-        if format != "qcow2" {
-            return Err(snapshot_core::Error::backend(
-                path,
-                format!("an overlay must be qcow2, not {format}"),
-            ));
-        }
-        let bfmt = crate::image::parse_format(backing_format).map_err(|e| be(path, e))?;
-        let size = image_formats::ImageInfo::open(Path::new(backing), Some(bfmt))
-            .map_err(|e| be(backing, e))?
-            .virtual_size();
-        let opts = storage_backends::image::CreateOptions {
-            size,
-            backing_file: Some(backing.as_bytes().to_vec()),
-            backing_format: Some(backing_format.as_bytes().to_vec()),
-        };
-        // Exclusive create, mode 0600.
-        storage_backends::image::create(
-            Path::new(path),
-            &opts,
-            storage_backends::image::IfExists::Refuse,
-        )
-        .map_err(|e| be(path, e))?;
+        create_overlay_file(path, backing, backing_format, format)?;
         failpoint("create-overlay");
         Ok(())
     }
@@ -492,25 +471,7 @@ impl core::BlockLayer for LiveDomain {
     }
 
     async fn remove_overlay(&self, path: &str, backing: &str) -> CoreResult<()> {
-        let p = Path::new(path);
-        if std::fs::symlink_metadata(p).is_err() {
-            return Ok(());
-        }
-        // Only an overlay of `backing`: never the user's file.
-        match recorded_backing(p) {
-            Ok(Some(b)) if b == backing => {}
-            _ => {
-                return Err(snapshot_core::Error::backend(
-                    path,
-                    format!("not removed: it is not an overlay of {backing} that virt-snap made"),
-                ))
-            }
-        }
-        match std::fs::remove_file(p) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(be(path, e)),
-        }
+        remove_overlay_file(path, backing)
     }
 
     async fn add_node(&self, node: &str, path: &str, format: &str) -> CoreResult<()> {
@@ -709,36 +670,102 @@ impl core::BlockLayer for LiveDomain {
     }
 
     async fn delete_internal_snapshot(&self, tag: &str, nodes: &[String]) -> CoreResult<()> {
-        match &self.qmp {
-            Some(qmp) => {
-                let cmd = qc::SnapshotDelete {
-                    job_id: format!("vs-del-{:08x}", crc(tag)),
-                    tag: tag.to_string(),
-                    devices: nodes.to_vec(),
-                };
-                match qmp.run_job_command(&cmd, JOB_TIMEOUT).await {
-                    Ok(()) => Ok(()),
-                    // Not there (any more) is success.
-                    Err(e) if e.to_string().contains("not found") => Ok(()),
-                    Err(e) => Err(be("snapshot-delete", e)),
+        delete_internal_snapshot(&self.conn, self.qmp.as_ref(), tag, nodes).await
+    }
+}
+
+/// Creates `path` (exclusively, mode 0600) as a `format` (qcow2) overlay of `backing`, of the
+/// backing's size, recording `backing_format` (a capture's overlay, a revert's).
+pub(crate) fn create_overlay_file(
+    path: &str,
+    backing: &str,
+    backing_format: &str,
+    format: &str,
+) -> CoreResult<()> {
+    if format != "qcow2" {
+        return Err(snapshot_core::Error::backend(
+            path,
+            format!("an overlay must be qcow2, not {format}"),
+        ));
+    }
+    let bfmt = crate::image::parse_format(backing_format).map_err(|e| be(path, e))?;
+    let size = image_formats::ImageInfo::open(Path::new(backing), Some(bfmt))
+        .map_err(|e| be(backing, e))?
+        .virtual_size();
+    let opts = storage_backends::image::CreateOptions {
+        size,
+        backing_file: Some(backing.as_bytes().to_vec()),
+        backing_format: Some(backing_format.as_bytes().to_vec()),
+    };
+    // Exclusive create, mode 0600.
+    storage_backends::image::create(
+        Path::new(path),
+        &opts,
+        storage_backends::image::IfExists::Refuse,
+    )
+    .map_err(|e| be(path, e))
+}
+
+/// Deletes the overlay `path` this code made: only a file whose recorded backing is
+/// `backing` (never the user's file); missing is success.
+pub(crate) fn remove_overlay_file(path: &str, backing: &str) -> CoreResult<()> {
+    let p = Path::new(path);
+    if std::fs::symlink_metadata(p).is_err() {
+        return Ok(());
+    }
+    match recorded_backing(p) {
+        Ok(Some(b)) if b == backing => {}
+        _ => {
+            return Err(snapshot_core::Error::backend(
+                path,
+                format!("not removed: it is not an overlay of {backing} that virt-snap made"),
+            ))
+        }
+    }
+    match std::fs::remove_file(p) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(be(path, e)),
+    }
+}
+
+/// Deletes internal snapshot `tag`: through QEMU's snapshot-delete job on the nodes `at`
+/// when `qmp` is given, else offline from the images `at`; not there is success.
+pub(crate) async fn delete_internal_snapshot(
+    conn: &Connection,
+    qmp: Option<&QmpClient>,
+    tag: &str,
+    at: &[String],
+) -> CoreResult<()> {
+    match qmp {
+        Some(qmp) => {
+            let cmd = qc::SnapshotDelete {
+                job_id: format!("vs-del-{:08x}", crc(tag)),
+                tag: tag.to_string(),
+                devices: at.to_vec(),
+            };
+            match qmp.run_job_command(&cmd, JOB_TIMEOUT).await {
+                Ok(()) => Ok(()),
+                // Not there (any more) is success.
+                Err(e) if e.to_string().contains("not found") => Ok(()),
+                Err(e) => Err(be("snapshot-delete", e)),
+            }
+        }
+        None => {
+            for p in at {
+                let which = crate::image::SnapshotRef::Name(tag.as_bytes().to_vec());
+                match conn.image(p).snapshot_delete(&which) {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == ErrorKind::NotFound => {}
+                    Err(e) => return Err(be(p, e)),
                 }
             }
-            None => {
-                for p in nodes {
-                    let which = crate::image::SnapshotRef::Name(tag.as_bytes().to_vec());
-                    match self.conn.image(p).snapshot_delete(&which) {
-                        Ok(_) => {}
-                        Err(e) if e.kind() == ErrorKind::NotFound => {}
-                        Err(e) => return Err(be(p, e)),
-                    }
-                }
-                Ok(())
-            }
+            Ok(())
         }
     }
 }
 
-fn crc(s: &str) -> u32 {
+pub(crate) fn crc(s: &str) -> u32 {
     // A small stable hash for job ids (FNV-1a).
     s.bytes().fold(0x811c_9dc5u32, |h, b| {
         (h ^ b as u32).wrapping_mul(0x0100_0193)
@@ -951,13 +978,13 @@ impl Domain {
         Ok(SnapshotStore::new(root).domain(&self.name)?)
     }
 
-    fn journal(&self, store: &DomainStore) -> Result<Journal<core::CaptureRecord>> {
+    pub(crate) fn journal(&self, store: &DomainStore) -> Result<DomainJournal> {
         create_private_dir(store.dir())?;
-        Ok(Journal::open(store.journal_path())?)
+        Ok(DomainJournal::open(store.journal_path())?)
     }
 
     /// The capabilities for one operation: the domain's QMP connection if it runs.
-    async fn live(&self, st: Option<&RunRecord>) -> Result<LiveDomain> {
+    pub(crate) async fn live(&self, st: Option<&RunRecord>) -> Result<LiveDomain> {
         let qmp = match st {
             Some(st) => Some(self.qmp(st).await?),
             None => None,
@@ -981,7 +1008,7 @@ impl Domain {
 
     /// The run record if the domain runs (under the operation lock), `None` if it is shut
     /// off.
-    fn running_or_off(&self) -> Result<Option<RunRecord>> {
+    pub(crate) fn running_or_off(&self) -> Result<Option<RunRecord>> {
         match self.running() {
             Ok(st) => Ok(Some(st)),
             Err(e) if e.kind() == ErrorKind::NotRunning => Ok(None),
@@ -989,10 +1016,11 @@ impl Domain {
         }
     }
 
-    /// Recovers the captures a killed virt-snap left pending on this domain, under the
-    /// operation lock `op` (given back, held throughout): finished if they had reached their
-    /// commit point, undone otherwise; the VM resumed and the guest thawed either way.
-    /// Nothing to do is cheap (no journal, or nothing pending in it).
+    /// Recovers the captures and reverts a killed virt-snap left pending on this domain,
+    /// under the operation lock `op` (given back, held throughout): finished if they had
+    /// reached their commit point, undone otherwise; a capture's VM resumed and its guest
+    /// thawed either way, a revert's domain as it was or reverted. Nothing to do is cheap
+    /// (no journal, or nothing pending in it).
     pub(crate) async fn recover_captures(
         &self,
         op: locking::Acquired,
@@ -1004,37 +1032,49 @@ impl Domain {
         if !store.journal_path().exists() {
             return (Ok(Vec::new()), Ok(op));
         }
-        let mut journal = match Journal::<core::CaptureRecord>::open(store.journal_path()) {
+        let mut journal = match DomainJournal::open(store.journal_path()) {
             Ok(j) => j,
             Err(e) => return (Err(e.into()), Ok(op)),
         };
-        if !journal
-            .pending()
-            .iter()
-            .any(|p| p.kind == core::JOURNAL_KIND)
-        {
-            return (Ok(Vec::new()), Ok(op));
+        let pending = |j: &DomainJournal, kind: &str| j.pending().iter().any(|p| p.kind == kind);
+        let mut out = Vec::new();
+        let mut op = op;
+        if pending(&journal, core::JOURNAL_KIND) {
+            let live = match self.running_or_off() {
+                Ok(st) => self.live(st.as_ref()).await,
+                Err(e) => Err(e),
+            };
+            let live = match live {
+                Ok(l) => l,
+                Err(e) => return (Err(e), Ok(op)),
+            };
+            *live.op.lock().await = Some(op);
+            let clock = RealClock(Instant::now());
+            let r = core::recover(&caps(&live, &clock), &mut journal, &store)
+                .await
+                .map_err(Error::from);
+            op = match live.take_op().await {
+                Ok(op) => op,
+                Err(e) => return (r, Err(e)),
+            };
+            match r {
+                Ok(r) => out.extend(r),
+                Err(e) => return (Err(e), Ok(op)),
+            }
         }
-        let live = match self.running_or_off() {
-            Ok(st) => self.live(st.as_ref()).await,
-            Err(e) => Err(e),
-        };
-        let live = match live {
-            Ok(l) => l,
-            Err(e) => return (Err(e), Ok(op)),
-        };
-        *live.op.lock().await = Some(op);
-        let clock = RealClock(Instant::now());
-        let out = core::recover(&caps(&live, &clock), &mut journal, &store)
-            .await
-            .map_err(Error::from);
-        if let Ok(out) = &out {
-            for r in out {
-                tracing::warn!(domain = %self.name, ?r, "recovered an interrupted snapshot");
+        if pending(&journal, snapshot_core::revert::JOURNAL_KIND) {
+            match super::revert::recover(self, &mut journal, &store).await {
+                Ok(r) => out.extend(r),
+                Err(e) => return (Err(e), Ok(op)),
+            }
+        }
+        if !out.is_empty() {
+            for r in &out {
+                tracing::warn!(domain = %self.name, ?r, "recovered an interrupted snapshot operation");
             }
             let _ = journal.compact();
         }
-        (out, live.take_op().await)
+        (Ok(out), Ok(op))
     }
 
     /// Take snapshot `req` of the domain (`virsh snapshot-create-as`): planned against the
@@ -1149,7 +1189,7 @@ impl Domain {
     }
 
     /// The domain as the planner sees it.
-    async fn domain_info(
+    pub(crate) async fn domain_info(
         &self,
         live: &LiveDomain,
         st: Option<&RunRecord>,

@@ -1,10 +1,11 @@
-//! Domain snapshots: live capture ([`capture`]), the metadata queries and `--redefine`
+//! Domain snapshots: live capture ([`capture`]), revert ([`revert`]), the metadata queries and `--redefine`
 //! ([`meta`]), and the types a caller builds requests and reads results with, re-exported
 //! from the lower crates so that users (the CLI among them) name no lower crate.
 
 pub mod capture;
 pub(crate) mod hold;
 pub mod meta;
+pub mod revert;
 mod watchdog;
 
 pub use capture::{
@@ -13,5 +14,6 @@ pub use capture::{
 };
 pub use hold::ManualHold;
 pub use meta::{DamagedSnapshot, SnapshotInfo, SnapshotListing, SnapshotSummary, SNAPSHOTS_SUBDIR};
+pub use revert::{RevertFlags, RevertKind, RevertResult};
 pub use snapshot_core::tree::{ListFilter, Scope, TreeRow};
 pub use snapshot_core::xml::{Disk, Driver, Location, Memory, SnapshotState, Source};

@@ -1,0 +1,424 @@
+//! Reverting a domain to one of its snapshots: snapshot-core's revert capability traits
+//! implemented over the domain's QMP monitor, image-formats and the stored definition, and
+//! [`Domain::snapshot_revert`]. See docs/revert.md.
+//!
+//! One [`Reverting`] serves one operation. Unlike a capture's, its QEMU may change under it
+//! (a revert stops the domain and starts it again), so it connects to whichever QEMU runs
+//! when a step needs one.
+
+use super::capture::{
+    be, crc, create_overlay_file, delete_internal_snapshot, remove_overlay_file, JOB_TIMEOUT,
+};
+use crate::domain::{Domain, DomainState};
+use crate::error::{Error, ErrorKind, Result};
+use async_trait::async_trait;
+use qmp_proto::commands::{self as qc, MigrationStatus};
+use qmp_proto::QmpClient;
+use snapshot_core::ops::{DomainJournal, Recovered};
+use snapshot_core::revert::{self as core, Capabilities, Facts, InternalDisk, RevertPlan};
+use snapshot_core::store::DomainStore;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+pub use snapshot_core::revert::{RevertFlags, RevertKind};
+
+type CoreResult<T> = snapshot_core::Result<T>;
+
+/// What [`Domain::snapshot_revert`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RevertResult {
+    /// The snapshot reverted to (now the current one).
+    pub name: String,
+    /// How.
+    pub kind: RevertKind,
+    /// The domain's state after the revert.
+    pub state: DomainState,
+    /// How long the revert took, planning included.
+    pub elapsed: Duration,
+    /// What failed after the revert without undoing it (a resume, dropping the undo
+    /// snapshot).
+    pub warnings: Vec<String>,
+}
+
+/// A test-only failpoint: `VIRT_SNAP_FAILPOINT=revert:<effect>` aborts the process right
+/// after the effect (`pause`, `load-internal`, `destroy`, `save-current`, `apply-internal`,
+/// `create-overlay`, `switch-definition`, `start`, `load-memory`), as a kill would.
+fn failpoint(name: &str) {
+    if std::env::var("VIRT_SNAP_FAILPOINT").is_ok_and(|v| v.strip_prefix("revert:") == Some(name)) {
+        tracing::error!("failpoint revert:{name}: aborting");
+        std::process::abort();
+    }
+}
+
+/// The capabilities of one revert of one domain.
+pub(crate) struct Reverting {
+    dom: Domain,
+    /// The connection to the QEMU that runs now (made on first use, dropped when it stops).
+    qmp: tokio::sync::Mutex<Option<QmpClient>>,
+}
+
+impl Reverting {
+    pub(crate) fn new(dom: &Domain) -> Self {
+        Reverting {
+            dom: dom.clone(),
+            qmp: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// The QMP connection to the running QEMU.
+    async fn qmp(&self) -> CoreResult<QmpClient> {
+        let mut g = self.qmp.lock().await;
+        if let Some(q) = &*g {
+            return Ok(q.clone());
+        }
+        let st = self.dom.running().map_err(|e| be(&self.dom.name, e))?;
+        let q = self.dom.qmp(&st).await.map_err(|e| be(&self.dom.name, e))?;
+        *g = Some(q.clone());
+        Ok(q)
+    }
+
+    async fn up(&self) -> CoreResult<bool> {
+        Ok(self
+            .dom
+            .running_or_off()
+            .map_err(|e| be(&self.dom.name, e))?
+            .is_some())
+    }
+
+    /// The QEMU node names of `disks` (their current top nodes, by target).
+    async fn nodes(&self, disks: &[InternalDisk]) -> CoreResult<Vec<String>> {
+        let qmp = self.qmp().await?;
+        let st = self.dom.running().map_err(|e| be(&self.dom.name, e))?;
+        let blocks = crate::domain::block_devices(&qmp, &st)
+            .await
+            .map_err(|e| be("query-block", e))?;
+        disks
+            .iter()
+            .map(|d| {
+                blocks
+                    .iter()
+                    .find(|b| b.target == d.target)
+                    .and_then(|b| b.node_name.clone())
+                    .ok_or_else(|| {
+                        snapshot_core::Error::backend(
+                            d.target.as_str(),
+                            "the running QEMU has no such disk",
+                        )
+                    })
+            })
+            .collect()
+    }
+
+    /// The internal-snapshot ops of the images, offline: refused while QEMU runs (its
+    /// leases make the image operations refuse too).
+    fn offline_images(&self, what: &str, disks: &[InternalDisk]) -> CoreResult<Vec<String>> {
+        if self.dom.pid().map_err(|e| be(&self.dom.name, e))?.is_some() {
+            return Err(snapshot_core::Error::backend(
+                what,
+                "the domain runs: its images are not changed offline",
+            ));
+        }
+        Ok(disks.iter().map(|d| d.image.clone()).collect())
+    }
+}
+
+#[async_trait]
+impl core::Machine for Reverting {
+    async fn pause(&self) -> CoreResult<()> {
+        self.qmp()
+            .await?
+            .run(&qc::Stop)
+            .await
+            .map_err(|e| be("stop", e))?;
+        failpoint("pause");
+        Ok(())
+    }
+
+    async fn resume(&self) -> CoreResult<()> {
+        self.qmp()
+            .await?
+            .run(&qc::Cont)
+            .await
+            .map_err(|e| be("cont", e))?;
+        Ok(())
+    }
+
+    async fn is_up(&self) -> CoreResult<bool> {
+        self.up().await
+    }
+
+    async fn is_running(&self) -> CoreResult<bool> {
+        if !self.up().await? {
+            return Ok(false);
+        }
+        Ok(self
+            .qmp()
+            .await?
+            .run(&qc::QueryStatus)
+            .await
+            .map_err(|e| be("query-status", e))?
+            .running)
+    }
+
+    async fn destroy(&self) -> CoreResult<()> {
+        self.qmp.lock().await.take();
+        match self.dom.destroy_locked().await {
+            Ok(()) => {}
+            // Stopped already: success.
+            Err(e) if e.kind() == ErrorKind::NotRunning => {}
+            Err(e) => return Err(be(&self.dom.name, e)),
+        }
+        failpoint("destroy");
+        Ok(())
+    }
+
+    async fn start(&self, incoming: bool) -> CoreResult<()> {
+        if self.up().await? {
+            return Ok(());
+        }
+        self.qmp.lock().await.take();
+        let conn = &self.dom.conn;
+        let name = self.dom.name.as_str();
+        let def = conn.definition(name).map_err(|e| be(name, e))?;
+        let mut spec = conn.run_spec(&def).await.map_err(|e| be(name, e))?;
+        spec.paused = true;
+        if incoming {
+            spec.extra_args.extend(["-incoming".into(), "defer".into()]);
+        }
+        conn.start_locked(&spec).await.map_err(|e| be(name, e))?;
+        failpoint("start");
+        Ok(())
+    }
+
+    async fn load_memory(&self, file: &str) -> CoreResult<()> {
+        let qmp = self.qmp().await?;
+        qmp.execute(
+            "migrate-incoming",
+            Some(serde_json::json!({ "uri": format!("file:{file}") })),
+        )
+        .await
+        .map_err(|e| be("migrate-incoming", e))?;
+        let end = Instant::now() + JOB_TIMEOUT;
+        loop {
+            let info = qmp
+                .run(&qc::QueryMigrate)
+                .await
+                .map_err(|e| be("query-migrate", e))?;
+            match info.status {
+                Some(MigrationStatus::Completed) => break,
+                Some(MigrationStatus::Failed) | Some(MigrationStatus::Cancelled) => {
+                    return Err(snapshot_core::Error::backend(
+                        file,
+                        format!(
+                            "the RAM state did not load: {}",
+                            info.error_desc.as_deref().unwrap_or("(no reason given)")
+                        ),
+                    ))
+                }
+                _ if Instant::now() > end => {
+                    return Err(snapshot_core::Error::backend(
+                        file,
+                        "the RAM state did not load in time",
+                    ))
+                }
+                _ => tokio::time::sleep(Duration::from_millis(5)).await,
+            }
+        }
+        failpoint("load-memory");
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl core::Images for Reverting {
+    async fn create_overlay(
+        &self,
+        path: &str,
+        backing: &str,
+        backing_format: &str,
+    ) -> CoreResult<()> {
+        create_overlay_file(path, backing, backing_format, "qcow2")?;
+        failpoint("create-overlay");
+        Ok(())
+    }
+
+    async fn remove_overlay(&self, path: &str, backing: &str) -> CoreResult<()> {
+        remove_overlay_file(path, backing)
+    }
+
+    async fn save_internal(&self, tag: &str, disks: &[InternalDisk]) -> CoreResult<()> {
+        let conn = &self.dom.conn;
+        // Replaced if it is there (a save that was interrupted): the tag is ours.
+        delete_internal_snapshot(conn, None, tag, &self.offline_images(tag, disks)?).await?;
+        for p in self.offline_images(tag, disks)? {
+            conn.image(&p)
+                .snapshot_create(tag.as_bytes())
+                .map_err(|e| be(&p, e))?;
+        }
+        failpoint("save-current");
+        Ok(())
+    }
+
+    async fn apply_internal(&self, tag: &str, disks: &[InternalDisk]) -> CoreResult<()> {
+        let which = crate::image::SnapshotRef::Name(tag.as_bytes().to_vec());
+        for p in self.offline_images(tag, disks)? {
+            self.dom
+                .conn
+                .image(&p)
+                .snapshot_apply(&which)
+                .map_err(|e| be(&p, e))?;
+        }
+        failpoint("apply-internal");
+        Ok(())
+    }
+
+    async fn load_internal(
+        &self,
+        tag: &str,
+        disks: &[InternalDisk],
+        vmstate: &InternalDisk,
+    ) -> CoreResult<()> {
+        let qmp = self.qmp().await?;
+        let devices = self.nodes(disks).await?;
+        let vm = self.nodes(std::slice::from_ref(vmstate)).await?.remove(0);
+        let cmd = qc::SnapshotLoad {
+            job_id: format!("vs-load-{:08x}", crc(tag)),
+            tag: tag.to_string(),
+            vmstate: vm,
+            devices,
+        };
+        qmp.run_job_command(&cmd, JOB_TIMEOUT)
+            .await
+            .map_err(|e| be("snapshot-load", e))?;
+        failpoint("load-internal");
+        Ok(())
+    }
+
+    async fn delete_internal(&self, tag: &str, disks: &[InternalDisk]) -> CoreResult<()> {
+        if self.up().await? {
+            let qmp = self.qmp().await?;
+            let nodes = self.nodes(disks).await?;
+            delete_internal_snapshot(&self.dom.conn, Some(&qmp), tag, &nodes).await
+        } else {
+            let images = self.offline_images(tag, disks)?;
+            delete_internal_snapshot(&self.dom.conn, None, tag, &images).await
+        }
+    }
+}
+
+#[async_trait]
+impl core::Definition for Reverting {
+    async fn set(&self, xml: &str) -> CoreResult<()> {
+        let def = snapshot_core::DomainDef::from_xml(xml)?;
+        self.dom
+            .conn
+            .definitions()
+            .save(&def)
+            .map_err(|e| be(&self.dom.name, e))?;
+        failpoint("switch-definition");
+        Ok(())
+    }
+}
+
+/// What the planner asks, answered from the file system.
+struct FsFacts;
+
+impl Facts for FsFacts {
+    fn exists(&self, path: &str) -> bool {
+        std::fs::symlink_metadata(path).is_ok()
+    }
+
+    fn internal_snapshots(&self, image: &str) -> Vec<String> {
+        image_formats::ImageInfo::open(Path::new(image), Some(image_formats::Format::Qcow2))
+            .map(|i| {
+                i.snapshots()
+                    .iter()
+                    .map(|s| String::from_utf8_lossy(&s.name).into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+fn caps(r: &Reverting) -> Capabilities<'_> {
+    Capabilities {
+        machine: r,
+        images: r,
+        definition: r,
+    }
+}
+
+/// Recovers the reverts a killed virt-snap left pending in `journal` (the caller holds the
+/// domain's operation lock).
+pub(crate) async fn recover(
+    dom: &Domain,
+    journal: &mut DomainJournal,
+    store: &DomainStore,
+) -> Result<Vec<Recovered>> {
+    let r = Reverting::new(dom);
+    Ok(core::recover(&caps(&r), journal, store).await?)
+}
+
+impl Domain {
+    /// Revert the domain to snapshot `name` (`virsh snapshot-revert`): planned from the
+    /// domain's state and the snapshot's metadata, run step by step through the domain's
+    /// journal under its operation lock (pending operations a killed virt-snap left are
+    /// recovered first). A failure before the commit point undoes what was done: the domain
+    /// ends as it was. Afterwards the snapshot is current. docs/revert.md has the kinds.
+    pub async fn snapshot_revert(&self, name: &str, flags: RevertFlags) -> Result<RevertResult> {
+        let t0 = Instant::now();
+        let op = self.op_lock("snapshot revert").await?;
+        let (recovered, op) = self.recover_captures(op).await;
+        let _op = op?;
+        recovered?;
+        let st = self.running_or_off()?;
+        let def = self.conn.definition(&self.name).ok();
+        if st.is_none() && def.is_none() {
+            return Err(self.record().err().unwrap_or_else(|| {
+                Error::new(ErrorKind::NotRunning, "the domain is not running")
+            }));
+        }
+        let store = self.snapshot_store()?;
+        let sname = snapshot_core::SnapshotName::new(name)?;
+        if !store.snapshot_path(&sname).exists() {
+            return Err(Error::new(
+                ErrorKind::NotFound,
+                format!("domain {:?} has no snapshot {name:?}", self.name),
+            ));
+        }
+        let snap = store.read(&sname)?;
+        let info = {
+            let live = self.live(st.as_ref()).await?;
+            self.domain_info(&live, st.as_ref(), def.as_ref(), &store)
+                .await?
+        };
+        let req = core::RevertRequest { name: sname, flags };
+        let plan = RevertPlan::new(&req, &info, &snap, &FsFacts)?;
+        let mut journal = self.journal(&store)?;
+        let r = Reverting::new(self);
+        let outcome = core::run(&plan, &caps(&r), &mut journal, &store).await;
+        if let Err(e) = journal.compact() {
+            tracing::warn!(domain = %self.name, "cannot compact the journal: {e}");
+        }
+        let outcome = outcome?;
+        drop(r);
+        let state = match self.running_or_off()? {
+            None => DomainState::ShutOff,
+            Some(st) => {
+                let qmp = self.qmp(&st).await?;
+                if qmp.run(&qc::QueryStatus).await?.running {
+                    DomainState::Running
+                } else {
+                    DomainState::Paused
+                }
+            }
+        };
+        Ok(RevertResult {
+            name: plan.name.to_string(),
+            kind: plan.kind,
+            state,
+            elapsed: t0.elapsed(),
+            warnings: outcome.warnings,
+        })
+    }
+}
