@@ -1,6 +1,6 @@
 //! `virt-snap snapshot-list | snapshot-info | snapshot-dumpxml | snapshot-current |
-//! snapshot-parent | snapshot-create | snapshot-create-as`: domain snapshots (virsh's names,
-//! options and output).
+//! snapshot-parent | snapshot-create | snapshot-create-as | snapshot-revert`: domain snapshots
+//! (virsh's names, options and output).
 
 use super::output::{self, Format};
 use super::render::virsh::{table, time};
@@ -9,7 +9,7 @@ use clap::{Args, Subcommand};
 use std::path::{Path, PathBuf};
 use virt_snap::snapshot::{
     CaptureRequest, DamagedSnapshot, Disk, DomainSnapshot, Driver, Flags, ListFilter, Location,
-    Memory, Scope, SnapshotName, Source,
+    Memory, RevertFlags, Scope, SnapshotName, Source,
 };
 use virt_snap::Connection;
 
@@ -66,6 +66,27 @@ pub enum SnapshotCmd {
         current: bool,
         #[command(flatten)]
         flags: FlagArgs,
+    },
+    /// Revert the domain to a snapshot (it becomes the current one).
+    SnapshotRevert {
+        /// The domain.
+        domain: String,
+        /// The snapshot.
+        #[arg(required_unless_present = "current", conflicts_with = "current")]
+        snapshotname: Option<String>,
+        /// Revert to the current snapshot.
+        #[arg(long)]
+        current: bool,
+        /// The domain ends running, whatever the snapshot's state.
+        #[arg(long, conflicts_with = "paused")]
+        running: bool,
+        /// The domain ends paused, whatever the snapshot's state.
+        #[arg(long)]
+        paused: bool,
+        /// Revert where it is risky: a snapshot without a copy of the domain definition, or
+        /// whose disks are not the domain's disks now.
+        #[arg(long)]
+        force: bool,
     },
     /// Create a snapshot from options (virsh's --memspec and --diskspec).
     SnapshotCreateAs {
@@ -626,6 +647,29 @@ pub async fn run(cmd: SnapshotCmd, out: Format, state: Option<&Path>) -> CliResu
             let name = capture(&conn, &domain, def, &flags).await?;
             created(out, &name, xmlfile.as_deref(), false)
         }
+        SnapshotCmd::SnapshotRevert {
+            domain,
+            snapshotname,
+            current,
+            running,
+            paused,
+            force,
+        } => {
+            let name = match snapshotname {
+                Some(n) => n,
+                None if current => conn
+                    .snapshot_current(&domain)?
+                    .and_then(|s| s.name.map(|n| n.to_string()))
+                    .ok_or_else(|| no_current(&domain))?,
+                None => unreachable!("clap requires one"),
+            };
+            let flags = RevertFlags {
+                running,
+                paused,
+                force,
+            };
+            revert(&conn, &domain, &name, flags, out).await
+        }
         SnapshotCmd::SnapshotCreateAs {
             domain,
             snapshotname,
@@ -658,6 +702,32 @@ pub async fn run(cmd: SnapshotCmd, out: Format, state: Option<&Path>) -> CliResu
             let name = capture(&conn, &domain, def, &flags).await?;
             created(out, &name, None, false)
         }
+    }
+}
+
+/// `snapshot-revert`: silent on success, as virsh is (warnings on stderr); `--output json`
+/// prints the snapshot, the state after, the kind of revert and how long it took.
+async fn revert(
+    conn: &Connection,
+    domain: &str,
+    name: &str,
+    flags: RevertFlags,
+    out: Format,
+) -> CliResult {
+    let r = conn.domain(domain)?.snapshot_revert(name, flags).await?;
+    for w in &r.warnings {
+        eprintln!("warning: {w}");
+    }
+    match out {
+        Format::Json => output::print_json(&serde_json::json!({
+            "name": r.name,
+            "state": r.state,
+            "kind": r.kind.as_str(),
+            "elapsed-ms": r.elapsed.as_millis() as u64,
+            "warnings": r.warnings,
+        }))
+        .map_err(out_err),
+        Format::Text => Ok(()),
     }
 }
 
