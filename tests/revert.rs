@@ -1,0 +1,372 @@
+//! `snapshot-revert` on the real binary against a no-OS KVM domain (QEMU 10.0.2): an
+//! internal snapshot with RAM reverted in place (the same QEMU process before and after,
+//! QMP's query-status), internal snapshots reverted offline, external disk-only snapshots
+//! reverted offline and on a running domain (new overlays on the snapshot's images), and a
+//! revert killed midway recovered by the next command. The images' data, written and read
+//! with qemu-io while the domain is shut off, are the oracle; domstate, domblklist, dumpxml,
+//! snapshot-current and qemu-img as the user sees them.
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use virt_snap_e2e::in_state::{fails, ok, ok_json};
+use virt_snap_e2e::{run, stderr, virt_snap};
+
+/// A defined domain with one qcow2 disk `vda` holding pattern 0xaa, in a temporary directory;
+/// destroyed when the test ends, however it ends.
+struct Dom {
+    tmp: tempfile::TempDir,
+    state: PathBuf,
+    name: &'static str,
+}
+
+impl Drop for Dom {
+    fn drop(&mut self) {
+        let _ = virt_snap_e2e::in_state::vs(&self.state, &["destroy", self.name]);
+    }
+}
+
+fn qemu_img(args: &[&str]) -> String {
+    let out = Command::new("qemu-img")
+        .args(args)
+        .output()
+        .expect("qemu-img");
+    assert!(
+        out.status.success(),
+        "qemu-img {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// `qemu-io -c CMD` on image `p` (the domain shut off); panics if it fails or a pattern does
+/// not verify.
+fn qemu_io(p: &Path, cmd: &str) {
+    let out = Command::new("qemu-io")
+        .args(["-c", cmd])
+        .arg(p)
+        .output()
+        .expect("qemu-io");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success() && !text.contains("failed"),
+        "qemu-io {cmd} {}: {text} {}",
+        p.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn write(p: &Path, pattern: u8) {
+    qemu_io(p, &format!("write -P {pattern:#x} 0 64k"));
+}
+
+fn holds(p: &Path, pattern: u8) {
+    qemu_io(p, &format!("read -P {pattern:#x} 0 64k"));
+}
+
+impl Dom {
+    fn define(name: &'static str) -> Dom {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = std::fs::canonicalize(tmp.path()).unwrap();
+        let p = d.join("vda.qcow2");
+        qemu_img(&["create", "-q", "-f", "qcow2", p.to_str().unwrap(), "16M"]);
+        write(&p, 0xaa);
+        let xml = d.join(format!("{name}.xml"));
+        std::fs::write(
+            &xml,
+            format!(
+                "<domain type='kvm'><name>{name}</name><memory unit='MiB'>64</memory>\
+                 <vcpu>1</vcpu><os><type arch='x86_64' machine='pc'>hvm</type></os><devices>\
+                 <disk type='file' device='disk'><driver name='qemu' type='qcow2'/>\
+                 <source file='{}'/><target dev='vda' bus='virtio'/></disk>\
+                 <controller type='usb' model='none'/><memballoon model='none'/>\
+                 </devices></domain>",
+                p.display()
+            ),
+        )
+        .unwrap();
+        let state = d.join("state");
+        let dom = Dom { tmp, state, name };
+        ok(dom.s(), &["define", xml.to_str().unwrap()]);
+        dom
+    }
+
+    fn s(&self) -> &Path {
+        &self.state
+    }
+
+    fn file(&self, f: &str) -> PathBuf {
+        std::fs::canonicalize(self.tmp.path()).unwrap().join(f)
+    }
+
+    fn vs(&self, args: &[&str]) -> String {
+        let mut a = args.to_vec();
+        a.insert(1, self.name);
+        ok(self.s(), &a)
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        let mut a = args.to_vec();
+        a.insert(1, self.name);
+        ok_json(self.s(), &a)
+    }
+
+    fn pid(&self) -> Option<u64> {
+        self.json(&["domstate"])["pid"].as_u64()
+    }
+
+    fn state(&self) -> String {
+        self.vs(&["domstate"]).trim().to_string()
+    }
+
+    fn status(&self) -> String {
+        let v: Value = serde_json::from_str(
+            &self.vs(&["qemu-monitor-command", r#"{"execute":"query-status"}"#]),
+        )
+        .unwrap();
+        v["return"]["status"].as_str().unwrap().to_string()
+    }
+
+    fn source(&self) -> String {
+        let v = self.json(&["domblklist"]);
+        let disks = v.as_array().or_else(|| v["disks"].as_array()).unwrap();
+        disks[0]["source"].as_str().unwrap().to_string()
+    }
+
+    fn defined_source(&self) -> String {
+        let xml = self.vs(&["dumpxml"]);
+        let at = xml.find("<source file='").expect("a file source") + 14;
+        xml[at..at + xml[at..].find('\'').unwrap()].to_string()
+    }
+
+    fn current(&self) -> String {
+        self.vs(&["snapshot-current", "--name"]).trim().to_string()
+    }
+
+    fn revert(&self, args: &[&str]) -> Value {
+        let mut a = vec!["snapshot-revert"];
+        a.extend(args);
+        self.json(&a)
+    }
+
+    fn internal_tags(&self, image: &Path) -> String {
+        qemu_img(&["snapshot", "-U", "-l", image.to_str().unwrap()])
+    }
+}
+
+#[test]
+fn internal_with_ram_reverts_in_place_in_the_same_qemu() {
+    let d = Dom::define("rv-inplace");
+    let vda = d.file("vda.qcow2");
+    d.vs(&["start"]);
+    d.vs(&["snapshot-create-as", "s1"]);
+    d.vs(&["destroy"]);
+    // After the snapshot: other data, and the domain running again (another QEMU).
+    write(&vda, 0xbb);
+    d.vs(&["start"]);
+    let pid = d.pid().expect("running");
+    let r = d.revert(&["s1"]);
+    assert_eq!(r["kind"], "internal-in-place", "{r}");
+    assert_eq!(r["state"], "running", "{r}");
+    assert!(r["elapsed-ms"].as_u64().is_some(), "{r}");
+    assert_eq!(d.pid(), Some(pid), "the same QEMU process");
+    assert_eq!(d.status(), "running");
+    assert_eq!(d.current(), "s1");
+    // --paused: the same process, paused.
+    let r = d.revert(&["s1", "--paused"]);
+    assert_eq!(r["state"], "paused", "{r}");
+    assert_eq!(d.pid(), Some(pid));
+    assert_eq!(d.status(), "paused");
+    assert_eq!(d.state(), "paused");
+    // --running from paused.
+    let r = d.revert(&["s1", "--running"]);
+    assert_eq!(r["state"], "running", "{r}");
+    assert_eq!(d.pid(), Some(pid));
+    assert_eq!(d.status(), "running");
+    d.vs(&["destroy"]);
+    holds(&vda, 0xaa);
+    // No undo snapshot left in the image; s1 still there.
+    let tags = d.internal_tags(&vda);
+    assert!(tags.contains("s1") && !tags.contains("vs-revert"), "{tags}");
+}
+
+#[test]
+fn internal_snapshots_revert_offline() {
+    let d = Dom::define("rv-offline");
+    let vda = d.file("vda.qcow2");
+    // A disk-only internal snapshot of the shut-off domain, and one with RAM.
+    d.vs(&["snapshot-create-as", "off"]);
+    d.vs(&["start"]);
+    d.vs(&["snapshot-create-as", "ram"]);
+    d.vs(&["destroy"]);
+    write(&vda, 0xbb);
+
+    // Shut off, to a shut-off snapshot: stays shut off, the data is back.
+    let r = d.revert(&["off"]);
+    assert_eq!(r["kind"], "internal-offline", "{r}");
+    assert_eq!(r["state"], "shut off", "{r}");
+    assert_eq!(d.state(), "shut off");
+    assert_eq!(d.current(), "off");
+    holds(&vda, 0xaa);
+
+    // To a snapshot with RAM: started, its RAM loaded, running.
+    write(&vda, 0xcc);
+    let r = d.revert(&["ram"]);
+    assert_eq!(r["state"], "running", "{r}");
+    assert_eq!(d.status(), "running");
+    assert_eq!(d.current(), "ram");
+    // Running, to the shut-off snapshot: stopped, reverted, left shut off (virsh) ...
+    let r = d.revert(&["off"]);
+    assert_eq!(r["kind"], "internal-restart", "{r}");
+    assert_eq!(d.state(), "shut off");
+    holds(&vda, 0xaa);
+    // ... or started with --paused.
+    write(&vda, 0xdd);
+    let r = d.revert(&["off", "--paused"]);
+    assert_eq!(r["state"], "paused", "{r}");
+    assert_eq!(d.status(), "prelaunch");
+    d.vs(&["destroy"]);
+    holds(&vda, 0xaa);
+    let tags = d.internal_tags(&vda);
+    assert!(!tags.contains("vs-revert"), "no undo snapshot left: {tags}");
+}
+
+#[test]
+fn external_disk_only_reverts_onto_new_overlays() {
+    let d = Dom::define("rv-external");
+    let vda = d.file("vda.qcow2");
+    let s1 = d.file("vda.s1");
+    // Offline: the overlay holds what comes after the snapshot.
+    d.vs(&["snapshot-create-as", "s1", "--disk-only"]);
+    assert_eq!(d.defined_source(), s1.display().to_string());
+    write(&s1, 0xbb);
+    let r = d.revert(&["s1"]);
+    assert_eq!(r["kind"], "external", "{r}");
+    assert_eq!(r["state"], "shut off", "{r}");
+    let r1 = d.file("vda.s1.r1");
+    assert_eq!(d.defined_source(), r1.display().to_string());
+    let info = qemu_img(&["info", r1.to_str().unwrap()]);
+    assert!(
+        info.contains(&format!("backing file: {}", vda.display())),
+        "{info}"
+    );
+    holds(&r1, 0xaa);
+    // The discarded state is kept (nothing deleted): s1's overlay still holds it.
+    holds(&s1, 0xbb);
+    assert_eq!(d.current(), "s1");
+
+    // Running: the domain restarts on a new overlay with --running ...
+    d.vs(&["start"]);
+    let pid = d.pid().unwrap();
+    let r = d.revert(&["s1", "--running"]);
+    assert_eq!(r["kind"], "external", "{r}");
+    assert_eq!(r["state"], "running", "{r}");
+    let r2 = d.file("vda.s1.r2");
+    assert_eq!(d.source(), r2.display().to_string());
+    assert_ne!(d.pid(), Some(pid), "restarted");
+    assert_eq!(d.status(), "running");
+    // ... and is left shut off without it (a disk-only snapshot, as virsh).
+    let r = d.revert(&["s1"]);
+    assert_eq!(r["state"], "shut off", "{r}");
+    assert_eq!(
+        d.defined_source(),
+        d.file("vda.s1.r3").display().to_string()
+    );
+    holds(&d.file("vda.s1.r3"), 0xaa);
+    let mode = std::fs::metadata(d.file("vda.s1.r3")).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(mode.permissions().mode() & 0o777, 0o600);
+
+    // A live disk-only snapshot of the running domain, reverted running.
+    d.vs(&["start"]);
+    d.vs(&["snapshot-create-as", "s2", "--disk-only"]);
+    let r = d.revert(&["s2", "--running"]);
+    assert_eq!(r["state"], "running", "{r}");
+    // s2's image is vda.s1.r3: its overlay vda.s1.s2, the revert's next to it.
+    let s2r = d.file("vda.s1.s2.r1");
+    assert_eq!(d.source(), s2r.display().to_string());
+    d.vs(&["destroy"]);
+    let info = qemu_img(&["info", s2r.to_str().unwrap()]);
+    assert!(
+        info.contains(&format!("backing file: {}", d.file("vda.s1.r3").display())),
+        "{info}"
+    );
+}
+
+#[test]
+fn user_errors_are_one_clear_line() {
+    let d = Dom::define("rv-errors");
+    let e = fails(d.s(), &["snapshot-revert", d.name, "nope"]);
+    assert!(e.contains("no snapshot \"nope\""), "{e}");
+    d.vs(&["snapshot-create-as", "s1"]);
+    let o = virt_snap_e2e::in_state::vs(
+        d.s(),
+        &["snapshot-revert", d.name, "s1", "--running", "--paused"],
+    );
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("'--running' cannot be used with '--paused'"),
+        "{}",
+        stderr(&o)
+    );
+    // An internal snapshot whose image the disk moved off (an external snapshot since).
+    d.vs(&["snapshot-create-as", "s2", "--disk-only"]);
+    let e = fails(d.s(), &["snapshot-revert", d.name, "s1"]);
+    assert!(e.contains("does not hold internal snapshot"), "{e}");
+    assert_eq!(d.current(), "s2");
+    // --current reverts to the current one.
+    let r = d.revert(&["--current"]);
+    assert_eq!(r["name"], "s2", "{r}");
+}
+
+/// `virt-snap snapshot-revert` aborted right after `effect` (a test failpoint).
+fn killed_revert(d: &Dom, snap: &str, flags: &[&str], effect: &str) {
+    let o = run(virt_snap()
+        .env("VIRT_SNAP_FAILPOINT", format!("revert:{effect}"))
+        .arg("--state-dir")
+        .arg(d.s())
+        .args(["snapshot-revert", d.name, snap])
+        .args(flags));
+    assert!(!o.status.success(), "not killed: {}", stderr(&o));
+}
+
+#[test]
+fn a_killed_revert_is_recovered_by_the_next_command() {
+    let d = Dom::define("rv-kill");
+    let vda = d.file("vda.qcow2");
+    d.vs(&["snapshot-create-as", "s1", "--disk-only"]);
+    let s1 = d.file("vda.s1");
+    write(&s1, 0xbb);
+    d.vs(&["start"]);
+    let pid = d.pid().unwrap();
+
+    // Killed once the new QEMU started, before the snapshot became current: undone. The
+    // domain runs again on its own overlay, the new one is gone, s1 is not current.
+    killed_revert(&d, "s1", &["--running"], "start");
+    assert_eq!(d.state(), "running");
+    assert_ne!(d.pid(), Some(pid));
+    assert_eq!(d.source(), s1.display().to_string());
+    assert_eq!(d.defined_source(), s1.display().to_string());
+    assert!(!d.file("vda.s1.r1").exists());
+    assert_eq!(d.status(), "running");
+
+    // An internal snapshot with RAM, killed right after the in-place load (the commit
+    // point): completed by the next command.
+    d.vs(&["destroy"]);
+    holds(&s1, 0xbb);
+    let d2 = Dom::define("rv-kill2");
+    let v2 = d2.file("vda.qcow2");
+    d2.vs(&["start"]);
+    d2.vs(&["snapshot-create-as", "ram"]);
+    d2.vs(&["destroy"]);
+    write(&v2, 0xbb);
+    d2.vs(&["start"]);
+    let pid = d2.pid().unwrap();
+    killed_revert(&d2, "ram", &["--paused"], "load-internal");
+    assert_eq!(d2.state(), "paused");
+    assert_eq!(d2.pid(), Some(pid));
+    assert_eq!(d2.current(), "ram");
+    d2.vs(&["destroy"]);
+    holds(&v2, 0xaa);
+    let _ = vda;
+}
