@@ -1,0 +1,250 @@
+//! Reverts proven from inside the test guest (real writes through the guest, read back
+//! through its agent's guest-exec): write A, snapshot, write B, revert, read A. For an
+//! internal snapshot with RAM reverted in place (the same QEMU; a tmpfs file, which lives in
+//! RAM only, is back too), an external disk-only snapshot reverted with `--running` (the
+//! guest restarts on a new overlay of the snapshot's image), and an external snapshot with a
+//! RAM file (a QEMU started with `-incoming defer` loads it).
+//!
+//! The guest is a defined TCG domain (a revert may start it again from its definition; the
+//! guest's kernel does not boot under this host's KVM CPU model) with an ext4 qcow2 data disk
+//! at /dev/vda, mounted at /mnt by the guest's /init.
+
+use qmp_proto::QgaClient;
+use std::path::Path;
+use std::time::{Duration, Instant};
+use virt_snap::domain::DomainState;
+use virt_snap::snapshot::{
+    CaptureRequest, Flags, MemoryChoice, RevertFlags, RevertKind, SnapshotName,
+};
+use virt_snap::{Connection, Domain};
+
+/// Destroys the domain when the test ends, however it ends.
+struct Guest {
+    rt: tokio::runtime::Runtime,
+    dom: Domain,
+    console: std::path::PathBuf,
+    tmp: tempfile::TempDir,
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        let _ = self.rt.block_on(self.dom.destroy());
+    }
+}
+
+impl Guest {
+    fn define(name: &str) -> Guest {
+        let image = testbed::guest_dir().expect("the test guest (cargo xtask guest-image)");
+        let boot = testbed::GuestBoot::from_dir(&image);
+        let tmp = tempfile::tempdir().unwrap();
+        let d = std::fs::canonicalize(tmp.path()).unwrap();
+        let raw = d.join("data.raw");
+        testbed::make_data_disk(&raw, 64 << 20).expect("the guest's data disk");
+        let data = d.join("data.qcow2");
+        let st = std::process::Command::new("qemu-img")
+            .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
+            .arg(&raw)
+            .arg(&data)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        std::fs::remove_file(&raw).unwrap();
+        let console = d.join("console.log");
+        let xml = format!(
+            "<domain type='qemu'><name>{name}</name><memory unit='MiB'>256</memory>\
+             <vcpu>1</vcpu><os><type arch='x86_64' machine='q35'>hvm</type>\
+             <kernel>{}</kernel><initrd>{}</initrd><cmdline>{}</cmdline></os><devices>\
+             <disk type='file' device='disk'><driver name='qemu' type='qcow2'/>\
+             <source file='{}'/><target dev='vda' bus='virtio'/></disk>\
+             <serial type='file'><source path='{}'/></serial>\
+             <channel type='unix'><source mode='bind' path='/ignored.sock'/>\
+             <target type='virtio' name='org.qemu.guest_agent.0'/></channel>\
+             </devices></domain>",
+            boot.kernel.display(),
+            boot.initrd.display(),
+            boot.cmdline,
+            data.display(),
+            console.display(),
+        );
+        let conn = Connection::open(d.join("state")).unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(conn.define(&xml)).expect("define the guest");
+        let dom = conn.domain(name).unwrap();
+        let g = Guest {
+            rt,
+            dom,
+            console,
+            tmp,
+        };
+        g.rt.block_on(conn.start_defined(name, false))
+            .expect("start the guest");
+        g.wait_agent();
+        g
+    }
+
+    fn file(&self, f: &str) -> std::path::PathBuf {
+        std::fs::canonicalize(self.tmp.path()).unwrap().join(f)
+    }
+
+    /// Waits until the agent answers (after a boot, or a revert).
+    fn wait_agent(&self) {
+        let end = Instant::now() + Duration::from_secs(120);
+        loop {
+            let ok = self.rt.block_on(async {
+                let mut c = QgaClient::connect_unix(
+                    self.dom.dir().join("qga.sock"),
+                    Duration::from_secs(3),
+                )
+                .await
+                .ok()?;
+                c.execute("guest-ping", None, Duration::from_secs(3))
+                    .await
+                    .ok()
+            });
+            if ok.is_some() {
+                return;
+            }
+            assert!(
+                Instant::now() < end,
+                "the agent never answered; console: {}",
+                std::fs::read_to_string(&self.console).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+
+    /// `sh -c SCRIPT` in the guest: its stdout (it must exit 0).
+    fn sh(&self, script: &str) -> String {
+        self.rt.block_on(async {
+            let mut c =
+                QgaClient::connect_unix(self.dom.dir().join("qga.sock"), Duration::from_secs(10))
+                    .await
+                    .expect("the agent");
+            let out = c
+                .exec(&["/bin/sh", "-c", script], None, Duration::from_secs(60))
+                .await
+                .expect("guest-exec");
+            assert_eq!(
+                out.exit_code,
+                Some(0),
+                "{script}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8(out.stdout).unwrap()
+        })
+    }
+
+    /// Writes `v` to the data disk (synced) and to tmpfs (RAM only).
+    fn write(&self, v: &str) {
+        self.sh(&format!(
+            "echo {v} > /mnt/marker && echo {v} > /tmp/marker && sync"
+        ));
+    }
+
+    fn disk(&self) -> String {
+        self.sh("cat /mnt/marker").trim().to_string()
+    }
+
+    fn ram(&self) -> String {
+        self.sh("cat /tmp/marker 2>/dev/null || echo none")
+            .trim()
+            .to_string()
+    }
+
+    fn snapshot(&self, req: CaptureRequest) {
+        self.rt
+            .block_on(self.dom.snapshot_create(req))
+            .expect("the snapshot");
+    }
+
+    fn revert(&self, name: &str, flags: RevertFlags) -> virt_snap::snapshot::RevertResult {
+        let r = self
+            .rt
+            .block_on(self.dom.snapshot_revert(name, flags))
+            .expect("the revert");
+        assert!(r.warnings.is_empty(), "{:?}", r.warnings);
+        eprintln!("{name}: {:?} in {:?}", r.kind, r.elapsed);
+        r
+    }
+}
+
+fn name(n: &str) -> SnapshotName {
+    SnapshotName::new(n).unwrap()
+}
+
+#[test]
+fn internal_with_ram_in_place_brings_back_disk_and_ram() {
+    let g = Guest::define("rvg-int");
+    g.write("A");
+    g.snapshot(CaptureRequest::new(name("a")));
+    g.write("B");
+    assert_eq!((g.disk(), g.ram()), ("B".into(), "B".into()));
+    let pid = g.dom.pid().unwrap();
+    let r = g.revert("a", RevertFlags::default());
+    assert_eq!(r.kind, RevertKind::InternalInPlace);
+    assert_eq!(r.state, DomainState::Running);
+    assert_eq!(g.dom.pid().unwrap(), pid, "the same QEMU");
+    g.wait_agent();
+    assert_eq!(g.disk(), "A", "the disk as it was at the snapshot");
+    assert_eq!(g.ram(), "A", "the RAM as it was at the snapshot");
+    // And again after more writes: the snapshot stays usable.
+    g.write("C");
+    g.revert("a", RevertFlags::default());
+    g.wait_agent();
+    assert_eq!((g.disk(), g.ram()), ("A".into(), "A".into()));
+}
+
+#[test]
+fn external_disk_only_running_restarts_on_a_new_overlay() {
+    let g = Guest::define("rvg-ext");
+    g.write("A");
+    let mut req = CaptureRequest::new(name("e1"));
+    req.flags = Flags {
+        disk_only: true,
+        ..Default::default()
+    };
+    g.snapshot(req);
+    g.write("B");
+    assert_eq!(g.disk(), "B");
+    let r = g.revert(
+        "e1",
+        RevertFlags {
+            running: true,
+            ..Default::default()
+        },
+    );
+    assert_eq!(r.kind, RevertKind::External);
+    assert_eq!(r.state, DomainState::Running);
+    let blocks = g.rt.block_on(g.dom.block_devices()).unwrap();
+    assert_eq!(blocks[0].source, g.file("data.e1.r1").display().to_string());
+    g.wait_agent();
+    assert_eq!(g.disk(), "A", "the disk as it was at the snapshot");
+    assert_eq!(g.ram(), "none", "a disk-only revert boots the guest afresh");
+    // The snapshot's own overlay keeps B (nothing is deleted).
+    assert!(Path::new(&g.file("data.e1")).exists());
+}
+
+#[test]
+fn external_with_ram_loads_the_ram_file_into_a_new_qemu() {
+    let g = Guest::define("rvg-mem");
+    g.write("A");
+    let mem = g.file("rvg-mem.m1");
+    let mut req = CaptureRequest::new(name("m1"));
+    req.memory = MemoryChoice::External {
+        file: mem.display().to_string(),
+    };
+    g.snapshot(req);
+    g.write("B");
+    let pid = g.dom.pid().unwrap();
+    let r = g.revert("m1", RevertFlags::default());
+    assert_eq!(r.kind, RevertKind::ExternalMemory);
+    assert_eq!(r.state, DomainState::Running);
+    assert_ne!(g.dom.pid().unwrap(), pid, "a new QEMU");
+    g.wait_agent();
+    assert_eq!(g.disk(), "A", "the disk as it was at the snapshot");
+    assert_eq!(g.ram(), "A", "the RAM as it was at the snapshot");
+}
