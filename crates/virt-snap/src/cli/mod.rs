@@ -113,7 +113,7 @@ pub enum Command {
     #[command(flatten)]
     Domain(domain::DomainCmd),
     /// Domain snapshots: snapshot-list, snapshot-info, snapshot-dumpxml, snapshot-current,
-    /// snapshot-parent, snapshot-create (--redefine), snapshot-create-as.
+    /// snapshot-parent, snapshot-create (--redefine), snapshot-create-as, snapshot-revert.
     #[command(flatten)]
     Snapshot(snapshot::SnapshotCmd),
 }
