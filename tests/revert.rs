@@ -317,6 +317,19 @@ fn user_errors_are_one_clear_line() {
     // --current reverts to the current one.
     let r = d.revert(&["--current"]);
     assert_eq!(r["name"], "s2", "{r}");
+    // Not while the domain is held paused for a capture's manual disks.
+    d.vs(&["start"]);
+    d.vs(&[
+        "snapshot-create-as",
+        "m",
+        "--diskspec",
+        "vda,snapshot=manual",
+    ]);
+    let e = fails(d.s(), &["snapshot-revert", d.name, "s2"]);
+    assert!(e.contains("resume it first"), "{e}");
+    d.vs(&["resume"]);
+    d.revert(&["s2", "--running"]);
+    assert_eq!(d.current(), "s2");
 }
 
 /// `virt-snap snapshot-revert` aborted right after `effect` (a test failpoint).

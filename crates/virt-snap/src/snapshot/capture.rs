@@ -1016,6 +1016,25 @@ impl Domain {
         }
     }
 
+    /// Refuses a snapshot operation while the running domain is held paused for the manual
+    /// snapshots of a capture.
+    pub(crate) fn refuse_if_held(&self, st: Option<&RunRecord>) -> Result<()> {
+        if let (Some(_), Some(h)) = (st, super::hold::current(&self.dir()).first()) {
+            return Err(Error::new(
+                ErrorKind::InUse,
+                format!(
+                    "domain {:?} is paused for the manual snapshots of snapshot {:?} (disks {}): \
+                     resume it first (virt-snap resume {})",
+                    self.name,
+                    h.snapshot,
+                    h.disks.join(", "),
+                    self.name
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// Recovers the captures and reverts a killed virt-snap left pending on this domain,
     /// under the operation lock `op` (given back, held throughout): finished if they had
     /// reached their commit point, undone otherwise; a capture's VM resumed and its guest
@@ -1089,19 +1108,7 @@ impl Domain {
         let op = op?;
         recovered?;
         let st = self.running_or_off()?;
-        if let (Some(_), Some(h)) = (&st, super::hold::current(&self.dir()).first()) {
-            return Err(Error::new(
-                ErrorKind::InUse,
-                format!(
-                    "domain {:?} is paused for the manual snapshots of snapshot {:?} (disks {}): \
-                     resume it first (virt-snap resume {})",
-                    self.name,
-                    h.snapshot,
-                    h.disks.join(", "),
-                    self.name
-                ),
-            ));
-        }
+        self.refuse_if_held(st.as_ref())?;
         let def = self.conn.definition(&self.name).ok();
         if st.is_none() && def.is_none() {
             return Err(self.record().err().unwrap_or_else(|| {

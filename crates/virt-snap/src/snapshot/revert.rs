@@ -372,6 +372,7 @@ impl Domain {
         let _op = op?;
         recovered?;
         let st = self.running_or_off()?;
+        self.refuse_if_held(st.as_ref())?;
         let def = self.conn.definition(&self.name).ok();
         if st.is_none() && def.is_none() {
             return Err(self.record().err().unwrap_or_else(|| {
