@@ -139,6 +139,21 @@ impl Dom {
         xml[at..at + xml[at..].find('\'').unwrap()].to_string()
     }
 
+    /// The image file of every node QEMU has.
+    fn node_files(&self) -> Vec<String> {
+        let v: Value = serde_json::from_str(&self.vs(&[
+            "qemu-monitor-command",
+            r#"{"execute":"query-named-block-nodes","arguments":{"flat":true}}"#,
+        ]))
+        .unwrap();
+        v["return"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n["file"].as_str().unwrap().to_string())
+            .collect()
+    }
+
     fn current(&self) -> String {
         self.vs(&["snapshot-current", "--name"]).trim().to_string()
     }
@@ -255,42 +270,68 @@ fn external_disk_only_reverts_onto_new_overlays() {
     holds(&s1, 0xbb);
     assert_eq!(d.current(), "s1");
 
-    // Running: the domain restarts on a new overlay with --running ...
+    // Running, with --running: re-pointed in place, in the same QEMU (the guest reset) ...
     d.vs(&["start"]);
     let pid = d.pid().unwrap();
     let r = d.revert(&["s1", "--running"]);
-    assert_eq!(r["kind"], "external", "{r}");
+    assert_eq!(r["kind"], "external-in-place", "{r}");
     assert_eq!(r["state"], "running", "{r}");
     let r2 = d.file("vda.s1.r2");
     assert_eq!(d.source(), r2.display().to_string());
-    assert_ne!(d.pid(), Some(pid), "restarted");
+    assert_eq!(d.defined_source(), r2.display().to_string());
+    assert_eq!(d.pid(), Some(pid), "the same QEMU");
     assert_eq!(d.status(), "running");
+    // The old top is gone from QEMU; the new overlay sits on the snapshot's image.
+    let nodes = d.node_files();
+    assert!(!nodes.iter().any(|f| f.ends_with("/vda.s1")), "{nodes:?}");
+    assert_eq!(
+        nodes.iter().filter(|f| f.ends_with("/vda.s1.r2")).count(),
+        2
+    );
     // ... and is left shut off without it (a disk-only snapshot, as virsh).
     let r = d.revert(&["s1"]);
+    assert_eq!(r["kind"], "external", "{r}");
     assert_eq!(r["state"], "shut off", "{r}");
     assert_eq!(
         d.defined_source(),
         d.file("vda.s1.r3").display().to_string()
     );
     holds(&d.file("vda.s1.r3"), 0xaa);
+    holds(&r2, 0xaa);
     let mode = std::fs::metadata(d.file("vda.s1.r3")).unwrap();
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(mode.permissions().mode() & 0o777, 0o600);
 
-    // A live disk-only snapshot of the running domain, reverted running.
+    // A live disk-only snapshot of the running domain (on vda.s1.r3), reverted running in
+    // place.
     d.vs(&["start"]);
+    let pid = d.pid().unwrap();
     d.vs(&["snapshot-create-as", "s2", "--disk-only"]);
     let r = d.revert(&["s2", "--running"]);
-    assert_eq!(r["state"], "running", "{r}");
+    assert_eq!(r["kind"], "external-in-place", "{r}");
     // s2's image is vda.s1.r3: its overlay vda.s1.s2, the revert's next to it.
     let s2r = d.file("vda.s1.s2.r1");
     assert_eq!(d.source(), s2r.display().to_string());
+    assert_eq!(d.pid(), Some(pid));
+    // Back to s1 in place (vda.qcow2 is in the chain), then to s2 again: its image
+    // vda.s1.r3 is not in the chain any more, so QEMU is restarted.
+    let r = d.revert(&["s1", "--running"]);
+    assert_eq!(r["kind"], "external-in-place", "{r}");
+    assert_eq!(d.pid(), Some(pid));
+    let r = d.revert(&["s2", "--running"]);
+    assert_eq!(r["kind"], "external", "{r}");
+    assert_ne!(d.pid(), Some(pid), "restarted");
+    assert_eq!(d.status(), "running");
+    let s2r2 = d.file("vda.s1.s2.r2");
+    assert_eq!(d.source(), s2r2.display().to_string());
     d.vs(&["destroy"]);
-    let info = qemu_img(&["info", s2r.to_str().unwrap()]);
-    assert!(
-        info.contains(&format!("backing file: {}", d.file("vda.s1.r3").display())),
-        "{info}"
-    );
+    for f in [&s2r, &s2r2] {
+        let info = qemu_img(&["info", f.to_str().unwrap()]);
+        assert!(
+            info.contains(&format!("backing file: {}", d.file("vda.s1.r3").display())),
+            "{info}"
+        );
+    }
 }
 
 #[test]
@@ -353,15 +394,36 @@ fn a_killed_revert_is_recovered_by_the_next_command() {
     d.vs(&["start"]);
     let pid = d.pid().unwrap();
 
-    // Killed once the new QEMU started, before the snapshot became current: undone. The
-    // domain runs again on its own overlay, the new one is gone, s1 is not current.
-    killed_revert(&d, "s1", &["--running"], "start");
+    // Killed once re-pointed in place, before the guest reset (the commit point): undone.
+    // The domain runs on its own overlay again in the same QEMU, the new one is gone, s1 is
+    // not current.
+    killed_revert(&d, "s1", &["--running"], "repoint");
     assert_eq!(d.state(), "running");
-    assert_ne!(d.pid(), Some(pid));
+    assert_eq!(d.pid(), Some(pid));
+    assert_eq!(d.status(), "running");
     assert_eq!(d.source(), s1.display().to_string());
     assert_eq!(d.defined_source(), s1.display().to_string());
     assert!(!d.file("vda.s1.r1").exists());
+    let nodes = d.node_files();
+    assert!(!nodes.iter().any(|f| f.contains(".r1")), "{nodes:?}");
+    assert_eq!(
+        d.current(),
+        "s1",
+        "s1 was current already (made by the capture)"
+    );
+    // Killed right after the guest reset: completed by the next command.
+    killed_revert(&d, "s1", &["--running"], "reset-guest");
+    assert_eq!(d.state(), "running");
+    assert_eq!(d.pid(), Some(pid));
+    assert_eq!(d.source(), d.file("vda.s1.r1").display().to_string());
     assert_eq!(d.status(), "running");
+    // A revert that stops the domain (no --running: it ends shut off), killed right after
+    // the stop: undone, the domain started again from its disks (a new QEMU).
+    killed_revert(&d, "s1", &[], "destroy");
+    assert_eq!(d.state(), "running");
+    assert_ne!(d.pid(), Some(pid));
+    assert_eq!(d.source(), d.file("vda.s1.r1").display().to_string());
+    assert!(!d.file("vda.s1.r2").exists());
 
     // An internal snapshot with RAM, killed right after the in-place load (the commit
     // point): completed by the next command.
@@ -381,5 +443,19 @@ fn a_killed_revert_is_recovered_by_the_next_command() {
     assert_eq!(d2.current(), "ram");
     d2.vs(&["destroy"]);
     holds(&v2, 0xaa);
+
+    // Shut off, killed right after the offline apply: the domain is left shut off with the
+    // revert pending; `start` recovers it first (the image as it was, the undo snapshot
+    // gone), then starts.
+    write(&v2, 0xcc);
+    killed_revert(&d2, "ram", &[], "apply-internal");
+    d2.vs(&["start"]);
+    d2.vs(&["destroy"]);
+    holds(&v2, 0xcc);
+    let tags = d2.internal_tags(&v2);
+    assert!(
+        tags.contains("ram") && !tags.contains("vs-revert"),
+        "{tags}"
+    );
     let _ = vda;
 }

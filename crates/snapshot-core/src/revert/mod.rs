@@ -10,6 +10,8 @@
 //!                       -> SetCurrent* -> [Resume] -> DropSaved
 //! external:             CreateOverlay.. -> [Destroy] -> SwitchDefinition
 //!                       -> [Start{incoming} -> [LoadMemory]] -> SetCurrent* -> [Resume]
+//! external, in place:   CreateOverlay.. -> AddOverlayNode.. -> SwitchDefinition -> [Pause]
+//!                       -> Repoint -> ResetGuest* -> SetCurrent -> [Resume] -> [DropNodes]
 //! ```
 //!
 //! `*` is the commit point ([`RevertPlan::commit_point`]): a failure before it undoes every
@@ -24,8 +26,8 @@ mod runner;
 mod tests;
 
 pub use plan::{
-    revert_overlay_path, Facts, InternalDisk, RevertFlags, RevertKind, RevertPlan, RevertRequest,
-    Step,
+    revert_node_name, revert_overlay_path, Facts, InternalDisk, RevertFlags, RevertKind,
+    RevertPlan, RevertRequest, Step, Swap,
 };
 pub use runner::{recover, run, Recovered, RevertOutcome, RevertRecord, JOURNAL_KIND};
 
@@ -54,6 +56,8 @@ pub trait Machine: Send + Sync {
     /// Loads the RAM state from `file` into a QEMU started with `incoming`
     /// (`migrate-incoming`), and waits for it; the vCPUs stay paused.
     async fn load_memory(&self, file: &str) -> Result<()>;
+    /// Resets the guest (`system_reset`); paused vCPUs stay paused.
+    async fn reset(&self) -> Result<()>;
 }
 
 /// The disk images: overlay files and internal snapshots.
@@ -80,6 +84,15 @@ pub trait Images: Send + Sync {
     /// Deletes internal snapshot `tag` from each image: through QEMU (`snapshot-delete`)
     /// when it runs, offline otherwise; missing is success.
     async fn delete_internal(&self, tag: &str, disks: &[InternalDisk]) -> Result<()>;
+    /// `blockdev-add` of the qcow2 overlay `path` as node `node`, without its backing.
+    async fn add_node(&self, node: &str, path: &str) -> Result<()>;
+    /// `blockdev-del` of `node` (and its file node); missing is success.
+    async fn del_node(&self, node: &str) -> Result<()>;
+    /// Puts each swap's overlay on top of its disk, backed by the node of its `base` image
+    /// ([`Step::Repoint`]).
+    async fn repoint(&self, swaps: &[Swap]) -> Result<()>;
+    /// Undoes [`Images::repoint`] where it acted: each disk's old top on top again.
+    async fn unpoint(&self, swaps: &[Swap]) -> Result<()>;
 }
 
 /// The domain's stored definition.

@@ -46,6 +46,10 @@ pub enum RevertKind {
     /// An external disk-only snapshot: a new overlay per disk on the snapshot's image; a
     /// running domain is stopped and started again on them if the flags ask.
     External,
+    /// An external disk-only snapshot of a running (or paused) domain that ends running (or
+    /// paused): new overlays re-pointed in the same QEMU process (each on the snapshot's
+    /// image, which is in the disk's current chain), and the guest reset.
+    ExternalInPlace,
     /// An external snapshot with a RAM file: new overlays, then a QEMU started waiting for
     /// the RAM (`-incoming defer`) that loads it from the file.
     ExternalMemory,
@@ -59,6 +63,7 @@ impl RevertKind {
             RevertKind::InternalOffline => "internal-offline",
             RevertKind::InternalRestart => "internal-restart",
             RevertKind::External => "external",
+            RevertKind::ExternalInPlace => "external-in-place",
             RevertKind::ExternalMemory => "external-memory",
         }
     }
@@ -128,6 +133,34 @@ pub enum Step {
         /// Its format.
         backing_format: String,
     },
+    /// `blockdev-add` the new overlay `path` as node `node` (no backing yet), in the running
+    /// QEMU. Undo: `blockdev-del`.
+    AddOverlayNode {
+        /// The disk's target.
+        disk: String,
+        /// The node name.
+        node: String,
+        /// The overlay.
+        path: String,
+    },
+    /// In the running QEMU, with the vCPUs paused: each disk's new overlay node put on top
+    /// of its current top (one `transaction` of `blockdev-snapshot`), then re-pointed onto
+    /// the node of the snapshot's image in the old chain (`blockdev-reopen`), which leaves
+    /// the old top detached. Undo: the overlay's backing back to the old top, the overlay
+    /// merged back into it (it is empty: nothing ran) and the old top on top again.
+    Repoint {
+        /// The disks.
+        swaps: Vec<Swap>,
+    },
+    /// `system_reset`: the guest restarts on the re-pointed disks (its RAM and caches are of
+    /// the discarded state). Cannot be undone: the commit point.
+    ResetGuest,
+    /// `blockdev-del` of the detached old tops. After the commit point: a failure is a
+    /// warning (the nodes stay open, unused).
+    DropNodes {
+        /// The nodes.
+        nodes: Vec<String>,
+    },
     /// Store the domain definition `after` (the disks on their new overlays). Undo: store
     /// `before`.
     SwitchDefinition {
@@ -177,6 +210,10 @@ impl Step {
             Step::SaveCurrent { .. } => "save-current".into(),
             Step::ApplyInternal { .. } => "apply-internal".into(),
             Step::CreateOverlay { disk, .. } => format!("create-overlay {disk}"),
+            Step::AddOverlayNode { disk, .. } => format!("add-overlay-node {disk}"),
+            Step::Repoint { .. } => "repoint".into(),
+            Step::ResetGuest => "reset-guest".into(),
+            Step::DropNodes { .. } => "drop-nodes".into(),
             Step::SwitchDefinition { .. } => "switch-definition".into(),
             Step::Start { .. } => "start".into(),
             Step::LoadMemory { .. } => "load-memory".into(),
@@ -185,6 +222,35 @@ impl Step {
             Step::DropSaved { .. } => "drop-saved".into(),
         }
     }
+}
+
+/// One disk's re-pointing in the running QEMU ([`Step::Repoint`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Swap {
+    /// The disk's target.
+    pub disk: String,
+    /// Its current top node.
+    pub top: String,
+    /// The current top's image.
+    pub top_image: String,
+    /// The new overlay's node.
+    pub overlay: String,
+    /// The new overlay.
+    pub path: String,
+    /// The image holding the snapshot's data (the new overlay's backing), a node in the
+    /// current top's chain (or the top itself).
+    pub base: String,
+}
+
+/// A QEMU node name for a revert's overlay `path` of `disk` (at most 31 characters, starting
+/// with a letter, unique per overlay file).
+pub fn revert_node_name(disk: &str, path: &str) -> String {
+    let disk: String = disk
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .take(12)
+        .collect();
+    format!("rv-{disk}-{:08x}", crc32fast::hash(path.as_bytes()))
 }
 
 /// A validated plan: the steps in order and the commit point.
@@ -218,6 +284,8 @@ pub trait Facts {
     /// The tags of the internal snapshots of the qcow2 image `image` (none if it is not
     /// one).
     fn internal_snapshots(&self, image: &str) -> Vec<String>;
+    /// The images below `image` in its backing chain, top down (as its headers record them).
+    fn backing_chain(&self, image: &str) -> Vec<String>;
 }
 
 fn plan_error(object: &str, what: String) -> Error {
@@ -389,8 +457,9 @@ impl RevertPlan {
             before: dom.current.clone(),
         };
         let kind;
-        // The in-place load, which cannot be undone; else making the snapshot current.
-        let mut in_place_load = None;
+        // The in-place load or guest reset, which cannot be undone; else making the snapshot
+        // current.
+        let mut irrevocable = None;
         let mut saved = None;
         if !internal.is_empty() {
             if mem == Location::External {
@@ -438,7 +507,7 @@ impl RevertPlan {
                 if dom.state == RunState::Running {
                     steps.push(Step::Pause);
                 }
-                in_place_load = Some(steps.len());
+                irrevocable = Some(steps.len());
                 steps.push(load);
             } else {
                 let tag = undo_tag(name, &disks, facts);
@@ -510,6 +579,7 @@ impl RevertPlan {
                 _ => None,
             };
             let mut overlays = Vec::new();
+            let mut swaps = Vec::new();
             for d in &external {
                 let t = &d.target;
                 let cd = copy.disk(t).ok_or_else(|| {
@@ -550,6 +620,18 @@ impl RevertPlan {
                 }
                 let path = revert_overlay_path(&base, name, facts, &overlays);
                 overlays.push(path.clone());
+                let top = d.source.clone().unwrap_or_default();
+                if !d.node.is_empty() && (top == base || facts.backing_chain(&top).contains(&base))
+                {
+                    swaps.push(Swap {
+                        disk: t.clone(),
+                        top: d.node.clone(),
+                        top_image: top.clone(),
+                        overlay: revert_node_name(t, &path),
+                        path: path.clone(),
+                        base: base.clone(),
+                    });
+                }
                 steps.push(Step::CreateOverlay {
                     disk: t.clone(),
                     path: path.clone(),
@@ -567,15 +649,62 @@ impl RevertPlan {
                 nd.set_backing_store(cd.backing_store.clone());
                 nd.put_overlay(&path, "qcow2");
             }
+            let switch = Step::SwitchDefinition {
+                before: before.clone(),
+                after: after.to_xml(),
+            };
+            // In place: the domain runs and goes on running, no RAM to load, and every disk's
+            // snapshot image is in its current chain (a node QEMU has open).
+            if up
+                && ram_file.is_none()
+                && final_state != RunState::ShutOff
+                && swaps.len() == external.len()
+            {
+                kind = RevertKind::ExternalInPlace;
+                for sw in &swaps {
+                    steps.push(Step::AddOverlayNode {
+                        disk: sw.disk.clone(),
+                        node: sw.overlay.clone(),
+                        path: sw.path.clone(),
+                    });
+                }
+                steps.push(switch);
+                if dom.state == RunState::Running {
+                    steps.push(Step::Pause);
+                }
+                // The old tops detached: all but a top that is the snapshot's image itself.
+                let old: Vec<String> = swaps
+                    .iter()
+                    .filter(|sw| sw.top_image != sw.base)
+                    .map(|sw| sw.top.clone())
+                    .collect();
+                steps.push(Step::Repoint { swaps });
+                irrevocable = Some(steps.len());
+                steps.push(Step::ResetGuest);
+                steps.push(set_current);
+                if final_state == RunState::Running {
+                    steps.push(Step::Resume);
+                }
+                if !old.is_empty() {
+                    steps.push(Step::DropNodes { nodes: old });
+                }
+                return Ok(RevertPlan {
+                    domain: dom.name.clone(),
+                    name: req.name.clone(),
+                    kind,
+                    run_state: dom.state,
+                    final_state,
+                    steps,
+                    commit_point: irrevocable.expect("set above"),
+                    disks: external.iter().map(|d| d.target.clone()).collect(),
+                });
+            }
             if up {
                 steps.push(Step::Destroy {
                     paused: dom.state == RunState::Paused,
                 });
             }
-            steps.push(Step::SwitchDefinition {
-                before: before.clone(),
-                after: after.to_xml(),
-            });
+            steps.push(switch);
             if let Some(file) = ram_file {
                 kind = RevertKind::ExternalMemory;
                 steps.push(Step::Start { incoming: true });
@@ -587,7 +716,7 @@ impl RevertPlan {
                 }
             }
         }
-        let commit_point = in_place_load.unwrap_or(steps.len());
+        let commit_point = irrevocable.unwrap_or(steps.len());
         steps.push(set_current);
         if final_state == RunState::Running {
             steps.push(Step::Resume);

@@ -77,6 +77,15 @@ async fn act(caps: &Capabilities<'_>, store: &DomainStore, step: &Step) -> Resul
             backing_format,
             ..
         } => i.create_overlay(path, backing, backing_format).await,
+        Step::AddOverlayNode { node, path, .. } => i.add_node(node, path).await,
+        Step::Repoint { swaps } => i.repoint(swaps).await,
+        Step::ResetGuest => m.reset().await,
+        Step::DropNodes { nodes } => {
+            for n in nodes {
+                i.del_node(n).await?;
+            }
+            Ok(())
+        }
         Step::SwitchDefinition { after, .. } => caps.definition.set(after).await,
         Step::Start { incoming } => m.start(*incoming).await,
         Step::LoadMemory { file } => m.load_memory(file).await,
@@ -103,6 +112,10 @@ async fn undo(caps: &Capabilities<'_>, store: &DomainStore, step: &Step) -> Resu
         } => i.apply_internal(undo_tag, disks).await,
         Step::CreateOverlay { path, backing, .. } => i.remove_overlay(path, backing).await,
         Step::SwitchDefinition { before, .. } => caps.definition.set(before).await,
+        Step::AddOverlayNode { node, .. } => i.del_node(node).await,
+        Step::Repoint { swaps } => i.unpoint(swaps).await,
+        // The commit point, and after it.
+        Step::ResetGuest | Step::DropNodes { .. } => Ok(()),
         Step::Start { .. } => m.destroy().await,
         Step::SetCurrent { before, .. } => store.set_current(before.as_ref()),
         Step::Resume | Step::DropSaved { .. } => Ok(()),
@@ -250,6 +263,10 @@ async fn roll_forward(
         match (res, step) {
             (Ok(()), _) => {}
             (Err(e), Step::SetCurrent { .. }) => current_error = Some(e),
+            (Err(e), Step::DropNodes { nodes }) => warnings.push(format!(
+                "the old nodes {} stay open in QEMU, unused: {e}",
+                nodes.join(", ")
+            )),
             (Err(e), Step::DropSaved { tag, .. }) => warnings.push(format!(
                 "the undo snapshot {tag} is left in the images (delete it with `virt-snap \
                  image snapshot delete`): {e}"

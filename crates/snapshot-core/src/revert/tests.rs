@@ -29,6 +29,8 @@ struct Files {
     images: BTreeMap<String, Img>,
     overlays: BTreeMap<String, String>,
     definition: String,
+    roots: BTreeMap<String, String>,
+    nodes: BTreeMap<String, (String, Option<String>)>,
 }
 
 #[derive(Debug, Default)]
@@ -45,6 +47,10 @@ struct State {
     definition: String,
     /// The definition the running QEMU was started from.
     started_with: String,
+    /// Each disk's top node in the running QEMU.
+    roots: BTreeMap<String, String>,
+    /// The QEMU's nodes: node, (image, backing image).
+    nodes: BTreeMap<String, (String, Option<String>)>,
     violations: Vec<String>,
     faults: Faults,
 }
@@ -55,6 +61,8 @@ impl State {
             images: self.images.clone(),
             overlays: self.overlays.clone(),
             definition: self.definition.clone(),
+            roots: self.roots.clone(),
+            nodes: self.nodes.clone(),
         }
     }
 
@@ -165,6 +173,19 @@ impl Machine for World {
         })
         .await
     }
+    async fn reset(&self) -> Result<()> {
+        self.effect("reset", |s| {
+            if !s.up {
+                return Err(not_up("system_reset"));
+            }
+            if s.running {
+                s.violations.push("reset with running vCPUs".into());
+            }
+            s.ram = "reset".into();
+            Ok(())
+        })
+        .await
+    }
 }
 
 #[async_trait::async_trait]
@@ -264,6 +285,61 @@ impl Images for World {
         })
         .await
     }
+    async fn add_node(&self, node: &str, path: &str) -> Result<()> {
+        self.effect("add_node", |s| {
+            if !s.up {
+                return Err(not_up("blockdev-add"));
+            }
+            if s.nodes.contains_key(node) {
+                return Err(Error::backend(node, "duplicate node"));
+            }
+            s.nodes.insert(node.into(), (path.into(), None));
+            Ok(())
+        })
+        .await
+    }
+    async fn del_node(&self, node: &str) -> Result<()> {
+        self.effect("del_node", |s| {
+            if s.roots.values().any(|r| r == node) {
+                s.violations.push(format!("deleted the node in use {node}"));
+            }
+            s.nodes.remove(node);
+            Ok(())
+        })
+        .await
+    }
+    async fn repoint(&self, swaps: &[Swap]) -> Result<()> {
+        self.effect("repoint", |s| {
+            if s.running {
+                s.violations.push("repointed with running vCPUs".into());
+            }
+            for sw in swaps {
+                if s.roots.get(&sw.disk) != Some(&sw.top) || !s.nodes.contains_key(&sw.overlay) {
+                    return Err(Error::backend(&sw.disk, "no such node"));
+                }
+            }
+            for sw in swaps {
+                s.roots.insert(sw.disk.clone(), sw.overlay.clone());
+                s.nodes.get_mut(&sw.overlay).expect("checked").1 = Some(sw.base.clone());
+            }
+            Ok(())
+        })
+        .await
+    }
+    async fn unpoint(&self, swaps: &[Swap]) -> Result<()> {
+        self.effect("unpoint", |s| {
+            for sw in swaps {
+                if s.roots.get(&sw.disk) == Some(&sw.overlay) {
+                    s.roots.insert(sw.disk.clone(), sw.top.clone());
+                    if let Some(n) = s.nodes.get_mut(&sw.overlay) {
+                        n.1 = None;
+                    }
+                }
+            }
+            Ok(())
+        })
+        .await
+    }
 }
 
 #[async_trait::async_trait]
@@ -283,6 +359,12 @@ impl Facts for World {
         s.images.contains_key(path)
             || s.overlays.contains_key(path)
             || s.memory_files.iter().any(|f| f == path)
+    }
+    fn backing_chain(&self, image: &str) -> Vec<String> {
+        let s = self.st();
+        std::iter::successors(s.overlays.get(image), |b| s.overlays.get(*b))
+            .cloned()
+            .collect()
     }
     fn internal_snapshots(&self, image: &str) -> Vec<String> {
         self.st()
@@ -399,6 +481,24 @@ fn external_world(s: &mut State) {
         ("vda", "/img/vda.s1", "qcow2"),
         ("vdb", "/img/vdb.s1", "qcow2"),
     ]);
+    for t in ["vda", "vdb"] {
+        s.roots.insert(t.into(), format!("node-{t}"));
+        s.nodes.insert(
+            format!("node-{t}"),
+            (format!("/img/{t}.s1"), Some(format!("/img/{t}.qcow2"))),
+        );
+    }
+}
+
+/// The domain on another branch: its disks' chains do not hold the snapshot's images (so
+/// an external revert cannot re-point them in place).
+fn external_world_elsewhere(s: &mut State) {
+    external_world(s);
+    for t in ["vda", "vdb"] {
+        s.images.insert(format!("/img/{t}.other"), Img::default());
+        s.overlays
+            .insert(format!("/img/{t}.s1"), format!("/img/{t}.other"));
+    }
 }
 
 fn modes() -> Vec<Mode> {
@@ -574,13 +674,31 @@ fn modes() -> Vec<Mode> {
             external_world,
         ),
         m(
-            "external disk-only, running, --running",
+            "external disk-only, running, --running: in place",
+            external_dom(Running),
+            ext_snap.clone(),
+            flags(true, false),
+            ExternalInPlace,
+            Running,
+            external_world,
+        ),
+        m(
+            "external disk-only, paused domain, --paused: in place",
+            external_dom(Paused),
+            ext_snap.clone(),
+            flags(false, true),
+            ExternalInPlace,
+            Paused,
+            external_world,
+        ),
+        m(
+            "external disk-only, running elsewhere, --running: restarted",
             external_dom(Running),
             ext_snap,
             flags(true, false),
             External,
             Running,
-            external_world,
+            external_world_elsewhere,
         ),
         m(
             "external with RAM, paused domain",
@@ -748,7 +866,7 @@ fn assert_reverted(e: &Env, mode: &Mode, plan: &RevertPlan, warned: bool, ctx: &
                 assert_eq!(s.ram, "ram-s1", "{ctx}: RAM");
             }
         }
-        RevertKind::External | RevertKind::ExternalMemory => {
+        RevertKind::External | RevertKind::ExternalMemory | RevertKind::ExternalInPlace => {
             let after = plan.steps.iter().find_map(|s| match s {
                 Step::SwitchDefinition { after, .. } => Some(after.clone()),
                 _ => None,
@@ -770,7 +888,19 @@ fn assert_reverted(e: &Env, mode: &Mode, plan: &RevertPlan, warned: bool, ctx: &
             for f in e.before.overlays.keys() {
                 assert!(s.overlays.contains_key(f), "{ctx}: {f} removed");
             }
-            if s.up {
+            if mode.kind == RevertKind::ExternalInPlace {
+                assert_eq!(s.pid, e.pid, "{ctx}: the same QEMU");
+                assert_eq!(s.ram, "reset", "{ctx}: the guest reset");
+                for (t, img) in [("vda", "/img/vda.s1.r2"), ("vdb", "/img/vdb.s1.r1")] {
+                    let root = &s.roots[t];
+                    let base = format!("/img/{t}.qcow2");
+                    assert_eq!(s.nodes[root], (img.to_string(), Some(base)), "{ctx}: {t}");
+                    if !warned {
+                        let old = format!("node-{t}");
+                        assert!(!s.nodes.contains_key(&old), "{ctx}: {old} left");
+                    }
+                }
+            } else if s.up {
                 assert_eq!(&s.started_with, &s.definition, "{ctx}: started on them");
             }
             if mode.kind == RevertKind::ExternalMemory {
@@ -818,6 +948,8 @@ fn the_commit_point_is_the_in_place_load_or_making_the_snapshot_current() {
         let cp = &plan.steps[plan.commit_point];
         if mode.kind == RevertKind::InternalInPlace {
             assert!(matches!(cp, Step::LoadInternal { .. }), "{}", mode.label);
+        } else if mode.kind == RevertKind::ExternalInPlace {
+            assert!(matches!(cp, Step::ResetGuest), "{}", mode.label);
         } else {
             assert!(matches!(cp, Step::SetCurrent { .. }), "{}", mode.label);
         }
@@ -826,7 +958,10 @@ fn the_commit_point_is_the_in_place_load_or_making_the_snapshot_current() {
             assert!(
                 matches!(
                     s,
-                    Step::SetCurrent { .. } | Step::Resume | Step::DropSaved { .. }
+                    Step::SetCurrent { .. }
+                        | Step::Resume
+                        | Step::DropSaved { .. }
+                        | Step::DropNodes { .. }
                 ),
                 "{}: {s:?}",
                 mode.label
@@ -1008,7 +1143,7 @@ fn planning_refuses_what_it_cannot_revert() {
     assert!(RevertPlan::new(&req(&m), &m.dom, &m.snap, &w).is_ok());
 
     // A missing RAM file or base image.
-    let m = modes().remove(11);
+    let m = modes().remove(13);
     let gone = World::default();
     external_world(&mut gone.st());
     gone.st().memory_files.clear();

@@ -291,7 +291,9 @@ impl Connection {
     pub async fn start(&self, spec: &RunSpec) -> Result<Domain> {
         spec.validate()?;
         let dom = self.domain(&spec.name)?;
-        let _op = dom.op_lock("start").await?;
+        // A revert killed midway may have left the domain stopped, its definition switched:
+        // recovered first (which may start the domain again).
+        let _op = dom.recover_pending(dom.op_lock("start").await?).await?;
         self.start_locked(spec).await
     }
 
@@ -685,6 +687,39 @@ impl Domain {
             .await?)
     }
 
+    /// Does the domain's journal hold an operation a killed virt-snap left pending (a capture
+    /// or a revert)? Read without the lock and without changing the file (it is compacted
+    /// after each operation, so it stays small); an unreadable journal counts as pending, for
+    /// recovery to report.
+    pub(crate) fn has_pending_operations(&self) -> bool {
+        use snapshot_core::journal::{read_records, Entry};
+        let path = self
+            .conn
+            .state_dir()
+            .join(crate::snapshot::SNAPSHOTS_SUBDIR)
+            .join(&self.name)
+            .join("journal");
+        if !path.exists() {
+            return false;
+        }
+        let Ok(r) = read_records::<snapshot_core::ops::OpRecord>(&path) else {
+            return true;
+        };
+        let mut open = std::collections::BTreeSet::new();
+        for (_, e) in r.records {
+            match e {
+                Entry::Begin { op, .. } => {
+                    open.insert(op);
+                }
+                Entry::End { op, .. } => {
+                    open.remove(&op);
+                }
+                _ => {}
+            }
+        }
+        !open.is_empty()
+    }
+
     /// Recovers captures a killed virt-snap left pending (under the operation lock `op`); a
     /// failure is logged, not fatal to the command at hand.
     /// Returns the operation lock `op` (held throughout).
@@ -788,7 +823,7 @@ impl Domain {
             r => r?,
         };
         let st = self.refresh(st, false)?;
-        if st.status == Status::ShutOff {
+        if st.status == Status::ShutOff && !self.has_pending_operations() {
             return Ok(shut_off(&st));
         }
         let _op = self

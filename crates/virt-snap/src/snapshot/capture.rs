@@ -145,16 +145,6 @@ impl LiveDomain {
         self.timings.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The named block nodes QEMU has.
-    async fn node_names(&self) -> CoreResult<Vec<String>> {
-        let nodes = self
-            .qmp()?
-            .run(&qc::QueryNamedBlockNodes { flat: Some(true) })
-            .await
-            .map_err(|e| be("query-named-block-nodes", e))?;
-        Ok(nodes.into_iter().filter_map(|n| n.node_name).collect())
-    }
-
     /// The guest agent connection (made on first use, within `t`).
     async fn agent_client(
         &self,
@@ -267,7 +257,7 @@ impl LiveDomain {
 }
 
 /// The file node under overlay node `node`.
-fn file_node(node: &str) -> String {
+pub(crate) fn file_node(node: &str) -> String {
     format!("{node}-f")
 }
 
@@ -475,74 +465,22 @@ impl core::BlockLayer for LiveDomain {
     }
 
     async fn add_node(&self, node: &str, path: &str, format: &str) -> CoreResult<()> {
-        let qmp = self.qmp()?;
-        // The overlay's lease, handed to QEMU so that it lives as long as QEMU.
-        let leases = self
-            .conn
-            .inner()
-            .locks
-            .acquire(&Purpose::VmAttach {
-                domain: self.domain.clone(),
-                qemu_pid: self.qemu_pid,
-                disks: vec![DiskUse {
-                    resource: Resource::file(path),
-                    read_only: false,
-                    shareable: false,
-                }],
-            })
-            .map_err(|e| be(path, e))?;
-        for fd in leases.lock_fds() {
-            qmp.getfd(&lease_fd_name(node), fd.as_fd())
-                .await
-                .map_err(|e| be("getfd", e))?;
-        }
-        leases.hand_over(self.qemu_pid).map_err(|e| be(path, e))?;
-        let fnode = file_node(node);
-        let added = async {
-            qmp.run(&BlockdevAdd(BlockdevOptions::file(&fnode, path)))
-                .await?;
-            let fmt = BlockdevOptions::new(format, node)
-                .set("file", fnode.as_str())
-                .backing(None);
-            if let Err(e) = qmp.run(&BlockdevAdd(fmt)).await {
-                let _ = qmp
-                    .run(&BlockdevDel {
-                        node_name: fnode.clone(),
-                    })
-                    .await;
-                return Err(e);
-            }
-            Ok(())
-        };
-        if let Err(e) = added.await {
-            // The failed step is not undone: give the lease back here.
-            let _ = qmp
-                .run(&qc::Closefd {
-                    fdname: lease_fd_name(node),
-                })
-                .await;
-            return Err(be("blockdev-add", e));
-        }
+        add_overlay_node(
+            &self.conn,
+            &self.domain,
+            self.qemu_pid,
+            self.qmp()?,
+            node,
+            path,
+            format,
+        )
+        .await?;
         failpoint("add-node");
         Ok(())
     }
 
     async fn del_node(&self, node: &str) -> CoreResult<()> {
-        let qmp = self.qmp()?;
-        let have = self.node_names().await?;
-        for n in [node.to_string(), file_node(node)] {
-            if have.contains(&n) {
-                qmp.run(&BlockdevDel { node_name: n })
-                    .await
-                    .map_err(|e| be("blockdev-del", e))?;
-            }
-        }
-        let _ = qmp
-            .run(&qc::Closefd {
-                fdname: lease_fd_name(node),
-            })
-            .await;
-        Ok(())
+        del_overlay_node(self.qmp()?, node).await
     }
 
     async fn snapshot_transaction(&self, actions: &[OverlayAction]) -> CoreResult<()> {
@@ -570,66 +508,7 @@ impl core::BlockLayer for LiveDomain {
     }
 
     async fn merge_back(&self, actions: &[OverlayAction]) -> CoreResult<()> {
-        let qmp = self.qmp()?;
-        let blocks = qmp
-            .run(&qc::QueryBlock)
-            .await
-            .map_err(|e| be("query-block", e))?;
-        for a in actions {
-            // Only where the overlay is on top (the transaction may not have acted).
-            let on_top = blocks.iter().any(|b| {
-                b.inserted.as_ref().and_then(|i| i.node_name.as_deref()) == Some(&a.overlay)
-            });
-            if !on_top {
-                continue;
-            }
-            let job = format!("vs-merge-{}", a.disk);
-            let mut events = qmp.subscribe();
-            qmp.run(&qc::BlockCommit {
-                job_id: Some(job.clone()),
-                device: a.overlay.clone(),
-                top_node: Some(a.overlay.clone()),
-                base_node: Some(a.node.clone()),
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| be("block-commit", e))?;
-            // Active commit: wait for ready, then pivot.
-            let ready = async {
-                while let Some(ev) = events.next().await {
-                    if ev.name == "BLOCK_JOB_READY"
-                        && ev.data.get("device") == Some(&serde_json::json!(job))
-                    {
-                        return true;
-                    }
-                }
-                false
-            };
-            if !tokio::time::timeout(JOB_TIMEOUT, ready)
-                .await
-                .unwrap_or(false)
-            {
-                let _ = qmp.run(&qc::JobCancel::new(&job)).await;
-                return Err(snapshot_core::Error::backend(
-                    a.disk.as_str(),
-                    "merge-back: the commit job did not become ready",
-                ));
-            }
-            let mut events = qmp.subscribe();
-            qmp.run(&qc::JobComplete::new(&job))
-                .await
-                .map_err(|e| be("job-complete", e))?;
-            let done = async {
-                while let Some(ev) = events.next().await {
-                    if ev.name == "BLOCK_JOB_COMPLETED" {
-                        return true;
-                    }
-                }
-                false
-            };
-            let _ = tokio::time::timeout(JOB_TIMEOUT, done).await;
-        }
-        Ok(())
+        merge_back(self.qmp()?, actions).await
     }
 
     async fn internal_snapshot(
@@ -672,6 +551,160 @@ impl core::BlockLayer for LiveDomain {
     async fn delete_internal_snapshot(&self, tag: &str, nodes: &[String]) -> CoreResult<()> {
         delete_internal_snapshot(&self.conn, self.qmp.as_ref(), tag, nodes).await
     }
+}
+
+/// `blockdev-add` of the overlay `path` as node `node` (format `format`, file node
+/// `<node>-f`, no backing), its lease (`Purpose::VmAttach` for the domain's QEMU) passed to
+/// QEMU with `getfd` as `vs-lease-<node>` and handed over; on failure both nodes removed and
+/// the lease given back.
+pub(crate) async fn add_overlay_node(
+    conn: &Connection,
+    domain: &str,
+    qemu_pid: u32,
+    qmp: &QmpClient,
+    node: &str,
+    path: &str,
+    format: &str,
+) -> CoreResult<()> {
+    // The overlay's lease, handed to QEMU so that it lives as long as QEMU.
+    let leases = conn
+        .inner()
+        .locks
+        .acquire(&Purpose::VmAttach {
+            domain: domain.to_string(),
+            qemu_pid,
+            disks: vec![DiskUse {
+                resource: Resource::file(path),
+                read_only: false,
+                shareable: false,
+            }],
+        })
+        .map_err(|e| be(path, e))?;
+    for fd in leases.lock_fds() {
+        qmp.getfd(&lease_fd_name(node), fd.as_fd())
+            .await
+            .map_err(|e| be("getfd", e))?;
+    }
+    leases.hand_over(qemu_pid).map_err(|e| be(path, e))?;
+    let fnode = file_node(node);
+    let added = async {
+        qmp.run(&BlockdevAdd(BlockdevOptions::file(&fnode, path)))
+            .await?;
+        let fmt = BlockdevOptions::new(format, node)
+            .set("file", fnode.as_str())
+            .backing(None);
+        if let Err(e) = qmp.run(&BlockdevAdd(fmt)).await {
+            let _ = qmp
+                .run(&BlockdevDel {
+                    node_name: fnode.clone(),
+                })
+                .await;
+            return Err(e);
+        }
+        Ok(())
+    };
+    if let Err(e) = added.await {
+        // The failed step is not undone: give the lease back here.
+        let _ = qmp
+            .run(&qc::Closefd {
+                fdname: lease_fd_name(node),
+            })
+            .await;
+        return Err(be("blockdev-add", e));
+    }
+    Ok(())
+}
+
+/// `blockdev-del` of what exists of node `node` and its file node (`<node>-f`, or
+/// `vs-<disk>-file` for a started disk's `vs-<disk>-fmt`), and `closefd` of its lease.
+pub(crate) async fn del_overlay_node(qmp: &QmpClient, node: &str) -> CoreResult<()> {
+    let nodes = qmp
+        .run(&qc::QueryNamedBlockNodes { flat: Some(true) })
+        .await
+        .map_err(|e| be("query-named-block-nodes", e))?;
+    let have: Vec<String> = nodes.into_iter().filter_map(|n| n.node_name).collect();
+    let mut names = vec![node.to_string(), file_node(node)];
+    if let Some(stem) = node.strip_suffix("-fmt") {
+        names.push(format!("{stem}-file"));
+    }
+    for n in names {
+        if have.contains(&n) {
+            qmp.run(&BlockdevDel { node_name: n })
+                .await
+                .map_err(|e| be("blockdev-del", e))?;
+        }
+    }
+    let _ = qmp
+        .run(&qc::Closefd {
+            fdname: lease_fd_name(node),
+        })
+        .await;
+    Ok(())
+}
+
+/// Merges each overlay back into its node where it is on top (the transaction acted):
+/// active `block-commit` into the old top, `job-complete` on ready (the overlay node stays
+/// added).
+pub(crate) async fn merge_back(qmp: &QmpClient, actions: &[OverlayAction]) -> CoreResult<()> {
+    let blocks = qmp
+        .run(&qc::QueryBlock)
+        .await
+        .map_err(|e| be("query-block", e))?;
+    for a in actions {
+        // Only where the overlay is on top (the transaction may not have acted).
+        let on_top = blocks
+            .iter()
+            .any(|b| b.inserted.as_ref().and_then(|i| i.node_name.as_deref()) == Some(&a.overlay));
+        if !on_top {
+            continue;
+        }
+        let job = format!("vs-merge-{}", a.disk);
+        let mut events = qmp.subscribe();
+        qmp.run(&qc::BlockCommit {
+            job_id: Some(job.clone()),
+            device: a.overlay.clone(),
+            top_node: Some(a.overlay.clone()),
+            base_node: Some(a.node.clone()),
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| be("block-commit", e))?;
+        // Active commit: wait for ready, then pivot.
+        let ready = async {
+            while let Some(ev) = events.next().await {
+                if ev.name == "BLOCK_JOB_READY"
+                    && ev.data.get("device") == Some(&serde_json::json!(job))
+                {
+                    return true;
+                }
+            }
+            false
+        };
+        if !tokio::time::timeout(JOB_TIMEOUT, ready)
+            .await
+            .unwrap_or(false)
+        {
+            let _ = qmp.run(&qc::JobCancel::new(&job)).await;
+            return Err(snapshot_core::Error::backend(
+                a.disk.as_str(),
+                "merge-back: the commit job did not become ready",
+            ));
+        }
+        let mut events = qmp.subscribe();
+        qmp.run(&qc::JobComplete::new(&job))
+            .await
+            .map_err(|e| be("job-complete", e))?;
+        let done = async {
+            while let Some(ev) = events.next().await {
+                if ev.name == "BLOCK_JOB_COMPLETED" {
+                    return true;
+                }
+            }
+            false
+        };
+        let _ = tokio::time::timeout(JOB_TIMEOUT, done).await;
+    }
+    Ok(())
 }
 
 /// Creates `path` (exclusively, mode 0600) as a `format` (qcow2) overlay of `backing`, of the

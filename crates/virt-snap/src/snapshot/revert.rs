@@ -7,15 +7,19 @@
 //! when a step needs one.
 
 use super::capture::{
-    be, crc, create_overlay_file, delete_internal_snapshot, remove_overlay_file, JOB_TIMEOUT,
+    add_overlay_node, be, crc, create_overlay_file, del_overlay_node, delete_internal_snapshot,
+    file_node, merge_back, remove_overlay_file, JOB_TIMEOUT,
 };
+use crate::domain::runstate;
 use crate::domain::{Domain, DomainState};
 use crate::error::{Error, ErrorKind, Result};
 use async_trait::async_trait;
 use qmp_proto::commands::{self as qc, MigrationStatus};
+use qmp_proto::commands::{BlockdevOptions, BlockdevReopen, BlockdevSnapshot, TransactionAction};
 use qmp_proto::QmpClient;
+use snapshot_core::capture::OverlayAction;
 use snapshot_core::ops::{DomainJournal, Recovered};
-use snapshot_core::revert::{self as core, Capabilities, Facts, InternalDisk, RevertPlan};
+use snapshot_core::revert::{self as core, Capabilities, Facts, InternalDisk, RevertPlan, Swap};
 use snapshot_core::store::DomainStore;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -107,6 +111,22 @@ impl Reverting {
                     })
             })
             .collect()
+    }
+
+    /// The run record names each disk's top (target, image, node) as QEMU has it now.
+    fn record_tops<'a>(
+        &self,
+        tops: impl Iterator<Item = (&'a str, &'a str, &'a str)>,
+    ) -> CoreResult<()> {
+        let mut rec = self.dom.running().map_err(|e| be(&self.dom.name, e))?;
+        for (t, image, node) in tops {
+            if let Some(d) = rec.disks.iter_mut().find(|d| d.target == t) {
+                d.source = image.into();
+                d.node = Some(node.to_string());
+                d.format = Some("qcow2".into());
+            }
+        }
+        runstate::save(&self.dom.dir(), &rec).map_err(|e| be(&self.dom.name, e))
     }
 
     /// The internal-snapshot ops of the images, offline: refused while QEMU runs (its
@@ -227,6 +247,16 @@ impl core::Machine for Reverting {
         failpoint("load-memory");
         Ok(())
     }
+
+    async fn reset(&self) -> CoreResult<()> {
+        self.qmp()
+            .await?
+            .execute("system_reset", None)
+            .await
+            .map_err(|e| be("system_reset", e))?;
+        failpoint("reset-guest");
+        Ok(())
+    }
 }
 
 #[async_trait]
@@ -294,6 +324,140 @@ impl core::Images for Reverting {
         Ok(())
     }
 
+    async fn add_node(&self, node: &str, path: &str) -> CoreResult<()> {
+        let qmp = self.qmp().await?;
+        let pid = self
+            .dom
+            .pid()
+            .map_err(|e| be(&self.dom.name, e))?
+            .ok_or_else(|| snapshot_core::Error::backend(node, "the domain is not running"))?;
+        add_overlay_node(
+            &self.dom.conn,
+            &self.dom.name,
+            pid,
+            &qmp,
+            node,
+            path,
+            "qcow2",
+        )
+        .await?;
+        failpoint("add-overlay-node");
+        Ok(())
+    }
+
+    async fn del_node(&self, node: &str) -> CoreResult<()> {
+        if !self.up().await? {
+            return Ok(());
+        }
+        del_overlay_node(&self.qmp().await?, node).await
+    }
+
+    async fn repoint(&self, swaps: &[Swap]) -> CoreResult<()> {
+        let qmp = self.qmp().await?;
+        let actions = swaps
+            .iter()
+            .map(|sw| {
+                TransactionAction::BlockdevSnapshot(BlockdevSnapshot {
+                    node: sw.top.clone(),
+                    overlay: sw.overlay.clone(),
+                })
+            })
+            .collect();
+        qmp.run(&qc::Transaction::new(actions))
+            .await
+            .map_err(|e| be("transaction", e))?;
+        // Each new overlay onto the node of the snapshot's image in the old chain.
+        let nodes = qmp
+            .run(&qc::QueryNamedBlockNodes { flat: Some(true) })
+            .await
+            .map_err(|e| be("query-named-block-nodes", e))?;
+        let mut options = Vec::new();
+        for sw in swaps.iter().filter(|sw| sw.top_image != sw.base) {
+            let found: Vec<&str> = nodes
+                .iter()
+                .filter(|n| n.drv != "file" && same_image(&n.file, &sw.base))
+                .filter_map(|n| n.node_name.as_deref())
+                .filter(|n| *n != sw.overlay)
+                .collect();
+            let [base] = found[..] else {
+                return Err(snapshot_core::Error::backend(
+                    sw.disk.as_str(),
+                    format!(
+                        "QEMU has {} nodes of {}, not one: cannot re-point onto it",
+                        found.len(),
+                        sw.base
+                    ),
+                ));
+            };
+            options.push(
+                BlockdevOptions::new("qcow2", &sw.overlay)
+                    .set("file", file_node(&sw.overlay).as_str())
+                    .backing(Some(base)),
+            );
+        }
+        if !options.is_empty() {
+            qmp.run(&BlockdevReopen { options })
+                .await
+                .map_err(|e| be("blockdev-reopen", e))?;
+        }
+        self.record_tops(
+            swaps
+                .iter()
+                .map(|sw| (sw.disk.as_str(), sw.path.as_str(), sw.overlay.as_str())),
+        )?;
+        failpoint("repoint");
+        Ok(())
+    }
+
+    async fn unpoint(&self, swaps: &[Swap]) -> CoreResult<()> {
+        if !self.up().await? {
+            return Ok(());
+        }
+        let qmp = self.qmp().await?;
+        let blocks = qmp
+            .run(&qc::QueryBlock)
+            .await
+            .map_err(|e| be("query-block", e))?;
+        let on_top: Vec<&Swap> = swaps
+            .iter()
+            .filter(|sw| {
+                blocks.iter().any(|b| {
+                    b.inserted.as_ref().and_then(|i| i.node_name.as_deref())
+                        == Some(sw.overlay.as_str())
+                })
+            })
+            .collect();
+        if !on_top.is_empty() {
+            // Backed by the old top again, then merged back into it (it is empty).
+            let options = on_top
+                .iter()
+                .map(|sw| {
+                    BlockdevOptions::new("qcow2", &sw.overlay)
+                        .set("file", file_node(&sw.overlay).as_str())
+                        .backing(Some(&sw.top))
+                })
+                .collect();
+            qmp.run(&BlockdevReopen { options })
+                .await
+                .map_err(|e| be("blockdev-reopen", e))?;
+            let actions: Vec<OverlayAction> = on_top
+                .iter()
+                .map(|sw| OverlayAction {
+                    disk: sw.disk.clone(),
+                    node: sw.top.clone(),
+                    overlay: sw.overlay.clone(),
+                })
+                .collect();
+            merge_back(&qmp, &actions).await?;
+        }
+        self.record_tops(
+            swaps
+                .iter()
+                .map(|sw| (sw.disk.as_str(), sw.top_image.as_str(), sw.top.as_str())),
+        )?;
+        Ok(())
+    }
+
     async fn delete_internal(&self, tag: &str, disks: &[InternalDisk]) -> CoreResult<()> {
         if self.up().await? {
             let qmp = self.qmp().await?;
@@ -320,12 +484,41 @@ impl core::Definition for Reverting {
     }
 }
 
+/// Do the image names `a` (as QEMU reports it) and `b` name the same file?
+fn same_image(a: &str, b: &str) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    a == b
+        || match (std::fs::metadata(a), std::fs::metadata(b)) {
+            (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
+            _ => false,
+        }
+}
+
 /// What the planner asks, answered from the file system.
 struct FsFacts;
 
 impl Facts for FsFacts {
     fn exists(&self, path: &str) -> bool {
         std::fs::symlink_metadata(path).is_ok()
+    }
+
+    fn backing_chain(&self, image: &str) -> Vec<String> {
+        let chain = image_formats::backing_chain(Path::new(image), None, Default::default());
+        chain
+            .map(|c| {
+                c.iter()
+                    .skip(1)
+                    .flat_map(|i| {
+                        // As recorded and as the canonical path, so that either spelling of
+                        // the snapshot's image matches.
+                        let canon = std::fs::canonicalize(&i.filename)
+                            .map(|p| p.display().to_string())
+                            .ok();
+                        std::iter::once(i.filename.clone()).chain(canon)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     fn internal_snapshots(&self, image: &str) -> Vec<String> {
