@@ -1,9 +1,9 @@
 //! Reverts proven from inside the test guest (real writes through the guest, read back
 //! through its agent's guest-exec): write A, snapshot, write B, revert, read A. For an
 //! internal snapshot with RAM reverted in place (the same QEMU; a tmpfs file, which lives in
-//! RAM only, is back too), an external disk-only snapshot reverted with `--running` (the
-//! guest restarts on a new overlay of the snapshot's image), and an external snapshot with a
-//! RAM file (a QEMU started with `-incoming defer` loads it).
+//! RAM only, is back too), an external disk-only snapshot reverted with `--running` (a new
+//! overlay of the snapshot's image re-pointed in the same QEMU, the guest reset), and an
+//! external snapshot with a RAM file (a QEMU started with `-incoming defer` loads it).
 //!
 //! The guest is a defined TCG domain (a revert may start it again from its definition; the
 //! guest's kernel does not boot under this host's KVM CPU model) with an ext4 qcow2 data disk
@@ -199,7 +199,7 @@ fn internal_with_ram_in_place_brings_back_disk_and_ram() {
 }
 
 #[test]
-fn external_disk_only_running_restarts_on_a_new_overlay() {
+fn external_disk_only_running_is_repointed_in_place_on_a_new_overlay() {
     let g = Guest::define("rvg-ext");
     g.write("A");
     let mut req = CaptureRequest::new(name("e1"));
@@ -210,6 +210,7 @@ fn external_disk_only_running_restarts_on_a_new_overlay() {
     g.snapshot(req);
     g.write("B");
     assert_eq!(g.disk(), "B");
+    let pid = g.dom.pid().unwrap();
     let r = g.revert(
         "e1",
         RevertFlags {
@@ -217,13 +218,30 @@ fn external_disk_only_running_restarts_on_a_new_overlay() {
             ..Default::default()
         },
     );
-    assert_eq!(r.kind, RevertKind::External);
+    assert_eq!(r.kind, RevertKind::ExternalInPlace);
     assert_eq!(r.state, DomainState::Running);
+    assert_eq!(g.dom.pid().unwrap(), pid, "the same QEMU");
     let blocks = g.rt.block_on(g.dom.block_devices()).unwrap();
     assert_eq!(blocks[0].source, g.file("data.e1.r1").display().to_string());
     g.wait_agent();
     assert_eq!(g.disk(), "A", "the disk as it was at the snapshot");
-    assert_eq!(g.ram(), "none", "a disk-only revert boots the guest afresh");
+    assert_eq!(
+        g.ram(),
+        "none",
+        "a disk-only revert resets the guest: it boots afresh"
+    );
+    // Again: the snapshot stays usable, and the guest's writes go to the newest overlay.
+    g.write("C");
+    g.revert(
+        "e1",
+        RevertFlags {
+            running: true,
+            ..Default::default()
+        },
+    );
+    g.wait_agent();
+    assert_eq!(g.disk(), "A");
+    assert_eq!(g.dom.pid().unwrap(), pid);
     // The snapshot's own overlay keeps B (nothing is deleted).
     assert!(Path::new(&g.file("data.e1")).exists());
 }
