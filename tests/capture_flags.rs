@@ -8,7 +8,7 @@
 use serde_json::Value;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use testbed::qemu_io;
 use virt_snap_e2e::in_state::{fails, ok, ok_json};
 use virt_snap_e2e::{qemu_img, run, stderr, stdout, virt_snap, NoOsDomain};
 
@@ -119,31 +119,6 @@ impl Dom {
     fn snapshot_names(&self) -> String {
         ok(self.s(), &["snapshot-list", self.name, "--name"])
     }
-}
-
-/// `qemu-io CMD` on the qcow2 image `p`, whose backing image a running QEMU may hold (it is
-/// opened read-only, sharing its lock). Panics if qemu-io fails.
-fn qemu_io(p: &Path, cmd: &str, read_only: bool) -> String {
-    let opts = format!(
-        "driver=qcow2,file.filename={},backing.read-only=on,backing.force-share=on",
-        p.display()
-    );
-    let mut c = Command::new("qemu-io");
-    if read_only {
-        c.arg("-r");
-    }
-    let out = c
-        .args(["--image-opts", "-c", cmd, &opts])
-        .output()
-        .expect("qemu-io");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success() && !text.contains("failed"),
-        "qemu-io {cmd} {}: {text}{}",
-        p.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    text
 }
 
 /// The user's own overlay `p` of `backing`, made with qemu-img, with 64 KiB of `marker`

@@ -4,6 +4,8 @@ use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
+pub use testbed::qemu_img;
+
 /// The `virt-snap` binary of this build (built on first use if `cargo test` has not built it).
 pub fn virt_snap_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
@@ -91,20 +93,6 @@ pub mod in_state {
         assert!(!err.contains("panicked"), "{err:?}");
         err
     }
-}
-
-/// `qemu-img ARGS`: its stdout; panics (saying how to install it) if it is missing or fails.
-pub fn qemu_img(args: &[&str]) -> String {
-    let out = Command::new("qemu-img")
-        .args(args)
-        .output()
-        .expect("qemu-img (run `cargo xtask deps`)");
-    assert!(
-        out.status.success(),
-        "qemu-img {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("UTF-8")
 }
 
 /// A no-OS KVM domain defined from libvirt XML and started through the CLI, with one qcow2
