@@ -43,6 +43,11 @@ pub const SNAPSHOTS_SUBDIR: &str = "snapshots";
 /// How long a snapshot-save or snapshot-delete job, a RAM save or a merge-back may take.
 const JOB_TIMEOUT: Duration = Duration::from_secs(600);
 
+/// How often a migration's state is polled while the vCPUs are paused for it (a `--live` RAM
+/// snapshot waits, paused, until QEMU has fixed RAM), and otherwise.
+const POLL_IN_PAUSE: Duration = Duration::from_millis(1);
+const POLL: Duration = Duration::from_millis(5);
+
 /// What [`Domain::snapshot_create`] made.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CaptureResult {
@@ -54,10 +59,15 @@ pub struct CaptureResult {
     pub xml: Option<String>,
     /// What failed after the snapshot was taken without undoing it.
     pub warnings: Vec<String>,
-    /// How long the vCPUs were paused (none if they were not).
+    /// How long the vCPUs were paused (none if they were not): from `stop`'s reply to
+    /// `cont`'s, or for the snapshot-save job (internal with RAM), from QEMU's `STOP` event
+    /// to its `RESUME` event (QEMU's own timestamps).
     pub paused: Option<Duration>,
     /// How long the guest's file systems were frozen (none if they were not).
     pub frozen: Option<Duration>,
+    /// The wall time of the one QMP `transaction` of `blockdev-snapshot` (the external disks'
+    /// I/O stall; none without external disks of a running domain).
+    pub stall: Option<Duration>,
     /// The downtime QEMU reported for a RAM save to a file, in milliseconds.
     pub memory_downtime_ms: Option<u64>,
 }
@@ -93,7 +103,10 @@ struct Timings {
     paused: Option<Duration>,
     frozen_at: Option<Instant>,
     frozen: Option<Duration>,
+    stall: Option<Duration>,
     downtime_ms: Option<u64>,
+    /// background-snapshot was turned on before the plan ran (see `snapshot_create`).
+    background_on: bool,
 }
 
 /// The capabilities of one operation on one domain (running, or shut off: then there is no
@@ -155,6 +168,7 @@ impl LiveDomain {
     /// The migration's state, polled until `done` says so (or it failed).
     async fn poll_migration(
         &self,
+        every: Duration,
         done: impl Fn(&qc::MigrationInfo) -> bool,
     ) -> CoreResult<qc::MigrationInfo> {
         let end = Instant::now() + JOB_TIMEOUT;
@@ -183,7 +197,7 @@ impl LiveDomain {
                         "the RAM save did not finish in time",
                     ))
                 }
-                _ => tokio::time::sleep(Duration::from_millis(5)).await,
+                _ => tokio::time::sleep(every).await,
             }
         }
     }
@@ -214,6 +228,19 @@ impl LiveDomain {
             domain: self.domain.clone(),
             qemu_pid: self.qemu_pid,
         }
+    }
+
+    /// background-snapshot on, for a `--live` RAM save to `file` (a refusal says why).
+    async fn enable_background_snapshot(&self, file: &str) -> CoreResult<()> {
+        self.set_background_snapshot(true).await.map_err(|e| {
+            snapshot_core::Error::backend(
+                file,
+                format!(
+                    "--live needs QEMU's background-snapshot (userfaultfd write-protect), \
+                     which this QEMU refuses: {e}"
+                ),
+            )
+        })
     }
 
     async fn set_background_snapshot(&self, on: bool) -> CoreResult<()> {
@@ -477,10 +504,11 @@ impl core::BlockLayer for LiveDomain {
             }
         }
         let t = qc::Transaction::new(list);
-        self.qmp()?
-            .run(&t)
-            .await
-            .map_err(|e| be("transaction", e))?;
+        let qmp = self.qmp()?;
+        let start = Instant::now();
+        let r = qmp.run(&t).await;
+        self.times().stall = Some(start.elapsed());
+        r.map_err(|e| be("transaction", e))?;
         failpoint("transaction");
         Ok(())
     }
@@ -562,9 +590,38 @@ impl core::BlockLayer for LiveDomain {
                     vmstate: vm.to_string(),
                     devices: nodes.to_vec(),
                 };
+                // The job stops the vCPUs itself: its pause is QEMU's STOP to RESUME.
+                let mut events = qmp.subscribe();
                 qmp.run_job_command(&cmd, JOB_TIMEOUT)
                     .await
                     .map_err(|e| be("snapshot-save", e))?;
+                let (mut stop, mut resume) = (None, None);
+                let end = Instant::now() + Duration::from_secs(1);
+                // RESUME may be sent just after the job's end is: wait a little for it.
+                while resume.is_none() && Instant::now() < end {
+                    let ev = match events.try_next() {
+                        Some(ev) => ev,
+                        None if stop.is_none() => break,
+                        None => match tokio::time::timeout(
+                            end.saturating_duration_since(Instant::now()),
+                            events.next(),
+                        )
+                        .await
+                        {
+                            Ok(Some(ev)) => ev,
+                            _ => break,
+                        },
+                    };
+                    let us = |(s, u): (i64, i64)| s * 1_000_000 + u;
+                    match ev.name.as_str() {
+                        "STOP" => stop = Some(us(ev.timestamp)),
+                        "RESUME" if stop.is_some() => resume = Some(us(ev.timestamp)),
+                        _ => {}
+                    }
+                }
+                if let (Some(a), Some(b)) = (stop, resume) {
+                    self.times().paused = Some(Duration::from_micros(b.saturating_sub(a) as u64));
+                }
             }
             (None, None) => {
                 for p in nodes {
@@ -638,16 +695,11 @@ fn create_private(file: &str) -> CoreResult<()> {
 impl core::MemorySaver for LiveDomain {
     async fn save(&self, file: &str, live: bool) -> CoreResult<()> {
         let qmp = self.qmp()?;
-        if live {
-            self.set_background_snapshot(true).await.map_err(|e| {
-                snapshot_core::Error::backend(
-                    file,
-                    format!(
-                        "--live needs QEMU's background-snapshot (userfaultfd write-protect), \
-                         which this QEMU refuses: {e}"
-                    ),
-                )
-            })?;
+        if live && !self.times().background_on {
+            self.enable_background_snapshot(file).await?;
+        } else if !live {
+            // Not left on by an interrupted --live capture (it is set before the pause).
+            let _ = self.set_background_snapshot(false).await;
         }
         create_private(file)?;
         if let Err(e) = qmp.run(&qc::Migrate::to(format!("file:{file}"))).await {
@@ -662,7 +714,7 @@ impl core::MemorySaver for LiveDomain {
             // the device state and started tracking RAM writes (userfaultfd write-protect):
             // pages are only sent after that, so the first page sent (or the end) says so.
             // The status turning `active` comes before it.
-            self.poll_migration(|i| {
+            self.poll_migration(POLL_IN_PAUSE, |i| {
                 let pages = i
                     .ram
                     .as_ref()
@@ -673,7 +725,9 @@ impl core::MemorySaver for LiveDomain {
             .await?;
         } else {
             let info = self
-                .poll_migration(|i| i.status == Some(MigrationStatus::Completed))
+                .poll_migration(POLL_IN_PAUSE, |i| {
+                    i.status == Some(MigrationStatus::Completed)
+                })
                 .await?;
             self.times().downtime_ms = info.downtime;
         }
@@ -683,7 +737,7 @@ impl core::MemorySaver for LiveDomain {
 
     async fn wait(&self, _file: &str) -> CoreResult<()> {
         let info = self
-            .poll_migration(|i| i.status == Some(MigrationStatus::Completed))
+            .poll_migration(POLL, |i| i.status == Some(MigrationStatus::Completed))
             .await?;
         self.times().downtime_ms = info.downtime;
         let _ = self.set_background_snapshot(false).await;
@@ -703,7 +757,7 @@ impl core::MemorySaver for LiveDomain {
                 qmp.run(&qc::MigrateCancel)
                     .await
                     .map_err(|e| be("migrate_cancel", e))?;
-                self.poll_migration(|i| {
+                self.poll_migration(POLL, |i| {
                     !matches!(
                         i.status,
                         Some(MigrationStatus::Setup)
@@ -909,7 +963,21 @@ impl Domain {
         let clock = RealClock(Instant::now());
         let plan = CapturePlan::new(&req, &info, &clock)?;
         let mut journal = self.journal(&store)?;
+        // A --live RAM save's background-snapshot capability is set before the plan runs, so
+        // that its round trip is not in the pause. If QEMU refuses it here, SaveMemory tries
+        // again and fails the capture as it would have. An interrupted capture may leave it
+        // on: a RAM save that is not live turns it off first.
+        let live_ram = plan
+            .steps
+            .iter()
+            .any(|s| matches!(s, Step::SaveMemory { live: true, .. }));
+        if live_ram && live.qmp.is_some() && live.set_background_snapshot(true).await.is_ok() {
+            live.times().background_on = true;
+        }
         let outcome = core::run(&plan, &caps(&live, &clock), &mut journal, &store).await;
+        if outcome.is_err() && live.times().background_on {
+            let _ = live.set_background_snapshot(false).await;
+        }
         // Only pending operations are kept (a failed metadata write stays for recovery).
         if let Err(e) = journal.compact() {
             tracing::warn!(domain = %self.name, "cannot compact the capture journal: {e}");
@@ -957,6 +1025,7 @@ impl Domain {
             warnings: outcome.warnings,
             paused: t.paused,
             frozen: t.frozen,
+            stall: t.stall,
             memory_downtime_ms: t.downtime_ms,
         })
     }
