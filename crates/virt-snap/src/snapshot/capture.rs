@@ -59,9 +59,10 @@ pub struct CaptureResult {
     pub xml: Option<String>,
     /// What failed after the snapshot was taken without undoing it.
     pub warnings: Vec<String>,
-    /// How long the vCPUs were paused (none if they were not): from `stop`'s reply to
-    /// `cont`'s, or for the snapshot-save job (internal with RAM), from QEMU's `STOP` event
-    /// to its `RESUME` event (QEMU's own timestamps).
+    /// How long the vCPUs were paused (none if they were not): from QEMU's `STOP` event to
+    /// its `RESUME` event (QEMU's own timestamps), for our `stop`/`cont` as for the
+    /// snapshot-save job (internal with RAM), which pauses them itself; from `stop`'s reply
+    /// to `cont`'s where the events are missing.
     pub paused: Option<Duration>,
     /// How long the guest's file systems were frozen (none if they were not).
     pub frozen: Option<Duration>,
@@ -104,6 +105,8 @@ struct Timings {
     frozen_at: Option<Instant>,
     frozen: Option<Duration>,
     stall: Option<Duration>,
+    /// QEMU's events from the `stop` on, to measure the pause by (see `Vcpus::pause`).
+    pause_events: Option<qmp_proto::EventStream>,
     downtime_ms: Option<u64>,
     /// background-snapshot was turned on before the plan ran (see `snapshot_create`).
     background_on: bool,
@@ -270,11 +273,15 @@ fn lease_fd_name(node: &str) -> String {
 #[async_trait]
 impl core::Vcpus for LiveDomain {
     async fn pause(&self) -> CoreResult<()> {
-        self.qmp()?
-            .run(&qc::Stop)
-            .await
-            .map_err(|e| be("stop", e))?;
-        self.times().paused_at = Some(Instant::now());
+        let qmp = self.qmp()?;
+        // The pause is measured from QEMU's STOP event to its RESUME event (the vCPUs stop
+        // before `stop` drains and flushes the disks and replies).
+        let events = qmp.subscribe();
+        qmp.run(&qc::Stop).await.map_err(|e| be("stop", e))?;
+        let mut t = self.times();
+        t.paused_at = Some(Instant::now());
+        t.pause_events = Some(events);
+        drop(t);
         failpoint("pause");
         Ok(())
     }
@@ -284,9 +291,17 @@ impl core::Vcpus for LiveDomain {
             .run(&qc::Cont)
             .await
             .map_err(|e| be("cont", e))?;
-        let mut t = self.times();
-        if let Some(at) = t.paused_at.take() {
-            t.paused = Some(at.elapsed());
+        let (at, events) = {
+            let mut t = self.times();
+            (t.paused_at.take(), t.pause_events.take())
+        };
+        let from_events = match events {
+            Some(mut ev) => stop_to_resume(&mut ev).await,
+            None => None,
+        };
+        // Without the events (dropped, or QEMU sent none): from stop's reply to cont's.
+        if let Some(p) = from_events.or_else(|| at.map(|a| a.elapsed())) {
+            self.times().paused = Some(p);
         }
         Ok(())
     }
@@ -595,32 +610,8 @@ impl core::BlockLayer for LiveDomain {
                 qmp.run_job_command(&cmd, JOB_TIMEOUT)
                     .await
                     .map_err(|e| be("snapshot-save", e))?;
-                let (mut stop, mut resume) = (None, None);
-                let end = Instant::now() + Duration::from_secs(1);
-                // RESUME may be sent just after the job's end is: wait a little for it.
-                while resume.is_none() && Instant::now() < end {
-                    let ev = match events.try_next() {
-                        Some(ev) => ev,
-                        None if stop.is_none() => break,
-                        None => match tokio::time::timeout(
-                            end.saturating_duration_since(Instant::now()),
-                            events.next(),
-                        )
-                        .await
-                        {
-                            Ok(Some(ev)) => ev,
-                            _ => break,
-                        },
-                    };
-                    let us = |(s, u): (i64, i64)| s * 1_000_000 + u;
-                    match ev.name.as_str() {
-                        "STOP" => stop = Some(us(ev.timestamp)),
-                        "RESUME" if stop.is_some() => resume = Some(us(ev.timestamp)),
-                        _ => {}
-                    }
-                }
-                if let (Some(a), Some(b)) = (stop, resume) {
-                    self.times().paused = Some(Duration::from_micros(b.saturating_sub(a) as u64));
+                if let Some(p) = stop_to_resume(&mut events).await {
+                    self.times().paused = Some(p);
                 }
             }
             (None, None) => {
@@ -668,6 +659,38 @@ impl core::BlockLayer for LiveDomain {
                 }
                 Ok(())
             }
+        }
+    }
+}
+
+/// The time from the first `STOP` event in `events` to the next `RESUME`, by QEMU's
+/// timestamps (microseconds). Only events already received are read, but once a STOP is
+/// seen its RESUME is waited for a little (it may come just after a command's reply).
+async fn stop_to_resume(events: &mut qmp_proto::EventStream) -> Option<Duration> {
+    let us = |(s, u): (i64, i64)| s * 1_000_000 + u;
+    let (mut stop, end) = (None, Instant::now() + Duration::from_millis(200));
+    loop {
+        let ev = match events.try_next() {
+            Some(ev) => ev,
+            None if stop.is_none() => return None,
+            None => {
+                let left = end.saturating_duration_since(Instant::now());
+                match tokio::time::timeout(left, events.next()).await {
+                    Ok(Some(ev)) => ev,
+                    _ => return None,
+                }
+            }
+        };
+        match ev.name.as_str() {
+            "STOP" if stop.is_none() => stop = Some(us(ev.timestamp)),
+            "RESUME" => {
+                if let Some(a) = stop {
+                    return Some(Duration::from_micros(
+                        us(ev.timestamp).saturating_sub(a) as u64
+                    ));
+                }
+            }
+            _ => {}
         }
     }
 }
@@ -932,6 +955,19 @@ impl Domain {
                 tracing::warn!(domain = %self.name, ?r, "recovered an interrupted snapshot");
             }
             let _ = journal.compact();
+        }
+        // A --live capture sets background-snapshot before its first step (see
+        // `snapshot_create`): one killed before its RAM save was recorded leaves it on.
+        if let Some(qmp) = &live.qmp {
+            let busy = qmp.run(&qc::QueryMigrate).await.map_or(true, |i| {
+                matches!(
+                    i.status,
+                    Some(MigrationStatus::Setup) | Some(MigrationStatus::Active)
+                )
+            });
+            if !busy {
+                let _ = live.set_background_snapshot(false).await;
+            }
         }
         (out, live.take_op().await)
     }
