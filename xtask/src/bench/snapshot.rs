@@ -882,6 +882,7 @@ fn ram_part(
         let mut l_pause = Series::new(format!("virt-snap --live: paused-ms ({mib} MiB)"));
         let mut l_down = Series::new(format!("virt-snap --live: memory-downtime-ms ({mib} MiB)"));
         let mut l_wall = Series::new(format!("virt-snap --live: whole call ({mib} MiB)"));
+        let mut l_ours = Series::new(format!("  paused-ms - QEMU's downtime ({mib} MiB)"));
         let mut s_pause = Series::new(format!("virt-snap snapshot-save: pause ({mib} MiB)"));
         let mut s_wall = Series::new(format!("virt-snap snapshot-save: whole call ({mib} MiB)"));
         let mut p_pause = Series::new(format!("virsh --live: pause, STOP->RESUME ({mib} MiB)"));
@@ -914,13 +915,13 @@ fn ram_part(
                         let j = json(&out)?;
                         if keep {
                             push(&mut l_wall, wall);
-                            push(
-                                &mut l_pause,
-                                json_ms(&j, "paused-ms")
-                                    .ok_or_else(|| format!("--live reported no pause: {out}"))?,
-                            );
+                            let p = json_ms(&j, "paused-ms")
+                                .ok_or_else(|| format!("--live reported no pause: {out}"))?;
+                            push(&mut l_pause, p);
                             if let Some(d) = j["memory-downtime-ms"].as_u64() {
-                                push(&mut l_down, Duration::from_millis(d));
+                                let d = Duration::from_millis(d);
+                                push(&mut l_down, d);
+                                push(&mut l_ours, p.saturating_sub(d));
                             }
                         }
                     }
@@ -986,9 +987,12 @@ fn ram_part(
         );
         if have_ours && peer {
             report(&title, &[(&l_pause, &p_pause), (&l_wall, &p_wall)]);
-            rows("", &[&l_down, &s_pause, &s_wall]);
+            rows("", &[&l_down, &l_ours, &s_pause, &s_wall]);
         } else if have_ours {
-            rows(&title, &[&l_pause, &l_down, &l_wall, &s_pause, &s_wall]);
+            rows(
+                &title,
+                &[&l_pause, &l_down, &l_ours, &l_wall, &s_pause, &s_wall],
+            );
         } else {
             rows(&title, &[&p_pause, &p_wall]);
         }
