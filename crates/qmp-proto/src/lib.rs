@@ -2,6 +2,7 @@
 #![deny(missing_docs)]
 
 pub mod commands;
+mod deep;
 pub mod error;
 mod framing;
 mod jobs;

@@ -8,6 +8,7 @@
 //! then discards everything until the `0xFF`-prefixed reply carrying that id.
 
 use std::fmt;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -72,6 +73,20 @@ impl fmt::Debug for QgaClient {
             .field("path", &self.path)
             .field("needs_sync", &self.needs_sync)
             .finish()
+    }
+}
+
+/// The connected socket, for a process that must still reach the agent on this connection
+/// after this one is gone (virt-snap's thaw watchdog inherits it across `fork`: the agent's
+/// chardev serves one client at a time, so a second connection would not be answered).
+///
+/// The descriptor is non-blocking. Whatever else writes to it must write whole lines, and a
+/// command it sends must carry an `id` that is not a number: this client drops replies
+/// with an id other than its own, and errors without an id (the agent's answer to a `0xFF`
+/// parser reset).
+impl AsFd for QgaClient {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.writer.as_ref().as_fd()
     }
 }
 
@@ -245,7 +260,7 @@ impl QgaClient {
             let Some(line) = self.read_line(deadline, cmd).await? else {
                 continue;
             };
-            let mut v: Value = match serde_json::from_slice(line) {
+            let mut v: Value = match crate::deep::parse_line(line) {
                 Ok(v) => v,
                 Err(_) => {
                     tracing::warn!(line = %excerpt(line), "guest agent: ignoring a line that is not JSON");

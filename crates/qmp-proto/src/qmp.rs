@@ -232,7 +232,7 @@ impl Shared {
         if trimmed.is_empty() {
             return;
         }
-        let mut v: Value = match serde_json::from_slice(trimmed) {
+        let mut v: Value = match crate::deep::parse_line(trimmed) {
             Ok(v) => v,
             Err(e) => {
                 tracing::warn!(line = %excerpt(trimmed), error = %e, "QMP: ignoring a line that is not JSON");

@@ -936,6 +936,55 @@ async fn qga_sync_discards_stray_output_and_ping_works() {
     .await;
 }
 
+/// Another writer on the client's own connection (virt-snap's thaw watchdog, which
+/// inherits `as_fd()`): its `0xFF`-prefixed command with a string id makes the agent send an
+/// id-less parse error and a reply with that id; the client drops both and reads its own
+/// reply, without re-synchronising.
+#[tokio::test]
+async fn qga_replies_to_another_writer_on_the_connection_are_dropped() {
+    let srv = server();
+    let path = srv.path.clone();
+    run(
+        srv,
+        |l| async move {
+            let mut a = Agent::accept(&l).await;
+            let cmd = a.next_command().await.unwrap();
+            assert_eq!(cmd["execute"], "guest-fsfreeze-status");
+            // The other writer's line, on the same connection.
+            let other = a.next_command().await.unwrap();
+            assert_eq!(other["execute"], "guest-fsfreeze-thaw");
+            assert_eq!(other["id"], "vs-watchdog");
+            a.reply(&other, json!(1)).await;
+            a.p.send(json!({"error": {"class": "GenericError", "desc": "no"},
+                "id": "vs-watchdog"}))
+                .await;
+            a.reply(&cmd, json!("thawed")).await;
+            let cmd = a.next_command().await.unwrap();
+            assert_eq!(cmd["execute"], "guest-ping");
+            a.reply(&cmd, json!({})).await;
+            assert_eq!(a.syncs, 1, "no re-sync");
+        },
+        async {
+            use std::os::fd::AsFd;
+            let mut g = QgaClient::connect_unix(&path, Duration::from_secs(5))
+                .await
+                .unwrap();
+            let other =
+                std::os::unix::net::UnixStream::from(g.as_fd().try_clone_to_owned().unwrap());
+            let status = g.execute("guest-fsfreeze-status", None, Duration::from_secs(5));
+            let write_other = async {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let line = b"\xff{\"execute\":\"guest-fsfreeze-thaw\",\"id\":\"vs-watchdog\"}\n";
+                std::io::Write::write_all(&mut &other, line).unwrap();
+            };
+            let (st, ()) = tokio::join!(status, write_other);
+            assert_eq!(st.unwrap(), "thawed");
+            g.ping(Duration::from_secs(5)).await.unwrap();
+        },
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn qga_exec_polls_until_exited_and_decodes_output() {
     let srv = server();

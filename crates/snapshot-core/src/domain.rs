@@ -539,6 +539,20 @@ impl Disk {
         self.backing_store = Some(below);
     }
 
+    /// Puts the overlay `file` of format `format` on top as libvirt's persistent definition
+    /// does: a disk whose chain below is not written out (the images' headers name it, and
+    /// the chain is read from them at start) only gets the new source and format, so the
+    /// definition, and every snapshot's copy of it, stays the same size however deep the
+    /// chain grows; a chain the definition writes out is extended ([`Disk::push_overlay`]).
+    pub fn put_overlay(&mut self, file: &str, format: &str) {
+        if self.backing_store.is_some() {
+            return self.push_overlay(file, format);
+        }
+        self.disk_type = Some("file".into());
+        self.source = Some(DiskSource::file(file));
+        self.set_format(format);
+    }
+
     /// Undoes [`Disk::push_overlay`]: the first backing image becomes the source again.
     /// Returns the overlay's source, or `None` (and changes nothing) when there is no backing
     /// image.

@@ -11,6 +11,11 @@ use clap::Parser;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    // Output into a closed pipe (`virt-snap dumpxml DOM | head`) ends the process quietly, as
+    // for the C tools, instead of a panic in `println!`. Every command prints only after its
+    // operation is done (a killed operation is recovered by the next command anyway).
+    // SAFETY: called before any thread is started; restoring a default disposition.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let args = cli::Cli::parse();
     cli::init_logging(args.verbose);
     match cli::run(args) {

@@ -6,7 +6,7 @@
 //! ```text
 //! plan -> [Freeze] -> PreCreateOverlay/AddOverlayNode* -> [Pause] -> [SaveMemory]
 //!      -> BackendSnapshot* -> [Transaction] | [InternalSnapshot] -> [Resume] -> [AwaitMemory]
-//!      -> [Thaw] -> [CommitMetadata] -> [Halt]
+//!      -> [Thaw] -> [CommitMetadata] -> [Halt] | [HoldPaused]
 //! ```
 //!
 //! The commit point is the last capturing step ([`CapturePlan::commit_point`]): a failure
@@ -24,7 +24,7 @@ mod tests;
 pub use plan::{
     default_overlay_path, overlay_node_name, BackendKind, CapturePlan, CaptureRequest, DiskChoice,
     DiskRequest, DomainDisk, DomainInfo, Flags, MemoryChoice, OverlayAction, PoolVolume, RunState,
-    Step, DEFAULT_FREEZE_BUDGET_MS, DEFAULT_PAUSE_BUDGET_MS,
+    Step, DEFAULT_FREEZE_BUDGET_MS, DEFAULT_MANUAL_HOLD_MS, DEFAULT_PAUSE_BUDGET_MS,
 };
 pub use runner::{recover, run, CaptureOutcome, CaptureRecord, Recovered, JOURNAL_KIND};
 
@@ -43,14 +43,20 @@ pub trait Vcpus: Send + Sync {
     async fn is_running(&self) -> Result<bool>;
     /// Stops the domain (`--halt`).
     async fn halt(&self) -> Result<()>;
+    /// Leaves the paused vCPUs paused for the user's own snapshots of the manual `disks` of
+    /// snapshot `snapshot`, until the user resumes the domain or, at the latest, `hold` from
+    /// now (resumed then by something that outlives this process).
+    async fn hold(&self, snapshot: &str, disks: &[String], hold: Duration) -> Result<()>;
 }
 
 /// The guest agent's file-system freeze (`guest-fsfreeze-*`).
 #[async_trait]
 pub trait GuestAgent: Send + Sync {
     /// Freezes the guest's file systems; returns how many. The runner bounds it with the
-    /// freeze budget.
-    async fn freeze(&self) -> Result<u32>;
+    /// freeze `budget`, which also bounds the frozen window: an implementation arranges for
+    /// the guest to be thawed at the budget's end even if this process dies before its
+    /// thaw (the facade forks a watchdog that outlives it).
+    async fn freeze(&self, budget: Duration) -> Result<u32>;
     /// Thaws them; thawing a thawed guest is not an error.
     async fn thaw(&self) -> Result<u32>;
     /// Is the guest frozen?
@@ -99,14 +105,25 @@ pub trait BlockLayer: Send + Sync {
     async fn delete_internal_snapshot(&self, tag: &str, nodes: &[String]) -> Result<()>;
 }
 
+/// How a RAM save went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Saved {
+    /// Background-snapshot started: RAM is fixed, the guest may run on, the save completes
+    /// later ([`MemorySaver::wait`]).
+    Live,
+    /// Saved completely with the guest paused (without `live`, or its fallback).
+    Complete,
+}
+
 /// Saving RAM to a file (migration to a file; `live`: the background-snapshot capability).
 #[async_trait]
 pub trait MemorySaver: Send + Sync {
-    /// Without `live`: saves RAM to `file` and returns when done. With `live`: starts the
-    /// background-snapshot migration and returns once RAM is fixed (write-protected); the
-    /// guest may run on. Refuses (clearly, never by a long pause) where background-snapshot
-    /// is not available.
-    async fn save(&self, file: &str, live: bool) -> Result<()>;
+    /// Without `live`: saves RAM to `file` and returns when done ([`Saved::Complete`]). With
+    /// `live`: starts the background-snapshot migration and returns once RAM is fixed
+    /// (write-protected; [`Saved::Live`]); the guest may run on. Where background-snapshot is
+    /// not available, `live` fails clearly, never by a long pause, unless `fallback`: then
+    /// RAM is saved with the guest paused ([`Saved::Complete`]).
+    async fn save(&self, file: &str, live: bool, fallback: bool) -> Result<Saved>;
     /// Waits for a live save to complete.
     async fn wait(&self, file: &str) -> Result<()>;
     /// Cancels a save in progress (if any) and deletes `file` (if it exists).

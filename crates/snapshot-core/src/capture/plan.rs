@@ -12,6 +12,9 @@ use super::Clock;
 pub const DEFAULT_FREEZE_BUDGET_MS: u64 = 2_000;
 /// The default pause budget: how long the vCPUs may stay paused for the capture.
 pub const DEFAULT_PAUSE_BUDGET_MS: u64 = 1_000;
+/// The default manual hold: how long a domain stays paused for the user's own snapshots of
+/// its `snapshot='manual'` disks before it is resumed without them.
+pub const DEFAULT_MANUAL_HOLD_MS: u64 = 300_000;
 
 /// What the request asks for one disk (`--diskspec` or a `<disk>` of the domainsnapshot XML).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -31,7 +34,8 @@ pub enum DiskChoice {
     },
     /// `snapshot='storage'` (our extension): the storage backend's snapshot of the volume.
     Storage,
-    /// `snapshot='manual'`.
+    /// `snapshot='manual'`: the user snapshots the disk by other means while the domain is
+    /// paused (see [`Step::HoldPaused`]).
     Manual,
 }
 
@@ -72,6 +76,11 @@ pub struct Flags {
     pub quiesce: bool,
     /// `--live`: save RAM with the guest running (background-snapshot).
     pub live: bool,
+    /// `--fallback-paused` (with `--live`): where QEMU refuses background-snapshot (VFIO
+    /// devices, no userfaultfd write-protect), save RAM with the guest paused instead of
+    /// failing. Without it such a refusal is an error: never a silent long pause.
+    #[serde(default)]
+    pub fallback_paused: bool,
     /// `--atomic`: all disks or none. Always the case here (one transaction, undo on
     /// failure); accepted for virsh compatibility.
     pub atomic: bool,
@@ -101,6 +110,9 @@ pub struct CaptureRequest {
     pub freeze_budget_ms: u64,
     /// The pause budget, in milliseconds.
     pub pause_budget_ms: u64,
+    /// With `manual` disks of a running domain: how long it stays paused for them at most,
+    /// in milliseconds.
+    pub manual_hold_ms: u64,
 }
 
 impl CaptureRequest {
@@ -115,6 +127,7 @@ impl CaptureRequest {
             flags: Flags::default(),
             freeze_budget_ms: DEFAULT_FREEZE_BUDGET_MS,
             pause_budget_ms: DEFAULT_PAUSE_BUDGET_MS,
+            manual_hold_ms: DEFAULT_MANUAL_HOLD_MS,
         }
     }
 
@@ -304,6 +317,10 @@ pub enum Step {
         file: String,
         /// Background-snapshot.
         live: bool,
+        /// With `live`: a refused background-snapshot falls back to a save with the guest
+        /// paused.
+        #[serde(default)]
+        fallback: bool,
     },
     /// Take the storage backend's snapshot of a pool volume (while paused). Undo: delete
     /// that backend snapshot.
@@ -353,6 +370,18 @@ pub enum Step {
     /// `--halt`: stop the domain. After the commit point; a failure is reported, the
     /// snapshot stands.
     Halt,
+    /// `snapshot='manual'` disks of a running domain: instead of resuming, leave the vCPUs
+    /// paused for the user's own snapshots of `disks`, resumed by the user's next resume or
+    /// at the latest `hold_ms` from now (by a process that outlives this one). After the
+    /// commit point; if the hold cannot be set up the domain is resumed and that is reported.
+    HoldPaused {
+        /// The snapshot's name.
+        snapshot: String,
+        /// The manual disks' targets.
+        disks: Vec<String>,
+        /// The longest hold, in milliseconds.
+        hold_ms: u64,
+    },
 }
 
 impl Step {
@@ -372,6 +401,7 @@ impl Step {
             Step::Thaw => "thaw".into(),
             Step::CommitMetadata { .. } => "commit-metadata".into(),
             Step::Halt => "halt".into(),
+            Step::HoldPaused { .. } => "hold-paused".into(),
         }
     }
 
@@ -465,10 +495,12 @@ impl CapturePlan {
         let mem = match (&req.memory, f.disk_only) {
             (MemoryChoice::Default, true) | (MemoryChoice::No, _) => None,
             (MemoryChoice::Default, false) => {
-                let any_external = chosen
-                    .iter()
-                    .flatten()
-                    .any(|c| matches!(c, DiskChoice::External { .. } | DiskChoice::Storage));
+                let any_external = chosen.iter().flatten().any(|c| {
+                    matches!(
+                        c,
+                        DiskChoice::External { .. } | DiskChoice::Storage | DiskChoice::Manual
+                    )
+                });
                 if live_vm && !any_external {
                     Some(MemoryChoice::Internal)
                 } else {
@@ -490,6 +522,12 @@ impl CapturePlan {
             ));
         }
         let external_mem = matches!(mem, Some(MemoryChoice::External { .. }));
+        if f.fallback_paused && !f.live {
+            return Err(plan_error(
+                "--fallback-paused",
+                "--fallback-paused is the fallback of --live".into(),
+            ));
+        }
         if f.live && !external_mem {
             return Err(plan_error(
                 "--live",
@@ -519,11 +557,12 @@ impl CapturePlan {
         // Per-disk defaults and checks.
         let default = if f.disk_only
             || external_mem
-            || chosen
-                .iter()
-                .flatten()
-                .any(|c| matches!(c, DiskChoice::External { .. } | DiskChoice::Storage))
-        {
+            || chosen.iter().flatten().any(|c| {
+                matches!(
+                    c,
+                    DiskChoice::External { .. } | DiskChoice::Storage | DiskChoice::Manual
+                )
+            }) {
             DiskChoice::External {
                 file: None,
                 format: None,
@@ -586,13 +625,6 @@ impl CapturePlan {
                         format!("an overlay must be qcow2, not {fmt}"),
                     ))
                 }
-                DiskChoice::Manual => {
-                    return Err(Error::new(
-                        ErrorKind::Unsupported,
-                        t.as_str(),
-                        "snapshot='manual' is not supported yet",
-                    ))
-                }
                 _ => {}
             }
             resolved.push(c);
@@ -601,6 +633,23 @@ impl CapturePlan {
         let internal = has(|c| matches!(c, DiskChoice::Internal));
         let external = has(|c| matches!(c, DiskChoice::External { .. }));
         let storage = has(|c| matches!(c, DiskChoice::Storage));
+        let manual = has(|c| matches!(c, DiskChoice::Manual));
+        if manual && mem.is_some() {
+            return Err(plan_error(
+                "disks",
+                "manual disks are snapshotted by the user while the domain is paused, after \
+                 the capture: a snapshot with manual disks saves no memory (use --disk-only)"
+                    .into(),
+            ));
+        }
+        if manual && f.quiesce {
+            return Err(plan_error(
+                "--quiesce",
+                "the guest would stay frozen for as long as the manual snapshots take, past \
+                 the freeze budget: quiesce is not combined with manual disks"
+                    .into(),
+            ));
+        }
         if internal && (external || storage) {
             return Err(plan_error(
                 "disks",
@@ -633,7 +682,7 @@ impl CapturePlan {
                     .into(),
             ));
         }
-        if !internal && !external && !storage && mem.is_none() {
+        if !internal && !external && !storage && !manual && mem.is_none() {
             return Err(plan_error("disks", "nothing to capture".into()));
         }
         if f.reuse_external && !external {
@@ -720,7 +769,8 @@ impl CapturePlan {
                 budget_ms: req.freeze_budget_ms,
             });
         }
-        let pause = running && (storage || external_mem);
+        let hold = running && manual && !f.halt;
+        let pause = running && (storage || external_mem || manual);
         if pause {
             steps.push(Step::Pause {
                 budget_ms: req.pause_budget_ms,
@@ -728,6 +778,7 @@ impl CapturePlan {
         }
         if let Some(MemoryChoice::External { file }) = &mem {
             steps.push(Step::SaveMemory {
+                fallback: f.live && f.fallback_paused,
                 file: file.clone(),
                 live: f.live,
             });
@@ -765,7 +816,7 @@ impl CapturePlan {
                 nodes,
             });
         }
-        if pause {
+        if pause && !hold {
             steps.push(Step::Resume);
         }
         if let (Some(MemoryChoice::External { file }), true) = (&mem, f.live) {
@@ -776,6 +827,8 @@ impl CapturePlan {
         }
         // Offline, an external disk is captured by its overlay file alone (no node, no
         // transaction): the last overlay made is the commit point.
+        // Manual disks alone capture nothing here: the pause (running) or the metadata
+        // (stopped) is the commit point.
         let commit_point = steps
             .iter()
             .rposition(Step::captures)
@@ -784,7 +837,11 @@ impl CapturePlan {
                     .iter()
                     .rposition(|s| !live_vm && matches!(s, Step::PreCreateOverlay { .. }))
             })
-            .expect("a plan captures something");
+            .or_else(|| {
+                let p = steps.iter().rposition(|s| matches!(s, Step::Pause { .. }));
+                p.filter(|_| manual)
+            });
+        let manual_only_offline = commit_point.is_none() && manual;
 
         let memory = match &mem {
             None => Location::No,
@@ -820,8 +877,31 @@ impl CapturePlan {
                 snapshot: Box::new(snapshot),
             });
         }
+        let commit_point =
+            match commit_point {
+                Some(c) => c,
+                None if manual_only_offline && !f.no_metadata => steps.len() - 1,
+                None => return Err(plan_error(
+                    "disks",
+                    "nothing to capture: only manual disks of a stopped domain, and no metadata"
+                        .into(),
+                )),
+            };
         if f.halt {
             steps.push(Step::Halt);
+        }
+        if hold {
+            steps.push(Step::HoldPaused {
+                snapshot: name.to_string(),
+                disks: dom
+                    .disks
+                    .iter()
+                    .zip(&resolved)
+                    .filter(|(_, c)| matches!(c, DiskChoice::Manual))
+                    .map(|(d, _)| d.target.clone())
+                    .collect(),
+                hold_ms: req.manual_hold_ms,
+            });
         }
         Ok(CapturePlan {
             domain: dom.name.clone(),

@@ -1,7 +1,7 @@
 //! Executing a plan, undoing it, and recovering a killed run from the journal.
 
 use super::plan::{CapturePlan, RunState, Step};
-use super::{Capabilities, Clock};
+use super::{Capabilities, Clock, Saved};
 use crate::error::{Error, ErrorKind, Result};
 use crate::journal::{Journal, OpId, Outcome, StepState};
 use crate::store::DomainStore;
@@ -98,11 +98,13 @@ async fn within<T>(
     .await
 }
 
-/// The deadlines in force: the guest frozen, the vCPUs paused.
+/// The deadlines in force: the guest frozen, the vCPUs paused (and the pause budget, which
+/// starts again after a RAM save with the guest paused: that pause is the save's own).
 #[derive(Default)]
 struct Windows {
     frozen_until: Option<Duration>,
     paused_until: Option<Duration>,
+    pause_budget: Option<Duration>,
 }
 
 impl Windows {
@@ -129,7 +131,8 @@ async fn act(
     match step {
         Step::Freeze { budget_ms } => {
             win.frozen_until = Some(c.monotonic() + ms(*budget_ms));
-            within(c, Some(ms(*budget_ms)), &label, caps.agent.freeze()).await?;
+            let budget = ms(*budget_ms);
+            within(c, Some(budget), &label, caps.agent.freeze(budget)).await?;
         }
         Step::PreCreateOverlay {
             path,
@@ -156,11 +159,28 @@ async fn act(
         Step::Pause { budget_ms } => {
             let until = c.monotonic() + ms(*budget_ms);
             win.paused_until = Some(until);
+            win.pause_budget = Some(ms(*budget_ms));
             let b = win.remaining(c);
             within(c, b, &label, caps.vcpus.pause()).await?;
         }
-        Step::SaveMemory { file, live } => {
-            within(c, bounded, &label, caps.memory.save(file, *live)).await?
+        Step::SaveMemory {
+            file,
+            live,
+            fallback,
+        } => {
+            // A save with the guest paused takes as long as the RAM needs (the user asked for
+            // it): only the live start, which must not stall the guest, is bounded.
+            let bound = if *live && !*fallback {
+                bounded
+            } else {
+                win.frozen_until.map(|d| d.saturating_sub(c.monotonic()))
+            };
+            let saved = within(c, bound, &label, caps.memory.save(file, *live, *fallback)).await?;
+            if saved == Saved::Complete {
+                if let Some(b) = win.pause_budget {
+                    win.paused_until = Some(c.monotonic() + b);
+                }
+            }
         }
         Step::BackendSnapshot {
             volume,
@@ -206,6 +226,11 @@ async fn act(
             store.set_current(snapshot.name.as_ref())?;
         }
         Step::Halt => caps.vcpus.halt().await?,
+        Step::HoldPaused {
+            snapshot,
+            disks,
+            hold_ms,
+        } => caps.vcpus.hold(snapshot, disks, ms(*hold_ms)).await?,
     }
     Ok(())
 }
@@ -233,6 +258,7 @@ async fn undo(caps: &Capabilities<'_>, step: &Step) -> Result<()> {
         Step::InternalSnapshot { tag, nodes, .. } => {
             caps.block.delete_internal_snapshot(tag, nodes).await
         }
+        Step::HoldPaused { .. } => caps.vcpus.resume().await,
         Step::Resume | Step::Thaw | Step::CommitMetadata { .. } | Step::Halt => Ok(()),
     }
 }
@@ -393,6 +419,7 @@ async fn roll_forward(
     let mut win = Windows::default();
     let mut metadata_error = None;
     let mut snapshot = None;
+    let mut held = false;
     for (at, step) in plan.steps.iter().enumerate().skip(from) {
         let res = match journal.record_step(
             op,
@@ -410,13 +437,19 @@ async fn roll_forward(
         };
         match (res, step) {
             (Ok(()), Step::CommitMetadata { snapshot: s }) => snapshot = Some((**s).clone()),
+            (Ok(()), Step::HoldPaused { .. }) => held = true,
+            (Err(e), Step::HoldPaused { .. }) => warnings.push(format!(
+                "the domain cannot be held paused for the manual snapshots, so it was \
+                 resumed: {e}"
+            )),
             (Ok(()), _) => {}
             (Err(e), Step::CommitMetadata { .. }) => metadata_error = Some(e),
             (Err(e), _) => warnings.push(format!("{}: {e}", step.label())),
         }
     }
-    // A `--halt`ed domain is not resumed.
-    if !plan.steps.iter().any(|s| matches!(s, Step::Halt)) {
+    // A `--halt`ed domain is not resumed, nor one held paused for manual snapshots (a hold
+    // that failed is reported and the domain resumed).
+    if !plan.steps.iter().any(|s| matches!(s, Step::Halt)) && !held {
         warnings.extend(ensure_safe(caps, plan, &touched).await);
     }
     if let Some(e) = metadata_error {

@@ -47,6 +47,14 @@ struct State {
     effects: usize,
     inject: Option<(usize, Inject)>,
     now_ms: u64,
+    /// The budget each freeze call was given.
+    freeze_budgets: Vec<Duration>,
+    /// QEMU refuses background-snapshot.
+    refuse_background: bool,
+    /// How long a save with the guest paused takes (fake clock).
+    paused_save_ms: u64,
+    /// Held paused for manual snapshots: the snapshot, its manual disks, the hold.
+    held: Option<(String, Vec<String>, Duration)>,
 }
 
 #[derive(Debug, Default)]
@@ -137,6 +145,7 @@ impl Vcpus for World {
     async fn resume(&self) -> Result<()> {
         self.effect("resume", |s| {
             s.running = !s.halted;
+            s.held = None;
             Ok(())
         })
         .await
@@ -152,13 +161,24 @@ impl Vcpus for World {
         })
         .await
     }
+    async fn hold(&self, snapshot: &str, disks: &[String], hold: Duration) -> Result<()> {
+        self.effect("hold", |s| {
+            if s.running {
+                s.violations.push("held while running".into());
+            }
+            s.held = Some((snapshot.to_string(), disks.to_vec(), hold));
+            Ok(())
+        })
+        .await
+    }
 }
 
 #[async_trait]
 impl GuestAgent for World {
-    async fn freeze(&self) -> Result<u32> {
+    async fn freeze(&self, budget: Duration) -> Result<u32> {
         self.effect("freeze", |s| {
             s.frozen = true;
+            s.freeze_budgets.push(budget);
             Ok(2)
         })
         .await
@@ -262,13 +282,24 @@ impl BlockLayer for World {
 
 #[async_trait]
 impl MemorySaver for World {
-    async fn save(&self, file: &str, _live: bool) -> Result<()> {
+    async fn save(&self, file: &str, live: bool, fallback: bool) -> Result<Saved> {
         self.effect("save", |s| {
             if s.frozen {
                 s.ever_frozen_while_saving = true;
             }
+            let saved = match (live, s.refuse_background, fallback) {
+                (true, false, _) => Saved::Live,
+                (true, true, false) => {
+                    return Err(Error::backend(file, "background-snapshot refused"))
+                }
+                _ => {
+                    // A save with the guest paused takes its time.
+                    s.now_ms += s.paused_save_ms;
+                    Saved::Complete
+                }
+            };
             s.memory.insert(file.to_string());
-            Ok(())
+            Ok(saved)
         })
         .await
     }
@@ -512,6 +543,34 @@ fn modes() -> Vec<Mode> {
         dom: d,
         user_files: vec![],
     });
+    // Manual disks: paused and held for the user's own snapshots after the capture.
+    let mut r = req("s1");
+    r.flags.disk_only = true;
+    r.disks = vec![spec("vdb", DiskChoice::Manual)];
+    v.push(Mode {
+        label: "manual + external",
+        req: r,
+        dom: domain(vec![qcow2("vda"), qcow2("vdb")]),
+        user_files: vec![],
+    });
+    let mut r = req("s1");
+    r.disks = vec![spec("vda", DiskChoice::Manual)];
+    v.push(Mode {
+        label: "manual only",
+        req: r,
+        dom: domain(vec![qcow2("vda")]),
+        user_files: vec![],
+    });
+    let mut d = domain(vec![qcow2("vda")]);
+    d.state = RunState::ShutOff;
+    let mut r = req("s1");
+    r.disks = vec![spec("vda", DiskChoice::Manual)];
+    v.push(Mode {
+        label: "shut off manual only",
+        req: r,
+        dom: d,
+        user_files: vec![],
+    });
     // Offline overlays alone: the last overlay made is the commit point.
     let mut d = domain(vec![qcow2("vda"), qcow2("vdb")]);
     d.state = RunState::ShutOff;
@@ -588,6 +647,7 @@ fn assert_nothing_left(e: &Env, mode: &Mode, ctx: &str) {
     assert!(s.nodes.is_empty(), "{ctx}: nodes {:?}", s.nodes);
     assert!(s.active.is_empty(), "{ctx}: active {:?}", s.active);
     assert!(s.internal.is_empty(), "{ctx}: internal");
+    assert!(s.held.is_none(), "{ctx}: held");
     assert!(s.memory.is_empty(), "{ctx}: memory");
     assert!(s.backend.is_empty(), "{ctx}: backend {:?}", s.backend);
     assert!(s.violations.is_empty(), "{ctx}: {:?}", s.violations);
@@ -600,12 +660,20 @@ fn assert_nothing_left(e: &Env, mode: &Mode, ctx: &str) {
 /// The guarantees after a completed capture.
 fn assert_completed(e: &Env, mode: &Mode, plan: &CapturePlan, ctx: &str) {
     let s = e.world.st();
-    // A failed --halt leaves it running.
+    // A failed --halt leaves it running; so does a hold for manual disks that failed.
     assert_eq!(
         s.running,
-        mode.dom.state == RunState::Running && !s.halted,
+        mode.dom.state == RunState::Running && !s.halted && s.held.is_none(),
         "{ctx}: running"
     );
+    let holds = plan.steps.iter().find_map(|s| match s {
+        Step::HoldPaused { disks, .. } => Some(disks.clone()),
+        _ => None,
+    });
+    if let Some((snap, disks, _)) = &s.held {
+        assert_eq!(snap, plan.name.as_str(), "{ctx}: held for");
+        assert_eq!(Some(disks), holds.as_ref(), "{ctx}: held disks");
+    }
     assert!(mode.req.flags.halt || !s.halted, "{ctx}: halted");
     assert!(!s.frozen, "{ctx}: frozen");
     assert!(!s.ever_frozen_while_saving, "{ctx}: frozen while RAM saved");
@@ -670,9 +738,15 @@ fn a_failure_at_every_step_of_every_mode_undoes_everything() {
             let freeze = after(|s| matches!(s, Step::Freeze { .. }));
             let thaw = after(|s| matches!(s, Step::Thaw));
             let inside = |from: Option<usize>, to: Option<usize>| matches!((from, to), (Some(f), Some(t)) if idx > f && idx < t);
+            // A RAM save with the guest paused is the pause the user asked for: bounded by
+            // the facade's job timeout, not by the pause budget.
             let bounded_kind = !matches!(
                 plan.steps[idx],
-                Step::Resume | Step::Thaw | Step::AwaitMemory { .. } | Step::Halt
+                Step::Resume
+                    | Step::Thaw
+                    | Step::AwaitMemory { .. }
+                    | Step::Halt
+                    | Step::SaveMemory { live: false, .. }
             );
             let in_window = matches!(plan.steps[idx], Step::Freeze { .. } | Step::Pause { .. })
                 || (bounded_kind && (inside(pause, resume) || inside(freeze, thaw)));
@@ -722,6 +796,33 @@ fn a_hung_freeze_fails_within_its_budget_and_thaws() {
     assert!(cause.contains("300 ms"), "{cause}");
     assert!(e.world.st().now_ms <= 300, "bounded by the budget");
     assert_nothing_left(&e, &mode, "hung freeze");
+}
+
+#[test]
+fn the_freeze_is_given_its_budget() {
+    // Every quiesced mode: the one freeze call receives the request's budget (the facade's
+    // watchdog thaws the guest at its end if virt-snap dies meanwhile).
+    let quiesced: Vec<Mode> = modes()
+        .into_iter()
+        .filter(|m| m.req.flags.quiesce)
+        .collect();
+    assert!(!quiesced.is_empty());
+    for mut mode in quiesced {
+        mode.req.freeze_budget_ms = 1_234;
+        let e = env(&mode);
+        let plan = plan_of(&mode, &e.world);
+        let mut j = journal(&e);
+        block_on(run(&plan, &e.world.caps(), &mut j, &e.store))
+            .unwrap_or_else(|err| panic!("{}: {err}", mode.label));
+        drop(j);
+        assert_eq!(
+            e.world.st().freeze_budgets,
+            [Duration::from_millis(1_234)],
+            "{}",
+            mode.label
+        );
+        assert_completed(&e, &mode, &plan, mode.label);
+    }
 }
 
 #[test]
@@ -926,6 +1027,12 @@ fn impossible_requests_are_refused() {
     assert!(plan_err(&r, &domain(vec![qcow2("vda")])).contains("reuse"));
     let mut r = req("s");
     r.disks = vec![spec("vda", DiskChoice::Manual)];
+    r.memory = MemoryChoice::Internal;
+    assert!(plan_err(&r, &d2()).contains("manual"));
+    let mut r = req("s");
+    r.flags.disk_only = true;
+    r.flags.quiesce = true;
+    r.disks = vec![spec("vda", DiskChoice::Manual)];
     assert!(plan_err(&r, &d2()).contains("manual"));
     let mut d = d2();
     d.state = RunState::ShutOff;
@@ -1066,4 +1173,114 @@ fn the_500th_external_snapshot_plans_and_commits_in_constant_work() {
     assert_eq!(loaded.tree.len(), 500);
     assert_eq!(loaded.tree.ancestors("s500").unwrap().len(), 499);
     assert_eq!(e.store.current().unwrap().unwrap().as_str(), "s500");
+}
+
+#[test]
+fn manual_disks_leave_the_domain_paused_and_held() {
+    let mode = modes()
+        .into_iter()
+        .find(|m| m.label == "manual + external")
+        .unwrap();
+    let mut mode = mode;
+    mode.req.manual_hold_ms = 42_000;
+    let e = env(&mode);
+    let plan = plan_of(&mode, &e.world);
+    assert_eq!(
+        labels(&plan),
+        [
+            "pre-create-overlay vda",
+            "add-overlay-node vda",
+            "pause",
+            "transaction",
+            "commit-metadata",
+            "hold-paused"
+        ]
+    );
+    let mut j = journal(&e);
+    let out = block_on(run(&plan, &e.world.caps(), &mut j, &e.store)).unwrap();
+    assert!(out.warnings.is_empty(), "{:?}", out.warnings);
+    let s = e.world.st();
+    assert!(!s.running, "paused for the manual snapshot");
+    assert_eq!(
+        s.held,
+        Some((
+            "s1".into(),
+            vec!["vdb".into()],
+            Duration::from_millis(42_000)
+        ))
+    );
+    drop(s);
+    let snap = e.store.read(&plan.name).unwrap();
+    let vdb = snap.disks.iter().find(|d| d.name == "vdb").unwrap();
+    assert_eq!(vdb.snapshot, Some(Location::Manual));
+
+    // Only manual disks: the pause is the commit point; a stopped domain is not held.
+    let only = modes()
+        .into_iter()
+        .find(|m| m.label == "manual only")
+        .unwrap();
+    let p = plan_of(&only, &World::running());
+    assert_eq!(labels(&p), ["pause", "commit-metadata", "hold-paused"]);
+    assert_eq!(p.commit_point, 0);
+    let off = modes()
+        .into_iter()
+        .find(|m| m.label == "shut off manual only")
+        .unwrap();
+    let p = plan_of(&off, &World::default());
+    assert_eq!(labels(&p), ["commit-metadata"]);
+    // --halt: no hold, the domain is stopped.
+    let mut halt = only;
+    halt.req.flags.halt = true;
+    let p = plan_of(&halt, &World::running());
+    assert_eq!(labels(&p), ["pause", "resume", "commit-metadata", "halt"]);
+}
+
+#[test]
+fn a_refused_background_snapshot_fails_clearly_or_falls_back_when_asked() {
+    let live = || {
+        modes()
+            .into_iter()
+            .find(|m| m.label == "external RAM live")
+            .unwrap()
+    };
+    // Refused, no fallback: the capture fails, nothing is left, the guest runs.
+    let mode = live();
+    let e = env(&mode);
+    e.world.st().refuse_background = true;
+    let plan = plan_of(&mode, &e.world);
+    let mut j = journal(&e);
+    let err = block_on(run(&plan, &e.world.caps(), &mut j, &e.store)).unwrap_err();
+    drop(j);
+    let cause = std::error::Error::source(&err).unwrap().to_string();
+    assert!(cause.contains("background-snapshot"), "{cause}");
+    assert_nothing_left(&e, &mode, "refused, no fallback");
+
+    // Refused with --fallback-paused: saved with the guest paused (for as long as the save
+    // takes, past the pause budget), then the disks, then resumed.
+    let mut mode = live();
+    mode.req.flags.fallback_paused = true;
+    mode.req.pause_budget_ms = 50;
+    let e = env(&mode);
+    {
+        let mut s = e.world.st();
+        s.refuse_background = true;
+        s.paused_save_ms = 5_000;
+    }
+    let plan = plan_of(&mode, &e.world);
+    assert!(plan
+        .steps
+        .iter()
+        .any(|s| matches!(s, Step::SaveMemory { fallback: true, .. })));
+    let mut j = journal(&e);
+    let out = block_on(run(&plan, &e.world.caps(), &mut j, &e.store)).unwrap();
+    drop(j);
+    assert!(out.warnings.is_empty(), "{:?}", out.warnings);
+    assert_completed(&e, &mode, &plan, "fallback");
+    assert!(e.world.st().now_ms >= 5_000);
+
+    // --fallback-paused is the fallback of --live only.
+    let mut r = req("s");
+    r.flags.fallback_paused = true;
+    r.memory = MemoryChoice::External { file: "/m".into() };
+    assert!(plan_err(&r, &domain(vec![qcow2("vda")])).contains("--fallback-paused"));
 }

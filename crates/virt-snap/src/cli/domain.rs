@@ -52,6 +52,16 @@ pub enum DomainCmd {
         /// The domain.
         domain: String,
     },
+    /// Pause a running domain's vCPUs.
+    Suspend {
+        /// The domain.
+        domain: String,
+    },
+    /// Resume a paused domain (also ends the pause for a snapshot's manual disks).
+    Resume {
+        /// The domain.
+        domain: String,
+    },
     /// Ask the guest to power off (ACPI) and wait for it.
     Shutdown {
         /// The domain.
@@ -107,6 +117,25 @@ fn print_reply(out: Format, v: &serde_json::Value) -> CliResult {
         Format::Json => output::print_json(v).map_err(out_err),
         Format::Text => {
             println!("{v}");
+            Ok(())
+        }
+    }
+}
+
+/// What suspend and resume print: the state after, or `Domain 'D' <done>`.
+fn print_state(
+    out: Format,
+    domain: &str,
+    st: virt_snap::domain::StateInfo,
+    done: &str,
+) -> CliResult {
+    match out {
+        Format::Json => output::print_json(&serde_json::json!({
+            "name": domain, "state": st.state, "reason": st.reason,
+        }))
+        .map_err(out_err),
+        Format::Text => {
+            println!("Domain '{domain}' {done}");
             Ok(())
         }
     }
@@ -206,6 +235,16 @@ pub async fn run(cmd: DomainCmd, out: Format, state: Option<&Path>) -> CliResult
                     Ok(())
                 }
             }
+        }
+        DomainCmd::Suspend { domain } => {
+            let dom = conn.domain(&domain)?;
+            dom.suspend().await?;
+            print_state(out, &domain, dom.state().await?, "suspended")
+        }
+        DomainCmd::Resume { domain } => {
+            let dom = conn.domain(&domain)?;
+            dom.resume().await?;
+            print_state(out, &domain, dom.state().await?, "resumed")
         }
         DomainCmd::Shutdown { domain, timeout } => {
             let st = conn

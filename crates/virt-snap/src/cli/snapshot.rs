@@ -159,9 +159,24 @@ pub struct FlagArgs {
     /// Freeze the guest's file systems through the agent.
     #[arg(long)]
     quiesce: bool,
+    /// With --quiesce: how long the guest may stay frozen, in milliseconds (default 2000).
+    /// The capture fails and thaws if it is not done by then; should virt-snap die or hang
+    /// meanwhile, a watchdog process thaws the guest at the latest then.
+    #[arg(long, value_name = "MS", requires = "quiesce",
+          value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
+    freeze_budget: Option<u64>,
+    /// With snapshot=manual disks: how long the domain stays paused at most for your own
+    /// snapshots of them, in seconds (default 300); `virt-snap resume DOM` ends it sooner.
+    #[arg(long, value_name = "SECS",
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    manual_hold: Option<u64>,
     /// Save RAM with the guest running.
     #[arg(long)]
     live: bool,
+    /// With --live: where QEMU refuses background-snapshot (VFIO devices, no userfaultfd
+    /// write-protect), save RAM with the guest paused instead of failing (reported).
+    #[arg(long, requires = "live")]
+    fallback_paused: bool,
     /// Stop the domain once captured.
     #[arg(long)]
     halt: bool,
@@ -179,6 +194,7 @@ impl FlagArgs {
             disk_only: self.disk_only,
             quiesce: self.quiesce,
             live: self.live,
+            fallback_paused: self.fallback_paused,
             atomic: self.atomic,
             halt: self.halt,
             no_metadata: self.no_metadata,
@@ -360,14 +376,28 @@ async fn capture(
     conn: &Connection,
     domain: &str,
     def: DomainSnapshot,
-    flags: Flags,
+    flags: &FlagArgs,
 ) -> Result<CaptureResult, CliError> {
     conn.snapshot_check_request(domain, &def)?;
-    let req = CaptureRequest::from_xml(&def, flags)
+    let mut req = CaptureRequest::from_xml(&def, flags.flags())
         .map_err(|e| CliError::with_source("the snapshot request is not valid", e))?;
+    if let Some(ms) = flags.freeze_budget {
+        req.freeze_budget_ms = ms;
+    }
+    if let Some(secs) = flags.manual_hold {
+        req.manual_hold_ms = secs * 1000;
+    }
     let r = conn.domain(domain)?.snapshot_create(req).await?;
     for w in &r.warnings {
         eprintln!("warning: {w}");
+    }
+    if let Some(h) = &r.held {
+        eprintln!(
+            "Domain '{domain}' is paused for your snapshots of its manual disks ({}): run \
+             `virt-snap resume {domain}` when they are done (it resumes by itself at {})",
+            h.disks.join(", "),
+            output::utc_date_time(h.until as i64)
+        );
     }
     Ok(r)
 }
@@ -612,7 +642,7 @@ pub async fn run(cmd: SnapshotCmd, out: Format, state: Option<&Path>) -> CliResu
             let mut def = DomainSnapshot::from_xml(&xml)
                 .map_err(|e| CliError::with_source("the domainsnapshot XML cannot be parsed", e))?;
             default_name(&mut def)?;
-            let r = capture(&conn, &domain, def, flags.flags()).await?;
+            let r = capture(&conn, &domain, def, &flags).await?;
             created(out, &r.name, xmlfile.as_deref(), Some(&r))
         }
         SnapshotCmd::SnapshotCreateAs {
@@ -644,7 +674,7 @@ pub async fn run(cmd: SnapshotCmd, out: Format, state: Option<&Path>) -> CliResu
                 };
             }
             default_name(&mut def)?;
-            let r = capture(&conn, &domain, def, flags.flags()).await?;
+            let r = capture(&conn, &domain, def, &flags).await?;
             created(out, &r.name, None, Some(&r))
         }
     }
@@ -725,5 +755,30 @@ mod tests {
         ] {
             assert!(parse_diskspec(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn freeze_budget_flag() {
+        use clap::Parser;
+        let parse = |extra: &[&str]| {
+            let mut a = vec!["virt-snap", "snapshot-create-as", "d", "--disk-only"];
+            a.extend(extra);
+            super::super::Cli::try_parse_from(a).map(|c| match c.command {
+                super::super::Command::Snapshot(SnapshotCmd::SnapshotCreateAs {
+                    flags, ..
+                }) => flags.freeze_budget,
+                other => panic!("{other:?}"),
+            })
+        };
+        assert_eq!(
+            parse(&["--quiesce", "--freeze-budget", "3000"]).unwrap(),
+            Some(3000)
+        );
+        assert_eq!(parse(&["--quiesce"]).unwrap(), None);
+        assert!(
+            parse(&["--freeze-budget", "3000"]).is_err(),
+            "needs --quiesce"
+        );
+        assert!(parse(&["--quiesce", "--freeze-budget", "0"]).is_err());
     }
 }

@@ -75,6 +75,9 @@ pub enum StateReason {
     Booted,
     /// Paused on request.
     User,
+    /// Paused for the user's own snapshots of a snapshot's `manual` disks (until resumed,
+    /// at the latest at the hold's end).
+    Snapshot,
     /// Paused before the guest ran (started with `--paused`).
     StartingUp,
     /// Paused on an I/O error.
@@ -100,6 +103,7 @@ impl std::fmt::Display for StateReason {
         f.write_str(match self {
             StateReason::Booted => "booted",
             StateReason::User => "user",
+            StateReason::Snapshot => "snapshot",
             StateReason::StartingUp => "starting up",
             StateReason::IoError => "I/O error",
             StateReason::Panicked => "panicked",
@@ -327,6 +331,8 @@ impl Connection {
                 qdev: d.qdev(),
                 source: path.clone(),
                 readonly: ro,
+                node: Some(d.format_node()),
+                format: Some(d.format.as_str().to_string()),
             });
             paths.push(path);
         }
@@ -484,6 +490,8 @@ impl Connection {
                 qdev,
                 source: PathBuf::from(&ins.image.filename),
                 readonly: ins.ro,
+                node: ins.node_name.clone(),
+                format: Some(ins.image.format.clone()),
             });
         }
         let leases = self.inner().locks.acquire(&Purpose::VmAttach {
@@ -799,6 +807,9 @@ impl Domain {
         let status = v.get("status").and_then(Value::as_str).unwrap_or("");
         let (state, reason) = match status {
             "running" => (DomainState::Running, StateReason::Booted),
+            "paused" | "suspended" if !crate::snapshot::hold::current(&self.dir()).is_empty() => {
+                (DomainState::Paused, StateReason::Snapshot)
+            }
             "paused" | "suspended" => (DomainState::Paused, StateReason::User),
             "prelaunch" => (DomainState::Paused, StateReason::StartingUp),
             "io-error" => (DomainState::Paused, StateReason::IoError),
@@ -813,6 +824,31 @@ impl Domain {
             reason,
             pid: Some(st.pid),
         })
+    }
+
+    /// Pause the domain's vCPUs (`virsh suspend`).
+    pub async fn suspend(&self) -> Result<()> {
+        let _op = self.recover_pending(self.op_lock("suspend").await?).await?;
+        let st = self.running()?;
+        self.qmp(&st).await?.run(&qmp_proto::commands::Stop).await?;
+        Ok(())
+    }
+
+    /// Resume the domain's vCPUs (`virsh resume`); this also ends a manual hold (the
+    /// domain paused after a snapshot with `manual` disks, for the user's own snapshots of
+    /// them), which is ended first, so that its resumer does nothing later.
+    pub async fn resume(&self) -> Result<()> {
+        let _op = self.recover_pending(self.op_lock("resume").await?).await?;
+        let st = self.running()?;
+        crate::snapshot::hold::clear(&self.dir())?;
+        self.qmp(&st).await?.run(&qmp_proto::commands::Cont).await?;
+        Ok(())
+    }
+
+    /// The manual holds in force: a domain left paused after a snapshot with `manual`
+    /// disks ([`crate::snapshot::CaptureResult::held`]).
+    pub fn manual_holds(&self) -> Vec<crate::snapshot::ManualHold> {
+        crate::snapshot::hold::current(&self.dir())
     }
 
     /// Stop the domain now: QMP `quit`, then SIGKILL after a short wait. Returns once the
@@ -900,27 +936,7 @@ impl Domain {
             .await?;
         let st = self.running()?;
         let qmp = self.qmp(&st).await?;
-        let blocks = qmp.run(&qmp_proto::commands::QueryBlock).await?;
-        Ok(blocks
-            .into_iter()
-            .filter_map(|b| {
-                let ins = b.inserted?;
-                let qdev = short_qdev(b.qdev.as_deref().unwrap_or(&b.device));
-                let target = st
-                    .disks
-                    .iter()
-                    .find(|d| d.qdev == qdev)
-                    .map_or_else(|| qdev.clone(), |d| d.target.clone());
-                Some(BlockDevice {
-                    target,
-                    source: ins.image.filename.clone(),
-                    qdev,
-                    node_name: ins.node_name.clone(),
-                    format: ins.image.format.clone(),
-                    readonly: ins.ro,
-                })
-            })
-            .collect())
+        block_devices(&qmp, &st).await
     }
 
     /// Run a QMP command given as JSON (`{"execute": NAME, "arguments": {..}}`) on the
@@ -1023,6 +1039,70 @@ fn parse_command(json: &str) -> Result<(String, Option<Value>)> {
         return Err(bad("\"arguments\" must be a JSON object".into()));
     }
     Ok((cmd.to_string(), args))
+}
+
+/// The disks of the running QEMU of `st`: from the record, each top node checked with one
+/// `qom-get` of its device's `drive` (constant cost), else (a record without node names, a
+/// top changed behind virt-snap's back, an adopted QEMU's devices) from `query-block`, whose
+/// cost grows with the backing chains (QEMU describes every image of them).
+pub(crate) async fn block_devices(qmp: &QmpClient, st: &RunState) -> Result<Vec<BlockDevice>> {
+    if let Some(d) = recorded_block_devices(qmp, st).await {
+        return Ok(d);
+    }
+    let blocks = qmp.run(&qmp_proto::commands::QueryBlock).await?;
+    Ok(blocks
+        .into_iter()
+        .filter_map(|b| {
+            let ins = b.inserted?;
+            let qdev = short_qdev(b.qdev.as_deref().unwrap_or(&b.device));
+            let target = st
+                .disks
+                .iter()
+                .find(|d| d.qdev == qdev)
+                .map_or_else(|| qdev.clone(), |d| d.target.clone());
+            Some(BlockDevice {
+                target,
+                source: ins.image.filename.clone(),
+                qdev,
+                node_name: ins.node_name.clone(),
+                format: ins.image.format.clone(),
+                readonly: ins.ro,
+            })
+        })
+        .collect())
+}
+
+/// The record's disks, if each has its top node recorded and QEMU's device still has it on
+/// top.
+async fn recorded_block_devices(qmp: &QmpClient, st: &RunState) -> Option<Vec<BlockDevice>> {
+    let mut out = Vec::with_capacity(st.disks.len());
+    for d in &st.disks {
+        let (node, format) = (d.node.as_ref()?, d.format.as_ref()?);
+        let path = if d.qdev.starts_with('/') {
+            d.qdev.clone()
+        } else {
+            format!("/machine/peripheral/{}", d.qdev)
+        };
+        let top = qmp
+            .run(&qmp_proto::commands::QomGet {
+                path,
+                property: "drive".into(),
+            })
+            .await
+            .ok()?;
+        if top.as_str() != Some(node) {
+            return None;
+        }
+        out.push(BlockDevice {
+            target: d.target.clone(),
+            source: d.source.display().to_string(),
+            qdev: d.qdev.clone(),
+            node_name: Some(node.clone()),
+            format: format.clone(),
+            readonly: d.readonly,
+        });
+    }
+    Some(out)
 }
 
 #[cfg(test)]

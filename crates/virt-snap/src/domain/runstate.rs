@@ -44,6 +44,13 @@ pub(crate) struct RunDisk {
     pub qdev: String,
     pub source: PathBuf,
     pub readonly: bool,
+    /// The top node's name and format, as virt-snap last set them (absent in records of
+    /// older versions): with them a disk's top is checked with one `qom-get` instead of a
+    /// `query-block`, whose cost grows with the chain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<String>,
 }
 
 /// The record: written atomically (`0600`) on every change.

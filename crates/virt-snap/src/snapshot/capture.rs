@@ -6,8 +6,10 @@
 //! the guest agent connection, and measures how long the vCPUs were paused and the guest
 //! frozen.
 
+use super::hold::ManualHold;
+use super::watchdog::ThawWatchdog;
 use crate::domain::runstate::{self, RunState as RunRecord};
-use crate::domain::{short_qdev, Domain};
+use crate::domain::Domain;
 use crate::error::{Error, ErrorKind, Result};
 use crate::Connection;
 use async_trait::async_trait;
@@ -27,18 +29,22 @@ use snapshot_core::store::{DomainStore, SnapshotStore};
 use snapshot_core::xml::RawXml;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 pub use snapshot_core::capture::{
     CaptureRequest, DiskChoice, DiskRequest, Flags, MemoryChoice, DEFAULT_FREEZE_BUDGET_MS,
-    DEFAULT_PAUSE_BUDGET_MS,
+    DEFAULT_MANUAL_HOLD_MS, DEFAULT_PAUSE_BUDGET_MS,
 };
 pub use snapshot_core::xml::DomainSnapshot;
 pub use snapshot_core::SnapshotName;
 
 /// The snapshot metadata's directory in the state dir (`<state>/snapshots/<domain>/`).
 pub const SNAPSHOTS_SUBDIR: &str = "snapshots";
+
+/// How long a thaw after a freeze the agent never answered waits for the agent.
+const UNANSWERED_THAW_WAIT: Duration = Duration::from_millis(500);
 
 /// How long a snapshot-save or snapshot-delete job, a RAM save or a merge-back may take.
 const JOB_TIMEOUT: Duration = Duration::from_secs(600);
@@ -71,11 +77,16 @@ pub struct CaptureResult {
     pub stall: Option<Duration>,
     /// The downtime QEMU reported for a RAM save to a file, in milliseconds.
     pub memory_downtime_ms: Option<u64>,
+    /// `snapshot='manual'` disks of a running domain: the domain is left paused for the
+    /// user's own snapshots of them, until [`Domain::resume`] or the hold's end.
+    pub held: Option<ManualHold>,
 }
 
 /// A test-only failpoint: `VIRT_SNAP_FAILPOINT=capture:<name>` aborts the process right
-/// after the effect named `<name>` (`create-overlay`, `add-node`, `pause`, `transaction`,
-/// `save-memory`, `backend-snapshot`, `internal-snapshot`), as a kill would.
+/// after the effect named `<name>` (`create-overlay`, `add-node`, `freeze`, `pause`,
+/// `transaction`, `save-memory`, `backend-snapshot`, `internal-snapshot`), as a kill would.
+/// `capture:freeze-stall` blocks the thread for the freeze budget + 4 s after the freeze,
+/// then aborts (virt-snap stuck while the guest is frozen).
 fn failpoint(name: &str) {
     if failpoint_is(name) {
         tracing::error!("failpoint capture:{name}: aborting");
@@ -110,6 +121,9 @@ struct Timings {
     downtime_ms: Option<u64>,
     /// background-snapshot was turned on before the plan ran (see `snapshot_create`).
     background_on: bool,
+    held: Option<ManualHold>,
+    /// `--fallback-paused` was used: why background-snapshot was refused.
+    fell_back: Option<String>,
 }
 
 /// The capabilities of one operation on one domain (running, or shut off: then there is no
@@ -122,9 +136,17 @@ pub(crate) struct LiveDomain {
     op: tokio::sync::Mutex<Option<locking::Acquired>>,
     domain: String,
     qemu_pid: u32,
+    qmp_path: Option<PathBuf>,
     qmp: Option<QmpClient>,
     agent_socket: Option<PathBuf>,
     agent: tokio::sync::Mutex<Option<QgaClient>>,
+    /// A freeze was sent and its answer not read (yet).
+    agent_unanswered: AtomicBool,
+    /// A thaw after an unanswered freeze timed out: do not wait for the agent again.
+    agent_gave_up: AtomicBool,
+    /// Armed from a freeze until the thaw that succeeds; dropped armed (this operation
+    /// ends with a thaw that failed), it thaws the guest at once.
+    watchdog: Mutex<Option<ThawWatchdog>>,
     timings: Mutex<Timings>,
 }
 
@@ -149,7 +171,11 @@ impl LiveDomain {
         Ok(nodes.into_iter().filter_map(|n| n.node_name).collect())
     }
 
-    async fn agent_call(&self, cmd: &str, t: Duration) -> CoreResult<serde_json::Value> {
+    /// The guest agent connection (made on first use, within `t`).
+    async fn agent_client(
+        &self,
+        t: Duration,
+    ) -> CoreResult<tokio::sync::MappedMutexGuard<'_, QgaClient>> {
         let Some(sock) = &self.agent_socket else {
             return Err(snapshot_core::Error::backend(
                 self.domain.as_str(),
@@ -158,14 +184,24 @@ impl LiveDomain {
         };
         let mut guard = self.agent.lock().await;
         if guard.is_none() {
-            let (p, _keep) = runstate::socket_path(sock).map_err(|e| be(cmd, e))?;
+            let (p, _keep) = runstate::socket_path(sock).map_err(|e| be("guest agent", e))?;
             let c = QgaClient::connect_unix(&p, t)
                 .await
                 .map_err(|e| be("guest agent", e))?;
             *guard = Some(c);
         }
-        let c = guard.as_mut().expect("connected above");
+        Ok(tokio::sync::MutexGuard::map(guard, |g| {
+            g.as_mut().expect("connected above")
+        }))
+    }
+
+    async fn agent_call(&self, cmd: &str, t: Duration) -> CoreResult<serde_json::Value> {
+        let mut c = self.agent_client(t).await?;
         c.execute(cmd, None, t).await.map_err(|e| be(cmd, e))
+    }
+
+    fn watchdog(&self) -> std::sync::MutexGuard<'_, Option<ThawWatchdog>> {
+        self.watchdog.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The migration's state, polled until `done` says so (or it failed).
@@ -231,19 +267,6 @@ impl LiveDomain {
             domain: self.domain.clone(),
             qemu_pid: self.qemu_pid,
         }
-    }
-
-    /// background-snapshot on, for a `--live` RAM save to `file` (a refusal says why).
-    async fn enable_background_snapshot(&self, file: &str) -> CoreResult<()> {
-        self.set_background_snapshot(true).await.map_err(|e| {
-            snapshot_core::Error::backend(
-                file,
-                format!(
-                    "--live needs QEMU's background-snapshot (userfaultfd write-protect), \
-                     which this QEMU refuses: {e}"
-                ),
-            )
-        })
     }
 
     async fn set_background_snapshot(&self, on: bool) -> CoreResult<()> {
@@ -315,6 +338,16 @@ impl core::Vcpus for LiveDomain {
             .running)
     }
 
+    async fn hold(&self, snapshot: &str, disks: &[String], hold: Duration) -> CoreResult<()> {
+        let qmp = self.qmp_path.as_deref().ok_or_else(|| {
+            snapshot_core::Error::backend(self.domain.as_str(), "the domain is not running")
+        })?;
+        let h = super::hold::arm(&self.dom.dir(), qmp, snapshot, disks, hold)
+            .map_err(|e| be("manual hold", e))?;
+        self.times().held = Some(h);
+        Ok(())
+    }
+
     async fn halt(&self) -> CoreResult<()> {
         let q = self.qmp()?;
         // The connection ends with QEMU: no reply is no failure.
@@ -327,20 +360,80 @@ impl core::Vcpus for LiveDomain {
 
 #[async_trait]
 impl core::GuestAgent for LiveDomain {
-    async fn freeze(&self) -> CoreResult<u32> {
+    async fn freeze(&self, budget: Duration) -> CoreResult<u32> {
         // The runner bounds the call by the freeze budget; the agent's own timeout is a
         // backstop.
+        let t = Duration::from_secs(10);
+        // Set until the agent answered: a freeze the runner gave up on (budget) means an
+        // agent that does not answer, which the thaws after it must not wait for long.
+        self.agent_unanswered.store(true, Ordering::SeqCst);
+        let mut c = self.agent_client(t).await?;
+        // Before the freeze is sent: a watchdog process that thaws the guest at the
+        // budget's end if this process dies (or is stuck) before its own thaw. No
+        // watchdog, no freeze.
+        let wd = ThawWatchdog::arm(c.as_fd(), budget).map_err(|e| {
+            snapshot_core::Error::backend(
+                "guest-fsfreeze-freeze",
+                format!("cannot start the thaw watchdog, so the guest is not frozen: {e}"),
+            )
+        })?;
+        if let Some(old) = self.watchdog().replace(wd) {
+            // An earlier freeze's, never disarmed: this one covers the guest now.
+            let _ = old.disarm();
+        }
         self.times().frozen_at = Some(Instant::now());
-        let v = self
-            .agent_call("guest-fsfreeze-freeze", Duration::from_secs(10))
-            .await?;
+        let v = c
+            .execute("guest-fsfreeze-freeze", None, t)
+            .await
+            .map_err(|e| be("guest-fsfreeze-freeze", e))?;
+        self.agent_unanswered.store(false, Ordering::SeqCst);
+        drop(c);
+        failpoint("freeze");
+        if failpoint_is("freeze-stall") {
+            // Stuck, not dead: the thread blocks (so the runner's budget cannot fire
+            // either) past the budget, then the process dies.
+            tracing::error!("failpoint capture:freeze-stall: blocking, then aborting");
+            std::thread::sleep(budget + Duration::from_secs(4));
+            std::process::abort();
+        }
         Ok(v.as_u64().unwrap_or(0) as u32)
     }
 
     async fn thaw(&self) -> CoreResult<u32> {
-        let v = self
-            .agent_call("guest-fsfreeze-thaw", Duration::from_secs(10))
-            .await?;
+        // After a freeze the agent never answered, one short try: the thaw is queued on the
+        // connection behind the freeze either way, and the watchdog (armed until a thaw
+        // succeeds) sends its own when this operation ends, so the agent thaws the guest
+        // whenever it answers again. Later tries in this operation do not wait at all.
+        let unanswered = self.agent_unanswered.load(Ordering::SeqCst);
+        if unanswered && self.agent_gave_up.load(Ordering::SeqCst) {
+            return Err(snapshot_core::Error::backend(
+                "guest-fsfreeze-thaw",
+                "the guest agent does not answer (its freeze never returned); the thaw is \
+                 queued for it",
+            ));
+        }
+        let t = if unanswered {
+            UNANSWERED_THAW_WAIT
+        } else {
+            Duration::from_secs(10)
+        };
+        let v = match self.agent_call("guest-fsfreeze-thaw", t).await {
+            Ok(v) => v,
+            Err(e) => {
+                if unanswered {
+                    self.agent_gave_up.store(true, Ordering::SeqCst);
+                }
+                return Err(e);
+            }
+        };
+        self.agent_unanswered.store(false, Ordering::SeqCst);
+        // Thawed: the watchdog exits without doing anything. (A failed thaw leaves it armed:
+        // it thaws at the budget's end, or when this operation ends.)
+        if let Some(wd) = self.watchdog().take() {
+            if let Err(e) = wd.disarm() {
+                tracing::warn!(domain = %self.domain, "thaw watchdog: {e}");
+            }
+        }
         let mut t = self.times();
         if let Some(at) = t.frozen_at.take() {
             t.frozen = Some(at.elapsed());
@@ -716,13 +809,45 @@ fn create_private(file: &str) -> CoreResult<()> {
 
 #[async_trait]
 impl core::MemorySaver for LiveDomain {
-    async fn save(&self, file: &str, live: bool) -> CoreResult<()> {
+    async fn save(&self, file: &str, live: bool, fallback: bool) -> CoreResult<core::Saved> {
         let qmp = self.qmp()?;
-        if live && !self.times().background_on {
-            self.enable_background_snapshot(file).await?;
-        } else if !live {
-            // Not left on by an interrupted --live capture (it is set before the pause).
+        let mut live = live;
+        if !live {
+            // Not left on by an interrupted --live capture (it is set before the plan runs).
             let _ = self.set_background_snapshot(false).await;
+        } else if !self.times().background_on {
+            let on = if failpoint_is("refuse-background-snapshot") {
+                Err(be(
+                    "migrate-set-capabilities",
+                    Error::new(
+                        ErrorKind::Monitor,
+                        "Background-snapshot: userfaultfd write-protect not available \
+                         (failpoint)",
+                    ),
+                ))
+            } else {
+                self.set_background_snapshot(true).await
+            };
+            match on {
+                Ok(()) => {}
+                Err(e) if fallback => {
+                    tracing::warn!(
+                        "background-snapshot refused, saving with the guest paused: {e}"
+                    );
+                    self.times().fell_back = Some(e.to_string());
+                    live = false;
+                }
+                Err(e) => {
+                    return Err(snapshot_core::Error::backend(
+                        file,
+                        format!(
+                            "--live needs QEMU's background-snapshot (userfaultfd \
+                             write-protect), which this QEMU refuses (--fallback-paused saves \
+                             with the guest paused instead): {e}"
+                        ),
+                    ))
+                }
+            }
         }
         create_private(file)?;
         if let Err(e) = qmp.run(&qc::Migrate::to(format!("file:{file}"))).await {
@@ -755,7 +880,11 @@ impl core::MemorySaver for LiveDomain {
             self.times().downtime_ms = info.downtime;
         }
         failpoint("save-memory");
-        Ok(())
+        Ok(if live {
+            core::Saved::Live
+        } else {
+            core::Saved::Complete
+        })
     }
 
     async fn wait(&self, _file: &str) -> CoreResult<()> {
@@ -894,9 +1023,13 @@ impl Domain {
             op: tokio::sync::Mutex::new(None),
             domain: self.name.clone(),
             qemu_pid: st.map_or(0, |s| s.pid),
+            qmp_path: st.map(|s| s.qmp.clone()),
             qmp,
             agent_socket: st.and_then(|s| s.agent.clone()),
             agent: tokio::sync::Mutex::new(None),
+            agent_unanswered: AtomicBool::new(false),
+            agent_gave_up: AtomicBool::new(false),
+            watchdog: Mutex::new(None),
             timings: Mutex::new(Timings::default()),
         })
     }
@@ -984,6 +1117,19 @@ impl Domain {
         let op = op?;
         recovered?;
         let st = self.running_or_off()?;
+        if let (Some(_), Some(h)) = (&st, super::hold::current(&self.dir()).first()) {
+            return Err(Error::new(
+                ErrorKind::InUse,
+                format!(
+                    "domain {:?} is paused for the manual snapshots of snapshot {:?} (disks {}): \
+                     resume it first (virt-snap resume {})",
+                    self.name,
+                    h.snapshot,
+                    h.disks.join(", "),
+                    self.name
+                ),
+            ));
+        }
         let def = self.conn.definition(&self.name).ok();
         if st.is_none() && def.is_none() {
             return Err(self.record().err().unwrap_or_else(|| {
@@ -1000,14 +1146,20 @@ impl Domain {
         let plan = CapturePlan::new(&req, &info, &clock)?;
         let mut journal = self.journal(&store)?;
         // A --live RAM save's background-snapshot capability is set before the plan runs, so
-        // that its round trip is not in the pause. If QEMU refuses it here, SaveMemory tries
-        // again and fails the capture as it would have. An interrupted capture may leave it
-        // on: a RAM save that is not live turns it off first.
+        // that its round trip is not in the pause. If QEMU refuses it here (or the test-only
+        // failpoint capture:refuse-background-snapshot is set), SaveMemory tries again and
+        // falls back (--fallback-paused) or fails the capture as it would have. An
+        // interrupted capture may leave it on: recovery and a RAM save that is not live turn
+        // it off.
         let live_ram = plan
             .steps
             .iter()
             .any(|s| matches!(s, Step::SaveMemory { live: true, .. }));
-        if live_ram && live.qmp.is_some() && live.set_background_snapshot(true).await.is_ok() {
+        if live_ram
+            && live.qmp.is_some()
+            && !failpoint_is("refuse-background-snapshot")
+            && live.set_background_snapshot(true).await.is_ok()
+        {
             live.times().background_on = true;
         }
         let outcome = core::run(&plan, &caps(&live, &clock), &mut journal, &store).await;
@@ -1019,19 +1171,26 @@ impl Domain {
             tracing::warn!(domain = %self.name, "cannot compact the capture journal: {e}");
         }
         let outcome = outcome?;
-        let overlays: Vec<(&str, &str)> = plan
+        let overlays: Vec<(&str, &str, &str, &str)> = plan
             .steps
             .iter()
             .filter_map(|s| match s {
-                Step::PreCreateOverlay { disk, path, .. } => Some((disk.as_str(), path.as_str())),
+                Step::AddOverlayNode {
+                    disk,
+                    node,
+                    path,
+                    format,
+                } => Some((disk.as_str(), node.as_str(), path.as_str(), format.as_str())),
                 _ => None,
             })
             .collect();
-        // The run record names each disk's top image as QEMU has it now.
+        // The run record names each disk's top image, node and format as QEMU has them now.
         if let (Some(mut rec), false) = (st, overlays.is_empty()) {
             for d in &mut rec.disks {
-                if let Some((_, p)) = overlays.iter().find(|(t, _)| *t == d.target) {
+                if let Some((_, n, p, f)) = overlays.iter().find(|(t, ..)| *t == d.target) {
                     d.source = PathBuf::from(p);
+                    d.node = Some(n.to_string());
+                    d.format = Some(f.to_string());
                 }
             }
             runstate::save(&self.dir(), &rec)?;
@@ -1044,7 +1203,7 @@ impl Domain {
                 } = s
                 {
                     if let Some(d) = def.disk_mut(disk) {
-                        d.push_overlay(path, format);
+                        d.put_overlay(path, format);
                         changed = true;
                     }
                 }
@@ -1054,15 +1213,27 @@ impl Domain {
             }
         }
         let t = live.times();
+        let mut warnings = outcome.warnings;
+        if let Some(why) = &t.fell_back {
+            warnings.insert(
+                0,
+                format!(
+                    "QEMU refused background-snapshot, so RAM was saved with the guest paused \
+                     (--fallback-paused) for {} ms: {why}",
+                    t.paused.map_or(0, |d| d.as_millis())
+                ),
+            );
+        }
         Ok(CaptureResult {
             name: plan.name.to_string(),
             xml: outcome.snapshot.as_ref().map(|s| s.to_xml()),
             snapshot: outcome.snapshot,
-            warnings: outcome.warnings,
+            warnings,
             paused: t.paused,
             frozen: t.frozen,
             stall: t.stall,
             memory_downtime_ms: t.downtime_ms,
+            held: t.held.clone(),
         })
     }
 
@@ -1083,29 +1254,19 @@ impl Domain {
             } else {
                 core::RunState::Paused
             };
-            for b in qmp.run(&qc::QueryBlock).await? {
-                let qdev = short_qdev(b.qdev.as_deref().unwrap_or(&b.device));
-                let Some(rd) = st.disks.iter().find(|d| d.qdev == qdev) else {
+            for b in crate::domain::block_devices(qmp, st).await? {
+                let Some(rd) = st.disks.iter().find(|d| d.qdev == b.qdev) else {
                     continue;
                 };
                 let ddef = def.and_then(|d| d.disk(&rd.target));
-                let (source, format, node, ro) = match &b.inserted {
-                    Some(i) => (
-                        Some(i.image.filename.clone()),
-                        i.image.format.clone(),
-                        i.node_name.clone().unwrap_or_default(),
-                        i.ro,
-                    ),
-                    None => (None, "raw".into(), String::new(), true),
-                };
                 disks.push(DomainDisk {
                     target: rd.target.clone(),
-                    source,
-                    format,
+                    source: Some(b.source),
+                    format: b.format,
                     volume: self.pool_volume(ddef).await?,
-                    readonly: ro || rd.readonly,
+                    readonly: b.readonly || rd.readonly,
                     cdrom: ddef.is_some_and(|d| d.is_cdrom()),
-                    node,
+                    node: b.node_name.unwrap_or_default(),
                 });
             }
         } else {

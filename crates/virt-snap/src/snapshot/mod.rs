@@ -3,12 +3,15 @@
 //! from the lower crates so that users (the CLI among them) name no lower crate.
 
 pub mod capture;
+pub(crate) mod hold;
 pub mod meta;
+mod watchdog;
 
 pub use capture::{
     CaptureRequest, CaptureResult, DiskChoice, DiskRequest, DomainSnapshot, Flags, MemoryChoice,
-    SnapshotName, DEFAULT_FREEZE_BUDGET_MS, DEFAULT_PAUSE_BUDGET_MS,
+    SnapshotName, DEFAULT_FREEZE_BUDGET_MS, DEFAULT_MANUAL_HOLD_MS, DEFAULT_PAUSE_BUDGET_MS,
 };
+pub use hold::ManualHold;
 pub use meta::{DamagedSnapshot, SnapshotInfo, SnapshotListing, SnapshotSummary, SNAPSHOTS_SUBDIR};
 pub use snapshot_core::tree::{ListFilter, Scope, TreeRow};
 pub use snapshot_core::xml::{Disk, Driver, Location, Memory, SnapshotState, Source};
