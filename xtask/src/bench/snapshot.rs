@@ -253,6 +253,73 @@ fn wait_idle(what: &str, monitor: &dyn Fn(&str) -> Result<String, String>) -> Re
     }
 }
 
+/// The QEMUs this bench started (their command line names a `vsbench-snap-` domain or the
+/// floor), by pid.
+fn bench_qemus() -> Vec<i32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+        let is_qemu = args
+            .first()
+            .is_some_and(|a| a.ends_with(b"qemu-system-x86_64"));
+        let ours = args.windows(2).any(|w| {
+            w[0] == b"-name"
+                && (w[1].starts_with(PREFIX.as_bytes())
+                    || w[1].starts_with(format!("guest={PREFIX}").as_bytes()))
+        });
+        if is_qemu && ours {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// User + system CPU of `pid` so far, in clock ticks.
+fn cpu_ticks(pid: i32) -> u64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0;
+    };
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return 0;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let n = |i: usize| f.get(i).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
+    n(11) + n(12)
+}
+
+/// Wait until the bench's QEMUs are quiet: a freshly started no-OS domain spends seconds of
+/// CPU in its firmware (boot attempts) before it idles, and measuring then would measure
+/// that contention. Quiet: each used at most 2% of a core over half a second (up to 60 s).
+fn wait_quiet(what: &str) {
+    let t = Instant::now();
+    loop {
+        let pids = bench_qemus();
+        let before: Vec<u64> = pids.iter().map(|&p| cpu_ticks(p)).collect();
+        std::thread::sleep(Duration::from_millis(500));
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+        let busy = pids
+            .iter()
+            .zip(&before)
+            .any(|(&p, &b)| cpu_ticks(p).saturating_sub(b) * 1000 / hz > 10);
+        if !busy || t.elapsed() > Duration::from_secs(60) {
+            eprintln!(
+                "    {what}: the bench's {} QEMUs {} after {:.1} s",
+                pids.len(),
+                if busy { "still busy" } else { "quiet" },
+                t.elapsed().as_secs_f64()
+            );
+            return;
+        }
+    }
+}
+
 /// Removes the work directory on drop (declared first: dropped last).
 struct WorkDir(PathBuf);
 
@@ -695,6 +762,7 @@ fn disk_part(
     let mut f_txn = Series::new("floor: the transaction (in snap_floor)");
     let mut f_qmp = Series::new("floor: connect + 8 blockdev-add + transaction");
     let mut o_paused = Vec::new();
+    wait_quiet("disk");
     let mut tops: Vec<(String, PathBuf)> = floor_disks
         .iter()
         .enumerate()
@@ -878,6 +946,7 @@ fn ram_part(
         } else {
             (None, None)
         };
+        wait_quiet(&format!("ram {mib} MiB"));
         let ram = |tag: &str, i: usize| dir.join(format!("{tag}{mib}-{i}.save"));
         let mut l_pause = Series::new(format!("virt-snap --live: paused-ms ({mib} MiB)"));
         let mut l_down = Series::new(format!("virt-snap --live: memory-downtime-ms ({mib} MiB)"));
@@ -1074,6 +1143,7 @@ fn storage_part(o: &Opts, bins: &Bins, state: &Path, dir: &Path) -> Result<Vec<V
                 .arg(bpool.join("v/volume.raw")),
         )?;
     }
+    wait_quiet("storage");
     let mut o_pause = Series::new("virt-snap snapshot=storage: paused-ms");
     let mut o_wall = Series::new("virt-snap snapshot=storage: whole call");
     let mut b_wall = Series::new("bare btrfs subvolume snapshot -r (process)");
