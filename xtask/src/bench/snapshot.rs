@@ -18,7 +18,9 @@
 //!   domain's raw volume in a btrfs pool (a loop device): ours `paused-ms` against a bare
 //!   `btrfs subvolume snapshot -r` of the same volume.
 //!
-//! Before each measured call QEMU must be idle (no job, no migration running). Everything
+//! Before a part measures, its QEMUs must be quiet (a fresh no-OS domain spends seconds of
+//! CPU in its firmware), and before each measured call the domain's QEMU must be idle (no
+//! job, no migration running). Everything
 //! the bench starts or makes (domains, daemons, the floor QEMU, files, the loop device and its
 //! mount) is removed at the end, also on error.
 
