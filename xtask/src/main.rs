@@ -25,7 +25,8 @@ commands:
   guest-image          build the test guest into target/guest (cached)
   test [ARGS...]       deps + guest-image + fmt/clippy + the whole test suite; ARGS go to cargo test
   bench NAME|list      run a benchmark against its peer in the same run
-  demo                 run what virt-snap can do today and say what it did
+  demo [--keep]        run what virt-snap can do today and say what it did (in target/demo,
+                       removed at the end unless --keep)
   completions [--out DIR]  bash, zsh, fish, elvish and powershell completions of virt-snap
                        (default target/completions)
   man [--out DIR]      man pages: virt-snap.1 and one per subcommand (default target/man)
@@ -40,7 +41,7 @@ fn main() -> ExitCode {
         }),
         Some("test") => test(&args[1..]),
         Some("bench") => bench::run(&args[1..]),
-        Some("demo") => demo::run(),
+        Some("demo") => demo::run(&args[1..]),
         Some("completions") => generate::completions(&args[1..]),
         Some("man") => generate::man(&args[1..]),
         Some("-h" | "--help" | "help") | None => {
