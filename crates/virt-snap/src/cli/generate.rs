@@ -101,3 +101,13 @@ fn man_pages(
     out.push(clap_mangen::Man::new(cmd).generate_to(dir)?);
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_parser_is_well_formed() {
+        Generate::command().debug_assert();
+    }
+}
