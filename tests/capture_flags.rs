@@ -8,97 +8,38 @@
 use serde_json::Value;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use testbed::qemu_io;
 use virt_snap_e2e::in_state::{fails, ok, ok_json};
-use virt_snap_e2e::{run, stderr, stdout, virt_snap};
+use virt_snap_e2e::{qemu_img, run, stderr, stdout, virt_snap, NoOsDomain};
 
-/// Destroys the domain when the test ends, however it ends.
-struct Destroy<'a>(&'a Path, &'a str);
-
-impl Drop for Destroy<'_> {
-    fn drop(&mut self) {
-        let _ = virt_snap_e2e::in_state::vs(self.0, &["destroy", self.1]);
-    }
-}
-
-fn qemu_img(args: &[&str]) -> String {
-    let out = Command::new("qemu-img")
-        .args(args)
-        .output()
-        .expect("qemu-img (run `cargo xtask deps`)");
-    assert!(
-        out.status.success(),
-        "qemu-img {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-/// A defined and started domain `name` with qcow2 disks `vda` and `vdb` in a temporary
-/// directory (its state dir is `state` in it).
+/// A running domain with qcow2 disks `vda` and `vdb` (see [`NoOsDomain`]).
 struct Dom {
-    tmp: tempfile::TempDir,
-    state: PathBuf,
+    d: NoOsDomain,
     name: &'static str,
 }
 
 impl Dom {
     fn start(name: &'static str) -> Dom {
-        let tmp = tempfile::tempdir().unwrap();
-        let d = std::fs::canonicalize(tmp.path()).unwrap();
-        let mut disks = String::new();
-        for t in ["vda", "vdb"] {
-            let p = d.join(format!("{t}.qcow2"));
-            qemu_img(&["create", "-q", "-f", "qcow2", p.to_str().unwrap(), "16M"]);
-            disks += &format!(
-                "<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>\
-                 <source file='{}'/><target dev='{t}' bus='virtio'/></disk>",
-                p.display()
-            );
+        Dom {
+            d: NoOsDomain::start(name, &["vda", "vdb"]),
+            name,
         }
-        let xml = d.join(format!("{name}.xml"));
-        std::fs::write(
-            &xml,
-            format!(
-                "<domain type='kvm'><name>{name}</name><memory unit='MiB'>64</memory>\
-                 <vcpu>1</vcpu><os><type arch='x86_64' machine='pc'>hvm</type></os><devices>\
-                 {disks}<controller type='usb' model='none'/><memballoon model='none'/>\
-                 </devices></domain>"
-            ),
-        )
-        .unwrap();
-        let state = d.join("state");
-        let dom = Dom { tmp, state, name };
-        ok(dom.s(), &["define", xml.to_str().unwrap()]);
-        ok(dom.s(), &["start", name]);
-        dom
     }
 
     fn s(&self) -> &Path {
-        &self.state
+        self.d.s()
     }
 
     fn dir(&self) -> PathBuf {
-        std::fs::canonicalize(self.tmp.path()).unwrap()
+        self.d.dir.clone()
     }
 
     fn disk(&self, t: &str) -> PathBuf {
-        self.dir().join(format!("{t}.qcow2"))
+        self.d.disk(t)
     }
 
-    /// `domblklist`: (target, source) of each disk.
     fn blklist(&self) -> Vec<(String, String)> {
-        let v = ok_json(self.s(), &["domblklist", self.name]);
-        let disks = v.as_array().or_else(|| v["disks"].as_array()).unwrap();
-        disks
-            .iter()
-            .map(|d| {
-                (
-                    d["target"].as_str().unwrap().to_string(),
-                    d["source"].as_str().unwrap().to_string(),
-                )
-            })
-            .collect()
+        self.d.blklist()
     }
 
     fn sources(&self, files: [&Path; 2]) -> Vec<(String, String)> {
@@ -180,31 +121,6 @@ impl Dom {
     }
 }
 
-/// `qemu-io CMD` on the qcow2 image `p`, whose backing image a running QEMU may hold (it is
-/// opened read-only, sharing its lock). Panics if qemu-io fails.
-fn qemu_io(p: &Path, cmd: &str, read_only: bool) -> String {
-    let opts = format!(
-        "driver=qcow2,file.filename={},backing.read-only=on,backing.force-share=on",
-        p.display()
-    );
-    let mut c = Command::new("qemu-io");
-    if read_only {
-        c.arg("-r");
-    }
-    let out = c
-        .args(["--image-opts", "-c", cmd, &opts])
-        .output()
-        .expect("qemu-io");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success() && !text.contains("failed"),
-        "qemu-io {cmd} {}: {text}{}",
-        p.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    text
-}
-
 /// The user's own overlay `p` of `backing`, made with qemu-img, with 64 KiB of `marker`
 /// written at 1 MiB.
 fn user_overlay(p: &Path, backing: &Path, marker: u8) {
@@ -235,7 +151,6 @@ fn diskspec(t: &str, f: &Path) -> String {
 fn halt_shuts_the_domain_off_records_the_snapshot_and_the_next_start_uses_the_overlays() {
     let dom = Dom::start("halt1");
     let s = dom.s();
-    let _d = Destroy(s, dom.name);
     assert_eq!(
         ok(
             s,
@@ -293,7 +208,6 @@ fn halt_shuts_the_domain_off_records_the_snapshot_and_the_next_start_uses_the_ov
 fn reuse_external_uses_the_users_files_and_never_deletes_them() {
     let dom = Dom::start("reuse1");
     let s = dom.s();
-    let _d = Destroy(s, dom.name);
     let mine = |t: &str| dom.dir().join(format!("mine-{t}.qcow2"));
     for (t, m) in [("vda", 0x61), ("vdb", 0x62)] {
         user_overlay(&mine(t), &dom.disk(t), m);
@@ -398,7 +312,6 @@ fn reuse_external_uses_the_users_files_and_never_deletes_them() {
 fn no_metadata_captures_but_lists_nothing_and_sets_no_current() {
     let dom = Dom::start("nometa1");
     let s = dom.s();
-    let _d = Destroy(s, dom.name);
     let nm = |name: &str| {
         ok(
             s,
@@ -443,7 +356,6 @@ fn no_metadata_captures_but_lists_nothing_and_sets_no_current() {
 fn relative_overlay_and_memory_files_are_refused_before_anything_is_made() {
     let dom = Dom::start("rel1");
     let s = dom.s();
-    let _d = Destroy(s, dom.name);
     let blk = dom.blklist();
     let nodes = dom.node_names();
     for (extra, file) in [

@@ -5,44 +5,13 @@
 //! domblklist, destroy, start on the 501-image chain (QEMU opens it, virt-snap leases it), one
 //! more snapshot, and qemu-img as the oracle of the chain on disk.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 use virt_snap_e2e::in_state::{ok, ok_json};
+use virt_snap_e2e::NoOsDomain;
 
 /// How deep: the issue's "at least 500".
 const DEPTH: usize = 500;
-
-/// Destroys the domain when the test ends, however it ends.
-struct Destroy<'a>(&'a Path);
-
-impl Drop for Destroy<'_> {
-    fn drop(&mut self) {
-        let _ = virt_snap_e2e::in_state::vs(self.0, &["destroy", "deep"]);
-    }
-}
-
-fn qcow2(dir: &Path, name: &str) -> PathBuf {
-    let p = dir.join(name);
-    let st = std::process::Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(&p)
-        .arg("16M")
-        .status()
-        .expect("qemu-img (run `cargo xtask deps`)");
-    assert!(st.success());
-    p
-}
-
-fn domain_xml(disk: &Path) -> String {
-    format!(
-        "<domain type='kvm'><name>deep</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>\
-         <os><type arch='x86_64' machine='pc'>hvm</type></os><devices>\
-         <disk type='file' device='disk'><driver name='qemu' type='qcow2'/>\
-         <source file='{}'/><target dev='vda' bus='virtio'/></disk>\
-         <controller type='usb' model='none'/><memballoon model='none'/></devices></domain>",
-        disk.display()
-    )
-}
 
 /// The source of `vda` in `domblklist`.
 fn vda_source(state: &Path) -> String {
@@ -61,14 +30,9 @@ fn vda_source(state: &Path) -> String {
 
 #[test]
 fn five_hundred_snapshots_in_one_chain_and_every_command_still_works() {
-    let tmp = tempfile::tempdir().unwrap();
-    let s = &tmp.path().join("state");
-    let base = std::fs::canonicalize(qcow2(tmp.path(), "vda.qcow2")).unwrap();
-    let xml = tmp.path().join("deep.xml");
-    std::fs::write(&xml, domain_xml(&base)).unwrap();
-    ok(s, &["define", xml.to_str().unwrap()]);
-    ok(s, &["start", "deep"]);
-    let _destroy = Destroy(s);
+    let dom = NoOsDomain::start("deep", &["vda"]);
+    let s = dom.s();
+    let base = dom.disk("vda");
 
     let t0 = Instant::now();
     let mut first = None;
@@ -100,7 +64,7 @@ fn five_hundred_snapshots_in_one_chain_and_every_command_still_works() {
     );
 
     // The top of the chain is the last overlay, named as virsh names it.
-    let dir = base.parent().unwrap();
+    let dir = &dom.dir;
     let top = dir.join(format!("vda.s{DEPTH}"));
     assert_eq!(vda_source(s), top.display().to_string());
 

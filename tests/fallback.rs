@@ -5,16 +5,8 @@
 //! is reported.
 
 use std::path::Path;
-use virt_snap_e2e::in_state::{ok, vs};
-use virt_snap_e2e::stderr;
-
-struct Destroy<'a>(&'a Path);
-
-impl Drop for Destroy<'_> {
-    fn drop(&mut self) {
-        let _ = vs(self.0, &["destroy", "fb"]);
-    }
-}
+use virt_snap_e2e::in_state::ok;
+use virt_snap_e2e::{stderr, NoOsDomain};
 
 fn refused(state: &Path, args: &[&str]) -> std::process::Output {
     virt_snap_e2e::run(
@@ -28,33 +20,10 @@ fn refused(state: &Path, args: &[&str]) -> std::process::Output {
 
 #[test]
 fn a_refused_background_snapshot_is_an_error_or_an_announced_paused_save() {
-    let tmp = tempfile::tempdir().unwrap();
-    let s = &tmp.path().join("state");
-    let disk = tmp.path().join("vda.qcow2");
-    let st = std::process::Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(&disk)
-        .arg("16M")
-        .status()
-        .expect("qemu-img (run `cargo xtask deps`)");
-    assert!(st.success());
-    let xml = tmp.path().join("fb.xml");
-    std::fs::write(
-        &xml,
-        format!(
-            "<domain type='kvm'><name>fb</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>\
-             <os><type arch='x86_64' machine='pc'>hvm</type></os><devices>\
-             <disk type='file' device='disk'><driver name='qemu' type='qcow2'/>\
-             <source file='{}'/><target dev='vda' bus='virtio'/></disk>\
-             <controller type='usb' model='none'/><memballoon model='none'/></devices></domain>",
-            disk.display()
-        ),
-    )
-    .unwrap();
-    ok(s, &["define", xml.to_str().unwrap()]);
-    ok(s, &["start", "fb"]);
-    let _d = Destroy(s);
-    let mem = tmp.path().join("s1.mem");
+    let dom = NoOsDomain::start("fb", &["vda"]);
+    let s = dom.s();
+    let tmp = &dom.dir;
+    let mem = tmp.join("s1.mem");
     let memspec = format!("file={}", mem.display());
 
     let o = refused(
@@ -75,10 +44,7 @@ fn a_refused_background_snapshot_is_an_error_or_an_announced_paused_save() {
         "{err}"
     );
     assert!(!mem.exists(), "the RAM file was left behind");
-    assert!(
-        !tmp.path().join("vda.s1").exists(),
-        "an overlay was left behind"
-    );
+    assert!(!tmp.join("vda.s1").exists(), "an overlay was left behind");
     assert_eq!(ok(s, &["domstate", "fb"]), "running\n\n");
     assert_eq!(ok(s, &["snapshot-list", "fb", "--name"]), "");
 

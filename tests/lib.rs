@@ -4,6 +4,8 @@ use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
+pub use testbed::qemu_img;
+
 /// The `virt-snap` binary of this build (built on first use if `cargo test` has not built it).
 pub fn virt_snap_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
@@ -90,5 +92,102 @@ pub mod in_state {
         assert!(err.starts_with("virt-snap: error: "), "{err:?}");
         assert!(!err.contains("panicked"), "{err:?}");
         err
+    }
+}
+
+/// A no-OS KVM domain defined from libvirt XML (and started) through the CLI, with one qcow2
+/// disk per target (`<target>.qcow2`, 16 MiB) in a temporary directory whose `state` is the
+/// state dir; destroyed when dropped, however the test ends.
+#[derive(Debug)]
+pub struct NoOsDomain {
+    tmp: tempfile::TempDir,
+    /// The temporary directory, canonical.
+    pub dir: PathBuf,
+    /// The state dir.
+    pub state: PathBuf,
+    /// The domain's name.
+    pub name: String,
+}
+
+impl NoOsDomain {
+    /// Defines and starts `name` with disks `targets` (`vda`, ...).
+    pub fn start(name: &str, targets: &[&str]) -> NoOsDomain {
+        let d = NoOsDomain::define(name, targets);
+        in_state::ok(&d.state, &["start", name]);
+        d
+    }
+
+    /// Defines `name` with disks `targets` (`vda`, ...), shut off.
+    pub fn define(name: &str, targets: &[&str]) -> NoOsDomain {
+        let tmp = tempfile::tempdir().expect("a temporary directory");
+        let dir = std::fs::canonicalize(tmp.path()).expect("canonical");
+        let mut disks = String::new();
+        for t in targets {
+            let p = dir.join(format!("{t}.qcow2"));
+            qemu_img(&["create", "-q", "-f", "qcow2", p.to_str().unwrap(), "16M"]);
+            disks += &format!(
+                "<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>\
+                 <source file='{}'/><target dev='{t}' bus='virtio'/></disk>",
+                p.display()
+            );
+        }
+        let xml = dir.join(format!("{name}.xml"));
+        std::fs::write(
+            &xml,
+            format!(
+                "<domain type='kvm'><name>{name}</name><memory unit='MiB'>64</memory>\
+                 <vcpu>1</vcpu><os><type arch='x86_64' machine='pc'>hvm</type></os><devices>\
+                 {disks}<controller type='usb' model='none'/><memballoon model='none'/>\
+                 </devices></domain>"
+            ),
+        )
+        .expect("write the domain XML");
+        let d = NoOsDomain {
+            state: dir.join("state"),
+            dir,
+            tmp,
+            name: name.to_string(),
+        };
+        in_state::ok(&d.state, &["define", xml.to_str().unwrap()]);
+        d
+    }
+
+    /// The state dir.
+    pub fn s(&self) -> &std::path::Path {
+        &self.state
+    }
+
+    /// A disk's original image, `<dir>/<target>.qcow2`.
+    pub fn disk(&self, target: &str) -> PathBuf {
+        self.dir.join(format!("{target}.qcow2"))
+    }
+
+    /// `domblklist`: (target, source) of each disk.
+    pub fn blklist(&self) -> Vec<(String, String)> {
+        let v = in_state::ok_json(&self.state, &["domblklist", &self.name]);
+        let disks = v
+            .as_array()
+            .or_else(|| v["disks"].as_array())
+            .expect("disks");
+        disks
+            .iter()
+            .map(|d| {
+                (
+                    d["target"].as_str().unwrap_or_default().to_string(),
+                    d["source"].as_str().unwrap_or_default().to_string(),
+                )
+            })
+            .collect()
+    }
+
+    /// The temporary directory (kept alive by this value).
+    pub fn tmp(&self) -> &std::path::Path {
+        self.tmp.path()
+    }
+}
+
+impl Drop for NoOsDomain {
+    fn drop(&mut self) {
+        let _ = in_state::vs(&self.state, &["destroy", &self.name]);
     }
 }

@@ -6,45 +6,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 use virt_snap_e2e::in_state::{fails, ok, ok_json, vs};
-
-struct Destroy<'a>(&'a Path);
-
-impl Drop for Destroy<'_> {
-    fn drop(&mut self) {
-        let _ = vs(self.0, &["destroy", "man"]);
-    }
-}
-
-fn start(dir: &Path, s: &Path) {
-    let mut disks = String::new();
-    for t in ["vda", "vdb"] {
-        let p = dir.join(format!("{t}.qcow2"));
-        let st = std::process::Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2"])
-            .arg(&p)
-            .arg("16M")
-            .status()
-            .expect("qemu-img (run `cargo xtask deps`)");
-        assert!(st.success());
-        disks += &format!(
-            "<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>\
-             <source file='{}'/><target dev='{t}' bus='virtio'/></disk>",
-            p.display()
-        );
-    }
-    let xml = dir.join("man.xml");
-    std::fs::write(
-        &xml,
-        format!(
-            "<domain type='kvm'><name>man</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>\
-             <os><type arch='x86_64' machine='pc'>hvm</type></os><devices>{disks}\
-             <controller type='usb' model='none'/><memballoon model='none'/></devices></domain>"
-        ),
-    )
-    .unwrap();
-    ok(s, &["define", xml.to_str().unwrap()]);
-    ok(s, &["start", "man"]);
-}
+use virt_snap_e2e::NoOsDomain;
 
 fn state(s: &Path) -> String {
     ok(s, &["domstate", "man", "--reason"])
@@ -56,10 +18,8 @@ fn state(s: &Path) -> String {
 
 #[test]
 fn manual_disks_pause_until_resume_or_the_hold_ends() {
-    let tmp = tempfile::tempdir().unwrap();
-    let s = &tmp.path().join("state");
-    start(tmp.path(), s);
-    let _d = Destroy(s);
+    let dom = NoOsDomain::start("man", &["vda", "vdb"]);
+    let s = dom.s();
 
     // Held for 3 s: paused for the snapshot, vda captured, vdb left to the user.
     let o = vs(

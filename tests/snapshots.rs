@@ -3,7 +3,8 @@
 //! then snapshot-list in every filter mode against the tables virsh prints for such a tree,
 //! --tree, --parent, --name, snapshot-info, snapshot-dumpxml (unknown parts kept),
 //! snapshot-current, snapshot-parent; snapshot-create-as --print-xml for --diskspec/--memspec
-//! combinations (re-parsed by snapshot-create --redefine); user errors.
+//! combinations (re-parsed by snapshot-create --redefine); user errors; the timings a
+//! disk-only snapshot of a running no-OS KVM domain reports with `--output json`.
 
 use std::path::{Path, PathBuf};
 use virt_snap_e2e::in_state::{fails, ok, ok_json, vs};
@@ -681,4 +682,91 @@ fn damaged_snapshot_file_is_named_and_hides_nothing() {
     assert!(o.status.success());
     assert!(stderr(&o).contains("disk1"), "{}", stderr(&o));
     assert!(stdout(&o).starts_with("base\n"), "{}", stdout(&o));
+}
+
+/// Destroys the running domain when the test ends, however it ends.
+struct Destroy<'a>(&'a Path, &'a str);
+
+impl Drop for Destroy<'_> {
+    fn drop(&mut self) {
+        let _ = vs(self.0, &["destroy", self.1]);
+    }
+}
+
+/// A JSON member that is a number of milliseconds, or `None` for `null`.
+fn ms_of(j: &serde_json::Value, key: &str) -> Option<f64> {
+    match &j[key] {
+        serde_json::Value::Null => None,
+        v => Some(
+            v.as_f64()
+                .unwrap_or_else(|| panic!("{key} is a number: {j}")),
+        ),
+    }
+}
+
+#[test]
+fn disk_only_snapshot_of_a_running_domain_reports_its_stall() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, state) = (tmp.path(), tmp.path().join("state"));
+    let mut disks = String::new();
+    for dev in ["vda", "vdb"] {
+        let p = dir.join(format!("{dev}.qcow2"));
+        let st = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&p)
+            .arg("32M")
+            .status()
+            .expect("qemu-img");
+        assert!(st.success());
+        disks.push_str(&format!(
+            "    <disk type='file' device='disk'>\n      <driver name='qemu' type='qcow2'/>\n      \
+             <source file='{}'/>\n      <target dev='{dev}' bus='virtio'/>\n    </disk>\n",
+            p.display()
+        ));
+    }
+    // No guest OS: the vCPU idles in the firmware; the disks are attached all the same.
+    let xml = format!(
+        "<domain type='kvm'>\n  <name>live1</name>\n  <memory unit='MiB'>128</memory>\n  \
+         <vcpu>1</vcpu>\n  <os>\n    <type arch='x86_64' machine='q35'>hvm</type>\n  </os>\n  \
+         <devices>\n{disks}  </devices>\n</domain>\n"
+    );
+    let st = &state;
+    ok(st, &["define", &write(dir, "live1.xml", &xml)]);
+    ok(st, &["start", "live1"]);
+    let _destroy = Destroy(st, "live1");
+    let j = ok_json(
+        st,
+        &[
+            "snapshot-create-as",
+            "live1",
+            "s1",
+            "--disk-only",
+            "--atomic",
+        ],
+    );
+    assert_eq!(j["name"], "s1", "{j}");
+    assert_eq!(j["redefined"], false, "{j}");
+    let stall = ms_of(&j, "stall-ms").expect("a disk-only snapshot of a running domain stalls");
+    assert!(stall > 0.0 && stall < 10_000.0, "{j}");
+    // Microsecond resolution: not rounded to whole milliseconds.
+    assert!(
+        (stall * 1000.0 - (stall * 1000.0).round()).abs() < 1e-6,
+        "{j}"
+    );
+    // No pause is needed for overlays alone (the stall is the transaction).
+    assert!(ms_of(&j, "paused-ms").is_none_or(|p| p < 50.0), "{j}");
+    assert!(ms_of(&j, "frozen-ms").is_none(), "{j}");
+    assert!(j["memory-downtime-ms"].is_null(), "{j}");
+    let top = ok(st, &["domblklist", "live1"]);
+    assert!(top.contains("vda.s1"), "vda is on its overlay: {top}");
+    // A redefinition captures nothing: its timings are null.
+    let x = ok(st, &["snapshot-dumpxml", "live1", "s1"]);
+    let f = write(
+        dir,
+        "s1.xml",
+        &x.replace("<name>s1</name>", "<name>s1b</name>"),
+    );
+    let j = ok_json(st, &["snapshot-create", "live1", &f, "--redefine"]);
+    assert_eq!(j["redefined"], true, "{j}");
+    assert!(j["stall-ms"].is_null() && j["paused-ms"].is_null(), "{j}");
 }

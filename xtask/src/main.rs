@@ -5,10 +5,13 @@
 //! - `cargo xtask test`         deps + guest image + lint + the whole test suite (README's test command)
 //! - `cargo xtask bench NAME`   run a benchmark side by side with its peer
 //! - `cargo xtask demo`         README's main job: show what virt-snap does today
+//! - `cargo xtask completions`  shell completions of the CLI into target/completions
+//! - `cargo xtask man`          man pages of the CLI into target/man
 
 mod bench;
 mod demo;
 mod deps;
+mod generate;
 mod guest_image;
 mod util;
 
@@ -22,7 +25,11 @@ commands:
   guest-image          build the test guest into target/guest (cached)
   test [ARGS...]       deps + guest-image + fmt/clippy + the whole test suite; ARGS go to cargo test
   bench NAME|list      run a benchmark against its peer in the same run
-  demo                 run what virt-snap can do today and say what it did
+  demo [--keep]        run what virt-snap can do today and say what it did (in target/demo,
+                       removed at the end unless --keep)
+  completions [--out DIR]  bash, zsh, fish, elvish and powershell completions of virt-snap
+                       (default target/completions)
+  man [--out DIR]      man pages: virt-snap.1 and one per subcommand (default target/man)
 ";
 
 fn main() -> ExitCode {
@@ -34,7 +41,9 @@ fn main() -> ExitCode {
         }),
         Some("test") => test(&args[1..]),
         Some("bench") => bench::run(&args[1..]),
-        Some("demo") => demo::run(),
+        Some("demo") => demo::run(&args[1..]),
+        Some("completions") => generate::completions(&args[1..]),
+        Some("man") => generate::man(&args[1..]),
         Some("-h" | "--help" | "help") | None => {
             print!("{USAGE}");
             Ok(())

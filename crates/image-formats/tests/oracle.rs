@@ -5,29 +5,9 @@ use image_formats::{backing_chain, ChainOptions, ErrorKind, Format, ImageInfo, P
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use testbed::{qemu_img, qemu_img_in};
 
 const HINT: &str = "run `cargo xtask deps` (installs QEMU 10.0.2)";
-
-fn qemu_img(args: &[&str]) -> String {
-    qemu_img_in(None, args)
-}
-
-fn qemu_img_in(dir: Option<&Path>, args: &[&str]) -> String {
-    let mut cmd = Command::new("qemu-img");
-    cmd.args(args);
-    if let Some(d) = dir {
-        cmd.current_dir(d);
-    }
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run qemu-img ({e}): {HINT}"));
-    assert!(
-        out.status.success(),
-        "qemu-img {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("qemu-img prints UTF-8")
-}
 
 fn qemu_json(args: &[&str]) -> Value {
     serde_json::from_str(&qemu_img(args)).expect("qemu-img prints JSON")

@@ -19,6 +19,7 @@
 mod btrfs;
 mod error;
 pub mod guest;
+pub mod oracle;
 mod process;
 mod qemu;
 mod registry;
@@ -26,6 +27,7 @@ mod registry;
 pub use btrfs::Btrfs;
 pub use error::{Error, Result};
 pub use guest::{guest_dir, make_data_disk, GuestBoot, LvmGuest, TestGuest, TestGuestBuilder};
+pub use oracle::{qemu_img, qemu_img_in, qemu_io};
 pub use process::{require_tool, KillOnDrop};
 pub use qemu::{Accel, Disk, DiskFormat, Qemu, QemuBuilder};
 pub use registry::sweep_stale;

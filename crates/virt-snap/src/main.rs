@@ -16,9 +16,19 @@ fn main() -> ExitCode {
     // operation is done (a killed operation is recovered by the next command anyway).
     // SAFETY: called before any thread is started; restoring a default disposition.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
-    let args = cli::Cli::parse();
-    cli::init_logging(args.verbose);
-    match cli::run(args) {
+    // `virt-snap __generate ...` (completions, man pages) is no subcommand of the CLI, so
+    // that neither its help nor what it generates shows it.
+    let result = if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == cli::generate::NAME)
+    {
+        cli::generate::run(std::env::args_os().skip(1))
+    } else {
+        let args = cli::Cli::parse();
+        cli::init_logging(args.verbose);
+        cli::run(args)
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // One line: the error and its causes, joined.

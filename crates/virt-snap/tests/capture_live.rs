@@ -10,6 +10,7 @@ use serde_json::Value;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use testbed::{qemu_img, qemu_io};
 use virt_snap::domain::DomainState;
 use virt_snap::snapshot::{CaptureRequest, DiskChoice, DiskRequest, MemoryChoice, SnapshotName};
 use virt_snap::{Connection, Domain};
@@ -35,19 +36,6 @@ fn rt() -> tokio::runtime::Runtime {
 }
 
 const TARGETS: [&str; 4] = ["vda", "vdb", "vdc", "vdd"];
-
-fn qemu_img(args: &[&str]) -> String {
-    let out = Command::new("qemu-img")
-        .args(args)
-        .output()
-        .expect("qemu-img (run `cargo xtask deps`)");
-    assert!(
-        out.status.success(),
-        "qemu-img {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
 
 /// A defined and started KVM domain `name` with `n` qcow2 disks `d/<target>.qcow2`.
 struct Vm {
@@ -521,31 +509,6 @@ fn alive(pid: u32) -> bool {
         .is_some_and(|r| !matches!(r.trim_start().chars().next(), Some('Z' | 'X')))
 }
 
-/// `qemu-io CMD` on the qcow2 image `p`, whose backing image a running QEMU may hold (it is
-/// opened read-only, sharing its lock): the output; panics if qemu-io fails.
-fn qemu_io_file(p: &Path, cmd: &str, read_only: bool) -> String {
-    let opts = format!(
-        "driver=qcow2,file.filename={},backing.read-only=on,backing.force-share=on",
-        p.display()
-    );
-    let mut c = Command::new("qemu-io");
-    if read_only {
-        c.arg("-r");
-    }
-    let out = c
-        .args(["--image-opts", "-c", cmd, &opts])
-        .output()
-        .expect("qemu-io");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success() && !text.contains("failed"),
-        "qemu-io {cmd} {}: {text}{}",
-        p.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    text
-}
-
 /// The user's own overlay `p` of `backing` (qemu-img, as a user makes one), with 64 KiB of
 /// `marker` at 1 MiB written into it.
 fn user_overlay(p: &Path, backing: &Path, marker: u8) {
@@ -560,7 +523,7 @@ fn user_overlay(p: &Path, backing: &Path, marker: u8) {
         "qcow2",
         p.to_str().unwrap(),
     ]);
-    let out = qemu_io_file(p, &format!("write -P 0x{marker:02x} 1M 64k"), false);
+    let out = qemu_io(p, &format!("write -P 0x{marker:02x} 1M 64k"), false);
     assert!(out.contains("wrote 65536/65536"), "{out}");
 }
 
@@ -706,7 +669,7 @@ fn reuse_external_puts_the_users_own_overlay_on_top_as_it_is() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{out:?}");
-    let out = qemu_io_file(&rel, "write -P 0x78 2M 64k", false);
+    let out = qemu_io(&rel, "write -P 0x78 2M 64k", false);
     assert!(out.contains("wrote 65536/65536"), "{out}");
     let mut r = req("r2");
     r.flags.disk_only = true;
@@ -779,7 +742,7 @@ fn reuse_external_keeps_the_users_files_when_the_capture_fails_late() {
     let after: Vec<_> = ["vda", "vdb"].map(|t| ino_mtime(&mine(t))).to_vec();
     assert_eq!(after, before, "the user's files untouched");
     for (t, m) in [("vda", 0x71), ("vdb", 0x72)] {
-        qemu_io_file(&mine(t), &format!("read -P 0x{m:02x} 1M 64k"), true);
+        qemu_io(&mine(t), &format!("read -P 0x{m:02x} 1M 64k"), true);
     }
     assert!(!vm.snapshots_dir().join("r2.xml").exists(), "no metadata");
     assert_eq!(vm.listed(), (vec![], None));

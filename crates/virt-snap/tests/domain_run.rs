@@ -60,17 +60,9 @@ fn is_alive(pid: u32) -> bool {
     }
 }
 
-fn qemu_img(args: &[&str]) {
-    let st = Command::new("qemu-img")
-        .args(args)
-        .status()
-        .expect("qemu-img (run `cargo xtask deps`)");
-    assert!(st.success(), "qemu-img {args:?}");
-}
-
 fn qcow2(dir: &Path, name: &str) -> PathBuf {
     let p = dir.join(name);
-    qemu_img(&["create", "-q", "-f", "qcow2", p.to_str().unwrap(), "64M"]);
+    testbed::qemu_img(&["create", "-q", "-f", "qcow2", p.to_str().unwrap(), "64M"]);
     p
 }
 
@@ -120,7 +112,7 @@ fn start_two_qcow2_disks_with_a_long_state_dir_then_query_and_destroy() {
     let a = qcow2(tmp.path(), "a.qcow2");
     let base = qcow2(tmp.path(), "base.qcow2");
     let b = tmp.path().join("b.qcow2");
-    qemu_img(&[
+    testbed::qemu_img(&[
         "create",
         "-q",
         "-f",

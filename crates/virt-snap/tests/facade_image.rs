@@ -2,11 +2,8 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::Command;
 use virt_snap::image::{NewBacking, NewImage, ProbePolicy, SnapshotRef};
 use virt_snap::{Connection, ErrorKind, FixedClock, Image};
-
-const HINT: &str = "run `cargo xtask deps` (installs QEMU 10.0.2)";
 
 /// One test at a time: a process another test forks (qemu-img, QEMU) holds copies of this
 /// process's lease file descriptors (and so their OFD locks) until it execs.
@@ -17,17 +14,7 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 }
 
 fn qemu_img(args: &[&str], dir: &Path) -> String {
-    let out = Command::new("qemu-img")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run qemu-img ({e}): {HINT}"));
-    assert!(
-        out.status.success(),
-        "qemu-img {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    testbed::qemu_img_in(Some(dir), args)
 }
 
 /// An error and its causes, as the CLI prints them.

@@ -41,13 +41,16 @@ impl Guest {
         let raw = d.join("data.raw");
         testbed::make_data_disk(&raw, 64 << 20).expect("the guest's data disk");
         let data = d.join("data.qcow2");
-        let st = std::process::Command::new("qemu-img")
-            .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
-            .arg(&raw)
-            .arg(&data)
-            .status()
-            .unwrap();
-        assert!(st.success());
+        testbed::qemu_img(&[
+            "convert",
+            "-q",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            raw.to_str().unwrap(),
+            data.to_str().unwrap(),
+        ]);
         std::fs::remove_file(&raw).unwrap();
         let console = d.join("console.log");
         let xml = format!(

@@ -176,6 +176,11 @@ impl Drop for Floor {
 
 /// Kill floor QEMUs an interrupted earlier run left (found by their `-name`).
 fn kill_floor_leftovers() {
+    kill_qemu_named(FLOOR_NAME);
+}
+
+/// Kill the QEMUs started with `-name NAME` (what an interrupted bench run left).
+pub(super) fn kill_qemu_named(name: &str) {
     for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
         let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
             continue;
@@ -189,9 +194,9 @@ fn kill_floor_leftovers() {
             .is_some_and(|a| a.ends_with(b"qemu-system-x86_64"))
             && args
                 .windows(2)
-                .any(|w| w == [&b"-name"[..], FLOOR_NAME.as_bytes()])
+                .any(|w| w == [&b"-name"[..], name.as_bytes()])
         {
-            // SAFETY: kill(2) on a QEMU named as this bench names its floor QEMU.
+            // SAFETY: kill(2) on a QEMU named as a bench names its floor QEMU.
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
     }

@@ -225,7 +225,8 @@ impl Libvirtd {
         Duration::from_secs_f64(ticks as f64 / hz)
     }
 
-    /// Destroy and undefine every domain whose name starts with the prefix (errors ignored).
+    /// Destroy and undefine (with its snapshots' metadata) every domain whose name starts with
+    /// the prefix (errors ignored).
     pub fn remove_domains(&self) {
         let Ok(names) = util::output(&mut virsh(&["list", "--all", "--name"])) else {
             return;
@@ -235,7 +236,7 @@ impl Libvirtd {
                 continue;
             }
             let _ = virsh(&["destroy", n]).output();
-            let _ = virsh(&["undefine", n]).output();
+            let _ = virsh(&["undefine", n, "--snapshots-metadata"]).output();
         }
     }
 }

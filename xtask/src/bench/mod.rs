@@ -12,6 +12,7 @@ mod image_snapshot;
 mod libvirt;
 mod qemu_start;
 mod qmp;
+mod snapshot;
 mod storage;
 
 use crate::util::{self, step};
@@ -39,6 +40,10 @@ const BENCHES: &[(&str, &str)] = &[
         "1000-snapshot qcow2: virt-snap image info / snapshot list vs qemu-img info / snapshot -l",
     ),
     (
+        "snapshot",
+        "live snapshots of running no-OS KVM domains: disk-only atomic (4 qcow2), RAM (--live, snapshot-save), btrfs backend: virt-snap vs libvirt 11.3 and bare floors",
+    ),
+    (
         "image-snapshot",
         "snapshot create/apply/delete on 8 GiB (4 GiB written) and N snapshots in a row: virt-snap vs qemu-img",
     ),
@@ -60,6 +65,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
         "image-info" => image_info::run(rest),
         "image-snapshot" => image_snapshot::run(rest),
         "qmp" => qmp::run(rest),
+        "snapshot" => snapshot::run(rest),
         "storage" => storage::run(rest),
         other => Err(format!(
             "unknown benchmark {other:?}; `cargo xtask bench list` shows them"

@@ -27,16 +27,35 @@ use std::process::Command;
 const VOL_SIZE: &str = "4G";
 const DATA_MIB: u64 = 1024;
 
-/// A btrfs filesystem on a loop device, torn down on drop.
-struct LoopBtrfs {
+/// A btrfs filesystem on a loop device (`DIR/btrfs.img` mounted on `DIR/mnt`), torn down on
+/// drop.
+pub(super) struct LoopBtrfs {
     image: PathBuf,
     dev: String,
-    mnt: PathBuf,
+    pub(super) mnt: PathBuf,
     mounted: bool,
 }
 
 impl LoopBtrfs {
-    fn new(dir: &Path, size: &str) -> Result<LoopBtrfs, String> {
+    /// Unmount and detach what an interrupted earlier run left under `dir`.
+    pub(super) fn clear_leftovers(dir: &Path) {
+        let (image, mnt) = (dir.join("btrfs.img"), dir.join("mnt"));
+        let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+        let m = mnt.display().to_string();
+        if mounts
+            .lines()
+            .any(|l| l.split_whitespace().nth(1) == Some(m.as_str()))
+        {
+            let _ = Command::new("umount").arg(&mnt).status();
+        }
+        if let Ok(out) = util::output(Command::new("losetup").arg("-j").arg(&image)) {
+            for dev in out.lines().filter_map(|l| l.split(':').next()) {
+                let _ = Command::new("losetup").args(["-d", dev]).status();
+            }
+        }
+    }
+
+    pub(super) fn new(dir: &Path, size: &str) -> Result<LoopBtrfs, String> {
         let image = dir.join("btrfs.img");
         let mnt = dir.join("mnt");
         let _ = std::fs::remove_file(&image);
@@ -61,7 +80,17 @@ impl LoopBtrfs {
 impl Drop for LoopBtrfs {
     fn drop(&mut self) {
         if self.mounted {
-            let _ = Command::new("umount").arg(&self.mnt).status();
+            // A QEMU that just ended may still hold files open for a moment: retry.
+            let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while !Command::new("umount")
+                .arg(&self.mnt)
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+                && std::time::Instant::now() < end
+            {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
         }
         let _ = Command::new("losetup").args(["-d", &self.dev]).status();
         let _ = std::fs::remove_file(&self.image);

@@ -6,6 +6,7 @@
 //! text ([`render`]: qemu-img's and virsh's formats) or JSON. It names no lower crate.
 
 mod domain;
+pub mod generate;
 mod image;
 mod image_write;
 mod locks;

@@ -8,8 +8,8 @@ use super::{CliError, CliResult};
 use clap::{Args, Subcommand};
 use std::path::{Path, PathBuf};
 use virt_snap::snapshot::{
-    CaptureRequest, DamagedSnapshot, Disk, DomainSnapshot, Driver, Flags, ListFilter, Location,
-    Memory, RevertFlags, Scope, SnapshotName, Source,
+    CaptureRequest, CaptureResult, DamagedSnapshot, Disk, DomainSnapshot, Driver, Flags,
+    ListFilter, Location, Memory, RevertFlags, Scope, SnapshotName, Source,
 };
 use virt_snap::Connection;
 
@@ -398,7 +398,7 @@ async fn capture(
     domain: &str,
     def: DomainSnapshot,
     flags: &FlagArgs,
-) -> Result<String, CliError> {
+) -> Result<CaptureResult, CliError> {
     conn.snapshot_check_request(domain, &def)?;
     let mut req = CaptureRequest::from_xml(&def, flags.flags())
         .map_err(|e| CliError::with_source("the snapshot request is not valid", e))?;
@@ -420,7 +420,7 @@ async fn capture(
             output::utc_date_time(h.until as i64)
         );
     }
-    Ok(r.name)
+    Ok(r)
 }
 
 /// Give `def` virsh's default name (the current time in seconds) if it has none.
@@ -434,10 +434,29 @@ fn default_name(def: &mut DomainSnapshot) -> Result<(), CliError> {
     Ok(())
 }
 
-fn created(out: Format, name: &str, from: Option<&Path>, redefined: bool) -> CliResult {
+/// A duration in milliseconds with microsecond resolution (`null` when there is none).
+fn ms(d: Option<std::time::Duration>) -> serde_json::Value {
+    match d {
+        Some(d) => serde_json::json!(d.as_micros() as f64 / 1000.0),
+        None => serde_json::Value::Null,
+    }
+}
+
+/// What a create printed: with `--output json` also the capture's timings (`null` for a
+/// redefinition, or where a step did not happen).
+fn created(
+    out: Format,
+    name: &str,
+    from: Option<&Path>,
+    captured: Option<&CaptureResult>,
+) -> CliResult {
     match out {
         Format::Json => output::print_json(&serde_json::json!({
-            "name": name, "file": from, "redefined": redefined,
+            "name": name, "file": from, "redefined": captured.is_none(),
+            "paused-ms": ms(captured.and_then(|c| c.paused)),
+            "frozen-ms": ms(captured.and_then(|c| c.frozen)),
+            "stall-ms": ms(captured.and_then(|c| c.stall)),
+            "memory-downtime-ms": captured.and_then(|c| c.memory_downtime_ms),
         }))
         .map_err(out_err),
         Format::Text => {
@@ -639,13 +658,13 @@ pub async fn run(cmd: SnapshotCmd, out: Format, state: Option<&Path>) -> CliResu
             if redefine {
                 let def = conn.snapshot_redefine(&domain, &xml, current)?;
                 let name = def.name.as_deref().unwrap_or_default();
-                return created(out, name, xmlfile.as_deref(), true);
+                return created(out, name, xmlfile.as_deref(), None);
             }
             let mut def = DomainSnapshot::from_xml(&xml)
                 .map_err(|e| CliError::with_source("the domainsnapshot XML cannot be parsed", e))?;
             default_name(&mut def)?;
-            let name = capture(&conn, &domain, def, &flags).await?;
-            created(out, &name, xmlfile.as_deref(), false)
+            let r = capture(&conn, &domain, def, &flags).await?;
+            created(out, &r.name, xmlfile.as_deref(), Some(&r))
         }
         SnapshotCmd::SnapshotRevert {
             domain,
@@ -699,8 +718,8 @@ pub async fn run(cmd: SnapshotCmd, out: Format, state: Option<&Path>) -> CliResu
                 };
             }
             default_name(&mut def)?;
-            let name = capture(&conn, &domain, def, &flags).await?;
-            created(out, &name, None, false)
+            let r = capture(&conn, &domain, def, &flags).await?;
+            created(out, &r.name, None, Some(&r))
         }
     }
 }

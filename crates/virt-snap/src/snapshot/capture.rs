@@ -49,6 +49,11 @@ const UNANSWERED_THAW_WAIT: Duration = Duration::from_millis(500);
 /// How long a snapshot-save or snapshot-delete job, a RAM save or a merge-back may take.
 pub(crate) const JOB_TIMEOUT: Duration = Duration::from_secs(600);
 
+/// How often a migration's state is polled while the vCPUs are paused for it (a `--live` RAM
+/// snapshot waits, paused, until QEMU has fixed RAM), and otherwise.
+const POLL_IN_PAUSE: Duration = Duration::from_millis(1);
+const POLL: Duration = Duration::from_millis(5);
+
 /// What [`Domain::snapshot_create`] made.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CaptureResult {
@@ -60,10 +65,16 @@ pub struct CaptureResult {
     pub xml: Option<String>,
     /// What failed after the snapshot was taken without undoing it.
     pub warnings: Vec<String>,
-    /// How long the vCPUs were paused (none if they were not).
+    /// How long the vCPUs were paused (none if they were not): from QEMU's `STOP` event to
+    /// its `RESUME` event (QEMU's own timestamps), for our `stop`/`cont` as for the
+    /// snapshot-save job (internal with RAM), which pauses them itself; from `stop`'s reply
+    /// to `cont`'s where the events are missing.
     pub paused: Option<Duration>,
     /// How long the guest's file systems were frozen (none if they were not).
     pub frozen: Option<Duration>,
+    /// The wall time of the one QMP `transaction` of `blockdev-snapshot` (the external disks'
+    /// I/O stall; none without external disks of a running domain).
+    pub stall: Option<Duration>,
     /// The downtime QEMU reported for a RAM save to a file, in milliseconds.
     pub memory_downtime_ms: Option<u64>,
     /// `snapshot='manual'` disks of a running domain: the domain is left paused for the
@@ -104,7 +115,12 @@ struct Timings {
     paused: Option<Duration>,
     frozen_at: Option<Instant>,
     frozen: Option<Duration>,
+    stall: Option<Duration>,
+    /// QEMU's events from the `stop` on, to measure the pause by (see `Vcpus::pause`).
+    pause_events: Option<qmp_proto::EventStream>,
     downtime_ms: Option<u64>,
+    /// background-snapshot was turned on before the plan ran (see `snapshot_create`).
+    background_on: bool,
     held: Option<ManualHold>,
     /// `--fallback-paused` was used: why background-snapshot was refused.
     fell_back: Option<String>,
@@ -181,6 +197,7 @@ impl LiveDomain {
     /// The migration's state, polled until `done` says so (or it failed).
     async fn poll_migration(
         &self,
+        every: Duration,
         done: impl Fn(&qc::MigrationInfo) -> bool,
     ) -> CoreResult<qc::MigrationInfo> {
         let end = Instant::now() + JOB_TIMEOUT;
@@ -209,7 +226,7 @@ impl LiveDomain {
                         "the RAM save did not finish in time",
                     ))
                 }
-                _ => tokio::time::sleep(Duration::from_millis(5)).await,
+                _ => tokio::time::sleep(every).await,
             }
         }
     }
@@ -269,11 +286,15 @@ fn lease_fd_name(node: &str) -> String {
 #[async_trait]
 impl core::Vcpus for LiveDomain {
     async fn pause(&self) -> CoreResult<()> {
-        self.qmp()?
-            .run(&qc::Stop)
-            .await
-            .map_err(|e| be("stop", e))?;
-        self.times().paused_at = Some(Instant::now());
+        let qmp = self.qmp()?;
+        // The pause is measured from QEMU's STOP event to its RESUME event (the vCPUs stop
+        // before `stop` drains and flushes the disks and replies).
+        let events = qmp.subscribe();
+        qmp.run(&qc::Stop).await.map_err(|e| be("stop", e))?;
+        let mut t = self.times();
+        t.paused_at = Some(Instant::now());
+        t.pause_events = Some(events);
+        drop(t);
         failpoint("pause");
         Ok(())
     }
@@ -283,9 +304,17 @@ impl core::Vcpus for LiveDomain {
             .run(&qc::Cont)
             .await
             .map_err(|e| be("cont", e))?;
-        let mut t = self.times();
-        if let Some(at) = t.paused_at.take() {
-            t.paused = Some(at.elapsed());
+        let (at, events) = {
+            let mut t = self.times();
+            (t.paused_at.take(), t.pause_events.take())
+        };
+        let from_events = match events {
+            Some(mut ev) => stop_to_resume(&mut ev).await,
+            None => None,
+        };
+        // Without the events (dropped, or QEMU sent none): from stop's reply to cont's.
+        if let Some(p) = from_events.or_else(|| at.map(|a| a.elapsed())) {
+            self.times().paused = Some(p);
         }
         Ok(())
     }
@@ -499,10 +528,11 @@ impl core::BlockLayer for LiveDomain {
             }
         }
         let t = qc::Transaction::new(list);
-        self.qmp()?
-            .run(&t)
-            .await
-            .map_err(|e| be("transaction", e))?;
+        let qmp = self.qmp()?;
+        let start = Instant::now();
+        let r = qmp.run(&t).await;
+        self.times().stall = Some(start.elapsed());
+        r.map_err(|e| be("transaction", e))?;
         failpoint("transaction");
         Ok(())
     }
@@ -525,9 +555,14 @@ impl core::BlockLayer for LiveDomain {
                     vmstate: vm.to_string(),
                     devices: nodes.to_vec(),
                 };
+                // The job stops the vCPUs itself: its pause is QEMU's STOP to RESUME.
+                let mut events = qmp.subscribe();
                 qmp.run_job_command(&cmd, JOB_TIMEOUT)
                     .await
                     .map_err(|e| be("snapshot-save", e))?;
+                if let Some(p) = stop_to_resume(&mut events).await {
+                    self.times().paused = Some(p);
+                }
             }
             (None, None) => {
                 for p in nodes {
@@ -798,6 +833,38 @@ pub(crate) async fn delete_internal_snapshot(
     }
 }
 
+/// The time from the first `STOP` event in `events` to the next `RESUME`, by QEMU's
+/// timestamps (microseconds). Only events already received are read, but once a STOP is
+/// seen its RESUME is waited for a little (it may come just after a command's reply).
+async fn stop_to_resume(events: &mut qmp_proto::EventStream) -> Option<Duration> {
+    let us = |(s, u): (i64, i64)| s * 1_000_000 + u;
+    let (mut stop, end) = (None, Instant::now() + Duration::from_millis(200));
+    loop {
+        let ev = match events.try_next() {
+            Some(ev) => ev,
+            None if stop.is_none() => return None,
+            None => {
+                let left = end.saturating_duration_since(Instant::now());
+                match tokio::time::timeout(left, events.next()).await {
+                    Ok(Some(ev)) => ev,
+                    _ => return None,
+                }
+            }
+        };
+        match ev.name.as_str() {
+            "STOP" if stop.is_none() => stop = Some(us(ev.timestamp)),
+            "RESUME" => {
+                if let Some(a) = stop {
+                    return Some(Duration::from_micros(
+                        us(ev.timestamp).saturating_sub(a) as u64
+                    ));
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
 pub(crate) fn crc(s: &str) -> u32 {
     // A small stable hash for job ids (FNV-1a).
     s.bytes().fold(0x811c_9dc5u32, |h, b| {
@@ -822,7 +889,10 @@ impl core::MemorySaver for LiveDomain {
     async fn save(&self, file: &str, live: bool, fallback: bool) -> CoreResult<core::Saved> {
         let qmp = self.qmp()?;
         let mut live = live;
-        if live {
+        if !live {
+            // Not left on by an interrupted --live capture (it is set before the plan runs).
+            let _ = self.set_background_snapshot(false).await;
+        } else if !self.times().background_on {
             let on = if failpoint_is("refuse-background-snapshot") {
                 Err(be(
                     "migrate-set-capabilities",
@@ -869,7 +939,7 @@ impl core::MemorySaver for LiveDomain {
             // the device state and started tracking RAM writes (userfaultfd write-protect):
             // pages are only sent after that, so the first page sent (or the end) says so.
             // The status turning `active` comes before it.
-            self.poll_migration(|i| {
+            self.poll_migration(POLL_IN_PAUSE, |i| {
                 let pages = i
                     .ram
                     .as_ref()
@@ -880,7 +950,9 @@ impl core::MemorySaver for LiveDomain {
             .await?;
         } else {
             let info = self
-                .poll_migration(|i| i.status == Some(MigrationStatus::Completed))
+                .poll_migration(POLL_IN_PAUSE, |i| {
+                    i.status == Some(MigrationStatus::Completed)
+                })
                 .await?;
             self.times().downtime_ms = info.downtime;
         }
@@ -894,7 +966,7 @@ impl core::MemorySaver for LiveDomain {
 
     async fn wait(&self, _file: &str) -> CoreResult<()> {
         let info = self
-            .poll_migration(|i| i.status == Some(MigrationStatus::Completed))
+            .poll_migration(POLL, |i| i.status == Some(MigrationStatus::Completed))
             .await?;
         self.times().downtime_ms = info.downtime;
         let _ = self.set_background_snapshot(false).await;
@@ -914,7 +986,7 @@ impl core::MemorySaver for LiveDomain {
                 qmp.run(&qc::MigrateCancel)
                     .await
                     .map_err(|e| be("migrate_cancel", e))?;
-                self.poll_migration(|i| {
+                self.poll_migration(POLL, |i| {
                     !matches!(
                         i.status,
                         Some(MigrationStatus::Setup)
@@ -1105,6 +1177,19 @@ impl Domain {
             let r = core::recover(&caps(&live, &clock), &mut journal, &store)
                 .await
                 .map_err(Error::from);
+            // A --live capture sets background-snapshot before its first step (see
+            // `snapshot_create`): one killed before its RAM save was recorded leaves it on.
+            if let Some(qmp) = &live.qmp {
+                let busy = qmp.run(&qc::QueryMigrate).await.map_or(true, |i| {
+                    matches!(
+                        i.status,
+                        Some(MigrationStatus::Setup) | Some(MigrationStatus::Active)
+                    )
+                });
+                if !busy {
+                    let _ = live.set_background_snapshot(false).await;
+                }
+            }
             op = match live.take_op().await {
                 Ok(op) => op,
                 Err(e) => return (r, Err(e)),
@@ -1157,7 +1242,27 @@ impl Domain {
         let clock = RealClock(Instant::now());
         let plan = CapturePlan::new(&req, &info, &clock)?;
         let mut journal = self.journal(&store)?;
+        // A --live RAM save's background-snapshot capability is set before the plan runs, so
+        // that its round trip is not in the pause. If QEMU refuses it here (or the test-only
+        // failpoint capture:refuse-background-snapshot is set), SaveMemory tries again and
+        // falls back (--fallback-paused) or fails the capture as it would have. An
+        // interrupted capture may leave it on: recovery and a RAM save that is not live turn
+        // it off.
+        let live_ram = plan
+            .steps
+            .iter()
+            .any(|s| matches!(s, Step::SaveMemory { live: true, .. }));
+        if live_ram
+            && live.qmp.is_some()
+            && !failpoint_is("refuse-background-snapshot")
+            && live.set_background_snapshot(true).await.is_ok()
+        {
+            live.times().background_on = true;
+        }
         let outcome = core::run(&plan, &caps(&live, &clock), &mut journal, &store).await;
+        if outcome.is_err() && live.times().background_on {
+            let _ = live.set_background_snapshot(false).await;
+        }
         // Only pending operations are kept (a failed metadata write stays for recovery).
         if let Err(e) = journal.compact() {
             tracing::warn!(domain = %self.name, "cannot compact the capture journal: {e}");
@@ -1223,6 +1328,7 @@ impl Domain {
             warnings,
             paused: t.paused,
             frozen: t.frozen,
+            stall: t.stall,
             memory_downtime_ms: t.downtime_ms,
             held: t.held.clone(),
         })

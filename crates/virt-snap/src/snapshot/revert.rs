@@ -600,10 +600,13 @@ impl Domain {
             None => DomainState::ShutOff,
             Some(st) => {
                 let qmp = self.qmp(&st).await?;
-                if qmp.run(&qc::QueryStatus).await?.running {
-                    DomainState::Running
-                } else {
-                    DomainState::Paused
+                let status = qmp.run(&qc::QueryStatus).await?;
+                match status.status {
+                    qc::RunState::InternalError | qc::RunState::GuestPanicked => {
+                        DomainState::Crashed
+                    }
+                    _ if status.running => DomainState::Running,
+                    _ => DomainState::Paused,
                 }
             }
         };

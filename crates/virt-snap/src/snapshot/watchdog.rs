@@ -505,10 +505,19 @@ mod tests {
         rd.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let mut got = Vec::new();
         rd.read_to_end(&mut got).unwrap();
-        let fds: Vec<String> = std::fs::read_dir(format!("/proc/{}/fd", w.pid))
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
+        // The child closes the other descriptors in up to three close_range calls: the EOF
+        // above may come from the first, so the count is polled until the last is done.
+        let fds = || -> Vec<String> {
+            std::fs::read_dir(format!("/proc/{}/fd", w.pid))
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect()
+        };
+        let end = std::time::Instant::now() + Duration::from_secs(2);
+        while fds().len() != 2 && std::time::Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let fds = fds();
         assert_eq!(fds.len(), 2, "the agent socket and the pipe only: {fds:?}");
         // SAFETY: getsid on a pid only reads.
         assert_eq!(unsafe { libc::getsid(w.pid) }, w.pid, "its own session");
