@@ -302,6 +302,76 @@ fn external_disk_only_reverts_onto_new_overlays() {
     }
 }
 
+/// A domain whose disk is a dir-pool volume: the snapshot's copy of the definition names the
+/// volume, which the revert resolves to its file (the new overlay goes next to it).
+#[test]
+fn a_snapshot_of_a_pool_volume_disk_reverts_onto_the_volume() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = std::fs::canonicalize(tmp.path()).unwrap();
+    let state = dir.join("state");
+    let pool = dir.join("pool");
+    std::fs::create_dir(&pool).unwrap();
+    ok(
+        &state,
+        &["pool-define-as", "p", "dir", pool.to_str().unwrap()],
+    );
+    ok(
+        &state,
+        &["vol-create-as", "p", "sys", "16M", "--format", "qcow2"],
+    );
+    let vol = pool.join("sys");
+    write(&vol, 0xaa);
+    let xml = dir.join("rv-vol.xml");
+    std::fs::write(
+        &xml,
+        "<domain type='kvm'><name>rv-vol</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>\
+         <os><type arch='x86_64' machine='pc'>hvm</type></os><devices>\
+         <disk type='volume' device='disk'><driver name='qemu' type='qcow2'/>\
+         <source pool='p' volume='sys'/><target dev='vda' bus='virtio'/></disk>\
+         <controller type='usb' model='none'/><memballoon model='none'/></devices></domain>",
+    )
+    .unwrap();
+    ok(&state, &["define", xml.to_str().unwrap()]);
+    struct Destroy<'a>(&'a Path);
+    impl Drop for Destroy<'_> {
+        fn drop(&mut self) {
+            let _ = virt_snap_e2e::in_state::vs(self.0, &["destroy", "rv-vol"]);
+        }
+    }
+    let _guard = Destroy(&state);
+    ok(&state, &["start", "rv-vol"]);
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    ok(
+        &state,
+        &["snapshot-create-as", "rv-vol", "s1", "--disk-only"],
+    );
+    ok(&state, &["destroy", "rv-vol"]);
+    let s1 = pool.join("sys.s1");
+    write(&s1, 0xbb);
+    ok(&state, &["start", "rv-vol"]);
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let r = ok_json(&state, &["snapshot-revert", "rv-vol", "s1", "--running"]);
+    assert_eq!(r["kind"], "external-in-place", "{r}");
+    assert_eq!(r["state"], "running", "{r}");
+    ok(&state, &["destroy", "rv-vol"]);
+    let r1 = pool.join("sys.s1.r1");
+    let info = qemu_img(&["info", r1.to_str().unwrap()]);
+    assert!(
+        info.contains(&format!("backing file: {}", vol.display())),
+        "{info}"
+    );
+    holds(&r1, 0xaa);
+    holds(&s1, 0xbb);
+    // Reverted shut off too (a new overlay, the definition on it).
+    let r = ok_json(&state, &["snapshot-revert", "rv-vol", "s1"]);
+    assert_eq!(r["kind"], "external", "{r}");
+    holds(&pool.join("sys.s1.r2"), 0xaa);
+    // A volume that is gone is a clear refusal naming it.
+    ok(&state, &["vol-delete", "sys", "--pool", "p"]);
+    let err = fails(&state, &["snapshot-revert", "rv-vol", "s1"]);
+    assert!(err.contains("pool volume p/sys"), "{err}");
+}
+
 #[test]
 fn user_errors_are_one_clear_line() {
     let d = Dom::define("rv-errors");

@@ -286,6 +286,12 @@ pub trait Facts {
     fn internal_snapshots(&self, image: &str) -> Vec<String>;
     /// The images below `image` in its backing chain, top down (as its headers record them).
     fn backing_chain(&self, image: &str) -> Vec<String>;
+    /// The file of pool volume `pool`/`volume` (none if there is no such volume): where the
+    /// snapshot's data is when its copy of the definition names a volume.
+    fn volume_path(&self, pool: &str, volume: &str) -> Option<String> {
+        let _ = (pool, volume);
+        None
+    }
 }
 
 fn plan_error(object: &str, what: String) -> Error {
@@ -591,13 +597,15 @@ impl RevertPlan {
                 let base = match cd.source_ref() {
                     Some(SourceRef::File(p)) | Some(SourceRef::Block(p)) => p.to_string(),
                     Some(SourceRef::Volume { pool, volume }) => {
-                        return Err(plan_error(
-                            t,
-                            format!(
-                                "the snapshot's image is pool volume {pool}/{volume}: reverting \
-                                 onto a volume is not supported yet"
-                            ),
-                        ))
+                        facts.volume_path(pool, volume).ok_or_else(|| {
+                            plan_error(
+                                t,
+                                format!(
+                                    "the snapshot's image is pool volume {pool}/{volume}, \
+                                     which does not exist (or its pool is not defined)"
+                                ),
+                            )
+                        })?
                     }
                     None => {
                         return Err(plan_error(

@@ -494,8 +494,11 @@ fn same_image(a: &str, b: &str) -> bool {
         }
 }
 
-/// What the planner asks, answered from the file system.
-struct FsFacts;
+/// What the planner asks, answered from the file system; the pool volumes the snapshot's
+/// copy of the definition names, resolved beforehand (a pool lookup is async).
+struct FsFacts {
+    volumes: std::collections::HashMap<(String, String), String>,
+}
 
 impl Facts for FsFacts {
     fn exists(&self, path: &str) -> bool {
@@ -519,6 +522,12 @@ impl Facts for FsFacts {
                     .collect()
             })
             .unwrap_or_default()
+    }
+
+    fn volume_path(&self, pool: &str, volume: &str) -> Option<String> {
+        self.volumes
+            .get(&(pool.to_string(), volume.to_string()))
+            .cloned()
     }
 
     fn internal_snapshots(&self, image: &str) -> Vec<String> {
@@ -553,6 +562,33 @@ pub(crate) async fn recover(
 }
 
 impl Domain {
+    /// The files of the pool volumes `snap`'s copy of the definition names as disk sources
+    /// (a volume that cannot be resolved is left out: the planner then refuses its disk).
+    async fn snapshot_volumes(
+        &self,
+        snap: &snapshot_core::DomainSnapshot,
+    ) -> std::collections::HashMap<(String, String), String> {
+        let mut out = std::collections::HashMap::new();
+        let Some(copy) = snap
+            .domain
+            .as_ref()
+            .and_then(|raw| snapshot_core::domain::DomainDef::from_xml(raw.as_str()).ok())
+        else {
+            return out;
+        };
+        for d in copy.disks() {
+            if let Some(snapshot_core::domain::SourceRef::Volume { pool, volume }) = d.source_ref()
+            {
+                if let Ok(p) = self.conn.pool(pool) {
+                    if let Ok(path) = p.volume(volume).path().await {
+                        out.insert((pool.to_string(), volume.to_string()), path);
+                    }
+                }
+            }
+        }
+        out
+    }
+
     /// Revert the domain to snapshot `name` (`virsh snapshot-revert`): planned from the
     /// domain's state and the snapshot's metadata, run step by step through the domain's
     /// journal under its operation lock (pending operations a killed virt-snap left are
@@ -587,7 +623,10 @@ impl Domain {
                 .await?
         };
         let req = core::RevertRequest { name: sname, flags };
-        let plan = RevertPlan::new(&req, &info, &snap, &FsFacts)?;
+        let facts = FsFacts {
+            volumes: self.snapshot_volumes(&snap).await,
+        };
+        let plan = RevertPlan::new(&req, &info, &snap, &facts)?;
         let mut journal = self.journal(&store)?;
         let r = Reverting::new(self);
         let outcome = core::run(&plan, &caps(&r), &mut journal, &store).await;
