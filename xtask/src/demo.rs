@@ -3,9 +3,10 @@
 //! output (indented) and how long each took.
 //!
 //! The live path first: a dir pool with two qcow2 volumes; a no-OS KVM domain defined from
-//! libvirt XML on them and started; an internal snapshot with RAM; a live atomic disk-only
+//! libvirt XML on them and started; an internal snapshot with RAM, reverted to in place; a live atomic disk-only
 //! snapshot (its I/O stall measured); a `--live` RAM snapshot (its pause measured); the
-//! snapshot tree; a volume snapshot refused while the domain runs, and done once it is
+//! snapshot tree; a revert to the RAM snapshot (a new QEMU loading it) and one to the disk-only
+//! snapshot in the same QEMU; a volume snapshot refused while the domain runs, and done once it is
 //! destroyed. Then the image layer: native image inspection (also while a running QEMU holds
 //! the image), QEMU's image locks seen and respected, native internal snapshots checked by
 //! qemu-img, and an offline volume snapshot reverted.
@@ -208,6 +209,31 @@ impl Demo {
         Ok(v)
     }
 
+    /// A `snapshot-revert ... --output json`: run it and say how it went.
+    fn revert(&self, args: &[&str]) -> Result<Value, String> {
+        let mut all = vec!["--output", "json", "snapshot-revert"];
+        all.extend_from_slice(args);
+        let (out, took) = self.exec(self.virt_snap().args(&all))?;
+        if !out.status.success() {
+            return Err(format!("snapshot-revert failed: {}", out.status));
+        }
+        let v: Value = serde_json::from_slice(&out.stdout)
+            .map_err(|e| format!("snapshot-revert printed no JSON: {e}"))?;
+        println!(
+            "    -> ok, {} in all ({} ms inside virt-snap): kind {}, the domain now {}",
+            human(took),
+            v["elapsed-ms"],
+            v["kind"].as_str().unwrap_or("?"),
+            v["state"].as_str().unwrap_or("?")
+        );
+        if let Some(w) = v["warnings"].as_array().filter(|w| !w.is_empty()) {
+            for w in w {
+                println!("    warning: {}", w.as_str().unwrap_or_default());
+            }
+        }
+        Ok(v)
+    }
+
     /// Run a command that must fail (a refusal), showing what it said.
     fn refused(&self, cmd: &mut Command) -> Result<(), String> {
         let (out, took) = self.exec(cmd)?;
@@ -336,7 +362,8 @@ fn summary(demo: &Demo, total: Duration, result: &Result<(), String>) {
         Ok(()) => println!(
             "\ndemo done: a domain on pool volumes snapshotted live three ways (internal with \
              RAM, atomic disk-only, RAM saved with the guest running), its volumes guarded while \
-             it ran; qcow2 headers, chains and snapshot tables read natively (also under a \
+             it ran, reverted twice (its RAM loaded into a new QEMU; its disks re-pointed in the same \
+             QEMU); qcow2 headers, chains and snapshot tables read natively (also under a \
              running QEMU), QEMU's image locks seen and respected, internal snapshots taken and \
              applied natively (qemu-img agrees), a pool volume snapshotted and reverted."
         ),
@@ -376,6 +403,10 @@ fn live_path(d: &mut Demo) -> Result<(), String> {
     d.note("the snapshot is in the image itself, read natively while QEMU holds it:");
     d.vs(&["image", "snapshot", "list", "pool/sys"])?;
 
+    d.step("a revert to it in place (snapshot-load in the same QEMU process: no restart)");
+    d.revert(&[DOMAIN, "booted"])?;
+    d.vs(&["domstate", DOMAIN, "--reason"])?;
+
     d.step("a live atomic disk-only snapshot (new qcow2 overlays, one QMP transaction)");
     d.note("no pause: the guest runs on; what it costs is the disks' I/O stall");
     d.snapshot(&[DOMAIN, "disks", "--disk-only", "--atomic"])?;
@@ -392,10 +423,17 @@ fn live_path(d: &mut Demo) -> Result<(), String> {
     d.vs(&["snapshot-list", DOMAIN, "--parent"])?;
     d.vs(&["snapshot-info", DOMAIN, "--current"])?;
 
-    // PLACEHOLDER (revert, being built on the `revert` branch): a step "revert" goes here:
-    // `snapshot-revert vm1 booted` (internal, in place with snapshot-load, same QEMU), then
-    // `snapshot-revert vm1 live --running` (external with RAM), each with its time and the
-    // tree after it (`snapshot-list vm1 --tree`, the current snapshot marked).
+    d.step("a revert to the --live RAM snapshot (a new QEMU loads its RAM: -incoming defer)");
+    d.note("the snapshot's images stay as they are: the disks get new overlays on them");
+    d.revert(&[DOMAIN, "live"])?;
+    d.vs(&["domblklist", DOMAIN])?;
+    d.vs(&["snapshot-list", DOMAIN, "--tree"])?;
+
+    d.step("a revert to the disk-only snapshot, in place (same QEMU: blockdev-reopen, reset)");
+    d.note("disk-only: the guest restarts on the snapshot's disks; --running keeps QEMU up");
+    d.revert(&[DOMAIN, "disks", "--running"])?;
+    d.vs(&["domblklist", DOMAIN])?;
+    d.vs(&["snapshot-list", DOMAIN, "--tree"])?;
 
     // PLACEHOLDER (delete, being built on the `revert` branch): steps "delete" go here:
     // `snapshot-delete vm1 live` (the current layer: an active block-commit with pivot), and
