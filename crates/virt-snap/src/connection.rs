@@ -3,6 +3,7 @@
 use crate::error::{Error, ErrorKind, Result};
 use crate::image::{Clock, Image, SystemClock};
 use crate::pool::{DamagedPool, Pool, PoolDef, PoolListing};
+use crate::progress::Progress;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use storage_backends::{Blocking, CommandRunner, LocalRunner, PoolStore};
@@ -26,6 +27,7 @@ pub(crate) struct Inner {
     pub(crate) runner: Arc<dyn CommandRunner>,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) blocking: Blocking,
+    pub(crate) progress: Arc<dyn Progress>,
 }
 
 /// Options of [`Connection::builder`]: another command runner or clock (tests, failure
@@ -36,9 +38,17 @@ pub struct ConnectionBuilder {
     runner: Arc<dyn CommandRunner>,
     clock: Arc<dyn Clock>,
     blocking: Blocking,
+    progress: Arc<dyn Progress>,
 }
 
 impl ConnectionBuilder {
+    /// Report long jobs' progress (RAM saves and loads, snapshot and block jobs) to `p`
+    /// instead of nowhere ([`crate::progress`]).
+    pub fn progress(mut self, p: Arc<dyn Progress>) -> ConnectionBuilder {
+        self.progress = p;
+        self
+    }
+
     /// Run storage tools through `runner` instead of as local processes.
     pub fn runner(mut self, runner: Arc<dyn CommandRunner>) -> ConnectionBuilder {
         self.runner = runner;
@@ -78,6 +88,7 @@ impl ConnectionBuilder {
                 runner: self.runner,
                 clock: self.clock,
                 blocking: self.blocking,
+                progress: self.progress,
             }),
         })
     }
@@ -110,6 +121,7 @@ impl Connection {
             runner: Arc::new(LocalRunner),
             clock: Arc::new(SystemClock),
             blocking: Blocking::default(),
+            progress: Arc::new(crate::progress::Silent),
         }
     }
 
@@ -174,6 +186,11 @@ impl Connection {
     /// `None` when the definition was damaged (its file is removed all the same).
     pub fn undefine_pool(&self, name: &str) -> Result<Option<PoolDef>> {
         Ok(self.inner.pools.undefine(name)?)
+    }
+
+    /// Where long jobs report their progress.
+    pub(crate) fn progress(&self) -> &dyn Progress {
+        &*self.inner.progress
     }
 
     pub(crate) fn inner(&self) -> &Inner {

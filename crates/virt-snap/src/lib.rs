@@ -20,6 +20,9 @@
 //! - [`Volume`]: a pool's volume: info, path, delete, and its snapshots (create, list, revert,
 //!   delete).
 //!
+//! Long jobs (RAM saves and loads, QEMU's snapshot and block jobs) report their progress to
+//! the [`progress::Progress`] given to [`ConnectionBuilder::progress`].
+//!
 //! Every failure is an [`Error`] whose [`ErrorKind`] says what went wrong, whichever layer it
 //! came from (the lower crate's error is its source).
 //!
@@ -44,6 +47,7 @@ pub mod domain;
 mod error;
 pub mod image;
 pub mod pool;
+pub mod progress;
 pub mod snapshot;
 pub mod state;
 

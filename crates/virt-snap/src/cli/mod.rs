@@ -12,6 +12,7 @@ mod image_write;
 mod locks;
 pub mod output;
 mod pool;
+pub mod progress;
 pub mod render;
 mod snapshot;
 mod vol;
@@ -149,10 +150,12 @@ pub fn state_dir(cli_choice: Option<&std::path::Path>) -> Result<PathBuf, CliErr
 }
 
 /// Open the state directory the command line or the environment names. The process runs
-/// one operation: blocking file work runs inline (no thread start and hand-off).
+/// one operation: blocking file work runs inline (no thread start and hand-off). Long jobs
+/// report their progress on stderr ([`progress`]).
 pub fn connect(cli_choice: Option<&std::path::Path>) -> Result<virt_snap::Connection, CliError> {
     Ok(virt_snap::Connection::builder(state_dir(cli_choice)?)
         .blocking(virt_snap::Blocking::Inline)
+        .progress(std::sync::Arc::new(progress::StderrProgress::new()))
         .open()?)
 }
 

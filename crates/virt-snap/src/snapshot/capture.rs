@@ -11,6 +11,7 @@ use super::watchdog::ThawWatchdog;
 use crate::domain::runstate::{self, RunState as RunRecord};
 use crate::domain::Domain;
 use crate::error::{Error, ErrorKind, Result};
+use crate::progress::{self, Progress, Unit};
 use crate::Connection;
 use async_trait::async_trait;
 use locking::{DiskUse, Purpose, Resource};
@@ -195,9 +196,11 @@ impl LiveDomain {
     }
 
     /// The migration's state, polled until `done` says so (or it failed).
+    /// Its RAM progress goes to `report` if given.
     async fn poll_migration(
         &self,
         every: Duration,
+        report: Option<&dyn Progress>,
         done: impl Fn(&qc::MigrationInfo) -> bool,
     ) -> CoreResult<qc::MigrationInfo> {
         let end = Instant::now() + JOB_TIMEOUT;
@@ -207,6 +210,9 @@ impl LiveDomain {
                 .run(&qc::QueryMigrate)
                 .await
                 .map_err(|e| be("query-migrate", e))?;
+            if let Some(p) = report {
+                progress::migration(p, &info);
+            }
             if done(&info) {
                 return Ok(info);
             }
@@ -557,9 +563,15 @@ impl core::BlockLayer for LiveDomain {
                 };
                 // The job stops the vCPUs itself: its pause is QEMU's STOP to RESUME.
                 let mut events = qmp.subscribe();
-                qmp.run_job_command(&cmd, JOB_TIMEOUT)
-                    .await
-                    .map_err(|e| be("snapshot-save", e))?;
+                progress::job(
+                    self.conn.progress(),
+                    qmp,
+                    &cmd.job_id,
+                    &format!("saving snapshot {tag} (RAM and disks, inside the images)"),
+                    qmp.run_job_command(&cmd, JOB_TIMEOUT),
+                )
+                .await
+                .map_err(|e| be("snapshot-save", e))?;
                 if let Some(p) = stop_to_resume(&mut events).await {
                     self.times().paused = Some(p);
                 }
@@ -812,7 +824,9 @@ pub(crate) async fn delete_internal_snapshot(
                 tag: tag.to_string(),
                 devices: at.to_vec(),
             };
-            match qmp.run_job_command(&cmd, JOB_TIMEOUT).await {
+            let job = qmp.run_job_command(&cmd, JOB_TIMEOUT);
+            let what = format!("deleting internal snapshot {tag}");
+            match progress::job(conn.progress(), qmp, &cmd.job_id, &what, job).await {
                 Ok(()) => Ok(()),
                 // Not there (any more) is success.
                 Err(e) if e.to_string().contains("not found") => Ok(()),
@@ -939,7 +953,7 @@ impl core::MemorySaver for LiveDomain {
             // the device state and started tracking RAM writes (userfaultfd write-protect):
             // pages are only sent after that, so the first page sent (or the end) says so.
             // The status turning `active` comes before it.
-            self.poll_migration(POLL_IN_PAUSE, |i| {
+            self.poll_migration(POLL_IN_PAUSE, None, |i| {
                 let pages = i
                     .ram
                     .as_ref()
@@ -949,12 +963,15 @@ impl core::MemorySaver for LiveDomain {
             })
             .await?;
         } else {
+            let p = self.conn.progress();
+            p.start(&format!("saving RAM to {file}"), Unit::Bytes);
             let info = self
-                .poll_migration(POLL_IN_PAUSE, |i| {
+                .poll_migration(POLL_IN_PAUSE, Some(p), |i| {
                     i.status == Some(MigrationStatus::Completed)
                 })
-                .await?;
-            self.times().downtime_ms = info.downtime;
+                .await;
+            p.finish(info.is_ok());
+            self.times().downtime_ms = info?.downtime;
         }
         failpoint("save-memory");
         Ok(if live {
@@ -964,10 +981,19 @@ impl core::MemorySaver for LiveDomain {
         })
     }
 
-    async fn wait(&self, _file: &str) -> CoreResult<()> {
+    async fn wait(&self, file: &str) -> CoreResult<()> {
+        let p = self.conn.progress();
+        p.start(
+            &format!("saving RAM to {file} (the guest runs)"),
+            Unit::Bytes,
+        );
         let info = self
-            .poll_migration(POLL, |i| i.status == Some(MigrationStatus::Completed))
-            .await?;
+            .poll_migration(POLL, Some(p), |i| {
+                i.status == Some(MigrationStatus::Completed)
+            })
+            .await;
+        p.finish(info.is_ok());
+        let info = info?;
         self.times().downtime_ms = info.downtime;
         let _ = self.set_background_snapshot(false).await;
         Ok(())
@@ -986,7 +1012,7 @@ impl core::MemorySaver for LiveDomain {
                 qmp.run(&qc::MigrateCancel)
                     .await
                     .map_err(|e| be("migrate_cancel", e))?;
-                self.poll_migration(POLL, |i| {
+                self.poll_migration(POLL, None, |i| {
                     !matches!(
                         i.status,
                         Some(MigrationStatus::Setup)

@@ -13,6 +13,7 @@ use super::capture::{
 use crate::domain::runstate;
 use crate::domain::{Domain, DomainState};
 use crate::error::{Error, ErrorKind, Result};
+use crate::progress::{self, Unit};
 use async_trait::async_trait;
 use qmp_proto::commands::{self as qc, MigrationStatus};
 use qmp_proto::commands::{BlockdevOptions, BlockdevReopen, BlockdevSnapshot, TransactionAction};
@@ -218,32 +219,40 @@ impl core::Machine for Reverting {
         )
         .await
         .map_err(|e| be("migrate-incoming", e))?;
-        let end = Instant::now() + JOB_TIMEOUT;
-        loop {
-            let info = qmp
-                .run(&qc::QueryMigrate)
-                .await
-                .map_err(|e| be("query-migrate", e))?;
-            match info.status {
-                Some(MigrationStatus::Completed) => break,
-                Some(MigrationStatus::Failed) | Some(MigrationStatus::Cancelled) => {
-                    return Err(snapshot_core::Error::backend(
-                        file,
-                        format!(
-                            "the RAM state did not load: {}",
-                            info.error_desc.as_deref().unwrap_or("(no reason given)")
-                        ),
-                    ))
+        let p = self.dom.conn.progress();
+        p.start(&format!("loading RAM from {file}"), Unit::Bytes);
+        let loaded = async {
+            let end = Instant::now() + JOB_TIMEOUT;
+            loop {
+                let info = qmp
+                    .run(&qc::QueryMigrate)
+                    .await
+                    .map_err(|e| be("query-migrate", e))?;
+                progress::migration(p, &info);
+                match info.status {
+                    Some(MigrationStatus::Completed) => break Ok(()),
+                    Some(MigrationStatus::Failed) | Some(MigrationStatus::Cancelled) => {
+                        return Err(snapshot_core::Error::backend(
+                            file,
+                            format!(
+                                "the RAM state did not load: {}",
+                                info.error_desc.as_deref().unwrap_or("(no reason given)")
+                            ),
+                        ))
+                    }
+                    _ if Instant::now() > end => {
+                        return Err(snapshot_core::Error::backend(
+                            file,
+                            "the RAM state did not load in time",
+                        ))
+                    }
+                    _ => tokio::time::sleep(Duration::from_millis(5)).await,
                 }
-                _ if Instant::now() > end => {
-                    return Err(snapshot_core::Error::backend(
-                        file,
-                        "the RAM state did not load in time",
-                    ))
-                }
-                _ => tokio::time::sleep(Duration::from_millis(5)).await,
             }
         }
+        .await;
+        p.finish(loaded.is_ok());
+        loaded?;
         failpoint("load-memory");
         Ok(())
     }
@@ -317,9 +326,15 @@ impl core::Images for Reverting {
             vmstate: vm,
             devices,
         };
-        qmp.run_job_command(&cmd, JOB_TIMEOUT)
-            .await
-            .map_err(|e| be("snapshot-load", e))?;
+        progress::job(
+            self.dom.conn.progress(),
+            &qmp,
+            &cmd.job_id,
+            &format!("loading snapshot {tag} (RAM and disks, from the images)"),
+            qmp.run_job_command(&cmd, JOB_TIMEOUT),
+        )
+        .await
+        .map_err(|e| be("snapshot-load", e))?;
         failpoint("load-internal");
         Ok(())
     }
