@@ -85,6 +85,13 @@ impl Case {
             Case::ExternalRunning => "external disk-only, --running",
         }
     }
+    /// Short enough for the table's first column.
+    fn short(self) -> &'static str {
+        match self {
+            Case::Internal => "internal+RAM",
+            Case::ExternalRunning => "ext. --running",
+        }
+    }
 }
 
 /// Failed runs of one series: how many, and the first error.
@@ -119,7 +126,7 @@ struct Measured {
 
 impl Measured {
     fn new(case: Case) -> Measured {
-        let w = case.what();
+        let w = case.short();
         Measured {
             case,
             ours: Series::new(format!("virt-snap snapshot-revert ({w})")),
