@@ -9,7 +9,7 @@
 //! - **external `--running`**: an external disk-only snapshot of the running domain
 //!   (`snapshot-create-as DOM r --disk-only`, untimed, once), then `snapshot-revert DOM r
 //!   --running` each run: ours is `external-in-place` (new overlays, `blockdev-reopen`,
-//!   `system_reset`, the same QEMU), virsh's (libvirt >= 9.9 reverts external snapshots)
+//!   `system_reset`, the same QEMU), virsh's (libvirt 11.3 reverts external snapshots)
 //!   stops QEMU and starts a new one on new overlays.
 //!
 //! Each run reverts ours and libvirt's domain of each case, the order alternating from run
