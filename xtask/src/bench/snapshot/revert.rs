@@ -190,7 +190,8 @@ fn status_running(reply: &str) -> Result<(), String> {
     }
 }
 
-/// Median, p90, min and max of a series in ms, with the number of runs.
+/// Median, p90, min and max of a series in ms, the number of runs and every run's figure
+/// in run order.
 fn stats(s: &Series) -> serde_json::Value {
     let r = |d: Duration| (d.as_secs_f64() * 1e5).round() / 100.0;
     let min = s.wall.iter().min().copied().unwrap_or_default();
@@ -201,6 +202,7 @@ fn stats(s: &Series) -> serde_json::Value {
         "min": r(min),
         "max": r(max),
         "runs": s.wall.len(),
+        "samples": s.wall.iter().map(|&d| r(d)).collect::<Vec<_>>(),
     })
 }
 
@@ -516,6 +518,7 @@ mod tests {
         assert_eq!(j["min"], 10.0);
         assert_eq!(j["max"], 30.0);
         assert_eq!(j["runs"], 3);
+        assert_eq!(j["samples"], serde_json::json!([30.0, 10.0, 20.0]));
         assert_eq!(spread(&s), "10.00 ms-30.00 ms");
         assert_eq!(spread(&Series::new("y")), "-");
     }
