@@ -1,7 +1,8 @@
-//! `cargo xtask bench snapshot [--runs N] [--only ours|peer] [--part disk|ram|storage]...
+//! `cargo xtask bench snapshot [--runs N] [--only ours|peer] [--part disk|ram|storage|revert]...
 //! [--ram 256,1024,4096] [--save-max N]`: live snapshots of running no-OS KVM domains (q35,
-//! 1 vCPU, no guest OS: the vCPU idles in the firmware), virt-snap against libvirt 11.3 and
-//! against bare floors, in one run, interleaved (issue 13's figures; see docs/benchmarks.md):
+//! 1 vCPU, no guest OS: the vCPU idles in the firmware), and reverts to them, virt-snap
+//! against libvirt 11.3 and against bare floors, in one run, interleaved (issue 13's and
+//! issue 14's figures; see docs/benchmarks.md):
 //!
 //! - **disk**: a disk-only atomic snapshot of a domain with 4 qcow2 disks: the whole
 //!   `virt-snap snapshot-create-as DOM sN --disk-only --atomic --output json` process, its
@@ -17,12 +18,17 @@
 //! - **storage**: a backend snapshot (`--diskspec vda,snapshot=storage`) of a running
 //!   domain's raw volume in a btrfs pool (a loop device): ours `paused-ms` against a bare
 //!   `btrfs subvolume snapshot -r` of the same volume.
+//! - **revert** (`snapshot/revert.rs`): `snapshot-revert` of a running domain (2 qcow2 disks)
+//!   to an internal snapshot with RAM and, `--running`, to an external disk-only one: ours
+//!   in place (the same QEMU) against `virsh snapshot-revert` (libvirt restarts QEMU).
 //!
 //! Before a part measures, its QEMUs must be quiet (a fresh no-OS domain spends seconds of
 //! CPU in its firmware), and before each measured call the domain's QEMU must be idle (no
 //! job, no migration running). Everything
 //! the bench starts or makes (domains, daemons, the floor QEMU, files, the loop device and its
 //! mount) is removed at the end, also on error.
+
+mod revert;
 
 use super::harness::{ms, report, report_series, Series};
 use super::libvirt::{self, Libvirtd};
@@ -54,6 +60,7 @@ enum Part {
     Disk,
     Ram,
     Storage,
+    Revert,
 }
 
 struct Opts {
@@ -85,14 +92,15 @@ fn parse(args: &[String]) -> Result<Opts, String> {
                 _ => return Err("--only takes ours or peer".into()),
             },
             "--part" => {
-                for p in val("disk, ram or storage")?.split(',') {
+                for p in val("disk, ram, storage or revert")?.split(',') {
                     parts.push(match p.trim() {
                         "disk" => Part::Disk,
                         "ram" => Part::Ram,
                         "storage" => Part::Storage,
+                        "revert" => Part::Revert,
                         other => {
                             return Err(format!(
-                                "--part {other:?}: the parts are disk, ram and storage"
+                                "--part {other:?}: the parts are disk, ram, storage and revert"
                             ))
                         }
                     });
@@ -113,7 +121,7 @@ fn parse(args: &[String]) -> Result<Opts, String> {
         i += 2;
     }
     if parts.is_empty() {
-        parts = vec![Part::Disk, Part::Ram, Part::Storage];
+        parts = vec![Part::Disk, Part::Ram, Part::Storage, Part::Revert];
     }
     parts.dedup();
     Ok(Opts {
@@ -299,6 +307,16 @@ fn cpu_ticks(pid: i32) -> u64 {
 /// CPU in its firmware (boot attempts) before it idles, and measuring then would measure
 /// that contention. Quiet: each used at most 2% of a core over half a second (up to 60 s).
 fn wait_quiet(what: &str) {
+    let (quiet, n, took) = settle();
+    eprintln!(
+        "    {what}: the bench's {n} QEMUs {} after {:.1} s",
+        if quiet { "quiet" } else { "still busy" },
+        took.as_secs_f64()
+    );
+}
+
+/// [`wait_quiet`] without the line: whether the QEMUs went quiet, how many, how long it took.
+fn settle() -> (bool, usize, Duration) {
     let t = Instant::now();
     loop {
         let pids = bench_qemus();
@@ -311,13 +329,7 @@ fn wait_quiet(what: &str) {
             .zip(&before)
             .any(|(&p, &b)| cpu_ticks(p).saturating_sub(b) * 1000 / hz > 10);
         if !busy || t.elapsed() > Duration::from_secs(60) {
-            eprintln!(
-                "    {what}: the bench's {} QEMUs {} after {:.1} s",
-                pids.len(),
-                if busy { "still busy" } else { "quiet" },
-                t.elapsed().as_secs_f64()
-            );
-            return;
+            return (!busy, pids.len(), t.elapsed());
         }
     }
 }
@@ -696,12 +708,14 @@ pub fn run(args: &[String]) -> Result<(), String> {
             Part::Disk => "disk",
             Part::Ram => "ram",
             Part::Storage => "btrfs",
+            Part::Revert => "revert",
         });
         std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
         let v = match part {
             Part::Disk => disk_part(&o, &bins, &state, &dir, daemons.is_some())?,
             Part::Ram => ram_part(&o, &bins, &state, &dir, daemons.is_some())?,
             Part::Storage => storage_part(&o, &bins, &state, &dir)?,
+            Part::Revert => revert::revert_part(&o, &bins, &state, &dir, daemons.is_some())?,
         };
         verdicts.extend(v);
     }
@@ -1238,7 +1252,14 @@ mod tests {
         assert_eq!(o.ram_mib, vec![256, 1024]);
         assert!(o.ours && !o.peer);
         let o = parse(&[]).unwrap();
-        assert_eq!(o.parts.len(), 3);
+        assert_eq!(
+            o.parts,
+            vec![Part::Disk, Part::Ram, Part::Storage, Part::Revert]
+        );
+        assert_eq!(
+            parse(&a("--part revert")).unwrap().parts,
+            vec![Part::Revert]
+        );
         assert_eq!(o.ram_mib, vec![256, 1024, 4096]);
         assert!(parse(&a("--part cpu")).is_err());
         assert!(parse(&a("--only both")).is_err());
