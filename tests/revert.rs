@@ -302,6 +302,62 @@ fn external_disk_only_reverts_onto_new_overlays() {
     }
 }
 
+/// Long jobs say on stderr what they did, one line each, when stderr is not a terminal
+/// (here a pipe); stdout keeps only the command's own output.
+#[test]
+fn long_jobs_report_one_line_each_on_stderr() {
+    let d = Dom::define("rv-progress");
+    d.vs(&["start"]);
+    let out = run(virt_snap().env("VIRT_SNAP_STATE_DIR", d.s()).args([
+        "snapshot-create-as",
+        "rv-progress",
+        "s1",
+    ]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.lines().count() == 1
+            && err.starts_with(
+                "virt-snap: saving snapshot s1 (RAM and disks, inside the images): done in "
+            ),
+        "{err:?}"
+    );
+    let out = run(virt_snap().env("VIRT_SNAP_STATE_DIR", d.s()).args([
+        "--output",
+        "json",
+        "snapshot-revert",
+        "rv-progress",
+        "s1",
+    ]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: Value = serde_json::from_slice(&out.stdout).expect("stdout is the JSON alone");
+    assert_eq!(v["kind"], "internal-in-place");
+    let err = stderr(&out);
+    assert!(
+        err.lines().count() == 1 && err.starts_with("virt-snap: loading snapshot s1 "),
+        "{err:?}"
+    );
+    // RAM to a file: the bytes of RAM in the line.
+    let mem = d.file("s2.mem");
+    let spec = format!("file={},snapshot=external", mem.display());
+    let out = run(virt_snap().env("VIRT_SNAP_STATE_DIR", d.s()).args([
+        "snapshot-create-as",
+        "rv-progress",
+        "s2",
+        "--memspec",
+        &spec,
+    ]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!(
+            "virt-snap: saving RAM to {}: done in ",
+            mem.display()
+        )) && err.trim_end().ends_with(" MiB of RAM"),
+        "{err:?}"
+    );
+}
+
 /// A domain whose disk is a dir-pool volume: the snapshot's copy of the definition names the
 /// volume, which the revert resolves to its file (the new overlay goes next to it).
 #[test]
