@@ -159,6 +159,11 @@ fn halt_shuts_the_domain_off_records_the_snapshot_and_the_next_start_uses_the_ov
         "Domain snapshot h1 created\n"
     );
     assert_eq!(dom.domstate(), "shut off\n\n", "shut off once it returns");
+    assert_eq!(
+        ok(s, &["domstate", "halt1", "--reason"]),
+        "shut off (from snapshot)\n\n",
+        "virsh's reason"
+    );
     let l = ok(s, &["list", "--all"]);
     let row: Vec<&str> = l
         .lines()

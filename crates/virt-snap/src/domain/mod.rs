@@ -89,6 +89,8 @@ pub enum StateReason {
     /// Ended by a shutdown: asked for by virt-snap, or a poweroff from inside the guest
     /// (QEMU exited normally).
     Shutdown,
+    /// Stopped by a snapshot's `--halt` once it was taken (virsh's "from snapshot").
+    FromSnapshot,
     /// QEMU ended without virt-snap asking and without exiting normally (killed, crashed;
     /// for an attached QEMU, any end virt-snap did not ask for).
     Crashed,
@@ -109,6 +111,7 @@ impl std::fmt::Display for StateReason {
             StateReason::Panicked => "panicked",
             StateReason::Destroyed => "destroyed",
             StateReason::Shutdown => "shutdown",
+            StateReason::FromSnapshot => "from snapshot",
             StateReason::Crashed => "crashed",
             StateReason::Failed => "failed",
             StateReason::Unknown => "unknown",
@@ -366,6 +369,7 @@ impl Connection {
             agent: spec.agent.then(|| dir.join("qga.sock")),
             destroy_requested: false,
             shutdown_requested: false,
+            halt_requested: false,
             disks,
         };
         runstate::save(&dir, &st)?;
@@ -531,6 +535,7 @@ impl Connection {
             agent,
             destroy_requested: false,
             shutdown_requested: false,
+            halt_requested: false,
             disks,
         };
         runstate::save(&dir, &st)?;
@@ -761,6 +766,8 @@ impl Domain {
                 st.reason = Some(
                     if st.destroy_requested {
                         "destroyed"
+                    } else if st.halt_requested {
+                        "from snapshot"
                     } else if st.shutdown_requested || exited_cleanly(&st, &dir) {
                         "shutdown"
                     } else {
@@ -931,6 +938,14 @@ impl Domain {
         Ok(())
     }
 
+    /// Notes in the run record that the QEMU about to end is stopped by a snapshot's
+    /// `--halt`, so that its state reads `shut off (from snapshot)`.
+    pub(crate) fn mark_halt(&self) -> Result<()> {
+        let mut st = self.running()?;
+        st.halt_requested = true;
+        runstate::save(&self.dir(), &st)
+    }
+
     /// Ask the guest to power off (ACPI, `system_powerdown`) and wait up to `timeout` for
     /// QEMU to end. Returns the state then: `shut off (shutdown)`, or still running when the
     /// guest did not react (a guest without ACPI support, or still busy).
@@ -1052,6 +1067,7 @@ fn shut_off(st: &RunState) -> StateInfo {
     let reason = match st.reason.as_deref() {
         Some("destroyed") => StateReason::Destroyed,
         Some("shutdown") => StateReason::Shutdown,
+        Some("from snapshot") => StateReason::FromSnapshot,
         Some("crashed") => StateReason::Crashed,
         Some("failed") => StateReason::Failed,
         _ => StateReason::Unknown,

@@ -61,7 +61,7 @@ pub(crate) struct RunState {
     pub uuid: Option<String>,
     pub origin: Origin,
     pub status: Status,
-    /// For [`Status::ShutOff`]: destroyed, shutdown, crashed, failed.
+    /// For [`Status::ShutOff`]: destroyed, shutdown, from snapshot, crashed, failed.
     pub reason: Option<String>,
     pub pid: u32,
     /// QEMU's start time (`/proc/PID/stat` field 22, clock ticks since boot): a pid reused
@@ -71,6 +71,9 @@ pub(crate) struct RunState {
     pub agent: Option<PathBuf>,
     pub destroy_requested: bool,
     pub shutdown_requested: bool,
+    /// A snapshot's `--halt` stops it (absent in records of older versions).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub halt_requested: bool,
     pub disks: Vec<RunDisk>,
 }
 

@@ -346,6 +346,11 @@ impl core::Vcpus for LiveDomain {
 
     async fn halt(&self) -> CoreResult<()> {
         let q = self.qmp()?;
+        // The reason the domain's state gives after; not being able to note it only costs
+        // that ("shutdown" instead).
+        if let Err(e) = self.dom.mark_halt() {
+            tracing::warn!(domain = %self.domain, "cannot note the halt in the run record: {e}");
+        }
         // The connection ends with QEMU: no reply is no failure.
         let _ = q
             .execute_timeout("quit", None, Duration::from_secs(5))
@@ -1307,7 +1312,12 @@ impl Domain {
                 _ => None,
             })
             .collect();
-        // The run record names each disk's top image, node and format as QEMU has them now.
+        // The run record names each disk's top image, node and format as QEMU has them now
+        // (read again: the capture may have noted things in it, a `--halt`).
+        let st = st.map(|rec| match runstate::load(&self.dir()) {
+            Ok(Some(now)) if now.pid == rec.pid && now.start_time == rec.start_time => now,
+            _ => rec,
+        });
         if let (Some(mut rec), false) = (st, overlays.is_empty()) {
             for d in &mut rec.disks {
                 if let Some((_, n, p, f)) = overlays.iter().find(|(t, ..)| *t == d.target) {
