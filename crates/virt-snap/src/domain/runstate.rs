@@ -282,6 +282,7 @@ mod tests {
             agent: None,
             destroy_requested: false,
             shutdown_requested: false,
+            halt_requested: false,
             disks: vec![],
         };
         save(d.path(), &st).unwrap();
