@@ -20,6 +20,8 @@ struct OnPool {
     format: &'static str,
     /// The volume's file.
     vol: PathBuf,
+    /// The temporary directory (canonical), where vdb's image is if there is one.
+    dir: PathBuf,
     _tmp: tempfile::TempDir,
     _fs: testbed::Btrfs,
 }
@@ -48,10 +50,22 @@ fn qemu_io(format: &str, p: &Path, cmd: &str) {
 impl OnPool {
     /// `None` (with a message) where the pool cannot snapshot an open volume (a dir pool on
     /// a filesystem without reflink).
-    fn new(name: &'static str, kind: &str, format: &'static str) -> Option<OnPool> {
+    /// With `vdb`, a second disk: a qcow2 file `vdb.qcow2` outside the pool.
+    fn new(name: &'static str, kind: &str, format: &'static str, vdb: bool) -> Option<OnPool> {
         let fs = testbed::Btrfs::new(256).expect("btrfs testbed (cargo xtask deps)");
         let tmp = tempfile::tempdir().unwrap();
-        let state = std::fs::canonicalize(tmp.path()).unwrap().join("state");
+        let dir = std::fs::canonicalize(tmp.path()).unwrap();
+        let state = dir.join("state");
+        let mut vdb_xml = String::new();
+        if vdb {
+            let p = dir.join("vdb.qcow2");
+            virt_snap_e2e::qemu_img(&["create", "-q", "-f", "qcow2", p.to_str().unwrap(), "16M"]);
+            vdb_xml = format!(
+                "<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>\
+                 <source file='{}'/><target dev='vdb' bus='virtio'/></disk>",
+                p.display()
+            );
+        }
         let root = fs.mountpoint().join("pool");
         std::fs::create_dir(&root).unwrap();
         ok(
@@ -80,7 +94,7 @@ impl OnPool {
                  <vcpu>1</vcpu><os><type arch='x86_64' machine='pc'>hvm</type></os><devices>\
                  <disk type='volume' device='disk'><driver name='qemu' type='{format}'/>\
                  <source pool='p' volume='v1'/><target dev='vda' bus='virtio'/></disk>\
-                 <controller type='usb' model='none'/><memballoon model='none'/></devices>\
+                 {vdb_xml}<controller type='usb' model='none'/><memballoon model='none'/></devices>\
                  </domain>"
             ),
         )
@@ -91,6 +105,7 @@ impl OnPool {
             state,
             format,
             vol,
+            dir,
             _tmp: tmp,
             _fs: fs,
         })
@@ -232,14 +247,70 @@ fn storage_revert_round_trip(d: &OnPool) {
 
 #[test]
 fn a_storage_snapshot_of_a_btrfs_pool_volume_reverts() {
-    let d = OnPool::new("rvs-btrfs", "btrfs", "qcow2").expect("a btrfs pool");
+    let d = OnPool::new("rvs-btrfs", "btrfs", "qcow2", false).expect("a btrfs pool");
     storage_revert_round_trip(&d);
 }
 
 #[test]
 fn a_storage_snapshot_of_a_reflink_dir_pool_volume_reverts() {
-    let Some(d) = OnPool::new("rvs-reflink", "dir", "raw") else {
+    let Some(d) = OnPool::new("rvs-reflink", "dir", "raw", false) else {
         return;
     };
     storage_revert_round_trip(&d);
+}
+
+/// A storage disk and an external qcow2 disk in one snapshot (the capture's default for the
+/// other disks): both reverted, the volume by its backend, the qcow2 disk onto a new overlay
+/// on the snapshot's image. A snapshot with RAM and storage disks is refused clearly.
+#[test]
+fn a_storage_snapshot_with_an_external_disk_reverts_both() {
+    let d = OnPool::new("rvs-mixed", "btrfs", "raw", true).expect("a btrfs pool");
+    let vdb = d.dir.join("vdb.qcow2");
+    d.write(0xaa);
+    qemu_io("qcow2", &vdb, "write -P 0x11 0 64k");
+    d.vs(&["start"]);
+    d.vs(&[
+        "snapshot-create-as",
+        "s1",
+        "--diskspec",
+        "vda,snapshot=storage",
+    ]);
+    d.vs(&["destroy"]);
+    let s1 = d.dir.join("vdb.s1");
+    d.write(0xbb);
+    qemu_io("qcow2", &s1, "write -P 0x22 0 64k");
+    d.vs(&["start"]);
+    let r = d.revert(&["s1", "--running"]);
+    assert_eq!(r["kind"], "storage", "{r}");
+    assert_eq!(r["state"], "running", "{r}");
+    let r1 = d.dir.join("vdb.s1.r1");
+    let blk = ok_json(&d.state, &["domblklist", d.name]).to_string();
+    assert!(
+        blk.contains(r1.to_str().unwrap()),
+        "vdb on its new overlay: {blk}"
+    );
+    d.vs(&["destroy"]);
+    d.holds(0xaa);
+    qemu_io("qcow2", &r1, "read -P 0x11 0 64k");
+    // The discarded state is kept in the snapshot's overlay.
+    qemu_io("qcow2", &s1, "read -P 0x22 0 64k");
+    assert_eq!(d.vol_snapshots(), ["s1"]);
+
+    // With RAM: refused, naming what is not supported, nothing changed.
+    d.vs(&["start"]);
+    let mem = d.dir.join("s2.mem");
+    let spec = format!("snapshot=external,file={}", mem.display());
+    d.vs(&[
+        "snapshot-create-as",
+        "s2",
+        "--memspec",
+        &spec,
+        "--diskspec",
+        "vda,snapshot=storage",
+    ]);
+    let pid = d.pid();
+    let e = virt_snap_e2e::in_state::fails(&d.state, &["snapshot-revert", d.name, "s2"]);
+    assert!(e.contains("RAM and storage disks"), "{e}");
+    assert_eq!(d.pid(), pid, "untouched");
+    assert_eq!(d.vol_snapshots(), ["s1", "s2"]);
 }
