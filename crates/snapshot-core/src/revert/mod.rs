@@ -13,8 +13,8 @@
 //! external, in place:   CreateOverlay.. -> AddOverlayNode.. -> SwitchDefinition -> [Pause]
 //!                       -> Repoint -> ResetGuest* -> SetCurrent -> [Resume] -> [DropNodes]
 //! storage:              [CreateOverlay..] -> [Destroy] -> SaveVolume.. -> RevertVolume..
-//!                       -> [SwitchDefinition] -> [Start{incoming} -> [LoadMemory]]
-//!                       -> SetCurrent* -> [Resume] -> DropVolumeSaved..
+//!                       -> [SwitchDefinition] -> SetCurrent* -> DropVolumeSaved..
+//!                       -> [Start] -> [Resume]
 //! ```
 //!
 //! `*` is the commit point ([`RevertPlan::commit_point`]): a failure before it undoes every

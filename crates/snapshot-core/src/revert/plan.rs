@@ -53,11 +53,11 @@ pub enum RevertKind {
     /// An external snapshot with a RAM file: new overlays, then a QEMU started waiting for
     /// the RAM (`-incoming defer`) that loads it from the file.
     ExternalMemory,
-    /// A snapshot with `snapshot='storage'` disks (pool volumes snapshotted by their
-    /// backend): the domain stopped, each volume reverted by its backend (its current state
-    /// kept as an undo volume snapshot until the end), the domain started if the flags ask
-    /// (or with the snapshot's RAM file, as [`RevertKind::ExternalMemory`]); external qcow2
-    /// disks of the same snapshot get new overlays as in [`RevertKind::External`].
+    /// A disk-only snapshot with `snapshot='storage'` disks (pool volumes snapshotted by
+    /// their backend): the domain stopped, each volume reverted by its backend (its current
+    /// state kept as an undo volume snapshot up to the commit point), the domain started
+    /// after it if the flags ask; external qcow2 disks of the same snapshot get new overlays
+    /// as in [`RevertKind::External`].
     Storage,
 }
 
@@ -462,7 +462,8 @@ impl RevertPlan {
                 ));
             }
         }
-        if !internal.is_empty() && !(external.is_empty() && storage.is_empty()) {
+        let other_than_internal = !external.is_empty() || !storage.is_empty();
+        if !internal.is_empty() && other_than_internal {
             return Err(plan_error(
                 "disks",
                 "the snapshot mixes internal and external (or storage) disks".into(),
