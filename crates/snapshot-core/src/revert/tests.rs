@@ -10,7 +10,7 @@ use crate::error::{Error, ErrorKind};
 use crate::name::SnapshotName;
 use crate::ops::DomainJournal;
 use crate::store::{DomainStore, SnapshotStore};
-use crate::testkit::{block_on, Faults, Faulty, Inject, Killed};
+use crate::testkit::{block_on, FakeVolume as Vol, FakeVolumes, Faults, Faulty, Inject, Killed};
 use crate::xml::{self, DomainSnapshot, Location, RawXml, SnapshotState};
 use std::collections::BTreeMap;
 use std::panic::AssertUnwindSafe;
@@ -24,18 +24,11 @@ struct Img {
     tags: BTreeMap<String, (String, Option<String>)>,
 }
 
-/// A pool volume: its current data, and its volume snapshots' data by name.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-struct Vol {
-    data: String,
-    snaps: BTreeMap<String, String>,
-}
-
 /// What must be as it was after a failed revert.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Files {
     images: BTreeMap<String, Img>,
-    volumes: BTreeMap<String, Vol>,
+    volumes: FakeVolumes,
     overlays: BTreeMap<String, String>,
     definition: String,
     roots: BTreeMap<String, String>,
@@ -51,7 +44,7 @@ struct State {
     ram: String,
     images: BTreeMap<String, Img>,
     /// Pool volumes, by `pool/volume`.
-    volumes: BTreeMap<String, Vol>,
+    volumes: FakeVolumes,
     /// Overlay files: path, backing.
     overlays: BTreeMap<String, String>,
     memory_files: Vec<String>,
@@ -82,12 +75,6 @@ impl State {
         if self.up {
             self.violations.push(format!("{what} while QEMU runs"));
         }
-    }
-
-    fn vol(&mut self, v: &PoolVolume) -> Result<&mut Vol> {
-        self.volumes
-            .get_mut(&format!("{}/{}", v.pool, v.volume))
-            .ok_or_else(|| Error::backend(&v.volume, "no such volume"))
     }
 
     fn img(&mut self, d: &InternalDisk) -> Result<&mut Img> {
@@ -377,35 +364,21 @@ impl Volumes for World {
     async fn snapshot(&self, volume: &PoolVolume, name: &str) -> Result<()> {
         self.effect("vol_snapshot", |s| {
             s.offline("vol_snapshot");
-            let v = s.vol(volume)?;
-            if v.snaps.contains_key(name) {
-                return Err(Error::backend(name, "volume snapshot exists"));
-            }
-            let data = v.data.clone();
-            v.snaps.insert(name.into(), data);
-            Ok(())
+            s.volumes.snapshot(volume, name)
         })
         .await
     }
     async fn revert(&self, volume: &PoolVolume, name: &str) -> Result<()> {
         self.effect("vol_revert", |s| {
             s.offline("vol_revert");
-            let v = s.vol(volume)?;
-            let data = v
-                .snaps
-                .get(name)
-                .cloned()
-                .ok_or_else(|| Error::backend(name, "no such volume snapshot"))?;
-            v.data = data;
-            Ok(())
+            s.volumes.revert(volume, name)
         })
         .await
     }
     async fn delete_snapshot(&self, volume: &PoolVolume, name: &str) -> Result<()> {
         self.effect("vol_delete_snapshot", |s| {
             s.offline("vol_delete_snapshot");
-            s.vol(volume)?.snaps.remove(name);
-            Ok(())
+            s.volumes.delete_snapshot(volume, name)
         })
         .await
     }
@@ -415,7 +388,7 @@ impl Facts for World {
     fn volume_snapshots(&self, pool: &str, volume: &str) -> Option<Vec<String>> {
         self.st()
             .volumes
-            .get(&format!("{pool}/{volume}"))
+            .get(pool, volume)
             .map(|v| v.snaps.keys().cloned().collect())
     }
     fn exists(&self, path: &str) -> bool {
@@ -582,7 +555,7 @@ fn storage_world(s: &mut State) {
         };
         vol.snaps.insert("s1".into(), format!("s1-{t}"));
         vol.snaps.insert("other".into(), format!("other-{t}"));
-        s.volumes.insert(format!("p/{v}"), vol);
+        s.volumes.0.insert(format!("p/{v}"), vol);
     }
     s.definition = def_xml(&[("vda", "/pool/v1", "raw"), ("vdb", "/pool/v2", "raw")]);
 }
@@ -591,7 +564,7 @@ fn storage_world(s: &mut State) {
 /// /img/vdb.s1 on /img/vdb.qcow2), and s1's RAM file.
 fn mixed_world(s: &mut State) {
     storage_world(s);
-    s.volumes.remove("p/v2");
+    s.volumes.0.remove("p/v2");
     s.images.insert("/img/vdb.qcow2".into(), Img::default());
     s.overlays
         .insert("/img/vdb.s1".into(), "/img/vdb.qcow2".into());
@@ -1073,14 +1046,14 @@ fn assert_reverted(e: &Env, mode: &Mode, plan: &RevertPlan, warned: bool, ctx: &
             .any(|s| matches!(s, Step::LoadInternal { .. })));
     match mode.kind {
         RevertKind::Storage => {
-            for (v, vol) in &s.volumes {
+            for (v, vol) in &s.volumes.0 {
                 assert_eq!(vol.data, vol.snaps["s1"], "{ctx}: {v} reverted");
                 if !warned {
                     let keys: Vec<_> = vol.snaps.keys().collect();
                     assert_eq!(keys, ["other", "s1"], "{ctx}: {v}: undo snapshot left");
                 }
             }
-            assert!(!s.volumes.is_empty(), "{ctx}");
+            assert!(!s.volumes.0.is_empty(), "{ctx}");
             let after = plan.steps.iter().find_map(|s| match s {
                 Step::SwitchDefinition { after, .. } => Some(after.clone()),
                 _ => None,
@@ -1490,6 +1463,7 @@ fn storage_plans_stop_save_revert_start_and_drop() {
     // The undo snapshot's name is unused on the volume.
     w.st()
         .volumes
+        .0
         .get_mut("p/v1")
         .unwrap()
         .snaps
@@ -1534,10 +1508,10 @@ fn storage_planning_refuses_what_it_cannot_revert() {
     // A volume that is gone, one without the snapshot's volume snapshot.
     let gone = World::default();
     storage_world(&mut gone.st());
-    gone.st().volumes.remove("p/v2");
+    gone.st().volumes.0.remove("p/v2");
     let m = storage_modes().remove(0);
     assert!(plan_err(&m, &gone).contains("does not exist"));
-    gone.st().volumes.insert("p/v2".into(), Vol::default());
+    gone.st().volumes.0.insert("p/v2".into(), Vol::default());
     assert!(plan_err(&m, &gone).contains("holds no volume snapshot \"s1\""));
     // A transient domain cannot be stopped and started again.
     let mut m = storage_modes().remove(2);
