@@ -112,3 +112,65 @@ pub(crate) fn block_on<F: Future>(f: F) -> F::Output {
     }
     panic!("future never completed");
 }
+
+/// A fake of the pool volumes of `snapshot='storage'` disks: each volume's current data and
+/// its volume snapshots' data by name, with the backends' rules (a snapshot name is taken
+/// once, a revert keeps the snapshot, deleting a missing snapshot succeeds). A fake calls
+/// these inside [`Faulty::effect`] for failure injection.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub(crate) struct FakeVolumes(pub std::collections::BTreeMap<String, FakeVolume>);
+
+/// One fake pool volume.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub(crate) struct FakeVolume {
+    /// Its current data.
+    pub data: String,
+    /// Its volume snapshots' data, by name.
+    pub snaps: std::collections::BTreeMap<String, String>,
+}
+
+impl FakeVolumes {
+    fn key(v: &crate::capture::PoolVolume) -> String {
+        format!("{}/{}", v.pool, v.volume)
+    }
+
+    /// The volume `pool/volume`, if there is one.
+    pub fn get(&self, pool: &str, volume: &str) -> Option<&FakeVolume> {
+        self.0.get(&format!("{pool}/{volume}"))
+    }
+
+    fn vol(&mut self, v: &crate::capture::PoolVolume) -> Result<&mut FakeVolume> {
+        self.0
+            .get_mut(&Self::key(v))
+            .ok_or_else(|| Error::backend(&v.volume, "no such volume"))
+    }
+
+    /// Volume snapshot `name` of the volume's current data (refused if the name is taken).
+    pub fn snapshot(&mut self, v: &crate::capture::PoolVolume, name: &str) -> Result<()> {
+        let vol = self.vol(v)?;
+        if vol.snaps.contains_key(name) {
+            return Err(Error::backend(name, "volume snapshot exists"));
+        }
+        let data = vol.data.clone();
+        vol.snaps.insert(name.into(), data);
+        Ok(())
+    }
+
+    /// The volume's data that of its snapshot `name` again (the snapshot kept).
+    pub fn revert(&mut self, v: &crate::capture::PoolVolume, name: &str) -> Result<()> {
+        let vol = self.vol(v)?;
+        let data = vol
+            .snaps
+            .get(name)
+            .cloned()
+            .ok_or_else(|| Error::backend(name, "no such volume snapshot"))?;
+        vol.data = data;
+        Ok(())
+    }
+
+    /// Deletes snapshot `name`; missing is success.
+    pub fn delete_snapshot(&mut self, v: &crate::capture::PoolVolume, name: &str) -> Result<()> {
+        self.vol(v)?.snaps.remove(name);
+        Ok(())
+    }
+}

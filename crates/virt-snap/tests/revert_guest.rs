@@ -3,7 +3,9 @@
 //! internal snapshot with RAM reverted in place (the same QEMU; a tmpfs file, which lives in
 //! RAM only, is back too), an external disk-only snapshot reverted with `--running` (a new
 //! overlay of the snapshot's image re-pointed in the same QEMU, the guest reset), and an
-//! external snapshot with a RAM file (a QEMU started with `-incoming defer` loads it).
+//! external snapshot with a RAM file (a QEMU started with `-incoming defer` loads it), and a
+//! storage snapshot of a btrfs pool volume (`snapshot='storage'`: the volume reverted by its
+//! backend, the guest booted afresh on it).
 //!
 //! The guest is a defined TCG domain (a revert may start it again from its definition; the
 //! guest's kernel does not boot under this host's KVM CPU model) with an ext4 qcow2 data disk
@@ -13,8 +15,10 @@ use qmp_proto::QgaClient;
 use std::path::Path;
 use std::time::{Duration, Instant};
 use virt_snap::domain::DomainState;
+use virt_snap::pool::{PoolDef, PoolKind, VolFormat, VolumeSpec};
 use virt_snap::snapshot::{
-    CaptureRequest, Flags, MemoryChoice, RevertFlags, RevertKind, SnapshotName,
+    CaptureRequest, DiskChoice, DiskRequest, Flags, MemoryChoice, RevertFlags, RevertKind,
+    SnapshotName,
 };
 use virt_snap::{Connection, Domain};
 
@@ -24,6 +28,9 @@ struct Guest {
     dom: Domain,
     console: std::path::PathBuf,
     tmp: tempfile::TempDir,
+    /// The btrfs the data disk's pool is on, if it is a pool volume (unmounted after the
+    /// domain is destroyed).
+    _fs: Option<testbed::Btrfs>,
 }
 
 impl Drop for Guest {
@@ -34,47 +41,83 @@ impl Drop for Guest {
 
 impl Guest {
     fn define(name: &str) -> Guest {
+        Guest::define_on(name, false)
+    }
+
+    /// With `btrfs`, the data disk is raw volume `data` of btrfs pool `gp` on a loop mount;
+    /// else the qcow2 file `data.qcow2`.
+    fn define_on(name: &str, btrfs: bool) -> Guest {
         let image = testbed::guest_dir().expect("the test guest (cargo xtask guest-image)");
         let boot = testbed::GuestBoot::from_dir(&image);
         let tmp = tempfile::tempdir().unwrap();
         let d = std::fs::canonicalize(tmp.path()).unwrap();
-        let raw = d.join("data.raw");
-        testbed::make_data_disk(&raw, 64 << 20).expect("the guest's data disk");
-        let data = d.join("data.qcow2");
-        testbed::qemu_img(&[
-            "convert",
-            "-q",
-            "-f",
-            "raw",
-            "-O",
-            "qcow2",
-            raw.to_str().unwrap(),
-            data.to_str().unwrap(),
-        ]);
-        std::fs::remove_file(&raw).unwrap();
-        let console = d.join("console.log");
-        let xml = format!(
-            "<domain type='qemu'><name>{name}</name><memory unit='MiB'>256</memory>\
-             <vcpu>1</vcpu><os><type arch='x86_64' machine='q35'>hvm</type>\
-             <kernel>{}</kernel><initrd>{}</initrd><cmdline>{}</cmdline></os><devices>\
-             <disk type='file' device='disk'><driver name='qemu' type='qcow2'/>\
-             <source file='{}'/><target dev='vda' bus='virtio'/></disk>\
-             <serial type='file'><source path='{}'/></serial>\
-             <channel type='unix'><source mode='bind' path='/ignored.sock'/>\
-             <target type='virtio' name='org.qemu.guest_agent.0'/></channel>\
-             </devices></domain>",
-            boot.kernel.display(),
-            boot.initrd.display(),
-            boot.cmdline,
-            data.display(),
-            console.display(),
-        );
         let conn = Connection::open(d.join("state")).unwrap();
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()
             .unwrap();
+        let mut fs = None;
+        let disk = if btrfs {
+            let b = testbed::Btrfs::new(256).expect("btrfs testbed (cargo xtask deps)");
+            let root = b.mountpoint().join("pool");
+            std::fs::create_dir(&root).unwrap();
+            fs = Some(b);
+            conn.define_pool(PoolDef {
+                name: "gp".into(),
+                kind: PoolKind::Btrfs,
+                target: root.display().to_string(),
+                thin_pool: None,
+            })
+            .unwrap();
+            let pool = conn.pool("gp").unwrap();
+            rt.block_on(pool.create_volume(&VolumeSpec {
+                name: "data".into(),
+                capacity: 64 << 20,
+                format: VolFormat::Raw,
+                backing: None,
+            }))
+            .unwrap();
+            let path = rt.block_on(pool.volume("data").path()).unwrap();
+            testbed::make_data_disk(Path::new(&path), 64 << 20).expect("the guest's data disk");
+            "<disk type='volume' device='disk'><driver name='qemu' type='raw'/>\
+             <source pool='gp' volume='data'/><target dev='vda' bus='virtio'/></disk>"
+                .to_string()
+        } else {
+            let raw = d.join("data.raw");
+            testbed::make_data_disk(&raw, 64 << 20).expect("the guest's data disk");
+            let data = d.join("data.qcow2");
+            testbed::qemu_img(&[
+                "convert",
+                "-q",
+                "-f",
+                "raw",
+                "-O",
+                "qcow2",
+                raw.to_str().unwrap(),
+                data.to_str().unwrap(),
+            ]);
+            std::fs::remove_file(&raw).unwrap();
+            format!(
+                "<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>\
+                 <source file='{}'/><target dev='vda' bus='virtio'/></disk>",
+                data.display()
+            )
+        };
+        let console = d.join("console.log");
+        let xml = format!(
+            "<domain type='qemu'><name>{name}</name><memory unit='MiB'>256</memory>\
+             <vcpu>1</vcpu><os><type arch='x86_64' machine='q35'>hvm</type>\
+             <kernel>{}</kernel><initrd>{}</initrd><cmdline>{}</cmdline></os><devices>\
+             {disk}<serial type='file'><source path='{}'/></serial>\
+             <channel type='unix'><source mode='bind' path='/ignored.sock'/>\
+             <target type='virtio' name='org.qemu.guest_agent.0'/></channel>\
+             </devices></domain>",
+            boot.kernel.display(),
+            boot.initrd.display(),
+            boot.cmdline,
+            console.display(),
+        );
         rt.block_on(conn.define(&xml)).expect("define the guest");
         let dom = conn.domain(name).unwrap();
         let g = Guest {
@@ -82,6 +125,7 @@ impl Guest {
             dom,
             console,
             tmp,
+            _fs: fs,
         };
         g.rt.block_on(conn.start_defined(name, false))
             .expect("start the guest");
@@ -268,4 +312,42 @@ fn external_with_ram_loads_the_ram_file_into_a_new_qemu() {
     g.wait_agent();
     assert_eq!(g.disk(), "A", "the disk as it was at the snapshot");
     assert_eq!(g.ram(), "A", "the RAM as it was at the snapshot");
+}
+
+#[test]
+fn a_btrfs_storage_snapshot_reverts_the_volume_and_boots_on_it() {
+    let g = Guest::define_on("rvg-btrfs", true);
+    g.write("A");
+    let mut req = CaptureRequest::new(name("b1"));
+    req.flags.disk_only = true;
+    req.disks.push(DiskRequest {
+        name: "vda".into(),
+        choice: DiskChoice::Storage,
+    });
+    g.snapshot(req);
+    g.write("B");
+    assert_eq!(g.disk(), "B");
+    let pid = g.dom.pid().unwrap();
+    let running = RevertFlags {
+        running: true,
+        ..Default::default()
+    };
+    let r = g.revert("b1", running);
+    assert_eq!(r.kind, RevertKind::Storage);
+    assert_eq!(r.state, DomainState::Running);
+    assert_ne!(g.dom.pid().unwrap(), pid, "stopped and started again");
+    g.wait_agent();
+    assert_eq!(g.disk(), "A", "the volume as it was at the snapshot");
+    assert_eq!(g.ram(), "none", "a fresh boot");
+    // Again after more writes: the volume snapshot stays usable, the undo snapshots go.
+    g.write("C");
+    g.revert("b1", running);
+    g.wait_agent();
+    assert_eq!(g.disk(), "A");
+    let conn = Connection::open(g.file("state")).unwrap();
+    let snaps =
+        g.rt.block_on(conn.pool("gp").unwrap().volume("data").snapshots())
+            .unwrap();
+    let names: Vec<&str> = snaps.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["b1"]);
 }

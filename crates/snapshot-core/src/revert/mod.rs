@@ -12,6 +12,9 @@
 //!                       -> [Start{incoming} -> [LoadMemory]] -> SetCurrent* -> [Resume]
 //! external, in place:   CreateOverlay.. -> AddOverlayNode.. -> SwitchDefinition -> [Pause]
 //!                       -> Repoint -> ResetGuest* -> SetCurrent -> [Resume] -> [DropNodes]
+//! storage:              [CreateOverlay..] -> [Destroy] -> SaveVolume.. -> RevertVolume..
+//!                       -> [SwitchDefinition] -> SetCurrent* -> DropVolumeSaved..
+//!                       -> [Start] -> [Resume]
 //! ```
 //!
 //! `*` is the commit point ([`RevertPlan::commit_point`]): a failure before it undoes every
@@ -31,6 +34,7 @@ pub use plan::{
 };
 pub use runner::{recover, run, Recovered, RevertOutcome, RevertRecord, JOURNAL_KIND};
 
+use crate::capture::PoolVolume;
 use crate::error::Result;
 use async_trait::async_trait;
 
@@ -95,6 +99,19 @@ pub trait Images: Send + Sync {
     async fn unpoint(&self, swaps: &[Swap]) -> Result<()>;
 }
 
+/// The pool volumes of `snapshot='storage'` disks, snapshotted and reverted by their pool's
+/// backend (btrfs subvolume snapshots, LVM snapshots, reflink copies in a dir pool), offline:
+/// the domain is stopped, so its leases of the volumes are free.
+#[async_trait]
+pub trait Volumes: Send + Sync {
+    /// Takes volume snapshot `name` of `volume`'s current state.
+    async fn snapshot(&self, volume: &PoolVolume, name: &str) -> Result<()>;
+    /// Makes `volume`'s content that of its volume snapshot `name` (the snapshot is kept).
+    async fn revert(&self, volume: &PoolVolume, name: &str) -> Result<()>;
+    /// Deletes volume snapshot `name` of `volume`; missing is success.
+    async fn delete_snapshot(&self, volume: &PoolVolume, name: &str) -> Result<()>;
+}
+
 /// The domain's stored definition.
 #[async_trait]
 pub trait Definition: Send + Sync {
@@ -111,6 +128,8 @@ pub struct Capabilities<'a> {
     pub images: &'a dyn Images,
     /// The stored definition.
     pub definition: &'a dyn Definition,
+    /// The storage disks' pool volumes.
+    pub volumes: &'a dyn Volumes,
 }
 
 impl std::fmt::Debug for Capabilities<'_> {

@@ -1,7 +1,7 @@
 //! The plan: a revert request checked against the domain and the target snapshot's metadata,
 //! as a list of [`Step`]s.
 
-use crate::capture::{default_overlay_path, DomainInfo, RunState};
+use crate::capture::{default_overlay_path, DomainInfo, PoolVolume, RunState};
 use crate::domain::{DomainDef, SourceRef};
 use crate::error::{Error, ErrorKind, Result};
 use crate::name::SnapshotName;
@@ -53,6 +53,12 @@ pub enum RevertKind {
     /// An external snapshot with a RAM file: new overlays, then a QEMU started waiting for
     /// the RAM (`-incoming defer`) that loads it from the file.
     ExternalMemory,
+    /// A disk-only snapshot with `snapshot='storage'` disks (pool volumes snapshotted by
+    /// their backend): the domain stopped, each volume reverted by its backend (its current
+    /// state kept as an undo volume snapshot up to the commit point), the domain started
+    /// after it if the flags ask; external qcow2 disks of the same snapshot get new overlays
+    /// as in [`RevertKind::External`].
+    Storage,
 }
 
 impl RevertKind {
@@ -65,6 +71,7 @@ impl RevertKind {
             RevertKind::External => "external",
             RevertKind::ExternalInPlace => "external-in-place",
             RevertKind::ExternalMemory => "external-memory",
+            RevertKind::Storage => "storage",
         }
     }
 }
@@ -198,6 +205,40 @@ pub enum Step {
         /// The disks.
         disks: Vec<InternalDisk>,
     },
+    /// Offline (the domain stopped): the pool volume's backend snapshots its current state
+    /// as volume snapshot `tag` (the undo of the revert that follows). Undo: delete that
+    /// volume snapshot.
+    SaveVolume {
+        /// The disk's target.
+        disk: String,
+        /// The volume.
+        volume: PoolVolume,
+        /// The undo snapshot's name.
+        tag: String,
+    },
+    /// Offline: the volume's backend reverts it to volume snapshot `snapshot` (the one the
+    /// capture took, named after the domain snapshot). Undo: revert it to `undo_tag` (the
+    /// state [`Step::SaveVolume`] saved); also after a failure.
+    RevertVolume {
+        /// The disk's target.
+        disk: String,
+        /// The volume.
+        volume: PoolVolume,
+        /// The volume snapshot reverted to.
+        snapshot: String,
+        /// The saved current state.
+        undo_tag: String,
+    },
+    /// Delete the undo volume snapshot [`Step::SaveVolume`] made. After the commit point: a
+    /// failure is a warning.
+    DropVolumeSaved {
+        /// The disk's target.
+        disk: String,
+        /// The volume.
+        volume: PoolVolume,
+        /// The undo snapshot's name.
+        tag: String,
+    },
 }
 
 impl Step {
@@ -220,6 +261,9 @@ impl Step {
             Step::SetCurrent { .. } => "set-current".into(),
             Step::Resume => "resume".into(),
             Step::DropSaved { .. } => "drop-saved".into(),
+            Step::SaveVolume { disk, .. } => format!("save-volume {disk}"),
+            Step::RevertVolume { disk, .. } => format!("revert-volume {disk}"),
+            Step::DropVolumeSaved { disk, .. } => format!("drop-volume-saved {disk}"),
         }
     }
 }
@@ -292,6 +336,12 @@ pub trait Facts {
         let _ = (pool, volume);
         None
     }
+    /// The names of the volume snapshots of pool volume `pool`/`volume` (none if there is
+    /// no such volume): a storage disk's volume must hold the snapshot's.
+    fn volume_snapshots(&self, pool: &str, volume: &str) -> Option<Vec<String>> {
+        let _ = (pool, volume);
+        None
+    }
 }
 
 fn plan_error(object: &str, what: String) -> Error {
@@ -311,11 +361,16 @@ pub fn revert_overlay_path(base: &str, snap: &str, facts: &dyn Facts, taken: &[S
 /// The tag of the undo snapshot an offline internal revert to `snap` saves the current
 /// state as: `vs-revert-undo-<hash>`, unused in `images`.
 fn undo_tag(snap: &str, disks: &[InternalDisk], facts: &dyn Facts) -> String {
-    let base = format!("vs-revert-undo-{:08x}", crc32fast::hash(snap.as_bytes()));
     let used: Vec<String> = disks
         .iter()
         .flat_map(|d| facts.internal_snapshots(&d.image))
         .collect();
+    unused_undo_tag(snap, &used)
+}
+
+/// `vs-revert-undo-<hash of snap>`, or with `-2`, `-3`, ... the first not in `used`.
+fn unused_undo_tag(snap: &str, used: &[String]) -> String {
+    let base = format!("vs-revert-undo-{:08x}", crc32fast::hash(snap.as_bytes()));
     std::iter::once(base.clone())
         .chain((2..).map(|n| format!("{base}-{n}")))
         .find(|t| !used.contains(t))
@@ -355,6 +410,7 @@ impl RevertPlan {
         // The disks captured, matched with the domain's by target (or current source).
         let mut internal = Vec::new();
         let mut external = Vec::new();
+        let mut storage = Vec::new();
         let mut matched = Vec::new();
         for d in &snap.disks {
             let loc = d.location().unwrap_or(Location::No);
@@ -367,16 +423,15 @@ impl RevertPlan {
             }
             match loc {
                 Location::No => continue,
-                Location::Storage | Location::Manual => {
+                Location::Manual => {
                     return Err(plan_error(
                         &d.name,
-                        format!(
-                            "reverting a snapshot='{}' disk is not supported yet",
-                            loc.as_str()
-                        ),
+                        "a snapshot='manual' disk was snapshotted by the user, outside \
+                         virt-snap: it cannot be reverted by it"
+                            .into(),
                     ))
                 }
-                Location::Internal | Location::External => {}
+                Location::Internal | Location::External | Location::Storage => {}
             }
             let Some(dd) = dd else {
                 if f.force {
@@ -387,10 +442,10 @@ impl RevertPlan {
                     "the domain has no such disk any more: --force reverts the other disks".into(),
                 ));
             };
-            if loc == Location::Internal {
-                internal.push(dd);
-            } else {
-                external.push(dd);
+            match loc {
+                Location::Internal => internal.push(dd),
+                Location::Storage => storage.push(dd),
+                _ => external.push(dd),
             }
         }
         if let Some(extra) = dom
@@ -407,13 +462,14 @@ impl RevertPlan {
                 ));
             }
         }
-        if !internal.is_empty() && !external.is_empty() {
+        let other_than_internal = !external.is_empty() || !storage.is_empty();
+        if !internal.is_empty() && other_than_internal {
             return Err(plan_error(
                 "disks",
-                "the snapshot mixes internal and external disks".into(),
+                "the snapshot mixes internal and external (or storage) disks".into(),
             ));
         }
-        if internal.is_empty() && external.is_empty() {
+        if internal.is_empty() && external.is_empty() && storage.is_empty() {
             return Err(plan_error(
                 name,
                 "the snapshot captured no disk of the domain: nothing to revert".into(),
@@ -467,6 +523,8 @@ impl RevertPlan {
         // current.
         let mut irrevocable = None;
         let mut saved = None;
+        let mut vol_drops = Vec::new();
+        let mut start_after = false;
         if !internal.is_empty() {
             if mem == Location::External {
                 return Err(plan_error(
@@ -550,25 +608,51 @@ impl RevertPlan {
                 saved = Some((tag, disks));
             }
         } else {
-            let Some(copy) = &copy else {
+            if !storage.is_empty() && mem != Location::No {
+                // Its RAM would be loaded into a QEMU started after the commit point (the
+                // volumes' undo snapshots are dropped before the start, while the domain's
+                // leases of the volumes are free), where a failed load cannot be undone.
                 return Err(plan_error(
-                    name,
-                    "an external snapshot without a copy of the domain definition cannot be \
-                     reverted: it names the images that hold the snapshot's data"
+                    "memory",
+                    "reverting a snapshot with RAM and storage disks is not supported yet: \
+                     only disk-only storage snapshots are reverted"
                         .into(),
                 ));
+            }
+            // External disks need the copy (it names the images holding their data) and a
+            // stored definition to switch; storage disks alone need neither.
+            let copy = match &copy {
+                Some(c) => Some(c),
+                None if external.is_empty() => None,
+                None => {
+                    return Err(plan_error(
+                        name,
+                        "an external snapshot without a copy of the domain definition cannot \
+                         be reverted: it names the images that hold the snapshot's data"
+                            .into(),
+                    ))
+                }
             };
-            let Some(before) = &current_def else {
-                return Err(plan_error(
-                    &dom.name,
-                    "reverting an external snapshot changes the domain's disks, and a \
-                     transient domain has no stored definition"
-                        .into(),
-                ));
+            let before = match &current_def {
+                Some(b) if !external.is_empty() => Some(b),
+                _ if external.is_empty() => None,
+                _ => {
+                    return Err(plan_error(
+                        &dom.name,
+                        "reverting an external snapshot changes the domain's disks, and a \
+                         transient domain has no stored definition"
+                            .into(),
+                    ))
+                }
             };
-            let mut after = DomainDef::from_xml(before).map_err(|e| {
-                plan_error(&dom.name, "its stored definition is not valid".into()).with_source(e)
-            })?;
+            let mut after = before
+                .map(|b| {
+                    DomainDef::from_xml(b).map_err(|e| {
+                        plan_error(&dom.name, "its stored definition is not valid".into())
+                            .with_source(e)
+                    })
+                })
+                .transpose()?;
             let ram_file = match (mem, snap.memory.as_ref().and_then(|m| m.file.clone())) {
                 (Location::External, Some(file)) => {
                     if !facts.exists(&file) {
@@ -588,6 +672,8 @@ impl RevertPlan {
             let mut swaps = Vec::new();
             for d in &external {
                 let t = &d.target;
+                let copy = copy.expect("required above with external disks");
+                let after = after.as_mut().expect("required above with external disks");
                 let cd = copy.disk(t).ok_or_else(|| {
                     plan_error(
                         t,
@@ -657,13 +743,86 @@ impl RevertPlan {
                 nd.set_backing_store(cd.backing_store.clone());
                 nd.put_overlay(&path, "qcow2");
             }
-            let switch = Step::SwitchDefinition {
-                before: before.clone(),
-                after: after.to_xml(),
-            };
-            // In place: the domain runs and goes on running, no RAM to load, and every disk's
-            // snapshot image is in its current chain (a node QEMU has open).
+            let switch = before
+                .zip(after)
+                .map(|(before, after)| Step::SwitchDefinition {
+                    before: before.clone(),
+                    after: after.to_xml(),
+                });
+            // Storage disks: each volume's current state saved as an undo volume snapshot,
+            // then the volume reverted by its backend, offline.
+            let mut saves = Vec::new();
+            let mut reverts = Vec::new();
+            for d in &storage {
+                let t = &d.target;
+                let Some(v) = d.volume.clone() else {
+                    return Err(plan_error(
+                        t,
+                        "the snapshot is a storage snapshot of this disk's pool volume, and the \
+                         disk is not on a pool volume any more"
+                            .into(),
+                    ));
+                };
+                let vol = format!("{}/{}", v.pool, v.volume);
+                if v.backend.is_none() {
+                    return Err(plan_error(
+                        t,
+                        format!(
+                            "pool volume {vol} is not in a pool whose backend snapshots volumes \
+                             (btrfs, LVM, reflink dir)"
+                        ),
+                    ));
+                }
+                if let Some(SourceRef::Volume { pool, volume }) =
+                    copy.and_then(|c| c.disk(t)).and_then(|cd| cd.source_ref())
+                {
+                    if pool != v.pool || volume != v.volume {
+                        return Err(plan_error(
+                            t,
+                            format!(
+                                "the snapshot's volume is {pool}/{volume}, the disk is on {vol} \
+                                 now"
+                            ),
+                        ));
+                    }
+                }
+                let snaps = facts.volume_snapshots(&v.pool, &v.volume).ok_or_else(|| {
+                    plan_error(
+                        t,
+                        format!("pool volume {vol} does not exist (or its pool is not defined)"),
+                    )
+                })?;
+                if !snaps.iter().any(|s| s == name) {
+                    return Err(plan_error(
+                        t,
+                        format!(
+                            "pool volume {vol} holds no volume snapshot {name:?} (deleted \
+                             since?)"
+                        ),
+                    ));
+                }
+                let tag = unused_undo_tag(name, &snaps);
+                saves.push(Step::SaveVolume {
+                    disk: t.clone(),
+                    volume: v.clone(),
+                    tag: tag.clone(),
+                });
+                reverts.push(Step::RevertVolume {
+                    disk: t.clone(),
+                    volume: v.clone(),
+                    snapshot: name.to_string(),
+                    undo_tag: tag.clone(),
+                });
+                vol_drops.push(Step::DropVolumeSaved {
+                    disk: t.clone(),
+                    volume: v,
+                    tag,
+                });
+            }
+            // In place: the domain runs and goes on running, no RAM to load, no storage disk,
+            // and every disk's snapshot image is in its current chain (a node QEMU has open).
             if up
+                && storage.is_empty()
                 && ram_file.is_none()
                 && final_state != RunState::ShutOff
                 && swaps.len() == external.len()
@@ -676,7 +835,7 @@ impl RevertPlan {
                         path: sw.path.clone(),
                     });
                 }
-                steps.push(switch);
+                steps.extend(switch);
                 if dom.state == RunState::Running {
                     steps.push(Step::Pause);
                 }
@@ -707,13 +866,25 @@ impl RevertPlan {
                     disks: external.iter().map(|d| d.target.clone()).collect(),
                 });
             }
+            let with_storage = !storage.is_empty();
             if up {
+                if with_storage {
+                    restartable("the domain must be stopped to revert its storage disks")?;
+                }
                 steps.push(Step::Destroy {
                     paused: dom.state == RunState::Paused,
                 });
             }
-            steps.push(switch);
-            if let Some(file) = ram_file {
+            steps.extend(saves);
+            steps.extend(reverts);
+            steps.extend(switch);
+            if with_storage {
+                // Started after the commit point and after the undo volume snapshots are
+                // dropped: a backend changes a volume only while nobody holds its lease, and
+                // the started QEMU would.
+                kind = RevertKind::Storage;
+                start_after = final_state != RunState::ShutOff;
+            } else if let Some(file) = ram_file {
                 kind = RevertKind::ExternalMemory;
                 steps.push(Step::Start { incoming: true });
                 steps.push(Step::LoadMemory { file });
@@ -726,6 +897,10 @@ impl RevertPlan {
         }
         let commit_point = irrevocable.unwrap_or(steps.len());
         steps.push(set_current);
+        steps.extend(vol_drops);
+        if start_after {
+            steps.push(Step::Start { incoming: false });
+        }
         if final_state == RunState::Running {
             steps.push(Step::Resume);
         }
@@ -743,6 +918,7 @@ impl RevertPlan {
             disks: internal
                 .iter()
                 .chain(&external)
+                .chain(&storage)
                 .map(|d| d.target.clone())
                 .collect(),
         })

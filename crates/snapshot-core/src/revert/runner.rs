@@ -92,6 +92,13 @@ async fn act(caps: &Capabilities<'_>, store: &DomainStore, step: &Step) -> Resul
         Step::SetCurrent { name, .. } => store.set_current(Some(name)),
         Step::Resume => m.resume().await,
         Step::DropSaved { tag, disks } => i.delete_internal(tag, disks).await,
+        Step::SaveVolume { volume, tag, .. } => caps.volumes.snapshot(volume, tag).await,
+        Step::RevertVolume {
+            volume, snapshot, ..
+        } => caps.volumes.revert(volume, snapshot).await,
+        Step::DropVolumeSaved { volume, tag, .. } => {
+            caps.volumes.delete_snapshot(volume, tag).await
+        }
     }
 }
 
@@ -118,16 +125,22 @@ async fn undo(caps: &Capabilities<'_>, store: &DomainStore, step: &Step) -> Resu
         Step::ResetGuest | Step::DropNodes { .. } => Ok(()),
         Step::Start { .. } => m.destroy().await,
         Step::SetCurrent { before, .. } => store.set_current(before.as_ref()),
-        Step::Resume | Step::DropSaved { .. } => Ok(()),
+        Step::SaveVolume { volume, tag, .. } => caps.volumes.delete_snapshot(volume, tag).await,
+        Step::RevertVolume {
+            volume, undo_tag, ..
+        } => caps.volumes.revert(volume, undo_tag).await,
+        Step::Resume | Step::DropSaved { .. } | Step::DropVolumeSaved { .. } => Ok(()),
     }
 }
 
 /// Does a failed step still need its undo? Every undo is idempotent, and most steps may
 /// have acted in part (an apply to some of the images, a QEMU that started and then
-/// failed), so all but an overlay's creation: an exclusive create that failed made no file
-/// of ours.
+/// failed), so all but an overlay's creation and a volume's undo snapshot: an exclusive
+/// create that failed made no file of ours, and a backend's snapshot create that failed
+/// leaves no snapshot of that name (it is made under a temporary name, or not at all), so
+/// a snapshot of that name that is there is not ours.
 fn undo_after_failure(step: &Step) -> bool {
-    !matches!(step, Step::CreateOverlay { .. })
+    !matches!(step, Step::CreateOverlay { .. } | Step::SaveVolume { .. })
 }
 
 /// Undoes `touched` in reverse order, then makes sure a domain that was running runs.
@@ -270,6 +283,15 @@ async fn roll_forward(
             (Err(e), Step::DropSaved { tag, .. }) => warnings.push(format!(
                 "the undo snapshot {tag} is left in the images (delete it with `virt-snap \
                  image snapshot delete`): {e}"
+            )),
+            (Err(e), Step::Start { .. }) => warnings.push(format!(
+                "reverted, but the domain could not be started (start it with `virt-snap \
+                 start`): {e}"
+            )),
+            (Err(e), Step::DropVolumeSaved { volume, tag, .. }) => warnings.push(format!(
+                "the undo volume snapshot {tag} is left on pool volume {}/{} (delete it with \
+                 `virt-snap vol-snapshot-delete {} {tag} --pool {}`): {e}",
+                volume.pool, volume.volume, volume.volume, volume.pool
             )),
             (Err(e), _) => warnings.push(format!("{}: {e}", step.label())),
         }

@@ -1,15 +1,16 @@
 //! A recording fake of the domain (its QEMU, its images with their internal snapshots, its
-//! overlay files and definition), every kind of revert run to completion, a failure injected
+//! overlay files and definition, its pool volumes with their volume snapshots), every kind
+//! of revert run to completion, a failure injected
 //! at every step (the domain ends as it was), a kill at every step recovered, and the
 //! planning rules.
 
 use super::*;
-use crate::capture::{DomainDisk, DomainInfo, RunState};
+use crate::capture::{BackendKind, DomainDisk, DomainInfo, PoolVolume, RunState};
 use crate::error::{Error, ErrorKind};
 use crate::name::SnapshotName;
 use crate::ops::DomainJournal;
 use crate::store::{DomainStore, SnapshotStore};
-use crate::testkit::{block_on, Faults, Faulty, Inject, Killed};
+use crate::testkit::{block_on, FakeVolume as Vol, FakeVolumes, Faults, Faulty, Inject, Killed};
 use crate::xml::{self, DomainSnapshot, Location, RawXml, SnapshotState};
 use std::collections::BTreeMap;
 use std::panic::AssertUnwindSafe;
@@ -27,6 +28,7 @@ struct Img {
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Files {
     images: BTreeMap<String, Img>,
+    volumes: FakeVolumes,
     overlays: BTreeMap<String, String>,
     definition: String,
     roots: BTreeMap<String, String>,
@@ -41,6 +43,8 @@ struct State {
     incoming: bool,
     ram: String,
     images: BTreeMap<String, Img>,
+    /// Pool volumes, by `pool/volume`.
+    volumes: FakeVolumes,
     /// Overlay files: path, backing.
     overlays: BTreeMap<String, String>,
     memory_files: Vec<String>,
@@ -59,6 +63,7 @@ impl State {
     fn files(&self) -> Files {
         Files {
             images: self.images.clone(),
+            volumes: self.volumes.clone(),
             overlays: self.overlays.clone(),
             definition: self.definition.clone(),
             roots: self.roots.clone(),
@@ -98,6 +103,7 @@ impl World {
             machine: self,
             images: self,
             definition: self,
+            volumes: self,
         }
     }
 }
@@ -353,7 +359,38 @@ impl Definition for World {
     }
 }
 
+#[async_trait::async_trait]
+impl Volumes for World {
+    async fn snapshot(&self, volume: &PoolVolume, name: &str) -> Result<()> {
+        self.effect("vol_snapshot", |s| {
+            s.offline("vol_snapshot");
+            s.volumes.snapshot(volume, name)
+        })
+        .await
+    }
+    async fn revert(&self, volume: &PoolVolume, name: &str) -> Result<()> {
+        self.effect("vol_revert", |s| {
+            s.offline("vol_revert");
+            s.volumes.revert(volume, name)
+        })
+        .await
+    }
+    async fn delete_snapshot(&self, volume: &PoolVolume, name: &str) -> Result<()> {
+        self.effect("vol_delete_snapshot", |s| {
+            s.offline("vol_delete_snapshot");
+            s.volumes.delete_snapshot(volume, name)
+        })
+        .await
+    }
+}
+
 impl Facts for World {
+    fn volume_snapshots(&self, pool: &str, volume: &str) -> Option<Vec<String>> {
+        self.st()
+            .volumes
+            .get(pool, volume)
+            .map(|v| v.snaps.keys().cloned().collect())
+    }
     fn exists(&self, path: &str) -> bool {
         let s = self.st();
         s.images.contains_key(path)
@@ -499,6 +536,157 @@ fn external_world_elsewhere(s: &mut State) {
         s.overlays
             .insert(format!("/img/{t}.s1"), format!("/img/{t}.other"));
     }
+}
+
+fn pool_volume(v: &str) -> PoolVolume {
+    PoolVolume {
+        pool: "p".into(),
+        volume: v.into(),
+        backend: Some(BackendKind::Btrfs),
+    }
+}
+
+/// Two pool volumes (vda on p/v1, vdb on p/v2), each with volume snapshots s1 and other.
+fn storage_world(s: &mut State) {
+    for (t, v) in [("vda", "v1"), ("vdb", "v2")] {
+        let mut vol = Vol {
+            data: format!("now-{t}"),
+            ..Default::default()
+        };
+        vol.snaps.insert("s1".into(), format!("s1-{t}"));
+        vol.snaps.insert("other".into(), format!("other-{t}"));
+        s.volumes.0.insert(format!("p/{v}"), vol);
+    }
+    s.definition = def_xml(&[("vda", "/pool/v1", "raw"), ("vdb", "/pool/v2", "raw")]);
+}
+
+/// vda on pool volume p/v1 (a storage disk of s1), vdb an external disk of s1 (its overlay
+/// /img/vdb.s1 on /img/vdb.qcow2), and s1's RAM file.
+fn mixed_world(s: &mut State) {
+    storage_world(s);
+    s.volumes.0.remove("p/v2");
+    s.images.insert("/img/vdb.qcow2".into(), Img::default());
+    s.overlays
+        .insert("/img/vdb.s1".into(), "/img/vdb.qcow2".into());
+    s.memory_files.push("/img/vm.mem".into());
+    s.definition = def_xml(&[("vda", "/pool/v1", "raw"), ("vdb", "/img/vdb.s1", "qcow2")]);
+}
+
+fn storage_disk(target: &str, volume: &str) -> DomainDisk {
+    DomainDisk {
+        source: Some(format!("/pool/{volume}")),
+        format: "raw".into(),
+        volume: Some(pool_volume(volume)),
+        ..disk(target, "")
+    }
+}
+
+/// The storage modes: vda and vdb on pool volumes, or vda on one and vdb external.
+fn storage_modes() -> Vec<Mode> {
+    let dom = |state, mixed: bool| DomainInfo {
+        name: "vm".into(),
+        state,
+        has_agent: false,
+        disks: if mixed {
+            vec![storage_disk("vda", "v1"), disk("vdb", "/img/vdb.s1")]
+        } else {
+            vec![storage_disk("vda", "v1"), storage_disk("vdb", "v2")]
+        },
+        current: Some(SnapshotName::new("other").unwrap()),
+        domain_xml: Some(
+            RawXml::element(&if mixed {
+                def_xml(&[("vda", "/pool/v1", "raw"), ("vdb", "/img/vdb.s1", "qcow2")])
+            } else {
+                def_xml(&[("vda", "/pool/v1", "raw"), ("vdb", "/pool/v2", "raw")])
+            })
+            .unwrap(),
+        ),
+    };
+    let only = snapshot_meta(
+        SnapshotState::DiskSnapshot,
+        Location::No,
+        None,
+        &[
+            ("vda", Location::Storage, None),
+            ("vdb", Location::Storage, None),
+        ],
+        Some(def_xml(&[
+            ("vda", "/pool/v1", "raw"),
+            ("vdb", "/pool/v2", "raw"),
+        ])),
+    );
+    let mixed = |mem: Location, file: Option<&str>, st| {
+        snapshot_meta(
+            st,
+            mem,
+            file,
+            &[
+                ("vda", Location::Storage, None),
+                ("vdb", Location::External, Some("/img/vdb.s1")),
+            ],
+            Some(def_xml(&[
+                ("vda", "/pool/v1", "raw"),
+                ("vdb", "/img/vdb.qcow2", "qcow2"),
+            ])),
+        )
+    };
+    let flags = |running, paused| RevertFlags {
+        running,
+        paused,
+        force: false,
+    };
+    use RunState::*;
+    let m = |label: &str, dom, snap, flags, final_state, setup: fn(&mut State)| Mode {
+        label: label.into(),
+        dom,
+        snap,
+        flags,
+        kind: RevertKind::Storage,
+        final_state,
+        setup,
+    };
+    vec![
+        m(
+            "storage, shut off",
+            dom(ShutOff, false),
+            only.clone(),
+            flags(false, false),
+            ShutOff,
+            storage_world,
+        ),
+        m(
+            "storage, shut off, --running",
+            dom(ShutOff, false),
+            only.clone(),
+            flags(true, false),
+            Running,
+            storage_world,
+        ),
+        m(
+            "storage, running",
+            dom(Running, false),
+            only.clone(),
+            flags(false, false),
+            ShutOff,
+            storage_world,
+        ),
+        m(
+            "storage, paused domain, --paused",
+            dom(Paused, false),
+            only,
+            flags(false, true),
+            Paused,
+            storage_world,
+        ),
+        m(
+            "storage and external disks, running, --running",
+            dom(Running, true),
+            mixed(Location::No, None, SnapshotState::DiskSnapshot),
+            flags(true, false),
+            Running,
+            mixed_world,
+        ),
+    ]
 }
 
 fn modes() -> Vec<Mode> {
@@ -719,6 +907,9 @@ fn modes() -> Vec<Mode> {
             external_world,
         ),
     ]
+    .into_iter()
+    .chain(storage_modes())
+    .collect()
 }
 
 struct Env {
@@ -836,8 +1027,9 @@ fn assert_reverted(e: &Env, mode: &Mode, plan: &RevertPlan, warned: bool, ctx: &
     assert!(s.violations.is_empty(), "{ctx}: {:?}", s.violations);
     assert_eq!(plan.kind, mode.kind, "{ctx}: kind");
     assert_eq!(plan.final_state, mode.final_state, "{ctx}: final state");
-    assert_eq!(s.up, mode.final_state != RunState::ShutOff, "{ctx}: up");
     if !warned {
+        // (A storage revert's start after the commit point may be what failed.)
+        assert_eq!(s.up, mode.final_state != RunState::ShutOff, "{ctx}: up");
         assert_eq!(
             s.running,
             mode.final_state == RunState::Running,
@@ -853,6 +1045,40 @@ fn assert_reverted(e: &Env, mode: &Mode, plan: &RevertPlan, warned: bool, ctx: &
             .iter()
             .any(|s| matches!(s, Step::LoadInternal { .. })));
     match mode.kind {
+        RevertKind::Storage => {
+            for (v, vol) in &s.volumes.0 {
+                assert_eq!(vol.data, vol.snaps["s1"], "{ctx}: {v} reverted");
+                if !warned {
+                    let keys: Vec<_> = vol.snaps.keys().collect();
+                    assert_eq!(keys, ["other", "s1"], "{ctx}: {v}: undo snapshot left");
+                }
+            }
+            assert!(!s.volumes.0.is_empty(), "{ctx}");
+            let after = plan.steps.iter().find_map(|s| match s {
+                Step::SwitchDefinition { after, .. } => Some(after.clone()),
+                _ => None,
+            });
+            if let Some(after) = after {
+                // The external disk of the same snapshot: a new overlay on its image.
+                assert_eq!(s.definition, after, "{ctx}: definition");
+                assert!(s.definition.contains("/img/vdb.s1.r1"), "{ctx}");
+                assert_eq!(s.overlays["/img/vdb.s1.r1"], "/img/vdb.qcow2", "{ctx}");
+                assert!(s.overlays.contains_key("/img/vdb.s1"), "{ctx}: kept");
+            } else {
+                assert_eq!(s.definition, e.before.definition, "{ctx}: definition");
+            }
+            if plan
+                .steps
+                .iter()
+                .any(|s| matches!(s, Step::LoadMemory { .. }))
+            {
+                assert_eq!(s.ram, "file:/img/vm.mem", "{ctx}: RAM");
+            }
+            if s.up {
+                assert_eq!(&s.started_with, &s.definition, "{ctx}: started on it");
+                assert_ne!(s.pid, e.pid, "{ctx}: a new QEMU");
+            }
+        }
         RevertKind::InternalInPlace | RevertKind::InternalOffline | RevertKind::InternalRestart => {
             for (p, i) in &s.images {
                 assert_eq!(i.data, i.tags["s1"].0, "{ctx}: {p} reverted");
@@ -961,8 +1187,10 @@ fn the_commit_point_is_the_in_place_load_or_making_the_snapshot_current() {
                     Step::SetCurrent { .. }
                         | Step::Resume
                         | Step::DropSaved { .. }
+                        | Step::DropVolumeSaved { .. }
                         | Step::DropNodes { .. }
-                ),
+                ) || (mode.kind == RevertKind::Storage
+                    && matches!(s, Step::Start { incoming: false })),
                 "{}: {s:?}",
                 mode.label
             );
@@ -1189,4 +1417,124 @@ fn the_undo_snapshot_tag_is_unused() {
         panic!()
     };
     assert_eq!(t2, &format!("{tag}-2"));
+}
+
+#[test]
+fn storage_plans_stop_save_revert_start_and_drop() {
+    let mode = storage_modes().remove(2);
+    let w = World::default();
+    storage_world(&mut w.st());
+    let mut m = mode;
+    m.flags.running = true;
+    let plan = plan_of(&m, &w);
+    let labels: Vec<String> = plan.steps.iter().map(Step::label).collect();
+    assert_eq!(
+        labels,
+        [
+            "destroy",
+            "save-volume vda",
+            "save-volume vdb",
+            "revert-volume vda",
+            "revert-volume vdb",
+            "set-current",
+            "drop-volume-saved vda",
+            "drop-volume-saved vdb",
+            "start",
+            "resume",
+        ]
+    );
+    assert_eq!(plan.kind.as_str(), "storage");
+    assert!(matches!(
+        plan.steps[plan.commit_point],
+        Step::SetCurrent { .. }
+    ));
+    let Step::RevertVolume {
+        volume,
+        snapshot,
+        undo_tag,
+        ..
+    } = &plan.steps[3]
+    else {
+        panic!("{:?}", plan.steps[3])
+    };
+    assert_eq!((volume.pool.as_str(), volume.volume.as_str()), ("p", "v1"));
+    assert_eq!(snapshot, "s1");
+    assert!(undo_tag.starts_with("vs-revert-undo-"), "{undo_tag}");
+    // The undo snapshot's name is unused on the volume.
+    w.st()
+        .volumes
+        .0
+        .get_mut("p/v1")
+        .unwrap()
+        .snaps
+        .insert(undo_tag.clone(), String::new());
+    let again = plan_of(&m, &w);
+    let Step::SaveVolume { tag, .. } = &again.steps[1] else {
+        panic!()
+    };
+    assert_eq!(tag, &format!("{undo_tag}-2"));
+    // The journal record round-trips.
+    let rec = RevertRecord::RevertPlan {
+        plan: Box::new(plan.clone()),
+    };
+    let json = serde_json::to_string(&rec).unwrap();
+    assert_eq!(serde_json::from_str::<RevertRecord>(&json).unwrap(), rec);
+}
+
+#[test]
+fn storage_planning_refuses_what_it_cannot_revert() {
+    let w = World::default();
+    storage_world(&mut w.st());
+    // The disk moved off its volume (an overlay since): no volume.
+    let mut m = storage_modes().remove(0);
+    m.dom.disks[0].volume = None;
+    assert!(plan_err(&m, &w).contains("not on a pool volume"));
+    // A pool whose backend does not snapshot volumes.
+    let mut m = storage_modes().remove(0);
+    m.dom.disks[0].volume.as_mut().unwrap().backend = None;
+    assert!(plan_err(&m, &w).contains("backend snapshots volumes"));
+    // On another volume than the snapshot's.
+    let mut m = storage_modes().remove(0);
+    m.dom.disks[0].volume.as_mut().unwrap().volume = "v9".into();
+    let copy = "<domain type='kvm'><name>vm</name><memory unit='KiB'>131072</memory>\
+        <os><type arch='x86_64'>hvm</type></os><devices>\
+        <disk type='volume' device='disk'><driver name='qemu' type='raw'/>\
+        <source pool='p' volume='v1'/><target dev='vda' bus='virtio'/></disk>\
+        <disk type='file' device='disk'><driver name='qemu' type='raw'/>\
+        <source file='/pool/v2'/><target dev='vdb' bus='virtio'/></disk></devices></domain>";
+    m.snap.domain = Some(RawXml::element(copy).unwrap());
+    let err = plan_err(&m, &w);
+    assert!(err.contains("the snapshot's volume is p/v1"), "{err}");
+    // A volume that is gone, one without the snapshot's volume snapshot.
+    let gone = World::default();
+    storage_world(&mut gone.st());
+    gone.st().volumes.0.remove("p/v2");
+    let m = storage_modes().remove(0);
+    assert!(plan_err(&m, &gone).contains("does not exist"));
+    gone.st().volumes.0.insert("p/v2".into(), Vol::default());
+    assert!(plan_err(&m, &gone).contains("holds no volume snapshot \"s1\""));
+    // A transient domain cannot be stopped and started again.
+    let mut m = storage_modes().remove(2);
+    m.dom.domain_xml = None;
+    assert!(plan_err(&m, &w).contains("transient"));
+    // RAM (internal or in a file), internal disks mixed in.
+    let mut m = storage_modes().remove(2);
+    m.snap.memory.as_mut().unwrap().snapshot = Some(Location::Internal);
+    assert!(plan_err(&m, &w).contains("RAM and storage disks"));
+    let mut m = storage_modes().remove(4);
+    m.snap.memory = Some(xml::Memory {
+        snapshot: Some(Location::External),
+        file: Some("/img/vm.mem".into()),
+        ..Default::default()
+    });
+    let mw = World::default();
+    mixed_world(&mut mw.st());
+    assert!(plan_err(&m, &mw).contains("not supported yet"));
+    let mut m = storage_modes().remove(2);
+    m.snap.disks[1].snapshot = Some(Location::Internal);
+    assert!(plan_err(&m, &w).contains("mixes"));
+    // Without a copy of the definition, storage disks alone still revert.
+    let mut m = storage_modes().remove(0);
+    m.snap.domain = None;
+    assert!(RevertPlan::new(&req(&m), &m.dom, &m.snap, &w).is_ok());
 }

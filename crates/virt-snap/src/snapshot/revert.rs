@@ -18,7 +18,7 @@ use async_trait::async_trait;
 use qmp_proto::commands::{self as qc, MigrationStatus};
 use qmp_proto::commands::{BlockdevOptions, BlockdevReopen, BlockdevSnapshot, TransactionAction};
 use qmp_proto::QmpClient;
-use snapshot_core::capture::OverlayAction;
+use snapshot_core::capture::{OverlayAction, PoolVolume};
 use snapshot_core::ops::{DomainJournal, Recovered};
 use snapshot_core::revert::{self as core, Capabilities, Facts, InternalDisk, RevertPlan, Swap};
 use snapshot_core::store::DomainStore;
@@ -47,7 +47,8 @@ pub struct RevertResult {
 
 /// A test-only failpoint: `VIRT_SNAP_FAILPOINT=revert:<effect>` aborts the process right
 /// after the effect (`pause`, `load-internal`, `destroy`, `save-current`, `apply-internal`,
-/// `create-overlay`, `switch-definition`, `start`, `load-memory`), as a kill would.
+/// `create-overlay`, `switch-definition`, `start`, `load-memory`, `save-volume`,
+/// `revert-volume`, `drop-volume-saved`), as a kill would.
 fn failpoint(name: &str) {
     if std::env::var("VIRT_SNAP_FAILPOINT").is_ok_and(|v| v.strip_prefix("revert:") == Some(name)) {
         tracing::error!("failpoint revert:{name}: aborting");
@@ -485,6 +486,48 @@ impl core::Images for Reverting {
     }
 }
 
+impl Reverting {
+    /// The facade's handle of pool volume `v`, and its name for messages.
+    fn volume(&self, v: &PoolVolume) -> CoreResult<(crate::pool::Volume, String)> {
+        let obj = format!("{}/{}", v.pool, v.volume);
+        let pool = self.dom.conn.pool(&v.pool).map_err(|e| be(&obj, e))?;
+        Ok((pool.volume(&v.volume), obj))
+    }
+}
+
+/// The storage disks' volumes, through their pools' backends with each volume's lease (the
+/// domain is stopped first: its leases are free; a QEMU holding one makes the backend refuse
+/// with "in use").
+#[async_trait]
+impl core::Volumes for Reverting {
+    async fn snapshot(&self, v: &PoolVolume, name: &str) -> CoreResult<()> {
+        let (vol, obj) = self.volume(v)?;
+        vol.create_snapshot(name, &Default::default())
+            .await
+            .map_err(|e| be(&obj, e))?;
+        failpoint("save-volume");
+        Ok(())
+    }
+
+    async fn revert(&self, v: &PoolVolume, name: &str) -> CoreResult<()> {
+        let (vol, obj) = self.volume(v)?;
+        vol.revert(name).await.map_err(|e| be(&obj, e))?;
+        failpoint("revert-volume");
+        Ok(())
+    }
+
+    async fn delete_snapshot(&self, v: &PoolVolume, name: &str) -> CoreResult<()> {
+        let (vol, obj) = self.volume(v)?;
+        match vol.delete_snapshot(name).await {
+            // Not there (any more) is success.
+            Err(e) if e.kind() != ErrorKind::NotFound => return Err(be(&obj, e)),
+            _ => {}
+        }
+        failpoint("drop-volume-saved");
+        Ok(())
+    }
+}
+
 #[async_trait]
 impl core::Definition for Reverting {
     async fn set(&self, xml: &str) -> CoreResult<()> {
@@ -513,6 +556,8 @@ fn same_image(a: &str, b: &str) -> bool {
 /// copy of the definition names, resolved beforehand (a pool lookup is async).
 struct FsFacts {
     volumes: std::collections::HashMap<(String, String), String>,
+    /// The volume snapshots of the domain's disks' pool volumes.
+    volume_snapshots: std::collections::HashMap<(String, String), Vec<String>>,
 }
 
 impl Facts for FsFacts {
@@ -545,6 +590,12 @@ impl Facts for FsFacts {
             .cloned()
     }
 
+    fn volume_snapshots(&self, pool: &str, volume: &str) -> Option<Vec<String>> {
+        self.volume_snapshots
+            .get(&(pool.to_string(), volume.to_string()))
+            .cloned()
+    }
+
     fn internal_snapshots(&self, image: &str) -> Vec<String> {
         image_formats::ImageInfo::open(Path::new(image), Some(image_formats::Format::Qcow2))
             .map(|i| {
@@ -562,6 +613,7 @@ fn caps(r: &Reverting) -> Capabilities<'_> {
         machine: r,
         images: r,
         definition: r,
+        volumes: r,
     }
 }
 
@@ -577,6 +629,26 @@ pub(crate) async fn recover(
 }
 
 impl Domain {
+    /// The names of the volume snapshots of each pool volume among `disks` (a volume that
+    /// cannot be listed is left out: the planner then refuses a storage disk on it).
+    async fn disk_volume_snapshots(
+        &self,
+        disks: &[snapshot_core::capture::DomainDisk],
+    ) -> std::collections::HashMap<(String, String), Vec<String>> {
+        let mut out = std::collections::HashMap::new();
+        for v in disks.iter().filter_map(|d| d.volume.as_ref()) {
+            if let Ok(p) = self.conn.pool(&v.pool) {
+                if let Ok(snaps) = p.volume(&v.volume).snapshots().await {
+                    out.insert(
+                        (v.pool.clone(), v.volume.clone()),
+                        snaps.into_iter().map(|s| s.name).collect(),
+                    );
+                }
+            }
+        }
+        out
+    }
+
     /// The files of the pool volumes `snap`'s copy of the definition names as disk sources
     /// (a volume that cannot be resolved is left out: the planner then refuses its disk).
     async fn snapshot_volumes(
@@ -640,6 +712,7 @@ impl Domain {
         let req = core::RevertRequest { name: sname, flags };
         let facts = FsFacts {
             volumes: self.snapshot_volumes(&snap).await,
+            volume_snapshots: self.disk_volume_snapshots(&info.disks).await,
         };
         let plan = RevertPlan::new(&req, &info, &snap, &facts)?;
         let mut journal = self.journal(&store)?;
