@@ -44,6 +44,10 @@ pub enum ErrorKind {
     /// [`Error::undo_failures`] says what was not. The original failure is the
     /// [`std::error::Error::source`].
     RevertFailed,
+    /// A delete failed: before its commit point every step was undone (or
+    /// [`Error::undo_failures`] says what was not); after it the error says what is left.
+    /// The original failure is the [`std::error::Error::source`].
+    DeleteFailed,
 }
 
 /// An error from snapshot-core.

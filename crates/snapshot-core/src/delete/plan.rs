@@ -1,0 +1,768 @@
+//! The plan: a delete request checked against the domain, its snapshot tree and the images,
+//! as a list of [`Step`]s.
+
+use crate::capture::{default_overlay_path, DomainInfo, RunState};
+use crate::domain::{BackingStore, DomainDef, SourceRef};
+use crate::error::{Error, ErrorKind, Result};
+use crate::name::SnapshotName;
+use crate::revert::InternalDisk;
+use crate::tree::{DeleteScope, SnapshotTree};
+use crate::xml::{DomainSnapshot, Location, RawXml};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// The flags of `snapshot-delete`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeleteFlags {
+    /// `--children`: the snapshot and all its descendants (leaves first).
+    pub children: bool,
+    /// `--children-only`: its descendants only; the snapshot stays.
+    pub children_only: bool,
+    /// `--metadata`: only the metadata records; no image is touched.
+    pub metadata: bool,
+}
+
+/// A delete request (`snapshot-delete DOM SNAP`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeleteRequest {
+    /// The snapshot.
+    pub name: SnapshotName,
+    /// The flags.
+    pub flags: DeleteFlags,
+}
+
+/// What a delete touches (docs/delete.md has the steps of each).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DeleteKind {
+    /// The metadata only (`--metadata`, or snapshots whose data is gone already).
+    Metadata,
+    /// Internal snapshots: their tags removed from the images.
+    Internal,
+    /// External snapshots: their overlays merged into the images below (block-commit).
+    External,
+    /// Both.
+    Mixed,
+}
+
+impl DeleteKind {
+    /// The name in messages and `--output json`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeleteKind::Metadata => "metadata",
+            DeleteKind::Internal => "internal",
+            DeleteKind::External => "external",
+            DeleteKind::Mixed => "mixed",
+        }
+    }
+}
+
+/// How an overlay is merged into the image below it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CommitMode {
+    /// The overlay is the disk's active top in the running QEMU: active `block-commit`, then
+    /// `job-complete` (the disk pivots onto the base), then the overlay's nodes dropped.
+    Active,
+    /// The overlay is below the top in the running QEMU: `block-commit` of it alone; QEMU
+    /// rewrites the backing of the image above to the base.
+    Intermediate,
+    /// The domain is shut off: the same commit in a QEMU process without a guest
+    /// (`qemu-storage-daemon`), the image above (if any) rebased onto the base by it.
+    Offline,
+}
+
+/// One external disk's merge ([`Step::Commit`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Merge {
+    /// The disk's target.
+    pub disk: String,
+    /// The snapshot's overlay (made when the snapshot was taken), merged down.
+    pub overlay: String,
+    /// Its format.
+    pub overlay_format: String,
+    /// The image below it (the disk's image when the snapshot was taken), merged into.
+    pub base: String,
+    /// Its format.
+    pub base_format: String,
+    /// The image backed by the overlay (none when the overlay is the disk's top).
+    pub above: Option<String>,
+    /// The disk's top image (the whole chain from it is opened by an offline commit).
+    pub top: String,
+    /// How.
+    pub mode: CommitMode,
+}
+
+/// One step of a delete. Each step's undo is documented on it and in docs/delete.md.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "step", rename_all = "kebab-case")]
+pub enum Step {
+    /// Delete internal snapshot `tag` from the images: in the running QEMU (`snapshot-delete`
+    /// job) where the image is the disk's active image (`live`), offline natively where no
+    /// QEMU has it open (`offline`). Cannot be undone (a commit point); missing is success,
+    /// so it can run again.
+    DeleteInternal {
+        /// The snapshot.
+        snapshot: SnapshotName,
+        /// The tag.
+        tag: String,
+        /// Deleted through QEMU, by the disks' nodes.
+        live: Vec<InternalDisk>,
+        /// Deleted offline, in the images.
+        offline: Vec<InternalDisk>,
+    },
+    /// Merge the snapshot's overlay into the image below it (block-commit). Cannot be undone
+    /// (a commit point); an overlay no longer in the chain is success, so it can run again.
+    Commit {
+        /// The snapshot.
+        snapshot: SnapshotName,
+        /// The merge.
+        merge: Merge,
+    },
+    /// Store the domain definition `after` (the disks on the images merged into). Undo:
+    /// store `before`.
+    SwitchDefinition {
+        /// The definition now.
+        before: String,
+        /// After the merges.
+        after: String,
+    },
+    /// The snapshot's metadata removed: `after` written (its children under its parent,
+    /// the copies of the definition that named a merged overlay now naming its base), its
+    /// file removed, `current_after` made current. Undo: `before` written back (the
+    /// snapshot's file too) and `current_before` current again.
+    Metadata {
+        /// The snapshot deleted.
+        snapshot: SnapshotName,
+        /// The files changed and the snapshot's own, as they were.
+        before: Vec<DomainSnapshot>,
+        /// The files changed, as they become.
+        after: Vec<DomainSnapshot>,
+        /// The current snapshot before.
+        current_before: Option<SnapshotName>,
+        /// After.
+        current_after: Option<SnapshotName>,
+    },
+    /// Remove a merged overlay that no remaining snapshot needs (only a file whose recorded
+    /// backing is `backing`; missing is success). After the commit point: a failure is a
+    /// warning (the file is left).
+    RemoveOverlay {
+        /// The overlay.
+        path: String,
+        /// The image it was an overlay of.
+        backing: String,
+    },
+}
+
+impl Step {
+    /// A short name for messages and journals.
+    pub fn label(&self) -> String {
+        match self {
+            Step::DeleteInternal { snapshot, .. } => format!("delete-internal {snapshot}"),
+            Step::Commit { snapshot, merge } => format!("commit {snapshot} {}", merge.disk),
+            Step::SwitchDefinition { .. } => "switch-definition".into(),
+            Step::Metadata { snapshot, .. } => format!("metadata {snapshot}"),
+            Step::RemoveOverlay { path, .. } => format!("remove-overlay {path}"),
+        }
+    }
+
+    /// Does this step change snapshot data (irreversibly)?
+    pub fn changes_data(&self) -> bool {
+        matches!(self, Step::DeleteInternal { .. } | Step::Commit { .. })
+    }
+}
+
+/// A validated plan: the steps in order and the commit point.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeletePlan {
+    /// The domain.
+    pub domain: String,
+    /// The snapshot named in the request.
+    pub name: SnapshotName,
+    /// What it touches.
+    pub kind: DeleteKind,
+    /// The snapshots deleted, in the order they are (children before parents).
+    pub deleted: Vec<SnapshotName>,
+    /// The steps, in order.
+    pub steps: Vec<Step>,
+    /// The index of the commit point: the first step that changes snapshot data (which
+    /// cannot be undone), else the first metadata step. A failure before it undoes
+    /// everything; from it on the delete rolls forward.
+    pub commit_point: usize,
+    /// What is kept that a user may expect gone (an overlay the user named, a RAM file), one
+    /// line each.
+    pub notes: Vec<String>,
+}
+
+/// What the planner asks about files and images (the facade answers from the file system;
+/// nothing is changed).
+pub trait Facts {
+    /// Does `path` exist?
+    fn exists(&self, path: &str) -> bool;
+    /// The tags of the internal snapshots of the qcow2 image `image` (none if it is not
+    /// one).
+    fn internal_snapshots(&self, image: &str) -> Vec<String>;
+    /// The image `image` is an overlay of, as its header records it (an absolute path,
+    /// resolved against the image's directory); none for an image without a backing file.
+    fn backing(&self, image: &str) -> Option<String>;
+}
+
+fn plan_error(object: &str, what: String) -> Error {
+    Error::new(ErrorKind::InvalidPlan, object, what)
+}
+
+/// The images the planner knows and which backs onto which, as the plan's merges change it.
+struct Chains<'a> {
+    facts: &'a dyn Facts,
+    backing: BTreeMap<String, Option<String>>,
+    /// Images that are part of the domain's graph (tops, snapshots' images and overlays).
+    known: BTreeSet<String>,
+}
+
+impl Chains<'_> {
+    fn back(&mut self, image: &str) -> Option<String> {
+        if let Some(b) = self.backing.get(image) {
+            return b.clone();
+        }
+        let b = self.facts.backing(image);
+        self.backing.insert(image.to_string(), b.clone());
+        b
+    }
+
+    /// `top` and the images below it, top down.
+    fn chain(&mut self, top: &str) -> Vec<String> {
+        let mut out = vec![top.to_string()];
+        while let Some(b) = self.back(out.last().expect("non-empty")) {
+            if out.contains(&b) || out.len() > 256 {
+                break;
+            }
+            out.push(b);
+        }
+        out
+    }
+
+    fn learn(&mut self, image: &str) {
+        for i in self.chain(image) {
+            self.known.insert(i);
+        }
+    }
+
+    /// The known images backed by `image`.
+    fn dependents(&mut self, image: &str) -> Vec<String> {
+        let known: Vec<String> = self.known.iter().cloned().collect();
+        known
+            .into_iter()
+            .filter(|k| self.back(k).as_deref() == Some(image))
+            .collect()
+    }
+
+    /// `overlay` merged into `base`: what was backed by it is backed by `base`.
+    fn merged(&mut self, overlay: &str, base: &str) {
+        for k in self.dependents(overlay) {
+            self.backing.insert(k, Some(base.to_string()));
+        }
+        self.known.remove(overlay);
+    }
+}
+
+/// The file a disk element's source names, if it is a file or a block device.
+fn source_path(d: &crate::domain::Disk) -> Option<String> {
+    match d.source_ref()? {
+        SourceRef::File(p) | SourceRef::Block(p) => Some(p.to_string()),
+        SourceRef::Volume { .. } => None,
+    }
+}
+
+/// Takes the entry whose source is `path` out of a backing chain (what was below it comes up).
+fn splice(chain: &mut Option<BackingStore>, path: &str) -> bool {
+    let Some(b) = chain else { return false };
+    let named =
+        matches!(b.source_ref(), Some(SourceRef::File(p)) | Some(SourceRef::Block(p)) if p == path);
+    if named {
+        *chain = b.backing_store.take().map(|x| *x);
+        return true;
+    }
+    let mut below = b.backing_store.take().map(|x| *x);
+    let done = splice(&mut below, path);
+    b.backing_store = below.map(Box::new);
+    done
+}
+
+/// In definition `def`, disk `target` on `overlay` moves onto `base` (as disk `base_disk` of
+/// the snapshot's copy of the definition describes it), or `overlay` leaves its written-out
+/// backing chain. Returns whether anything changed.
+fn repoint_disk(
+    def: &mut DomainDef,
+    target: &str,
+    overlay: &str,
+    base_disk: &crate::domain::Disk,
+) -> bool {
+    let Some(d) = def.disk_mut(target) else {
+        return false;
+    };
+    if source_path(d).as_deref() == Some(overlay) {
+        d.disk_type = base_disk.disk_type.clone();
+        d.source = base_disk.source.clone();
+        if let Some(f) = base_disk.format() {
+            d.set_format(f);
+        }
+        d.set_backing_store(base_disk.backing_store.clone());
+        return true;
+    }
+    splice(&mut d.backing_store, overlay)
+}
+
+/// The same for a snapshot's raw copy of the definition.
+fn repoint_copy(
+    raw: &RawXml,
+    target: &str,
+    overlay: &str,
+    base_disk: &crate::domain::Disk,
+) -> Result<Option<RawXml>> {
+    let mut def = DomainDef::from_xml(raw.as_str())?;
+    if !repoint_disk(&mut def, target, overlay, base_disk) {
+        return Ok(None);
+    }
+    Ok(Some(RawXml::element(&def.to_xml())?))
+}
+
+/// Does any remaining snapshot's metadata name `path` (as a snapshot's overlay, or as a
+/// disk's image or backing image in its copy of the definition)?
+fn named_by_metadata(tree: &SnapshotTree, path: &str) -> bool {
+    tree.topological().into_iter().any(|n| {
+        let Some(s) = tree.get(n.as_str()) else {
+            return false;
+        };
+        s.disks
+            .iter()
+            .any(|d| d.source.as_ref().and_then(|x| x.file.as_deref()) == Some(path))
+            || s.domain.as_ref().is_some_and(|raw| {
+                DomainDef::from_xml(raw.as_str()).is_ok_and(|def| {
+                    def.disks().iter().any(|d| {
+                        source_path(d).as_deref() == Some(path)
+                            || d.backing_chain().any(|b| {
+                                matches!(b.source_ref(), Some(SourceRef::File(p)) | Some(SourceRef::Block(p)) if p == path)
+                            })
+                    })
+                })
+            })
+    })
+}
+
+/// Every snapshot's metadata, by name.
+fn all_defs(tree: &SnapshotTree) -> BTreeMap<SnapshotName, DomainSnapshot> {
+    tree.topological()
+        .into_iter()
+        .filter_map(|n| tree.get(n.as_str()).map(|d| (n.clone(), d.clone())))
+        .collect()
+}
+
+impl DeletePlan {
+    /// Plans `req` for the domain `dom` (its run state, its disks' current images, its
+    /// stored definition in `domain_xml`) and its snapshot tree `tree`; `facts` says which
+    /// files exist, which internal snapshots an image holds and which image backs onto which.
+    /// Refuses, with [`ErrorKind::InvalidPlan`] naming the snapshot, disk or flag, what cannot
+    /// be deleted; an unknown snapshot is [`ErrorKind::NotFound`].
+    pub fn new(
+        req: &DeleteRequest,
+        dom: &DomainInfo,
+        tree: &SnapshotTree,
+        facts: &dyn Facts,
+    ) -> Result<Self> {
+        let f = req.flags;
+        let name = req.name.as_str();
+        if f.children && f.children_only {
+            return Err(plan_error(
+                "--children",
+                "--children and --children-only are mutually exclusive".into(),
+            ));
+        }
+        if !tree.contains(name) {
+            return Err(Error::new(
+                ErrorKind::NotFound,
+                name,
+                format!("domain {:?} has no such snapshot", dom.name),
+            ));
+        }
+        let scope = if f.children {
+            DeleteScope::WithDescendants
+        } else if f.children_only {
+            DeleteScope::DescendantsOnly
+        } else {
+            DeleteScope::Snapshot
+        };
+        let order: Vec<SnapshotName> = tree
+            .deletion_order(name, scope)?
+            .into_iter()
+            .cloned()
+            .collect();
+        // The tree as the plan's steps change it.
+        let (mut sim, _) = SnapshotTree::from_snapshots(all_defs(tree).into_values());
+        sim.set_current(tree.current().map(|c| c.as_str()))?;
+        let up = dom.state != RunState::ShutOff;
+        let mut def = match &dom.domain_xml {
+            Some(x) => Some(DomainDef::from_xml(x.as_str()).map_err(|e| {
+                plan_error(&dom.name, "its stored definition is not valid".into()).with_source(e)
+            })?),
+            None => None,
+        };
+        let mut tops: BTreeMap<String, String> = dom
+            .disks
+            .iter()
+            .filter_map(|d| d.source.clone().map(|s| (d.target.clone(), s)))
+            .collect();
+        let mut chains = Chains {
+            facts,
+            backing: BTreeMap::new(),
+            known: BTreeSet::new(),
+        };
+        if !f.metadata {
+            for t in tops.values() {
+                chains.learn(t);
+            }
+            for s in all_defs(tree).values() {
+                for d in &s.disks {
+                    if let Some(o) = d.source.as_ref().and_then(|x| x.file.as_deref()) {
+                        if d.location() == Some(Location::External) {
+                            chains.learn(o);
+                        }
+                    }
+                }
+            }
+        }
+        let mut steps = Vec::new();
+        let mut notes = Vec::new();
+        let (mut internal, mut external) = (false, false);
+        for sname in &order {
+            let s = sim.get(sname.as_str()).cloned().ok_or_else(|| {
+                Error::new(ErrorKind::NotFound, sname.as_str(), "not in the tree")
+            })?;
+            let mut removes = Vec::new();
+            let mut rewrites: Vec<(String, String, crate::domain::Disk)> = Vec::new();
+            if !f.metadata {
+                let copy = match &s.domain {
+                    Some(raw) => Some(DomainDef::from_xml(raw.as_str()).map_err(|e| {
+                        plan_error(
+                            sname.as_str(),
+                            "its copy of the domain definition is not valid".into(),
+                        )
+                        .with_source(e)
+                    })?),
+                    None => None,
+                };
+                let (mut live, mut offline) = (Vec::new(), Vec::new());
+                let mut commits = Vec::new();
+                for d in &s.disks {
+                    let loc = d.location().unwrap_or(Location::No);
+                    if loc == Location::No {
+                        continue;
+                    }
+                    let dd = dom
+                        .disks
+                        .iter()
+                        .find(|x| x.target == d.name || x.source.as_deref() == Some(&d.name));
+                    let target = dd.map(|x| x.target.clone()).unwrap_or(d.name.clone());
+                    let obj = format!("{sname} {target}");
+                    match loc {
+                        Location::No => continue,
+                        Location::Storage | Location::Manual => {
+                            return Err(plan_error(
+                                &obj,
+                                format!(
+                                    "deleting a snapshot='{}' disk is not supported yet: \
+                                     --metadata deletes the metadata alone",
+                                    loc.as_str()
+                                ),
+                            ))
+                        }
+                        Location::Internal => {
+                            let image = copy
+                                .as_ref()
+                                .and_then(|c| c.disk(&target))
+                                .and_then(source_path)
+                                .or_else(|| tops.get(&target).cloned());
+                            let Some(image) = image else {
+                                return Err(plan_error(
+                                    &obj,
+                                    "no image known to hold the internal snapshot".into(),
+                                ));
+                            };
+                            if !facts
+                                .internal_snapshots(&image)
+                                .iter()
+                                .any(|t| t == sname.as_str())
+                            {
+                                notes.push(format!(
+                                    "{obj}: {image} holds no internal snapshot {sname:?} any \
+                                     more: only the metadata is deleted"
+                                ));
+                                continue;
+                            }
+                            let idisk = InternalDisk {
+                                target: target.clone(),
+                                image: image.clone(),
+                            };
+                            let top = tops.get(&target).cloned();
+                            if up && top.as_deref() == Some(image.as_str()) {
+                                live.push(idisk);
+                            } else if up && top.is_some_and(|t| chains.chain(&t).contains(&image)) {
+                                return Err(plan_error(
+                                    &obj,
+                                    format!(
+                                        "the internal snapshot is in {image}, a backing file \
+                                         the running QEMU has open read-only: shut the \
+                                         domain off to delete it, or --metadata"
+                                    ),
+                                ));
+                            } else {
+                                offline.push(idisk);
+                            }
+                        }
+                        Location::External => {
+                            let Some(overlay) = d
+                                .source
+                                .as_ref()
+                                .and_then(|x| x.file.clone().or(x.dev.clone()))
+                            else {
+                                return Err(plan_error(
+                                    &obj,
+                                    "the snapshot records no overlay for the disk".into(),
+                                ));
+                            };
+                            let Some(copy) = &copy else {
+                                return Err(plan_error(
+                                    sname.as_str(),
+                                    "an external snapshot without a copy of the domain \
+                                     definition cannot be deleted: it names the images \
+                                     below the overlays (--metadata deletes the metadata \
+                                     alone)"
+                                        .into(),
+                                ));
+                            };
+                            let Some(cd) = copy.disk(&target) else {
+                                return Err(plan_error(
+                                    &obj,
+                                    "the snapshot's domain definition has no such disk".into(),
+                                ));
+                            };
+                            let Some(base) = source_path(cd) else {
+                                return Err(plan_error(
+                                    &obj,
+                                    "the snapshot's image is not a file or block device".into(),
+                                ));
+                            };
+                            let base_format = cd.format().unwrap_or("raw").to_string();
+                            let overlay_format = d
+                                .driver
+                                .as_ref()
+                                .and_then(|x| x.format.clone())
+                                .unwrap_or_else(|| "qcow2".into());
+                            let Some(top) = dd.and_then(|x| x.source.clone()) else {
+                                return Err(plan_error(
+                                    &obj,
+                                    "the domain has no such disk any more: --metadata \
+                                     deletes the metadata alone"
+                                        .into(),
+                                ));
+                            };
+                            let top = tops.get(&target).cloned().unwrap_or(top);
+                            if !facts.exists(&overlay) {
+                                return Err(plan_error(
+                                    &obj,
+                                    format!(
+                                        "its overlay {overlay} is missing: --metadata deletes \
+                                         the metadata alone"
+                                    ),
+                                ));
+                            }
+                            if chains.back(&overlay).as_deref() != Some(base.as_str()) {
+                                return Err(plan_error(
+                                    &obj,
+                                    format!(
+                                        "its overlay {overlay} is not an overlay of {base} \
+                                         (the images changed since the snapshot was taken)"
+                                    ),
+                                ));
+                            }
+                            let deps = chains.dependents(&base);
+                            if deps != [overlay.clone()] {
+                                return Err(plan_error(
+                                    &obj,
+                                    format!(
+                                        "{base} has {} overlays ({}): the snapshot was \
+                                         reverted to, or has branches; merging by \
+                                         block-stream is not supported yet",
+                                        deps.len(),
+                                        deps.join(", ")
+                                    ),
+                                ));
+                            }
+                            let chain = chains.chain(&top);
+                            let Some(at) = chain.iter().position(|i| *i == overlay) else {
+                                return Err(plan_error(
+                                    &obj,
+                                    format!(
+                                        "its overlay {overlay} is off the disk's active chain \
+                                         (the domain was reverted to another snapshot): \
+                                         merging by block-stream is not supported yet"
+                                    ),
+                                ));
+                            };
+                            let above = (at > 0).then(|| chain[at - 1].clone());
+                            let mode = match (up, &above) {
+                                (false, _) => CommitMode::Offline,
+                                (true, None) => CommitMode::Active,
+                                (true, Some(_)) => CommitMode::Intermediate,
+                            };
+                            commits.push(Merge {
+                                disk: target.clone(),
+                                overlay: overlay.clone(),
+                                overlay_format,
+                                base: base.clone(),
+                                base_format,
+                                above,
+                                top: top.clone(),
+                                mode,
+                            });
+                            chains.merged(&overlay, &base);
+                            if top == overlay {
+                                tops.insert(target.clone(), base.clone());
+                            }
+                            rewrites.push((target.clone(), overlay.clone(), cd.clone()));
+                            // Ours (the name a capture picks) unless the user named it.
+                            if overlay == default_overlay_path(&base, sname.as_str()) {
+                                removes.push((overlay.clone(), base.clone()));
+                            } else {
+                                notes.push(format!(
+                                    "{obj}: the overlay {overlay} is kept (merged, but its name \
+                                     was given by the user)"
+                                ));
+                            }
+                        }
+                    }
+                }
+                if let Some(m) = &s.memory {
+                    if m.location() == Some(Location::External) {
+                        if let Some(file) = &m.file {
+                            notes.push(format!("{sname}: its RAM file {file} is kept"));
+                        }
+                    }
+                }
+                if !live.is_empty() || !offline.is_empty() {
+                    internal = true;
+                    steps.push(Step::DeleteInternal {
+                        snapshot: sname.clone(),
+                        tag: sname.to_string(),
+                        live,
+                        offline,
+                    });
+                }
+                if !commits.is_empty() {
+                    external = true;
+                }
+                for merge in commits {
+                    steps.push(Step::Commit {
+                        snapshot: sname.clone(),
+                        merge,
+                    });
+                }
+                // The stored definition follows the merges.
+                if let Some(d) = &mut def {
+                    let before = d.to_xml();
+                    for (t, o, cd) in &rewrites {
+                        repoint_disk(d, t, o, cd);
+                    }
+                    let after = d.to_xml();
+                    if after != before {
+                        steps.push(Step::SwitchDefinition { before, after });
+                    }
+                }
+            }
+            // The metadata: the snapshot out of the tree, the copies that named a merged
+            // overlay naming its base.
+            let before_all = all_defs(&sim);
+            let current_before = sim.current().cloned();
+            let own = sim.remove(sname.as_str())?;
+            for (n, mut other) in all_defs(&sim) {
+                let mut changed = false;
+                for (t, o, cd) in &rewrites {
+                    if let Some(raw) = &other.domain {
+                        if let Some(new) = repoint_copy(raw, t, o, cd).map_err(|e| {
+                            plan_error(
+                                n.as_str(),
+                                "its copy of the domain definition is not valid".into(),
+                            )
+                            .with_source(e)
+                        })? {
+                            other.domain = Some(new);
+                            changed = true;
+                        }
+                    }
+                }
+                if changed {
+                    sim.redefine(other)?;
+                }
+            }
+            let after_all = all_defs(&sim);
+            let after: Vec<DomainSnapshot> = after_all
+                .iter()
+                .filter(|(n, d)| before_all.get(*n) != Some(*d))
+                .map(|(_, d)| d.clone())
+                .collect();
+            let mut before: Vec<DomainSnapshot> = after
+                .iter()
+                .filter_map(|d| d.name.as_ref().and_then(|n| before_all.get(n)).cloned())
+                .collect();
+            before.push(own);
+            steps.push(Step::Metadata {
+                snapshot: sname.clone(),
+                before,
+                after,
+                current_before,
+                current_after: sim.current().cloned(),
+            });
+            for (path, backing) in removes {
+                let needed = named_by_metadata(&sim, &path)
+                    || def.as_ref().is_some_and(|d| {
+                        d.disks().iter().any(|x| {
+                            source_path(x).as_deref() == Some(path.as_str())
+                                || x.backing_chain().any(|b| {
+                                    matches!(b.source_ref(), Some(SourceRef::File(p)) | Some(SourceRef::Block(p)) if p == path)
+                                })
+                        })
+                    });
+                if needed {
+                    notes.push(format!(
+                        "{sname}: the overlay {path} is kept: other metadata names it"
+                    ));
+                } else {
+                    steps.push(Step::RemoveOverlay { path, backing });
+                }
+            }
+        }
+        let commit_point = steps
+            .iter()
+            .position(Step::changes_data)
+            .or_else(|| {
+                steps
+                    .iter()
+                    .position(|s| matches!(s, Step::Metadata { .. }))
+            })
+            .unwrap_or(0);
+        let kind = match (internal, external) {
+            (false, false) => DeleteKind::Metadata,
+            (true, false) => DeleteKind::Internal,
+            (false, true) => DeleteKind::External,
+            (true, true) => DeleteKind::Mixed,
+        };
+        Ok(DeletePlan {
+            domain: dom.name.clone(),
+            name: req.name.clone(),
+            kind,
+            deleted: order,
+            steps,
+            commit_point,
+            notes,
+        })
+    }
+}
