@@ -205,6 +205,8 @@ pub trait Facts {
     /// The image `image` is an overlay of, as its header records it (an absolute path,
     /// resolved against the image's directory); none for an image without a backing file.
     fn backing(&self, image: &str) -> Option<String>;
+    /// The path of pool volume `volume` of pool `pool` (none if unknown).
+    fn volume_path(&self, pool: &str, volume: &str) -> Option<String>;
 }
 
 fn plan_error(object: &str, what: String) -> Error {
@@ -270,6 +272,14 @@ fn source_path(d: &crate::domain::Disk) -> Option<String> {
     match d.source_ref()? {
         SourceRef::File(p) | SourceRef::Block(p) => Some(p.to_string()),
         SourceRef::Volume { .. } => None,
+    }
+}
+
+/// The same, a pool volume resolved to its path.
+fn image_path(d: &crate::domain::Disk, facts: &dyn Facts) -> Option<String> {
+    match d.source_ref()? {
+        SourceRef::File(p) | SourceRef::Block(p) => Some(p.to_string()),
+        SourceRef::Volume { pool, volume } => facts.volume_path(pool, volume),
     }
 }
 
@@ -479,7 +489,7 @@ impl DeletePlan {
                             let image = copy
                                 .as_ref()
                                 .and_then(|c| c.disk(&target))
-                                .and_then(source_path)
+                                .and_then(|x| image_path(x, facts))
                                 .or_else(|| tops.get(&target).cloned());
                             let Some(image) = image else {
                                 return Err(plan_error(
@@ -545,10 +555,12 @@ impl DeletePlan {
                                     "the snapshot's domain definition has no such disk".into(),
                                 ));
                             };
-                            let Some(base) = source_path(cd) else {
+                            let Some(base) = image_path(cd, facts) else {
                                 return Err(plan_error(
                                     &obj,
-                                    "the snapshot's image is not a file or block device".into(),
+                                    "the snapshot's image is not a file, a block device or a \
+                                     known pool volume"
+                                        .into(),
                                 ));
                             };
                             let base_format = cd.format().unwrap_or("raw").to_string();

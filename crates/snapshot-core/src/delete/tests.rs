@@ -209,6 +209,9 @@ impl Facts for World {
     fn backing(&self, image: &str) -> Option<String> {
         self.st().images.get(image).and_then(|i| i.backing.clone())
     }
+    fn volume_path(&self, _: &str, _: &str) -> Option<String> {
+        None
+    }
 }
 
 const BASE: &str = "/d/vda.qcow2";

@@ -409,8 +409,42 @@ impl snapshot_core::revert::Definition for Deleting {
     }
 }
 
-/// What the planner asks, answered from the file system.
-struct FsFacts;
+/// What the planner asks, answered from the file system (and the pools' volumes, resolved
+/// before planning).
+struct FsFacts {
+    volumes: std::collections::BTreeMap<(String, String), String>,
+}
+
+impl FsFacts {
+    /// Resolves the pool volumes the snapshots' copies of the definition name.
+    async fn new(dom: &Domain, tree: &snapshot_core::SnapshotTree) -> FsFacts {
+        let mut volumes = std::collections::BTreeMap::new();
+        for n in tree.topological() {
+            let Some(raw) = tree.get(n.as_str()).and_then(|s| s.domain.as_ref()) else {
+                continue;
+            };
+            let Ok(def) = snapshot_core::DomainDef::from_xml(raw.as_str()) else {
+                continue;
+            };
+            for d in def.disks() {
+                if let Some(snapshot_core::domain::SourceRef::Volume { pool, volume }) =
+                    d.source_ref()
+                {
+                    let key = (pool.to_string(), volume.to_string());
+                    if volumes.contains_key(&key) {
+                        continue;
+                    }
+                    if let Ok(p) = dom.conn.pool(pool) {
+                        if let Ok(path) = p.volume(volume).path().await {
+                            volumes.insert(key, path);
+                        }
+                    }
+                }
+            }
+        }
+        FsFacts { volumes }
+    }
+}
 
 impl Facts for FsFacts {
     fn exists(&self, path: &str) -> bool {
@@ -431,6 +465,12 @@ impl Facts for FsFacts {
     fn backing(&self, image: &str) -> Option<String> {
         let info = image_formats::ImageInfo::open(Path::new(image), None).ok()?;
         info.full_backing_filename()
+    }
+
+    fn volume_path(&self, pool: &str, volume: &str) -> Option<String> {
+        self.volumes
+            .get(&(pool.to_string(), volume.to_string()))
+            .cloned()
     }
 }
 
@@ -489,7 +529,8 @@ impl Domain {
                 .await?
         };
         let req = core::DeleteRequest { name: sname, flags };
-        let plan = DeletePlan::new(&req, &info, &loaded.tree, &FsFacts)?;
+        let facts = FsFacts::new(self, &loaded.tree).await;
+        let plan = DeletePlan::new(&req, &info, &loaded.tree, &facts)?;
         let mut journal = self.journal(&store)?;
         let d = Deleting::new(self);
         let outcome = core::run(&plan, &caps(&d), &mut journal, &store).await;
