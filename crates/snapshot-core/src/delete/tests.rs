@@ -830,6 +830,16 @@ fn a_missing_internal_tag_deletes_the_metadata_alone() {
     );
 }
 
+/// Runs `f` on every request, each in its own thread (the journal's and the store's fsyncs
+/// wait on the disk, not the CPU).
+fn in_parallel(f: fn(Request)) {
+    std::thread::scope(|sc| {
+        for r in requests() {
+            sc.spawn(move || f(r));
+        }
+    });
+}
+
 /// The forward effect calls of a plan (all but the metadata steps, which are the store's).
 fn effects(p: &DeletePlan) -> Vec<(usize, usize, String)> {
     p.steps
@@ -848,68 +858,70 @@ fn snapshot_of(e: &Env) -> (BTreeMap<String, Img>, String, Vec<String>, Option<S
 
 #[test]
 fn a_failure_at_every_step_leaves_things_as_they_were_or_finishable() {
-    for (case, name, flags, _, left, cur, _) in requests() {
-        let probe = env(&case);
-        let p = plan(&probe, name, flags).unwrap();
-        for (k, idx, label) in effects(&p) {
-            let ctx = format!(
-                "{} delete {name} {flags:?}: fail at {k} ({label})",
-                case.label
-            );
-            let e = env(&case);
-            let before = snapshot_of(&e);
-            e.world.st().faults.arm(k, Inject::Fail);
-            let res = delete(&e, name, flags);
-            e.world.st().faults.disarm();
-            if label == "switch-definition" && idx >= p.commit_point {
-                // Stored after the data changed: left pending, the next command completes it.
-                let err = res.unwrap_err();
-                assert!(
-                    err.to_string().contains("the next command completes it"),
-                    "{ctx}"
-                );
-                let mut j = journal(&e);
-                let rec = block_on(recover(&e.world.caps(), &mut j, &e.store)).unwrap();
-                assert!(matches!(&rec[0], Recovered::Completed { .. }), "{ctx}");
-                assert_eq!(names(&e), left, "{ctx}");
-                consistent(&e, &ctx);
-                continue;
-            }
+    in_parallel(fail_at_every_step);
+}
+
+fn fail_at_every_step((case, name, flags, _, left, cur, _): Request) {
+    let probe = env(&case);
+    let p = plan(&probe, name, flags).unwrap();
+    for (k, idx, label) in effects(&p) {
+        let ctx = format!(
+            "{} delete {name} {flags:?}: fail at {k} ({label})",
+            case.label
+        );
+        let e = env(&case);
+        let before = snapshot_of(&e);
+        e.world.st().faults.arm(k, Inject::Fail);
+        let res = delete(&e, name, flags);
+        e.world.st().faults.disarm();
+        if label == "switch-definition" && idx >= p.commit_point {
+            // Stored after the data changed: left pending, the next command completes it.
+            let err = res.unwrap_err();
             assert!(
-                journal(&e).pending().is_empty(),
-                "{ctx}: nothing left pending"
+                err.to_string().contains("the next command completes it"),
+                "{ctx}"
             );
-            match res {
-                Err(err) if idx < p.commit_point => {
-                    assert_eq!(err.kind(), ErrorKind::DeleteFailed, "{ctx}");
-                    assert_eq!(snapshot_of(&e), before, "{ctx}: as it was");
-                }
-                Err(err) => {
-                    // A data step failed: the snapshot is marked and a second delete finishes.
-                    assert_eq!(err.kind(), ErrorKind::DeleteFailed, "{ctx}");
-                    assert!(err.to_string().contains("partly deleted"), "{ctx}: {err}");
-                    let marked = e
-                        .store
-                        .load()
-                        .unwrap()
-                        .tree
-                        .topological()
-                        .iter()
-                        .any(|x| e.store.read(x).unwrap().disks[0].delete_in_progress);
-                    assert!(marked, "{ctx}: marked");
-                    delete(&e, name, flags).unwrap_or_else(|err| panic!("{ctx}: again: {err}"));
-                    assert_eq!(names(&e), left, "{ctx}");
-                    assert_eq!(current(&e).as_deref(), cur, "{ctx}");
-                    consistent(&e, &ctx);
-                }
-                Ok(out) => {
-                    // Only an overlay's removal fails without failing the delete.
-                    assert!(label.starts_with("remove-overlay"), "{ctx}");
-                    assert!(out.warnings.iter().any(|w| w.contains("is left")), "{ctx}");
-                    assert_eq!(names(&e), left, "{ctx}");
-                    let s = e.world.st();
-                    assert!(s.violations.is_empty(), "{ctx}: {:?}", s.violations);
-                }
+            let mut j = journal(&e);
+            let rec = block_on(recover(&e.world.caps(), &mut j, &e.store)).unwrap();
+            assert!(matches!(&rec[0], Recovered::Completed { .. }), "{ctx}");
+            assert_eq!(names(&e), left, "{ctx}");
+            consistent(&e, &ctx);
+            continue;
+        }
+        assert!(
+            journal(&e).pending().is_empty(),
+            "{ctx}: nothing left pending"
+        );
+        match res {
+            Err(err) if idx < p.commit_point => {
+                assert_eq!(err.kind(), ErrorKind::DeleteFailed, "{ctx}");
+                assert_eq!(snapshot_of(&e), before, "{ctx}: as it was");
+            }
+            Err(err) => {
+                // A data step failed: the snapshot is marked and a second delete finishes.
+                assert_eq!(err.kind(), ErrorKind::DeleteFailed, "{ctx}");
+                assert!(err.to_string().contains("partly deleted"), "{ctx}: {err}");
+                let marked = e
+                    .store
+                    .load()
+                    .unwrap()
+                    .tree
+                    .topological()
+                    .iter()
+                    .any(|x| e.store.read(x).unwrap().disks[0].delete_in_progress);
+                assert!(marked, "{ctx}: marked");
+                delete(&e, name, flags).unwrap_or_else(|err| panic!("{ctx}: again: {err}"));
+                assert_eq!(names(&e), left, "{ctx}");
+                assert_eq!(current(&e).as_deref(), cur, "{ctx}");
+                consistent(&e, &ctx);
+            }
+            Ok(out) => {
+                // Only an overlay's removal fails without failing the delete.
+                assert!(label.starts_with("remove-overlay"), "{ctx}");
+                assert!(out.warnings.iter().any(|w| w.contains("is left")), "{ctx}");
+                assert_eq!(names(&e), left, "{ctx}");
+                let s = e.world.st();
+                assert!(s.violations.is_empty(), "{ctx}: {:?}", s.violations);
             }
         }
     }
@@ -917,43 +929,45 @@ fn a_failure_at_every_step_leaves_things_as_they_were_or_finishable() {
 
 #[test]
 fn a_kill_at_every_step_is_recovered() {
-    for (case, name, flags, _, left, cur, top) in requests() {
-        let probe = env(&case);
-        let p = plan(&probe, name, flags).unwrap();
-        for (k, idx, label) in effects(&p) {
-            for how in [Inject::KillBefore, Inject::KillAfter] {
-                let ctx = format!(
-                    "{} delete {name} {flags:?}: {how:?} at {k} ({label})",
-                    case.label
-                );
-                let e = env(&case);
-                let before = snapshot_of(&e);
-                e.world.st().faults.arm(k, how);
-                let mut j = journal(&e);
-                let r = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                    block_on(run(&p, &e.world.caps(), &mut j, &e.store))
-                }));
-                let payload = r.err().unwrap_or_else(|| panic!("{ctx}: not killed"));
-                assert!(payload.is::<Killed>(), "{ctx}: a real panic");
-                drop(j);
-                e.world.st().faults.disarm();
-                let mut j = journal(&e);
-                let rec = block_on(recover(&e.world.caps(), &mut j, &e.store)).unwrap();
-                assert!(j.pending().is_empty(), "{ctx}");
-                drop(j);
-                assert_eq!(rec.len(), 1, "{ctx}");
-                match &rec[0] {
-                    Recovered::RolledBack { undo_failures, .. } => {
-                        assert!(idx < p.commit_point, "{ctx}: rolled back");
-                        assert!(undo_failures.is_empty(), "{ctx}: {undo_failures:?}");
-                        assert_eq!(snapshot_of(&e), before, "{ctx}: as it was");
-                    }
-                    Recovered::Completed { .. } => {
-                        assert_eq!(names(&e), left, "{ctx}");
-                        assert_eq!(current(&e).as_deref(), cur, "{ctx}");
-                        assert_eq!(def_source(&e.world.st().definition), top, "{ctx}");
-                        consistent(&e, &ctx);
-                    }
+    in_parallel(kill_at_every_step);
+}
+
+fn kill_at_every_step((case, name, flags, _, left, cur, top): Request) {
+    let probe = env(&case);
+    let p = plan(&probe, name, flags).unwrap();
+    for (k, idx, label) in effects(&p) {
+        for how in [Inject::KillBefore, Inject::KillAfter] {
+            let ctx = format!(
+                "{} delete {name} {flags:?}: {how:?} at {k} ({label})",
+                case.label
+            );
+            let e = env(&case);
+            let before = snapshot_of(&e);
+            e.world.st().faults.arm(k, how);
+            let mut j = journal(&e);
+            let r = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                block_on(run(&p, &e.world.caps(), &mut j, &e.store))
+            }));
+            let payload = r.err().unwrap_or_else(|| panic!("{ctx}: not killed"));
+            assert!(payload.is::<Killed>(), "{ctx}: a real panic");
+            drop(j);
+            e.world.st().faults.disarm();
+            let mut j = journal(&e);
+            let rec = block_on(recover(&e.world.caps(), &mut j, &e.store)).unwrap();
+            assert!(j.pending().is_empty(), "{ctx}");
+            drop(j);
+            assert_eq!(rec.len(), 1, "{ctx}");
+            match &rec[0] {
+                Recovered::RolledBack { undo_failures, .. } => {
+                    assert!(idx < p.commit_point, "{ctx}: rolled back");
+                    assert!(undo_failures.is_empty(), "{ctx}: {undo_failures:?}");
+                    assert_eq!(snapshot_of(&e), before, "{ctx}: as it was");
+                }
+                Recovered::Completed { .. } => {
+                    assert_eq!(names(&e), left, "{ctx}");
+                    assert_eq!(current(&e).as_deref(), cur, "{ctx}");
+                    assert_eq!(def_source(&e.world.st().definition), top, "{ctx}");
+                    consistent(&e, &ctx);
                 }
             }
         }
