@@ -333,6 +333,20 @@ fn refusals_say_why_and_change_nothing() {
         ],
     );
     assert!(!o.status.success() && stderr(&o).contains("--children-only"));
+    // Shut off, without qemu-storage-daemon: refused before anything changed, saying how to
+    // install it.
+    let o = run(virt_snap()
+        .env("VIRT_SNAP_QSD", "/nonexistent/qemu-storage-daemon")
+        .arg("--state-dir")
+        .arg(d.s())
+        .args(["snapshot-delete", d.name, "s2"]));
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("apt-get install qemu-utils"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(d.names(), ["s1", "s2"]);
     // A revert to s1 gives vda.qcow2 a second overlay: block-stream would be needed.
     d.vs(&["snapshot-revert", "s1"]);
     let e = d.fails(&["snapshot-delete", "s1"]);

@@ -307,8 +307,33 @@ fn storage_daemon() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("qemu-storage-daemon"))
 }
 
-fn spawn_storage_daemon(sock: &Path) -> Result<std::process::Child> {
+/// The storage daemon's binary, if it can be run: a missing one fails before anything changed,
+/// saying how to install it.
+fn require_storage_daemon() -> Result<PathBuf> {
     let bin = storage_daemon();
+    let found = if bin.components().count() > 1 {
+        bin.is_file().then(|| bin.clone())
+    } else {
+        std::env::var_os("PATH").and_then(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join(&bin))
+                .find(|c| c.is_file())
+        })
+    };
+    found.ok_or_else(|| {
+        Error::new(
+            ErrorKind::Unsupported,
+            format!(
+                "{} is not installed: a shut-off domain's external snapshots are merged by it \
+                 (Debian: apt-get install qemu-utils; or `cargo xtask deps`)",
+                bin.display()
+            ),
+        )
+    })
+}
+
+fn spawn_storage_daemon(sock: &Path) -> Result<std::process::Child> {
+    let bin = require_storage_daemon()?;
     std::process::Command::new(&bin)
         .arg("--chardev")
         .arg(format!(
@@ -531,6 +556,10 @@ impl Domain {
         let req = core::DeleteRequest { name: sname, flags };
         let facts = FsFacts::new(self, &loaded.tree).await;
         let plan = DeletePlan::new(&req, &info, &loaded.tree, &facts)?;
+        let offline = |s: &core::Step| matches!(s, core::Step::Commit { merge, .. } if merge.mode == CommitMode::Offline);
+        if plan.steps.iter().any(offline) {
+            require_storage_daemon()?;
+        }
         let mut journal = self.journal(&store)?;
         let d = Deleting::new(self);
         let outcome = core::run(&plan, &caps(&d), &mut journal, &store).await;
