@@ -336,27 +336,58 @@ fn repoint_copy(
     Ok(Some(RawXml::element(&def.to_xml())?))
 }
 
-/// Does any remaining snapshot's metadata name `path` (as a snapshot's overlay, or as a
-/// disk's image or backing image in its copy of the definition)?
-fn named_by_metadata(tree: &SnapshotTree, path: &str) -> bool {
-    tree.topological().into_iter().any(|n| {
-        let Some(s) = tree.get(n.as_str()) else {
-            return false;
-        };
-        s.disks
-            .iter()
-            .any(|d| d.source.as_ref().and_then(|x| x.file.as_deref()) == Some(path))
-            || s.domain.as_ref().is_some_and(|raw| {
-                DomainDef::from_xml(raw.as_str()).is_ok_and(|def| {
-                    def.disks().iter().any(|d| {
-                        source_path(d).as_deref() == Some(path)
-                            || d.backing_chain().any(|b| {
-                                matches!(b.source_ref(), Some(SourceRef::File(p)) | Some(SourceRef::Block(p)) if p == path)
-                            })
-                    })
-                })
+/// Is `path` still needed: in the chain of a disk's top, of a remaining snapshot's overlay or
+/// image (its copy of the definition's disk sources), or named by the stored definition?
+fn needed(
+    chains: &mut Chains<'_>,
+    tree: &SnapshotTree,
+    tops: &BTreeMap<String, String>,
+    def: Option<&DomainDef>,
+    path: &str,
+    except: Option<&str>,
+) -> bool {
+    let named = |d: &crate::domain::Disk| {
+        source_path(d).as_deref() == Some(path)
+            || d.backing_chain().any(|b| {
+                matches!(b.source_ref(), Some(SourceRef::File(p)) | Some(SourceRef::Block(p)) if p == path)
             })
-    })
+    };
+    if def.is_some_and(|d| d.disks().iter().any(named)) {
+        return true;
+    }
+    let mut roots: Vec<String> = tops.values().cloned().collect();
+    for n in tree.topological() {
+        if Some(n.as_str()) == except {
+            continue;
+        }
+        let Some(s) = tree.get(n.as_str()) else {
+            continue;
+        };
+        for d in &s.disks {
+            if let Some(o) = d.source.as_ref().and_then(|x| x.file.clone()) {
+                roots.push(o);
+            }
+        }
+        if let Some(raw) = &s.domain {
+            match DomainDef::from_xml(raw.as_str()) {
+                Ok(copy) => {
+                    if copy.disks().iter().any(named) {
+                        return true;
+                    }
+                    roots.extend(
+                        copy.disks()
+                            .iter()
+                            .filter_map(|d| image_path(d, chains.facts)),
+                    );
+                }
+                // Unreadable: keep everything.
+                Err(_) => return true,
+            }
+        }
+    }
+    roots
+        .iter()
+        .any(|r| chains.chain(r).iter().any(|i| i == path))
 }
 
 /// Every snapshot's metadata, by name.
@@ -597,29 +628,94 @@ impl DeletePlan {
                                 ));
                             }
                             let deps = chains.dependents(&base);
-                            if deps != [overlay.clone()] {
-                                return Err(plan_error(
-                                    &obj,
-                                    format!(
-                                        "{base} has {} overlays ({}): the snapshot was \
-                                         reverted to, or has branches; merging by \
-                                         block-stream is not supported yet",
-                                        deps.len(),
-                                        deps.join(", ")
-                                    ),
-                                ));
-                            }
                             let chain = chains.chain(&top);
-                            let Some(at) = chain.iter().position(|i| *i == overlay) else {
-                                return Err(plan_error(
-                                    &obj,
-                                    format!(
-                                        "its overlay {overlay} is off the disk's active chain \
-                                         (the domain was reverted to another snapshot): \
-                                         merging by block-stream is not supported yet"
-                                    ),
-                                ));
-                            };
+                            let ours = overlay == default_overlay_path(&base, sname.as_str());
+                            // Another snapshot's data is the base: its content must not change.
+                            let base_is_data = sim.topological().iter().any(|n| {
+                                let Some(o) = sim.get(n.as_str()).filter(|_| *n != sname) else {
+                                    return false;
+                                };
+                                // An internal snapshot's data lives in its own tag.
+                                let external = o.disks.iter().any(|x| {
+                                    x.name == target && x.location() == Some(Location::External)
+                                });
+                                external
+                                    && o.domain.as_ref().is_some_and(|raw| {
+                                        DomainDef::from_xml(raw.as_str()).is_ok_and(|c| {
+                                            c.disk(&target)
+                                                .and_then(|x| image_path(x, facts))
+                                                .as_deref()
+                                                == Some(base.as_str())
+                                        })
+                                    })
+                            });
+                            let mut merged = overlay.clone();
+                            let mut at = chain.iter().position(|i| *i == overlay);
+                            if deps != [overlay.clone()] || at.is_none() || base_is_data {
+                                // Not this overlay: the base is the backing of other overlays
+                                // too (the snapshot was reverted to, or has branches), or the
+                                // overlay is off the disk's active chain (the domain was
+                                // reverted elsewhere), or the base is another snapshot's data.
+                                // The overlay goes if nothing needs it any more ...
+                                let why = if base_is_data {
+                                    format!("{base} is another snapshot's image")
+                                } else if deps != [overlay.clone()] {
+                                    format!("{base} has {} overlays", deps.len())
+                                } else {
+                                    format!("{overlay} is off the disk's active chain")
+                                };
+                                let gone = ours
+                                    && at.is_none()
+                                    && !needed(
+                                        &mut chains,
+                                        &sim,
+                                        &tops,
+                                        def.as_ref(),
+                                        &overlay,
+                                        Some(sname.as_str()),
+                                    );
+                                if gone {
+                                    chains.known.remove(&overlay);
+                                    removes.push((overlay.clone(), base.clone()));
+                                } else if !ours {
+                                    notes.push(format!(
+                                        "{obj}: not merged ({why}); the overlay {overlay} is \
+                                         kept (its name was given by the user)"
+                                    ));
+                                } else {
+                                    notes.push(format!(
+                                        "{obj}: not merged ({why}): its overlay {overlay} is \
+                                         kept, another snapshot or the disk needs it"
+                                    ));
+                                }
+                                // ... and a revert's overlay of this snapshot on the base, left
+                                // its only overlay and on the disk's active chain, is merged
+                                // into it instead (the disk back on the base).
+                                let revert_prefix =
+                                    format!("{}.r", default_overlay_path(&base, sname.as_str()));
+                                let rest: Vec<String> = deps
+                                    .into_iter()
+                                    .filter(|d| !(gone && *d == overlay))
+                                    .collect();
+                                let candidate = match &rest[..] {
+                                    [r] if r.starts_with(&revert_prefix)
+                                        && r[revert_prefix.len()..]
+                                            .chars()
+                                            .all(|c| c.is_ascii_digit())
+                                        && !base_is_data =>
+                                    {
+                                        chain.iter().position(|i| i == r).map(|p| (r.clone(), p))
+                                    }
+                                    _ => None,
+                                };
+                                let Some((r, p)) = candidate else {
+                                    continue;
+                                };
+                                merged = r;
+                                at = Some(p);
+                            }
+                            let at = at.expect("set above");
+                            let overlay = merged;
                             let above = (at > 0).then(|| chain[at - 1].clone());
                             let mode = match (up, &above) {
                                 (false, _) => CommitMode::Offline,
@@ -641,8 +737,14 @@ impl DeletePlan {
                                 tops.insert(target.clone(), base.clone());
                             }
                             rewrites.push((target.clone(), overlay.clone(), cd.clone()));
-                            // Ours (the name a capture picks) unless the user named it.
-                            if overlay == default_overlay_path(&base, sname.as_str()) {
+                            // Ours (the name a capture or a revert picks) unless the user
+                            // named it.
+                            if overlay == default_overlay_path(&base, sname.as_str())
+                                || overlay.starts_with(&format!(
+                                    "{}.r",
+                                    default_overlay_path(&base, sname.as_str())
+                                ))
+                            {
                                 removes.push((overlay.clone(), base.clone()));
                             } else {
                                 notes.push(format!(
@@ -734,16 +836,7 @@ impl DeletePlan {
                 current_after: sim.current().cloned(),
             });
             for (path, backing) in removes {
-                let needed = named_by_metadata(&sim, &path)
-                    || def.as_ref().is_some_and(|d| {
-                        d.disks().iter().any(|x| {
-                            source_path(x).as_deref() == Some(path.as_str())
-                                || x.backing_chain().any(|b| {
-                                    matches!(b.source_ref(), Some(SourceRef::File(p)) | Some(SourceRef::Block(p)) if p == path)
-                                })
-                        })
-                    });
-                if needed {
+                if needed(&mut chains, &sim, &tops, def.as_ref(), &path, None) {
                     notes.push(format!(
                         "{sname}: the overlay {path} is kept: other metadata names it"
                     ));

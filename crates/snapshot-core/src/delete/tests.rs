@@ -754,30 +754,6 @@ fn planning_refuses_what_it_cannot_do_safely() {
         NONE,
         "backing file the running QEMU has open read-only",
     );
-    // The base has a second overlay (a revert made one): block-stream would be needed.
-    let e = env(&external(true));
-    e.world.st().images.insert(
-        "/d/vda.s1.r1".into(),
-        Img {
-            backing: Some(BASE.into()),
-            ..Default::default()
-        },
-    );
-    let mut s3 = snap("s3", Some("s1"), "/d/vda.s1.r1", Some("/d/vda.s3"));
-    s3.parent = Some(n("s1"));
-    e.store.save(&s3).unwrap();
-    e.world.st().images.insert(
-        "/d/vda.s3".into(),
-        Img {
-            backing: Some("/d/vda.s1.r1".into()),
-            ..Default::default()
-        },
-    );
-    refused(&e, "s1", NONE, "has 2 overlays");
-    // Off the active chain: s2's overlay is not under the disk's top any more.
-    e.world.st().top = "/d/vda.s3".into();
-    e.world.st().definition = domain_xml("/d/vda.s3");
-    refused(&e, "s2", NONE, "off the disk's active chain");
     // Flags.
     let e = env(&external(true));
     refused(
@@ -797,6 +773,92 @@ fn planning_refuses_what_it_cannot_do_safely() {
     // An unknown snapshot.
     let err = plan(&e, "nope", NONE).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::NotFound);
+}
+
+/// external(true), then reverted to s1 (vda.s1.r1 on the base, data D) and s3 taken on it
+/// (vda.s3, data E; current, the disk on it): s1 has children s2 and s3.
+fn branched() -> Env {
+    let e = env(&external(true));
+    {
+        let mut s = e.world.st();
+        s.images.insert(
+            "/d/vda.s1.r1".into(),
+            Img {
+                backing: Some(BASE.into()),
+                data: Some("D".into()),
+                ..Default::default()
+            },
+        );
+        s.images.insert(
+            "/d/vda.s3".into(),
+            Img {
+                backing: Some("/d/vda.s1.r1".into()),
+                data: Some("E".into()),
+                ..Default::default()
+            },
+        );
+        s.top = "/d/vda.s3".into();
+        s.definition = domain_xml("/d/vda.s3");
+    }
+    e.store
+        .save(&snap("s3", Some("s1"), "/d/vda.s1.r1", Some("/d/vda.s3")))
+        .unwrap();
+    e.store.set_current(Some(&n("s3"))).unwrap();
+    e
+}
+
+#[test]
+fn branches_are_not_merged_but_what_nothing_needs_goes() {
+    let e = branched();
+    // s1: its base has two overlays (vda.s1 under s2, the revert's under s3): nothing is
+    // merged, and vda.s1 stays (s2's image).
+    let p = plan(&e, "s1", NONE).unwrap();
+    assert_eq!(p.kind, DeleteKind::Metadata, "{:?}", p.steps);
+    assert!(p.notes[0].contains("has 2 overlays"), "{:?}", p.notes);
+    delete(&e, "s1", NONE).unwrap();
+    assert!(e.world.st().images.contains_key("/d/vda.s1"));
+    // s2: off the disk's active chain, and nothing needs its overlay any more: removed.
+    let p = plan(&e, "s2", NONE).unwrap();
+    assert!(
+        matches!(&p.steps[..], [Step::Metadata { .. }, Step::RemoveOverlay { path, .. }] if path == "/d/vda.s2"),
+        "{:?}",
+        p.steps
+    );
+    delete(&e, "s2", NONE).unwrap();
+    assert!(!e.world.st().images.contains_key("/d/vda.s2"));
+    // s3 (on top): an active commit into the revert's overlay.
+    delete(&e, "s3", NONE).unwrap();
+    let s = e.world.st();
+    assert_eq!(s.top, "/d/vda.s1.r1");
+    assert_eq!(s.read(&s.top), "E");
+    assert!(s.violations.is_empty(), "{:?}", s.violations);
+}
+
+#[test]
+fn a_reverted_to_snapshot_deleted_takes_its_revert_overlay_back_into_its_image() {
+    // s1 alone, reverted to: vda.s1 (the discarded state) and vda.s1.r1 (the disk's top,
+    // data C) on the base.
+    let mut case = external(true);
+    case.snaps.truncate(1);
+    case.current = Some("s1");
+    case.images.truncate(2);
+    case.images
+        .push(("/d/vda.s1.r1", Some(BASE), Some("C"), vec![]));
+    case.top = "/d/vda.s1.r1";
+    let e = env(&case);
+    let p = plan(&e, "s1", NONE).unwrap();
+    assert_eq!(p.kind, DeleteKind::External, "{:?}", p.steps);
+    delete(&e, "s1", NONE).unwrap();
+    let s = e.world.st();
+    assert_eq!(
+        s.images.keys().collect::<Vec<_>>(),
+        [BASE],
+        "the disk on its own file"
+    );
+    assert_eq!(s.top, BASE);
+    assert_eq!(def_source(&s.definition), BASE);
+    assert_eq!(s.images[BASE].data.as_deref(), Some("C"));
+    assert!(s.violations.is_empty(), "{:?}", s.violations);
 }
 
 #[test]
