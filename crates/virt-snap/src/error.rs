@@ -107,7 +107,8 @@ impl Error {
                 snapshot_core::ErrorKind::Backend
                 | snapshot_core::ErrorKind::CaptureFailed
                 | snapshot_core::ErrorKind::RevertFailed
-                | snapshot_core::ErrorKind::DeleteFailed => {
+                | snapshot_core::ErrorKind::DeleteFailed
+                | snapshot_core::ErrorKind::NotStarted => {
                     std::error::Error::source(e).map_or(ErrorKind::Io, Error::dyn_kind)
                 }
                 k => core_kind(k),

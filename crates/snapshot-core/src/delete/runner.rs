@@ -129,10 +129,11 @@ fn end_rolled_back(journal: &mut J, op: OpId, undo_failures: &mut Vec<String>) {
 }
 
 /// Runs `plan`: each step is journaled (with its undo data, fsynced) before it acts and
-/// marked done after. A failure before the commit point undoes every step that acted (the
-/// failed one too), in reverse order, and fails with [`ErrorKind::DeleteFailed`]: metadata
-/// and definition end as they were (no image was touched yet). From the commit point on the
-/// delete rolls forward: see [`roll_forward`]'s rules for a failure there.
+/// marked done after. A failure before the commit point, or of the commit point's step
+/// reported as [`ErrorKind::NotStarted`], undoes every step that acted (the failed one too),
+/// in reverse order, and fails with [`ErrorKind::DeleteFailed`]: metadata and definition end
+/// as they were (no image was touched). From the commit point on the delete rolls forward:
+/// see [`roll_forward`]'s rules for a failure there.
 pub async fn run(
     plan: &DeletePlan,
     caps: &Capabilities<'_>,
@@ -158,11 +159,9 @@ pub async fn run(
         .steps
         .get(plan.commit_point)
         .is_some_and(|s| !s.changes_data());
-    let upto = if undoable_commit {
-        plan.commit_point + 1
-    } else {
-        plan.commit_point
-    };
+    // The commit point's step runs here too: a data step there that fails before it changed
+    // anything ([`ErrorKind::NotStarted`]) is as a failure before the commit point.
+    let upto = plan.commit_point + 1;
     for (at, step) in plan.steps.iter().enumerate().take(upto) {
         let rec = OpRecord::Delete(DeleteRecord::DeleteStep {
             at,
@@ -180,6 +179,11 @@ pub async fn run(
             Err(e) => Err(e),
         };
         if let Err(e) = res {
+            let acted =
+                at == plan.commit_point && !undoable_commit && e.kind() != ErrorKind::NotStarted;
+            if acted {
+                return Err(data_step_failed(plan, journal, store, op, step, e));
+            }
             let mut undo_failures =
                 ops::undo_in_reverse(journal, op, &touched, Step::label, |s| undo(caps, store, s))
                     .await;
@@ -193,6 +197,45 @@ pub async fn run(
         }
     }
     roll_forward(plan, caps, journal, store, op, upto).await
+}
+
+/// A data step failed after the commit point (or at it, having maybe acted): the operation
+/// ends; a step that may have acted marks its snapshot half-deleted.
+fn data_step_failed(
+    plan: &DeletePlan,
+    journal: &mut J,
+    store: &DomainStore,
+    op: OpId,
+    step: &Step,
+    e: Error,
+) -> Error {
+    let (Step::DeleteInternal { snapshot, .. } | Step::Commit { snapshot, .. }) = step else {
+        unreachable!("a data step");
+    };
+    let mut notes = Vec::new();
+    let untouched = e.kind() == ErrorKind::NotStarted;
+    if !untouched {
+        if let Err(me) = mark_in_progress(store, snapshot) {
+            notes.push(format!("cannot mark {snapshot} half-deleted: {me}"));
+        }
+    }
+    if let Err(je) = journal.finish(op, Outcome::Abandoned) {
+        notes.push(format!("journal: {je}"));
+    }
+    let what = if untouched {
+        format!(
+            "step {} failed before it changed anything: snapshot {snapshot} and the ones after \
+             it are kept (the ones before it are deleted)",
+            step.label()
+        )
+    } else {
+        format!(
+            "step {} failed: snapshot {snapshot} is partly deleted (marked so in its \
+             metadata); snapshot-delete it again to finish",
+            step.label()
+        )
+    };
+    failed(plan, what, e, notes)
 }
 
 /// Marks the disks of snapshot `name` `<snapshotDeleteInProgress/>` in its metadata (libvirt's
@@ -209,8 +252,10 @@ fn mark_in_progress(store: &DomainStore, name: &crate::SnapshotName) -> Result<(
 
 /// Runs plan steps `from..` (each journaled; each of them can run again), and ends the
 /// operation. A step that changes snapshot data and fails (a commit job, an internal delete)
-/// stops the run: that snapshot's metadata is marked `<snapshotDeleteInProgress/>`, the
-/// operation ends, and the error says to delete it again (which finishes the merge). Failing
+/// stops the run and ends the operation: unless it was refused before it started
+/// ([`ErrorKind::NotStarted`]), that snapshot's metadata is marked
+/// `<snapshotDeleteInProgress/>` and the error says to delete it again (which finishes the
+/// merge). Failing
 /// to store the definition or the metadata leaves the operation pending for [`recover`];
 /// failing to remove an overlay is a warning.
 async fn roll_forward(
@@ -236,24 +281,8 @@ async fn roll_forward(
         };
         let Err(e) = res else { continue };
         match step {
-            Step::DeleteInternal { snapshot, .. } | Step::Commit { snapshot, .. } => {
-                let mut notes = Vec::new();
-                if let Err(me) = mark_in_progress(store, snapshot) {
-                    notes.push(format!("cannot mark {snapshot} half-deleted: {me}"));
-                }
-                if let Err(je) = journal.finish(op, Outcome::Abandoned) {
-                    notes.push(format!("journal: {je}"));
-                }
-                return Err(failed(
-                    plan,
-                    format!(
-                        "step {} failed: snapshot {snapshot} is partly deleted (marked so in \
-                         its metadata); snapshot-delete it again to finish",
-                        step.label()
-                    ),
-                    e,
-                    notes,
-                ));
+            Step::DeleteInternal { .. } | Step::Commit { .. } => {
+                return Err(data_step_failed(plan, journal, store, op, step, e));
             }
             Step::SwitchDefinition { .. } | Step::Metadata { .. } => {
                 return Err(failed(

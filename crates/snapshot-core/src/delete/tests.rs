@@ -35,6 +35,8 @@ struct State {
     images: BTreeMap<String, Img>,
     definition: String,
     violations: Vec<String>,
+    /// Commits refused before they start, counted down: `Some(0)` refuses the next one.
+    refuse_commit: Option<usize>,
     faults: Faults,
 }
 
@@ -118,6 +120,14 @@ impl Images for World {
     }
     async fn commit(&self, m: &Merge) -> Result<()> {
         self.effect("commit", |s| {
+            match s.refuse_commit {
+                Some(0) => {
+                    s.refuse_commit = None;
+                    return Err(Error::not_started("block-commit", "refused"));
+                }
+                Some(k) => s.refuse_commit = Some(k - 1),
+                None => {}
+            }
             let in_chain = s.chain(&s.top).contains(&m.overlay)
                 || s.images
                     .values()
@@ -1034,6 +1044,31 @@ fn kill_at_every_step((case, name, flags, _, left, cur, top): Request) {
             }
         }
     }
+}
+
+#[test]
+fn a_merge_refused_before_it_started_changes_nothing_of_its_snapshot() {
+    // At the commit point: as it was, nothing marked, nothing pending.
+    let e = env(&external(true));
+    let before = snapshot_of(&e);
+    e.world.st().refuse_commit = Some(0);
+    let err = delete(&e, "s1", CHILDREN).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::DeleteFailed);
+    assert_eq!(snapshot_of(&e), before);
+    assert!(journal(&e).pending().is_empty());
+    // After it (s2 merged and deleted, s1's merge refused): s1 kept, not marked.
+    e.world.st().refuse_commit = Some(1);
+    let err = delete(&e, "s1", CHILDREN).unwrap_err();
+    assert!(
+        err.to_string().contains("before it changed anything"),
+        "{err}"
+    );
+    assert_eq!(names(&e), ["s1"]);
+    assert!(!e.store.read(&n("s1")).unwrap().disks[0].delete_in_progress);
+    assert!(journal(&e).pending().is_empty());
+    consistent(&e, "s1 kept");
+    delete(&e, "s1", NONE).unwrap();
+    assert!(names(&e).is_empty());
 }
 
 #[test]

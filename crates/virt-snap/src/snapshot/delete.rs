@@ -23,6 +23,13 @@ pub use snapshot_core::delete::{DeleteFlags, DeleteKind};
 
 type CoreResult<T> = snapshot_core::Result<T>;
 
+/// A lower error of a step that changed nothing yet, as snapshot-core's
+/// [`snapshot_core::ErrorKind::NotStarted`] (the facade error as its source).
+fn ns(object: &str, e: impl Into<Error>) -> snapshot_core::Error {
+    let e: Error = e.into();
+    snapshot_core::Error::not_started(object, e.to_string()).caused_by(e)
+}
+
 /// What [`Domain::snapshot_delete`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeleteResult {
@@ -83,15 +90,16 @@ fn job_id(m: &Merge) -> String {
 /// storage daemon) behind `qmp`, whose disk's top node is `root`: started unless it exists,
 /// completed when ready (an active commit pivots), dismissed when concluded.
 async fn commit_job(qmp: &QmpClient, m: &Merge, root: &str, job: &str) -> CoreResult<()> {
+    // Until QEMU accepted the job, nothing changed.
     let jobs = qmp
         .run(&qc::QueryJobs)
         .await
-        .map_err(|e| be("query-jobs", e))?;
+        .map_err(|e| ns("query-jobs", e))?;
     if !jobs.iter().any(|j| j.id == job) {
         let nodes = qmp
             .run(&qc::QueryNamedBlockNodes { flat: Some(true) })
             .await
-            .map_err(|e| be("query-named-block-nodes", e))?;
+            .map_err(|e| ns("query-named-block-nodes", e))?;
         let top = nodes_of(&nodes, &m.overlay);
         let Some(top) = top.first() else {
             // Merged already (a run killed after the job).
@@ -99,7 +107,7 @@ async fn commit_job(qmp: &QmpClient, m: &Merge, root: &str, job: &str) -> CoreRe
         };
         let base = nodes_of(&nodes, &m.base);
         let [base] = base[..] else {
-            return Err(snapshot_core::Error::backend(
+            return Err(snapshot_core::Error::not_started(
                 m.disk.as_str(),
                 format!("QEMU has {} nodes of {}, not one", base.len(), m.base),
             ));
@@ -113,7 +121,7 @@ async fn commit_job(qmp: &QmpClient, m: &Merge, root: &str, job: &str) -> CoreRe
             ..Default::default()
         })
         .await
-        .map_err(|e| be("block-commit", e))?;
+        .map_err(|e| ns("block-commit", e))?;
     }
     let end = Instant::now() + JOB_TIMEOUT;
     let mut completed = false;
@@ -207,8 +215,11 @@ impl Deleting {
 
     /// A merge in the running QEMU.
     async fn commit_live(&self, m: &Merge) -> CoreResult<()> {
-        let qmp = self.qmp().await?;
-        let root = self.top_of(&m.disk).await?;
+        let not_started = |e: snapshot_core::Error| {
+            snapshot_core::Error::not_started(m.disk.as_str(), e.to_string()).caused_by(e)
+        };
+        let qmp = self.qmp().await.map_err(not_started)?;
+        let root = self.top_of(&m.disk).await.map_err(not_started)?;
         commit_job(&qmp, m, &root, &job_id(m)).await?;
         failpoint("commit");
         // The overlay's nodes, out of the graph now, dropped (QEMU drops the ones it opened
@@ -240,7 +251,7 @@ impl Deleting {
     /// monitor in the domain's private directory.
     async fn commit_offline(&self, m: &Merge) -> CoreResult<()> {
         if self.up()? {
-            return Err(snapshot_core::Error::backend(
+            return Err(snapshot_core::Error::not_started(
                 m.disk.as_str(),
                 "the domain runs: its images are not merged offline",
             ));
@@ -249,7 +260,7 @@ impl Deleting {
         crate::snapshot::capture::create_private_dir(&dir).map_err(|e| be(&m.disk, e))?;
         let sock = dir.join(format!("qsd-{:08x}.qmp", crc(&m.overlay)));
         let _ = std::fs::remove_file(&sock);
-        let mut child = spawn_storage_daemon(&sock).map_err(|e| be("qemu-storage-daemon", e))?;
+        let mut child = spawn_storage_daemon(&sock).map_err(|e| ns("qemu-storage-daemon", e))?;
         let res = async {
             let qmp = connect_when_there(&sock, &mut child).await?;
             let root = "vs-del-top";
@@ -267,7 +278,7 @@ impl Deleting {
             opts["driver"] = top_fmt.into();
             qmp.execute("blockdev-add", Some(opts))
                 .await
-                .map_err(|e| be("blockdev-add", e))?;
+                .map_err(|e| ns("blockdev-add", e))?;
             commit_job(&qmp, m, root, &job_id(m)).await?;
             let _ = qmp
                 .execute(
@@ -371,13 +382,13 @@ async fn connect_when_there(sock: &Path, child: &mut std::process::Child) -> Cor
             }
         }
         if let Ok(Some(st)) = child.try_wait() {
-            return Err(snapshot_core::Error::backend(
+            return Err(snapshot_core::Error::not_started(
                 "qemu-storage-daemon",
                 format!("it ended at start ({st})"),
             ));
         }
         if Instant::now() > end {
-            return Err(snapshot_core::Error::backend(
+            return Err(snapshot_core::Error::not_started(
                 "qemu-storage-daemon",
                 "its monitor did not come up in 10 s",
             ));
