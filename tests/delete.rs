@@ -416,6 +416,67 @@ fn a_base_with_two_overlays_is_not_merged() {
     current_data(&d.file("vda.s2"));
 }
 
+/// i1 internal in vda.qcow2, e1 external onto vda.e1 (0xbb), i2 internal in vda.e1, then
+/// 0xcc at 0: a mixed tree i1 -> e1 -> i2, the disk on vda.e1.
+fn mixed(name: &'static str) -> Dom {
+    let d = Dom::define(name);
+    d.vs(&["snapshot-create-as", "i1"]);
+    d.vs(&["snapshot-create-as", "e1", "--disk-only"]);
+    let e1 = d.file("vda.e1");
+    write(&e1, 0, 0xbb);
+    d.vs(&["snapshot-create-as", "i2"]);
+    write(&e1, 0, 0xcc);
+    write(&e1, 64, 0xb1);
+    d
+}
+
+#[test]
+fn a_mixed_tree_is_deleted_live_leaves_first() {
+    let d = mixed("del-mixed");
+    let (vda, e1) = (d.file("vda.qcow2"), d.file("vda.e1"));
+    d.vs(&["start"]);
+    // i1 is in a backing file QEMU has open read-only: refused.
+    let e = d.fails(&["snapshot-delete", "i1"]);
+    assert!(e.contains("read-only"), "{e}");
+    // i2 through QEMU (vda.e1 is the active image), then e1 by active commit into vda.qcow2
+    // (i1's tag there untouched), then i1 through QEMU (vda.qcow2 is active now).
+    assert_eq!(d.delete(&["i2"])["kind"], "internal");
+    assert!(!d.tags(&e1).contains("i2"));
+    assert_eq!(d.delete(&["e1"])["kind"], "external");
+    assert!(!e1.exists());
+    assert_eq!(d.source(), vda.display().to_string());
+    assert!(d.tags(&vda).contains("i1"));
+    assert_eq!(d.delete(&["i1"])["kind"], "internal");
+    assert!(d.names().is_empty());
+    d.vs(&["destroy"]);
+    assert!(!d.tags(&vda).contains("i1"));
+    current_data(&vda);
+}
+
+#[test]
+fn an_overlay_holding_an_internal_snapshot_is_not_merged_away() {
+    let d = mixed("del-mixed2");
+    let e1 = d.file("vda.e1");
+    d.vs(&["start"]);
+    let o = virt_snap_e2e::in_state::vs(d.s(), &["snapshot-delete", d.name, "e1"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("holds internal snapshots"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(e1.exists() && d.tags(&e1).contains("i2"));
+    assert_eq!(d.source(), e1.display().to_string());
+    assert_eq!(d.names(), ["i1", "i2"]);
+    // --children of i1 in one go (shut off: i1 is in a backing file): i2's tag, then i1's.
+    d.vs(&["destroy"]);
+    let r = d.delete(&["i1", "--children"]);
+    assert_eq!(r["deleted"], serde_json::json!(["i2", "i1"]), "{r}");
+    assert!(!d.tags(&e1).contains("i2"));
+    assert!(!d.tags(&d.file("vda.qcow2")).contains("i1"));
+    current_data(&e1);
+}
+
 #[test]
 fn the_files_the_user_gave_are_never_removed() {
     let d = Dom::define("del-user");

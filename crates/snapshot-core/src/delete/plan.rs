@@ -473,6 +473,16 @@ impl DeletePlan {
         }
         let mut steps = Vec::new();
         let mut notes = Vec::new();
+        // The internal snapshots this plan deletes, (image, tag).
+        let mut removed_tags: BTreeSet<(String, String)> = BTreeSet::new();
+        // Does `image` hold internal snapshots the plan leaves? (A merge would lose them: the
+        // image is removed after its data went down.)
+        let tagged = |image: &str, removed: &BTreeSet<(String, String)>| {
+            facts
+                .internal_snapshots(image)
+                .into_iter()
+                .any(|t| !removed.contains(&(image.to_string(), t)))
+        };
         let (mut internal, mut external) = (false, false);
         for sname in &order {
             let s = sim.get(sname.as_str()).cloned().ok_or_else(|| {
@@ -539,6 +549,7 @@ impl DeletePlan {
                                 ));
                                 continue;
                             }
+                            removed_tags.insert((image.clone(), sname.to_string()));
                             let idisk = InternalDisk {
                                 target: target.clone(),
                                 image: image.clone(),
@@ -651,13 +662,20 @@ impl DeletePlan {
                             });
                             let mut merged = overlay.clone();
                             let mut at = chain.iter().position(|i| *i == overlay);
-                            if deps != [overlay.clone()] || at.is_none() || base_is_data {
+                            let holds_tags = tagged(&overlay, &removed_tags);
+                            if deps != [overlay.clone()]
+                                || at.is_none()
+                                || base_is_data
+                                || holds_tags
+                            {
                                 // Not this overlay: the base is the backing of other overlays
                                 // too (the snapshot was reverted to, or has branches), or the
                                 // overlay is off the disk's active chain (the domain was
                                 // reverted elsewhere), or the base is another snapshot's data.
                                 // The overlay goes if nothing needs it any more ...
-                                let why = if base_is_data {
+                                let why = if holds_tags {
+                                    format!("{overlay} holds internal snapshots")
+                                } else if base_is_data {
                                     format!("{base} is another snapshot's image")
                                 } else if deps != [overlay.clone()] {
                                     format!("{base} has {} overlays", deps.len())
@@ -666,6 +684,7 @@ impl DeletePlan {
                                 };
                                 let gone = ours
                                     && at.is_none()
+                                    && !holds_tags
                                     && !needed(
                                         &mut chains,
                                         &sim,
@@ -702,7 +721,8 @@ impl DeletePlan {
                                         && r[revert_prefix.len()..]
                                             .chars()
                                             .all(|c| c.is_ascii_digit())
-                                        && !base_is_data =>
+                                        && !base_is_data
+                                        && !tagged(r, &removed_tags) =>
                                     {
                                         chain.iter().position(|i| i == r).map(|p| (r.clone(), p))
                                     }

@@ -1046,6 +1046,52 @@ fn kill_at_every_step((case, name, flags, _, left, cur, top): Request) {
     }
 }
 
+/// External s1 (vda.s1 on the base), then internal i2 in vda.s1 (its child); the disk on
+/// vda.s1.
+fn internal_under_external(up: bool) -> Case {
+    Case {
+        label: "internal under external",
+        snaps: vec![
+            snap("s1", None, BASE, Some("/d/vda.s1")),
+            snap("i2", Some("s1"), "/d/vda.s1", None),
+        ],
+        current: Some("i2"),
+        images: vec![
+            (BASE, None, Some("A"), vec![]),
+            ("/d/vda.s1", Some(BASE), Some("C"), vec!["i2"]),
+        ],
+        top: "/d/vda.s1",
+        up,
+        data: vec![("s1", "A")],
+    }
+}
+
+#[test]
+fn an_overlay_holding_internal_snapshots_is_not_merged_away() {
+    for up in [true, false] {
+        let e = env(&internal_under_external(up));
+        let p = plan(&e, "s1", NONE).unwrap();
+        assert_eq!(p.kind, DeleteKind::Metadata, "{:?}", p.steps);
+        assert!(
+            p.notes[0].contains("holds internal snapshots"),
+            "{:?}",
+            p.notes
+        );
+        delete(&e, "s1", NONE).unwrap();
+        consistent(&e, "s1 deleted, i2 kept in vda.s1");
+        assert!(e.world.st().images["/d/vda.s1"].tags.contains("i2"));
+        // With i2 gone first (--children), the merge goes ahead.
+        let e = env(&internal_under_external(up));
+        let p = plan(&e, "s1", CHILDREN).unwrap();
+        assert_eq!(p.kind, DeleteKind::Mixed, "{:?}", p.steps);
+        delete(&e, "s1", CHILDREN).unwrap();
+        let s = e.world.st();
+        assert_eq!(s.images.keys().collect::<Vec<_>>(), [BASE]);
+        assert_eq!(s.images[BASE].data.as_deref(), Some("C"));
+        assert!(s.violations.is_empty(), "{:?}", s.violations);
+    }
+}
+
 #[test]
 fn a_merge_refused_before_it_started_changes_nothing_of_its_snapshot() {
     // At the commit point: as it was, nothing marked, nothing pending.
