@@ -530,6 +530,16 @@ fn a_killed_delete_is_recovered_by_the_next_command() {
     assert_eq!(d.defined_source(), vda.display().to_string());
     assert!(d.names().is_empty());
     assert!(!s1.exists());
+    // A live snapshot's overlay (a node virt-snap added), killed right after its merge, before
+    // its node is dropped: the next command sees it out of the chain, drops it, and finishes.
+    d.vs(&["snapshot-create-as", "live", "--disk-only"]);
+    let live = d.file("vda.live");
+    killed_delete(&d, "live", "commit");
+    assert_eq!(d.source(), vda.display().to_string());
+    assert!(d.names().is_empty());
+    assert!(!live.exists());
+    let nodes = d.node_files();
+    assert!(nodes.iter().all(|f| f.ends_with("/vda.qcow2")), "{nodes:?}");
     d.vs(&["destroy"]);
     current_data(&vda);
     // Internal, shut off, killed right after the tag went: `start` completes it first.

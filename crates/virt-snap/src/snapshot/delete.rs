@@ -97,12 +97,21 @@ async fn commit_job(qmp: &QmpClient, m: &Merge, root: &str, job: &str) -> CoreRe
         .map_err(|e| ns("query-jobs", e))?;
     if !jobs.iter().any(|j| j.id == job) {
         let nodes = qmp
-            .run(&qc::QueryNamedBlockNodes { flat: Some(true) })
+            .run(&qc::QueryNamedBlockNodes { flat: Some(false) })
             .await
             .map_err(|e| ns("query-named-block-nodes", e))?;
+        // Merged already (a run killed after the job): the overlay is out of the disk's chain
+        // (its node may still be there, detached, until the step drops it).
+        let chain_has = |path: &str| {
+            let root_node = nodes.iter().find(|n| n.node_name.as_deref() == Some(root));
+            std::iter::successors(root_node.map(|n| &n.image), |i| i.backing_image.as_deref())
+                .any(|i| same_image(&i.filename, path))
+        };
+        if !chain_has(&m.overlay) {
+            return Ok(());
+        }
         let top = nodes_of(&nodes, &m.overlay);
         let Some(top) = top.first() else {
-            // Merged already (a run killed after the job).
             return Ok(());
         };
         let base = nodes_of(&nodes, &m.base);
