@@ -207,6 +207,8 @@ pub trait Facts {
     fn backing(&self, image: &str) -> Option<String>;
     /// The path of pool volume `volume` of pool `pool` (none if unknown).
     fn volume_path(&self, pool: &str, volume: &str) -> Option<String>;
+    /// The files next to `image` (in its directory) that are overlays of it, by their headers.
+    fn backed_by(&self, image: &str) -> Vec<String>;
 }
 
 fn plan_error(object: &str, what: String) -> Error {
@@ -219,6 +221,8 @@ struct Chains<'a> {
     backing: BTreeMap<String, Option<String>>,
     /// Images that are part of the domain's graph (tops, snapshots' images and overlays).
     known: BTreeSet<String>,
+    /// Images the plan merges away or removes.
+    gone: BTreeSet<String>,
 }
 
 impl Chains<'_> {
@@ -250,7 +254,7 @@ impl Chains<'_> {
     }
 
     /// The known images backed by `image`.
-    fn dependents(&mut self, image: &str) -> Vec<String> {
+    fn known_dependents(&mut self, image: &str) -> Vec<String> {
         let known: Vec<String> = self.known.iter().cloned().collect();
         known
             .into_iter()
@@ -258,12 +262,29 @@ impl Chains<'_> {
             .collect()
     }
 
-    /// `overlay` merged into `base`: what was backed by it is backed by `base`.
+    /// Every image backed by `image`: the known ones and the files next to it whose headers
+    /// say so (an overlay whose snapshot's metadata was deleted alone, say), as the plan's
+    /// merges leave them.
+    fn dependents(&mut self, image: &str) -> Vec<String> {
+        let mut all: BTreeSet<String> = self.known.iter().cloned().collect();
+        all.extend(self.facts.backed_by(image));
+        all.remove(image);
+        for g in &self.gone {
+            all.remove(g);
+        }
+        all.into_iter()
+            .filter(|k| self.back(k).as_deref() == Some(image))
+            .collect()
+    }
+
+    /// `overlay` merged into `base`: the known images backed by it (the image above it in the
+    /// chain, which QEMU rewrites) are backed by `base`.
     fn merged(&mut self, overlay: &str, base: &str) {
-        for k in self.dependents(overlay) {
+        for k in self.known_dependents(overlay) {
             self.backing.insert(k, Some(base.to_string()));
         }
         self.known.remove(overlay);
+        self.gone.insert(overlay.to_string());
     }
 }
 
@@ -353,6 +374,10 @@ fn needed(
             })
     };
     if def.is_some_and(|d| d.disks().iter().any(named)) {
+        return true;
+    }
+    // An overlay of it that stays (known or not).
+    if !chains.dependents(path).is_empty() {
         return true;
     }
     let mut roots: Vec<String> = tops.values().cloned().collect();
@@ -456,6 +481,7 @@ impl DeletePlan {
             facts,
             backing: BTreeMap::new(),
             known: BTreeSet::new(),
+            gone: BTreeSet::new(),
         };
         if !f.metadata {
             for t in tops.values() {
@@ -695,6 +721,7 @@ impl DeletePlan {
                                     );
                                 if gone {
                                     chains.known.remove(&overlay);
+                                    chains.gone.insert(overlay.clone());
                                     removes.push((overlay.clone(), base.clone()));
                                 } else if !ours {
                                     notes.push(format!(

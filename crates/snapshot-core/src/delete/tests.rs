@@ -6,6 +6,7 @@
 //! recovered, and the planning rules.
 
 use super::*;
+use crate::capture::default_overlay_path;
 use crate::capture::{DomainDisk, DomainInfo, RunState};
 use crate::error::{Error, ErrorKind};
 use crate::name::SnapshotName;
@@ -221,6 +222,14 @@ impl Facts for World {
     }
     fn volume_path(&self, _: &str, _: &str) -> Option<String> {
         None
+    }
+    fn backed_by(&self, image: &str) -> Vec<String> {
+        let s = self.st();
+        s.images
+            .iter()
+            .filter(|(_, i)| i.backing.as_deref() == Some(image))
+            .map(|(k, _)| k.clone())
+            .collect()
     }
 }
 
@@ -1140,4 +1149,210 @@ fn delete_records_share_the_journal_with_the_others() {
     let rec = block_on(recover(&e.world.caps(), &mut j, &e.store)).unwrap();
     assert!(matches!(&rec[0], Recovered::RolledBack { name: Some(x), .. } if x == "s2"));
     assert_eq!(names(&e), ["s1", "s2"]);
+}
+
+/// A small deterministic generator (xorshift64*) for the random sequences below.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        (self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 33) as usize % n.max(1)
+    }
+}
+
+/// One random history on the fake: captures (external and internal), external reverts, guest
+/// writes, starts and stops, and deletes of random snapshots with random flags; after every
+/// delete, what the planner accepted left the disk's current data, QEMU's top and the
+/// definition agreeing, and every remaining external snapshot's data readable through its
+/// image; nothing acted behind QEMU's back, no file in use was removed.
+fn random_history(seed: u64) {
+    let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+    let case = Case {
+        label: "random",
+        snaps: vec![],
+        current: None,
+        images: vec![(BASE, None, Some("w0"), vec![])],
+        top: BASE,
+        up: true,
+        data: vec![],
+    };
+    let e = env(&case);
+    // Each snapshot's data as taken.
+    let mut taken: BTreeMap<String, String> = BTreeMap::new();
+    let mut writes = 0;
+    let mut next = 0;
+    let steps: usize = std::env::var("DELETE_STEPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(40);
+    for step in 0..steps {
+        let ctx = format!("seed {seed} step {step}");
+        let names: Vec<String> = names(&e);
+        if std::env::var("DELETE_TRACE").is_ok() {
+            let s = e.world.st();
+            eprintln!(
+                "{ctx}: up {} top {} images {:?} snaps {names:?} current {:?}",
+                s.up,
+                s.top,
+                s.images
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.backing.clone(), v.tags.clone()))
+                    .collect::<Vec<_>>(),
+                e.store.current().unwrap()
+            );
+        }
+        match rng.below(10) {
+            0 | 1 => {
+                // A guest write (only while it runs; offline, as a write with qemu-io).
+                writes += 1;
+                let mut s = e.world.st();
+                let top = if s.up {
+                    s.top.clone()
+                } else {
+                    def_source(&s.definition)
+                };
+                s.images.get_mut(&top).unwrap().data = Some(format!("w{writes}"));
+            }
+            2 | 3 => {
+                // An external capture onto a new overlay of the top.
+                next += 1;
+                let name = format!("e{next}");
+                let mut s = e.world.st();
+                let top = def_source(&s.definition);
+                let o = default_overlay_path(&top, &name);
+                let data = s.read(&top);
+                s.images.insert(
+                    o.clone(),
+                    Img {
+                        backing: Some(top.clone()),
+                        ..Default::default()
+                    },
+                );
+                s.top = o.clone();
+                s.definition = domain_xml(&o);
+                let cur = e.store.current().unwrap();
+                let sn = snap(&name, cur.as_ref().map(|c| c.as_str()), &top, Some(&o));
+                e.store.save(&sn).unwrap();
+                e.store.set_current(Some(&n(&name))).unwrap();
+                taken.insert(name, data);
+            }
+            4 => {
+                // An internal capture in the top image.
+                next += 1;
+                let name = format!("i{next}");
+                let mut s = e.world.st();
+                let top = def_source(&s.definition);
+                s.images.get_mut(&top).unwrap().tags.insert(name.clone());
+                let cur = e.store.current().unwrap();
+                let sn = snap(&name, cur.as_ref().map(|c| c.as_str()), &top, None);
+                e.store.save(&sn).unwrap();
+                e.store.set_current(Some(&n(&name))).unwrap();
+            }
+            5 => {
+                // An external revert: a new overlay of the snapshot's image.
+                let ext: Vec<&String> = names.iter().filter(|x| x.starts_with('e')).collect();
+                if ext.is_empty() {
+                    continue;
+                }
+                let name = ext[rng.below(ext.len())].clone();
+                let d = e.store.read(&n(&name)).unwrap();
+                let base = def_source(d.domain.as_ref().unwrap().as_str());
+                let mut s = e.world.st();
+                let r = (1..)
+                    .map(|k| format!("{}.r{k}", default_overlay_path(&base, &name)))
+                    .find(|p| !s.images.contains_key(p))
+                    .unwrap();
+                s.images.insert(
+                    r.clone(),
+                    Img {
+                        backing: Some(base),
+                        ..Default::default()
+                    },
+                );
+                s.top = r.clone();
+                s.definition = domain_xml(&r);
+                e.store.set_current(Some(&n(&name))).unwrap();
+            }
+            6 => {
+                let mut s = e.world.st();
+                s.up = !s.up;
+                s.top = def_source(&s.definition);
+            }
+            _ => {
+                if names.is_empty() {
+                    continue;
+                }
+                let name = names[rng.below(names.len())].clone();
+                let flags = match rng.below(6) {
+                    0 => CHILDREN,
+                    1 => CHILDREN_ONLY,
+                    2 => METADATA,
+                    _ => NONE,
+                };
+                let current = {
+                    let s = e.world.st();
+                    let top = def_source(&s.definition);
+                    s.read(&top)
+                };
+                let p = match plan(&e, &name, flags) {
+                    Ok(p) => p,
+                    // A refusal (an internal snapshot in a backing file of the running
+                    // domain): nothing to check but that nothing changed.
+                    Err(err) => {
+                        assert_eq!(err.kind(), ErrorKind::InvalidPlan, "{ctx}: {err}");
+                        continue;
+                    }
+                };
+                let mut j = journal(&e);
+                block_on(run(&p, &e.world.caps(), &mut j, &e.store))
+                    .unwrap_or_else(|err| panic!("{ctx}: delete {name} {flags:?}: {err}"));
+                let ctx = format!("{ctx}: delete {name} {flags:?}");
+                let s = e.world.st();
+                assert!(s.violations.is_empty(), "{ctx}: {:?}", s.violations);
+                let top = def_source(&s.definition);
+                if s.up {
+                    assert_eq!(top, s.top, "{ctx}: QEMU's top and the definition");
+                }
+                assert_eq!(s.read(&top), current, "{ctx}: the current data");
+                for left in names_in(&e) {
+                    let d = e.store.read(&n(&left)).unwrap();
+                    let on = def_source(d.domain.as_ref().unwrap().as_str());
+                    assert!(s.images.contains_key(&on), "{ctx}: {left}'s image {on}");
+                    match d.disks[0].source.as_ref().and_then(|x| x.file.clone()) {
+                        Some(o) => {
+                            assert!(s.images.contains_key(&o), "{ctx}: {left}'s overlay {o}");
+                            assert_eq!(s.read(&on), taken[&left], "{ctx}: {left}'s data");
+                        }
+                        None => assert!(s.images[&on].tags.contains(&left), "{ctx}: {left}'s tag"),
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn names_in(e: &Env) -> Vec<String> {
+    names(e)
+}
+
+#[test]
+fn random_histories_keep_files_graph_and_metadata_agreeing() {
+    std::thread::scope(|sc| {
+        let only: Option<u64> = std::env::var("DELETE_SEED")
+            .ok()
+            .and_then(|v| v.parse().ok());
+        let seeds: u64 = std::env::var("DELETE_SEEDS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(8);
+        for seed in 1..=seeds {
+            if only.is_some_and(|o| o != seed) {
+                continue;
+            }
+            sc.spawn(move || random_history(seed));
+        }
+    });
 }

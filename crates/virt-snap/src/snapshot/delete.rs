@@ -512,6 +512,27 @@ impl Facts for FsFacts {
         info.full_backing_filename()
     }
 
+    fn backed_by(&self, image: &str) -> Vec<String> {
+        let Some(dir) = Path::new(image).parent() else {
+            return Vec::new();
+        };
+        let Ok(rd) = std::fs::read_dir(dir) else {
+            return Vec::new();
+        };
+        rd.filter_map(|e| e.ok())
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+            .map(|e| e.path())
+            .filter(|p| p != Path::new(image))
+            .filter(|p| {
+                image_formats::ImageInfo::open(p, None)
+                    .ok()
+                    .and_then(|i| i.full_backing_filename())
+                    .is_some_and(|b| same_image(&b, image))
+            })
+            .map(|p| p.display().to_string())
+            .collect()
+    }
+
     fn volume_path(&self, pool: &str, volume: &str) -> Option<String> {
         self.volumes
             .get(&(pool.to_string(), volume.to_string()))
