@@ -542,6 +542,31 @@ fn a_killed_delete_is_recovered_by_the_next_command() {
     assert!(nodes.iter().all(|f| f.ends_with("/vda.qcow2")), "{nodes:?}");
     d.vs(&["destroy"]);
     current_data(&vda);
+    // Shut off (merged in qemu-storage-daemon), killed with the active commit ready: the
+    // daemon dies with virt-snap, the next command merges again in a new one.
+    let d = Dom::two_external("del-kill-off");
+    let (vda, s1, s2) = (d.file("vda.qcow2"), d.file("vda.s1"), d.file("vda.s2"));
+    killed_delete(&d, "s2", "commit-ready");
+    d.vs(&["domstate"]);
+    assert_eq!(d.names(), ["s1"], "recovered by domstate");
+    assert!(!s2.exists());
+    assert_eq!(d.defined_source(), s1.display().to_string());
+    current_data(&s1);
+    // And below the top (an intermediate commit in the daemon), killed right after it.
+    d.vs(&["snapshot-create-as", "s3", "--disk-only"]);
+    let s3 = d.file("vda.s3");
+    killed_delete(&d, "s1", "commit");
+    d.vs(&["domstate"]);
+    assert_eq!(d.names(), ["s3"]);
+    assert!(!s1.exists());
+    let i = info(&s3);
+    assert!(
+        i.contains(&format!("backing file: {}", vda.display())),
+        "{i}"
+    );
+    current_data(&s3);
+    let d = Dom::define("del-kill-int");
+    let vda = d.file("vda.qcow2");
     // Internal, shut off, killed right after the tag went: `start` completes it first.
     d.vs(&["snapshot-create-as", "int"]);
     killed_delete(&d, "int", "delete-internal");

@@ -354,8 +354,20 @@ fn require_storage_daemon() -> Result<PathBuf> {
 
 fn spawn_storage_daemon(sock: &Path) -> Result<std::process::Child> {
     let bin = require_storage_daemon()?;
-    std::process::Command::new(&bin)
-        .arg("--chardev")
+    let mut cmd = std::process::Command::new(&bin);
+    // It dies with virt-snap: a killed delete leaves no daemon holding the images (the next
+    // command's recovery merges again in a new one).
+    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.arg("--chardev")
         .arg(format!(
             "socket,path={},server=on,wait=off,id=vs-mon",
             sock.display()
