@@ -495,6 +495,16 @@ fn the_files_the_user_gave_are_never_removed() {
     let o = virt_snap_e2e::in_state::vs(d.s(), &["snapshot-delete", d.name, "s1"]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stderr(&o).contains("is kept"), "{}", stderr(&o));
+    // Not a terminal: one line as the merge starts.
+    assert!(
+        stderr(&o).contains(&format!(
+            "merging {} into {} ...",
+            mine.display(),
+            vda.display()
+        )),
+        "{}",
+        stderr(&o)
+    );
     assert!(mine.exists(), "the overlay the user named is kept");
     assert!(vda.exists());
     assert_eq!(d.source(), vda.display().to_string());

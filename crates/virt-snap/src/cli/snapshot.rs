@@ -9,7 +9,8 @@ use clap::{Args, Subcommand};
 use std::path::{Path, PathBuf};
 use virt_snap::snapshot::{
     CaptureRequest, CaptureResult, DamagedSnapshot, DeleteFlags, Disk, DomainSnapshot, Driver,
-    Flags, ListFilter, Location, Memory, RevertFlags, Scope, SnapshotName, Source,
+    Flags, JobProgress, ListFilter, Location, Memory, ProgressFn, RevertFlags, Scope, SnapshotName,
+    Source,
 };
 use virt_snap::Connection;
 
@@ -804,7 +805,10 @@ async fn delete(
     flags: DeleteFlags,
     out: Format,
 ) -> CliResult {
-    let r = conn.domain(domain)?.snapshot_delete(name, flags).await?;
+    let r = conn
+        .domain(domain)?
+        .snapshot_delete_with_progress(name, flags, Some(progress_on_stderr()))
+        .await?;
     for w in &r.warnings {
         eprintln!("warning: {w}");
     }
@@ -826,6 +830,34 @@ async fn delete(
             Ok(())
         }
     }
+}
+
+/// A long job's progress on stderr: a bar redrawn in place on a terminal, else one line when
+/// each job starts.
+fn progress_on_stderr() -> ProgressFn {
+    use std::io::IsTerminal;
+    let tty = std::io::stderr().is_terminal();
+    let last = std::sync::Mutex::new(None::<String>);
+    std::sync::Arc::new(move |p: &JobProgress| {
+        let mut last = last.lock().unwrap_or_else(|e| e.into_inner());
+        if tty {
+            const WIDTH: u64 = 30;
+            let pct = (p.done * 100).checked_div(p.total).unwrap_or(0).min(100);
+            let filled = (pct * WIDTH / 100) as usize;
+            eprint!(
+                "\r{} [{}{}] {pct:3}%",
+                p.what,
+                "#".repeat(filled),
+                ".".repeat(WIDTH as usize - filled)
+            );
+            if p.finished {
+                eprintln!();
+            }
+        } else if last.as_deref() != Some(p.what.as_str()) {
+            eprintln!("{} ...", p.what);
+        }
+        *last = Some(p.what.clone());
+    })
 }
 
 fn no_current(domain: &str) -> CliError {

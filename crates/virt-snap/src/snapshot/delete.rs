@@ -58,7 +58,24 @@ fn failpoint(name: &str) {
 pub(crate) struct Deleting {
     dom: Domain,
     qmp: tokio::sync::Mutex<Option<QmpClient>>,
+    progress: Option<ProgressFn>,
 }
+
+/// How far a long job of a delete (a merge) is, as QEMU reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobProgress {
+    /// What the job does (`merging A into B`).
+    pub what: String,
+    /// Progress so far, in the job's units.
+    pub done: u64,
+    /// The estimated total, in the same units.
+    pub total: u64,
+    /// The job has ended.
+    pub finished: bool,
+}
+
+/// A receiver of [`JobProgress`] reports (polled every few milliseconds while a job runs).
+pub type ProgressFn = std::sync::Arc<dyn Fn(&JobProgress) + Send + Sync>;
 
 /// Do the image names `a` (as QEMU reports it) and `b` name the same file?
 fn same_image(a: &str, b: &str) -> bool {
@@ -89,7 +106,13 @@ fn job_id(m: &Merge) -> String {
 /// Runs (or, after a kill, finds and finishes) the commit job `job` of `m` in the QEMU (or
 /// storage daemon) behind `qmp`, whose disk's top node is `root`: started unless it exists,
 /// completed when ready (an active commit pivots), dismissed when concluded.
-async fn commit_job(qmp: &QmpClient, m: &Merge, root: &str, job: &str) -> CoreResult<()> {
+async fn commit_job(
+    qmp: &QmpClient,
+    m: &Merge,
+    root: &str,
+    job: &str,
+    progress: Option<&ProgressFn>,
+) -> CoreResult<()> {
     // Until QEMU accepted the job, nothing changed.
     let jobs = qmp
         .run(&qc::QueryJobs)
@@ -142,6 +165,14 @@ async fn commit_job(qmp: &QmpClient, m: &Merge, root: &str, job: &str) -> CoreRe
         let Some(j) = jobs.into_iter().find(|j| j.id == job) else {
             return Ok(());
         };
+        if let Some(p) = progress {
+            p(&JobProgress {
+                what: format!("merging {} into {}", m.overlay, m.base),
+                done: j.current_progress,
+                total: j.total_progress,
+                finished: j.status == JobStatus::Concluded,
+            });
+        }
         match j.status {
             JobStatus::Ready if !completed => {
                 failpoint("commit-ready");
@@ -176,6 +207,7 @@ impl Deleting {
         Deleting {
             dom: dom.clone(),
             qmp: tokio::sync::Mutex::new(None),
+            progress: None,
         }
     }
 
@@ -229,7 +261,7 @@ impl Deleting {
         };
         let qmp = self.qmp().await.map_err(not_started)?;
         let root = self.top_of(&m.disk).await.map_err(not_started)?;
-        commit_job(&qmp, m, &root, &job_id(m)).await?;
+        commit_job(&qmp, m, &root, &job_id(m), self.progress.as_ref()).await?;
         failpoint("commit");
         // The overlay's nodes, out of the graph now, dropped (QEMU drops the ones it opened
         // itself from the images' headers).
@@ -288,7 +320,7 @@ impl Deleting {
             qmp.execute("blockdev-add", Some(opts))
                 .await
                 .map_err(|e| ns("blockdev-add", e))?;
-            commit_job(&qmp, m, root, &job_id(m)).await?;
+            commit_job(&qmp, m, root, &job_id(m), self.progress.as_ref()).await?;
             let _ = qmp
                 .execute(
                     "blockdev-del",
@@ -579,6 +611,17 @@ impl Domain {
     /// block-commit and their overlays removed; the files the user gave are never removed.
     /// docs/delete.md has the kinds and what a failure leaves.
     pub async fn snapshot_delete(&self, name: &str, flags: DeleteFlags) -> Result<DeleteResult> {
+        self.snapshot_delete_with_progress(name, flags, None).await
+    }
+
+    /// [`Domain::snapshot_delete`], reporting the progress of its long jobs (the merges) to
+    /// `progress`.
+    pub async fn snapshot_delete_with_progress(
+        &self,
+        name: &str,
+        flags: DeleteFlags,
+        progress: Option<ProgressFn>,
+    ) -> Result<DeleteResult> {
         let t0 = Instant::now();
         let op = self.op_lock("snapshot delete").await?;
         let (recovered, op) = self.recover_captures(op).await;
@@ -614,7 +657,8 @@ impl Domain {
             require_storage_daemon()?;
         }
         let mut journal = self.journal(&store)?;
-        let d = Deleting::new(self);
+        let mut d = Deleting::new(self);
+        d.progress = progress;
         let outcome = core::run(&plan, &caps(&d), &mut journal, &store).await;
         if let Err(e) = journal.compact() {
             tracing::warn!(domain = %self.name, "cannot compact the journal: {e}");

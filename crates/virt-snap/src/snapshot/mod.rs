@@ -13,7 +13,7 @@ pub use capture::{
     CaptureRequest, CaptureResult, DiskChoice, DiskRequest, DomainSnapshot, Flags, MemoryChoice,
     SnapshotName, DEFAULT_FREEZE_BUDGET_MS, DEFAULT_MANUAL_HOLD_MS, DEFAULT_PAUSE_BUDGET_MS,
 };
-pub use delete::{DeleteFlags, DeleteKind, DeleteResult};
+pub use delete::{DeleteFlags, DeleteKind, DeleteResult, JobProgress, ProgressFn};
 pub use hold::ManualHold;
 pub use meta::{DamagedSnapshot, SnapshotInfo, SnapshotListing, SnapshotSummary, SNAPSHOTS_SUBDIR};
 pub use revert::{RevertFlags, RevertKind, RevertResult};
