@@ -1353,7 +1353,7 @@ mod tests {
     fn options() {
         let a = |s: &str| s.split_whitespace().map(String::from).collect::<Vec<_>>();
         let o = parse(&a(
-            "--runs 3 --part disk,ram --part storage --ram 256,1024 --only ours",
+            "--runs 3 --part disk,ram --part storage,delete --ram 256,1024 --only ours",
         ))
         .unwrap();
         assert_eq!(o.runs, 3);
@@ -1364,7 +1364,7 @@ mod tests {
         assert_eq!(o.ram_mib, vec![256, 1024]);
         assert!(o.ours && !o.peer);
         let o = parse(&[]).unwrap();
-        assert_eq!(o.parts.len(), 3);
+        assert_eq!(o.parts.len(), 4);
         assert_eq!(o.ram_mib, vec![256, 1024, 4096]);
         assert!(parse(&a("--part cpu")).is_err());
         assert!(parse(&a("--only both")).is_err());
