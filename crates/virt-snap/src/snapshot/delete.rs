@@ -502,6 +502,8 @@ impl snapshot_core::revert::Definition for Deleting {
 /// before planning).
 struct FsFacts {
     volumes: std::collections::BTreeMap<(String, String), String>,
+    /// Per directory read: each image file in it and its backing file (resolved).
+    dirs: std::sync::Mutex<std::collections::BTreeMap<PathBuf, Vec<(PathBuf, String)>>>,
 }
 
 impl FsFacts {
@@ -531,7 +533,10 @@ impl FsFacts {
                 }
             }
         }
-        FsFacts { volumes }
+        FsFacts {
+            volumes,
+            dirs: Default::default(),
+        }
     }
 }
 
@@ -560,20 +565,26 @@ impl Facts for FsFacts {
         let Some(dir) = Path::new(image).parent() else {
             return Vec::new();
         };
-        let Ok(rd) = std::fs::read_dir(dir) else {
-            return Vec::new();
-        };
-        rd.filter_map(|e| e.ok())
-            .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
-            .map(|e| e.path())
-            .filter(|p| p != Path::new(image))
-            .filter(|p| {
-                image_formats::ImageInfo::open(p, None)
-                    .ok()
-                    .and_then(|i| i.full_backing_filename())
-                    .is_some_and(|b| same_image(&b, image))
-            })
-            .map(|p| p.display().to_string())
+        let mut dirs = self.dirs.lock().unwrap_or_else(|e| e.into_inner());
+        let files = dirs.entry(dir.to_path_buf()).or_insert_with(|| {
+            let Ok(rd) = std::fs::read_dir(dir) else {
+                return Vec::new();
+            };
+            rd.filter_map(|e| e.ok())
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+                .filter_map(|e| {
+                    let p = e.path();
+                    let b = image_formats::ImageInfo::open(&p, None)
+                        .ok()?
+                        .full_backing_filename()?;
+                    Some((p, b))
+                })
+                .collect()
+        });
+        files
+            .iter()
+            .filter(|(p, b)| p != Path::new(image) && same_image(b, image))
+            .map(|(p, _)| p.display().to_string())
             .collect()
     }
 
