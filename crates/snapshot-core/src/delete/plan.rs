@@ -542,7 +542,15 @@ impl DeletePlan {
                     let obj = format!("{sname} {target}");
                     match loc {
                         Location::No => continue,
-                        Location::Storage | Location::Manual => {
+                        // The user took it (a capture's manual disk): nothing of virt-snap's
+                        // to delete.
+                        Location::Manual => {
+                            notes.push(format!(
+                                "{obj}: a manual disk's snapshot is the user's: left as it is"
+                            ));
+                            continue;
+                        }
+                        Location::Storage => {
                             return Err(plan_error(
                                 &obj,
                                 format!(

@@ -899,6 +899,22 @@ fn an_overlay_the_user_named_is_merged_but_kept() {
 }
 
 #[test]
+fn manual_disks_are_left_to_the_user_and_storage_disks_refused() {
+    let e = env(&internal(false));
+    let mut m = snap("m", Some("s2"), BASE, None);
+    m.disks[0].snapshot = Some(Location::Manual);
+    e.store.save(&m).unwrap();
+    let p = plan(&e, "m", NONE).unwrap();
+    assert_eq!(p.kind, DeleteKind::Metadata);
+    assert!(p.notes[0].contains("manual"), "{:?}", p.notes);
+    let mut st = snap("st", Some("s2"), BASE, None);
+    st.disks[0].snapshot = Some(Location::Storage);
+    e.store.save(&st).unwrap();
+    refused(&e, "st", NONE, "snapshot='storage'");
+    assert!(plan(&e, "st", METADATA).is_ok());
+}
+
+#[test]
 fn a_missing_internal_tag_deletes_the_metadata_alone() {
     let e = env(&internal(false));
     e.world.st().images.get_mut(BASE).unwrap().tags.remove("s2");
