@@ -133,7 +133,9 @@ fn end_rolled_back(journal: &mut J, op: OpId, undo_failures: &mut Vec<String>) {
 /// reported as [`ErrorKind::NotStarted`], undoes every step that acted (the failed one too),
 /// in reverse order, and fails with [`ErrorKind::DeleteFailed`]: metadata and definition end
 /// as they were (no image was touched). From the commit point on the delete rolls forward:
-/// see [`roll_forward`]'s rules for a failure there.
+/// a data step that fails there ends the run (its snapshot marked half-deleted unless it was
+/// refused before it started), failing to store the definition or the metadata leaves the
+/// operation pending for [`recover`], failing to remove an overlay is a warning.
 pub async fn run(
     plan: &DeletePlan,
     caps: &Capabilities<'_>,
