@@ -821,11 +821,17 @@ impl Domain {
     pub async fn state(&self) -> Result<StateInfo> {
         let st = match self.record() {
             Err(e) if e.kind() == ErrorKind::NotRunning => {
+                // Never started, but an offline operation may have been interrupted.
+                if self.has_pending_operations() {
+                    let _op = self
+                        .recover_pending(self.op_lock("domstate").await?)
+                        .await?;
+                }
                 return Ok(StateInfo {
                     state: DomainState::ShutOff,
                     reason: StateReason::Unknown,
                     pid: None,
-                })
+                });
             }
             r => r?,
         };
