@@ -362,7 +362,7 @@ fn summary(demo: &Demo, total: Duration, result: &Result<(), String>) {
     match result {
         Ok(()) => println!(
             "\ndemo done: a domain on pool volumes snapshotted live three ways (internal with \
-             RAM, atomic disk-only, RAM saved with the guest running), reverted twice (its RAM \
+             RAM, atomic disk-only, RAM saved with the guest running), reverted three times (in place; its RAM \
              loaded into a new QEMU; its disks re-pointed in the same QEMU), snapshots deleted \
              (one by live commit, one with two children), its volumes guarded while it ran; \
              qcow2 headers, chains and snapshot tables read natively (also under a \
