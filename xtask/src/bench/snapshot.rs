@@ -1,6 +1,7 @@
-//! `cargo xtask bench snapshot [--runs N] [--only ours|peer] [--part disk|ram|storage|revert]...
-//! [--ram 256,1024,4096] [--save-max N]`: live snapshots of running no-OS KVM domains (q35,
-//! 1 vCPU, no guest OS: the vCPU idles in the firmware), and reverts to them, virt-snap
+//! `cargo xtask bench snapshot [--runs N] [--only ours|peer]
+//! [--part disk|ram|storage|revert|delete]... [--ram 256,1024,4096] [--save-max N]`: live
+//! snapshots of running no-OS KVM domains (q35, 1 vCPU, no guest OS: the vCPU idles in the
+//! firmware), reverts to them and deletes of them, virt-snap
 //! against libvirt 11.3 and against bare floors, in one run, interleaved (issue 13's and
 //! issue 14's figures; see docs/benchmarks.md):
 //!
@@ -21,6 +22,10 @@
 //! - **revert** (`snapshot/revert.rs`): `snapshot-revert` of a running domain (2 qcow2 disks)
 //!   to an internal snapshot with RAM and, `--running`, to an external disk-only one: ours
 //!   in place (the same QEMU) against `virsh snapshot-revert` (libvirt restarts QEMU).
+//! - **delete** (`snapshot/delete.rs`): `snapshot-delete` of an external disk-only snapshot
+//!   of a running domain (2 qcow2 disks, chain base <- s1 <- s2, built untimed each round):
+//!   the leaf s2 (active commit with pivot) and s1 in the middle (intermediate commit),
+//!   against `virsh snapshot-delete`.
 //!
 //! Before a part measures, its QEMUs must be quiet (a fresh no-OS domain spends seconds of
 //! CPU in its firmware), and before each measured call the domain's QEMU must be idle (no
@@ -28,6 +33,7 @@
 //! the bench starts or makes (domains, daemons, the floor QEMU, files, the loop device and its
 //! mount) is removed at the end, also on error.
 
+mod delete;
 mod revert;
 
 use super::harness::{ms, report, report_series, Series};
@@ -61,6 +67,7 @@ enum Part {
     Ram,
     Storage,
     Revert,
+    Delete,
 }
 
 struct Opts {
@@ -92,16 +99,17 @@ fn parse(args: &[String]) -> Result<Opts, String> {
                 _ => return Err("--only takes ours or peer".into()),
             },
             "--part" => {
-                for p in val("disk, ram, storage or revert")?.split(',') {
+                for p in val("disk, ram, storage, revert or delete")?.split(',') {
                     parts.push(match p.trim() {
                         "disk" => Part::Disk,
                         "ram" => Part::Ram,
                         "storage" => Part::Storage,
                         "revert" => Part::Revert,
+                        "delete" => Part::Delete,
                         other => {
                             return Err(format!(
-                                "--part {other:?}: the parts are disk, ram, storage and revert"
-                            ))
+                            "--part {other:?}: the parts are disk, ram, storage, revert and delete"
+                        ))
                         }
                     });
                 }
@@ -121,7 +129,13 @@ fn parse(args: &[String]) -> Result<Opts, String> {
         i += 2;
     }
     if parts.is_empty() {
-        parts = vec![Part::Disk, Part::Ram, Part::Storage, Part::Revert];
+        parts = vec![
+            Part::Disk,
+            Part::Ram,
+            Part::Storage,
+            Part::Revert,
+            Part::Delete,
+        ];
     }
     parts.dedup();
     Ok(Opts {
@@ -709,6 +723,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
             Part::Ram => "ram",
             Part::Storage => "btrfs",
             Part::Revert => "revert",
+            Part::Delete => "delete",
         });
         std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
         let v = match part {
@@ -716,6 +731,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
             Part::Ram => ram_part(&o, &bins, &state, &dir, daemons.is_some())?,
             Part::Storage => storage_part(&o, &bins, &state, &dir)?,
             Part::Revert => revert::revert_part(&o, &bins, &state, &dir, daemons.is_some())?,
+            Part::Delete => delete::delete_part(&o, &bins, &state, &dir, daemons.is_some())?,
         };
         verdicts.extend(v);
     }
@@ -1254,7 +1270,17 @@ mod tests {
         let o = parse(&[]).unwrap();
         assert_eq!(
             o.parts,
-            vec![Part::Disk, Part::Ram, Part::Storage, Part::Revert]
+            vec![
+                Part::Disk,
+                Part::Ram,
+                Part::Storage,
+                Part::Revert,
+                Part::Delete
+            ]
+        );
+        assert_eq!(
+            parse(&a("--part revert,delete")).unwrap().parts,
+            vec![Part::Revert, Part::Delete]
         );
         assert_eq!(
             parse(&a("--part revert")).unwrap().parts,
