@@ -41,7 +41,7 @@ const BENCHES: &[(&str, &str)] = &[
     ),
     (
         "snapshot",
-        "live snapshots of running no-OS KVM domains: disk-only atomic (4 qcow2), RAM (--live, snapshot-save), btrfs backend, revert (internal with RAM, external --running): virt-snap vs libvirt 11.3 and bare floors",
+        "live snapshots of running no-OS KVM domains: disk-only atomic (4 qcow2), RAM (--live, snapshot-save), btrfs backend, revert (internal with RAM, external --running), delete (external leaf, mid-chain): virt-snap vs libvirt 11.3 and bare floors",
     ),
     (
         "image-snapshot",

@@ -1,6 +1,7 @@
-//! `cargo xtask bench snapshot [--runs N] [--only ours|peer] [--part disk|ram|storage|revert|delete]...
-//! [--ram 256,1024,4096] [--save-max N]`: live snapshots of running no-OS KVM domains (q35,
-//! 1 vCPU, no guest OS: the vCPU idles in the firmware), and reverts to them, virt-snap
+//! `cargo xtask bench snapshot [--runs N] [--only ours|peer]
+//! [--part disk|ram|storage|revert|delete]... [--ram 256,1024,4096] [--save-max N]`: live
+//! snapshots of running no-OS KVM domains (q35, 1 vCPU, no guest OS: the vCPU idles in the
+//! firmware), reverts to them and deletes of them, virt-snap
 //! against libvirt 11.3 and against bare floors, in one run, interleaved (issue 13's and
 //! issue 14's figures; see docs/benchmarks.md):
 //!
@@ -25,6 +26,10 @@
 //! - **revert** (`snapshot/revert.rs`): `snapshot-revert` of a running domain (2 qcow2 disks)
 //!   to an internal snapshot with RAM and, `--running`, to an external disk-only one: ours
 //!   in place (the same QEMU) against `virsh snapshot-revert` (libvirt restarts QEMU).
+//! - **delete** (`snapshot/delete.rs`): `snapshot-delete` of an external disk-only snapshot
+//!   of a running domain (2 qcow2 disks, chain base <- s1 <- s2, built untimed each round):
+//!   the leaf s2 (active commit with pivot) and s1 in the middle (intermediate commit),
+//!   against `virsh snapshot-delete`.
 //!
 //! Before a part measures, its QEMUs must be quiet (a fresh no-OS domain spends seconds of
 //! CPU in its firmware), and before each measured call the domain's QEMU must be idle (no
@@ -32,6 +37,7 @@
 //! the bench starts or makes (domains, daemons, the floor QEMU, files, the loop device and its
 //! mount) is removed at the end, also on error.
 
+mod delete;
 mod revert;
 
 use super::harness::{ms, report, report_series, Series};
@@ -729,7 +735,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
             Part::Ram => ram_part(&o, &bins, &state, &dir, daemons.is_some())?,
             Part::Storage => storage_part(&o, &bins, &state, &dir)?,
             Part::Revert => revert::revert_part(&o, &bins, &state, &dir, daemons.is_some())?,
-            Part::Delete => delete_part(&o, &bins, &state, &dir, daemons.is_some())?,
+            Part::Delete => delete::delete_part(&o, &bins, &state, &dir, daemons.is_some())?,
         };
         verdicts.extend(v);
     }
@@ -925,121 +931,6 @@ fn disk_part(
                 format!("virsh {} / ours {} = {r:.2}x", ms(p_wall.median()), ms(a)),
             ));
         }
-    }
-    Ok(v)
-}
-
-/// (d) deletes of external disk-only snapshots of a running domain with 2 qcow2 disks, ours
-/// and libvirt's interleaved: per run three snapshots a, b, c, then b deleted (the middle of the
-/// chain: intermediate commits), then c (the leaf on top: active commits with pivot), then a
-/// (not measured: the disks back on their own files for the next run).
-fn delete_part(
-    o: &Opts,
-    bins: &Bins,
-    state: &Path,
-    dir: &Path,
-    peer: bool,
-) -> Result<Vec<Verdict>, String> {
-    const OURS: &str = "vsbench-snap-del-ours";
-    const PEER: &str = "vsbench-snap-del-libvirt";
-    step("delete: domains with 2 qcow2 disks (ours, libvirt's)");
-    let mut ours = bins.virt_snap.as_ref().map(|b| Ours::new(b, state));
-    if let Some(us) = &mut ours {
-        let xml = domain_xml(OURS, 256, &file_disks(&qcow2_disks(dir, "ours", 2)?));
-        us.start(OURS, &xml, dir)?;
-    }
-    struct PeerDom;
-    impl Drop for PeerDom {
-        fn drop(&mut self) {
-            virsh_remove(PEER);
-        }
-    }
-    let _peer_dom = if peer {
-        let xml = domain_xml(PEER, 256, &file_disks(&qcow2_disks(dir, "libvirt", 2)?));
-        let g = PeerDom;
-        virsh_start(PEER, &xml, dir)?;
-        Some(g)
-    } else {
-        None
-    };
-    let mut o_mid = Series::new("virt-snap snapshot-delete, mid-chain");
-    let mut p_mid = Series::new("virsh snapshot-delete, mid-chain");
-    let mut o_leaf = Series::new("virt-snap snapshot-delete, leaf (current)");
-    let mut p_leaf = Series::new("virsh snapshot-delete, leaf (current)");
-    wait_quiet("delete");
-    step(&format!(
-        "delete: {} runs each after a warm-up, ours / libvirt interleaved (order rotating), QEMU idle before each",
-        o.runs
-    ));
-    for i in 0..=o.runs {
-        let keep = i > 0;
-        let names = [format!("a{i}"), format!("b{i}"), format!("c{i}")];
-        for k in 0..2 {
-            match (i + k) % 2 {
-                0 => {
-                    let Some(us) = &ours else { continue };
-                    for n in &names {
-                        us.ok(&["snapshot-create-as", OURS, n, "--disk-only", "--atomic"])?;
-                    }
-                    us.wait_idle(OURS)?;
-                    let (mid, _) = timed(&mut us.cmd(&["snapshot-delete", OURS, &names[1]]))?;
-                    us.wait_idle(OURS)?;
-                    let (leaf, _) = timed(&mut us.cmd(&["snapshot-delete", OURS, &names[2]]))?;
-                    us.ok(&["snapshot-delete", OURS, &names[0]])?;
-                    if keep {
-                        push(&mut o_mid, mid);
-                        push(&mut o_leaf, leaf);
-                    }
-                }
-                _ => {
-                    if !peer {
-                        continue;
-                    }
-                    for n in &names {
-                        util::output(&mut libvirt::virsh(&[
-                            "snapshot-create-as",
-                            PEER,
-                            n,
-                            "--disk-only",
-                            "--atomic",
-                        ]))?;
-                    }
-                    virsh_wait_idle(PEER)?;
-                    let (mid, _) =
-                        timed(&mut libvirt::virsh(&["snapshot-delete", PEER, &names[1]]))?;
-                    virsh_wait_idle(PEER)?;
-                    let (leaf, _) =
-                        timed(&mut libvirt::virsh(&["snapshot-delete", PEER, &names[2]]))?;
-                    util::output(&mut libvirt::virsh(&["snapshot-delete", PEER, &names[0]]))?;
-                    if keep {
-                        push(&mut p_mid, mid);
-                        push(&mut p_leaf, leaf);
-                    }
-                }
-            }
-        }
-    }
-    if let Some(mut us) = ours.take() {
-        us.remove(OURS);
-    }
-    drop(_peer_dom);
-    let title = "snapshot (d): delete of external disk-only snapshots, 2 qcow2 disks, running no-OS KVM domain (q35, 256 MiB, 1 vCPU)";
-    let have_ours = bins.virt_snap.is_some();
-    let mut v = Vec::new();
-    if have_ours && peer {
-        report(title, &[(&o_mid, &p_mid), (&o_leaf, &p_leaf)]);
-        for (what, a, b) in [("mid-chain", &o_mid, &p_mid), ("leaf", &o_leaf, &p_leaf)] {
-            let (a, b) = (a.median(), b.median());
-            v.push(verdict(
-                format!("(d) delete {what} at least as fast as virsh"),
-                a <= b,
-                format!("ours {} vs virsh {}", ms(a), ms(b)),
-            ));
-        }
-    } else if have_ours {
-        rows(title, &[&o_mid, &o_leaf]);
-    } else {
-        rows(title, &[&p_mid, &p_leaf]);
     }
     Ok(v)
 }
@@ -1393,6 +1284,10 @@ mod tests {
                 Part::Revert,
                 Part::Delete
             ]
+        );
+        assert_eq!(
+            parse(&a("--part revert,delete")).unwrap().parts,
+            vec![Part::Revert, Part::Delete]
         );
         assert_eq!(
             parse(&a("--part revert")).unwrap().parts,

@@ -96,13 +96,13 @@ impl Case {
 
 /// Failed runs of one series: how many, and the first error.
 #[derive(Default)]
-struct Fails {
-    n: usize,
-    first: Option<String>,
+pub(super) struct Fails {
+    pub(super) n: usize,
+    pub(super) first: Option<String>,
 }
 
 impl Fails {
-    fn add(&mut self, e: String) {
+    pub(super) fn add(&mut self, e: String) {
         self.n += 1;
         self.first.get_or_insert(e);
     }
@@ -143,7 +143,7 @@ impl Measured {
 }
 
 /// The pid of the QEMU whose `-name` is domain `dom` (`guest=DOM,...` or `DOM`).
-fn qemu_pid(dom: &str) -> Option<i32> {
+pub(super) fn qemu_pid(dom: &str) -> Option<i32> {
     for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
         let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
             continue;
@@ -177,22 +177,22 @@ fn qemu_pid(dom: &str) -> Option<i32> {
     None
 }
 
-/// `query-status` says running (the reply of either side's monitor command).
-fn status_running(reply: &str) -> Result<(), String> {
+/// `query-status` says running (the reply of either side's monitor command) after `what`.
+pub(super) fn status_running(reply: &str, what: &str) -> Result<(), String> {
     let v = json(reply)?;
     let st = v["return"]["status"].as_str().unwrap_or("?");
     if st == "running" && v["return"]["running"].as_bool() == Some(true) {
         Ok(())
     } else {
         Err(format!(
-            "not running after the revert: query-status says {st:?}"
+            "not running after the {what}: query-status says {st:?}"
         ))
     }
 }
 
 /// Median, p90, min and max of a series in ms, the number of runs and every run's figure
 /// in run order.
-fn stats(s: &Series) -> serde_json::Value {
+pub(super) fn stats(s: &Series) -> serde_json::Value {
     let r = |d: Duration| (d.as_secs_f64() * 1e5).round() / 100.0;
     let min = s.wall.iter().min().copied().unwrap_or_default();
     let max = s.wall.iter().max().copied().unwrap_or_default();
@@ -206,7 +206,7 @@ fn stats(s: &Series) -> serde_json::Value {
     })
 }
 
-fn spread(s: &Series) -> String {
+pub(super) fn spread(s: &Series) -> String {
     match (s.wall.iter().min(), s.wall.iter().max()) {
         (Some(a), Some(b)) => format!("{}-{}", ms(*a), ms(*b)),
         _ => "-".into(),
@@ -229,7 +229,7 @@ fn ours_once(us: &Ours, dom: &str, case: Case) -> Result<(Duration, Duration, bo
             case.kind()
         ));
     }
-    status_running(&us.monitor(dom, r#"{"execute":"query-status"}"#)?)?;
+    status_running(&us.monitor(dom, r#"{"execute":"query-status"}"#)?, "revert")?;
     let elapsed = json_ms(&j, "elapsed-ms").ok_or_else(|| format!("no elapsed-ms: {out}"))?;
     Ok((wall, elapsed, qemu_pid(dom) != before))
 }
@@ -248,7 +248,10 @@ fn peer_once(dom: &str, case: Case) -> Result<(Duration, bool), String> {
             st.trim()
         ));
     }
-    status_running(&virsh_monitor(dom, r#"{"execute":"query-status"}"#)?)?;
+    status_running(
+        &virsh_monitor(dom, r#"{"execute":"query-status"}"#)?,
+        "revert",
+    )?;
     Ok((wall, qemu_pid(dom) != before))
 }
 
@@ -499,12 +502,17 @@ mod tests {
 
     #[test]
     fn query_status_replies() {
-        assert!(status_running(r#"{"return":{"status":"running","running":true}}"#).is_ok());
         assert!(status_running(
-            r#"{"return":{"status":"internal-error","running":false},"id":"libvirt-9"}"#
+            r#"{"return":{"status":"running","running":true}}"#,
+            "revert"
+        )
+        .is_ok());
+        assert!(status_running(
+            r#"{"return":{"status":"internal-error","running":false},"id":"libvirt-9"}"#,
+            "revert"
         )
         .is_err());
-        assert!(status_running("garbage").is_err());
+        assert!(status_running("garbage", "revert").is_err());
     }
 
     #[test]
