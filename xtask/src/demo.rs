@@ -6,8 +6,9 @@
 //! libvirt XML on them and started; an internal snapshot with RAM, reverted to in place; a live atomic disk-only
 //! snapshot (its I/O stall measured); a `--live` RAM snapshot (its pause measured); the
 //! snapshot tree; a revert to the RAM snapshot (a new QEMU loading it) and one to the disk-only
-//! snapshot in the same QEMU; a volume snapshot refused while the domain runs, and done once it is
-//! destroyed. Then the image layer: native image inspection (also while a running QEMU holds
+//! snapshot in the same QEMU; two deletes (the disks back on their volumes); a volume snapshot
+//! refused while the domain runs, and done once it is destroyed. Then the image layer: native
+//! image inspection (also while a running QEMU holds
 //! the image), QEMU's image locks seen and respected, native internal snapshots checked by
 //! qemu-img, and an offline volume snapshot reverted.
 //!
@@ -361,9 +362,10 @@ fn summary(demo: &Demo, total: Duration, result: &Result<(), String>) {
     match result {
         Ok(()) => println!(
             "\ndemo done: a domain on pool volumes snapshotted live three ways (internal with \
-             RAM, atomic disk-only, RAM saved with the guest running), its volumes guarded while \
-             it ran, reverted twice (its RAM loaded into a new QEMU; its disks re-pointed in the same \
-             QEMU); qcow2 headers, chains and snapshot tables read natively (also under a \
+             RAM, atomic disk-only, RAM saved with the guest running), reverted twice (its RAM \
+             loaded into a new QEMU; its disks re-pointed in the same QEMU), two snapshots \
+             deleted (the disks back on their volumes), its volumes guarded while it ran; qcow2 \
+             headers, chains and snapshot tables read natively (also under a \
              running QEMU), QEMU's image locks seen and respected, internal snapshots taken and \
              applied natively (qemu-img agrees), a pool volume snapshotted and reverted."
         ),
@@ -435,10 +437,17 @@ fn live_path(d: &mut Demo) -> Result<(), String> {
     d.vs(&["domblklist", DOMAIN])?;
     d.vs(&["snapshot-list", DOMAIN, "--tree"])?;
 
-    // PLACEHOLDER (delete, being built on the `revert` branch): steps "delete" go here:
-    // `snapshot-delete vm1 live` (the current layer: an active block-commit with pivot), and
-    // the delete of a snapshot with two children (block-stream), with `domblklist` and the
-    // tree after each; the pool then holds only the overlays some snapshot still needs.
+    d.step("delete by live commit: the current layer merged down, then the one below");
+    d.note("live's overlays merge into those of disks (active block-commit, the disks pivot);");
+    d.note("its RAM file is kept");
+    d.vs(&["snapshot-delete", DOMAIN, "live"])?;
+    d.vs(&["domblklist", DOMAIN])?;
+    d.note("disks' overlays merge into the volumes: the disks are back on their own files");
+    d.vs(&["snapshot-delete", DOMAIN, "disks"])?;
+    d.vs(&["domblklist", DOMAIN])?;
+    d.vs(&["snapshot-list", DOMAIN, "--tree"])?;
+    // PLACEHOLDER (delete): the delete of a snapshot with two children goes here once
+    // block-stream is in (today it is refused with the reason, docs/delete.md).
 
     d.step("a volume snapshot refused while the domain runs");
     d.note("QEMU holds the volumes' leases (also of the backing files under the overlays):");

@@ -38,14 +38,19 @@ fn version_of(prog: &str) -> Option<String> {
 
 fn qemu_ok() -> bool {
     let want = format!("version {QEMU_VERSION}");
-    ["qemu-system-x86_64", "qemu-img", "qemu-io"]
-        .iter()
-        .all(|p| version_of(p).is_some_and(|v| v.contains(&want)))
+    [
+        "qemu-system-x86_64",
+        "qemu-img",
+        "qemu-io",
+        "qemu-storage-daemon",
+    ]
+    .iter()
+    .all(|p| version_of(p).is_some_and(|v| v.contains(&want)))
 }
 
 const NEEDS: &[Need] = &[
     Need {
-        what: "QEMU 10.0.2 (qemu-system-x86_64, qemu-img, qemu-io)",
+        what: "QEMU 10.0.2 (qemu-system-x86_64, qemu-img, qemu-io, qemu-storage-daemon)",
         present: qemu_ok,
         packages: &[
             "qemu-system-x86",

@@ -44,6 +44,14 @@ pub enum ErrorKind {
     /// [`Error::undo_failures`] says what was not. The original failure is the
     /// [`std::error::Error::source`].
     RevertFailed,
+    /// A delete failed: before its commit point every step was undone (or
+    /// [`Error::undo_failures`] says what was not); after it the error says what is left.
+    /// The original failure is the [`std::error::Error::source`].
+    DeleteFailed,
+    /// What the facade reports for a step that was refused before it changed anything (a
+    /// commit QEMU would not start, a helper that is not installed): the runner may treat the
+    /// step as not done.
+    NotStarted,
 }
 
 /// An error from snapshot-core.
@@ -121,6 +129,11 @@ impl Error {
     /// facade's implementations build theirs with this.
     pub fn backend(object: impl Into<String>, what: impl Into<String>) -> Self {
         Error::new(ErrorKind::Backend, object, what)
+    }
+
+    /// A backend error for a step that changed nothing ([`ErrorKind::NotStarted`]).
+    pub fn not_started(object: impl Into<String>, what: impl Into<String>) -> Self {
+        Error::new(ErrorKind::NotStarted, object, what)
     }
 
     /// Attaches the underlying cause.

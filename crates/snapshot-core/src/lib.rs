@@ -12,12 +12,14 @@
 //! - [`capture`]: the live capture state machine (plan, steps, runner, recovery) over
 //!   capability traits the facade implements;
 //! - [`revert`]: the revert state machine, built the same way;
+//! - [`delete`]: the delete state machine, built the same way;
 //! - [`ops`]: the journal record of every operation kind, and what their recovery shares.
 //!
 //! See docs/snapshot-metadata.md for the formats and the crash guarantees.
 #![deny(missing_docs)]
 
 pub mod capture;
+pub mod delete;
 pub mod domain;
 mod error;
 mod fsutil;

@@ -4,11 +4,12 @@
 //!
 //! Every operation kind journals the same shape: its whole plan first, then each step (with
 //! its undo data) before it acts. An operation's records carry its own record type
-//! ([`CaptureRecord`], [`RevertRecord`]); [`OpRecord`] is their union, written as the inner
+//! ([`CaptureRecord`], [`RevertRecord`], [`DeleteRecord`]); [`OpRecord`] is their union, written as the inner
 //! record alone (untagged: the inner records' `record` tags differ), so a journal written
 //! before another kind existed reads the same.
 
 use crate::capture::CaptureRecord;
+use crate::delete::DeleteRecord;
 use crate::journal::{Journal, OpId, PendingOp, StepState};
 use crate::revert::RevertRecord;
 use serde::{Deserialize, Serialize};
@@ -21,6 +22,8 @@ pub enum OpRecord {
     Capture(CaptureRecord),
     /// A revert's (`snapshot-revert`).
     Revert(RevertRecord),
+    /// A delete's (`snapshot-delete`).
+    Delete(DeleteRecord),
 }
 
 /// A domain's journal.

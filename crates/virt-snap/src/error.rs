@@ -106,7 +106,9 @@ impl Error {
                 // What failed behind the capture traits (or made a capture fail) says more.
                 snapshot_core::ErrorKind::Backend
                 | snapshot_core::ErrorKind::CaptureFailed
-                | snapshot_core::ErrorKind::RevertFailed => {
+                | snapshot_core::ErrorKind::RevertFailed
+                | snapshot_core::ErrorKind::DeleteFailed
+                | snapshot_core::ErrorKind::NotStarted => {
                     std::error::Error::source(e).map_or(ErrorKind::Io, Error::dyn_kind)
                 }
                 k => core_kind(k),

@@ -115,7 +115,8 @@ pub enum Command {
     #[command(flatten)]
     Domain(domain::DomainCmd),
     /// Domain snapshots: snapshot-list, snapshot-info, snapshot-dumpxml, snapshot-current,
-    /// snapshot-parent, snapshot-create (--redefine), snapshot-create-as, snapshot-revert.
+    /// snapshot-parent, snapshot-create (--redefine), snapshot-create-as, snapshot-revert,
+    /// snapshot-delete.
     #[command(flatten)]
     Snapshot(snapshot::SnapshotCmd),
 }

@@ -8,8 +8,8 @@ use super::{CliError, CliResult};
 use clap::{Args, Subcommand};
 use std::path::{Path, PathBuf};
 use virt_snap::snapshot::{
-    CaptureRequest, CaptureResult, DamagedSnapshot, Disk, DomainSnapshot, Driver, Flags,
-    ListFilter, Location, Memory, RevertFlags, Scope, SnapshotName, Source,
+    CaptureRequest, CaptureResult, DamagedSnapshot, DeleteFlags, Disk, DomainSnapshot, Driver,
+    Flags, ListFilter, Location, Memory, RevertFlags, Scope, SnapshotName, Source,
 };
 use virt_snap::Connection;
 
@@ -87,6 +87,27 @@ pub enum SnapshotCmd {
         /// whose disks are not the domain's disks now.
         #[arg(long)]
         force: bool,
+    },
+    /// Delete a snapshot (its children move to its parent); internal snapshots leave their
+    /// images, external ones are merged into the images below by block-commit.
+    SnapshotDelete {
+        /// The domain.
+        domain: String,
+        /// The snapshot.
+        #[arg(required_unless_present = "current", conflicts_with = "current")]
+        snapshotname: Option<String>,
+        /// Delete the current snapshot.
+        #[arg(long)]
+        current: bool,
+        /// Delete its descendants too.
+        #[arg(long, conflicts_with = "children_only")]
+        children: bool,
+        /// Delete its descendants only; it stays.
+        #[arg(long)]
+        children_only: bool,
+        /// Delete the metadata only; no image is touched.
+        #[arg(long)]
+        metadata: bool,
     },
     /// Create a snapshot from options (virsh's --memspec and --diskspec).
     SnapshotCreateAs {
@@ -689,6 +710,29 @@ pub async fn run(cmd: SnapshotCmd, out: Format, state: Option<&Path>) -> CliResu
             };
             revert(&conn, &domain, &name, flags, out).await
         }
+        SnapshotCmd::SnapshotDelete {
+            domain,
+            snapshotname,
+            current,
+            children,
+            children_only,
+            metadata,
+        } => {
+            let name = match snapshotname {
+                Some(n) => n,
+                None if current => conn
+                    .snapshot_current(&domain)?
+                    .and_then(|s| s.name.map(|n| n.to_string()))
+                    .ok_or_else(|| no_current(&domain))?,
+                None => unreachable!("clap requires one"),
+            };
+            let flags = DeleteFlags {
+                children,
+                children_only,
+                metadata,
+            };
+            delete(&conn, &domain, &name, flags, out).await
+        }
         SnapshotCmd::SnapshotCreateAs {
             domain,
             snapshotname,
@@ -747,6 +791,40 @@ async fn revert(
         }))
         .map_err(out_err),
         Format::Text => Ok(()),
+    }
+}
+
+/// `snapshot-delete`: virsh's line (`Domain snapshot S deleted`, `... children deleted` with
+/// --children-only), warnings on stderr; `--output json` prints the snapshots deleted, the
+/// kind, how long it took and the warnings.
+async fn delete(
+    conn: &Connection,
+    domain: &str,
+    name: &str,
+    flags: DeleteFlags,
+    out: Format,
+) -> CliResult {
+    let r = conn.domain(domain)?.snapshot_delete(name, flags).await?;
+    for w in &r.warnings {
+        eprintln!("warning: {w}");
+    }
+    match out {
+        Format::Json => output::print_json(&serde_json::json!({
+            "name": name,
+            "deleted": r.deleted,
+            "kind": r.kind.as_str(),
+            "elapsed-ms": r.elapsed.as_millis() as u64,
+            "warnings": r.warnings,
+        }))
+        .map_err(out_err),
+        Format::Text if flags.children_only => {
+            println!("Domain snapshot {name} children deleted");
+            Ok(())
+        }
+        Format::Text => {
+            println!("Domain snapshot {name} deleted");
+            Ok(())
+        }
     }
 }
 

@@ -1236,6 +1236,12 @@ impl Domain {
                 Err(e) => return (Err(e), Ok(op)),
             }
         }
+        if pending(&journal, snapshot_core::delete::JOURNAL_KIND) {
+            match super::delete::recover(self, &mut journal, &store).await {
+                Ok(r) => out.extend(r),
+                Err(e) => return (Err(e), Ok(op)),
+            }
+        }
         if !out.is_empty() {
             for r in &out {
                 tracing::warn!(domain = %self.name, ?r, "recovered an interrupted snapshot operation");
@@ -1462,7 +1468,7 @@ impl Domain {
 }
 
 /// Creates `dir` (and its parents) `0700` if missing.
-fn create_private_dir(dir: &Path) -> Result<()> {
+pub(crate) fn create_private_dir(dir: &Path) -> Result<()> {
     use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new()
         .recursive(true)

@@ -1,8 +1,9 @@
-//! Domain snapshots: live capture ([`capture`]), revert ([`revert`]), the metadata queries and `--redefine`
+//! Domain snapshots: live capture ([`capture`]), revert ([`revert`]), delete ([`delete`]), the metadata queries and `--redefine`
 //! ([`meta`]), and the types a caller builds requests and reads results with, re-exported
 //! from the lower crates so that users (the CLI among them) name no lower crate.
 
 pub mod capture;
+pub mod delete;
 pub(crate) mod hold;
 pub mod meta;
 pub mod revert;
@@ -12,6 +13,7 @@ pub use capture::{
     CaptureRequest, CaptureResult, DiskChoice, DiskRequest, DomainSnapshot, Flags, MemoryChoice,
     SnapshotName, DEFAULT_FREEZE_BUDGET_MS, DEFAULT_MANUAL_HOLD_MS, DEFAULT_PAUSE_BUDGET_MS,
 };
+pub use delete::{DeleteFlags, DeleteKind, DeleteResult};
 pub use hold::ManualHold;
 pub use meta::{DamagedSnapshot, SnapshotInfo, SnapshotListing, SnapshotSummary, SNAPSHOTS_SUBDIR};
 pub use revert::{RevertFlags, RevertKind, RevertResult};

@@ -1,0 +1,920 @@
+//! The plan: a delete request checked against the domain, its snapshot tree and the images,
+//! as a list of [`Step`]s.
+
+use crate::capture::{default_overlay_path, DomainInfo, RunState};
+use crate::domain::{BackingStore, DomainDef, SourceRef};
+use crate::error::{Error, ErrorKind, Result};
+use crate::name::SnapshotName;
+use crate::revert::InternalDisk;
+use crate::tree::{DeleteScope, SnapshotTree};
+use crate::xml::{DomainSnapshot, Location, RawXml};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// The flags of `snapshot-delete`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeleteFlags {
+    /// `--children`: the snapshot and all its descendants (leaves first).
+    pub children: bool,
+    /// `--children-only`: its descendants only; the snapshot stays.
+    pub children_only: bool,
+    /// `--metadata`: only the metadata records; no image is touched.
+    pub metadata: bool,
+}
+
+/// A delete request (`snapshot-delete DOM SNAP`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeleteRequest {
+    /// The snapshot.
+    pub name: SnapshotName,
+    /// The flags.
+    pub flags: DeleteFlags,
+}
+
+/// What a delete touches (docs/delete.md has the steps of each).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DeleteKind {
+    /// The metadata only (`--metadata`, or snapshots whose data is gone already).
+    Metadata,
+    /// Internal snapshots: their tags removed from the images.
+    Internal,
+    /// External snapshots: their overlays merged into the images below (block-commit).
+    External,
+    /// Both.
+    Mixed,
+}
+
+impl DeleteKind {
+    /// The name in messages and `--output json`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeleteKind::Metadata => "metadata",
+            DeleteKind::Internal => "internal",
+            DeleteKind::External => "external",
+            DeleteKind::Mixed => "mixed",
+        }
+    }
+}
+
+/// How an overlay is merged into the image below it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CommitMode {
+    /// The overlay is the disk's active top in the running QEMU: active `block-commit`, then
+    /// `job-complete` (the disk pivots onto the base), then the overlay's nodes dropped.
+    Active,
+    /// The overlay is below the top in the running QEMU: `block-commit` of it alone; QEMU
+    /// rewrites the backing of the image above to the base.
+    Intermediate,
+    /// The domain is shut off: the same commit in a QEMU process without a guest
+    /// (`qemu-storage-daemon`), the image above (if any) rebased onto the base by it.
+    Offline,
+}
+
+/// One external disk's merge ([`Step::Commit`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Merge {
+    /// The disk's target.
+    pub disk: String,
+    /// The snapshot's overlay (made when the snapshot was taken), merged down.
+    pub overlay: String,
+    /// Its format.
+    pub overlay_format: String,
+    /// The image below it (the disk's image when the snapshot was taken), merged into.
+    pub base: String,
+    /// Its format.
+    pub base_format: String,
+    /// The image backed by the overlay (none when the overlay is the disk's top).
+    pub above: Option<String>,
+    /// The disk's top image (the whole chain from it is opened by an offline commit).
+    pub top: String,
+    /// How.
+    pub mode: CommitMode,
+}
+
+/// One step of a delete. Each step's undo is documented on it and in docs/delete.md.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "step", rename_all = "kebab-case")]
+pub enum Step {
+    /// Delete internal snapshot `tag` from the images: in the running QEMU (`snapshot-delete`
+    /// job) where the image is the disk's active image (`live`), offline natively where no
+    /// QEMU has it open (`offline`). Cannot be undone (a commit point); missing is success,
+    /// so it can run again.
+    DeleteInternal {
+        /// The snapshot.
+        snapshot: SnapshotName,
+        /// The tag.
+        tag: String,
+        /// Deleted through QEMU, by the disks' nodes.
+        live: Vec<InternalDisk>,
+        /// Deleted offline, in the images.
+        offline: Vec<InternalDisk>,
+    },
+    /// Merge the snapshot's overlay into the image below it (block-commit). Cannot be undone
+    /// (a commit point); an overlay no longer in the chain is success, so it can run again.
+    Commit {
+        /// The snapshot.
+        snapshot: SnapshotName,
+        /// The merge.
+        merge: Merge,
+    },
+    /// Store the domain definition `after` (the disks on the images merged into). Undo:
+    /// store `before`.
+    SwitchDefinition {
+        /// The definition now.
+        before: String,
+        /// After the merges.
+        after: String,
+    },
+    /// The snapshot's metadata removed: `after` written (its children under its parent,
+    /// the copies of the definition that named a merged overlay now naming its base), its
+    /// file removed, `current_after` made current. Undo: `before` written back (the
+    /// snapshot's file too) and `current_before` current again.
+    Metadata {
+        /// The snapshot deleted.
+        snapshot: SnapshotName,
+        /// The files changed and the snapshot's own, as they were.
+        before: Vec<DomainSnapshot>,
+        /// The files changed, as they become.
+        after: Vec<DomainSnapshot>,
+        /// The current snapshot before.
+        current_before: Option<SnapshotName>,
+        /// After.
+        current_after: Option<SnapshotName>,
+    },
+    /// Remove a merged overlay that no remaining snapshot needs (only a file whose recorded
+    /// backing is `backing`; missing is success). After the commit point: a failure is a
+    /// warning (the file is left).
+    RemoveOverlay {
+        /// The overlay.
+        path: String,
+        /// The image it was an overlay of.
+        backing: String,
+    },
+}
+
+impl Step {
+    /// A short name for messages and journals.
+    pub fn label(&self) -> String {
+        match self {
+            Step::DeleteInternal { snapshot, .. } => format!("delete-internal {snapshot}"),
+            Step::Commit { snapshot, merge } => format!("commit {snapshot} {}", merge.disk),
+            Step::SwitchDefinition { .. } => "switch-definition".into(),
+            Step::Metadata { snapshot, .. } => format!("metadata {snapshot}"),
+            Step::RemoveOverlay { path, .. } => format!("remove-overlay {path}"),
+        }
+    }
+
+    /// Does this step change snapshot data (irreversibly)?
+    pub fn changes_data(&self) -> bool {
+        matches!(self, Step::DeleteInternal { .. } | Step::Commit { .. })
+    }
+}
+
+/// A validated plan: the steps in order and the commit point.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeletePlan {
+    /// The domain.
+    pub domain: String,
+    /// The snapshot named in the request.
+    pub name: SnapshotName,
+    /// What it touches.
+    pub kind: DeleteKind,
+    /// The snapshots deleted, in the order they are (children before parents).
+    pub deleted: Vec<SnapshotName>,
+    /// The steps, in order.
+    pub steps: Vec<Step>,
+    /// The index of the commit point: the first step that changes snapshot data (which
+    /// cannot be undone), else the first metadata step. A failure before it undoes
+    /// everything; from it on the delete rolls forward.
+    pub commit_point: usize,
+    /// What is kept that a user may expect gone (an overlay the user named, a RAM file), one
+    /// line each.
+    pub notes: Vec<String>,
+}
+
+/// What the planner asks about files and images (the facade answers from the file system;
+/// nothing is changed).
+pub trait Facts {
+    /// Does `path` exist?
+    fn exists(&self, path: &str) -> bool;
+    /// The tags of the internal snapshots of the qcow2 image `image` (none if it is not
+    /// one).
+    fn internal_snapshots(&self, image: &str) -> Vec<String>;
+    /// The image `image` is an overlay of, as its header records it (an absolute path,
+    /// resolved against the image's directory); none for an image without a backing file.
+    fn backing(&self, image: &str) -> Option<String>;
+    /// The path of pool volume `volume` of pool `pool` (none if unknown).
+    fn volume_path(&self, pool: &str, volume: &str) -> Option<String>;
+    /// The files next to `image` (in its directory) that are overlays of it, by their headers.
+    fn backed_by(&self, image: &str) -> Vec<String>;
+}
+
+fn plan_error(object: &str, what: String) -> Error {
+    Error::new(ErrorKind::InvalidPlan, object, what)
+}
+
+/// The images the planner knows and which backs onto which, as the plan's merges change it.
+struct Chains<'a> {
+    facts: &'a dyn Facts,
+    backing: BTreeMap<String, Option<String>>,
+    /// Images that are part of the domain's graph (tops, snapshots' images and overlays).
+    known: BTreeSet<String>,
+    /// Images the plan merges away or removes.
+    gone: BTreeSet<String>,
+}
+
+impl Chains<'_> {
+    fn back(&mut self, image: &str) -> Option<String> {
+        if let Some(b) = self.backing.get(image) {
+            return b.clone();
+        }
+        let b = self.facts.backing(image);
+        self.backing.insert(image.to_string(), b.clone());
+        b
+    }
+
+    /// `top` and the images below it, top down.
+    fn chain(&mut self, top: &str) -> Vec<String> {
+        let mut out = vec![top.to_string()];
+        while let Some(b) = self.back(out.last().expect("non-empty")) {
+            if out.contains(&b) || out.len() > 256 {
+                break;
+            }
+            out.push(b);
+        }
+        out
+    }
+
+    fn learn(&mut self, image: &str) {
+        for i in self.chain(image) {
+            self.known.insert(i);
+        }
+    }
+
+    /// The known images backed by `image`.
+    fn known_dependents(&mut self, image: &str) -> Vec<String> {
+        let known: Vec<String> = self.known.iter().cloned().collect();
+        known
+            .into_iter()
+            .filter(|k| self.back(k).as_deref() == Some(image))
+            .collect()
+    }
+
+    /// Every image backed by `image`: the known ones and the files next to it whose headers
+    /// say so (an overlay whose snapshot's metadata was deleted alone, say), as the plan's
+    /// merges leave them.
+    fn dependents(&mut self, image: &str) -> Vec<String> {
+        let mut all: BTreeSet<String> = self.known.iter().cloned().collect();
+        all.extend(self.facts.backed_by(image));
+        all.remove(image);
+        for g in &self.gone {
+            all.remove(g);
+        }
+        all.into_iter()
+            .filter(|k| self.back(k).as_deref() == Some(image))
+            .collect()
+    }
+
+    /// `overlay` merged into `base`: the known images backed by it (the image above it in the
+    /// chain, which QEMU rewrites) are backed by `base`.
+    fn merged(&mut self, overlay: &str, base: &str) {
+        for k in self.known_dependents(overlay) {
+            self.backing.insert(k, Some(base.to_string()));
+        }
+        self.known.remove(overlay);
+        self.gone.insert(overlay.to_string());
+    }
+}
+
+/// The file a disk element's source names, if it is a file or a block device.
+fn source_path(d: &crate::domain::Disk) -> Option<String> {
+    match d.source_ref()? {
+        SourceRef::File(p) | SourceRef::Block(p) => Some(p.to_string()),
+        SourceRef::Volume { .. } => None,
+    }
+}
+
+/// The same, a pool volume resolved to its path.
+fn image_path(d: &crate::domain::Disk, facts: &dyn Facts) -> Option<String> {
+    match d.source_ref()? {
+        SourceRef::File(p) | SourceRef::Block(p) => Some(p.to_string()),
+        SourceRef::Volume { pool, volume } => facts.volume_path(pool, volume),
+    }
+}
+
+/// Takes the entry whose source is `path` out of a backing chain (what was below it comes up).
+fn splice(chain: &mut Option<BackingStore>, path: &str) -> bool {
+    let Some(b) = chain else { return false };
+    let named =
+        matches!(b.source_ref(), Some(SourceRef::File(p)) | Some(SourceRef::Block(p)) if p == path);
+    if named {
+        *chain = b.backing_store.take().map(|x| *x);
+        return true;
+    }
+    let mut below = b.backing_store.take().map(|x| *x);
+    let done = splice(&mut below, path);
+    b.backing_store = below.map(Box::new);
+    done
+}
+
+/// In definition `def`, disk `target` on `overlay` moves onto `base` (as disk `base_disk` of
+/// the snapshot's copy of the definition describes it), or `overlay` leaves its written-out
+/// backing chain. Returns whether anything changed.
+fn repoint_disk(
+    def: &mut DomainDef,
+    target: &str,
+    overlay: &str,
+    base_disk: &crate::domain::Disk,
+) -> bool {
+    let Some(d) = def.disk_mut(target) else {
+        return false;
+    };
+    if source_path(d).as_deref() == Some(overlay) {
+        d.disk_type = base_disk.disk_type.clone();
+        d.source = base_disk.source.clone();
+        if let Some(f) = base_disk.format() {
+            d.set_format(f);
+        }
+        d.set_backing_store(base_disk.backing_store.clone());
+        return true;
+    }
+    splice(&mut d.backing_store, overlay)
+}
+
+/// The same for a snapshot's raw copy of the definition.
+fn repoint_copy(
+    raw: &RawXml,
+    target: &str,
+    overlay: &str,
+    base_disk: &crate::domain::Disk,
+) -> Result<Option<RawXml>> {
+    let mut def = DomainDef::from_xml(raw.as_str())?;
+    if !repoint_disk(&mut def, target, overlay, base_disk) {
+        return Ok(None);
+    }
+    Ok(Some(RawXml::element(&def.to_xml())?))
+}
+
+/// Is `path` still needed: in the chain of a disk's top, of a remaining snapshot's overlay or
+/// image (its copy of the definition's disk sources), or named by the stored definition?
+fn needed(
+    chains: &mut Chains<'_>,
+    tree: &SnapshotTree,
+    tops: &BTreeMap<String, String>,
+    def: Option<&DomainDef>,
+    path: &str,
+    except: Option<&str>,
+) -> bool {
+    let named = |d: &crate::domain::Disk| {
+        source_path(d).as_deref() == Some(path)
+            || d.backing_chain().any(|b| {
+                matches!(b.source_ref(), Some(SourceRef::File(p)) | Some(SourceRef::Block(p)) if p == path)
+            })
+    };
+    if def.is_some_and(|d| d.disks().iter().any(named)) {
+        return true;
+    }
+    // An overlay of it that stays (known or not).
+    if !chains.dependents(path).is_empty() {
+        return true;
+    }
+    let mut roots: Vec<String> = tops.values().cloned().collect();
+    for n in tree.topological() {
+        if Some(n.as_str()) == except {
+            continue;
+        }
+        let Some(s) = tree.get(n.as_str()) else {
+            continue;
+        };
+        for d in &s.disks {
+            if let Some(o) = d.source.as_ref().and_then(|x| x.file.clone()) {
+                roots.push(o);
+            }
+        }
+        if let Some(raw) = &s.domain {
+            match DomainDef::from_xml(raw.as_str()) {
+                Ok(copy) => {
+                    if copy.disks().iter().any(named) {
+                        return true;
+                    }
+                    roots.extend(
+                        copy.disks()
+                            .iter()
+                            .filter_map(|d| image_path(d, chains.facts)),
+                    );
+                }
+                // Unreadable: keep everything.
+                Err(_) => return true,
+            }
+        }
+    }
+    roots
+        .iter()
+        .any(|r| chains.chain(r).iter().any(|i| i == path))
+}
+
+/// Every snapshot's metadata, by name.
+fn all_defs(tree: &SnapshotTree) -> BTreeMap<SnapshotName, DomainSnapshot> {
+    tree.topological()
+        .into_iter()
+        .filter_map(|n| tree.get(n.as_str()).map(|d| (n.clone(), d.clone())))
+        .collect()
+}
+
+impl DeletePlan {
+    /// Plans `req` for the domain `dom` (its run state, its disks' current images, its
+    /// stored definition in `domain_xml`) and its snapshot tree `tree`; `facts` says which
+    /// files exist, which internal snapshots an image holds and which image backs onto which.
+    /// Refuses, with [`ErrorKind::InvalidPlan`] naming the snapshot, disk or flag, what cannot
+    /// be deleted; an unknown snapshot is [`ErrorKind::NotFound`].
+    pub fn new(
+        req: &DeleteRequest,
+        dom: &DomainInfo,
+        tree: &SnapshotTree,
+        facts: &dyn Facts,
+    ) -> Result<Self> {
+        let f = req.flags;
+        let name = req.name.as_str();
+        if f.children && f.children_only {
+            return Err(plan_error(
+                "--children",
+                "--children and --children-only are mutually exclusive".into(),
+            ));
+        }
+        if !tree.contains(name) {
+            return Err(Error::new(
+                ErrorKind::NotFound,
+                name,
+                format!("domain {:?} has no such snapshot", dom.name),
+            ));
+        }
+        let scope = if f.children {
+            DeleteScope::WithDescendants
+        } else if f.children_only {
+            DeleteScope::DescendantsOnly
+        } else {
+            DeleteScope::Snapshot
+        };
+        let order: Vec<SnapshotName> = tree
+            .deletion_order(name, scope)?
+            .into_iter()
+            .cloned()
+            .collect();
+        // The tree as the plan's steps change it.
+        let (mut sim, _) = SnapshotTree::from_snapshots(all_defs(tree).into_values());
+        sim.set_current(tree.current().map(|c| c.as_str()))?;
+        let up = dom.state != RunState::ShutOff;
+        let mut def = match &dom.domain_xml {
+            Some(x) => Some(DomainDef::from_xml(x.as_str()).map_err(|e| {
+                plan_error(&dom.name, "its stored definition is not valid".into()).with_source(e)
+            })?),
+            None => None,
+        };
+        let mut tops: BTreeMap<String, String> = dom
+            .disks
+            .iter()
+            .filter_map(|d| d.source.clone().map(|s| (d.target.clone(), s)))
+            .collect();
+        let mut chains = Chains {
+            facts,
+            backing: BTreeMap::new(),
+            known: BTreeSet::new(),
+            gone: BTreeSet::new(),
+        };
+        if !f.metadata {
+            for t in tops.values() {
+                chains.learn(t);
+            }
+            for s in all_defs(tree).values() {
+                for d in &s.disks {
+                    if let Some(o) = d.source.as_ref().and_then(|x| x.file.as_deref()) {
+                        if d.location() == Some(Location::External) {
+                            chains.learn(o);
+                        }
+                    }
+                }
+            }
+        }
+        let mut steps = Vec::new();
+        let mut notes = Vec::new();
+        // The internal snapshots this plan deletes, (image, tag).
+        let mut removed_tags: BTreeSet<(String, String)> = BTreeSet::new();
+        // Does `image` hold internal snapshots the plan leaves? (A merge would lose them: the
+        // image is removed after its data went down.)
+        let tagged = |image: &str, removed: &BTreeSet<(String, String)>| {
+            facts
+                .internal_snapshots(image)
+                .into_iter()
+                .any(|t| !removed.contains(&(image.to_string(), t)))
+        };
+        let (mut internal, mut external) = (false, false);
+        for sname in &order {
+            let s = sim.get(sname.as_str()).cloned().ok_or_else(|| {
+                Error::new(ErrorKind::NotFound, sname.as_str(), "not in the tree")
+            })?;
+            let mut removes = Vec::new();
+            let mut rewrites: Vec<(String, String, crate::domain::Disk)> = Vec::new();
+            if !f.metadata {
+                let copy = match &s.domain {
+                    Some(raw) => Some(DomainDef::from_xml(raw.as_str()).map_err(|e| {
+                        plan_error(
+                            sname.as_str(),
+                            "its copy of the domain definition is not valid".into(),
+                        )
+                        .with_source(e)
+                    })?),
+                    None => None,
+                };
+                let (mut live, mut offline) = (Vec::new(), Vec::new());
+                let mut commits = Vec::new();
+                for d in &s.disks {
+                    let loc = d.location().unwrap_or(Location::No);
+                    if loc == Location::No {
+                        continue;
+                    }
+                    let dd = dom
+                        .disks
+                        .iter()
+                        .find(|x| x.target == d.name || x.source.as_deref() == Some(&d.name));
+                    let target = dd.map(|x| x.target.clone()).unwrap_or(d.name.clone());
+                    let obj = format!("{sname} {target}");
+                    match loc {
+                        Location::No => continue,
+                        Location::Storage | Location::Manual => {
+                            return Err(plan_error(
+                                &obj,
+                                format!(
+                                    "deleting a snapshot='{}' disk is not supported yet: \
+                                     --metadata deletes the metadata alone",
+                                    loc.as_str()
+                                ),
+                            ))
+                        }
+                        Location::Internal => {
+                            let image = copy
+                                .as_ref()
+                                .and_then(|c| c.disk(&target))
+                                .and_then(|x| image_path(x, facts))
+                                .or_else(|| tops.get(&target).cloned());
+                            let Some(image) = image else {
+                                return Err(plan_error(
+                                    &obj,
+                                    "no image known to hold the internal snapshot".into(),
+                                ));
+                            };
+                            if !facts
+                                .internal_snapshots(&image)
+                                .iter()
+                                .any(|t| t == sname.as_str())
+                            {
+                                notes.push(format!(
+                                    "{obj}: {image} holds no internal snapshot {sname:?} any \
+                                     more: only the metadata is deleted"
+                                ));
+                                continue;
+                            }
+                            removed_tags.insert((image.clone(), sname.to_string()));
+                            let idisk = InternalDisk {
+                                target: target.clone(),
+                                image: image.clone(),
+                            };
+                            let top = tops.get(&target).cloned();
+                            if up && top.as_deref() == Some(image.as_str()) {
+                                live.push(idisk);
+                            } else if up && top.is_some_and(|t| chains.chain(&t).contains(&image)) {
+                                return Err(plan_error(
+                                    &obj,
+                                    format!(
+                                        "the internal snapshot is in {image}, a backing file \
+                                         the running QEMU has open read-only: shut the \
+                                         domain off to delete it, or --metadata"
+                                    ),
+                                ));
+                            } else {
+                                offline.push(idisk);
+                            }
+                        }
+                        Location::External => {
+                            let Some(overlay) = d
+                                .source
+                                .as_ref()
+                                .and_then(|x| x.file.clone().or(x.dev.clone()))
+                            else {
+                                return Err(plan_error(
+                                    &obj,
+                                    "the snapshot records no overlay for the disk".into(),
+                                ));
+                            };
+                            let Some(copy) = &copy else {
+                                return Err(plan_error(
+                                    sname.as_str(),
+                                    "an external snapshot without a copy of the domain \
+                                     definition cannot be deleted: it names the images \
+                                     below the overlays (--metadata deletes the metadata \
+                                     alone)"
+                                        .into(),
+                                ));
+                            };
+                            let Some(cd) = copy.disk(&target) else {
+                                return Err(plan_error(
+                                    &obj,
+                                    "the snapshot's domain definition has no such disk".into(),
+                                ));
+                            };
+                            let Some(base) = image_path(cd, facts) else {
+                                return Err(plan_error(
+                                    &obj,
+                                    "the snapshot's image is not a file, a block device or a \
+                                     known pool volume"
+                                        .into(),
+                                ));
+                            };
+                            let base_format = cd.format().unwrap_or("raw").to_string();
+                            let overlay_format = d
+                                .driver
+                                .as_ref()
+                                .and_then(|x| x.format.clone())
+                                .unwrap_or_else(|| "qcow2".into());
+                            let Some(top) = dd.and_then(|x| x.source.clone()) else {
+                                return Err(plan_error(
+                                    &obj,
+                                    "the domain has no such disk any more: --metadata \
+                                     deletes the metadata alone"
+                                        .into(),
+                                ));
+                            };
+                            let top = tops.get(&target).cloned().unwrap_or(top);
+                            if !facts.exists(&overlay) {
+                                return Err(plan_error(
+                                    &obj,
+                                    format!(
+                                        "its overlay {overlay} is missing: --metadata deletes \
+                                         the metadata alone"
+                                    ),
+                                ));
+                            }
+                            if chains.back(&overlay).as_deref() != Some(base.as_str()) {
+                                return Err(plan_error(
+                                    &obj,
+                                    format!(
+                                        "its overlay {overlay} is not an overlay of {base} \
+                                         (the images changed since the snapshot was taken)"
+                                    ),
+                                ));
+                            }
+                            let deps = chains.dependents(&base);
+                            let chain = chains.chain(&top);
+                            let ours = overlay == default_overlay_path(&base, sname.as_str());
+                            // Another snapshot's data is the base: its content must not change.
+                            let base_is_data = sim.topological().iter().any(|n| {
+                                let Some(o) = sim.get(n.as_str()).filter(|_| *n != sname) else {
+                                    return false;
+                                };
+                                // An internal snapshot's data lives in its own tag.
+                                let external = o.disks.iter().any(|x| {
+                                    x.name == target && x.location() == Some(Location::External)
+                                });
+                                external
+                                    && o.domain.as_ref().is_some_and(|raw| {
+                                        DomainDef::from_xml(raw.as_str()).is_ok_and(|c| {
+                                            c.disk(&target)
+                                                .and_then(|x| image_path(x, facts))
+                                                .as_deref()
+                                                == Some(base.as_str())
+                                        })
+                                    })
+                            });
+                            let mut merged = overlay.clone();
+                            let mut at = chain.iter().position(|i| *i == overlay);
+                            let holds_tags = tagged(&overlay, &removed_tags);
+                            if deps != [overlay.clone()]
+                                || at.is_none()
+                                || base_is_data
+                                || holds_tags
+                            {
+                                // Not this overlay: the base is the backing of other overlays
+                                // too (the snapshot was reverted to, or has branches), or the
+                                // overlay is off the disk's active chain (the domain was
+                                // reverted elsewhere), or the base is another snapshot's data.
+                                // The overlay goes if nothing needs it any more ...
+                                let why = if holds_tags {
+                                    format!("{overlay} holds internal snapshots")
+                                } else if base_is_data {
+                                    format!("{base} is another snapshot's image")
+                                } else if deps != [overlay.clone()] {
+                                    format!("{base} has {} overlays", deps.len())
+                                } else {
+                                    format!("{overlay} is off the disk's active chain")
+                                };
+                                let gone = ours
+                                    && at.is_none()
+                                    && !holds_tags
+                                    && !needed(
+                                        &mut chains,
+                                        &sim,
+                                        &tops,
+                                        def.as_ref(),
+                                        &overlay,
+                                        Some(sname.as_str()),
+                                    );
+                                if gone {
+                                    chains.known.remove(&overlay);
+                                    chains.gone.insert(overlay.clone());
+                                    removes.push((overlay.clone(), base.clone()));
+                                } else if !ours {
+                                    notes.push(format!(
+                                        "{obj}: not merged ({why}); the overlay {overlay} is \
+                                         kept (its name was given by the user)"
+                                    ));
+                                } else {
+                                    notes.push(format!(
+                                        "{obj}: not merged ({why}): its overlay {overlay} is \
+                                         kept, another snapshot or the disk needs it"
+                                    ));
+                                }
+                                // ... and a revert's overlay of this snapshot on the base, left
+                                // its only overlay and on the disk's active chain, is merged
+                                // into it instead (the disk back on the base).
+                                let revert_prefix =
+                                    format!("{}.r", default_overlay_path(&base, sname.as_str()));
+                                let rest: Vec<String> = deps
+                                    .into_iter()
+                                    .filter(|d| !(gone && *d == overlay))
+                                    .collect();
+                                let candidate = match &rest[..] {
+                                    [r] if r.starts_with(&revert_prefix)
+                                        && r[revert_prefix.len()..]
+                                            .chars()
+                                            .all(|c| c.is_ascii_digit())
+                                        && !base_is_data
+                                        && !tagged(r, &removed_tags) =>
+                                    {
+                                        chain.iter().position(|i| i == r).map(|p| (r.clone(), p))
+                                    }
+                                    _ => None,
+                                };
+                                let Some((r, p)) = candidate else {
+                                    continue;
+                                };
+                                merged = r;
+                                at = Some(p);
+                            }
+                            let at = at.expect("set above");
+                            let overlay = merged;
+                            let above = (at > 0).then(|| chain[at - 1].clone());
+                            let mode = match (up, &above) {
+                                (false, _) => CommitMode::Offline,
+                                (true, None) => CommitMode::Active,
+                                (true, Some(_)) => CommitMode::Intermediate,
+                            };
+                            commits.push(Merge {
+                                disk: target.clone(),
+                                overlay: overlay.clone(),
+                                overlay_format,
+                                base: base.clone(),
+                                base_format,
+                                above,
+                                top: top.clone(),
+                                mode,
+                            });
+                            chains.merged(&overlay, &base);
+                            if top == overlay {
+                                tops.insert(target.clone(), base.clone());
+                            }
+                            rewrites.push((target.clone(), overlay.clone(), cd.clone()));
+                            // Ours (the name a capture or a revert picks) unless the user
+                            // named it.
+                            if overlay == default_overlay_path(&base, sname.as_str())
+                                || overlay.starts_with(&format!(
+                                    "{}.r",
+                                    default_overlay_path(&base, sname.as_str())
+                                ))
+                            {
+                                removes.push((overlay.clone(), base.clone()));
+                            } else {
+                                notes.push(format!(
+                                    "{obj}: the overlay {overlay} is kept (merged, but its name \
+                                     was given by the user)"
+                                ));
+                            }
+                        }
+                    }
+                }
+                if let Some(m) = &s.memory {
+                    if m.location() == Some(Location::External) {
+                        if let Some(file) = &m.file {
+                            notes.push(format!("{sname}: its RAM file {file} is kept"));
+                        }
+                    }
+                }
+                if !live.is_empty() || !offline.is_empty() {
+                    internal = true;
+                    steps.push(Step::DeleteInternal {
+                        snapshot: sname.clone(),
+                        tag: sname.to_string(),
+                        live,
+                        offline,
+                    });
+                }
+                if !commits.is_empty() {
+                    external = true;
+                }
+                for merge in commits {
+                    steps.push(Step::Commit {
+                        snapshot: sname.clone(),
+                        merge,
+                    });
+                }
+                // The stored definition follows the merges.
+                if let Some(d) = &mut def {
+                    let before = d.to_xml();
+                    for (t, o, cd) in &rewrites {
+                        repoint_disk(d, t, o, cd);
+                    }
+                    let after = d.to_xml();
+                    if after != before {
+                        steps.push(Step::SwitchDefinition { before, after });
+                    }
+                }
+            }
+            // The metadata: the snapshot out of the tree, the copies that named a merged
+            // overlay naming its base.
+            let before_all = all_defs(&sim);
+            let current_before = sim.current().cloned();
+            let own = sim.remove(sname.as_str())?;
+            for (n, mut other) in all_defs(&sim) {
+                let mut changed = false;
+                for (t, o, cd) in &rewrites {
+                    if let Some(raw) = &other.domain {
+                        if let Some(new) = repoint_copy(raw, t, o, cd).map_err(|e| {
+                            plan_error(
+                                n.as_str(),
+                                "its copy of the domain definition is not valid".into(),
+                            )
+                            .with_source(e)
+                        })? {
+                            other.domain = Some(new);
+                            changed = true;
+                        }
+                    }
+                }
+                if changed {
+                    sim.redefine(other)?;
+                }
+            }
+            let after_all = all_defs(&sim);
+            let after: Vec<DomainSnapshot> = after_all
+                .iter()
+                .filter(|(n, d)| before_all.get(*n) != Some(*d))
+                .map(|(_, d)| d.clone())
+                .collect();
+            let mut before: Vec<DomainSnapshot> = after
+                .iter()
+                .filter_map(|d| d.name.as_ref().and_then(|n| before_all.get(n)).cloned())
+                .collect();
+            before.push(own);
+            steps.push(Step::Metadata {
+                snapshot: sname.clone(),
+                before,
+                after,
+                current_before,
+                current_after: sim.current().cloned(),
+            });
+            for (path, backing) in removes {
+                if needed(&mut chains, &sim, &tops, def.as_ref(), &path, None) {
+                    notes.push(format!(
+                        "{sname}: the overlay {path} is kept: other metadata names it"
+                    ));
+                } else {
+                    steps.push(Step::RemoveOverlay { path, backing });
+                }
+            }
+        }
+        let commit_point = steps
+            .iter()
+            .position(Step::changes_data)
+            .or_else(|| {
+                steps
+                    .iter()
+                    .position(|s| matches!(s, Step::Metadata { .. }))
+            })
+            .unwrap_or(0);
+        let kind = match (internal, external) {
+            (false, false) => DeleteKind::Metadata,
+            (true, false) => DeleteKind::Internal,
+            (false, true) => DeleteKind::External,
+            (true, true) => DeleteKind::Mixed,
+        };
+        Ok(DeletePlan {
+            domain: dom.name.clone(),
+            name: req.name.clone(),
+            kind,
+            deleted: order,
+            steps,
+            commit_point,
+            notes,
+        })
+    }
+}

@@ -1,0 +1,618 @@
+//! Deleting snapshots of a domain: snapshot-core's delete capability traits implemented over
+//! the domain's QMP monitor (the `snapshot-delete` job, `block-commit`), a guestless
+//! `qemu-storage-daemon` for a shut-off domain's merges, image-formats for offline internal
+//! snapshots, the stored definition, and [`Domain::snapshot_delete`]. See docs/delete.md.
+
+use super::capture::{
+    be, crc, del_overlay_node, delete_internal_snapshot, remove_overlay_file, JOB_TIMEOUT,
+};
+use crate::domain::runstate;
+use crate::domain::Domain;
+use crate::error::{Error, ErrorKind, Result};
+use async_trait::async_trait;
+use qmp_proto::commands::{self as qc, BlockDeviceInfo, JobStatus};
+use qmp_proto::QmpClient;
+use snapshot_core::delete::{self as core, Capabilities, CommitMode, DeletePlan, Facts, Merge};
+use snapshot_core::ops::{DomainJournal, Recovered};
+use snapshot_core::revert::InternalDisk;
+use snapshot_core::store::DomainStore;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+pub use snapshot_core::delete::{DeleteFlags, DeleteKind};
+
+type CoreResult<T> = snapshot_core::Result<T>;
+
+/// A lower error of a step that changed nothing yet, as snapshot-core's
+/// [`snapshot_core::ErrorKind::NotStarted`] (the facade error as its source).
+fn ns(object: &str, e: impl Into<Error>) -> snapshot_core::Error {
+    let e: Error = e.into();
+    snapshot_core::Error::not_started(object, e.to_string()).caused_by(e)
+}
+
+/// What [`Domain::snapshot_delete`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeleteResult {
+    /// The snapshots deleted, children before parents.
+    pub deleted: Vec<String>,
+    /// What it touched.
+    pub kind: DeleteKind,
+    /// How long it took, planning included.
+    pub elapsed: Duration,
+    /// What is kept that a user may expect gone, and what failed without undoing the delete.
+    pub warnings: Vec<String>,
+}
+
+/// A test-only failpoint: `VIRT_SNAP_FAILPOINT=delete:<effect>` aborts the process right
+/// after the effect (`delete-internal`, `commit`, `switch-definition`, `remove-overlay`), as
+/// a kill would; `delete:commit-ready` right after an active commit became ready, before it
+/// is completed.
+fn failpoint(name: &str) {
+    if std::env::var("VIRT_SNAP_FAILPOINT").is_ok_and(|v| v.strip_prefix("delete:") == Some(name)) {
+        tracing::error!("failpoint delete:{name}: aborting");
+        std::process::abort();
+    }
+}
+
+/// The capabilities of one delete of one domain.
+pub(crate) struct Deleting {
+    dom: Domain,
+    qmp: tokio::sync::Mutex<Option<QmpClient>>,
+}
+
+/// Do the image names `a` (as QEMU reports it) and `b` name the same file?
+fn same_image(a: &str, b: &str) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    a == b
+        || match (std::fs::metadata(a), std::fs::metadata(b)) {
+            (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
+            _ => false,
+        }
+}
+
+/// The format nodes (not protocol nodes) of image `path`.
+fn nodes_of<'a>(nodes: &'a [BlockDeviceInfo], path: &str) -> Vec<&'a str> {
+    nodes
+        .iter()
+        .filter(|n| !matches!(n.drv.as_str(), "file" | "host_device") && same_image(&n.file, path))
+        .filter_map(|n| n.node_name.as_deref())
+        .collect()
+}
+
+fn job_id(m: &Merge) -> String {
+    format!(
+        "vs-commit-{:08x}",
+        crc(&format!("{}:{}", m.disk, m.overlay))
+    )
+}
+
+/// Runs (or, after a kill, finds and finishes) the commit job `job` of `m` in the QEMU (or
+/// storage daemon) behind `qmp`, whose disk's top node is `root`: started unless it exists,
+/// completed when ready (an active commit pivots), dismissed when concluded.
+async fn commit_job(qmp: &QmpClient, m: &Merge, root: &str, job: &str) -> CoreResult<()> {
+    // Until QEMU accepted the job, nothing changed.
+    let jobs = qmp
+        .run(&qc::QueryJobs)
+        .await
+        .map_err(|e| ns("query-jobs", e))?;
+    if !jobs.iter().any(|j| j.id == job) {
+        let nodes = qmp
+            .run(&qc::QueryNamedBlockNodes { flat: Some(false) })
+            .await
+            .map_err(|e| ns("query-named-block-nodes", e))?;
+        // Merged already (a run killed after the job): the overlay is out of the disk's chain
+        // (its node may still be there, detached, until the step drops it).
+        let chain_has = |path: &str| {
+            let root_node = nodes.iter().find(|n| n.node_name.as_deref() == Some(root));
+            std::iter::successors(root_node.map(|n| &n.image), |i| i.backing_image.as_deref())
+                .any(|i| same_image(&i.filename, path))
+        };
+        if !chain_has(&m.overlay) {
+            return Ok(());
+        }
+        let top = nodes_of(&nodes, &m.overlay);
+        let Some(top) = top.first() else {
+            return Ok(());
+        };
+        let base = nodes_of(&nodes, &m.base);
+        let [base] = base[..] else {
+            return Err(snapshot_core::Error::not_started(
+                m.disk.as_str(),
+                format!("QEMU has {} nodes of {}, not one", base.len(), m.base),
+            ));
+        };
+        qmp.run(&qc::BlockCommit {
+            job_id: Some(job.to_string()),
+            device: root.to_string(),
+            top_node: Some(top.to_string()),
+            base_node: Some(base.to_string()),
+            auto_dismiss: Some(false),
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| ns("block-commit", e))?;
+    }
+    let end = Instant::now() + JOB_TIMEOUT;
+    let mut completed = false;
+    loop {
+        let jobs = qmp
+            .run(&qc::QueryJobs)
+            .await
+            .map_err(|e| be("query-jobs", e))?;
+        let Some(j) = jobs.into_iter().find(|j| j.id == job) else {
+            return Ok(());
+        };
+        match j.status {
+            JobStatus::Ready if !completed => {
+                failpoint("commit-ready");
+                qmp.run(&qc::JobComplete::new(job))
+                    .await
+                    .map_err(|e| be("job-complete", e))?;
+                completed = true;
+            }
+            JobStatus::Concluded => {
+                let _ = qmp.run(&qc::JobDismiss::new(job)).await;
+                return match j.error {
+                    None => Ok(()),
+                    Some(e) => Err(snapshot_core::Error::backend(
+                        m.disk.as_str(),
+                        format!("the commit of {} into {} failed: {e}", m.overlay, m.base),
+                    )),
+                };
+            }
+            _ if Instant::now() > end => {
+                return Err(snapshot_core::Error::backend(
+                    m.disk.as_str(),
+                    format!("the commit job {job} did not end in {JOB_TIMEOUT:?}; it runs on"),
+                ))
+            }
+            _ => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    }
+}
+
+impl Deleting {
+    pub(crate) fn new(dom: &Domain) -> Self {
+        Deleting {
+            dom: dom.clone(),
+            qmp: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    async fn qmp(&self) -> CoreResult<QmpClient> {
+        let mut g = self.qmp.lock().await;
+        if let Some(q) = &*g {
+            return Ok(q.clone());
+        }
+        let st = self.dom.running().map_err(|e| be(&self.dom.name, e))?;
+        let q = self.dom.qmp(&st).await.map_err(|e| be(&self.dom.name, e))?;
+        *g = Some(q.clone());
+        Ok(q)
+    }
+
+    fn up(&self) -> CoreResult<bool> {
+        Ok(self
+            .dom
+            .running_or_off()
+            .map_err(|e| be(&self.dom.name, e))?
+            .is_some())
+    }
+
+    /// Each disk's (target, top node) in the running QEMU.
+    async fn tops(&self) -> CoreResult<Vec<(String, String)>> {
+        let qmp = self.qmp().await?;
+        let st = self.dom.running().map_err(|e| be(&self.dom.name, e))?;
+        let blocks = crate::domain::block_devices(&qmp, &st)
+            .await
+            .map_err(|e| be("query-block", e))?;
+        Ok(blocks
+            .into_iter()
+            .filter_map(|b| b.node_name.map(|n| (b.target, n)))
+            .collect())
+    }
+
+    async fn top_of(&self, target: &str) -> CoreResult<String> {
+        self.tops()
+            .await?
+            .into_iter()
+            .find(|(t, _)| t == target)
+            .map(|(_, n)| n)
+            .ok_or_else(|| {
+                snapshot_core::Error::backend(target, "the running QEMU has no such disk")
+            })
+    }
+
+    /// A merge in the running QEMU.
+    async fn commit_live(&self, m: &Merge) -> CoreResult<()> {
+        let not_started = |e: snapshot_core::Error| {
+            snapshot_core::Error::not_started(m.disk.as_str(), e.to_string()).caused_by(e)
+        };
+        let qmp = self.qmp().await.map_err(not_started)?;
+        let root = self.top_of(&m.disk).await.map_err(not_started)?;
+        commit_job(&qmp, m, &root, &job_id(m)).await?;
+        failpoint("commit");
+        // The overlay's nodes, out of the graph now, dropped (QEMU drops the ones it opened
+        // itself from the images' headers).
+        let nodes = qmp
+            .run(&qc::QueryNamedBlockNodes { flat: Some(true) })
+            .await
+            .map_err(|e| be("query-named-block-nodes", e))?;
+        for n in nodes_of(&nodes, &m.overlay) {
+            if !n.starts_with('#') {
+                del_overlay_node(&qmp, n).await?;
+            }
+        }
+        // The run record names the disk's top as QEMU has it now.
+        if m.mode == CommitMode::Active {
+            let node = self.top_of(&m.disk).await?;
+            let mut rec = self.dom.running().map_err(|e| be(&self.dom.name, e))?;
+            if let Some(d) = rec.disks.iter_mut().find(|d| d.target == m.disk) {
+                d.source = m.base.clone().into();
+                d.node = Some(node);
+                d.format = Some(m.base_format.clone());
+            }
+            runstate::save(&self.dom.dir(), &rec).map_err(|e| be(&self.dom.name, e))?;
+        }
+        Ok(())
+    }
+
+    /// A merge of a shut-off domain's images, in a `qemu-storage-daemon` (no guest) with its
+    /// monitor in the domain's private directory.
+    async fn commit_offline(&self, m: &Merge) -> CoreResult<()> {
+        if self.up()? {
+            return Err(snapshot_core::Error::not_started(
+                m.disk.as_str(),
+                "the domain runs: its images are not merged offline",
+            ));
+        }
+        let dir = self.dom.dir();
+        crate::snapshot::capture::create_private_dir(&dir).map_err(|e| be(&m.disk, e))?;
+        let sock = dir.join(format!("qsd-{:08x}.qmp", crc(&m.overlay)));
+        let _ = std::fs::remove_file(&sock);
+        let mut child = spawn_storage_daemon(&sock).map_err(|e| ns("qemu-storage-daemon", e))?;
+        let res = async {
+            let qmp = connect_when_there(&sock, &mut child).await?;
+            let root = "vs-del-top";
+            let opts = serde_json::json!({
+                "driver": "qcow2",
+                "node-name": root,
+                "file": { "driver": "file", "filename": m.top },
+            });
+            let top_fmt = if m.top == m.overlay {
+                m.overlay_format.as_str()
+            } else {
+                "qcow2"
+            };
+            let mut opts = opts;
+            opts["driver"] = top_fmt.into();
+            qmp.execute("blockdev-add", Some(opts))
+                .await
+                .map_err(|e| ns("blockdev-add", e))?;
+            commit_job(&qmp, m, root, &job_id(m)).await?;
+            let _ = qmp
+                .execute(
+                    "blockdev-del",
+                    Some(serde_json::json!({ "node-name": root })),
+                )
+                .await;
+            let _ = qmp.execute("quit", None).await;
+            Ok::<(), snapshot_core::Error>(())
+        }
+        .await;
+        let end = Instant::now() + Duration::from_secs(10);
+        loop {
+            match child.try_wait() {
+                Ok(Some(_)) => break,
+                Ok(None) if Instant::now() < end => {
+                    tokio::time::sleep(Duration::from_millis(10)).await
+                }
+                _ => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break;
+                }
+            }
+        }
+        let _ = std::fs::remove_file(&sock);
+        res?;
+        failpoint("commit");
+        Ok(())
+    }
+}
+
+/// The `qemu-storage-daemon` binary: `$VIRT_SNAP_QSD`, else on `PATH`.
+fn storage_daemon() -> PathBuf {
+    std::env::var_os("VIRT_SNAP_QSD")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("qemu-storage-daemon"))
+}
+
+/// The storage daemon's binary, if it can be run: a missing one fails before anything changed,
+/// saying how to install it.
+fn require_storage_daemon() -> Result<PathBuf> {
+    let bin = storage_daemon();
+    let found = if bin.components().count() > 1 {
+        bin.is_file().then(|| bin.clone())
+    } else {
+        std::env::var_os("PATH").and_then(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join(&bin))
+                .find(|c| c.is_file())
+        })
+    };
+    found.ok_or_else(|| {
+        Error::new(
+            ErrorKind::Unsupported,
+            format!(
+                "{} is not installed: a shut-off domain's external snapshots are merged by it \
+                 (Debian: apt-get install qemu-utils; or `cargo xtask deps`)",
+                bin.display()
+            ),
+        )
+    })
+}
+
+fn spawn_storage_daemon(sock: &Path) -> Result<std::process::Child> {
+    let bin = require_storage_daemon()?;
+    std::process::Command::new(&bin)
+        .arg("--chardev")
+        .arg(format!(
+            "socket,path={},server=on,wait=off,id=vs-mon",
+            sock.display()
+        ))
+        .args(["--monitor", "chardev=vs-mon"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                Error::new(
+                    ErrorKind::Unsupported,
+                    format!(
+                        "{} is not installed: a shut-off domain's external snapshots are \
+                         merged by it (Debian: apt-get install qemu-utils; or `cargo xtask \
+                         deps`)",
+                        bin.display()
+                    ),
+                )
+            } else {
+                Error::caused_by(format!("cannot start {}", bin.display()), e)
+            }
+        })
+}
+
+async fn connect_when_there(sock: &Path, child: &mut std::process::Child) -> CoreResult<QmpClient> {
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        if sock.exists() {
+            if let Ok(q) = QmpClient::connect_unix(sock).await {
+                return Ok(q);
+            }
+        }
+        if let Ok(Some(st)) = child.try_wait() {
+            return Err(snapshot_core::Error::not_started(
+                "qemu-storage-daemon",
+                format!("it ended at start ({st})"),
+            ));
+        }
+        if Instant::now() > end {
+            return Err(snapshot_core::Error::not_started(
+                "qemu-storage-daemon",
+                "its monitor did not come up in 10 s",
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[async_trait]
+impl core::Images for Deleting {
+    async fn delete_internal_live(&self, tag: &str, disks: &[InternalDisk]) -> CoreResult<()> {
+        let qmp = self.qmp().await?;
+        let mut nodes = Vec::new();
+        for d in disks {
+            nodes.push(self.top_of(&d.target).await?);
+        }
+        delete_internal_snapshot(&self.dom.conn, Some(&qmp), tag, &nodes).await?;
+        failpoint("delete-internal");
+        Ok(())
+    }
+
+    async fn delete_internal_offline(&self, tag: &str, disks: &[InternalDisk]) -> CoreResult<()> {
+        let images: Vec<String> = disks.iter().map(|d| d.image.clone()).collect();
+        delete_internal_snapshot(&self.dom.conn, None, tag, &images).await?;
+        failpoint("delete-internal");
+        Ok(())
+    }
+
+    async fn commit(&self, m: &Merge) -> CoreResult<()> {
+        match m.mode {
+            CommitMode::Active | CommitMode::Intermediate => self.commit_live(m).await,
+            CommitMode::Offline => self.commit_offline(m).await,
+        }
+    }
+
+    async fn remove_overlay(&self, path: &str, backing: &str) -> CoreResult<()> {
+        remove_overlay_file(path, backing)?;
+        failpoint("remove-overlay");
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl snapshot_core::revert::Definition for Deleting {
+    async fn set(&self, xml: &str) -> CoreResult<()> {
+        let def = snapshot_core::DomainDef::from_xml(xml)?;
+        self.dom
+            .conn
+            .definitions()
+            .save(&def)
+            .map_err(|e| be(&self.dom.name, e))?;
+        failpoint("switch-definition");
+        Ok(())
+    }
+}
+
+/// What the planner asks, answered from the file system (and the pools' volumes, resolved
+/// before planning).
+struct FsFacts {
+    volumes: std::collections::BTreeMap<(String, String), String>,
+}
+
+impl FsFacts {
+    /// Resolves the pool volumes the snapshots' copies of the definition name.
+    async fn new(dom: &Domain, tree: &snapshot_core::SnapshotTree) -> FsFacts {
+        let mut volumes = std::collections::BTreeMap::new();
+        for n in tree.topological() {
+            let Some(raw) = tree.get(n.as_str()).and_then(|s| s.domain.as_ref()) else {
+                continue;
+            };
+            let Ok(def) = snapshot_core::DomainDef::from_xml(raw.as_str()) else {
+                continue;
+            };
+            for d in def.disks() {
+                if let Some(snapshot_core::domain::SourceRef::Volume { pool, volume }) =
+                    d.source_ref()
+                {
+                    let key = (pool.to_string(), volume.to_string());
+                    if volumes.contains_key(&key) {
+                        continue;
+                    }
+                    if let Ok(p) = dom.conn.pool(pool) {
+                        if let Ok(path) = p.volume(volume).path().await {
+                            volumes.insert(key, path);
+                        }
+                    }
+                }
+            }
+        }
+        FsFacts { volumes }
+    }
+}
+
+impl Facts for FsFacts {
+    fn exists(&self, path: &str) -> bool {
+        std::fs::symlink_metadata(path).is_ok()
+    }
+
+    fn internal_snapshots(&self, image: &str) -> Vec<String> {
+        image_formats::ImageInfo::open(Path::new(image), Some(image_formats::Format::Qcow2))
+            .map(|i| {
+                i.snapshots()
+                    .iter()
+                    .map(|s| String::from_utf8_lossy(&s.name).into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn backing(&self, image: &str) -> Option<String> {
+        let info = image_formats::ImageInfo::open(Path::new(image), None).ok()?;
+        info.full_backing_filename()
+    }
+
+    fn backed_by(&self, image: &str) -> Vec<String> {
+        let Some(dir) = Path::new(image).parent() else {
+            return Vec::new();
+        };
+        let Ok(rd) = std::fs::read_dir(dir) else {
+            return Vec::new();
+        };
+        rd.filter_map(|e| e.ok())
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+            .map(|e| e.path())
+            .filter(|p| p != Path::new(image))
+            .filter(|p| {
+                image_formats::ImageInfo::open(p, None)
+                    .ok()
+                    .and_then(|i| i.full_backing_filename())
+                    .is_some_and(|b| same_image(&b, image))
+            })
+            .map(|p| p.display().to_string())
+            .collect()
+    }
+
+    fn volume_path(&self, pool: &str, volume: &str) -> Option<String> {
+        self.volumes
+            .get(&(pool.to_string(), volume.to_string()))
+            .cloned()
+    }
+}
+
+fn caps(d: &Deleting) -> Capabilities<'_> {
+    Capabilities {
+        images: d,
+        definition: d,
+    }
+}
+
+/// Recovers the deletes a killed virt-snap left pending in `journal` (the caller holds the
+/// domain's operation lock).
+pub(crate) async fn recover(
+    dom: &Domain,
+    journal: &mut DomainJournal,
+    store: &DomainStore,
+) -> Result<Vec<Recovered>> {
+    let d = Deleting::new(dom);
+    Ok(core::recover(&caps(&d), journal, store).await?)
+}
+
+impl Domain {
+    /// Delete snapshot `name` (`virsh snapshot-delete`), with `flags` its descendants too or
+    /// instead, or only their metadata: planned from the domain's state, its snapshot tree and
+    /// the images, run step by step through the domain's journal under its operation lock
+    /// (pending operations a killed virt-snap left are recovered first). Internal snapshots
+    /// leave their images (through QEMU when it runs); external ones are merged by
+    /// block-commit and their overlays removed; the files the user gave are never removed.
+    /// docs/delete.md has the kinds and what a failure leaves.
+    pub async fn snapshot_delete(&self, name: &str, flags: DeleteFlags) -> Result<DeleteResult> {
+        let t0 = Instant::now();
+        let op = self.op_lock("snapshot delete").await?;
+        let (recovered, op) = self.recover_captures(op).await;
+        let _op = op?;
+        recovered?;
+        let st = self.running_or_off()?;
+        self.refuse_if_held(st.as_ref())?;
+        let def = self.conn.definition(&self.name).ok();
+        if st.is_none() && def.is_none() {
+            return Err(self.record().err().unwrap_or_else(|| {
+                Error::new(ErrorKind::NotRunning, "the domain is not running")
+            }));
+        }
+        let sname = snapshot_core::SnapshotName::new(name)?;
+        let store = self.snapshot_store()?;
+        if !store.snapshot_path(&sname).exists() {
+            return Err(Error::new(
+                ErrorKind::NotFound,
+                format!("domain {:?} has no snapshot {name:?}", self.name),
+            ));
+        }
+        let loaded = store.load()?;
+        let info = {
+            let live = self.live(st.as_ref()).await?;
+            self.domain_info(&live, st.as_ref(), def.as_ref(), &store)
+                .await?
+        };
+        let req = core::DeleteRequest { name: sname, flags };
+        let facts = FsFacts::new(self, &loaded.tree).await;
+        let plan = DeletePlan::new(&req, &info, &loaded.tree, &facts)?;
+        let offline = |s: &core::Step| matches!(s, core::Step::Commit { merge, .. } if merge.mode == CommitMode::Offline);
+        if plan.steps.iter().any(offline) {
+            require_storage_daemon()?;
+        }
+        let mut journal = self.journal(&store)?;
+        let d = Deleting::new(self);
+        let outcome = core::run(&plan, &caps(&d), &mut journal, &store).await;
+        if let Err(e) = journal.compact() {
+            tracing::warn!(domain = %self.name, "cannot compact the journal: {e}");
+        }
+        let outcome = outcome?;
+        Ok(DeleteResult {
+            deleted: plan.deleted.iter().map(|n| n.to_string()).collect(),
+            kind: plan.kind,
+            elapsed: t0.elapsed(),
+            warnings: outcome.warnings,
+        })
+    }
+}

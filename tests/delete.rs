@@ -1,0 +1,551 @@
+//! `snapshot-delete` on the real binary against a no-OS KVM domain (QEMU 10.0.2): internal
+//! snapshots deleted through QEMU's snapshot-delete job and offline, external ones merged by
+//! block-commit (active with pivot for the top, intermediate below it, in a
+//! qemu-storage-daemon when the domain is shut off), --children, --children-only,
+//! --metadata, the refusals, the user's files kept, and a delete killed midway recovered by
+//! the next command. The images' data, written and read with qemu-io while the domain is shut
+//! off, are the oracle, with qemu-img info and snapshot -l; domblklist, dumpxml and
+//! snapshot-list as the user sees them.
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use virt_snap_e2e::in_state::{fails, ok, ok_json};
+use virt_snap_e2e::{qemu_img, run, stderr, virt_snap, NoOsDomain};
+
+/// A defined domain with one qcow2 disk `vda` holding pattern 0xaa, shut off.
+struct Dom {
+    d: NoOsDomain,
+    name: &'static str,
+}
+
+fn qemu_io(p: &Path, cmd: &str) {
+    let out = Command::new("qemu-io")
+        .args(["-c", cmd])
+        .arg(p)
+        .output()
+        .expect("qemu-io");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success() && !text.contains("failed"),
+        "qemu-io {cmd} {}: {text} {}",
+        p.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Pattern `p` at `at` KiB (64 KiB).
+fn write(p: &Path, at: u32, pattern: u8) {
+    qemu_io(p, &format!("write -P {pattern:#x} {at}k 64k"));
+}
+
+fn holds(p: &Path, at: u32, pattern: u8) {
+    qemu_io(p, &format!("read -P {pattern:#x} {at}k 64k"));
+}
+
+fn info(p: &Path) -> String {
+    qemu_img(&["info", "-U", p.to_str().unwrap()])
+}
+
+impl Dom {
+    fn define(name: &'static str) -> Dom {
+        let d = NoOsDomain::define(name, &["vda"]);
+        write(&d.disk("vda"), 0, 0xaa);
+        Dom { d, name }
+    }
+
+    fn s(&self) -> &Path {
+        self.d.s()
+    }
+
+    fn file(&self, f: &str) -> PathBuf {
+        self.d.dir.join(f)
+    }
+
+    fn vs(&self, args: &[&str]) -> String {
+        let mut a = args.to_vec();
+        a.insert(1, self.name);
+        ok(self.s(), &a)
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        let mut a = args.to_vec();
+        a.insert(1, self.name);
+        ok_json(self.s(), &a)
+    }
+
+    fn delete(&self, args: &[&str]) -> Value {
+        let mut a = vec!["snapshot-delete"];
+        a.extend(args);
+        self.json(&a)
+    }
+
+    fn fails(&self, args: &[&str]) -> String {
+        let mut a = args.to_vec();
+        a.insert(1, self.name);
+        fails(self.s(), &a)
+    }
+
+    fn source(&self) -> String {
+        self.d.blklist().remove(0).1
+    }
+
+    fn defined_source(&self) -> String {
+        let xml = self.vs(&["dumpxml"]);
+        let at = xml.find("<source file='").expect("a file source") + 14;
+        xml[at..at + xml[at..].find('\'').unwrap()].to_string()
+    }
+
+    fn names(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .vs(&["snapshot-list", "--name"])
+            .lines()
+            .filter(|l| !l.is_empty())
+            .map(str::to_string)
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// The snapshot's parent ("" for a root).
+    fn parent(&self, snap: &str) -> String {
+        let o = virt_snap_e2e::in_state::vs(self.s(), &["snapshot-parent", self.name, snap]);
+        if !o.status.success() && stderr(&o).contains("has no parent") {
+            return String::new();
+        }
+        assert!(o.status.success(), "{}", stderr(&o));
+        virt_snap_e2e::stdout(&o).trim().to_string()
+    }
+
+    fn tags(&self, image: &Path) -> String {
+        qemu_img(&["snapshot", "-U", "-l", image.to_str().unwrap()])
+    }
+
+    /// The image file of every node QEMU has.
+    fn node_files(&self) -> Vec<String> {
+        let v: Value = serde_json::from_str(&self.vs(&[
+            "qemu-monitor-command",
+            r#"{"execute":"query-named-block-nodes","arguments":{"flat":true}}"#,
+        ]))
+        .unwrap();
+        v["return"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n["file"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    /// s1 and s2, external disk-only, taken shut off: vda.qcow2 (0xaa) <- vda.s1 (0xbb) <-
+    /// vda.s2 (0xcc), the disk on vda.s2, s2 current.
+    fn two_external(name: &'static str) -> Dom {
+        let d = Dom::define(name);
+        d.vs(&["snapshot-create-as", "s1", "--disk-only"]);
+        write(&d.file("vda.s1"), 0, 0xbb);
+        write(&d.file("vda.s1"), 64, 0xb1);
+        d.vs(&["snapshot-create-as", "s2", "--disk-only"]);
+        write(&d.file("vda.s2"), 0, 0xcc);
+        assert_eq!(d.defined_source(), d.file("vda.s2").display().to_string());
+        d
+    }
+}
+
+/// The disk holds what was written last: 0xcc at 0, 0xb1 at 64k.
+fn current_data(p: &Path) {
+    holds(p, 0, 0xcc);
+    holds(p, 64, 0xb1);
+}
+
+#[test]
+fn internal_snapshots_are_deleted_live_and_offline() {
+    let d = Dom::define("del-internal");
+    let vda = d.file("vda.qcow2");
+    d.vs(&["snapshot-create-as", "off1"]);
+    d.vs(&["snapshot-create-as", "off2"]);
+    d.vs(&["start"]);
+    d.vs(&["snapshot-create-as", "ram"]);
+    // Running: the snapshot-delete job in QEMU (the image is the disk's active image).
+    let r = d.delete(&["ram"]);
+    assert_eq!(r["kind"], "internal", "{r}");
+    assert_eq!(r["deleted"], serde_json::json!(["ram"]), "{r}");
+    assert!(r["elapsed-ms"].as_u64().is_some(), "{r}");
+    let tags = d.tags(&vda);
+    assert!(!tags.contains("ram") && tags.contains("off2"), "{tags}");
+    assert_eq!(d.names(), ["off1", "off2"]);
+    // Text output: virsh's line.
+    d.vs(&["destroy"]);
+    let out = d.vs(&["snapshot-delete", "off1"]);
+    assert_eq!(out.trim(), "Domain snapshot off1 deleted");
+    let tags = d.tags(&vda);
+    assert!(!tags.contains("off1") && tags.contains("off2"), "{tags}");
+    // off2 was off1's child: now a root.
+    assert_eq!(d.parent("off2"), "");
+    let r = d.delete(&["--current"]);
+    assert_eq!(r["deleted"], serde_json::json!(["off2"]), "{r}");
+    assert!(!d.tags(&vda).contains("off2"));
+    assert!(d.names().is_empty());
+    holds(&vda, 0, 0xaa);
+}
+
+#[test]
+fn the_leaf_on_top_is_merged_by_active_commit_then_the_root() {
+    let d = Dom::two_external("del-active");
+    let (vda, s1, s2) = (d.file("vda.qcow2"), d.file("vda.s1"), d.file("vda.s2"));
+    d.vs(&["start"]);
+    // s2, the current layer: active commit of vda.s2 into vda.s1, the disk pivots.
+    let r = d.delete(&["s2"]);
+    assert_eq!(r["kind"], "external", "{r}");
+    assert_eq!(d.source(), s1.display().to_string());
+    assert_eq!(d.defined_source(), s1.display().to_string());
+    assert!(!s2.exists(), "the merged overlay is removed");
+    let nodes = d.node_files();
+    assert!(!nodes.iter().any(|f| f.ends_with("/vda.s2")), "{nodes:?}");
+    assert_eq!(
+        d.vs(&["snapshot-current", "--name"]).trim(),
+        "s1",
+        "its parent is current"
+    );
+    // s1, the root, now on top too: the disk is back on its own file.
+    d.delete(&["s1"]);
+    assert_eq!(d.source(), vda.display().to_string());
+    assert_eq!(d.defined_source(), vda.display().to_string());
+    assert!(!s1.exists());
+    assert!(d.names().is_empty());
+    let nodes = d.node_files();
+    assert!(
+        nodes.iter().all(|f| f.ends_with("/vda.qcow2")),
+        "only the disk's own file is open: {nodes:?}"
+    );
+    d.vs(&["destroy"]);
+    let i = info(&vda);
+    assert!(!i.contains("backing file"), "{i}");
+    current_data(&vda);
+    // It starts again on it; a live snapshot (its overlay a node virt-snap added) deleted
+    // while running leaves no node of it behind.
+    d.vs(&["start"]);
+    assert_eq!(d.source(), vda.display().to_string());
+    d.vs(&["snapshot-create-as", "live", "--disk-only"]);
+    let live = d.file("vda.live");
+    assert_eq!(d.source(), live.display().to_string());
+    d.delete(&["live"]);
+    assert_eq!(d.source(), vda.display().to_string());
+    assert!(!live.exists());
+    let nodes = d.node_files();
+    assert!(nodes.iter().all(|f| f.ends_with("/vda.qcow2")), "{nodes:?}");
+    d.vs(&["destroy"]);
+    current_data(&vda);
+}
+
+#[test]
+fn a_root_below_the_top_is_merged_by_intermediate_commit() {
+    let d = Dom::two_external("del-middle");
+    let (vda, s1, s2) = (d.file("vda.qcow2"), d.file("vda.s1"), d.file("vda.s2"));
+    d.vs(&["start"]);
+    let r = d.delete(&["s1"]);
+    assert_eq!(r["kind"], "external", "{r}");
+    assert!(!s1.exists());
+    assert_eq!(d.source(), s2.display().to_string());
+    assert_eq!(d.parent("s2"), "");
+    // s2's copy of the definition names vda.qcow2 now (its image); QEMU rewrote vda.s2's
+    // backing.
+    let xml = d.vs(&["snapshot-dumpxml", "s2"]);
+    assert!(
+        xml.contains(&format!("<source file='{}'", vda.display())),
+        "{xml}"
+    );
+    d.vs(&["destroy"]);
+    let i = info(&s2);
+    assert!(
+        i.contains(&format!("backing file: {}", vda.display())),
+        "{i}"
+    );
+    current_data(&s2);
+    // s2's data (what the disk held when it was taken) is vda.qcow2's now.
+    holds(&vda, 0, 0xbb);
+    holds(&vda, 64, 0xb1);
+    // Offline: s2 merged in a qemu-storage-daemon; the disk is on its own file.
+    let r = d.delete(&["s2"]);
+    assert_eq!(r["kind"], "external", "{r}");
+    assert!(!s2.exists());
+    assert_eq!(d.defined_source(), vda.display().to_string());
+    current_data(&vda);
+    assert!(!info(&vda).contains("backing file"));
+}
+
+#[test]
+fn children_children_only_and_metadata() {
+    // --children-only of s1: s2 goes (merged offline), s1 stays and is current.
+    let d = Dom::two_external("del-kids");
+    let (vda, s1, s2) = (d.file("vda.qcow2"), d.file("vda.s1"), d.file("vda.s2"));
+    let out = d.vs(&["snapshot-delete", "s1", "--children-only"]);
+    assert_eq!(out.trim(), "Domain snapshot s1 children deleted");
+    assert_eq!(d.names(), ["s1"]);
+    assert!(!s2.exists() && s1.exists());
+    assert_eq!(d.defined_source(), s1.display().to_string());
+    current_data(&s1);
+    holds(&vda, 0, 0xaa);
+
+    // --children of s1, running: s2 then s1, leaves first.
+    let d = Dom::two_external("del-children");
+    let (vda, s1, s2) = (d.file("vda.qcow2"), d.file("vda.s1"), d.file("vda.s2"));
+    d.vs(&["start"]);
+    let r = d.delete(&["s1", "--children"]);
+    assert_eq!(r["deleted"], serde_json::json!(["s2", "s1"]), "{r}");
+    assert!(d.names().is_empty());
+    assert!(!s1.exists() && !s2.exists());
+    assert_eq!(d.source(), vda.display().to_string());
+    d.vs(&["destroy"]);
+    current_data(&vda);
+
+    // --metadata: the records only, every file as it was.
+    let d = Dom::two_external("del-meta");
+    let before: Vec<String> = ["vda.qcow2", "vda.s1", "vda.s2"]
+        .iter()
+        .map(|f| info(&d.file(f)))
+        .collect();
+    let r = d.delete(&["s1", "--metadata"]);
+    assert_eq!(r["kind"], "metadata", "{r}");
+    assert_eq!(d.names(), ["s2"]);
+    assert_eq!(d.parent("s2"), "");
+    let after: Vec<String> = ["vda.qcow2", "vda.s1", "vda.s2"]
+        .iter()
+        .map(|f| info(&d.file(f)))
+        .collect();
+    assert_eq!(before, after);
+    current_data(&d.file("vda.s2"));
+}
+
+#[test]
+fn refusals_say_why_and_change_nothing() {
+    let d = Dom::two_external("del-refuse");
+    let e = d.fails(&["snapshot-delete", "nope"]);
+    assert!(e.contains("no snapshot \"nope\""), "{e}");
+    let e = d.fails(&["snapshot-delete", "../s1"]);
+    assert!(e.contains("'/'") || e.contains("separator"), "{e}");
+    let o = virt_snap_e2e::in_state::vs(
+        d.s(),
+        &[
+            "snapshot-delete",
+            d.name,
+            "s1",
+            "--children",
+            "--children-only",
+        ],
+    );
+    assert!(!o.status.success() && stderr(&o).contains("--children-only"));
+    // Shut off, without qemu-storage-daemon: refused before anything changed, saying how to
+    // install it.
+    let o = run(virt_snap()
+        .env("VIRT_SNAP_QSD", "/nonexistent/qemu-storage-daemon")
+        .arg("--state-dir")
+        .arg(d.s())
+        .args(["snapshot-delete", d.name, "s2"]));
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("apt-get install qemu-utils"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(d.names(), ["s1", "s2"]);
+    assert_eq!(d.names(), ["s1", "s2"]);
+    assert!(d.file("vda.s1").exists() && d.file("vda.s2").exists());
+    // An internal snapshot in a backing file the running QEMU has open read-only.
+    let d = Dom::define("del-refuse2");
+    d.vs(&["snapshot-create-as", "int"]);
+    d.vs(&["snapshot-create-as", "ext", "--disk-only"]);
+    d.vs(&["start"]);
+    let e = d.fails(&["snapshot-delete", "int"]);
+    assert!(e.contains("read-only"), "{e}");
+    assert!(d.tags(&d.file("vda.qcow2")).contains("int"));
+    // Offline it goes.
+    d.vs(&["destroy"]);
+    d.vs(&["snapshot-delete", "int"]);
+    assert!(!d.tags(&d.file("vda.qcow2")).contains("int"));
+    // A domain held paused for a capture's manual disks.
+    d.vs(&["start"]);
+    d.vs(&[
+        "snapshot-create-as",
+        "m",
+        "--diskspec",
+        "vda,snapshot=manual",
+    ]);
+    let e = d.fails(&["snapshot-delete", "ext"]);
+    assert!(e.contains("resume it first"), "{e}");
+    d.vs(&["resume"]);
+}
+
+#[test]
+fn after_a_revert_what_nothing_needs_goes_and_the_disk_comes_home() {
+    let d = Dom::two_external("del-branch");
+    let (vda, s1, s2) = (d.file("vda.qcow2"), d.file("vda.s1"), d.file("vda.s2"));
+    // Reverted to s1: vda.s1.r1 on vda.qcow2, the disk on it; vda.qcow2 has two overlays
+    // now, and s2's is off the disk's active chain.
+    d.vs(&["snapshot-revert", "s1"]);
+    let r1 = d.file("vda.s1.r1");
+    write(&r1, 0, 0xdd);
+    d.vs(&["start"]);
+    // s2: nothing to merge, and nothing needs its overlay any more.
+    let r = d.delete(&["s2"]);
+    assert_eq!(r["kind"], "metadata", "{r}");
+    assert!(!s2.exists());
+    // s1: its overlay goes too, and the revert's overlay is merged into vda.qcow2 (active
+    // commit): the disk is back on its own file.
+    let r = d.delete(&["s1"]);
+    assert_eq!(r["kind"], "external", "{r}");
+    assert!(!s1.exists() && !r1.exists());
+    assert_eq!(d.source(), vda.display().to_string());
+    assert_eq!(d.defined_source(), vda.display().to_string());
+    d.vs(&["destroy"]);
+    holds(&vda, 0, 0xdd);
+    assert!(!info(&vda).contains("backing file"));
+}
+
+#[test]
+fn a_base_with_two_overlays_is_not_merged() {
+    let d = Dom::two_external("del-two");
+    d.vs(&["snapshot-revert", "s1"]);
+    // s1's image has two overlays (its own, s2's image, and the revert's): the metadata goes,
+    // every file stays, and the warning says why.
+    let o = virt_snap_e2e::in_state::vs(d.s(), &["snapshot-delete", d.name, "s1"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("has 2 overlays"), "{}", stderr(&o));
+    assert_eq!(d.names(), ["s2"]);
+    for f in ["vda.s1", "vda.s2", "vda.s1.r1"] {
+        assert!(d.file(f).exists(), "{f}");
+    }
+    current_data(&d.file("vda.s2"));
+}
+
+/// i1 internal in vda.qcow2, e1 external onto vda.e1 (0xbb), i2 internal in vda.e1, then
+/// 0xcc at 0: a mixed tree i1 -> e1 -> i2, the disk on vda.e1.
+fn mixed(name: &'static str) -> Dom {
+    let d = Dom::define(name);
+    d.vs(&["snapshot-create-as", "i1"]);
+    d.vs(&["snapshot-create-as", "e1", "--disk-only"]);
+    let e1 = d.file("vda.e1");
+    write(&e1, 0, 0xbb);
+    d.vs(&["snapshot-create-as", "i2"]);
+    write(&e1, 0, 0xcc);
+    write(&e1, 64, 0xb1);
+    d
+}
+
+#[test]
+fn a_mixed_tree_is_deleted_live_leaves_first() {
+    let d = mixed("del-mixed");
+    let (vda, e1) = (d.file("vda.qcow2"), d.file("vda.e1"));
+    d.vs(&["start"]);
+    // i1 is in a backing file QEMU has open read-only: refused.
+    let e = d.fails(&["snapshot-delete", "i1"]);
+    assert!(e.contains("read-only"), "{e}");
+    // i2 through QEMU (vda.e1 is the active image), then e1 by active commit into vda.qcow2
+    // (i1's tag there untouched), then i1 through QEMU (vda.qcow2 is active now).
+    assert_eq!(d.delete(&["i2"])["kind"], "internal");
+    assert!(!d.tags(&e1).contains("i2"));
+    assert_eq!(d.delete(&["e1"])["kind"], "external");
+    assert!(!e1.exists());
+    assert_eq!(d.source(), vda.display().to_string());
+    assert!(d.tags(&vda).contains("i1"));
+    assert_eq!(d.delete(&["i1"])["kind"], "internal");
+    assert!(d.names().is_empty());
+    d.vs(&["destroy"]);
+    assert!(!d.tags(&vda).contains("i1"));
+    current_data(&vda);
+}
+
+#[test]
+fn an_overlay_holding_an_internal_snapshot_is_not_merged_away() {
+    let d = mixed("del-mixed2");
+    let e1 = d.file("vda.e1");
+    d.vs(&["start"]);
+    let o = virt_snap_e2e::in_state::vs(d.s(), &["snapshot-delete", d.name, "e1"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("holds internal snapshots"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(e1.exists() && d.tags(&e1).contains("i2"));
+    assert_eq!(d.source(), e1.display().to_string());
+    assert_eq!(d.names(), ["i1", "i2"]);
+    // --children of i1 in one go (shut off: i1 is in a backing file): i2's tag, then i1's.
+    d.vs(&["destroy"]);
+    let r = d.delete(&["i1", "--children"]);
+    assert_eq!(r["deleted"], serde_json::json!(["i2", "i1"]), "{r}");
+    assert!(!d.tags(&e1).contains("i2"));
+    assert!(!d.tags(&d.file("vda.qcow2")).contains("i1"));
+    current_data(&e1);
+}
+
+#[test]
+fn the_files_the_user_gave_are_never_removed() {
+    let d = Dom::define("del-user");
+    let vda = d.file("vda.qcow2");
+    let mine = d.file("mine.qcow2");
+    d.vs(&[
+        "snapshot-create-as",
+        "s1",
+        "--disk-only",
+        "--diskspec",
+        &format!("vda,file={}", mine.display()),
+    ]);
+    write(&mine, 0, 0xcc);
+    write(&mine, 64, 0xb1);
+    d.vs(&["start"]);
+    let o = virt_snap_e2e::in_state::vs(d.s(), &["snapshot-delete", d.name, "s1"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("is kept"), "{}", stderr(&o));
+    assert!(mine.exists(), "the overlay the user named is kept");
+    assert!(vda.exists());
+    assert_eq!(d.source(), vda.display().to_string());
+    d.vs(&["destroy"]);
+    current_data(&vda);
+}
+
+/// `virt-snap snapshot-delete` aborted right after `effect` (a test failpoint).
+fn killed_delete(d: &Dom, snap: &str, effect: &str) {
+    let o = run(virt_snap()
+        .env("VIRT_SNAP_FAILPOINT", format!("delete:{effect}"))
+        .arg("--state-dir")
+        .arg(d.s())
+        .args(["snapshot-delete", d.name, snap]));
+    assert!(!o.status.success(), "not killed: {}", stderr(&o));
+}
+
+#[test]
+fn a_killed_delete_is_recovered_by_the_next_command() {
+    let d = Dom::two_external("del-kill");
+    let (vda, s1, s2) = (d.file("vda.qcow2"), d.file("vda.s1"), d.file("vda.s2"));
+    d.vs(&["start"]);
+    // Killed with the active commit ready, before its pivot: QEMU goes on; the next command
+    // finds the job, completes it and finishes the delete.
+    killed_delete(&d, "s2", "commit-ready");
+    assert_eq!(d.source(), s1.display().to_string());
+    assert_eq!(d.defined_source(), s1.display().to_string());
+    assert!(!s2.exists());
+    assert_eq!(d.names(), ["s1"]);
+    // Killed right after the merge, before the definition: rolled forward.
+    killed_delete(&d, "s1", "commit");
+    assert_eq!(d.source(), vda.display().to_string());
+    assert_eq!(d.defined_source(), vda.display().to_string());
+    assert!(d.names().is_empty());
+    assert!(!s1.exists());
+    // A live snapshot's overlay (a node virt-snap added), killed right after its merge, before
+    // its node is dropped: the next command sees it out of the chain, drops it, and finishes.
+    d.vs(&["snapshot-create-as", "live", "--disk-only"]);
+    let live = d.file("vda.live");
+    killed_delete(&d, "live", "commit");
+    assert_eq!(d.source(), vda.display().to_string());
+    assert!(d.names().is_empty());
+    assert!(!live.exists());
+    let nodes = d.node_files();
+    assert!(nodes.iter().all(|f| f.ends_with("/vda.qcow2")), "{nodes:?}");
+    d.vs(&["destroy"]);
+    current_data(&vda);
+    // Internal, shut off, killed right after the tag went: `start` completes it first.
+    d.vs(&["snapshot-create-as", "int"]);
+    killed_delete(&d, "int", "delete-internal");
+    d.vs(&["start"]);
+    assert!(d.names().is_empty());
+    assert!(!d.tags(&vda).contains("int"));
+}
