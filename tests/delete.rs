@@ -400,6 +400,32 @@ fn after_a_revert_what_nothing_needs_goes_and_the_disk_comes_home() {
     assert!(!info(&vda).contains("backing file"));
 }
 
+/// Found by tests/history.rs: a snapshot reverted to twice left the first revert's overlay
+/// (off the active chain, needed by nothing) behind, which kept the base with two overlays, so
+/// deleting the snapshot never brought the disk back onto its own file.
+#[test]
+fn reverted_to_twice_then_deleted_the_disk_comes_home() {
+    let d = Dom::define("del-twice");
+    let vda = d.file("vda.qcow2");
+    d.vs(&["snapshot-create-as", "s1", "--disk-only"]);
+    d.vs(&["snapshot-revert", "s1"]);
+    d.vs(&["snapshot-revert", "s1"]);
+    let (r1, r2) = (d.file("vda.s1.r1"), d.file("vda.s1.r2"));
+    assert_eq!(d.defined_source(), r2.display().to_string());
+    write(&r2, 0, 0xdd);
+    d.vs(&["start"]);
+    let r = d.delete(&["s1"]);
+    assert_eq!(r["kind"], "external", "{r}");
+    for f in [d.file("vda.s1"), r1, r2] {
+        assert!(!f.exists(), "{} left", f.display());
+    }
+    assert_eq!(d.source(), vda.display().to_string());
+    assert_eq!(d.defined_source(), vda.display().to_string());
+    d.vs(&["destroy"]);
+    holds(&vda, 0, 0xdd);
+    assert!(!info(&vda).contains("backing file"));
+}
+
 #[test]
 fn a_base_with_two_overlays_is_not_merged() {
     let d = Dom::two_external("del-two");

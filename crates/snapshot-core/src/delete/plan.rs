@@ -739,9 +739,39 @@ impl DeletePlan {
                                 // into it instead (the disk back on the base).
                                 let revert_prefix =
                                     format!("{}.r", default_overlay_path(&base, sname.as_str()));
+                                let is_revert_overlay = |r: &str| {
+                                    r.strip_prefix(&revert_prefix).is_some_and(|n| {
+                                        !n.is_empty() && n.chars().all(|c| c.is_ascii_digit())
+                                    })
+                                };
+                                // The revert overlays of this snapshot off the active chain
+                                // (states an earlier revert to it discarded) go too if
+                                // nothing needs them: else one left behind keeps the base
+                                // with two overlays and the disk is never merged back.
+                                let mut dropped: Vec<String> = vec![];
+                                for r in &deps {
+                                    if *r != overlay
+                                        && is_revert_overlay(r)
+                                        && !chain.contains(r)
+                                        && !tagged(r, &removed_tags)
+                                        && !needed(
+                                            &mut chains,
+                                            &sim,
+                                            &tops,
+                                            def.as_ref(),
+                                            r,
+                                            Some(sname.as_str()),
+                                        )
+                                    {
+                                        chains.known.remove(r);
+                                        chains.gone.insert(r.clone());
+                                        removes.push((r.clone(), base.clone()));
+                                        dropped.push(r.clone());
+                                    }
+                                }
                                 let rest: Vec<String> = deps
                                     .into_iter()
-                                    .filter(|d| !(gone && *d == overlay))
+                                    .filter(|d| !(gone && *d == overlay) && !dropped.contains(d))
                                     .collect();
                                 let candidate = match &rest[..] {
                                     [r] if r.starts_with(&revert_prefix)
