@@ -771,7 +771,7 @@ impl DeletePlan {
                                 }
                                 let rest: Vec<String> = deps
                                     .into_iter()
-                                    .filter(|d| !(gone && *d == overlay) && !dropped.contains(d))
+                                    .filter(|d| !((gone && *d == overlay) || dropped.contains(d)))
                                     .collect();
                                 let candidate = match &rest[..] {
                                     [r] if r.starts_with(&revert_prefix)
