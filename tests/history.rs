@@ -446,7 +446,7 @@ impl History {
     /// The disk sources in snapshot `n`'s `<domain>` copy: the images holding its data.
     fn images(&self, n: &str) -> Vec<String> {
         let xml = self.q(&["snapshot-dumpxml", n]);
-        let copy = &xml[xml.find("<domain").expect("a <domain> copy")..];
+        let copy = &xml[xml.find("<domain ").expect("a <domain> copy")..];
         let s = sources(copy);
         TARGETS.iter().map(|t| s[*t].clone()).collect()
     }
@@ -541,6 +541,24 @@ impl History {
                     .unwrap_or_else(|| panic!("{t} in query-block: {qb}"));
                 assert_eq!(dev["inserted"]["file"], tops[i].as_str(), "{t}: QEMU's top");
             }
+            // Every image QEMU has open is in a disk's chain (no node left over from a
+            // merge or a re-pointing); one that is not is a finding.
+            let in_chains: BTreeSet<String> = tops.iter().flat_map(|t| chain(t)).collect();
+            let nodes: Value = serde_json::from_str(&self.q(&[
+                "qemu-monitor-command",
+                r#"{"execute":"query-named-block-nodes","arguments":{"flat":true}}"#,
+            ]))
+            .unwrap();
+            for n in nodes["return"].as_array().unwrap() {
+                let f = n["file"].as_str().unwrap_or_default();
+                if n["drv"] == "qcow2" && !in_chains.contains(f) {
+                    self.findings.insert(format!(
+                        "QEMU has {f} open ({}), in no disk's chain, after: {}",
+                        n["node-name"],
+                        self.log.last().unwrap()
+                    ));
+                }
+            }
         }
 
         // (2) Every image of each disk's chain exists and checks clean; (4) the current data.
@@ -614,7 +632,7 @@ impl History {
                     }
                     // Its overlay, if still there, is needed too (a child may be on it).
                     let xml = self.q(&["snapshot-dumpxml", &s.name]);
-                    let disks = &xml[..xml.find("<domain").unwrap()];
+                    let disks = &xml[..xml.find("<domain ").unwrap()];
                     for part in disks.split("<source file='").skip(1) {
                         let o = &part[..part.find('\'').unwrap()];
                         if Path::new(o).exists() {
@@ -630,8 +648,18 @@ impl History {
         // overlays of the state it discards, docs/revert.md; the end of the case checks that
         // deleting every snapshot removes them.)
         if deleted && !self.m.metadata_used {
+            // A remaining snapshot's revert overlays (`<image minus extension>.S.rN`) are kept
+            // until S goes (docs/revert.md, docs/delete.md).
+            let reverts_of_remaining = |p: &str| {
+                self.m.snaps.iter().any(|s| {
+                    p.rsplit_once(&format!(".{}.r", s.name))
+                        .is_some_and(|(_, n)| {
+                            !n.is_empty() && n.chars().all(|c| c.is_ascii_digit())
+                        })
+                })
+            };
             for p in self.needed.difference(&needed) {
-                if Path::new(p).exists() {
+                if Path::new(p).exists() && !reverts_of_remaining(p) {
                     self.findings.insert(format!(
                         "{p} left, needed by nothing after: {}",
                         self.log.last().unwrap()
