@@ -400,6 +400,53 @@ fn after_a_revert_what_nothing_needs_goes_and_the_disk_comes_home() {
     assert!(!info(&vda).contains("backing file"));
 }
 
+/// Found by tests/history.rs: a snapshot reverted to twice left the first revert's overlay
+/// (off the active chain, needed by nothing) behind, which kept the base with two overlays, so
+/// deleting the snapshot never brought the disk back onto its own file.
+#[test]
+fn reverted_to_twice_then_deleted_the_disk_comes_home() {
+    let d = Dom::define("del-twice");
+    let vda = d.file("vda.qcow2");
+    d.vs(&["snapshot-create-as", "s1", "--disk-only"]);
+    d.vs(&["snapshot-revert", "s1"]);
+    d.vs(&["snapshot-revert", "s1"]);
+    let (r1, r2) = (d.file("vda.s1.r1"), d.file("vda.s1.r2"));
+    assert_eq!(d.defined_source(), r2.display().to_string());
+    write(&r2, 0, 0xdd);
+    d.vs(&["start"]);
+    let r = d.delete(&["s1"]);
+    assert_eq!(r["kind"], "external", "{r}");
+    for f in [d.file("vda.s1"), r1, r2] {
+        assert!(!f.exists(), "{} left", f.display());
+    }
+    assert_eq!(d.source(), vda.display().to_string());
+    assert_eq!(d.defined_source(), vda.display().to_string());
+    d.vs(&["destroy"]);
+    holds(&vda, 0, 0xdd);
+    assert!(!info(&vda).contains("backing file"));
+}
+
+/// Found by tests/history.rs (seed 5): s1's revert overlay, discarded by a revert to its
+/// child s2, kept vda.qcow2 with two overlays, so s1's own overlay (back on the active chain
+/// once s2's revert overlay was merged into it) was never merged.
+#[test]
+fn a_discarded_revert_overlay_does_not_block_the_merge() {
+    let d = Dom::two_external("del-discarded");
+    let vda = d.file("vda.qcow2");
+    d.vs(&["snapshot-revert", "s1"]);
+    d.vs(&["snapshot-revert", "s2"]);
+    write(&d.file("vda.s2.r1"), 0, 0xdd);
+    let r = d.delete(&["s1", "--children"]);
+    assert_eq!(r["deleted"], serde_json::json!(["s2", "s1"]), "{r}");
+    for f in ["vda.s1", "vda.s2", "vda.s1.r1", "vda.s2.r1"] {
+        assert!(!d.file(f).exists(), "{f} left");
+    }
+    assert_eq!(d.defined_source(), vda.display().to_string());
+    holds(&vda, 0, 0xdd);
+    holds(&vda, 64, 0xb1);
+    assert!(!info(&vda).contains("backing file"));
+}
+
 #[test]
 fn a_base_with_two_overlays_is_not_merged() {
     let d = Dom::two_external("del-two");

@@ -672,8 +672,42 @@ impl DeletePlan {
                                     ),
                                 ));
                             }
-                            let deps = chains.dependents(&base);
+                            let mut deps = chains.dependents(&base);
                             let chain = chains.chain(&top);
+                            let revert_prefix =
+                                format!("{}.r", default_overlay_path(&base, sname.as_str()));
+                            let is_revert_overlay = |r: &str| {
+                                r.strip_prefix(&revert_prefix).is_some_and(|n| {
+                                    !n.is_empty() && n.chars().all(|c| c.is_ascii_digit())
+                                })
+                            };
+                            // The revert overlays of this snapshot off the disk's active
+                            // chain (states a later revert to it discarded) go first if
+                            // nothing needs them: else one left behind keeps the base with
+                            // two overlays, and neither this overlay nor the revert's one on
+                            // the active chain is ever merged back.
+                            let mut dropped: Vec<String> = vec![];
+                            for r in &deps {
+                                if *r != overlay
+                                    && is_revert_overlay(r)
+                                    && !chain.contains(r)
+                                    && !tagged(r, &removed_tags)
+                                    && !needed(
+                                        &mut chains,
+                                        &sim,
+                                        &tops,
+                                        def.as_ref(),
+                                        r,
+                                        Some(sname.as_str()),
+                                    )
+                                {
+                                    chains.known.remove(r);
+                                    chains.gone.insert(r.clone());
+                                    removes.push((r.clone(), base.clone()));
+                                    dropped.push(r.clone());
+                                }
+                            }
+                            deps.retain(|d| !dropped.contains(d));
                             let ours = overlay == default_overlay_path(&base, sname.as_str());
                             // Another snapshot's data is the base: its content must not change.
                             let base_is_data = sim.topological().iter().any(|n| {
@@ -745,8 +779,6 @@ impl DeletePlan {
                                 // ... and a revert's overlay of this snapshot on the base, left
                                 // its only overlay and on the disk's active chain, is merged
                                 // into it instead (the disk back on the base).
-                                let revert_prefix =
-                                    format!("{}.r", default_overlay_path(&base, sname.as_str()));
                                 let rest: Vec<String> = deps
                                     .into_iter()
                                     .filter(|d| !(gone && *d == overlay))

@@ -881,6 +881,61 @@ fn a_reverted_to_snapshot_deleted_takes_its_revert_overlay_back_into_its_image()
 }
 
 #[test]
+fn a_snapshot_reverted_to_twice_deleted_drops_the_first_revert_and_merges_the_second() {
+    // s1 alone, reverted to twice: vda.s1 and vda.s1.r1 (discarded states, off the active
+    // chain) and vda.s1.r2 (the disk's top, data C) on the base.
+    let mut case = external(true);
+    case.snaps.truncate(1);
+    case.current = Some("s1");
+    case.images.truncate(2);
+    case.images
+        .push(("/d/vda.s1.r1", Some(BASE), Some("B"), vec![]));
+    case.images
+        .push(("/d/vda.s1.r2", Some(BASE), Some("C"), vec![]));
+    case.top = "/d/vda.s1.r2";
+    let e = env(&case);
+    let p = plan(&e, "s1", NONE).unwrap();
+    assert_eq!(p.kind, DeleteKind::External, "{:?}", p.steps);
+    delete(&e, "s1", NONE).unwrap();
+    let s = e.world.st();
+    assert_eq!(
+        s.images.keys().collect::<Vec<_>>(),
+        [BASE],
+        "the disk on its own file"
+    );
+    assert_eq!(s.top, BASE);
+    assert_eq!(def_source(&s.definition), BASE);
+    assert_eq!(s.images[BASE].data.as_deref(), Some("C"));
+    assert!(s.violations.is_empty(), "{:?}", s.violations);
+}
+
+#[test]
+fn a_revert_overlay_a_revert_to_the_child_discarded_does_not_block_the_merge() {
+    // s1 <- s2 reverted to s1 (vda.s1.r1 on the base, then discarded) and then to s2
+    // (vda.s2.r1 on vda.s1, the disk's top, data D).
+    for up in [false, true] {
+        let mut case = external(up);
+        case.images
+            .push(("/d/vda.s1.r1", Some(BASE), Some("B"), vec![]));
+        case.images
+            .push(("/d/vda.s2.r1", Some("/d/vda.s1"), Some("D"), vec![]));
+        case.top = "/d/vda.s2.r1";
+        let e = env(&case);
+        delete(&e, "s1", CHILDREN).unwrap();
+        let s = e.world.st();
+        assert_eq!(
+            s.images.keys().collect::<Vec<_>>(),
+            [BASE],
+            "up {up}: the disk on its own file"
+        );
+        assert_eq!(s.top, BASE);
+        assert_eq!(def_source(&s.definition), BASE);
+        assert_eq!(s.images[BASE].data.as_deref(), Some("D"));
+        assert!(s.violations.is_empty(), "{:?}", s.violations);
+    }
+}
+
+#[test]
 fn an_overlay_the_user_named_is_merged_but_kept() {
     let mut case = external(true);
     case.snaps[1] = snap("s2", Some("s1"), "/d/vda.s1", Some("/d/mine.qcow2"));
