@@ -172,6 +172,40 @@ impl Images for World {
         })
         .await
     }
+    async fn stream(&self, st: &Stream) -> Result<()> {
+        self.effect("stream", |s| {
+            let Some(o) = s.images.get(&st.overlay).cloned() else {
+                s.violations
+                    .push(format!("stream into {}, missing", st.overlay));
+                return Ok(());
+            };
+            if o.backing.as_deref() != Some(&st.image) {
+                // Streamed already.
+                return Ok(());
+            }
+            let live = s.open_in_qemu(&st.overlay);
+            match st.mode {
+                StreamMode::Live if !live => s
+                    .violations
+                    .push(format!("live stream into {}, not open in QEMU", st.overlay)),
+                StreamMode::Offline if live => s
+                    .violations
+                    .push(format!("offline stream into {}, open in QEMU", st.overlay)),
+                _ => {}
+            }
+            if s.chain(&st.image).get(1) != st.base.as_ref() {
+                s.violations
+                    .push(format!("{} is not on {:?}", st.image, st.base));
+            }
+            // What the overlay reads now is what it holds afterwards.
+            let data = s.read(&st.overlay);
+            let o = s.images.get_mut(&st.overlay).unwrap();
+            o.data = Some(data);
+            o.backing = st.base.clone();
+            Ok(())
+        })
+        .await
+    }
     async fn remove_overlay(&self, path: &str, backing: &str) -> Result<()> {
         self.effect("remove_overlay", |s| {
             let Some(i) = s.images.get(path) else {
@@ -350,6 +384,35 @@ fn external(up: bool) -> Case {
     }
 }
 
+/// base (A) <- vda.s1 (B) <- vda.s2 (no data of its own) <- vda.s3 (X): s1, s2, s3 external,
+/// then reverted to s2: vda.s2.r1 on vda.s1 (C), the disk on it, s2 current. vda.s1 (s1's
+/// overlay, s2's image) has two overlays that stay: vda.s2 (s3's image) and the disk's.
+fn streamed(up: bool) -> Case {
+    Case {
+        label: if up {
+            "stream running"
+        } else {
+            "stream offline"
+        },
+        snaps: vec![
+            snap("s1", None, BASE, Some("/d/vda.s1")),
+            snap("s2", Some("s1"), "/d/vda.s1", Some("/d/vda.s2")),
+            snap("s3", Some("s2"), "/d/vda.s2", Some("/d/vda.s3")),
+        ],
+        current: Some("s2"),
+        images: vec![
+            (BASE, None, Some("A"), vec![]),
+            ("/d/vda.s1", Some(BASE), Some("B"), vec![]),
+            ("/d/vda.s2", Some("/d/vda.s1"), None, vec![]),
+            ("/d/vda.s3", Some("/d/vda.s2"), Some("X"), vec![]),
+            ("/d/vda.s2.r1", Some("/d/vda.s1"), Some("C"), vec![]),
+        ],
+        top: "/d/vda.s2.r1",
+        up,
+        data: vec![("s1", "A"), ("s2", "B"), ("s3", "B")],
+    }
+}
+
 /// Internal s1 and s2 (its child) in the base image, current s2.
 fn internal(up: bool) -> Case {
     Case {
@@ -518,8 +581,22 @@ fn consistent(e: &Env, ctx: &str) {
                     .unwrap()
                     .1;
                 assert_eq!(s.read(&on), want, "{ctx}: {name}'s data");
+                // In the disk's chain, or (a branch) a leaf of its own or another
+                // snapshot's image (its backing is checked above).
+                let data_of_another = t.tree.topological().iter().any(|x| {
+                    def_source(
+                        t.tree
+                            .get(x.as_str())
+                            .unwrap()
+                            .domain
+                            .as_ref()
+                            .unwrap()
+                            .as_str(),
+                    ) == o
+                });
+                let leaf = !s.images.values().any(|i| i.backing.as_deref() == Some(&o));
                 assert!(
-                    s.chain(&top).contains(&o),
+                    s.chain(&top).contains(&o) || data_of_another || leaf,
                     "{ctx}: {name}'s overlay in the disk's chain"
                 );
             }
@@ -534,7 +611,7 @@ fn consistent(e: &Env, ctx: &str) {
     for p in s.images.keys() {
         let used = s.chain(&top).contains(p)
             || t.tree.topological().iter().any(|x| {
-                def_source(
+                let on = def_source(
                     t.tree
                         .get(x.as_str())
                         .unwrap()
@@ -542,7 +619,12 @@ fn consistent(e: &Env, ctx: &str) {
                         .as_ref()
                         .unwrap()
                         .as_str(),
-                ) == *p
+                );
+                let own = t.tree.get(x.as_str()).unwrap().disks[0]
+                    .source
+                    .as_ref()
+                    .and_then(|x| x.file.clone());
+                s.chain(&on).contains(p) || own.is_some_and(|o| s.chain(&o).contains(p))
             });
         assert!(used, "{ctx}: {p} left over");
     }
@@ -649,6 +731,16 @@ fn requests() -> Vec<Request> {
             vec!["s1"],
             Some("s1"),
             BASE,
+        ));
+        // A branch whose image is virt-snap's overlay: streamed up into both dependents.
+        v.push((
+            streamed(up),
+            "s2",
+            NONE,
+            DeleteKind::External,
+            vec!["s1", "s3"],
+            Some("s1"),
+            "/d/vda.s2.r1",
         ));
     }
     // Offline, the internal snapshot in a backing file can go too.
@@ -851,6 +943,95 @@ fn branches_are_not_merged_but_what_nothing_needs_goes() {
     assert_eq!(s.top, "/d/vda.s1.r1");
     assert_eq!(s.read(&s.top), "E");
     assert!(s.violations.is_empty(), "{:?}", s.violations);
+}
+
+#[test]
+fn a_branch_on_our_overlay_is_streamed_into_its_dependents_and_the_overlay_goes() {
+    for up in [true, false] {
+        let e = env(&streamed(up));
+        let p = plan(&e, "s2", NONE).unwrap();
+        let streams: Vec<(String, StreamMode)> = p
+            .steps
+            .iter()
+            .filter_map(|s| match s {
+                Step::Stream { stream, .. } => Some((stream.overlay.clone(), stream.mode)),
+                _ => None,
+            })
+            .collect();
+        let live = if up {
+            StreamMode::Live
+        } else {
+            StreamMode::Offline
+        };
+        let mut want = vec![
+            ("/d/vda.s2.r1".to_string(), live),
+            ("/d/vda.s2".to_string(), StreamMode::Offline),
+        ];
+        if !up {
+            want.reverse();
+        }
+        assert_eq!(streams, want, "{:?}", p.steps);
+        assert!(p.steps[p.commit_point].changes_data());
+        assert!(
+            p.steps.iter().any(
+                |s| matches!(s, Step::RemoveOverlay { path, backing } if path == "/d/vda.s1" && backing == BASE)
+            ),
+            "{:?}",
+            p.steps
+        );
+        delete(&e, "s2", NONE).unwrap();
+        consistent(&e, "stream");
+        let s = e.world.st();
+        assert!(!s.images.contains_key("/d/vda.s1"));
+        assert_eq!(s.images["/d/vda.s2"].backing.as_deref(), Some(BASE));
+        assert_eq!(s.images["/d/vda.s2.r1"].backing.as_deref(), Some(BASE));
+        assert_eq!(s.read("/d/vda.s2"), "B");
+        assert_eq!(s.read("/d/vda.s3"), "X");
+        drop(s);
+        // s1's overlay is now the disk's (on the base), s3 under s1.
+        let s1 = e.store.read(&n("s1")).unwrap();
+        assert_eq!(
+            s1.disks[0].source.as_ref().unwrap().file.as_deref(),
+            Some("/d/vda.s2.r1")
+        );
+        // Then s1: the base has two overlays and is the user's: nothing streamed.
+        let p = plan(&e, "s1", NONE).unwrap();
+        assert!(
+            !p.steps.iter().any(|s| matches!(s, Step::Stream { .. })),
+            "{:?}",
+            p.steps
+        );
+    }
+}
+
+#[test]
+fn a_branch_on_another_snapshots_image_or_the_users_file_is_not_streamed() {
+    // s2's image vda.s1 is s4's image too: its content must stay.
+    let e = env(&streamed(true));
+    e.store
+        .save(&snap("s4", Some("s1"), "/d/vda.s1", Some("/d/vda.s4")))
+        .unwrap();
+    e.world.st().images.insert(
+        "/d/vda.s4".into(),
+        Img {
+            backing: Some("/d/vda.s1".into()),
+            ..Default::default()
+        },
+    );
+    let p = plan(&e, "s2", NONE).unwrap();
+    assert!(
+        !p.steps.iter().any(|s| matches!(s, Step::Stream { .. })),
+        "{:?}",
+        p.steps
+    );
+    // The branched case: the base is the user's file.
+    let e = branched();
+    let p = plan(&e, "s1", NONE).unwrap();
+    assert!(
+        !p.steps.iter().any(|s| matches!(s, Step::Stream { .. })),
+        "{:?}",
+        p.steps
+    );
 }
 
 #[test]
