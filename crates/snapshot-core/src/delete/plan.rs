@@ -782,10 +782,34 @@ impl DeletePlan {
                                         &overlay,
                                         Some(sname.as_str()),
                                     );
+                                // The base: virt-snap's own overlay (of the image below it)?
+                                let below = chains.back(&base);
+                                let base_ours = below.as_ref().is_some_and(|b| {
+                                    base.strip_prefix(&default_overlay_path(b, ""))
+                                        .is_some_and(|x| !x.is_empty() && !x.contains('/'))
+                                });
                                 if gone {
                                     chains.known.remove(&overlay);
                                     chains.gone.insert(overlay.clone());
                                     removes.push((overlay.clone(), base.clone()));
+                                    // The base too, where it is virt-snap's and nothing else
+                                    // needs it (a branch's parent deleted first left it).
+                                    if let Some(b) = below.clone().filter(|_| {
+                                        base_ours && !base_is_data && !tagged(&base, &removed_tags)
+                                    }) {
+                                        if !needed(
+                                            &mut chains,
+                                            &sim,
+                                            &tops,
+                                            def.as_ref(),
+                                            &base,
+                                            Some(sname.as_str()),
+                                        ) {
+                                            chains.known.remove(&base);
+                                            chains.gone.insert(base.clone());
+                                            removes.push((base.clone(), b));
+                                        }
+                                    }
                                 } else if !ours {
                                     notes.push(format!(
                                         "{obj}: not merged ({why}); the overlay {overlay} is \
@@ -823,11 +847,6 @@ impl DeletePlan {
                                     // which only these overlays need, its data is streamed
                                     // up into each of them (then they are backed by the
                                     // image below it) and it goes.
-                                    let below = chains.back(&base);
-                                    let base_ours = below.as_ref().is_some_and(|b| {
-                                        base.strip_prefix(&default_overlay_path(b, ""))
-                                            .is_some_and(|x| !x.is_empty() && !x.contains('/'))
-                                    });
                                     let defined = def
                                         .as_ref()
                                         .and_then(|x| x.disk(&target))

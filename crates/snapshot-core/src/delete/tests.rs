@@ -928,15 +928,17 @@ fn branches_are_not_merged_but_what_nothing_needs_goes() {
     assert!(p.notes[0].contains("has 2 overlays"), "{:?}", p.notes);
     delete(&e, "s1", NONE).unwrap();
     assert!(e.world.st().images.contains_key("/d/vda.s1"));
-    // s2: off the disk's active chain, and nothing needs its overlay any more: removed.
+    // s2: off the disk's active chain, and nothing needs its overlay any more: removed; nor
+    // its image vda.s1 (s1's overlay, s1 deleted first): removed too.
     let p = plan(&e, "s2", NONE).unwrap();
     assert!(
-        matches!(&p.steps[..], [Step::Metadata { .. }, Step::RemoveOverlay { path, .. }] if path == "/d/vda.s2"),
+        matches!(&p.steps[..], [Step::Metadata { .. }, Step::RemoveOverlay { path, .. }, Step::RemoveOverlay { path: b, .. }] if path == "/d/vda.s2" && b == "/d/vda.s1"),
         "{:?}",
         p.steps
     );
     delete(&e, "s2", NONE).unwrap();
     assert!(!e.world.st().images.contains_key("/d/vda.s2"));
+    assert!(!e.world.st().images.contains_key("/d/vda.s1"));
     // s3 (on top): an active commit into the revert's overlay.
     delete(&e, "s3", NONE).unwrap();
     let s = e.world.st();
