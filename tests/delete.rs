@@ -416,6 +416,96 @@ fn a_base_with_two_overlays_is_not_merged() {
     current_data(&d.file("vda.s2"));
 }
 
+/// s1, s2, s3 external disk-only, taken shut off: vda.qcow2 (0xaa) <- vda.s1 (0xbb at 0, 0xb1
+/// at 64k) <- vda.s2 (0xc2 at 128k) <- vda.s3 (0xcc at 0); then reverted to s2: vda.s2.r1
+/// (0xdd at 0) on vda.s1, the disk on it. vda.s1, virt-snap's overlay of s1 and s2's image,
+/// has two overlays that stay: vda.s2 (s3's image) and the disk's.
+fn stream_branch(name: &'static str) -> Dom {
+    let d = Dom::define(name);
+    d.vs(&["snapshot-create-as", "s1", "--disk-only"]);
+    write(&d.file("vda.s1"), 0, 0xbb);
+    write(&d.file("vda.s1"), 64, 0xb1);
+    d.vs(&["snapshot-create-as", "s2", "--disk-only"]);
+    write(&d.file("vda.s2"), 128, 0xc2);
+    d.vs(&["snapshot-create-as", "s3", "--disk-only"]);
+    write(&d.file("vda.s3"), 0, 0xcc);
+    d.vs(&["snapshot-revert", "s2"]);
+    let r1 = d.file("vda.s2.r1");
+    write(&r1, 0, 0xdd);
+    assert_eq!(d.defined_source(), r1.display().to_string());
+    d
+}
+
+/// After s2 of [`stream_branch`] was deleted by streaming: vda.s1 is gone, both its overlays
+/// are on vda.qcow2 and hold its data, s3 is s1's child, every snapshot reads its data.
+fn streamed_branch_reads_right(d: &Dom) {
+    let (vda, s1, s2, s3, r1) = (
+        d.file("vda.qcow2"),
+        d.file("vda.s1"),
+        d.file("vda.s2"),
+        d.file("vda.s3"),
+        d.file("vda.s2.r1"),
+    );
+    assert!(!s1.exists());
+    assert_eq!(d.names(), ["s1", "s3"]);
+    assert_eq!(d.parent("s3"), "s1");
+    for (f, below) in [(&s2, &vda), (&r1, &vda), (&s3, &s2)] {
+        let i = info(f);
+        assert!(
+            i.contains(&format!("backing file: {}", below.display())),
+            "{}: {i}",
+            f.display()
+        );
+    }
+    let chain = qemu_img(&["info", "--backing-chain", "-U", s3.to_str().unwrap()]);
+    assert!(!chain.contains("vda.s1"), "{chain}");
+    // s1: the base; s3: its image vda.s2 (s2's writes on s1's); the disk: the revert's.
+    holds(&vda, 0, 0xaa);
+    assert!(!info(&vda).contains("backing file"));
+    holds(&s2, 0, 0xbb);
+    holds(&s2, 64, 0xb1);
+    holds(&s2, 128, 0xc2);
+    holds(&s3, 0, 0xcc);
+    holds(&s3, 64, 0xb1);
+    holds(&r1, 0, 0xdd);
+    holds(&r1, 64, 0xb1);
+    assert_eq!(d.defined_source(), r1.display().to_string());
+}
+
+#[test]
+fn a_branch_on_our_overlay_is_streamed_live_and_the_overlay_goes() {
+    let d = stream_branch("del-stream");
+    d.vs(&["start"]);
+    // s2's image vda.s1 has two overlays that stay: streamed up into the disk's top in QEMU
+    // (block-stream) and into vda.s2 in a qemu-storage-daemon, then removed.
+    let r = d.delete(&["s2"]);
+    assert_eq!(r["kind"], "external", "{r}");
+    let nodes = d.node_files();
+    assert!(nodes.iter().all(|f| !f.ends_with("/vda.s1")), "{nodes:?}");
+    assert_eq!(d.source(), d.file("vda.s2.r1").display().to_string());
+    d.vs(&["destroy"]);
+    streamed_branch_reads_right(&d);
+}
+
+#[test]
+fn a_branch_on_our_overlay_is_streamed_offline_and_the_overlay_goes() {
+    let d = stream_branch("del-stream-off");
+    let r = d.delete(&["s2"]);
+    assert_eq!(r["kind"], "external", "{r}");
+    streamed_branch_reads_right(&d);
+    // And the rest deletes as before: s3 (off the active chain, its overlay unneeded) and s1
+    // (the revert's overlay merged back: the disk on its own file).
+    d.delete(&["s3"]);
+    d.delete(&["s1"]);
+    assert!(d.names().is_empty());
+    assert_eq!(
+        d.defined_source(),
+        d.file("vda.qcow2").display().to_string()
+    );
+    holds(&d.file("vda.qcow2"), 0, 0xdd);
+    holds(&d.file("vda.qcow2"), 64, 0xb1);
+}
+
 /// i1 internal in vda.qcow2, e1 external onto vda.e1 (0xbb), i2 internal in vda.e1, then
 /// 0xcc at 0: a mixed tree i1 -> e1 -> i2, the disk on vda.e1.
 fn mixed(name: &'static str) -> Dom {
