@@ -2,7 +2,8 @@
 //! snapshots deleted through QEMU's snapshot-delete job and offline, external ones merged by
 //! block-commit (active with pivot for the top, intermediate below it, in a
 //! qemu-storage-daemon when the domain is shut off), --children, --children-only,
-//! --metadata, the refusals, the user's files kept, and a delete killed midway recovered by
+//! --metadata, a branch on virt-snap's overlay streamed up (block-stream, live and in the
+//! daemon), the refusals, the user's files kept, and a delete killed midway recovered by
 //! the next command. The images' data, written and read with qemu-io while the domain is shut
 //! off, are the oracle, with qemu-img info and snapshot -l; domblklist, dumpxml and
 //! snapshot-list as the user sees them.
@@ -504,6 +505,26 @@ fn a_branch_on_our_overlay_is_streamed_offline_and_the_overlay_goes() {
     );
     holds(&d.file("vda.qcow2"), 0, 0xdd);
     holds(&d.file("vda.qcow2"), 64, 0xb1);
+}
+
+#[test]
+fn a_delete_killed_after_a_stream_is_rolled_forward() {
+    // Running: killed right after the first stream (into the disk's top, in QEMU): the next
+    // command sees the top no longer backed by vda.s1 and streams the other one.
+    let d = stream_branch("del-stream-kill");
+    d.vs(&["start"]);
+    killed_delete(&d, "s2", "stream");
+    d.vs(&["domstate"]);
+    assert_eq!(d.names(), ["s1", "s3"], "recovered by domstate");
+    let nodes = d.node_files();
+    assert!(nodes.iter().all(|f| !f.ends_with("/vda.s1")), "{nodes:?}");
+    d.vs(&["destroy"]);
+    streamed_branch_reads_right(&d);
+    // Shut off: killed after the first stream in qemu-storage-daemon.
+    let d = stream_branch("del-stream-kill-off");
+    killed_delete(&d, "s2", "stream");
+    d.vs(&["domstate"]);
+    streamed_branch_reads_right(&d);
 }
 
 /// i1 internal in vda.qcow2, e1 external onto vda.e1 (0xbb), i2 internal in vda.e1, then
