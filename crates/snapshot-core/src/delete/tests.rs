@@ -413,6 +413,22 @@ fn streamed(up: bool) -> Case {
     }
 }
 
+/// base (A) <- vda.s1 (B) <- vda.s2 (no data of its own) <- vda.s3 (X): s1, s2, s3 external,
+/// then reverted to s1: vda.s1.r1 on the base (C), the disk on it, s1 current. s2's overlay
+/// vda.s2 (s3's image) is the only overlay of vda.s1 and off the disk's active chain.
+fn off_chain(up: bool) -> Case {
+    let mut c = streamed(up);
+    c.label = if up {
+        "off-chain stream running"
+    } else {
+        "off-chain stream offline"
+    };
+    c.current = Some("s1");
+    c.images[4] = ("/d/vda.s1.r1", Some(BASE), Some("C"), vec![]);
+    c.top = "/d/vda.s1.r1";
+    c
+}
+
 /// Internal s1 and s2 (its child) in the base image, current s2.
 fn internal(up: bool) -> Case {
     Case {
@@ -732,6 +748,16 @@ fn requests() -> Vec<Request> {
             Some("s1"),
             BASE,
         ));
+        // A snapshot's overlay off the active chain, on virt-snap's overlay: streamed.
+        v.push((
+            off_chain(up),
+            "s2",
+            NONE,
+            DeleteKind::External,
+            vec!["s1", "s3"],
+            Some("s1"),
+            "/d/vda.s1.r1",
+        ));
         // A branch whose image is virt-snap's overlay: streamed up into both dependents.
         v.push((
             streamed(up),
@@ -1004,6 +1030,28 @@ fn a_branch_on_our_overlay_is_streamed_into_its_dependents_and_the_overlay_goes(
             p.steps
         );
     }
+}
+
+#[test]
+fn an_overlay_off_the_active_chain_on_our_overlay_is_streamed() {
+    let e = env(&off_chain(true));
+    let p = plan(&e, "s2", NONE).unwrap();
+    assert!(
+        matches!(&p.steps[0], Step::Stream { stream, .. } if stream.overlay == "/d/vda.s2" && stream.mode == StreamMode::Offline && stream.base.as_deref() == Some(BASE)),
+        "{:?}",
+        p.steps
+    );
+    delete(&e, "s2", NONE).unwrap();
+    consistent(&e, "off chain");
+    let s = e.world.st();
+    assert!(!s.images.contains_key("/d/vda.s1"));
+    assert_eq!(s.read("/d/vda.s2"), "B");
+    drop(s);
+    let s1 = e.store.read(&n("s1")).unwrap();
+    assert_eq!(
+        s1.disks[0].source.as_ref().unwrap().file.as_deref(),
+        Some("/d/vda.s1.r1")
+    );
 }
 
 #[test]
