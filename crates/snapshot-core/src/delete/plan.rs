@@ -879,6 +879,9 @@ impl DeletePlan {
                                             mode,
                                         });
                                         chains.backing.insert(r.clone(), below.clone());
+                                        // Found by its header maybe: known now, so that a
+                                        // later step sees it on the image below.
+                                        chains.known.insert(r.clone());
                                     }
                                     chains.known.remove(&base);
                                     chains.gone.insert(base.clone());
