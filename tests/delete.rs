@@ -491,8 +491,12 @@ fn a_branch_on_our_overlay_is_streamed_live_and_the_overlay_goes() {
 #[test]
 fn a_branch_on_our_overlay_is_streamed_offline_and_the_overlay_goes() {
     let d = stream_branch("del-stream-off");
-    let r = d.delete(&["s2"]);
-    assert_eq!(r["kind"], "external", "{r}");
+    let o = virt_snap_e2e::in_state::vs(d.s(), &["snapshot-delete", d.name, "s2"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // One progress line per stream (stderr is no terminal here).
+    let e = stderr(&o);
+    assert_eq!(e.matches("streaming ").count(), 2, "{e}");
+    assert!(e.contains("vda.s1 into"), "{e}");
     streamed_branch_reads_right(&d);
     // And the rest deletes as before: s3 (off the active chain, its overlay unneeded) and s1
     // (the revert's overlay merged back: the disk on its own file).
@@ -505,6 +509,43 @@ fn a_branch_on_our_overlay_is_streamed_offline_and_the_overlay_goes() {
     );
     holds(&d.file("vda.qcow2"), 0, 0xdd);
     holds(&d.file("vda.qcow2"), 64, 0xb1);
+}
+
+#[test]
+fn a_branch_made_by_a_running_revert_is_streamed_live() {
+    // Running, then reverted to s2 in the same QEMU (--running): the disk on a new overlay of
+    // vda.s1, which has three overlays now (s3's image, the first revert's, the disk's).
+    let d = stream_branch("del-stream-run");
+    d.vs(&["start"]);
+    d.vs(&["snapshot-revert", "s2", "--running"]);
+    let top = PathBuf::from(d.source());
+    let i = info(&top);
+    assert!(i.contains("vda.s1"), "{i}");
+    let r = d.delete(&["s2"]);
+    assert_eq!(r["kind"], "external", "{r}");
+    assert!(!d.file("vda.s1").exists());
+    let nodes = d.node_files();
+    assert!(nodes.iter().all(|f| !f.ends_with("/vda.s1")), "{nodes:?}");
+    assert_eq!(PathBuf::from(d.source()), top);
+    d.vs(&["destroy"]);
+    let vda = d.file("vda.qcow2");
+    for f in [top.clone(), d.file("vda.s2")] {
+        let i = info(&f);
+        assert!(
+            i.contains(&format!("backing file: {}", vda.display())),
+            "{}: {i}",
+            f.display()
+        );
+    }
+    // The disk: s2's data (vda.s1's); s3's image: s2's writes on it; s3 itself.
+    holds(&top, 0, 0xbb);
+    holds(&top, 64, 0xb1);
+    holds(&d.file("vda.s2"), 0, 0xbb);
+    holds(&d.file("vda.s2"), 128, 0xc2);
+    holds(&d.file("vda.s3"), 0, 0xcc);
+    holds(&d.file("vda.s3"), 64, 0xb1);
+    holds(&vda, 0, 0xaa);
+    assert_eq!(d.names(), ["s1", "s3"]);
 }
 
 #[test]
