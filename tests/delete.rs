@@ -2,7 +2,8 @@
 //! snapshots deleted through QEMU's snapshot-delete job and offline, external ones merged by
 //! block-commit (active with pivot for the top, intermediate below it, in a
 //! qemu-storage-daemon when the domain is shut off), --children, --children-only,
-//! --metadata, the refusals, the user's files kept, and a delete killed midway recovered by
+//! --metadata, a branch on virt-snap's overlay streamed up (block-stream, live and in the
+//! daemon), the refusals, the user's files kept, and a delete killed midway recovered by
 //! the next command. The images' data, written and read with qemu-io while the domain is shut
 //! off, are the oracle, with qemu-img info and snapshot -l; domblklist, dumpxml and
 //! snapshot-list as the user sees them.
@@ -461,6 +462,157 @@ fn a_base_with_two_overlays_is_not_merged() {
         assert!(d.file(f).exists(), "{f}");
     }
     current_data(&d.file("vda.s2"));
+}
+
+/// s1, s2, s3 external disk-only, taken shut off: vda.qcow2 (0xaa) <- vda.s1 (0xbb at 0, 0xb1
+/// at 64k) <- vda.s2 (0xc2 at 128k) <- vda.s3 (0xcc at 0); then reverted to s2: vda.s2.r1
+/// (0xdd at 0) on vda.s1, the disk on it. vda.s1, virt-snap's overlay of s1 and s2's image,
+/// has two overlays that stay: vda.s2 (s3's image) and the disk's.
+fn stream_branch(name: &'static str) -> Dom {
+    let d = Dom::define(name);
+    d.vs(&["snapshot-create-as", "s1", "--disk-only"]);
+    write(&d.file("vda.s1"), 0, 0xbb);
+    write(&d.file("vda.s1"), 64, 0xb1);
+    d.vs(&["snapshot-create-as", "s2", "--disk-only"]);
+    write(&d.file("vda.s2"), 128, 0xc2);
+    d.vs(&["snapshot-create-as", "s3", "--disk-only"]);
+    write(&d.file("vda.s3"), 0, 0xcc);
+    d.vs(&["snapshot-revert", "s2"]);
+    let r1 = d.file("vda.s2.r1");
+    write(&r1, 0, 0xdd);
+    assert_eq!(d.defined_source(), r1.display().to_string());
+    d
+}
+
+/// After s2 of [`stream_branch`] was deleted by streaming: vda.s1 is gone, both its overlays
+/// are on vda.qcow2 and hold its data, s3 is s1's child, every snapshot reads its data.
+fn streamed_branch_reads_right(d: &Dom) {
+    let (vda, s1, s2, s3, r1) = (
+        d.file("vda.qcow2"),
+        d.file("vda.s1"),
+        d.file("vda.s2"),
+        d.file("vda.s3"),
+        d.file("vda.s2.r1"),
+    );
+    assert!(!s1.exists());
+    assert_eq!(d.names(), ["s1", "s3"]);
+    assert_eq!(d.parent("s3"), "s1");
+    for (f, below) in [(&s2, &vda), (&r1, &vda), (&s3, &s2)] {
+        let i = info(f);
+        assert!(
+            i.contains(&format!("backing file: {}", below.display())),
+            "{}: {i}",
+            f.display()
+        );
+    }
+    let chain = qemu_img(&["info", "--backing-chain", "-U", s3.to_str().unwrap()]);
+    assert!(!chain.contains("vda.s1"), "{chain}");
+    // s1: the base; s3: its image vda.s2 (s2's writes on s1's); the disk: the revert's.
+    holds(&vda, 0, 0xaa);
+    assert!(!info(&vda).contains("backing file"));
+    holds(&s2, 0, 0xbb);
+    holds(&s2, 64, 0xb1);
+    holds(&s2, 128, 0xc2);
+    holds(&s3, 0, 0xcc);
+    holds(&s3, 64, 0xb1);
+    holds(&r1, 0, 0xdd);
+    holds(&r1, 64, 0xb1);
+    assert_eq!(d.defined_source(), r1.display().to_string());
+}
+
+#[test]
+fn a_branch_on_our_overlay_is_streamed_live_and_the_overlay_goes() {
+    let d = stream_branch("del-stream");
+    d.vs(&["start"]);
+    // s2's image vda.s1 has two overlays that stay: streamed up into the disk's top in QEMU
+    // (block-stream) and into vda.s2 in a qemu-storage-daemon, then removed.
+    let r = d.delete(&["s2"]);
+    assert_eq!(r["kind"], "external", "{r}");
+    let nodes = d.node_files();
+    assert!(nodes.iter().all(|f| !f.ends_with("/vda.s1")), "{nodes:?}");
+    assert_eq!(d.source(), d.file("vda.s2.r1").display().to_string());
+    d.vs(&["destroy"]);
+    streamed_branch_reads_right(&d);
+}
+
+#[test]
+fn a_branch_on_our_overlay_is_streamed_offline_and_the_overlay_goes() {
+    let d = stream_branch("del-stream-off");
+    let o = virt_snap_e2e::in_state::vs(d.s(), &["snapshot-delete", d.name, "s2"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // One progress line per stream (stderr is no terminal here).
+    let e = stderr(&o);
+    assert_eq!(e.matches("streaming ").count(), 2, "{e}");
+    assert!(e.contains("vda.s1 into"), "{e}");
+    streamed_branch_reads_right(&d);
+    // And the rest deletes as before: s3 (off the active chain, its overlay unneeded) and s1
+    // (the revert's overlay merged back: the disk on its own file).
+    d.delete(&["s3"]);
+    d.delete(&["s1"]);
+    assert!(d.names().is_empty());
+    assert_eq!(
+        d.defined_source(),
+        d.file("vda.qcow2").display().to_string()
+    );
+    holds(&d.file("vda.qcow2"), 0, 0xdd);
+    holds(&d.file("vda.qcow2"), 64, 0xb1);
+}
+
+#[test]
+fn a_branch_made_by_a_running_revert_is_streamed_live() {
+    // Running, then reverted to s2 in the same QEMU (--running): the disk on a new overlay of
+    // vda.s1, which has three overlays now (s3's image, the first revert's, the disk's).
+    let d = stream_branch("del-stream-run");
+    d.vs(&["start"]);
+    d.vs(&["snapshot-revert", "s2", "--running"]);
+    let top = PathBuf::from(d.source());
+    let i = info(&top);
+    assert!(i.contains("vda.s1"), "{i}");
+    let r = d.delete(&["s2"]);
+    assert_eq!(r["kind"], "external", "{r}");
+    assert!(!d.file("vda.s1").exists());
+    let nodes = d.node_files();
+    assert!(nodes.iter().all(|f| !f.ends_with("/vda.s1")), "{nodes:?}");
+    assert_eq!(PathBuf::from(d.source()), top);
+    d.vs(&["destroy"]);
+    let vda = d.file("vda.qcow2");
+    for f in [top.clone(), d.file("vda.s2")] {
+        let i = info(&f);
+        assert!(
+            i.contains(&format!("backing file: {}", vda.display())),
+            "{}: {i}",
+            f.display()
+        );
+    }
+    // The disk: s2's data (vda.s1's); s3's image: s2's writes on it; s3 itself.
+    holds(&top, 0, 0xbb);
+    holds(&top, 64, 0xb1);
+    holds(&d.file("vda.s2"), 0, 0xbb);
+    holds(&d.file("vda.s2"), 128, 0xc2);
+    holds(&d.file("vda.s3"), 0, 0xcc);
+    holds(&d.file("vda.s3"), 64, 0xb1);
+    holds(&vda, 0, 0xaa);
+    assert_eq!(d.names(), ["s1", "s3"]);
+}
+
+#[test]
+fn a_delete_killed_after_a_stream_is_rolled_forward() {
+    // Running: killed right after the first stream (into the disk's top, in QEMU): the next
+    // command sees the top no longer backed by vda.s1 and streams the other one.
+    let d = stream_branch("del-stream-kill");
+    d.vs(&["start"]);
+    killed_delete(&d, "s2", "stream");
+    d.vs(&["domstate"]);
+    assert_eq!(d.names(), ["s1", "s3"], "recovered by domstate");
+    let nodes = d.node_files();
+    assert!(nodes.iter().all(|f| !f.ends_with("/vda.s1")), "{nodes:?}");
+    d.vs(&["destroy"]);
+    streamed_branch_reads_right(&d);
+    // Shut off: killed after the first stream in qemu-storage-daemon.
+    let d = stream_branch("del-stream-kill-off");
+    killed_delete(&d, "s2", "stream");
+    d.vs(&["domstate"]);
+    streamed_branch_reads_right(&d);
 }
 
 /// i1 internal in vda.qcow2, e1 external onto vda.e1 (0xbb), i2 internal in vda.e1, then

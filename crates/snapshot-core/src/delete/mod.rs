@@ -6,13 +6,13 @@
 //!
 //! ```text
 //! per snapshot deleted (children before parents, with --children / --children-only):
-//!   [DeleteInternal*] -> [Commit*..] -> [SwitchDefinition] -> Metadata -> [RemoveOverlay..]
+//!   [DeleteInternal*] -> [Commit*..] -> [Stream*..] -> [SwitchDefinition] -> Metadata -> [RemoveOverlay..]
 //! --metadata:  Metadata* (per snapshot)
 //! ```
 //!
 //! `*`: the commit point ([`DeletePlan::commit_point`]) is the first step that changes
 //! snapshot data (an internal snapshot deleted from an image, an overlay merged by
-//! block-commit), neither of which can be undone; a plan without one commits at its first
+//! block-commit, an image streamed up by block-stream), none of which can be undone; a plan without one commits at its first
 //! metadata step. A failure before it undoes every step in reverse order; from it on the
 //! delete rolls forward. See docs/delete.md.
 //!
@@ -24,7 +24,8 @@ mod runner;
 mod tests;
 
 pub use plan::{
-    CommitMode, DeleteFlags, DeleteKind, DeletePlan, DeleteRequest, Facts, Merge, Step,
+    CommitMode, DeleteFlags, DeleteKind, DeletePlan, DeleteRequest, Facts, Merge, Step, Stream,
+    StreamMode,
 };
 pub use runner::{recover, run, DeleteOutcome, DeleteRecord, Recovered, JOURNAL_KIND};
 
@@ -48,6 +49,10 @@ pub trait Images: Send + Sync {
     /// image above (or the disk, for an active commit) is backed by (on) the base, and no
     /// node of the overlay is left in QEMU.
     async fn commit(&self, merge: &Merge) -> Result<()>;
+    /// Streams `stream.image`'s data into `stream.overlay` ([`Stream`], [`StreamMode`]);
+    /// afterwards the overlay is backed by `stream.base`, and (live) no node of the image is
+    /// left in QEMU. An overlay no longer backed by the image is success.
+    async fn stream(&self, stream: &Stream) -> Result<()>;
     /// Deletes the merged overlay `path`: only if its recorded backing is `backing`; missing
     /// is success.
     async fn remove_overlay(&self, path: &str, backing: &str) -> Result<()>;

@@ -39,7 +39,8 @@ pub enum DeleteKind {
     Metadata,
     /// Internal snapshots: their tags removed from the images.
     Internal,
-    /// External snapshots: their overlays merged into the images below (block-commit).
+    /// External snapshots: their overlays merged into the images below (block-commit), or
+    /// the images streamed up into their dependent overlays (block-stream).
     External,
     /// Both.
     Mixed,
@@ -93,6 +94,34 @@ pub struct Merge {
     pub mode: CommitMode,
 }
 
+/// How a dependent overlay takes in the data of the image below it ([`Stream`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StreamMode {
+    /// The overlay is on the disk's active chain in the running QEMU: `block-stream` on its
+    /// node there.
+    Live,
+    /// The overlay is off the active chain, or the domain is shut off: the same
+    /// `block-stream` in a QEMU process without a guest (`qemu-storage-daemon`).
+    Offline,
+}
+
+/// One dependent overlay's stream ([`Step::Stream`]): the data of `image` copied up into
+/// `overlay`, which is then backed by `base`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stream {
+    /// The disk's target.
+    pub disk: String,
+    /// The overlay streamed into (an overlay of `image`).
+    pub overlay: String,
+    /// The image whose data goes up: virt-snap's own overlay, removed afterwards.
+    pub image: String,
+    /// The image below it: the overlay's backing afterwards (none: the overlay stands alone).
+    pub base: Option<String>,
+    /// How.
+    pub mode: StreamMode,
+}
+
 /// One step of a delete. Each step's undo is documented on it and in docs/delete.md.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "step", rename_all = "kebab-case")]
@@ -118,6 +147,15 @@ pub enum Step {
         snapshot: SnapshotName,
         /// The merge.
         merge: Merge,
+    },
+    /// Stream the data of a snapshot's image into one of its dependent overlays
+    /// (block-stream), so that the overlay no longer depends on it. Cannot be undone (a commit
+    /// point); an overlay no longer backed by the image is success, so it can run again.
+    Stream {
+        /// The snapshot.
+        snapshot: SnapshotName,
+        /// The stream.
+        stream: Stream,
     },
     /// Store the domain definition `after` (the disks on the images merged into). Undo:
     /// store `before`.
@@ -160,6 +198,9 @@ impl Step {
         match self {
             Step::DeleteInternal { snapshot, .. } => format!("delete-internal {snapshot}"),
             Step::Commit { snapshot, merge } => format!("commit {snapshot} {}", merge.disk),
+            Step::Stream { snapshot, stream } => {
+                format!("stream {snapshot} {} {}", stream.disk, stream.overlay)
+            }
             Step::SwitchDefinition { .. } => "switch-definition".into(),
             Step::Metadata { snapshot, .. } => format!("metadata {snapshot}"),
             Step::RemoveOverlay { path, .. } => format!("remove-overlay {path}"),
@@ -168,7 +209,10 @@ impl Step {
 
     /// Does this step change snapshot data (irreversibly)?
     pub fn changes_data(&self) -> bool {
-        matches!(self, Step::DeleteInternal { .. } | Step::Commit { .. })
+        matches!(
+            self,
+            Step::DeleteInternal { .. } | Step::Commit { .. } | Step::Stream { .. }
+        )
     }
 }
 
@@ -516,6 +560,8 @@ impl DeletePlan {
             })?;
             let mut removes = Vec::new();
             let mut rewrites: Vec<(String, String, crate::domain::Disk)> = Vec::new();
+            // Snapshots' disk sources that move (target, from, to): off a streamed image.
+            let mut sources: Vec<(String, String, String)> = Vec::new();
             if !f.metadata {
                 let copy = match &s.domain {
                     Some(raw) => Some(DomainDef::from_xml(raw.as_str()).map_err(|e| {
@@ -529,6 +575,7 @@ impl DeletePlan {
                 };
                 let (mut live, mut offline) = (Vec::new(), Vec::new());
                 let mut commits = Vec::new();
+                let mut streams = Vec::new();
                 for d in &s.disks {
                     let loc = d.location().unwrap_or(Location::No);
                     if loc == Location::No {
@@ -663,7 +710,14 @@ impl DeletePlan {
                                     ),
                                 ));
                             }
-                            if chains.back(&overlay).as_deref() != Some(base.as_str()) {
+                            // A half-deleted snapshot whose overlay was streamed up
+                            // already (onto the image below the base): the rest of its
+                            // streams are planned again.
+                            let streamed = d.delete_in_progress
+                                && chains.back(&base).is_some()
+                                && chains.back(&overlay) == chains.back(&base);
+                            if !streamed && chains.back(&overlay).as_deref() != Some(base.as_str())
+                            {
                                 return Err(plan_error(
                                     &obj,
                                     format!(
@@ -751,6 +805,7 @@ impl DeletePlan {
                                     format!("{overlay} is off the disk's active chain")
                                 };
                                 let gone = ours
+                                    && !streamed
                                     && at.is_none()
                                     && !holds_tags
                                     && !needed(
@@ -761,10 +816,34 @@ impl DeletePlan {
                                         &overlay,
                                         Some(sname.as_str()),
                                     );
+                                // The base: virt-snap's own overlay (of the image below it)?
+                                let below = chains.back(&base);
+                                let base_ours = below.as_ref().is_some_and(|b| {
+                                    base.strip_prefix(&default_overlay_path(b, ""))
+                                        .is_some_and(|x| !x.is_empty() && !x.contains('/'))
+                                });
                                 if gone {
                                     chains.known.remove(&overlay);
                                     chains.gone.insert(overlay.clone());
                                     removes.push((overlay.clone(), base.clone()));
+                                    // The base too, where it is virt-snap's and nothing else
+                                    // needs it (a branch's parent deleted first left it).
+                                    if let Some(b) = below.clone().filter(|_| {
+                                        base_ours && !base_is_data && !tagged(&base, &removed_tags)
+                                    }) {
+                                        if !needed(
+                                            &mut chains,
+                                            &sim,
+                                            &tops,
+                                            def.as_ref(),
+                                            &base,
+                                            Some(sname.as_str()),
+                                        ) {
+                                            chains.known.remove(&base);
+                                            chains.gone.insert(base.clone());
+                                            removes.push((base.clone(), b));
+                                        }
+                                    }
                                 } else if !ours {
                                     notes.push(format!(
                                         "{obj}: not merged ({why}); the overlay {overlay} is \
@@ -796,6 +875,63 @@ impl DeletePlan {
                                     _ => None,
                                 };
                                 let Some((r, p)) = candidate else {
+                                    // No merge: where the base is virt-snap's own overlay,
+                                    // which only these overlays need, its data is streamed
+                                    // up into each of them (then they are backed by the
+                                    // image below it) and it goes.
+                                    let defined = def
+                                        .as_ref()
+                                        .and_then(|x| x.disk(&target))
+                                        .and_then(source_path);
+                                    let streamable = base_ours
+                                        && !base_is_data
+                                        && (streamed || !rest.is_empty())
+                                        && !tagged(&base, &removed_tags)
+                                        && !rest.iter().any(|r| tagged(r, &removed_tags))
+                                        && defined.as_deref() != Some(base.as_str())
+                                        && tops.get(&target) != Some(&base);
+                                    if !streamable {
+                                        continue;
+                                    }
+                                    let mut rest = rest;
+                                    // The live streams first: then the base is out of QEMU
+                                    // before the guestless ones open it.
+                                    rest.sort_by_key(|r| !(up && chain.contains(r)));
+                                    for r in &rest {
+                                        let mode = if up && chain.contains(r) {
+                                            StreamMode::Live
+                                        } else {
+                                            StreamMode::Offline
+                                        };
+                                        streams.push(Stream {
+                                            disk: target.clone(),
+                                            overlay: r.clone(),
+                                            image: base.clone(),
+                                            base: below.clone(),
+                                            mode,
+                                        });
+                                        chains.backing.insert(r.clone(), below.clone());
+                                        // Found by its header maybe: known now, so that a
+                                        // later step sees it on the image below.
+                                        chains.known.insert(r.clone());
+                                    }
+                                    chains.known.remove(&base);
+                                    chains.gone.insert(base.clone());
+                                    // A snapshot whose overlay was the base now has the
+                                    // dependent on the disk's active chain (else the first).
+                                    let heir = chain
+                                        .iter()
+                                        .find(|i| {
+                                            **i != base && chains.backing.get(*i) == Some(&below)
+                                        })
+                                        .or(rest.first())
+                                        .unwrap_or(&overlay)
+                                        .clone();
+                                    sources.push((target.clone(), base.clone(), heir));
+                                    rewrites.push((target.clone(), base.clone(), cd.clone()));
+                                    if let Some(b) = below {
+                                        removes.push((base.clone(), b));
+                                    }
                                     continue;
                                 };
                                 merged = r;
@@ -867,6 +1003,15 @@ impl DeletePlan {
                         merge,
                     });
                 }
+                if !streams.is_empty() {
+                    external = true;
+                }
+                for stream in streams {
+                    steps.push(Step::Stream {
+                        snapshot: sname.clone(),
+                        stream,
+                    });
+                }
                 // The stored definition follows the merges.
                 if let Some(d) = &mut def {
                     let before = d.to_xml();
@@ -896,6 +1041,20 @@ impl DeletePlan {
                             .with_source(e)
                         })? {
                             other.domain = Some(new);
+                            changed = true;
+                        }
+                    }
+                }
+                for (t, from, to) in &sources {
+                    for d in &mut other.disks {
+                        if d.name != *t || d.location() != Some(Location::External) {
+                            continue;
+                        }
+                        let Some(src) = d.source.as_mut() else {
+                            continue;
+                        };
+                        if src.file.as_deref() == Some(from.as_str()) {
+                            src.file = Some(to.clone());
                             changed = true;
                         }
                     }

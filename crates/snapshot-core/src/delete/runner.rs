@@ -74,6 +74,7 @@ async fn act(caps: &Capabilities<'_>, store: &DomainStore, step: &Step) -> Resul
             Ok(())
         }
         Step::Commit { merge, .. } => i.commit(merge).await,
+        Step::Stream { stream, .. } => i.stream(stream).await,
         Step::SwitchDefinition { after, .. } => caps.definition.set(after).await,
         Step::Metadata {
             snapshot,
@@ -106,7 +107,10 @@ async fn undo(caps: &Capabilities<'_>, store: &DomainStore, step: &Step) -> Resu
             store.set_current(current_before.as_ref())
         }
         // At or after the commit point: never undone.
-        Step::DeleteInternal { .. } | Step::Commit { .. } | Step::RemoveOverlay { .. } => Ok(()),
+        Step::DeleteInternal { .. }
+        | Step::Commit { .. }
+        | Step::Stream { .. }
+        | Step::RemoveOverlay { .. } => Ok(()),
     }
 }
 
@@ -211,7 +215,10 @@ fn data_step_failed(
     step: &Step,
     e: Error,
 ) -> Error {
-    let (Step::DeleteInternal { snapshot, .. } | Step::Commit { snapshot, .. }) = step else {
+    let (Step::DeleteInternal { snapshot, .. }
+    | Step::Commit { snapshot, .. }
+    | Step::Stream { snapshot, .. }) = step
+    else {
         unreachable!("a data step");
     };
     let mut notes = Vec::new();
@@ -283,7 +290,7 @@ async fn roll_forward(
         };
         let Err(e) = res else { continue };
         match step {
-            Step::DeleteInternal { .. } | Step::Commit { .. } => {
+            Step::DeleteInternal { .. } | Step::Commit { .. } | Step::Stream { .. } => {
                 return Err(data_step_failed(plan, journal, store, op, step, e));
             }
             Step::SwitchDefinition { .. } | Step::Metadata { .. } => {

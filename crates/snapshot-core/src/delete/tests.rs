@@ -172,6 +172,40 @@ impl Images for World {
         })
         .await
     }
+    async fn stream(&self, st: &Stream) -> Result<()> {
+        self.effect("stream", |s| {
+            let Some(o) = s.images.get(&st.overlay).cloned() else {
+                s.violations
+                    .push(format!("stream into {}, missing", st.overlay));
+                return Ok(());
+            };
+            if o.backing.as_deref() != Some(&st.image) {
+                // Streamed already.
+                return Ok(());
+            }
+            let live = s.open_in_qemu(&st.overlay);
+            match st.mode {
+                StreamMode::Live if !live => s
+                    .violations
+                    .push(format!("live stream into {}, not open in QEMU", st.overlay)),
+                StreamMode::Offline if live => s
+                    .violations
+                    .push(format!("offline stream into {}, open in QEMU", st.overlay)),
+                _ => {}
+            }
+            if s.chain(&st.image).get(1) != st.base.as_ref() {
+                s.violations
+                    .push(format!("{} is not on {:?}", st.image, st.base));
+            }
+            // What the overlay reads now is what it holds afterwards.
+            let data = s.read(&st.overlay);
+            let o = s.images.get_mut(&st.overlay).unwrap();
+            o.data = Some(data);
+            o.backing = st.base.clone();
+            Ok(())
+        })
+        .await
+    }
     async fn remove_overlay(&self, path: &str, backing: &str) -> Result<()> {
         self.effect("remove_overlay", |s| {
             let Some(i) = s.images.get(path) else {
@@ -350,6 +384,51 @@ fn external(up: bool) -> Case {
     }
 }
 
+/// base (A) <- vda.s1 (B) <- vda.s2 (no data of its own) <- vda.s3 (X): s1, s2, s3 external,
+/// then reverted to s2: vda.s2.r1 on vda.s1 (C), the disk on it, s2 current. vda.s1 (s1's
+/// overlay, s2's image) has two overlays that stay: vda.s2 (s3's image) and the disk's.
+fn streamed(up: bool) -> Case {
+    Case {
+        label: if up {
+            "stream running"
+        } else {
+            "stream offline"
+        },
+        snaps: vec![
+            snap("s1", None, BASE, Some("/d/vda.s1")),
+            snap("s2", Some("s1"), "/d/vda.s1", Some("/d/vda.s2")),
+            snap("s3", Some("s2"), "/d/vda.s2", Some("/d/vda.s3")),
+        ],
+        current: Some("s2"),
+        images: vec![
+            (BASE, None, Some("A"), vec![]),
+            ("/d/vda.s1", Some(BASE), Some("B"), vec![]),
+            ("/d/vda.s2", Some("/d/vda.s1"), None, vec![]),
+            ("/d/vda.s3", Some("/d/vda.s2"), Some("X"), vec![]),
+            ("/d/vda.s2.r1", Some("/d/vda.s1"), Some("C"), vec![]),
+        ],
+        top: "/d/vda.s2.r1",
+        up,
+        data: vec![("s1", "A"), ("s2", "B"), ("s3", "B")],
+    }
+}
+
+/// base (A) <- vda.s1 (B) <- vda.s2 (no data of its own) <- vda.s3 (X): s1, s2, s3 external,
+/// then reverted to s1: vda.s1.r1 on the base (C), the disk on it, s1 current. s2's overlay
+/// vda.s2 (s3's image) is the only overlay of vda.s1 and off the disk's active chain.
+fn off_chain(up: bool) -> Case {
+    let mut c = streamed(up);
+    c.label = if up {
+        "off-chain stream running"
+    } else {
+        "off-chain stream offline"
+    };
+    c.current = Some("s1");
+    c.images[4] = ("/d/vda.s1.r1", Some(BASE), Some("C"), vec![]);
+    c.top = "/d/vda.s1.r1";
+    c
+}
+
 /// Internal s1 and s2 (its child) in the base image, current s2.
 fn internal(up: bool) -> Case {
     Case {
@@ -518,8 +597,22 @@ fn consistent(e: &Env, ctx: &str) {
                     .unwrap()
                     .1;
                 assert_eq!(s.read(&on), want, "{ctx}: {name}'s data");
+                // In the disk's chain, or (a branch) a leaf of its own or another
+                // snapshot's image (its backing is checked above).
+                let data_of_another = t.tree.topological().iter().any(|x| {
+                    def_source(
+                        t.tree
+                            .get(x.as_str())
+                            .unwrap()
+                            .domain
+                            .as_ref()
+                            .unwrap()
+                            .as_str(),
+                    ) == o
+                });
+                let leaf = !s.images.values().any(|i| i.backing.as_deref() == Some(&o));
                 assert!(
-                    s.chain(&top).contains(&o),
+                    s.chain(&top).contains(&o) || data_of_another || leaf,
                     "{ctx}: {name}'s overlay in the disk's chain"
                 );
             }
@@ -534,7 +627,7 @@ fn consistent(e: &Env, ctx: &str) {
     for p in s.images.keys() {
         let used = s.chain(&top).contains(p)
             || t.tree.topological().iter().any(|x| {
-                def_source(
+                let on = def_source(
                     t.tree
                         .get(x.as_str())
                         .unwrap()
@@ -542,7 +635,12 @@ fn consistent(e: &Env, ctx: &str) {
                         .as_ref()
                         .unwrap()
                         .as_str(),
-                ) == *p
+                );
+                let own = t.tree.get(x.as_str()).unwrap().disks[0]
+                    .source
+                    .as_ref()
+                    .and_then(|x| x.file.clone());
+                s.chain(&on).contains(p) || own.is_some_and(|o| s.chain(&o).contains(p))
             });
         assert!(used, "{ctx}: {p} left over");
     }
@@ -649,6 +747,26 @@ fn requests() -> Vec<Request> {
             vec!["s1"],
             Some("s1"),
             BASE,
+        ));
+        // A snapshot's overlay off the active chain, on virt-snap's overlay: streamed.
+        v.push((
+            off_chain(up),
+            "s2",
+            NONE,
+            DeleteKind::External,
+            vec!["s1", "s3"],
+            Some("s1"),
+            "/d/vda.s1.r1",
+        ));
+        // A branch whose image is virt-snap's overlay: streamed up into both dependents.
+        v.push((
+            streamed(up),
+            "s2",
+            NONE,
+            DeleteKind::External,
+            vec!["s1", "s3"],
+            Some("s1"),
+            "/d/vda.s2.r1",
         ));
     }
     // Offline, the internal snapshot in a backing file can go too.
@@ -836,21 +954,187 @@ fn branches_are_not_merged_but_what_nothing_needs_goes() {
     assert!(p.notes[0].contains("has 2 overlays"), "{:?}", p.notes);
     delete(&e, "s1", NONE).unwrap();
     assert!(e.world.st().images.contains_key("/d/vda.s1"));
-    // s2: off the disk's active chain, and nothing needs its overlay any more: removed.
+    // s2: off the disk's active chain, and nothing needs its overlay any more: removed; nor
+    // its image vda.s1 (s1's overlay, s1 deleted first): removed too.
     let p = plan(&e, "s2", NONE).unwrap();
     assert!(
-        matches!(&p.steps[..], [Step::Metadata { .. }, Step::RemoveOverlay { path, .. }] if path == "/d/vda.s2"),
+        matches!(&p.steps[..], [Step::Metadata { .. }, Step::RemoveOverlay { path, .. }, Step::RemoveOverlay { path: b, .. }] if path == "/d/vda.s2" && b == "/d/vda.s1"),
         "{:?}",
         p.steps
     );
     delete(&e, "s2", NONE).unwrap();
     assert!(!e.world.st().images.contains_key("/d/vda.s2"));
+    assert!(!e.world.st().images.contains_key("/d/vda.s1"));
     // s3 (on top): an active commit into the revert's overlay.
     delete(&e, "s3", NONE).unwrap();
     let s = e.world.st();
     assert_eq!(s.top, "/d/vda.s1.r1");
     assert_eq!(s.read(&s.top), "E");
     assert!(s.violations.is_empty(), "{:?}", s.violations);
+}
+
+#[test]
+fn a_branch_on_our_overlay_is_streamed_into_its_dependents_and_the_overlay_goes() {
+    for up in [true, false] {
+        let e = env(&streamed(up));
+        let p = plan(&e, "s2", NONE).unwrap();
+        let streams: Vec<(String, StreamMode)> = p
+            .steps
+            .iter()
+            .filter_map(|s| match s {
+                Step::Stream { stream, .. } => Some((stream.overlay.clone(), stream.mode)),
+                _ => None,
+            })
+            .collect();
+        let live = if up {
+            StreamMode::Live
+        } else {
+            StreamMode::Offline
+        };
+        let mut want = vec![
+            ("/d/vda.s2.r1".to_string(), live),
+            ("/d/vda.s2".to_string(), StreamMode::Offline),
+        ];
+        if !up {
+            want.reverse();
+        }
+        assert_eq!(streams, want, "{:?}", p.steps);
+        assert!(p.steps[p.commit_point].changes_data());
+        assert!(
+            p.steps.iter().any(
+                |s| matches!(s, Step::RemoveOverlay { path, backing } if path == "/d/vda.s1" && backing == BASE)
+            ),
+            "{:?}",
+            p.steps
+        );
+        delete(&e, "s2", NONE).unwrap();
+        consistent(&e, "stream");
+        let s = e.world.st();
+        assert!(!s.images.contains_key("/d/vda.s1"));
+        assert_eq!(s.images["/d/vda.s2"].backing.as_deref(), Some(BASE));
+        assert_eq!(s.images["/d/vda.s2.r1"].backing.as_deref(), Some(BASE));
+        assert_eq!(s.read("/d/vda.s2"), "B");
+        assert_eq!(s.read("/d/vda.s3"), "X");
+        drop(s);
+        // s1's overlay is now the disk's (on the base), s3 under s1.
+        let s1 = e.store.read(&n("s1")).unwrap();
+        assert_eq!(
+            s1.disks[0].source.as_ref().unwrap().file.as_deref(),
+            Some("/d/vda.s2.r1")
+        );
+        // Then s1: the base has two overlays and is the user's: nothing streamed.
+        let p = plan(&e, "s1", NONE).unwrap();
+        assert!(
+            !p.steps.iter().any(|s| matches!(s, Step::Stream { .. })),
+            "{:?}",
+            p.steps
+        );
+    }
+}
+
+#[test]
+fn an_overlay_off_the_active_chain_on_our_overlay_is_streamed() {
+    let e = env(&off_chain(true));
+    let p = plan(&e, "s2", NONE).unwrap();
+    assert!(
+        matches!(&p.steps[0], Step::Stream { stream, .. } if stream.overlay == "/d/vda.s2" && stream.mode == StreamMode::Offline && stream.base.as_deref() == Some(BASE)),
+        "{:?}",
+        p.steps
+    );
+    delete(&e, "s2", NONE).unwrap();
+    consistent(&e, "off chain");
+    let s = e.world.st();
+    assert!(!s.images.contains_key("/d/vda.s1"));
+    assert_eq!(s.read("/d/vda.s2"), "B");
+    drop(s);
+    let s1 = e.store.read(&n("s1")).unwrap();
+    assert_eq!(
+        s1.disks[0].source.as_ref().unwrap().file.as_deref(),
+        Some("/d/vda.s1.r1")
+    );
+}
+
+#[test]
+fn streams_of_one_delete_follow_each_other_onto_the_image_below() {
+    // s1 <- s2 <- s3 external; reverted to s2 (vda.s2.r1 on vda.s1) and to s3 (vda.s3.r1 on
+    // vda.s2, the disk on it), and a file next to them on vda.s2 that no metadata names.
+    // Deleting s2 with its child streams vda.s2 up (s3 first), then vda.s1 into every
+    // overlay of it, the file found by its header on vda.s2 included.
+    let case = Case {
+        label: "streams in a row",
+        snaps: vec![
+            snap("s1", None, BASE, Some("/d/vda.s1")),
+            snap("s2", Some("s1"), "/d/vda.s1", Some("/d/vda.s2")),
+            snap("s3", Some("s2"), "/d/vda.s2", Some("/d/vda.s3")),
+        ],
+        current: Some("s3"),
+        images: vec![
+            (BASE, None, Some("A"), vec![]),
+            ("/d/vda.s1", Some(BASE), Some("B"), vec![]),
+            ("/d/vda.s2", Some("/d/vda.s1"), None, vec![]),
+            ("/d/vda.s3", Some("/d/vda.s2"), Some("X"), vec![]),
+            ("/d/vda.s2.r1", Some("/d/vda.s1"), Some("Y"), vec![]),
+            ("/d/vda.s3.x", Some("/d/vda.s2"), None, vec![]),
+            ("/d/vda.s3.r1", Some("/d/vda.s2"), Some("C"), vec![]),
+        ],
+        top: "/d/vda.s3.r1",
+        up: true,
+        data: vec![("s1", "A")],
+    };
+    let e = env(&case);
+    let p = plan(&e, "s2", CHILDREN).unwrap();
+    let into: Vec<(String, String)> = p
+        .steps
+        .iter()
+        .filter_map(|s| match s {
+            Step::Stream { stream, .. } => Some((stream.image.clone(), stream.overlay.clone())),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        into.contains(&("/d/vda.s1".into(), "/d/vda.s3.x".into())),
+        "{into:?}"
+    );
+    delete(&e, "s2", CHILDREN).unwrap();
+    // (The two files no metadata names stay: consistent() would count them left over.)
+    let s = e.world.st();
+    assert!(s.violations.is_empty(), "{:?}", s.violations);
+    assert_eq!(s.top, "/d/vda.s3.r1");
+    assert_eq!(s.read(&s.top), "C");
+    assert_eq!(s.chain(&s.top), ["/d/vda.s3.r1", BASE]);
+    assert_eq!(s.read("/d/vda.s3.x"), "B");
+    assert_eq!(s.read("/d/vda.s2.r1"), "Y");
+    assert!(!s.images.contains_key("/d/vda.s1") && !s.images.contains_key("/d/vda.s2"));
+}
+
+#[test]
+fn a_branch_on_another_snapshots_image_or_the_users_file_is_not_streamed() {
+    // s2's image vda.s1 is s4's image too: its content must stay.
+    let e = env(&streamed(true));
+    e.store
+        .save(&snap("s4", Some("s1"), "/d/vda.s1", Some("/d/vda.s4")))
+        .unwrap();
+    e.world.st().images.insert(
+        "/d/vda.s4".into(),
+        Img {
+            backing: Some("/d/vda.s1".into()),
+            ..Default::default()
+        },
+    );
+    let p = plan(&e, "s2", NONE).unwrap();
+    assert!(
+        !p.steps.iter().any(|s| matches!(s, Step::Stream { .. })),
+        "{:?}",
+        p.steps
+    );
+    // The branched case: the base is the user's file.
+    let e = branched();
+    let p = plan(&e, "s1", NONE).unwrap();
+    assert!(
+        !p.steps.iter().any(|s| matches!(s, Step::Stream { .. })),
+        "{:?}",
+        p.steps
+    );
 }
 
 #[test]

@@ -13,7 +13,9 @@ use crate::progress::{Progress, Unit};
 use async_trait::async_trait;
 use qmp_proto::commands::{self as qc, BlockDeviceInfo, JobStatus};
 use qmp_proto::QmpClient;
-use snapshot_core::delete::{self as core, Capabilities, CommitMode, DeletePlan, Facts, Merge};
+use snapshot_core::delete::{
+    self as core, Capabilities, CommitMode, DeletePlan, Facts, Merge, Stream, StreamMode,
+};
 use snapshot_core::ops::{DomainJournal, Recovered};
 use snapshot_core::revert::InternalDisk;
 use snapshot_core::store::DomainStore;
@@ -45,7 +47,8 @@ pub struct DeleteResult {
 }
 
 /// A test-only failpoint: `VIRT_SNAP_FAILPOINT=delete:<effect>` aborts the process right
-/// after the effect (`delete-internal`, `commit`, `switch-definition`, `remove-overlay`), as
+/// after the effect (`delete-internal`, `commit`, `stream`, `switch-definition`,
+/// `remove-overlay`), as
 /// a kill would; `delete:commit-ready` right after an active commit became ready, before it
 /// is completed.
 fn failpoint(name: &str) {
@@ -196,6 +199,115 @@ async fn follow_commit(
     }
 }
 
+fn stream_job_id(s: &Stream) -> String {
+    format!(
+        "vs-stream-{:08x}",
+        crc(&format!("{}:{}", s.disk, s.overlay))
+    )
+}
+
+/// Runs (or, after a kill, finds and follows) the stream job `job` of `s` in the QEMU (or
+/// storage daemon) behind `qmp`: started on the overlay's node unless it exists (an overlay
+/// no longer backed by the image is streamed already), followed to its end, dismissed.
+async fn stream_job(
+    qmp: &QmpClient,
+    s: &Stream,
+    job: &str,
+    progress: &dyn Progress,
+) -> CoreResult<()> {
+    // Until QEMU accepted the job, nothing changed.
+    let jobs = qmp
+        .run(&qc::QueryJobs)
+        .await
+        .map_err(|e| ns("query-jobs", e))?;
+    if !jobs.iter().any(|j| j.id == job) {
+        let nodes = qmp
+            .run(&qc::QueryNamedBlockNodes { flat: Some(false) })
+            .await
+            .map_err(|e| ns("query-named-block-nodes", e))?;
+        let tops = nodes_of(&nodes, &s.overlay);
+        // The overlay's node whose backing is the image (none: streamed already).
+        let Some(top) = nodes.iter().find(|n| {
+            n.node_name.as_deref().is_some_and(|x| tops.contains(&x))
+                && n.image
+                    .backing_image
+                    .as_ref()
+                    .is_some_and(|b| same_image(&b.filename, &s.image))
+        }) else {
+            return Ok(());
+        };
+        let top = top.node_name.clone().unwrap_or_default();
+        let base_node = match &s.base {
+            None => None,
+            Some(b) => {
+                let base = nodes_of(&nodes, b);
+                let [base] = base[..] else {
+                    return Err(snapshot_core::Error::not_started(
+                        s.disk.as_str(),
+                        format!("QEMU has {} nodes of {b}, not one", base.len()),
+                    ));
+                };
+                Some(base.to_string())
+            }
+        };
+        qmp.run(&qc::BlockStream {
+            job_id: Some(job.to_string()),
+            device: top,
+            base_node,
+            auto_dismiss: Some(false),
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| ns("block-stream", e))?;
+    }
+    progress.start(
+        &format!("streaming {} into {}", s.image, s.overlay),
+        Unit::Work,
+    );
+    let r = follow_stream(qmp, s, job, progress).await;
+    progress.finish(r.is_ok());
+    r
+}
+
+/// Waits for the stream job `job` of `s` to end, reporting its progress.
+async fn follow_stream(
+    qmp: &QmpClient,
+    s: &Stream,
+    job: &str,
+    progress: &dyn Progress,
+) -> CoreResult<()> {
+    let end = Instant::now() + JOB_TIMEOUT;
+    loop {
+        let jobs = qmp
+            .run(&qc::QueryJobs)
+            .await
+            .map_err(|e| be("query-jobs", e))?;
+        let Some(j) = jobs.into_iter().find(|j| j.id == job) else {
+            return Ok(());
+        };
+        progress.update(j.current_progress, j.total_progress);
+        match j.status {
+            JobStatus::Concluded => {
+                let _ = qmp.run(&qc::JobDismiss::new(job)).await;
+                return match j.error {
+                    None => Ok(()),
+                    Some(e) => Err(snapshot_core::Error::backend(
+                        s.disk.as_str(),
+                        format!("the stream of {} into {} failed: {e}", s.image, s.overlay),
+                    )),
+                };
+            }
+            _ if Instant::now() > end => {
+                return Err(snapshot_core::Error::backend(
+                    s.disk.as_str(),
+                    format!("the stream job {job} did not end in {JOB_TIMEOUT:?}; it runs on"),
+                ))
+            }
+            _ => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    }
+}
+
 impl Deleting {
     pub(crate) fn new(dom: &Domain) -> Self {
         Deleting {
@@ -281,6 +393,79 @@ impl Deleting {
         Ok(())
     }
 
+    /// A stream in the running QEMU (the overlay on the disk's active chain); the image's
+    /// nodes, out of the graph then, dropped.
+    async fn stream_live(&self, st: &Stream) -> CoreResult<()> {
+        let qmp = self.qmp().await.map_err(|e| {
+            snapshot_core::Error::not_started(st.disk.as_str(), e.to_string()).caused_by(e)
+        })?;
+        stream_job(&qmp, st, &stream_job_id(st), self.dom.conn.progress()).await?;
+        failpoint("stream");
+        let nodes = qmp
+            .run(&qc::QueryNamedBlockNodes { flat: Some(true) })
+            .await
+            .map_err(|e| be("query-named-block-nodes", e))?;
+        for n in nodes_of(&nodes, &st.image) {
+            if !n.starts_with('#') {
+                del_overlay_node(&qmp, n).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A stream into an overlay no QEMU has open (off the disk's active chain, or the domain
+    /// shut off), in a `qemu-storage-daemon` (no guest) with its monitor in the domain's
+    /// private directory.
+    async fn stream_offline(&self, st: &Stream) -> CoreResult<()> {
+        if self.up()? {
+            let qmp = self.qmp().await.map_err(|e| {
+                snapshot_core::Error::not_started(st.disk.as_str(), e.to_string()).caused_by(e)
+            })?;
+            let nodes = qmp
+                .run(&qc::QueryNamedBlockNodes { flat: Some(true) })
+                .await
+                .map_err(|e| ns("query-named-block-nodes", e))?;
+            if !nodes_of(&nodes, &st.overlay).is_empty() {
+                return Err(snapshot_core::Error::not_started(
+                    st.disk.as_str(),
+                    format!("{} is open in the running QEMU", st.overlay),
+                ));
+            }
+        }
+        let dir = self.dom.dir();
+        crate::snapshot::capture::create_private_dir(&dir).map_err(|e| be(&st.disk, e))?;
+        let sock = dir.join(format!("qsd-{:08x}.qmp", crc(&st.overlay)));
+        let _ = std::fs::remove_file(&sock);
+        let mut child = spawn_storage_daemon(&sock).map_err(|e| ns("qemu-storage-daemon", e))?;
+        let res = async {
+            let qmp = connect_when_there(&sock, &mut child).await?;
+            let root = "vs-del-top";
+            let opts = serde_json::json!({
+                "driver": "qcow2",
+                "node-name": root,
+                "file": { "driver": "file", "filename": st.overlay },
+            });
+            qmp.execute("blockdev-add", Some(opts))
+                .await
+                .map_err(|e| ns("blockdev-add", e))?;
+            stream_job(&qmp, st, &stream_job_id(st), self.dom.conn.progress()).await?;
+            let _ = qmp
+                .execute(
+                    "blockdev-del",
+                    Some(serde_json::json!({ "node-name": root })),
+                )
+                .await;
+            let _ = qmp.execute("quit", None).await;
+            Ok::<(), snapshot_core::Error>(())
+        }
+        .await;
+        stop_storage_daemon(&mut child).await;
+        let _ = std::fs::remove_file(&sock);
+        res?;
+        failpoint("stream");
+        Ok(())
+    }
+
     /// A merge of a shut-off domain's images, in a `qemu-storage-daemon` (no guest) with its
     /// monitor in the domain's private directory.
     async fn commit_offline(&self, m: &Merge) -> CoreResult<()> {
@@ -324,24 +509,27 @@ impl Deleting {
             Ok::<(), snapshot_core::Error>(())
         }
         .await;
-        let end = Instant::now() + Duration::from_secs(10);
-        loop {
-            match child.try_wait() {
-                Ok(Some(_)) => break,
-                Ok(None) if Instant::now() < end => {
-                    tokio::time::sleep(Duration::from_millis(10)).await
-                }
-                _ => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    break;
-                }
-            }
-        }
+        stop_storage_daemon(&mut child).await;
         let _ = std::fs::remove_file(&sock);
         res?;
         failpoint("commit");
         Ok(())
+    }
+}
+
+/// Waits up to 10 s for the storage daemon to quit, then kills it.
+async fn stop_storage_daemon(child: &mut std::process::Child) {
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => break,
+            Ok(None) if Instant::now() < end => tokio::time::sleep(Duration::from_millis(10)).await,
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                break;
+            }
+        }
     }
 }
 
@@ -467,6 +655,13 @@ impl core::Images for Deleting {
         match m.mode {
             CommitMode::Active | CommitMode::Intermediate => self.commit_live(m).await,
             CommitMode::Offline => self.commit_offline(m).await,
+        }
+    }
+
+    async fn stream(&self, st: &Stream) -> CoreResult<()> {
+        match st.mode {
+            StreamMode::Live => self.stream_live(st).await,
+            StreamMode::Offline => self.stream_offline(st).await,
         }
     }
 
@@ -612,7 +807,9 @@ impl Domain {
     /// the images, run step by step through the domain's journal under its operation lock
     /// (pending operations a killed virt-snap left are recovered first). Internal snapshots
     /// leave their images (through QEMU when it runs); external ones are merged by
-    /// block-commit and their overlays removed; the files the user gave are never removed.
+    /// block-commit and their overlays removed (or, in a branch on virt-snap's own overlay,
+    /// that overlay streamed up into its dependents by block-stream and removed); the files
+    /// the user gave are never removed.
     /// docs/delete.md has the kinds and what a failure leaves.
     /// Long jobs (the merges, internal deletes through QEMU) report their progress to the
     /// connection's [`Progress`](crate::progress::Progress).
@@ -647,7 +844,11 @@ impl Domain {
         let req = core::DeleteRequest { name: sname, flags };
         let facts = FsFacts::new(self, &loaded.tree).await;
         let plan = DeletePlan::new(&req, &info, &loaded.tree, &facts)?;
-        let offline = |s: &core::Step| matches!(s, core::Step::Commit { merge, .. } if merge.mode == CommitMode::Offline);
+        let offline = |s: &core::Step| match s {
+            core::Step::Commit { merge, .. } => merge.mode == CommitMode::Offline,
+            core::Step::Stream { stream, .. } => stream.mode == StreamMode::Offline,
+            _ => false,
+        };
         if plan.steps.iter().any(offline) {
             require_storage_daemon()?;
         }
