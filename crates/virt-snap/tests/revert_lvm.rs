@@ -4,59 +4,16 @@
 //! here): the volume's bytes (read inside the guest) are the snapshot's again, the undo
 //! volume snapshot is gone, the snapshot LV kept, the domain running on a new QEMU.
 
+mod lvm_common;
+use lvm_common::{DevDir, InGuest};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
-use storage_backends::{CommandRunner, Output, ToolCmd};
 use virt_snap::domain::DomainState;
 use virt_snap::pool::{PoolDef, PoolKind, VolFormat, VolumeSpec};
 use virt_snap::snapshot::{
     CaptureRequest, DiskChoice, DiskRequest, RevertFlags, RevertKind, SnapshotName,
 };
 use virt_snap::{Connection, RecordingRunner};
-
-/// Runs each tool inside the guest through its agent (`guest-exec`), one agent connection
-/// per command (QEMU's chardev serves one client at a time).
-#[derive(Debug)]
-struct InGuest(PathBuf);
-
-#[async_trait::async_trait]
-impl CommandRunner for InGuest {
-    async fn run(&self, cmd: &ToolCmd) -> storage_backends::Result<Output> {
-        let argv = cmd.argv();
-        let io = |e: qmp_proto::Error| {
-            storage_backends::Error::new(
-                storage_backends::ErrorKind::Io,
-                format!("guest agent: `{}`: {e}", argv.join(" ")),
-            )
-        };
-        let mut agent = qmp_proto::QgaClient::connect_unix(&self.0, Duration::from_secs(10))
-            .await
-            .map_err(io)?;
-        let refs: Vec<&str> = argv.iter().map(String::as_str).collect();
-        let out = agent
-            .exec(&refs, None, Duration::from_secs(120))
-            .await
-            .map_err(io)?;
-        Ok(Output {
-            status: out.exit_code.filter(|_| out.signal.is_none()),
-            stdout: out.stdout,
-            stderr: out.stderr,
-        })
-    }
-    fn is_local(&self) -> bool {
-        false
-    }
-}
-
-/// Removes the stand-in device node directory on drop.
-struct DevDir(PathBuf);
-
-impl Drop for DevDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_storage_snapshot_of_an_lvm_thin_volume_reverts_in_the_lvm_guest() {
