@@ -428,6 +428,39 @@ fn a_snapshot_of_a_pool_volume_disk_reverts_onto_the_volume() {
     assert!(err.contains("pool volume p/sys"), "{err}");
 }
 
+/// An in-place revert closes the whole old chain it detaches, not only its top: afterwards
+/// every image QEMU has open is in the disk's chain (found by tests/history.rs).
+#[test]
+fn an_in_place_revert_leaves_no_detached_node_open() {
+    let d = Dom::define("rv-sweep");
+    d.vs(&["snapshot-create-as", "s1", "--disk-only"]);
+    d.start_settled();
+    d.vs(&["snapshot-create-as", "s2", "--disk-only"]);
+    let r = d.revert(&["s1", "--running"]);
+    assert_eq!(r["kind"], "external-in-place", "{r}");
+    let r1 = d.file("vda.s1.r1").display().to_string();
+    assert_eq!(d.source(), r1);
+    let chain = [r1, d.file("vda.qcow2").display().to_string()];
+    let nodes = d.node_files();
+    assert!(
+        nodes.iter().all(|f| chain.contains(f)),
+        "nodes outside the disk's chain: {nodes:?}"
+    );
+    // Twice in a row: the first revert's overlay node is closed by the second.
+    let r = d.revert(&["s1", "--running"]);
+    assert_eq!(r["kind"], "external-in-place", "{r}");
+    let chain = [
+        d.file("vda.s1.r2").display().to_string(),
+        d.file("vda.qcow2").display().to_string(),
+    ];
+    let nodes = d.node_files();
+    assert!(
+        nodes.iter().all(|f| chain.contains(f)),
+        "nodes outside the disk's chain: {nodes:?}"
+    );
+    assert_eq!(d.status(), "running");
+}
+
 #[test]
 fn user_errors_are_one_clear_line() {
     let d = Dom::define("rv-errors");

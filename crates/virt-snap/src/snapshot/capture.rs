@@ -694,6 +694,48 @@ pub(crate) async fn del_overlay_node(qmp: &QmpClient, node: &str) -> CoreResult<
     Ok(())
 }
 
+/// Closes the nodes virt-snap named (`vs-...`, the command line's and the captures'; `rv-...`,
+/// the reverts') that nothing uses any more: an old chain left detached below a node that was
+/// dropped (an in-place revert's old top). QEMU refuses to delete a node still in use (a
+/// disk's chain, another node's backing), so each round deletes what has no parent left, until
+/// a round deletes nothing. Returns the nodes closed.
+pub(crate) async fn sweep_detached_nodes(qmp: &QmpClient) -> Vec<String> {
+    let mut closed = Vec::new();
+    for _ in 0..16 {
+        let Ok(nodes) = qmp
+            .run(&qc::QueryNamedBlockNodes { flat: Some(true) })
+            .await
+        else {
+            break;
+        };
+        let mut progress = false;
+        for n in nodes.into_iter().filter_map(|n| n.node_name) {
+            if !(n.starts_with("vs-") || n.starts_with("rv-")) {
+                continue;
+            }
+            if qmp
+                .run(&BlockdevDel {
+                    node_name: n.clone(),
+                })
+                .await
+                .is_ok()
+            {
+                let _ = qmp
+                    .run(&qc::Closefd {
+                        fdname: lease_fd_name(&n),
+                    })
+                    .await;
+                closed.push(n);
+                progress = true;
+            }
+        }
+        if !progress {
+            break;
+        }
+    }
+    closed
+}
+
 /// Merges each overlay back into its node where it is on top (the transaction acted):
 /// active `block-commit` into the old top, `job-complete` on ready (the overlay node stays
 /// added).

@@ -8,7 +8,7 @@
 
 use super::capture::{
     add_overlay_node, be, crc, create_overlay_file, del_overlay_node, delete_internal_snapshot,
-    file_node, merge_back, remove_overlay_file, JOB_TIMEOUT,
+    file_node, merge_back, remove_overlay_file, sweep_detached_nodes, JOB_TIMEOUT,
 };
 use crate::domain::runstate;
 use crate::domain::{Domain, DomainState};
@@ -365,7 +365,14 @@ impl core::Images for Reverting {
         if !self.up().await? {
             return Ok(());
         }
-        del_overlay_node(&self.qmp().await?, node).await
+        let qmp = self.qmp().await?;
+        del_overlay_node(&qmp, node).await?;
+        // The old chain below a dropped top is detached too: closed with it.
+        let closed = sweep_detached_nodes(&qmp).await;
+        if !closed.is_empty() {
+            tracing::debug!(domain = %self.dom.name, ?closed, "detached nodes closed");
+        }
+        Ok(())
     }
 
     async fn repoint(&self, swaps: &[Swap]) -> CoreResult<()> {
