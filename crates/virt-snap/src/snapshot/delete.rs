@@ -6,6 +6,7 @@
 use super::capture::{
     be, crc, del_overlay_node, delete_internal_snapshot, remove_overlay_file, JOB_TIMEOUT,
 };
+use super::ops::DomainQmp;
 use crate::domain::runstate;
 use crate::domain::Domain;
 use crate::error::{Error, ErrorKind, Result};
@@ -52,16 +53,13 @@ pub struct DeleteResult {
 /// a kill would; `delete:commit-ready` right after an active commit became ready, before it
 /// is completed.
 fn failpoint(name: &str) {
-    if std::env::var("VIRT_SNAP_FAILPOINT").is_ok_and(|v| v.strip_prefix("delete:") == Some(name)) {
-        tracing::error!("failpoint delete:{name}: aborting");
-        std::process::abort();
-    }
+    super::ops::failpoint("delete", name);
 }
 
 /// The capabilities of one delete of one domain.
 pub(crate) struct Deleting {
     dom: Domain,
-    qmp: tokio::sync::Mutex<Option<QmpClient>>,
+    qmp: DomainQmp,
 }
 
 /// Do the image names `a` (as QEMU reports it) and `b` name the same file?
@@ -312,27 +310,16 @@ impl Deleting {
     pub(crate) fn new(dom: &Domain) -> Self {
         Deleting {
             dom: dom.clone(),
-            qmp: tokio::sync::Mutex::new(None),
+            qmp: DomainQmp::new(dom),
         }
     }
 
     async fn qmp(&self) -> CoreResult<QmpClient> {
-        let mut g = self.qmp.lock().await;
-        if let Some(q) = &*g {
-            return Ok(q.clone());
-        }
-        let st = self.dom.running().map_err(|e| be(&self.dom.name, e))?;
-        let q = self.dom.qmp(&st).await.map_err(|e| be(&self.dom.name, e))?;
-        *g = Some(q.clone());
-        Ok(q)
+        self.qmp.get().await
     }
 
     fn up(&self) -> CoreResult<bool> {
-        Ok(self
-            .dom
-            .running_or_off()
-            .map_err(|e| be(&self.dom.name, e))?
-            .is_some())
+        self.qmp.up()
     }
 
     /// Each disk's (target, top node) in the running QEMU.

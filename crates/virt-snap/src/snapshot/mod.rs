@@ -6,6 +6,7 @@ pub mod capture;
 pub mod delete;
 pub(crate) mod hold;
 pub mod meta;
+mod ops;
 pub mod revert;
 mod watchdog;
 

@@ -10,6 +10,7 @@ use super::capture::{
     add_overlay_node, be, crc, create_overlay_file, del_overlay_node, delete_internal_snapshot,
     file_node, merge_back, remove_overlay_file, sweep_detached_nodes, JOB_TIMEOUT,
 };
+use super::ops::DomainQmp;
 use crate::domain::runstate;
 use crate::domain::{Domain, DomainState};
 use crate::error::{Error, ErrorKind, Result};
@@ -50,45 +51,31 @@ pub struct RevertResult {
 /// `create-overlay`, `switch-definition`, `start`, `load-memory`, `save-volume`,
 /// `revert-volume`, `drop-volume-saved`), as a kill would.
 fn failpoint(name: &str) {
-    if std::env::var("VIRT_SNAP_FAILPOINT").is_ok_and(|v| v.strip_prefix("revert:") == Some(name)) {
-        tracing::error!("failpoint revert:{name}: aborting");
-        std::process::abort();
-    }
+    super::ops::failpoint("revert", name);
 }
 
 /// The capabilities of one revert of one domain.
 pub(crate) struct Reverting {
     dom: Domain,
     /// The connection to the QEMU that runs now (made on first use, dropped when it stops).
-    qmp: tokio::sync::Mutex<Option<QmpClient>>,
+    qmp: DomainQmp,
 }
 
 impl Reverting {
     pub(crate) fn new(dom: &Domain) -> Self {
         Reverting {
             dom: dom.clone(),
-            qmp: tokio::sync::Mutex::new(None),
+            qmp: DomainQmp::new(dom),
         }
     }
 
     /// The QMP connection to the running QEMU.
     async fn qmp(&self) -> CoreResult<QmpClient> {
-        let mut g = self.qmp.lock().await;
-        if let Some(q) = &*g {
-            return Ok(q.clone());
-        }
-        let st = self.dom.running().map_err(|e| be(&self.dom.name, e))?;
-        let q = self.dom.qmp(&st).await.map_err(|e| be(&self.dom.name, e))?;
-        *g = Some(q.clone());
-        Ok(q)
+        self.qmp.get().await
     }
 
     async fn up(&self) -> CoreResult<bool> {
-        Ok(self
-            .dom
-            .running_or_off()
-            .map_err(|e| be(&self.dom.name, e))?
-            .is_some())
+        self.qmp.up()
     }
 
     /// The QEMU node names of `disks` (their current top nodes, by target).
@@ -183,7 +170,7 @@ impl core::Machine for Reverting {
     }
 
     async fn destroy(&self) -> CoreResult<()> {
-        self.qmp.lock().await.take();
+        self.qmp.forget().await;
         match self.dom.destroy_locked().await {
             Ok(()) => {}
             // Stopped already: success.
@@ -198,7 +185,7 @@ impl core::Machine for Reverting {
         if self.up().await? {
             return Ok(());
         }
-        self.qmp.lock().await.take();
+        self.qmp.forget().await;
         let conn = &self.dom.conn;
         let name = self.dom.name.as_str();
         let def = conn.definition(name).map_err(|e| be(name, e))?;
