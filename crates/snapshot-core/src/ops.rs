@@ -179,3 +179,20 @@ where
     }
     failures
 }
+
+/// Ends `op` rolled back (or abandoned, when something could not be undone: the failures are
+/// in `undo_failures`, to which a journal failure is added).
+pub(crate) fn end_rolled_back(
+    journal: &mut DomainJournal,
+    op: OpId,
+    undo_failures: &mut Vec<String>,
+) {
+    let outcome = if undo_failures.is_empty() {
+        crate::journal::Outcome::RolledBack
+    } else {
+        crate::journal::Outcome::Abandoned
+    };
+    if let Err(je) = journal.finish(op, outcome) {
+        undo_failures.push(format!("journal: {je}"));
+    }
+}

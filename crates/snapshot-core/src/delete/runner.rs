@@ -120,18 +120,6 @@ fn failed(plan: &DeletePlan, what: String, cause: Error, undo_failures: Vec<Stri
         .with_undo_failures(undo_failures)
 }
 
-/// Ends `op` rolled back (or abandoned, when something could not be undone).
-fn end_rolled_back(journal: &mut J, op: OpId, undo_failures: &mut Vec<String>) {
-    let outcome = if undo_failures.is_empty() {
-        Outcome::RolledBack
-    } else {
-        Outcome::Abandoned
-    };
-    if let Err(je) = journal.finish(op, outcome) {
-        undo_failures.push(format!("journal: {je}"));
-    }
-}
-
 /// Runs `plan`: each step is journaled (with its undo data, fsynced) before it acts and
 /// marked done after. A failure before the commit point, or of the commit point's step
 /// reported as [`ErrorKind::NotStarted`], undoes every step that acted (the failed one too),
@@ -193,7 +181,7 @@ pub async fn run(
             let mut undo_failures =
                 ops::undo_in_reverse(journal, op, &touched, Step::label, |s| undo(caps, store, s))
                     .await;
-            end_rolled_back(journal, op, &mut undo_failures);
+            ops::end_rolled_back(journal, op, &mut undo_failures);
             return Err(failed(
                 plan,
                 format!("step {} failed", step.label()),
@@ -356,7 +344,7 @@ pub async fn recover(
             let mut undo_failures =
                 ops::undo_in_reverse(journal, op, &acted, Step::label, |s| undo(caps, store, s))
                     .await;
-            end_rolled_back(journal, op, &mut undo_failures);
+            ops::end_rolled_back(journal, op, &mut undo_failures);
             out.push(Recovered::RolledBack {
                 op,
                 name: Some(plan.name.to_string()),

@@ -176,18 +176,6 @@ fn failed(plan: &RevertPlan, what: String, cause: Error, undo_failures: Vec<Stri
         .with_undo_failures(undo_failures)
 }
 
-/// Ends `op` rolled back (or abandoned, when something could not be undone).
-fn end_rolled_back(journal: &mut J, op: OpId, undo_failures: &mut Vec<String>) {
-    let outcome = if undo_failures.is_empty() {
-        Outcome::RolledBack
-    } else {
-        Outcome::Abandoned
-    };
-    if let Err(je) = journal.finish(op, outcome) {
-        undo_failures.push(format!("journal: {je}"));
-    }
-}
-
 /// Runs `plan`: each step is journaled (with its undo data, fsynced) before it acts and
 /// marked done after. A failure up to the commit point undoes every step that acted (a
 /// failed one too, but a failed overlay creation), in reverse order, and fails with
@@ -236,7 +224,7 @@ pub async fn run(
         };
         if let Err(e) = res {
             let mut undo_failures = roll_back(caps, journal, store, op, plan, &touched).await;
-            end_rolled_back(journal, op, &mut undo_failures);
+            ops::end_rolled_back(journal, op, &mut undo_failures);
             return Err(failed(
                 plan,
                 format!("step {} failed", step.label()),
@@ -343,7 +331,7 @@ pub async fn recover(
         } else {
             let acted = p.acted();
             let mut undo_failures = roll_back(caps, journal, store, op, &plan, &acted).await;
-            end_rolled_back(journal, op, &mut undo_failures);
+            ops::end_rolled_back(journal, op, &mut undo_failures);
             out.push(Recovered::RolledBack {
                 op,
                 name: Some(plan.name.to_string()),
