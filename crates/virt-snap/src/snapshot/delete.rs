@@ -81,6 +81,18 @@ fn nodes_of<'a>(nodes: &'a [BlockDeviceInfo], path: &str) -> Vec<&'a str> {
         .collect()
 }
 
+/// The one format node of image `path` (of disk `disk`); several or none: refused before
+/// anything changed.
+fn one_node_of<'a>(nodes: &'a [BlockDeviceInfo], path: &str, disk: &str) -> CoreResult<&'a str> {
+    match nodes_of(nodes, path)[..] {
+        [n] => Ok(n),
+        ref found => Err(snapshot_core::Error::not_started(
+            disk,
+            format!("QEMU has {} nodes of {path}, not one", found.len()),
+        )),
+    }
+}
+
 fn job_id(m: &Merge) -> String {
     format!(
         "vs-commit-{:08x}",
@@ -122,13 +134,7 @@ async fn commit_job(
         let Some(top) = top.first() else {
             return Ok(());
         };
-        let base = nodes_of(&nodes, &m.base);
-        let [base] = base[..] else {
-            return Err(snapshot_core::Error::not_started(
-                m.disk.as_str(),
-                format!("QEMU has {} nodes of {}, not one", base.len(), m.base),
-            ));
-        };
+        let base = one_node_of(&nodes, &m.base, &m.disk)?;
         qmp.run(&qc::BlockCommit {
             job_id: Some(job.to_string()),
             device: root.to_string(),
@@ -144,17 +150,22 @@ async fn commit_job(
         &format!("merging {} into {}", m.overlay, m.base),
         Unit::Work,
     );
-    let r = follow_commit(qmp, m, job, progress).await;
+    let what = format!("{} into {}", m.overlay, m.base);
+    let r = follow_job(qmp, job, &m.disk, "commit", &what, true, progress).await;
     progress.finish(r.is_ok());
     r
 }
 
-/// Waits for the commit job `job` of `m` to end (completing it when ready, an active
-/// commit's pivot), reporting its progress.
-async fn follow_commit(
+/// Waits for the block job `job` (a `kind` job, `commit` or `stream`, doing `what`, of disk
+/// `disk`) to end, reporting its progress; with `pivot`, completes it once it is ready (an
+/// active commit's pivot). Dismisses it when concluded; a job QEMU no longer lists has ended.
+async fn follow_job(
     qmp: &QmpClient,
-    m: &Merge,
     job: &str,
+    disk: &str,
+    kind: &str,
+    what: &str,
+    pivot: bool,
     progress: &dyn Progress,
 ) -> CoreResult<()> {
     let end = Instant::now() + JOB_TIMEOUT;
@@ -169,7 +180,7 @@ async fn follow_commit(
         };
         progress.update(j.current_progress, j.total_progress);
         match j.status {
-            JobStatus::Ready if !completed => {
+            JobStatus::Ready if pivot && !completed => {
                 failpoint("commit-ready");
                 qmp.run(&qc::JobComplete::new(job))
                     .await
@@ -181,15 +192,15 @@ async fn follow_commit(
                 return match j.error {
                     None => Ok(()),
                     Some(e) => Err(snapshot_core::Error::backend(
-                        m.disk.as_str(),
-                        format!("the commit of {} into {} failed: {e}", m.overlay, m.base),
+                        disk,
+                        format!("the {kind} of {what} failed: {e}"),
                     )),
                 };
             }
             _ if Instant::now() > end => {
                 return Err(snapshot_core::Error::backend(
-                    m.disk.as_str(),
-                    format!("the commit job {job} did not end in {JOB_TIMEOUT:?}; it runs on"),
+                    disk,
+                    format!("the {kind} job {job} did not end in {JOB_TIMEOUT:?}; it runs on"),
                 ))
             }
             _ => tokio::time::sleep(Duration::from_millis(10)).await,
@@ -237,16 +248,7 @@ async fn stream_job(
         let top = top.node_name.clone().unwrap_or_default();
         let base_node = match &s.base {
             None => None,
-            Some(b) => {
-                let base = nodes_of(&nodes, b);
-                let [base] = base[..] else {
-                    return Err(snapshot_core::Error::not_started(
-                        s.disk.as_str(),
-                        format!("QEMU has {} nodes of {b}, not one", base.len()),
-                    ));
-                };
-                Some(base.to_string())
-            }
+            Some(b) => Some(one_node_of(&nodes, b, &s.disk)?.to_string()),
         };
         qmp.run(&qc::BlockStream {
             job_id: Some(job.to_string()),
@@ -262,48 +264,10 @@ async fn stream_job(
         &format!("streaming {} into {}", s.image, s.overlay),
         Unit::Work,
     );
-    let r = follow_stream(qmp, s, job, progress).await;
+    let what = format!("{} into {}", s.image, s.overlay);
+    let r = follow_job(qmp, job, &s.disk, "stream", &what, false, progress).await;
     progress.finish(r.is_ok());
     r
-}
-
-/// Waits for the stream job `job` of `s` to end, reporting its progress.
-async fn follow_stream(
-    qmp: &QmpClient,
-    s: &Stream,
-    job: &str,
-    progress: &dyn Progress,
-) -> CoreResult<()> {
-    let end = Instant::now() + JOB_TIMEOUT;
-    loop {
-        let jobs = qmp
-            .run(&qc::QueryJobs)
-            .await
-            .map_err(|e| be("query-jobs", e))?;
-        let Some(j) = jobs.into_iter().find(|j| j.id == job) else {
-            return Ok(());
-        };
-        progress.update(j.current_progress, j.total_progress);
-        match j.status {
-            JobStatus::Concluded => {
-                let _ = qmp.run(&qc::JobDismiss::new(job)).await;
-                return match j.error {
-                    None => Ok(()),
-                    Some(e) => Err(snapshot_core::Error::backend(
-                        s.disk.as_str(),
-                        format!("the stream of {} into {} failed: {e}", s.image, s.overlay),
-                    )),
-                };
-            }
-            _ if Instant::now() > end => {
-                return Err(snapshot_core::Error::backend(
-                    s.disk.as_str(),
-                    format!("the stream job {job} did not end in {JOB_TIMEOUT:?}; it runs on"),
-                ))
-            }
-            _ => tokio::time::sleep(Duration::from_millis(10)).await,
-        }
-    }
 }
 
 impl Deleting {
