@@ -110,6 +110,20 @@ pub struct NoOsDomain {
 }
 
 impl NoOsDomain {
+    /// `virt-snap CMD DOMAIN REST...` for `args` = `[CMD, REST...]`: a success, its stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let mut a = args.to_vec();
+        a.insert(1, &self.name);
+        in_state::ok(&self.state, &a)
+    }
+
+    /// [`NoOsDomain::ok`] with `--output json`: its one JSON document.
+    pub fn ok_json(&self, args: &[&str]) -> serde_json::Value {
+        let mut a = args.to_vec();
+        a.insert(1, &self.name);
+        in_state::ok_json(&self.state, &a)
+    }
+
     /// Defines and starts `name` with disks `targets` (`vda`, ...).
     pub fn start(name: &str, targets: &[&str]) -> NoOsDomain {
         let d = NoOsDomain::define(name, targets);
@@ -190,4 +204,22 @@ impl Drop for NoOsDomain {
     fn drop(&mut self) {
         let _ = in_state::vs(&self.state, &["destroy", &self.name]);
     }
+}
+
+/// `qemu-io -c CMD` on image `p` as it is, with or without a backing file (the domain shut
+/// off; testbed's `qemu_io` passes options for a backing file, which an image without one
+/// refuses); panics if it fails or a pattern does not verify.
+pub fn qemu_io_as_is(p: &std::path::Path, cmd: &str) {
+    let out = Command::new("qemu-io")
+        .args(["-c", cmd])
+        .arg(p)
+        .output()
+        .expect("qemu-io");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success() && !text.contains("failed"),
+        "qemu-io {cmd} {}: {text} {}",
+        p.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -8,33 +8,14 @@
 
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use virt_snap_e2e::in_state::{fails, ok, ok_json};
-use virt_snap_e2e::{qemu_img, run, stderr, virt_snap, NoOsDomain};
+use virt_snap_e2e::{qemu_img, qemu_io_as_is as qemu_io, run, stderr, virt_snap, NoOsDomain};
 
 /// A defined domain with one qcow2 disk `vda` holding pattern 0xaa, shut off (destroyed
 /// when the test ends, however it ends).
 struct Dom {
     d: NoOsDomain,
     name: &'static str,
-}
-
-/// `qemu-io -c CMD` on image `p` as it is, with or without a backing file (the domain shut
-/// off; testbed's `qemu_io` passes options for a backing file, which an image without one
-/// refuses); panics if it fails or a pattern does not verify.
-fn qemu_io(p: &Path, cmd: &str) {
-    let out = Command::new("qemu-io")
-        .args(["-c", cmd])
-        .arg(p)
-        .output()
-        .expect("qemu-io");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success() && !text.contains("failed"),
-        "qemu-io {cmd} {}: {text} {}",
-        p.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 fn write(p: &Path, pattern: u8) {
@@ -70,15 +51,11 @@ impl Dom {
     }
 
     fn vs(&self, args: &[&str]) -> String {
-        let mut a = args.to_vec();
-        a.insert(1, self.name);
-        ok(self.s(), &a)
+        self.d.ok(args)
     }
 
     fn json(&self, args: &[&str]) -> Value {
-        let mut a = args.to_vec();
-        a.insert(1, self.name);
-        ok_json(self.s(), &a)
+        self.d.ok_json(args)
     }
 
     fn pid(&self) -> Option<u64> {
