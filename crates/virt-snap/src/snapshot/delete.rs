@@ -6,7 +6,7 @@
 use super::capture::{
     be, crc, del_overlay_node, delete_internal_snapshot, remove_overlay_file, JOB_TIMEOUT,
 };
-use super::ops::DomainQmp;
+use super::ops::{same_image, DomainQmp};
 use crate::domain::runstate;
 use crate::domain::Domain;
 use crate::error::{Error, ErrorKind, Result};
@@ -60,16 +60,6 @@ fn failpoint(name: &str) {
 pub(crate) struct Deleting {
     dom: Domain,
     qmp: DomainQmp,
-}
-
-/// Do the image names `a` (as QEMU reports it) and `b` name the same file?
-fn same_image(a: &str, b: &str) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    a == b
-        || match (std::fs::metadata(a), std::fs::metadata(b)) {
-            (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
-            _ => false,
-        }
 }
 
 /// The format nodes (not protocol nodes) of image `path`.

@@ -1,5 +1,6 @@
 //! What the capabilities of the domain operations (revert, delete) share: the QMP
-//! connection to the domain's QEMU, made on first use, and the test-only failpoints.
+//! connection to the domain's QEMU, made on first use, the test-only failpoints, and how an
+//! image name QEMU reports is matched with a file.
 
 use super::capture::be;
 use crate::domain::Domain;
@@ -57,4 +58,14 @@ pub(crate) fn failpoint(op: &str, name: &str) {
         tracing::error!("failpoint {op}:{name}: aborting");
         std::process::abort();
     }
+}
+
+/// Do the image names `a` (as QEMU reports it) and `b` name the same file?
+pub(crate) fn same_image(a: &str, b: &str) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    a == b
+        || match (std::fs::metadata(a), std::fs::metadata(b)) {
+            (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
+            _ => false,
+        }
 }

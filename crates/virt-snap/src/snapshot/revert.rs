@@ -10,7 +10,7 @@ use super::capture::{
     add_overlay_node, be, crc, create_overlay_file, del_overlay_node, delete_internal_snapshot,
     file_node, merge_back, remove_overlay_file, sweep_detached_nodes, JOB_TIMEOUT,
 };
-use super::ops::DomainQmp;
+use super::ops::{same_image, DomainQmp};
 use crate::domain::runstate;
 use crate::domain::{Domain, DomainState};
 use crate::error::{Error, ErrorKind, Result};
@@ -534,16 +534,6 @@ impl core::Definition for Reverting {
         failpoint("switch-definition");
         Ok(())
     }
-}
-
-/// Do the image names `a` (as QEMU reports it) and `b` name the same file?
-fn same_image(a: &str, b: &str) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    a == b
-        || match (std::fs::metadata(a), std::fs::metadata(b)) {
-            (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
-            _ => false,
-        }
 }
 
 /// What the planner asks, answered from the file system; the pool volumes the snapshot's
