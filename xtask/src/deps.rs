@@ -80,6 +80,22 @@ const NEEDS: &[Need] = &[
         backports: false,
     },
     Need {
+        what: "etcd 3.4 (etcd, etcdctl: the cluster lockspace's tests and benchmarks)",
+        present: || have("etcd") && have("etcdctl"),
+        packages: &["etcd-server", "etcd-client"],
+        backports: false,
+    },
+    Need {
+        what: "protoc with protobuf's well-known types (protobuf-compiler, libprotobuf-dev: the \
+               etcd client's build compiles etcd's API)",
+        present: || {
+            have("protoc")
+                && std::path::Path::new("/usr/include/google/protobuf/descriptor.proto").exists()
+        },
+        packages: &["protobuf-compiler", "libprotobuf-dev"],
+        backports: false,
+    },
+    Need {
         what: "python3-venv (for the benchmark peers)",
         present: || {
             Command::new("python3")

@@ -22,6 +22,12 @@ pub enum ErrorKind {
     /// Work on a domain's behalf ([`crate::Purpose::ForDomain`]) on a volume whose lease that
     /// domain's QEMU does not hold ([`Error::holders`] says who does).
     NotHolder,
+    /// The lockspace cannot be reached in time (a cluster lockspace whose endpoints do not
+    /// answer): nothing was taken. The message names the endpoints.
+    Unavailable,
+    /// A lease this process (or its domain) held is gone, or another holder has it now: its
+    /// fencing token is no longer current, so nothing may be committed under it.
+    LeaseLost,
 }
 
 /// An error from the locking crate: its kind, what was being done, the resource concerned and,
@@ -126,6 +132,46 @@ impl Error {
             holders: Vec::new(),
             owners: Vec::new(),
             permission: Some((perm, unshared)),
+            waited: None,
+            source: None,
+        })
+    }
+
+    /// The lockspace `lockspace` could not be reached while doing `op`; `why` says what
+    /// failed (a timeout, a refused connection).
+    pub(crate) fn unavailable(
+        lockspace: impl Into<String>,
+        op: impl Into<String>,
+        why: impl Into<String>,
+    ) -> Self {
+        Error::from(Inner {
+            kind: ErrorKind::Unavailable,
+            op: op.into(),
+            resource: lockspace.into(),
+            path: None,
+            holders: Vec::new(),
+            owners: Vec::new(),
+            permission: None,
+            waited: None,
+            source: Some(std::io::Error::other(why.into())),
+        })
+    }
+
+    /// The lease on `resource` with token `token` is no longer current; `holders` are who
+    /// holds it now.
+    pub(crate) fn lease_lost(
+        resource: impl Into<String>,
+        token: u64,
+        holders: Vec<HolderRecord>,
+    ) -> Self {
+        Error::from(Inner {
+            kind: ErrorKind::LeaseLost,
+            op: format!("token {token}"),
+            resource: resource.into(),
+            path: None,
+            holders,
+            owners: Vec::new(),
+            permission: None,
             waited: None,
             source: None,
         })
@@ -240,6 +286,23 @@ impl fmt::Display for Error {
                     f.write_str("no virt-snap holder")?;
                 } else {
                     f.write_str("held by ")?;
+                    write_holders(f, &self.inner.holders)?;
+                }
+            }
+            ErrorKind::Unavailable => {
+                write!(f, "{} unreachable: {}", self.inner.resource, self.inner.op)?;
+                if let Some(s) = &self.inner.source {
+                    write!(f, ": {s}")?;
+                }
+            }
+            ErrorKind::LeaseLost => {
+                write!(
+                    f,
+                    "lease on volume {} lost ({} is no longer current), so nothing is committed",
+                    self.inner.resource, self.inner.op
+                )?;
+                if !self.inner.holders.is_empty() {
+                    f.write_str(": now held by ")?;
                     write_holders(f, &self.inner.holders)?;
                 }
             }

@@ -48,6 +48,21 @@ pub trait LeaseBackend: Send + Sync + fmt::Debug {
 
     /// A short description for messages and `--output json` (e.g. the lockspace directory).
     fn describe(&self) -> String;
+
+    /// Commit under fencing tokens: check that each `(resource, token)` lease is still the
+    /// one granted with that token, and record `what` as committed under it, atomically;
+    /// refused with [`crate::ErrorKind::LeaseLost`] otherwise. Backends whose leases cannot
+    /// be lost while held (the local lockspace: a lock dies only with its holder) accept.
+    fn commit(&self, fences: &[(ResourceKey, u64)], what: &str) -> Result<(), Error> {
+        let _ = (fences, what);
+        Ok(())
+    }
+
+    /// The host identity this backend writes into holder records, for cluster backends
+    /// (`None`: every holder is on this host).
+    fn host(&self) -> Option<&str> {
+        None
+    }
 }
 
 /// A lease that is held; dropping it releases it.
@@ -60,6 +75,16 @@ pub trait HeldLease: Send + Sync + fmt::Debug {
     /// caller that passes it to a child process (without `FD_CLOEXEC`) lets the child keep
     /// the lease for its whole life, as QEMU keeps its image locks.
     fn lock_fd(&self) -> Option<BorrowedFd<'_>> {
+        None
+    }
+    /// The lease's fencing token, for backends that have one (a cluster lease: it grows with
+    /// every grant, see [`crate::etcd`]).
+    fn token(&self) -> Option<u64> {
+        None
+    }
+    /// What another process needs to keep the lease alive after [`HeldLease::hand_over`],
+    /// for backends whose leases expire unless renewed (etcd).
+    fn ticket(&self) -> Option<crate::etcd::Ticket> {
         None
     }
     /// Hand the lease over to process `pid`, which inherited [`HeldLease::lock_fd`]: record

@@ -2,6 +2,7 @@
 #![deny(missing_docs)]
 
 mod error;
+pub mod etcd;
 pub mod lease;
 mod manager;
 mod owners;
@@ -11,6 +12,7 @@ mod resource;
 mod sys;
 
 pub use error::{Error, ErrorKind};
+pub use etcd::{EtcdBackend, EtcdConfig, Ticket};
 pub use lease::{HeldLease, LeaseBackend, LocalBackend, MemoryBackend};
 pub use manager::{Acquired, DiskUse, LockManager, Purpose, LOCKSPACE_SUBDIR};
 pub use record::{Holder, HolderRecord, Mode};

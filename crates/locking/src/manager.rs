@@ -151,6 +151,10 @@ struct Item {
 pub struct Acquired {
     images: Vec<ImageLock>,
     leases: Vec<Box<dyn HeldLease>>,
+    /// The domain's leases found by a [`Purpose::ForDomain`] check, with their tokens: a
+    /// commit on the domain's behalf checks them too.
+    domain_fences: Vec<(ResourceKey, u64)>,
+    backend: Option<Arc<dyn LeaseBackend>>,
 }
 
 impl Acquired {
@@ -164,6 +168,33 @@ impl Acquired {
     }
     /// Release everything now (the same as dropping).
     pub fn release(self) {}
+
+    /// The fencing tokens this covers: each lease's own (cluster backends), and those of the
+    /// domain's leases a [`Purpose::ForDomain`] request found. Empty in the local lockspace.
+    pub fn fences(&self) -> Vec<(ResourceKey, u64)> {
+        self.leases
+            .iter()
+            .filter_map(|l| l.token().map(|t| (l.key().clone(), t)))
+            .chain(self.domain_fences.iter().cloned())
+            .collect()
+    }
+
+    /// What a keeper process needs to renew these leases after [`Acquired::hand_over`]
+    /// (cluster backends; empty in the local lockspace, whose leases live in fds).
+    pub fn tickets(&self) -> Vec<crate::etcd::Ticket> {
+        self.leases.iter().filter_map(|l| l.ticket()).collect()
+    }
+
+    /// Check, atomically with recording it, that every lease [`Acquired::fences`] names is
+    /// still current, before committing `what` (metadata, a volume change): refused with
+    /// [`crate::ErrorKind::LeaseLost`] when a lease was lost meanwhile (expired while this
+    /// process was cut off from the cluster, say), so that nothing is committed.
+    pub fn commit(&self, what: &str) -> Result<(), Error> {
+        match &self.backend {
+            Some(b) => b.commit(&self.fences(), what),
+            None => Ok(()),
+        }
+    }
 
     /// The fds whose open file descriptions hold the leases and image locks. To make them
     /// live as long as a child process (a VM's QEMU), let the child inherit them (clear
@@ -180,7 +211,7 @@ impl Acquired {
     /// holder records now name `pid`, and this process lets go of its handles. The leases
     /// and locks stay until `pid` exits (kill -9 included). On an error the rest is released.
     pub fn hand_over(self, pid: u32) -> Result<(), Error> {
-        let Acquired { images, leases } = self;
+        let Acquired { images, leases, .. } = self;
         drop(images);
         let mut result = Ok(());
         for l in leases {
@@ -231,6 +262,41 @@ impl LockManager {
     /// The lease backend.
     pub fn backend(&self) -> &Arc<dyn LeaseBackend> {
         &self.backend
+    }
+
+    /// Was `h` written by a holder on this host (always, in a local lockspace)?
+    fn is_ours(&self, h: &HolderRecord) -> bool {
+        h.token.is_none() || self.backend.host().is_none_or(|me| me == h.host)
+    }
+
+    /// The fencing tokens of the leases `domain`'s QEMU `qemu_pid` holds on this host, among
+    /// `resources` (those it does not hold are left out). Empty in the local lockspace.
+    pub fn domain_fences(
+        &self,
+        domain: &str,
+        qemu_pid: u32,
+        resources: &[Resource],
+    ) -> Result<Vec<(ResourceKey, u64)>, Error> {
+        let me = Holder::Domain(domain.to_string());
+        let mut out = Vec::new();
+        for r in resources {
+            let key = r.key()?;
+            for h in self.backend.holders(&key)? {
+                if h.holder == me && h.pid == qemu_pid && self.is_ours(&h) {
+                    if let Some(t) = h.token {
+                        out.push((key.clone(), t));
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// [`LeaseBackend::commit`] of `fences` (from [`LockManager::domain_fences`], or recorded
+    /// when the domain started): refused with [`crate::ErrorKind::LeaseLost`] when one is
+    /// no longer current.
+    pub fn commit(&self, fences: &[(ResourceKey, u64)], what: &str) -> Result<(), Error> {
+        self.backend.commit(fences, what)
     }
 
     /// The known holders of `resource`'s lease.
@@ -306,6 +372,8 @@ impl LockManager {
         let mut acquired = Acquired {
             images: Vec::new(),
             leases: Vec::new(),
+            domain_fences: Vec::new(),
+            backend: Some(self.backend.clone()),
         };
         let Some(holder) = purpose.holder() else {
             return Ok(acquired);
@@ -327,8 +395,14 @@ impl LockManager {
             for r in volumes {
                 let key = r.key()?;
                 let holders = self.backend.holders(&key)?;
-                if !holders.iter().any(|h| h.holder == me && h.pid == *qemu_pid) {
+                let Some(h) = holders
+                    .iter()
+                    .find(|h| h.holder == me && h.pid == *qemu_pid && self.is_ours(h))
+                else {
                     return Err(Error::not_holder(key.display(), domain, *qemu_pid, holders));
+                };
+                if let Some(t) = h.token {
+                    acquired.domain_fences.push((key.clone(), t));
                 }
             }
         }

@@ -90,6 +90,10 @@ pub struct HolderRecord {
     pub host: String,
     /// The resource as shown to people.
     pub resource: String,
+    /// The fencing token of a cluster lease (etcd: the revision that created the holder's
+    /// key; it only grows). `None` in the local lockspace, whose leases cannot be lost.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<u64>,
 }
 
 impl HolderRecord {
@@ -102,17 +106,19 @@ impl HolderRecord {
             since: rfc3339(std::time::SystemTime::now()),
             host: hostname(),
             resource: resource.to_string(),
+            token: None,
         }
     }
 }
 
 impl fmt::Display for HolderRecord {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} (pid {}", self.holder, self.pid)?;
-        if !self.host.is_empty() && self.host != hostname() {
-            write!(f, " on {}", self.host)?;
+        write!(f, "{}", self.holder)?;
+        // A cluster record always names its host; a local one only when it is not this one.
+        if !self.host.is_empty() && (self.token.is_some() || self.host != hostname()) {
+            write!(f, " on host {:?}", self.host)?;
         }
-        write!(f, ", since {})", self.since)
+        write!(f, " (pid {}, since {})", self.pid, self.since)
     }
 }
 
@@ -151,6 +157,7 @@ mod tests {
             since: "2026-11-27T09:30:00Z".into(),
             host: hostname(),
             resource: "/p/x.qcow2".into(),
+            token: None,
         };
         assert_eq!(
             r.to_string(),
@@ -161,6 +168,15 @@ mod tests {
         assert_eq!(j["mode"], "exclusive");
         let back: HolderRecord = serde_json::from_value(j).unwrap();
         assert_eq!(back, r);
+        let cluster = HolderRecord {
+            host: "hostA".into(),
+            token: Some(7),
+            ..r
+        };
+        assert_eq!(
+            cluster.to_string(),
+            "domain \"vm1\" on host \"hostA\" (pid 1234, since 2026-11-27T09:30:00Z)"
+        );
     }
 
     #[test]

@@ -19,10 +19,24 @@ fn child_process_entry() {
     let env = |k: &str| std::env::var(k).unwrap_or_else(|_| panic!("child needs {k}"));
     // Races other than "leases" use a per-process in-memory table: no lease exclusion.
     let race_mode = std::env::var("VS_LOCK_RACE").unwrap_or_else(|_| "leases".into());
-    let locks = if race_mode != "leases" {
+    let space = env("VS_LOCK_SPACE");
+    let locks = if let Some(url) = space.strip_prefix("etcd:") {
+        // The cluster lockspace, as host VS_LOCK_HOST. "etcd-split" (the negative control)
+        // gives each process a prefix of its own: the real etcd path, but nothing excludes.
+        let url = if race_mode == "etcd-split" {
+            format!(
+                "etcd:{}",
+                url.replacen("?", &format!("-{}?", env("VS_LOCK_ID")), 1)
+            )
+        } else {
+            space.clone()
+        };
+        let cfg = locking::EtcdConfig::parse(&url, &env("VS_LOCK_HOST")).unwrap();
+        LockManager::with_backend(std::sync::Arc::new(locking::EtcdBackend::new(cfg).unwrap()))
+    } else if race_mode != "leases" {
         LockManager::with_backend(std::sync::Arc::new(locking::MemoryBackend::new()))
     } else {
-        LockManager::local(env("VS_LOCK_SPACE")).unwrap()
+        LockManager::local(space).unwrap()
     };
     let out = PathBuf::from(env("VS_LOCK_OUT"));
     let id = env("VS_LOCK_ID");
@@ -132,18 +146,21 @@ fn race(locks: &LockManager, out: &Path, id: &str, rounds: u32, mode: &str) {
     let excl = Purpose::VolumeOp {
         op: format!("racer {id}"),
         volumes: match mode {
-            "none" => vec![uuid_b()],
+            // Leases only (etcd): no image file, so no QEMU image locks to exclude instead.
+            "none" | "etcd" | "etcd-split" => vec![uuid_b()],
             "image-only" => vec![file_a(out)],
             _ => vec![file_a(out), uuid_b()],
         },
     };
     let shared = Purpose::VmStart {
         domain: format!("racer-{id}"),
-        disks: vec![DiskUse::read_only(if mode == "none" {
-            uuid_b()
-        } else {
-            file_a(out)
-        })],
+        disks: vec![DiskUse::read_only(
+            if matches!(mode, "none" | "etcd" | "etcd-split") {
+                uuid_b()
+            } else {
+                file_a(out)
+            },
+        )],
     };
     // Start together: announce, then wait for the parent's "go".
     write_atomic(&out.join(format!("started-{id}")), "");
@@ -424,10 +441,29 @@ fn kill_9_of_the_holder_releases_the_lease_and_its_record() {
 
 /// Run `procs` racers; (exclusive wins, shared wins, violations, counter).
 fn run_race(s: &Setup, procs: u32, rounds: u32, mode: &str) -> (u64, u64, Vec<String>, u64) {
+    run_race_in(&s.space, s, procs, rounds, mode)
+}
+
+/// [`run_race`] in lockspace `space` (a directory, or `etcd://...`); racer `i` runs as host
+/// `hostA` or `hostB` (`i` even or odd).
+fn run_race_in(
+    space: &Path,
+    s: &Setup,
+    procs: u32,
+    rounds: u32,
+    mode: &str,
+) -> (u64, u64, Vec<String>, u64) {
     let rounds = rounds.to_string();
-    let env = [("VS_LOCK_ROUNDS", rounds.as_str()), ("VS_LOCK_RACE", mode)];
     let kids: Vec<ChildProc> = (0..procs)
-        .map(|i| ChildProc::spawn(&s.space, &s.out, "race", &format!("r{i}"), &env))
+        .map(|i| {
+            let host = if i % 2 == 0 { "hostA" } else { "hostB" };
+            let env = [
+                ("VS_LOCK_ROUNDS", rounds.as_str()),
+                ("VS_LOCK_RACE", mode),
+                ("VS_LOCK_HOST", host),
+            ];
+            ChildProc::spawn(space, &s.out, "race", &format!("r{i}"), &env)
+        })
         .collect();
     let deadline = Instant::now() + Duration::from_secs(30);
     while (0..procs).any(|i| !s.out.join(format!("started-r{i}")).exists()) {
@@ -657,4 +693,40 @@ fn acquire_timeout_waits_without_blocking_the_runtime() {
     });
     let st = holder.child.wait().unwrap();
     assert!(st.success());
+}
+
+/// The cluster lockspace: 16 processes as two hosts, each with its own etcd client, racing
+/// for one exclusive lease (and sometimes a shared one) through a real 3-member cluster.
+#[test]
+fn racing_processes_on_two_hosts_never_hold_an_etcd_lease_together() {
+    let cluster = testbed::EtcdCluster::start(3).unwrap();
+    let s = setup();
+    const PROCS: u32 = 16;
+    const ROUNDS: u32 = 40;
+    let url = cluster.url("/race", 5);
+    let t = Instant::now();
+    let (excl, shared, violations, counter) =
+        run_race_in(Path::new(&url), &s, PROCS, ROUNDS, "etcd");
+    eprintln!(
+        "etcd: {PROCS} processes x {ROUNDS} rounds: {excl} exclusive and {shared} shared holds in {:?}",
+        t.elapsed()
+    );
+    assert!(violations.is_empty(), "{violations:#?}");
+    assert_eq!(counter, excl, "an unsynchronised counter lost updates");
+    assert!(excl > 0 && shared > 0, "both modes must have won sometimes");
+    // Nothing left: every lease was revoked when its holder let go.
+    let keys = cluster
+        .ctl(&["get", "--prefix", "--keys-only", "/race/leases/"])
+        .unwrap();
+    assert!(keys.trim().is_empty(), "leftover keys: {keys}");
+
+    // The negative control: the same racers through the same cluster, each under a prefix of
+    // its own, must be caught overlapping.
+    let s = setup();
+    let (excl, _, violations, counter) =
+        run_race_in(Path::new(&url), &s, PROCS, ROUNDS, "etcd-split");
+    assert!(
+        !violations.is_empty() || counter != excl,
+        "with nothing excluding them the racers should have been caught overlapping"
+    );
 }

@@ -5,7 +5,8 @@
 //! - [`Qemu`]: a QEMU 10.0.2 process (KVM, no guest OS) with disks attached with `-blockdev`
 //!   and a QMP socket in a temporary directory;
 //! - [`Btrfs`]: a btrfs filesystem on a loop device, mounted in a temporary directory;
-//! - the tiny test guest and the LVM guest (TCG, with the QEMU guest agent) in [`guest`].
+//! - the tiny test guest and the LVM guest (TCG, with the QEMU guest agent) in [`guest`];
+//! - [`EtcdCluster`]: a real etcd 3.4 cluster (1, 3 or 5 members) on loopback.
 //!
 //! Each component is cleaned up when dropped, also while a test panics: processes are killed
 //! and reaped, filesystems unmounted, loop devices detached. Child processes get
@@ -18,6 +19,7 @@
 
 mod btrfs;
 mod error;
+mod etcd;
 pub mod guest;
 pub mod oracle;
 mod process;
@@ -26,6 +28,7 @@ mod registry;
 
 pub use btrfs::Btrfs;
 pub use error::{Error, Result};
+pub use etcd::EtcdCluster;
 pub use guest::{guest_dir, make_data_disk, GuestBoot, LvmGuest, TestGuest, TestGuestBuilder};
 pub use oracle::{qemu_img, qemu_img_in, qemu_io};
 pub use process::{require_tool, KillOnDrop};
