@@ -133,10 +133,13 @@ impl EtcdConfig {
     }
 
     fn lease_prefix(&self, key: &ResourceKey) -> String {
-        format!("{}/leases/{}/", self.prefix, key.hash())
+        self.prefix_of(&key.hash())
     }
-    fn commit_key(&self, key: &ResourceKey) -> String {
-        format!("{}/commits/{}", self.prefix, key.hash())
+    fn prefix_of(&self, hash: &str) -> String {
+        format!("{}/leases/{hash}/", self.prefix)
+    }
+    fn commit_key(&self, hash: &str) -> String {
+        format!("{}/commits/{hash}", self.prefix)
     }
     fn unavailable(&self, op: &str, why: impl std::fmt::Display) -> Error {
         Error::unavailable(
@@ -144,6 +147,30 @@ impl EtcdConfig {
             op,
             format!("{why} (within {:.1} s)", self.timeout.as_secs_f64()),
         )
+    }
+}
+
+/// A fencing token to commit under: the resource (its key's hash, as the lease is named, and
+/// its name for messages) and the token its lease was granted with. Serialisable, so that a
+/// domain's tokens can be recorded when it starts and checked by later commands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fence {
+    /// [`ResourceKey::hash`].
+    pub hash: String,
+    /// [`ResourceKey::display`].
+    pub resource: String,
+    /// The token.
+    pub token: u64,
+}
+
+impl Fence {
+    /// The fence of `key`'s lease granted with `token`.
+    pub fn new(key: &ResourceKey, token: u64) -> Fence {
+        Fence {
+            hash: key.hash(),
+            resource: key.display().to_string(),
+            token,
+        }
     }
 }
 
@@ -166,15 +193,13 @@ struct Shared {
     cfg: EtcdConfig,
     rt: Mutex<Option<tokio::runtime::Runtime>>,
     handle: tokio::runtime::Handle,
-    client: tokio::sync::OnceCell<Client>,
+    /// The member requests go to, and its client (see [`Endpoints`]).
+    members: tokio::sync::Mutex<Endpoints>,
 }
 
 impl std::fmt::Debug for Shared {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Shared")
-            .field("cfg", &self.cfg)
-            .field("connected", &self.client.initialized())
-            .finish()
+        f.debug_struct("Shared").field("cfg", &self.cfg).finish()
     }
 }
 
@@ -187,23 +212,79 @@ impl Drop for Shared {
     }
 }
 
-async fn connect(cfg: &EtcdConfig) -> Result<Client, etcd_client::Error> {
-    let opts = ConnectOptions::new()
-        .with_connect_timeout(cfg.timeout)
-        .with_timeout(cfg.timeout)
-        .with_keep_alive(Duration::from_secs(2), cfg.timeout);
-    Client::connect(&cfg.endpoints, Some(opts)).await
+/// One member at a time: a client of a single member that accepted a TCP connection,
+/// moved on to the next member when a request to it fails. (A client balanced over all the
+/// members keeps sending some requests to a member that died, which then fail.)
+#[derive(Default)]
+struct Endpoints {
+    next: usize,
+    client: Option<Client>,
+}
+
+impl Endpoints {
+    /// The current member's client, or the first member from the next one on that accepts
+    /// a connection.
+    async fn client(&mut self, cfg: &EtcdConfig) -> Result<Client, String> {
+        if let Some(c) = &self.client {
+            return Ok(c.clone());
+        }
+        let n = cfg.endpoints.len();
+        let mut why = String::from("no endpoints");
+        for i in 0..n {
+            let idx = (self.next + i) % n;
+            let ep = &cfg.endpoints[idx];
+            let addr = ep.trim_start_matches("http://");
+            let probe = tokio::time::timeout(
+                cfg.timeout.min(Duration::from_secs(1)),
+                tokio::net::TcpStream::connect(addr),
+            )
+            .await;
+            match probe {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    why = format!("{addr}: {e}");
+                    continue;
+                }
+                Err(_) => {
+                    why = format!("{addr}: no answer");
+                    continue;
+                }
+            }
+            let opts = ConnectOptions::new()
+                .with_connect_timeout(cfg.timeout)
+                .with_timeout(cfg.timeout)
+                .with_keep_alive(Duration::from_secs(2), cfg.timeout);
+            match Client::connect([ep.as_str()], Some(opts)).await {
+                Ok(c) => {
+                    self.next = idx;
+                    self.client = Some(c.clone());
+                    return Ok(c);
+                }
+                Err(e) => why = format!("{addr}: {e}"),
+            }
+        }
+        Err(why)
+    }
+
+    /// A request to the current member failed: use the next one from now on.
+    fn failed(&mut self) {
+        if self.client.take().is_some() {
+            self.next += 1;
+        }
+    }
 }
 
 impl Shared {
-    async fn client(&self) -> Result<Client, etcd_client::Error> {
-        self.client
-            .get_or_try_init(|| connect(&self.cfg))
-            .await
-            .cloned()
+    async fn client(&self) -> Result<Client, String> {
+        self.members.lock().await.client(&self.cfg).await
     }
 
-    /// Run `f` on the backend's runtime, waiting at most the configured timeout.
+    async fn failed(&self) {
+        self.members.lock().await.failed();
+    }
+
+    /// Run `f` on the backend's runtime, waiting at most the configured timeout. A failure
+    /// to reach the member moves later requests on to the next member.
     fn run<T, F>(self: &Arc<Self>, op: &str, f: impl FnOnce(Arc<Shared>) -> F) -> Result<T, Error>
     where
         T: Send + 'static,
@@ -219,10 +300,27 @@ impl Shared {
                 Ok(r) => r,
                 Err(_) => Err(me.cfg.unavailable(&op_owned, "no answer")),
             };
+            if r.as_ref()
+                .is_err_and(|e| e.kind() == crate::ErrorKind::Unavailable)
+            {
+                me.failed().await;
+            }
             let _ = tx.send(r);
         });
         rx.recv_timeout(limit + Duration::from_secs(1))
             .unwrap_or_else(|_| Err(self.cfg.unavailable(op, "no answer")))
+    }
+
+    /// `f` (one [`Shared::run`]), tried once more, on the next member, when the first one
+    /// could not be reached (a member killed since the last request): within twice the
+    /// timeout in all.
+    fn twice<T>(&self, mut f: impl FnMut() -> Result<T, Error>) -> Result<T, Error> {
+        match f() {
+            Err(e) if e.kind() == crate::ErrorKind::Unavailable && self.cfg.endpoints.len() > 1 => {
+                f()
+            }
+            r => r,
+        }
     }
 }
 
@@ -262,7 +360,7 @@ impl EtcdBackend {
                 cfg,
                 rt: Mutex::new(Some(rt)),
                 handle,
-                client: tokio::sync::OnceCell::new(),
+                members: tokio::sync::Mutex::new(Endpoints::default()),
             }),
         })
     }
@@ -276,62 +374,75 @@ impl EtcdBackend {
     /// token)`, that the holder key granted with `token` still exists with that very
     /// `create_revision`, and records `what` as the resource's last commit. Refused with
     /// [`crate::ErrorKind::LeaseLost`] (naming today's holders) when one is not current.
-    pub fn commit(&self, fences: &[(ResourceKey, u64)], what: &str) -> Result<(), Error> {
+    pub fn commit(&self, fences: &[Fence], what: &str) -> Result<(), Error> {
         if fences.is_empty() {
             return Ok(());
         }
-        let fences = fences.to_vec();
-        let what = what.to_string();
-        self.shared
-            .run("commit under a lease", move |sh| async move {
-                let cfg = &sh.cfg;
-                let err = etcd_err(cfg, "commit under a lease");
-                let mut c = sh.client().await.map_err(&err)?;
-                let mut compares = Vec::new();
-                let mut puts = Vec::new();
-                for (key, token) in &fences {
-                    let prefix = cfg.lease_prefix(key);
+        self.shared.twice(|| {
+            let fences = fences.to_vec();
+            let what = what.to_string();
+            self.shared
+                .run("commit under a lease", move |sh| async move {
+                    let cfg = &sh.cfg;
+                    let err = etcd_err(cfg, "commit under a lease");
+                    let mut c = sh
+                        .client()
+                        .await
+                        .map_err(|e| sh.cfg.unavailable("commit under a lease", e))?;
+                    let mut compares = Vec::new();
+                    let mut puts = Vec::new();
+                    for Fence {
+                        hash,
+                        resource,
+                        token,
+                    } in &fences
+                    {
+                        let prefix = cfg.prefix_of(hash);
+                        let r = c
+                            .get(prefix.clone(), Some(GetOptions::new().with_prefix()))
+                            .await
+                            .map_err(&err)?;
+                        let Some(kv) = r
+                            .kvs()
+                            .iter()
+                            .find(|kv| kv.create_revision() as u64 == *token)
+                        else {
+                            return Err(Error::lease_lost(resource, *token, records(r.kvs())));
+                        };
+                        compares.push(Compare::create_revision(
+                            kv.key().to_vec(),
+                            CompareOp::Equal,
+                            *token as i64,
+                        ));
+                        let rec = serde_json::json!({
+                            "token": token,
+                            "host": cfg.host,
+                            "what": what,
+                            "pid": std::process::id(),
+                            "at": crate::record::rfc3339(std::time::SystemTime::now()),
+                        });
+                        puts.push(TxnOp::put(cfg.commit_key(hash), rec.to_string(), None));
+                    }
                     let r = c
-                        .get(prefix.clone(), Some(GetOptions::new().with_prefix()))
+                        .txn(Txn::new().when(compares).and_then(puts))
                         .await
                         .map_err(&err)?;
-                    let Some(kv) = r
-                        .kvs()
-                        .iter()
-                        .find(|kv| kv.create_revision() as u64 == *token)
-                    else {
-                        return Err(Error::lease_lost(key.display(), *token, records(r.kvs())));
-                    };
-                    compares.push(Compare::create_revision(
-                        kv.key().to_vec(),
-                        CompareOp::Equal,
-                        *token as i64,
-                    ));
-                    let rec = serde_json::json!({
-                        "token": token,
-                        "host": cfg.host,
-                        "what": what,
-                        "pid": std::process::id(),
-                        "at": crate::record::rfc3339(std::time::SystemTime::now()),
-                    });
-                    puts.push(TxnOp::put(cfg.commit_key(key), rec.to_string(), None));
-                }
-                let r = c
-                    .txn(Txn::new().when(compares).and_then(puts))
-                    .await
-                    .map_err(&err)?;
-                if r.succeeded() {
-                    return Ok(());
-                }
-                // Lost between the read and the transaction: say to whom.
-                let (key, token) = &fences[0];
-                let now = c
-                    .get(cfg.lease_prefix(key), Some(GetOptions::new().with_prefix()))
-                    .await
-                    .map(|r| records(r.kvs()))
-                    .unwrap_or_default();
-                Err(Error::lease_lost(key.display(), *token, now))
-            })
+                    if r.succeeded() {
+                        return Ok(());
+                    }
+                    // Lost between the read and the transaction: say to whom.
+                    let f = &fences[0];
+                    let now = c
+                        .get(
+                            cfg.prefix_of(&f.hash),
+                            Some(GetOptions::new().with_prefix()),
+                        )
+                        .await
+                        .map(|r| records(r.kvs()))
+                        .unwrap_or_default();
+                    Err(Error::lease_lost(&f.resource, f.token, now))
+                })
+        })
     }
 
     fn revoke(&self, lease: i64) {
@@ -339,7 +450,7 @@ impl EtcdBackend {
             let mut c = sh
                 .client()
                 .await
-                .map_err(etcd_err(&sh.cfg, "revoke a lease"))?;
+                .map_err(|e| sh.cfg.unavailable("revoke a lease", e))?;
             match c.lease_revoke(lease).await {
                 Ok(_) => Ok(()),
                 // Already expired: the same outcome.
@@ -391,7 +502,10 @@ async fn renew_loop(sh: Arc<Shared>, lease: i64, stop: Arc<AtomicBool>, lost: Ar
                 break;
             }
             Ok(Ok(Some(_))) => {}
-            _ => keeper = None,
+            _ => {
+                keeper = None;
+                sh.failed().await;
+            }
         }
     }
 }
@@ -407,12 +521,15 @@ impl LeaseBackend for EtcdBackend {
         rec.host = self.shared.cfg.host.clone();
         let value = serde_json::to_string(&rec)
             .map_err(|e| Error::io("encode holder record", "", std::io::Error::other(e)))?;
-        let k = key.clone();
-        let (lease, token, etcd_key) =
+        let (lease, token, etcd_key) = self.shared.twice(|| {
+            let (k, value) = (key.clone(), value.clone());
             self.shared.run("acquire a lease", move |sh| async move {
                 let cfg = &sh.cfg;
                 let err = etcd_err(cfg, "acquire a lease");
-                let mut c = sh.client().await.map_err(&err)?;
+                let mut c = sh
+                    .client()
+                    .await
+                    .map_err(|e| sh.cfg.unavailable("acquire a lease", e))?;
                 let ttl = cfg.ttl.as_secs().max(1) as i64;
                 let lease = c.lease_grant(ttl, None).await.map_err(&err)?.id();
                 let prefix = cfg.lease_prefix(&k);
@@ -460,7 +577,8 @@ impl LeaseBackend for EtcdBackend {
                     holders.retain(|h| h.mode == Mode::Exclusive);
                 }
                 Err(Error::conflict(k.display(), holders))
-            })?;
+            })
+        })?;
         let stop = Arc::new(AtomicBool::new(false));
         let lost = Arc::new(AtomicBool::new(false));
         self.shared.handle.spawn(renew_loop(
@@ -485,18 +603,23 @@ impl LeaseBackend for EtcdBackend {
     }
 
     fn holders(&self, key: &ResourceKey) -> Result<Vec<HolderRecord>, Error> {
-        let k = key.clone();
-        self.shared.run("read lease holders", move |sh| async move {
-            let err = etcd_err(&sh.cfg, "read lease holders");
-            let mut c = sh.client().await.map_err(&err)?;
-            let r = c
-                .get(
-                    sh.cfg.lease_prefix(&k),
-                    Some(GetOptions::new().with_prefix()),
-                )
-                .await
-                .map_err(&err)?;
-            Ok(records(r.kvs()))
+        self.shared.twice(|| {
+            let k = key.clone();
+            self.shared.run("read lease holders", move |sh| async move {
+                let err = etcd_err(&sh.cfg, "read lease holders");
+                let mut c = sh
+                    .client()
+                    .await
+                    .map_err(|e| sh.cfg.unavailable("read lease holders", e))?;
+                let r = c
+                    .get(
+                        sh.cfg.lease_prefix(&k),
+                        Some(GetOptions::new().with_prefix()),
+                    )
+                    .await
+                    .map_err(&err)?;
+                Ok(records(r.kvs()))
+            })
         })
     }
 
@@ -504,7 +627,7 @@ impl LeaseBackend for EtcdBackend {
         format!("etcd lockspace {}", self.shared.cfg.url())
     }
 
-    fn commit(&self, fences: &[(ResourceKey, u64)], what: &str) -> Result<(), Error> {
+    fn commit(&self, fences: &[Fence], what: &str) -> Result<(), Error> {
         EtcdBackend::commit(self, fences, what)
     }
 
@@ -562,33 +685,39 @@ impl HeldLease for EtcdLease {
             .map_err(|e| Error::io("encode holder record", "", std::io::Error::other(e)))?;
         let (k, token, lease) = (self.etcd_key.clone(), self.token, self.lease);
         let display = self.key.display().to_string();
-        self.backend
-            .shared
-            .run("hand a lease over", move |sh| async move {
-                let err = etcd_err(&sh.cfg, "hand a lease over");
-                let mut c = sh.client().await.map_err(&err)?;
-                let r = c
-                    .txn(
-                        Txn::new()
-                            .when([Compare::create_revision(
-                                k.clone(),
-                                CompareOp::Equal,
-                                token as i64,
-                            )])
-                            .and_then([TxnOp::put(
-                                k,
-                                value,
-                                Some(PutOptions::new().with_lease(lease)),
-                            )]),
-                    )
-                    .await
-                    .map_err(&err)?;
-                if r.succeeded() {
-                    Ok(())
-                } else {
-                    Err(Error::lease_lost(display, token, Vec::new()))
-                }
-            })?;
+        self.backend.shared.twice(|| {
+            let (k, value, display) = (k.clone(), value.clone(), display.clone());
+            self.backend
+                .shared
+                .run("hand a lease over", move |sh| async move {
+                    let err = etcd_err(&sh.cfg, "hand a lease over");
+                    let mut c = sh
+                        .client()
+                        .await
+                        .map_err(|e| sh.cfg.unavailable("hand a lease over", e))?;
+                    let r = c
+                        .txn(
+                            Txn::new()
+                                .when([Compare::create_revision(
+                                    k.clone(),
+                                    CompareOp::Equal,
+                                    token as i64,
+                                )])
+                                .and_then([TxnOp::put(
+                                    k,
+                                    value,
+                                    Some(PutOptions::new().with_lease(lease)),
+                                )]),
+                        )
+                        .await
+                        .map_err(&err)?;
+                    if r.succeeded() {
+                        Ok(())
+                    } else {
+                        Err(Error::lease_lost(display, token, Vec::new()))
+                    }
+                })
+        })?;
         // From now on the keeper renews it; dropping this handle neither renews nor revokes.
         self.handed = true;
         self.stop.store(true, Ordering::Release);
@@ -623,9 +752,16 @@ pub enum Kept {
 
 /// Renew the etcd leases of `tickets` until `exited` completes (then revoke them), or until
 /// they cannot be renewed safely any more ([`Kept::MustFence`], at the latest half a TTL
-/// after the last renewal that etcd confirmed was sent). Used by the domain keeper process.
-pub async fn keep(tickets: &[Ticket], exited: impl Future<Output = ()>) -> Kept {
-    let Some(first) = tickets.first() else {
+/// after the last renewal that etcd confirmed was sent). `more` is asked before every round
+/// for leases to add (a snapshot's new overlay, handed to the same QEMU). Used by the domain
+/// keeper process.
+pub async fn keep(
+    tickets: &[Ticket],
+    mut more: impl FnMut() -> Vec<Ticket>,
+    exited: impl Future<Output = ()>,
+) -> Kept {
+    let mut tickets: Vec<Ticket> = tickets.to_vec();
+    let Some(first) = tickets.first().cloned() else {
         exited.await;
         return Kept::Released;
     };
@@ -642,21 +778,27 @@ pub async fn keep(tickets: &[Ticket], exited: impl Future<Output = ()>) -> Kept 
     // them, which is later.
     let mut last_ok = Instant::now();
     let fence_at = |last: Instant| last + ttl / 2;
-    let client = std::cell::RefCell::new(None::<Client>);
-    let mut keepers: Vec<Option<(etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream)>> =
-        tickets.iter().map(|_| None).collect();
+    let members = tokio::sync::Mutex::new(Endpoints::default());
+    type Slot = Option<(etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream)>;
+    let mut keepers: Vec<Slot> = tickets.iter().map(|_| None).collect();
     tokio::pin!(exited);
     let mut why = String::from("no renewal confirmed");
+    let mut failed = 0u32;
     loop {
+        for t in more() {
+            if !tickets.iter().any(|k| k.lease == t.lease) {
+                tickets.push(t);
+                keepers.push(None);
+            }
+        }
         let round = async {
             let sent = Instant::now();
-            if client.borrow().is_none() {
-                match connect(&cfg).await {
-                    Ok(c) => *client.borrow_mut() = Some(c),
-                    Err(e) => return Err(format!("cannot reach {}: {e}", cfg.url())),
-                }
-            }
-            let mut c = client.borrow().clone().expect("connected");
+            let mut c = members
+                .lock()
+                .await
+                .client(&cfg)
+                .await
+                .map_err(|e| format!("cannot reach {}: {e}", cfg.url()))?;
             for (t, slot) in tickets.iter().zip(keepers.iter_mut()) {
                 if slot.is_none() {
                     *slot = Some(
@@ -687,25 +829,43 @@ pub async fn keep(tickets: &[Ticket], exited: impl Future<Output = ()>) -> Kept 
         tokio::select! {
             biased;
             _ = &mut exited => {
-                let c = client.borrow().clone();
-                revoke_all(&cfg, tickets, c).await;
+                revoke_all(&cfg, &tickets).await;
                 return Kept::Released;
             }
             _ = tokio::time::sleep_until(deadline) => {
                 return Kept::MustFence { why };
             }
             r = round => match r {
-                Ok(sent) => last_ok = sent,
+                Ok(sent) => {
+                    last_ok = sent;
+                    failed = 0;
+                }
                 Err(e) if e.contains("is gone") => return Kept::MustFence { why: e },
-                Err(e) => why = e,
+                Err(e) => {
+                    why = e;
+                    failed += 1;
+                    // A member went away (a leader killed, say): after a second failure
+                    // connect afresh, so that the next round reaches the others.
+                    if failed >= 2 {
+                        if let Ok(mut m) = members.try_lock() {
+                            m.failed();
+                        }
+                        keepers.iter_mut().for_each(|k| *k = None);
+                    }
+                }
             },
         }
-        let next = tokio::time::Instant::now() + every;
+        // After a failure, try again soon: the deadline is what matters now.
+        let next = tokio::time::Instant::now()
+            + if failed > 0 {
+                Duration::from_millis(100)
+            } else {
+                every
+            };
         tokio::select! {
             biased;
             _ = &mut exited => {
-                let c = client.borrow().clone();
-                revoke_all(&cfg, tickets, c).await;
+                revoke_all(&cfg, &tickets).await;
                 return Kept::Released;
             }
             _ = tokio::time::sleep_until(deadline.min(next)) => {}
@@ -716,12 +876,8 @@ pub async fn keep(tickets: &[Ticket], exited: impl Future<Output = ()>) -> Kept 
     }
 }
 
-async fn revoke_all(cfg: &EtcdConfig, tickets: &[Ticket], client: Option<Client>) {
-    let c = match client {
-        Some(c) => Some(c),
-        None => connect(cfg).await.ok(),
-    };
-    if let Some(mut c) = c {
+async fn revoke_all(cfg: &EtcdConfig, tickets: &[Ticket]) {
+    if let Ok(mut c) = Endpoints::default().client(cfg).await {
         for t in tickets {
             let _ = tokio::time::timeout(cfg.timeout, c.lease_revoke(t.lease)).await;
         }
@@ -742,9 +898,10 @@ pub async fn revoke(tickets: &[Ticket], within: Duration) -> bool {
         host: String::new(),
     };
     let end = Instant::now() + within;
+    let mut members = Endpoints::default();
     let mut left: Vec<i64> = tickets.iter().map(|t| t.lease).collect();
     while !left.is_empty() && Instant::now() < end {
-        if let Ok(mut c) = connect(&cfg).await {
+        if let Ok(mut c) = members.client(&cfg).await {
             let mut still = Vec::new();
             for l in left {
                 match tokio::time::timeout(cfg.timeout, c.lease_revoke(l)).await {
@@ -753,6 +910,9 @@ pub async fn revoke(tickets: &[Ticket], within: Duration) -> bool {
                         if s.message().contains("not found") => {}
                     _ => still.push(l),
                 }
+            }
+            if !still.is_empty() {
+                members.failed();
             }
             left = still;
         }

@@ -53,7 +53,7 @@ pub trait LeaseBackend: Send + Sync + fmt::Debug {
     /// one granted with that token, and record `what` as committed under it, atomically;
     /// refused with [`crate::ErrorKind::LeaseLost`] otherwise. Backends whose leases cannot
     /// be lost while held (the local lockspace: a lock dies only with its holder) accept.
-    fn commit(&self, fences: &[(ResourceKey, u64)], what: &str) -> Result<(), Error> {
+    fn commit(&self, fences: &[crate::etcd::Fence], what: &str) -> Result<(), Error> {
         let _ = (fences, what);
         Ok(())
     }

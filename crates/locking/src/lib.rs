@@ -12,7 +12,7 @@ mod resource;
 mod sys;
 
 pub use error::{Error, ErrorKind};
-pub use etcd::{EtcdBackend, EtcdConfig, Ticket};
+pub use etcd::{EtcdBackend, EtcdConfig, Fence, Ticket};
 pub use lease::{HeldLease, LeaseBackend, LocalBackend, MemoryBackend};
 pub use manager::{Acquired, DiskUse, LockManager, Purpose, LOCKSPACE_SUBDIR};
 pub use record::{Holder, HolderRecord, Mode};

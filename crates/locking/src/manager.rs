@@ -1,5 +1,6 @@
 //! The one `acquire` path callers use.
 
+use crate::etcd::Fence;
 use crate::lease::{HeldLease, LeaseBackend, LocalBackend};
 use crate::qemu::{self, Access, ImageLock};
 use crate::record::{Holder, HolderRecord, Mode};
@@ -11,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// A disk of a VM about to start.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DiskUse {
     /// The volume.
     pub resource: Resource,
@@ -153,7 +154,7 @@ pub struct Acquired {
     leases: Vec<Box<dyn HeldLease>>,
     /// The domain's leases found by a [`Purpose::ForDomain`] check, with their tokens: a
     /// commit on the domain's behalf checks them too.
-    domain_fences: Vec<(ResourceKey, u64)>,
+    domain_fences: Vec<Fence>,
     backend: Option<Arc<dyn LeaseBackend>>,
 }
 
@@ -171,10 +172,10 @@ impl Acquired {
 
     /// The fencing tokens this covers: each lease's own (cluster backends), and those of the
     /// domain's leases a [`Purpose::ForDomain`] request found. Empty in the local lockspace.
-    pub fn fences(&self) -> Vec<(ResourceKey, u64)> {
+    pub fn fences(&self) -> Vec<Fence> {
         self.leases
             .iter()
-            .filter_map(|l| l.token().map(|t| (l.key().clone(), t)))
+            .filter_map(|l| l.token().map(|t| Fence::new(l.key(), t)))
             .chain(self.domain_fences.iter().cloned())
             .collect()
     }
@@ -228,6 +229,10 @@ impl Acquired {
 #[derive(Debug, Clone)]
 pub struct LockManager {
     backend: Arc<dyn LeaseBackend>,
+    /// Where domains' operation locks live when `backend` is a cluster: they serialise work
+    /// on one host's state directory, so they stay on the host (fast, and usable while the
+    /// cluster is unreachable).
+    ops: Option<Arc<dyn LeaseBackend>>,
     poll: Duration,
 }
 
@@ -249,7 +254,28 @@ impl LockManager {
     pub fn with_backend(backend: Arc<dyn LeaseBackend>) -> LockManager {
         LockManager {
             backend,
+            ops: None,
             poll: Duration::from_millis(20),
+        }
+    }
+
+    /// Leases in `cluster` (shared by several hosts), except domains' operation locks, which
+    /// are this host's own and live in `local` ([`Resource::DomainOps`]).
+    pub fn with_cluster(
+        cluster: Arc<dyn LeaseBackend>,
+        local: Arc<dyn LeaseBackend>,
+    ) -> LockManager {
+        LockManager {
+            ops: Some(local),
+            ..LockManager::with_backend(cluster)
+        }
+    }
+
+    /// The backend that holds `key`'s lease.
+    fn backend_for(&self, key: &ResourceKey) -> &Arc<dyn LeaseBackend> {
+        match &self.ops {
+            Some(local) if key.is_domain_ops() => local,
+            _ => &self.backend,
         }
     }
 
@@ -276,7 +302,7 @@ impl LockManager {
         domain: &str,
         qemu_pid: u32,
         resources: &[Resource],
-    ) -> Result<Vec<(ResourceKey, u64)>, Error> {
+    ) -> Result<Vec<Fence>, Error> {
         let me = Holder::Domain(domain.to_string());
         let mut out = Vec::new();
         for r in resources {
@@ -284,7 +310,7 @@ impl LockManager {
             for h in self.backend.holders(&key)? {
                 if h.holder == me && h.pid == qemu_pid && self.is_ours(&h) {
                     if let Some(t) = h.token {
-                        out.push((key.clone(), t));
+                        out.push(Fence::new(&key, t));
                     }
                 }
             }
@@ -295,13 +321,14 @@ impl LockManager {
     /// [`LeaseBackend::commit`] of `fences` (from [`LockManager::domain_fences`], or recorded
     /// when the domain started): refused with [`crate::ErrorKind::LeaseLost`] when one is
     /// no longer current.
-    pub fn commit(&self, fences: &[(ResourceKey, u64)], what: &str) -> Result<(), Error> {
+    pub fn commit(&self, fences: &[Fence], what: &str) -> Result<(), Error> {
         self.backend.commit(fences, what)
     }
 
     /// The known holders of `resource`'s lease.
     pub fn holders(&self, resource: &Resource) -> Result<Vec<HolderRecord>, Error> {
-        self.backend.holders(&resource.key()?)
+        let key = resource.key()?;
+        self.backend_for(&key).holders(&key)
     }
 
     fn plan(purpose: &Purpose) -> Result<Vec<Item>, Error> {
@@ -379,9 +406,10 @@ impl LockManager {
             return Ok(acquired);
         };
         for item in &items {
-            acquired
-                .leases
-                .push(self.backend.try_acquire(&item.key, item.mode, &holder)?);
+            acquired.leases.push(
+                self.backend_for(&item.key)
+                    .try_acquire(&item.key, item.mode, &holder)?,
+            );
         }
         if let Purpose::ForDomain {
             domain,
@@ -402,7 +430,7 @@ impl LockManager {
                     return Err(Error::not_holder(key.display(), domain, *qemu_pid, holders));
                 };
                 if let Some(t) = h.token {
-                    acquired.domain_fences.push((key.clone(), t));
+                    acquired.domain_fences.push(Fence::new(&key, t));
                 }
             }
         }

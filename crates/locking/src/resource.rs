@@ -16,7 +16,8 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 
 /// What kind of UUID names a volume.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 #[non_exhaustive]
 pub enum UuidKind {
     /// An LVM logical volume's UUID (`lvs -o lv_uuid`).
@@ -26,7 +27,8 @@ pub enum UuidKind {
 }
 
 /// A resource a lease protects.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Resource {
     /// A disk image or other volume file, by path (relative paths resolve against the current
     /// directory when the key is computed).
@@ -204,6 +206,10 @@ impl ResourceKey {
     /// The canonical key's bytes (a canonical path, or a UUID).
     pub fn canonical(&self) -> &[u8] {
         &self.canonical
+    }
+    /// Is this a domain's operation lock ([`Resource::DomainOps`])?
+    pub fn is_domain_ops(&self) -> bool {
+        self.canonical.starts_with(b"domain-ops:")
     }
     /// How the resource is shown to people.
     pub fn display(&self) -> &str {

@@ -44,7 +44,7 @@ fn leases_exclude_across_hosts_name_the_holder_and_carry_growing_tokens() {
     let (a, b) = (manager(&url, "hostA"), manager(&url, "hostB"));
 
     let vm = a.acquire(&start("vm1", &["root"], &["base"])).unwrap();
-    let t1: Vec<u64> = vm.fences().iter().map(|f| f.1).collect();
+    let t1: Vec<u64> = vm.fences().iter().map(|f| f.token).collect();
     assert_eq!(t1.len(), 2);
     // Exclusive from the other host: refused, naming host A.
     let e = b.acquire(&op("snapshot create", &["root"])).unwrap_err();
@@ -67,7 +67,7 @@ fn leases_exclude_across_hosts_name_the_holder_and_carry_growing_tokens() {
     drop(vm);
     drop(vm2);
     let again = b.acquire(&op("snapshot create", &["root"])).unwrap();
-    let t2 = again.fences()[0].1;
+    let t2 = again.fences()[0].token;
     assert!(
         t2 > t1.iter().copied().max().unwrap(),
         "tokens grow: {t1:?} then {t2}"
@@ -175,8 +175,14 @@ fn a_keeper_renews_until_told_to_stop_then_revokes_and_asks_to_fence_when_cut_of
     let tickets = held.tickets();
     assert_eq!(tickets.len(), 1);
     held.hand_over(4242).unwrap();
-    let kept =
-        rt.block_on(async { keep(&tickets, tokio::time::sleep(Duration::from_secs(5))).await });
+    let kept = rt.block_on(async {
+        keep(
+            &tickets,
+            Vec::new,
+            tokio::time::sleep(Duration::from_secs(5)),
+        )
+        .await
+    });
     assert_eq!(kept, Kept::Released);
     // Released on "QEMU exit": B can take it at once.
     b.acquire(&op("x", &["root"])).unwrap();
@@ -192,7 +198,7 @@ fn a_keeper_renews_until_told_to_stop_then_revokes_and_asks_to_fence_when_cut_of
             cluster.stop_all();
             std::future::pending::<()>().await
         };
-        keep(&tickets, stopper).await
+        keep(&tickets, Vec::new, stopper).await
     });
     let took = t.elapsed();
     cluster.cont_all();

@@ -35,16 +35,39 @@ pub const CURRENT_FILE: &str = "current";
 /// The name of a domain's journal file.
 pub const JOURNAL_FILE: &str = "journal";
 
+/// Checked before every change of a domain's metadata (a snapshot written or removed, the
+/// current pointer moved): the facade's guard checks that the domain's cluster leases are
+/// still current (their fencing tokens), so that a host that lost them commits nothing.
+pub trait CommitGuard: Send + Sync + std::fmt::Debug {
+    /// May `what` be committed to `domain`'s metadata now? An error refuses it (and is the
+    /// source of the [`ErrorKind::Backend`] error the write then fails with).
+    fn check(
+        &self,
+        domain: &str,
+        what: &str,
+    ) -> std::result::Result<(), Box<dyn std::error::Error + Send + Sync>>;
+}
+
 /// The store root: a directory holding one directory per domain.
 #[derive(Debug, Clone)]
 pub struct SnapshotStore {
     root: PathBuf,
+    guard: Option<std::sync::Arc<dyn CommitGuard>>,
 }
 
 impl SnapshotStore {
     /// A store rooted at `root` (created on the first write).
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        SnapshotStore { root: root.into() }
+        SnapshotStore {
+            root: root.into(),
+            guard: None,
+        }
+    }
+
+    /// The same store, checking `guard` before every metadata change.
+    pub fn with_guard(mut self, guard: std::sync::Arc<dyn CommitGuard>) -> Self {
+        self.guard = Some(guard);
+        self
     }
 
     /// The root directory.
@@ -57,6 +80,7 @@ impl SnapshotStore {
         check_component(domain, "domain name")?;
         Ok(DomainStore {
             dir: self.root.join(domain),
+            guard: self.guard.clone(),
         })
     }
 }
@@ -158,6 +182,7 @@ impl DefinitionStore {
 #[derive(Debug, Clone)]
 pub struct DomainStore {
     dir: PathBuf,
+    guard: Option<std::sync::Arc<dyn CommitGuard>>,
 }
 
 /// A snapshot file that could not be loaded.
@@ -183,6 +208,19 @@ pub struct Loaded {
 }
 
 impl DomainStore {
+    /// Ask the guard whether `what` may be committed.
+    fn guarded(&self, what: impl FnOnce() -> String) -> Result<()> {
+        let Some(g) = &self.guard else {
+            return Ok(());
+        };
+        let what = what();
+        let domain = self.dir.file_name().unwrap_or_default().to_string_lossy();
+        g.check(&domain, &what).map_err(|e| {
+            Error::backend(self.dir.display().to_string(), format!("{what} refused"))
+                .caused_by(BoxedError(e))
+        })
+    }
+
     /// The directory.
     pub fn dir(&self) -> &Path {
         &self.dir
@@ -207,6 +245,7 @@ impl DomainStore {
                 "a snapshot needs a name to be stored",
             )
         })?;
+        self.guarded(|| format!("save snapshot {:?}", name.as_str()))?;
         fsutil::create_dir(&self.dir)?;
         fsutil::write_atomic(&self.snapshot_path(name), def.to_xml().as_bytes())
     }
@@ -235,12 +274,14 @@ impl DomainStore {
         if !self.dir.exists() {
             return Ok(());
         }
+        self.guarded(|| format!("remove snapshot {:?}", name.as_str()))?;
         fsutil::remove_durable(&self.snapshot_path(name))
     }
 
     /// Sets (or, with `None`, clears) the current-snapshot pointer, atomically.
     pub fn set_current(&self, name: Option<&SnapshotName>) -> Result<()> {
         let path = self.dir.join(CURRENT_FILE);
+        self.guarded(|| "move the current snapshot".to_string())?;
         match name {
             Some(n) => {
                 fsutil::create_dir(&self.dir)?;
@@ -404,5 +445,21 @@ mod tests {
         store.remove(&name).unwrap();
         assert_eq!(store.read(&name).unwrap(), None);
         store.remove(&name).unwrap();
+    }
+}
+
+/// A boxed error as an error (for [`Error::caused_by`]).
+#[derive(Debug)]
+struct BoxedError(Box<dyn std::error::Error + Send + Sync>);
+
+impl std::fmt::Display for BoxedError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for BoxedError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.0)
     }
 }

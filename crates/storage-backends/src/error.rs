@@ -197,13 +197,17 @@ impl From<locking::Error> for Error {
         let kind = match e.kind() {
             locking::ErrorKind::Conflict
             | locking::ErrorKind::ImageInUse
-            | locking::ErrorKind::NotHolder => ErrorKind::InUse,
+            | locking::ErrorKind::NotHolder
+            | locking::ErrorKind::LeaseLost => ErrorKind::InUse,
             locking::ErrorKind::InvalidResource => ErrorKind::InvalidInput,
             _ => ErrorKind::Io,
         };
         let msg = match e.kind() {
             // "volume X in use by domain "vm1" (pid ..)" / "volume X is not held by ..." already.
-            locking::ErrorKind::Conflict | locking::ErrorKind::NotHolder => e.to_string(),
+            locking::ErrorKind::Conflict
+            | locking::ErrorKind::NotHolder
+            | locking::ErrorKind::LeaseLost
+            | locking::ErrorKind::Unavailable => e.to_string(),
             // "image X in use by a QEMU (pid ..): it does not share ..."
             locking::ErrorKind::ImageInUse => format!("volume in use by a process: {e}"),
             _ => format!("lease: {e}"),

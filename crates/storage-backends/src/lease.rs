@@ -21,7 +21,11 @@ pub(crate) fn lease_now(locks: &LockManager, op: &str, res: Resource) -> Result<
         op: op.to_string(),
         volumes: vec![res],
     };
-    Ok(locks.acquire(&purpose)?)
+    let held = locks.acquire(&purpose)?;
+    // A cluster lease: the operation is recorded under its fencing token before anything
+    // changes (a no-op in the local lockspace).
+    held.commit(op)?;
+    Ok(held)
 }
 
 /// Act for the running domain `d` on `res` (operation `op`): the domain's operation lock,

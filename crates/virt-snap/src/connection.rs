@@ -28,6 +28,85 @@ pub(crate) struct Inner {
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) blocking: Blocking,
     pub(crate) progress: Arc<dyn Progress>,
+    pub(crate) lockspace: Lockspace,
+    /// This host's name in a cluster lockspace.
+    pub(crate) host: String,
+    /// The program whose hidden `__keeper` subcommand keeps a domain's cluster leases alive.
+    pub(crate) keeper: PathBuf,
+}
+
+/// Where leases live: a local lockspace directory (the default, `<state dir>/locks`) or an
+/// etcd cluster shared by several hosts (`etcd://HOST:PORT[,HOST:PORT...][/PREFIX][?ttl=SECS]`,
+/// see docs/locking.md).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lockspace {
+    /// Leases as OFD locks on files in this directory.
+    Dir(PathBuf),
+    /// Leases in an etcd cluster: the `etcd://` URL.
+    Etcd(String),
+}
+
+impl Lockspace {
+    /// `etcd://...` is a cluster, anything else a directory.
+    pub fn parse(s: &str) -> Lockspace {
+        if s.starts_with("etcd://") {
+            Lockspace::Etcd(s.to_string())
+        } else {
+            Lockspace::Dir(PathBuf::from(s))
+        }
+    }
+
+    /// Is this a cluster lockspace?
+    pub fn is_cluster(&self) -> bool {
+        matches!(self, Lockspace::Etcd(_))
+    }
+
+    /// The lease backend, for this host (`host`: its name in a cluster).
+    pub(crate) fn backend(&self, host: &str) -> Result<Arc<dyn locking::LeaseBackend>> {
+        Ok(match self {
+            Lockspace::Dir(d) => Arc::new(locking::LocalBackend::new(d)?),
+            Lockspace::Etcd(url) => Arc::new(locking::EtcdBackend::new(
+                locking::EtcdConfig::parse(url, host)?,
+            )?),
+        })
+    }
+}
+
+impl std::fmt::Display for Lockspace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Lockspace::Dir(d) => write!(f, "{}", d.display()),
+            Lockspace::Etcd(u) => f.write_str(u),
+        }
+    }
+}
+
+/// This machine's host name (`/proc/sys/kernel/hostname`), the default host identity.
+pub fn default_host() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// The default keeper program: `$VIRT_SNAP_KEEPER`, else this program if it is virt-snap,
+/// else a `virt-snap` beside it or one directory up (a test binary in target/debug/deps),
+/// else `virt-snap` on PATH.
+fn default_keeper() -> PathBuf {
+    if let Some(p) = std::env::var_os("VIRT_SNAP_KEEPER") {
+        return PathBuf::from(p);
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        if exe.file_name().is_some_and(|n| n == "virt-snap") {
+            return exe;
+        }
+        for dir in exe.ancestors().skip(1).take(2) {
+            let c = dir.join("virt-snap");
+            if c.is_file() {
+                return c;
+            }
+        }
+    }
+    PathBuf::from("virt-snap")
 }
 
 /// Options of [`Connection::builder`]: another command runner or clock (tests, failure
@@ -39,9 +118,32 @@ pub struct ConnectionBuilder {
     clock: Arc<dyn Clock>,
     blocking: Blocking,
     progress: Arc<dyn Progress>,
+    lockspace: Option<Lockspace>,
+    host: Option<String>,
+    keeper: Option<PathBuf>,
 }
 
 impl ConnectionBuilder {
+    /// Keep leases in `l` instead of `<state dir>/locks`.
+    pub fn lockspace(mut self, l: Lockspace) -> ConnectionBuilder {
+        self.lockspace = Some(l);
+        self
+    }
+
+    /// This host's name in a cluster lockspace (default: the machine's host name). Two
+    /// state directories with two names act as two hosts.
+    pub fn host(mut self, name: impl Into<String>) -> ConnectionBuilder {
+        self.host = Some(name.into());
+        self
+    }
+
+    /// The virt-snap program that runs a domain's lease keeper (`virt-snap __keeper`) in a
+    /// cluster lockspace (default: see [`Connection::builder`]).
+    pub fn keeper_program(mut self, p: impl Into<PathBuf>) -> ConnectionBuilder {
+        self.keeper = Some(p.into());
+        self
+    }
+
     /// Report long jobs' progress (RAM saves and loads, snapshot and block jobs) to `p`
     /// instead of nowhere ([`crate::progress`]).
     pub fn progress(mut self, p: Arc<dyn Progress>) -> ConnectionBuilder {
@@ -79,9 +181,23 @@ impl ConnectionBuilder {
                 e,
             )
         })?;
-        let locks = locking::LockManager::for_state_dir(&dir)?;
+        let lockspace = self
+            .lockspace
+            .unwrap_or_else(|| Lockspace::Dir(crate::state::lockspace(&dir)));
+        let host = self.host.unwrap_or_else(default_host);
+        let locks = match &lockspace {
+            // Domains' operation locks stay on this host, in <state dir>/locks.
+            Lockspace::Etcd(_) => locking::LockManager::with_cluster(
+                lockspace.backend(&host)?,
+                Arc::new(locking::LocalBackend::new(crate::state::lockspace(&dir))?),
+            ),
+            Lockspace::Dir(_) => locking::LockManager::with_backend(lockspace.backend(&host)?),
+        };
         Ok(Connection {
             inner: Arc::new(Inner {
+                lockspace,
+                host,
+                keeper: self.keeper.unwrap_or_else(default_keeper),
                 pools: PoolStore::for_state_dir(&dir),
                 state_dir: dir,
                 locks,
@@ -114,7 +230,9 @@ impl Connection {
         Connection::open(dir)
     }
 
-    /// A connection to open with another runner or clock.
+    /// A connection to open with another runner, clock or lockspace. The keeper program
+    /// (cluster lockspaces only) defaults to `$VIRT_SNAP_KEEPER`, else this program if it is
+    /// virt-snap, else a `virt-snap` beside it or one directory up, else `virt-snap` on PATH.
     pub fn builder(state_dir: impl Into<PathBuf>) -> ConnectionBuilder {
         ConnectionBuilder {
             state_dir: state_dir.into(),
@@ -122,7 +240,20 @@ impl Connection {
             clock: Arc::new(SystemClock),
             blocking: Blocking::default(),
             progress: Arc::new(crate::progress::Silent),
+            lockspace: None,
+            host: None,
+            keeper: None,
         }
+    }
+
+    /// Where the leases live.
+    pub fn lockspace(&self) -> &Lockspace {
+        &self.inner.lockspace
+    }
+
+    /// This host's name (in a cluster lockspace's holder records).
+    pub fn host(&self) -> &str {
+        &self.inner.host
     }
 
     /// The state directory.

@@ -30,6 +30,8 @@ pub enum ErrorKind {
     /// QEMU's monitor or the guest agent refused a command, did not answer in time, or went
     /// away (QEMU's or the agent's message is in the source error).
     Monitor,
+    /// The lockspace (an etcd cluster) did not answer in time: nothing was done.
+    Unavailable,
 }
 
 impl fmt::Display for ErrorKind {
@@ -46,6 +48,7 @@ impl fmt::Display for ErrorKind {
             ErrorKind::Io => "I/O error",
             ErrorKind::NotRunning => "not running",
             ErrorKind::Monitor => "monitor error",
+            ErrorKind::Unavailable => "lockspace unavailable",
         })
     }
 }
@@ -95,7 +98,13 @@ impl Error {
                 Some(img) if e.kind() == storage_backends::ErrorKind::Image => {
                     image_kind(img.kind())
                 }
-                _ => sb_kind(e.kind()),
+                // So does a lease's (an unreachable cluster lockspace).
+                _ => match std::error::Error::source(e)
+                    .and_then(|s| s.downcast_ref::<locking::Error>())
+                {
+                    Some(l) => lock_kind(l.kind()),
+                    None => sb_kind(e.kind()),
+                },
             }
         } else if let Some(e) = any.downcast_ref::<image_formats::Error>() {
             image_kind(e.kind())
@@ -120,7 +129,8 @@ impl Error {
         } else if let Some(e) = any.downcast_ref::<Error>() {
             e.kind
         } else {
-            ErrorKind::Io
+            // A wrapper (a boxed error): what it wraps says.
+            any.source().map_or(ErrorKind::Io, Error::dyn_kind)
         }
     }
 
@@ -184,8 +194,9 @@ fn image_kind(k: image_formats::ErrorKind) -> ErrorKind {
 fn lock_kind(k: locking::ErrorKind) -> ErrorKind {
     use locking::ErrorKind as K;
     match k {
-        K::Conflict | K::ImageInUse | K::NotHolder => ErrorKind::InUse,
+        K::Conflict | K::ImageInUse | K::NotHolder | K::LeaseLost => ErrorKind::InUse,
         K::InvalidResource => ErrorKind::InvalidInput,
+        K::Unavailable => ErrorKind::Unavailable,
         _ => ErrorKind::Io,
     }
 }

@@ -180,22 +180,32 @@ impl Image {
     }
 
     /// Who holds the image: QEMU's image locks, and the lease holders recorded in
-    /// `lockspace` (default: the connection's; none for an [`Image::at`]). Takes no lock.
-    pub fn locks(&self, lockspace: Option<&Path>) -> Result<ImageLocks> {
+    /// `lockspace` (default: the connection's; none for an [`Image::at`]), a directory or a
+    /// cluster (whose records name each holder's host). Takes no lock.
+    pub fn locks(&self, lockspace: Option<&crate::Lockspace>) -> Result<ImageLocks> {
+        use crate::Lockspace;
         use locking::{LeaseBackend, LocalBackend, Resource};
         let key = Resource::file(&self.path).key()?;
         let image = key.image().unwrap_or(&self.path).to_path_buf();
         let state = locking::qemu::probe(&image)?;
-        let lockspace = match (lockspace, &self.conn) {
-            (Some(d), _) => Some(d.to_path_buf()),
-            (None, Some(c)) => Some(crate::state::lockspace(c.state_dir())),
-            (None, None) => None,
+        let (space, host) = match (lockspace, &self.conn) {
+            (Some(l), c) => (
+                Some(l.clone()),
+                c.as_ref()
+                    .map_or_else(crate::default_host, |c| c.host().to_string()),
+            ),
+            (None, Some(c)) => (Some(c.lockspace().clone()), c.host().to_string()),
+            (None, None) => (None, String::new()),
         };
-        let (lease_file, holders) = match lockspace {
-            Some(dir) => {
+        let (lease_file, holders) = match space {
+            Some(Lockspace::Dir(dir)) => {
                 let backend = LocalBackend::at(dir);
                 let holders = backend.holders(&key)?;
                 (Some(backend.lease_path(&key)), Some(holders))
+            }
+            Some(l @ Lockspace::Etcd(_)) => {
+                let holders = l.backend(&host)?.holders(&key)?;
+                (None, Some(holders))
             }
             None => (None, None),
         };

@@ -51,7 +51,7 @@ pub mod progress;
 pub mod snapshot;
 pub mod state;
 
-pub use connection::{Connection, ConnectionBuilder};
+pub use connection::{default_host, Connection, ConnectionBuilder, Lockspace};
 pub use domain::{Domain, RunSpec};
 pub use error::{Error, ErrorKind, Result};
 pub use image::{Clock, FixedClock, Image, SystemClock};

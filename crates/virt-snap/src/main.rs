@@ -18,6 +18,24 @@ fn main() -> ExitCode {
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     // `virt-snap __generate ...` (completions, man pages) is no subcommand of the CLI, so
     // that neither its help nor what it generates shows it.
+    // `virt-snap __keeper RUNDIR`: a domain's lease keeper (cluster lockspaces), started by
+    // `start`; hidden the same way.
+    if std::env::args_os().nth(1).is_some_and(|a| a == "__keeper") {
+        let Some(dir) = std::env::args_os().nth(2) else {
+            eprintln!("virt-snap: error: __keeper needs the run directory");
+            return ExitCode::from(2);
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build();
+        return match rt {
+            Ok(rt) => ExitCode::from(rt.block_on(virt_snap::domain::keeper::run(dir.into())) as u8),
+            Err(e) => {
+                eprintln!("virt-snap: error: cannot start the async runtime: {e}");
+                ExitCode::from(2)
+            }
+        };
+    }
     let result = if std::env::args_os()
         .nth(1)
         .is_some_and(|a| a == cli::generate::NAME)

@@ -10,9 +10,6 @@ use virt_snap::image::{Image, Permission};
 /// Arguments of `virt-snap image locks`.
 #[derive(Debug, Args)]
 pub struct LocksArgs {
-    /// The lockspace directory to read leases from (default: `<state dir>/locks`).
-    #[arg(long, value_name = "DIR")]
-    lockspace: Option<PathBuf>,
     /// The image file (or block device).
     file: PathBuf,
 }
@@ -27,13 +24,14 @@ fn byte_list(bs: impl Iterator<Item = u64>) -> String {
 
 /// Run `virt-snap image locks`.
 pub fn run(args: LocksArgs, out: Format, state_dir: Option<&Path>) -> CliResult {
-    let lockspace = match args.lockspace {
-        Some(d) => Some(d),
-        None => {
-            virt_snap::state::resolve_from_env(state_dir).map(|s| virt_snap::state::lockspace(&s))
-        }
+    // The global --lockspace (a directory or an etcd cluster), else <state dir>/locks.
+    let g = super::GLOBALS.get();
+    let lockspace = match g.and_then(|g| g.lockspace.as_deref()) {
+        Some(l) => Some(virt_snap::Lockspace::parse(l)),
+        None => virt_snap::state::resolve_from_env(state_dir)
+            .map(|s| virt_snap::Lockspace::Dir(virt_snap::state::lockspace(&s))),
     };
-    let report = Image::at(&args.file).locks(lockspace.as_deref())?;
+    let report = Image::at(&args.file).locks(lockspace.as_ref())?;
     match out {
         Format::Json => {
             output::print_json(&report).map_err(|e| CliError::with_source("cannot write output", e))
@@ -66,8 +64,12 @@ pub fn run(args: LocksArgs, out: Format, state_dir: Option<&Path>) -> CliResult 
                 );
             }
             match (&report.lease_file, &report.holders) {
-                (Some(f), Some(hs)) => {
-                    s += &format!("lease: {}\n", f.display());
+                (f, Some(hs)) => {
+                    match (f, &lockspace) {
+                        (Some(f), _) => s += &format!("lease: {}\n", f.display()),
+                        (None, Some(l)) => s += &format!("lease: in {l}\n"),
+                        (None, None) => {}
+                    }
                     if hs.is_empty() {
                         s += "holders: none\n";
                     }

@@ -86,6 +86,18 @@ pub struct Cli {
     /// State directory (pools, domains, snapshot metadata, leases, sockets).
     #[arg(long, global = true, env = "VIRT_SNAP_STATE_DIR", value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
+    /// Where leases live: a directory (default `<state dir>/locks`) or an etcd cluster shared
+    /// by several hosts, `etcd://HOST:PORT[,HOST:PORT...][/PREFIX][?ttl=SECS]`.
+    #[arg(
+        long,
+        global = true,
+        env = "VIRT_SNAP_LOCKSPACE",
+        value_name = "DIR|URL"
+    )]
+    pub lockspace: Option<String>,
+    /// This host's name in a cluster lockspace (default: the machine's host name).
+    #[arg(long, global = true, env = "VIRT_SNAP_HOST", value_name = "NAME")]
+    pub host: Option<String>,
     /// Output format of commands that print data.
     #[arg(long, short = 'o', global = true, value_enum, default_value_t = Format::Text)]
     pub output: Format,
@@ -154,11 +166,31 @@ pub fn state_dir(cli_choice: Option<&std::path::Path>) -> Result<PathBuf, CliErr
 /// one operation: blocking file work runs inline (no thread start and hand-off). Long jobs
 /// report their progress on stderr ([`progress`]).
 pub fn connect(cli_choice: Option<&std::path::Path>) -> Result<virt_snap::Connection, CliError> {
-    Ok(virt_snap::Connection::builder(state_dir(cli_choice)?)
+    let mut b = virt_snap::Connection::builder(state_dir(cli_choice)?)
         .blocking(virt_snap::Blocking::Inline)
-        .progress(std::sync::Arc::new(progress::StderrProgress::new()))
-        .open()?)
+        .progress(std::sync::Arc::new(progress::StderrProgress::new()));
+    let g = GLOBALS.get();
+    if let Some(l) = g.and_then(|g| g.lockspace.as_deref()) {
+        b = b.lockspace(virt_snap::Lockspace::parse(l));
+    }
+    if let Some(h) = g.and_then(|g| g.host.as_deref()) {
+        b = b.host(h);
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        b = b.keeper_program(exe);
+    }
+    Ok(b.open()?)
 }
+
+/// The global options that choose the wiring (`--lockspace`, `--host`), set once per process
+/// before a command runs.
+#[derive(Debug, Default)]
+pub(crate) struct Globals {
+    pub(crate) lockspace: Option<String>,
+    pub(crate) host: Option<String>,
+}
+
+pub(crate) static GLOBALS: std::sync::OnceLock<Globals> = std::sync::OnceLock::new();
 
 /// Run the parsed command line.
 pub fn run(cli: Cli) -> CliResult {
@@ -170,6 +202,10 @@ pub fn run(cli: Cli) -> CliResult {
 }
 
 async fn dispatch(cli: Cli) -> CliResult {
+    let _ = GLOBALS.set(Globals {
+        lockspace: cli.lockspace.clone(),
+        host: cli.host.clone(),
+    });
     match cli.command {
         Command::Image(cmd) => image::run(cmd, cli.output, cli.state_dir.as_deref()),
         Command::Pool(cmd) => pool::run(cmd, cli.output, cli.state_dir.as_deref()).await,

@@ -10,6 +10,8 @@ use std::path::Path;
 #[derive(Debug, Clone)]
 pub(crate) struct RunFiles<'a> {
     pub dir: &'a str,
+    /// A second QMP monitor for the lease keeper (cluster lockspaces).
+    pub keeper: bool,
 }
 
 impl RunFiles<'_> {
@@ -61,6 +63,17 @@ pub(crate) fn build(
         "-mon",
         "chardev=vs-monitor,mode=control",
     ]);
+    if run.keeper {
+        push(&[
+            "-chardev",
+            &format!(
+                "socket,id=vs-keeper,path={},server=on,wait=off",
+                esc(&run.file(super::keeper::MONITOR))
+            ),
+            "-mon",
+            "chardev=vs-keeper,mode=control",
+        ]);
+    }
     push(&["-pidfile", &run.file("qemu.pid")]);
     push(&["-D", &run.file("qemu.log")]);
     push(&["-daemonize"]);
@@ -169,6 +182,7 @@ mod tests {
         let paths: Vec<_> = s.disks.iter().map(|d| d.path.clone()).collect();
         let run = RunFiles {
             dir: "/proc/self/fd/7",
+            keeper: false,
         };
         let a = build(&s, "u", DomainKind::Kvm, &paths, &run).join(" ");
         assert!(a.contains("-name guest=vm,,1,debug-threads=on"), "{a}");

@@ -15,6 +15,7 @@
 
 mod argv;
 mod define;
+pub mod keeper;
 pub mod runstate;
 mod spec;
 
@@ -80,6 +81,9 @@ pub enum StateReason {
     Snapshot,
     /// Paused before the guest ran (started with `--paused`).
     StartingUp,
+    /// Paused by its lease keeper, which could not renew the domain's cluster leases in
+    /// time (self-fencing; `resume` takes the leases again first).
+    Fenced,
     /// Paused on an I/O error.
     IoError,
     /// The guest panicked.
@@ -106,6 +110,7 @@ impl std::fmt::Display for StateReason {
             StateReason::Booted => "booted",
             StateReason::User => "user",
             StateReason::Snapshot => "snapshot",
+            StateReason::Fenced => "fenced: cluster leases lost",
             StateReason::StartingUp => "starting up",
             StateReason::IoError => "I/O error",
             StateReason::Panicked => "panicked",
@@ -350,11 +355,20 @@ impl Connection {
         }
         let leases = self.inner().locks.acquire(&Purpose::VmStart {
             domain: spec.name.clone(),
-            disks: uses,
+            disks: uses.clone(),
         })?;
 
         runstate::create_dir(&dir)?;
-        for f in ["qmp.sock", "qga.sock", "qemu.pid", "qemu.log", "launch.log"] {
+        let cluster = !leases.tickets().is_empty();
+        keeper::remove(&dir);
+        for f in [
+            "qmp.sock",
+            "qga.sock",
+            "qemu.pid",
+            "qemu.log",
+            "launch.log",
+            keeper::MONITOR,
+        ] {
             let _ = std::fs::remove_file(dir.join(f));
         }
         let mut st = RunState {
@@ -381,7 +395,10 @@ impl Connection {
             st.uuid.as_deref().unwrap_or_default(),
             kind,
             &paths,
-            &argv::RunFiles { dir: &via },
+            &argv::RunFiles {
+                dir: &via,
+                keeper: cluster,
+            },
         );
         let mut inherit: Vec<i32> = leases.lock_fds().iter().map(|f| f.as_raw_fd()).collect();
         inherit.push(dirfd.as_raw_fd());
@@ -430,7 +447,9 @@ impl Connection {
         };
         st.pid = pid;
         st.start_time = stat.start_time;
-        if let Err(e) = leases.hand_over(pid) {
+        // In a cluster lockspace the keeper renews the leases from now on (and revokes them
+        // when QEMU exits).
+        if let Err(e) = keeper::hand_to_qemu(self, &dir, leases, &uses, pid, stat.start_time) {
             // The leases are not recorded as QEMU's: do not leave it running with them.
             // SAFETY: kill(2) on the pid we just started.
             unsafe { libc::kill(pid as i32, libc::SIGKILL) };
@@ -510,7 +529,7 @@ impl Connection {
         let leases = self.inner().locks.acquire(&Purpose::VmAttach {
             domain: name.to_string(),
             qemu_pid: pid,
-            disks: uses,
+            disks: uses.clone(),
         })?;
         for (i, fd) in leases.lock_fds().into_iter().enumerate() {
             client
@@ -520,9 +539,9 @@ impl Connection {
                     Error::caused_by(format!("cannot pass leases to QEMU (pid {pid})"), e)
                 })?;
         }
-        leases.hand_over(pid)?;
         drop(client);
         runstate::create_dir(&dir)?;
+        keeper::hand_to_qemu(self, &dir, leases, &uses, pid, stat.start_time)?;
         let st = RunState {
             name: name.to_string(),
             uuid: None,
@@ -684,12 +703,18 @@ impl Domain {
             op: op.to_string(),
             volumes: vec![],
         };
-        Ok(self
+        let held = self
             .conn
             .inner()
             .locks
             .acquire_timeout(&p, self.op_timeout)
-            .await?)
+            .await?;
+        // Operations that change a running domain's disks or snapshots begin only while its
+        // cluster leases are current (a no-op in a local lockspace).
+        if op.starts_with("snapshot ") {
+            keeper::leases_current(&self.conn, &self.name, op)?;
+        }
+        Ok(held)
     }
 
     /// Does the domain's journal hold an operation a killed virt-snap left pending (a capture
@@ -862,6 +887,9 @@ impl Domain {
         let status = v.get("status").and_then(Value::as_str).unwrap_or("");
         let (state, reason) = match status {
             "running" => (DomainState::Running, StateReason::Booted),
+            "paused" | "suspended" if keeper::fenced(&self.dir()).is_some() => {
+                (DomainState::Paused, StateReason::Fenced)
+            }
             "paused" | "suspended" if !crate::snapshot::hold::current(&self.dir()).is_empty() => {
                 (DomainState::Paused, StateReason::Snapshot)
             }
@@ -895,8 +923,54 @@ impl Domain {
     pub async fn resume(&self) -> Result<()> {
         let _op = self.recover_pending(self.op_lock("resume").await?).await?;
         let st = self.running()?;
-        crate::snapshot::hold::clear(&self.dir())?;
-        self.qmp(&st).await?.run(&qmp_proto::commands::Cont).await?;
+        let dir = self.dir();
+        crate::snapshot::hold::clear(&dir)?;
+        let qmp = self.qmp(&st).await?;
+        if keeper::fenced(&dir).is_some() {
+            self.regain_leases(&st, &qmp).await?;
+        }
+        qmp.run(&qmp_proto::commands::Cont).await?;
+        Ok(())
+    }
+
+    /// After a fence: take the domain's cluster leases again (refused, naming the holder,
+    /// when another host has them now), start a new keeper, and let QEMU write again.
+    async fn regain_leases(&self, st: &RunState, qmp: &QmpClient) -> Result<()> {
+        let dir = self.dir();
+        let old = keeper::load(&dir).ok_or_else(|| {
+            Error::new(
+                ErrorKind::Corrupt,
+                format!(
+                    "domain {:?} was fenced, but its lease record is gone",
+                    self.name
+                ),
+            )
+        })?;
+        let leases = self
+            .conn
+            .inner()
+            .locks
+            .acquire(&Purpose::VmAttach {
+                domain: self.name.clone(),
+                qemu_pid: st.pid,
+                disks: old.uses.clone(),
+            })
+            .map_err(|e| {
+                Error::caused_by(
+                    format!(
+                        "domain {:?} stays paused: its leases cannot be taken again",
+                        self.name
+                    ),
+                    e,
+                )
+            })?;
+        keeper::remove(&dir);
+        keeper::hand_to_qemu(&self.conn, &dir, leases, &old.uses, st.pid, st.start_time)?;
+        // A keeper whose fence could not reach the monitor stopped QEMU with SIGSTOP.
+        // SAFETY: kill(2) with SIGCONT on the domain's own QEMU.
+        unsafe { libc::kill(st.pid as i32, libc::SIGCONT) };
+        keeper::unfence(qmp).await?;
+        tracing::info!(domain = %self.name, "leases regained after a fence");
         Ok(())
     }
 

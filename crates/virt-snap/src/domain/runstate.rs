@@ -172,10 +172,17 @@ pub(crate) fn load(dir: &Path) -> Result<Option<RunState>> {
 /// Write the record into `dir` atomically: a `0600` temporary file, fsync, rename.
 pub(crate) fn save(dir: &Path, st: &RunState) -> Result<()> {
     let path = dir.join(STATE_FILE);
-    let tmp = dir.join(format!(".{STATE_FILE}.{}.tmp", std::process::id()));
-    let err = |e: std::io::Error| Error::caused_by(format!("cannot write {}", path.display()), e);
-    let mut bytes = serde_json::to_vec_pretty(st).map_err(|e| err(std::io::Error::other(e)))?;
+    let mut bytes = serde_json::to_vec_pretty(st)
+        .map_err(|e| Error::caused_by(format!("cannot write {}", path.display()), e))?;
     bytes.push(b'\n');
+    write_private(&path, &bytes)
+}
+
+/// Write `bytes` to `path` atomically: a `0600` temporary file beside it, fsync, rename.
+pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+    let err = |e: std::io::Error| Error::caused_by(format!("cannot write {}", path.display()), e);
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -183,10 +190,8 @@ pub(crate) fn save(dir: &Path, st: &RunState) -> Result<()> {
         .mode(0o600)
         .open(&tmp)
         .map_err(err)?;
-    f.write_all(&bytes)
-        .and_then(|_| f.sync_all())
-        .map_err(err)?;
-    std::fs::rename(&tmp, &path).map_err(err)
+    f.write_all(bytes).and_then(|_| f.sync_all()).map_err(err)?;
+    std::fs::rename(&tmp, path).map_err(err)
 }
 
 /// A unix socket path usable with `connect`/`bind` even when `path` is longer than the

@@ -26,7 +26,7 @@ use snapshot_core::capture::{
 };
 use snapshot_core::domain::SourceRef;
 use snapshot_core::ops::DomainJournal;
-use snapshot_core::store::{DomainStore, SnapshotStore};
+use snapshot_core::store::DomainStore;
 use snapshot_core::xml::RawXml;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
@@ -619,17 +619,18 @@ pub(crate) async fn add_overlay_node(
     format: &str,
 ) -> CoreResult<()> {
     // The overlay's lease, handed to QEMU so that it lives as long as QEMU.
+    let uses = vec![DiskUse {
+        resource: Resource::file(path),
+        read_only: false,
+        shareable: false,
+    }];
     let leases = conn
         .inner()
         .locks
         .acquire(&Purpose::VmAttach {
             domain: domain.to_string(),
             qemu_pid,
-            disks: vec![DiskUse {
-                resource: Resource::file(path),
-                read_only: false,
-                shareable: false,
-            }],
+            disks: uses.clone(),
         })
         .map_err(|e| be(path, e))?;
     for fd in leases.lock_fds() {
@@ -637,7 +638,10 @@ pub(crate) async fn add_overlay_node(
             .await
             .map_err(|e| be("getfd", e))?;
     }
-    leases.hand_over(qemu_pid).map_err(|e| be(path, e))?;
+    let start_time = crate::domain::runstate::proc_stat(qemu_pid).map_or(0, |s| s.start_time);
+    let dir = crate::domain::runstate::run_dir(conn.state_dir(), domain);
+    crate::domain::keeper::hand_to_qemu(conn, &dir, leases, &uses, qemu_pid, start_time)
+        .map_err(|e| be(path, e))?;
     let fnode = file_node(node);
     let added = async {
         qmp.run(&BlockdevAdd(BlockdevOptions::file(&fnode, path)))
@@ -1152,8 +1156,7 @@ fn caps<'a>(l: &'a LiveDomain, clock: &'a RealClock) -> Capabilities<'a> {
 impl Domain {
     /// The domain's snapshot metadata.
     pub(crate) fn snapshot_store(&self) -> Result<DomainStore> {
-        let root = self.conn.state_dir().join(SNAPSHOTS_SUBDIR);
-        Ok(SnapshotStore::new(root).domain(&self.name)?)
+        Ok(self.conn.snapshot_store().domain(&self.name)?)
     }
 
     pub(crate) fn journal(&self, store: &DomainStore) -> Result<DomainJournal> {

@@ -156,8 +156,19 @@ fn log_damaged(damaged: &[DamagedSnapshot]) {
 
 impl Connection {
     /// The snapshot store of the whole state dir.
+    /// The snapshot metadata store. In a cluster lockspace every change of a running
+    /// domain's metadata is first checked against the fencing tokens of its leases
+    /// ([`crate::domain::keeper::LeaseGuard`]): a host whose leases were lost (fenced, or
+    /// expired while it was cut off) commits nothing.
     pub(crate) fn snapshot_store(&self) -> SnapshotStore {
-        SnapshotStore::new(self.state_dir().join(SNAPSHOTS_SUBDIR))
+        let store = SnapshotStore::new(self.state_dir().join(SNAPSHOTS_SUBDIR));
+        if self.lockspace().is_cluster() {
+            store.with_guard(std::sync::Arc::new(crate::domain::keeper::LeaseGuard {
+                conn: self.clone(),
+            }))
+        } else {
+            store
+        }
     }
 
     /// The metadata store of `domain`, which must be defined or have run here.
