@@ -152,6 +152,11 @@ fn a_domain_on_host_a_keeps_host_b_out_and_refusals_name_host_a() {
         locks.contains("holder: exclusive domain \"vm1\" on host \"hostA\""),
         "{locks}"
     );
+    let info = s.b.ok(&["vol-info", "sys", "--pool", "p"]);
+    assert!(
+        info.contains("Held by:        exclusive domain \"vm1\" on host \"hostA\""),
+        "{info}"
+    );
     // A's own volume operation is refused too (the domain holds it), also naming host A.
     let e =
         s.a.fails(&["vol-snapshot-create", "sys", "snap1", "--pool", "p"]);

@@ -310,7 +310,7 @@ impl Connection {
             self.inner.locks.clone(),
             self.inner.blocking,
         )?;
-        Ok(Pool::new(backend))
+        Ok(Pool::new(backend, self.inner.locks.clone()))
     }
 
     /// Forget pool `name`'s definition (its volumes are left alone); returns what it was, or

@@ -90,12 +90,14 @@ pub fn parse_size(s: &str) -> Result<u64> {
 #[derive(Debug, Clone)]
 pub struct Pool {
     backend: Arc<dyn Backend>,
+    locks: locking::LockManager,
 }
 
 impl Pool {
-    pub(crate) fn new(backend: Box<dyn Backend>) -> Pool {
+    pub(crate) fn new(backend: Box<dyn Backend>, locks: locking::LockManager) -> Pool {
         Pool {
             backend: backend.into(),
+            locks,
         }
     }
 
@@ -130,6 +132,7 @@ impl Pool {
         Volume {
             backend: self.backend.clone(),
             name: name.to_string(),
+            locks: self.locks.clone(),
         }
     }
 
@@ -166,6 +169,7 @@ impl Pool {
 pub struct Volume {
     backend: Arc<dyn Backend>,
     name: String,
+    locks: locking::LockManager,
 }
 
 impl Volume {
@@ -177,6 +181,13 @@ impl Volume {
     /// Its format, sizes, backing, path and lease key ([`ErrorKind::NotFound`] if absent).
     pub async fn info(&self) -> Result<VolumeInfo> {
         Ok(self.backend.volume(&self.name).await?)
+    }
+
+    /// Who holds the volume's lease now (in a cluster lockspace, on any host: each record
+    /// names its host).
+    pub async fn holders(&self) -> Result<Vec<crate::image::HolderRecord>> {
+        let r = self.backend.lease_resource(&self.name).await?;
+        Ok(self.locks.holders(&r)?)
     }
 
     /// The path a VM opens for it.

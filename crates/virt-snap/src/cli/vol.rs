@@ -204,7 +204,17 @@ pub async fn run(cmd: VolCmd, out: Format, state: Option<&Path>) -> CliResult {
                 ));
             }
             text.push_str(&format!("\n{:<16}{}", "Lease key:", v.key));
-            done(out, serde_json::to_value(&v).unwrap(), text)
+            let volume = conn.pool(&pool)?.volume(&vol);
+            let holders = volume.holders().await?;
+            if holders.is_empty() {
+                text.push_str(&format!("\n{:<16}none", "Held by:"));
+            }
+            for h in &holders {
+                text.push_str(&format!("\n{:<16}{} {h}", "Held by:", h.mode));
+            }
+            let mut json = serde_json::to_value(&v).unwrap();
+            json["holders"] = serde_json::to_value(&holders).unwrap();
+            done(out, json, text)
         }
         VolCmd::VolPath { vol, pool } => {
             let v = conn.pool(&pool)?.volume(&vol).info().await?;
