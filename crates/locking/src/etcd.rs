@@ -478,33 +478,36 @@ fn tracing_like_warn(msg: &str) {
 /// expired or was revoked) sets `lost`.
 async fn renew_loop(sh: Arc<Shared>, lease: i64, stop: Arc<AtomicBool>, lost: Arc<AtomicBool>) {
     let every = (sh.cfg.ttl / 4).max(Duration::from_millis(250));
+    // One attempt may not take longer than a quarter of the TTL: a member that died keeps
+    // a stream open but never answers.
+    let limit = (sh.cfg.ttl / 4).clamp(Duration::from_millis(200), sh.cfg.timeout);
     let mut keeper: Option<(etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream)> = None;
+    let mut wait = every;
     while !stop.load(Ordering::Acquire) {
-        tokio::time::sleep(every).await;
+        tokio::time::sleep(wait).await;
         if stop.load(Ordering::Acquire) {
             break;
         }
-        if keeper.is_none() {
-            if let Ok(mut c) = sh.client().await {
-                keeper = c.lease_keep_alive(lease).await.ok();
+        let attempt = async {
+            if keeper.is_none() {
+                let mut c = sh.client().await.ok()?;
+                keeper = Some(c.lease_keep_alive(lease).await.ok()?);
             }
-        }
-        let Some((k, s)) = keeper.as_mut() else {
-            continue;
+            let (k, s) = keeper.as_mut()?;
+            k.keep_alive().await.ok()?;
+            s.message().await.ok()?
         };
-        let renewed = async {
-            k.keep_alive().await?;
-            s.message().await
-        };
-        match tokio::time::timeout(sh.cfg.timeout, renewed).await {
-            Ok(Ok(Some(r))) if r.ttl() <= 0 => {
+        match tokio::time::timeout(limit, attempt).await {
+            Ok(Some(r)) if r.ttl() <= 0 => {
                 lost.store(true, Ordering::Release);
                 break;
             }
-            Ok(Ok(Some(_))) => {}
+            Ok(Some(_)) => wait = every,
             _ => {
+                // Try the next member soon.
                 keeper = None;
                 sh.failed().await;
+                wait = Duration::from_millis(100);
             }
         }
     }
@@ -802,8 +805,9 @@ pub async fn keep(
             for (t, slot) in tickets.iter().zip(keepers.iter_mut()) {
                 if slot.is_none() {
                     *slot = Some(
-                        c.lease_keep_alive(t.lease)
+                        tokio::time::timeout(cfg.timeout, c.lease_keep_alive(t.lease))
                             .await
+                            .map_err(|_| format!("renew lease {:x}: no answer", t.lease))?
                             .map_err(|e| format!("renew lease {:x}: {e}", t.lease))?,
                     );
                 }
