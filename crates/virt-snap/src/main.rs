@@ -29,7 +29,16 @@ fn main() -> ExitCode {
             .enable_all()
             .build();
         return match rt {
-            Ok(rt) => ExitCode::from(rt.block_on(virt_snap::domain::keeper::run(dir.into())) as u8),
+            Ok(rt) => {
+                let log = |msg: &str| {
+                    eprintln!(
+                        "{} virt-snap keeper[{}]: {msg}",
+                        humantime::format_rfc3339_seconds(std::time::SystemTime::now()),
+                        std::process::id()
+                    )
+                };
+                ExitCode::from(rt.block_on(virt_snap::domain::keeper::run(dir.into(), &log)) as u8)
+            }
             Err(e) => {
                 eprintln!("virt-snap: error: cannot start the async runtime: {e}");
                 ExitCode::from(2)

@@ -265,16 +265,9 @@ pub(crate) async fn unfence(qmp: &qmp_proto::QmpClient) -> Result<()> {
     Ok(())
 }
 
-fn log(msg: &str) {
-    eprintln!(
-        "{} virt-snap keeper[{}]: {msg}",
-        humantime::format_rfc3339_seconds(std::time::SystemTime::now()),
-        std::process::id()
-    );
-}
-
-/// The keeper process's main loop (`virt-snap __keeper DIR`). Returns its exit code.
-pub async fn run(dir: PathBuf) -> i32 {
+/// The keeper process's main loop (`virt-snap __keeper DIR`): `log` gets each thing it does
+/// (the CLI writes them to the keeper's stderr, `DIR/keeper.log`). Returns its exit code.
+pub async fn run(dir: PathBuf, log: &dyn Fn(&str)) -> i32 {
     let Some(f) = load(&dir) else {
         log(&format!("no lease file in {}", dir.display()));
         return 2;
