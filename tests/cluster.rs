@@ -129,7 +129,8 @@ fn files(dir: &Path) -> Vec<(String, Vec<u8>)> {
     v
 }
 
-const TTL: u64 = 3;
+/// Short enough for the tests, long enough that a loaded CI machine does not fence by accident.
+const TTL: u64 = 5;
 
 #[test]
 fn a_domain_on_host_a_keeps_host_b_out_and_refusals_name_host_a() {
@@ -308,4 +309,21 @@ fn without_etcd_commands_that_need_a_lease_fail_in_bounded_time_naming_the_endpo
     assert!(a.state_of("vm1").starts_with("shut off"));
     // Reading an image's header needs no lease.
     a.ok(&["image", "info", img.to_str().unwrap()]);
+}
+
+#[test]
+fn two_state_directories_sharing_a_lockspace_directory_exclude_each_other() {
+    // `--lockspace DIR`: the local backend in a directory both use (an NFS lockspace, say).
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = std::fs::canonicalize(tmp.path()).unwrap();
+    let shared = dir.join("locks");
+    let s = setup(shared.to_str().unwrap());
+    s.a.ok(&["start", "vm1"]);
+    let e = s.b.fails(&["start", "vm1"]);
+    assert!(e.contains("in use by domain \"vm1\""), "{e}");
+    let e = s.b.fails(&["vol-snapshot-create", "sys", "snap1", "--pool", "p"]);
+    assert!(e.contains("in use by domain \"vm1\""), "{e}");
+    assert!(shared.is_dir());
+    s.a.ok(&["destroy", "vm1"]);
+    s.b.ok(&["start", "vm1"]);
 }
