@@ -321,7 +321,8 @@ fn two_state_directories_sharing_a_lockspace_directory_exclude_each_other() {
     s.a.ok(&["start", "vm1"]);
     let e = s.b.fails(&["start", "vm1"]);
     assert!(e.contains("in use by domain \"vm1\""), "{e}");
-    let e = s.b.fails(&["vol-snapshot-create", "sys", "snap1", "--pool", "p"]);
+    let e =
+        s.b.fails(&["vol-snapshot-create", "sys", "snap1", "--pool", "p"]);
     assert!(e.contains("in use by domain \"vm1\""), "{e}");
     assert!(shared.is_dir());
     s.a.ok(&["destroy", "vm1"]);

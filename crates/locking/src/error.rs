@@ -50,6 +50,28 @@ struct Inner {
     source: Option<std::io::Error>,
 }
 
+impl Inner {
+    /// An error of `kind` about `resource` while doing `op`, nothing else known yet.
+    fn bare(kind: ErrorKind, op: impl Into<String>, resource: impl Into<String>) -> Inner {
+        Inner {
+            kind,
+            op: op.into(),
+            resource: resource.into(),
+            path: None,
+            holders: Vec::new(),
+            owners: Vec::new(),
+            permission: None,
+            waited: None,
+            source: None,
+        }
+    }
+
+    fn at(mut self, path: PathBuf) -> Inner {
+        self.path = Some(path);
+        self
+    }
+}
+
 impl Error {
     pub(crate) fn io(
         op: impl Into<String>,
@@ -57,46 +79,25 @@ impl Error {
         source: std::io::Error,
     ) -> Self {
         let path = path.into();
-        Error::from(Inner {
-            kind: ErrorKind::Io,
-            op: op.into(),
-            resource: path.display().to_string(),
-            path: Some(path),
-            holders: Vec::new(),
-            owners: Vec::new(),
-            permission: None,
-            waited: None,
-            source: Some(source),
-        })
+        Error::from(
+            Inner {
+                source: Some(source),
+                ..Inner::bare(ErrorKind::Io, op, path.display().to_string())
+            }
+            .at(path),
+        )
     }
 
     pub(crate) fn invalid(resource: impl Into<String>, why: impl Into<String>) -> Self {
-        Error::from(Inner {
-            kind: ErrorKind::InvalidResource,
-            op: why.into(),
-            resource: resource.into(),
-            path: None,
-            holders: Vec::new(),
-            owners: Vec::new(),
-            permission: None,
-            waited: None,
-            source: None,
-        })
+        Error::from(Inner::bare(ErrorKind::InvalidResource, why, resource))
     }
 
     /// A lease conflict on `resource` (its display name), held by `holders` (possibly none
     /// known). Public so that other [`crate::LeaseBackend`]s report conflicts the same way.
     pub fn conflict(resource: impl Into<String>, holders: Vec<HolderRecord>) -> Self {
         Error::from(Inner {
-            kind: ErrorKind::Conflict,
-            op: String::new(),
-            resource: resource.into(),
-            path: None,
             holders,
-            owners: Vec::new(),
-            permission: None,
-            waited: None,
-            source: None,
+            ..Inner::bare(ErrorKind::Conflict, "", resource)
         })
     }
 
@@ -108,15 +109,12 @@ impl Error {
         holders: Vec<HolderRecord>,
     ) -> Self {
         Error::from(Inner {
-            kind: ErrorKind::NotHolder,
-            op: format!("domain {domain:?} (pid {pid})"),
-            resource: resource.into(),
-            path: None,
             holders,
-            owners: Vec::new(),
-            permission: None,
-            waited: None,
-            source: None,
+            ..Inner::bare(
+                ErrorKind::NotHolder,
+                format!("domain {domain:?} (pid {pid})"),
+                resource,
+            )
         })
     }
 
@@ -124,17 +122,13 @@ impl Error {
     /// another process; `unshared` tells whether that process refuses to share it (byte
     /// 200+n) rather than holding it (byte 100+n).
     pub(crate) fn image_in_use(path: &Path, perm: Permission, unshared: bool) -> Self {
-        Error::from(Inner {
-            kind: ErrorKind::ImageInUse,
-            op: String::new(),
-            resource: path.display().to_string(),
-            path: Some(path.to_path_buf()),
-            holders: Vec::new(),
-            owners: Vec::new(),
-            permission: Some((perm, unshared)),
-            waited: None,
-            source: None,
-        })
+        Error::from(
+            Inner {
+                permission: Some((perm, unshared)),
+                ..Inner::bare(ErrorKind::ImageInUse, "", path.display().to_string())
+            }
+            .at(path.to_path_buf()),
+        )
     }
 
     /// The lockspace `lockspace` could not be reached while doing `op`; `why` says what
@@ -145,15 +139,8 @@ impl Error {
         why: impl Into<String>,
     ) -> Self {
         Error::from(Inner {
-            kind: ErrorKind::Unavailable,
-            op: op.into(),
-            resource: lockspace.into(),
-            path: None,
-            holders: Vec::new(),
-            owners: Vec::new(),
-            permission: None,
-            waited: None,
             source: Some(std::io::Error::other(why.into())),
+            ..Inner::bare(ErrorKind::Unavailable, op, lockspace)
         })
     }
 
@@ -165,15 +152,8 @@ impl Error {
         holders: Vec<HolderRecord>,
     ) -> Self {
         Error::from(Inner {
-            kind: ErrorKind::LeaseLost,
-            op: format!("token {token}"),
-            resource: resource.into(),
-            path: None,
             holders,
-            owners: Vec::new(),
-            permission: None,
-            waited: None,
-            source: None,
+            ..Inner::bare(ErrorKind::LeaseLost, format!("token {token}"), resource)
         })
     }
 

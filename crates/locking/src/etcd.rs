@@ -285,13 +285,24 @@ impl Shared {
 
     /// Run `f` on the backend's runtime, waiting at most the configured timeout. A failure
     /// to reach the member moves later requests on to the next member.
-    fn run<T, F>(self: &Arc<Self>, op: &str, f: impl FnOnce(Arc<Shared>) -> F) -> Result<T, Error>
+    fn run<T, F>(
+        self: &Arc<Self>,
+        op: &str,
+        f: impl FnOnce(Arc<Shared>, Client) -> F + Send + 'static,
+    ) -> Result<T, Error>
     where
         T: Send + 'static,
         F: Future<Output = Result<T, Error>> + Send + 'static,
     {
         let (tx, rx) = std::sync::mpsc::channel();
-        let fut = f(self.clone());
+        let (sh, what) = (self.clone(), op.to_string());
+        let fut = async move {
+            let c = sh
+                .client()
+                .await
+                .map_err(|e| sh.cfg.unavailable(&what, e))?;
+            f(sh, c).await
+        };
         let limit = self.cfg.timeout;
         let op_owned = op.to_string();
         let me = self.clone();
@@ -382,13 +393,9 @@ impl EtcdBackend {
             let fences = fences.to_vec();
             let what = what.to_string();
             self.shared
-                .run("commit under a lease", move |sh| async move {
+                .run("commit under a lease", move |sh, mut c| async move {
                     let cfg = &sh.cfg;
                     let err = etcd_err(cfg, "commit under a lease");
-                    let mut c = sh
-                        .client()
-                        .await
-                        .map_err(|e| sh.cfg.unavailable("commit under a lease", e))?;
                     let mut compares = Vec::new();
                     let mut puts = Vec::new();
                     for Fence {
@@ -446,20 +453,18 @@ impl EtcdBackend {
     }
 
     fn revoke(&self, lease: i64) {
-        let r = self.shared.run("revoke a lease", move |sh| async move {
-            let mut c = sh
-                .client()
-                .await
-                .map_err(|e| sh.cfg.unavailable("revoke a lease", e))?;
-            match c.lease_revoke(lease).await {
-                Ok(_) => Ok(()),
-                // Already expired: the same outcome.
-                Err(etcd_client::Error::GRpcStatus(s)) if s.message().contains("not found") => {
-                    Ok(())
+        let r = self
+            .shared
+            .run("revoke a lease", move |sh, mut c| async move {
+                match c.lease_revoke(lease).await {
+                    Ok(_) => Ok(()),
+                    // Already expired: the same outcome.
+                    Err(etcd_client::Error::GRpcStatus(s)) if s.message().contains("not found") => {
+                        Ok(())
+                    }
+                    Err(e) => Err(sh.cfg.unavailable("revoke a lease", e)),
                 }
-                Err(e) => Err(sh.cfg.unavailable("revoke a lease", e)),
-            }
-        });
+            });
         if let Err(e) = r {
             tracing_like_warn(&format!("{e}; the lease expires on its own within its TTL"));
         }
@@ -526,61 +531,59 @@ impl LeaseBackend for EtcdBackend {
             .map_err(|e| Error::io("encode holder record", "", std::io::Error::other(e)))?;
         let (lease, token, etcd_key) = self.shared.twice(|| {
             let (k, value) = (key.clone(), value.clone());
-            self.shared.run("acquire a lease", move |sh| async move {
-                let cfg = &sh.cfg;
-                let err = etcd_err(cfg, "acquire a lease");
-                let mut c = sh
-                    .client()
-                    .await
-                    .map_err(|e| sh.cfg.unavailable("acquire a lease", e))?;
-                let ttl = cfg.ttl.as_secs().max(1) as i64;
-                let lease = c.lease_grant(ttl, None).await.map_err(&err)?.id();
-                let prefix = cfg.lease_prefix(&k);
-                let (cmp, mine) = match mode {
-                    Mode::Exclusive => (
-                        Compare::create_revision(prefix.clone(), CompareOp::Equal, 0).with_prefix(),
-                        format!("{prefix}x"),
-                    ),
-                    Mode::Shared => (
-                        Compare::create_revision(format!("{prefix}x"), CompareOp::Equal, 0),
-                        format!("{prefix}s/{lease:016x}"),
-                    ),
-                };
-                let txn = Txn::new()
-                    .when([cmp])
-                    .and_then([TxnOp::put(
-                        mine.clone(),
-                        value,
-                        Some(PutOptions::new().with_lease(lease)),
-                    )])
-                    .or_else([TxnOp::get(
-                        prefix.clone(),
-                        Some(GetOptions::new().with_prefix()),
-                    )]);
-                let r = match c.txn(txn).await {
-                    Ok(r) => r,
-                    Err(e) => {
-                        let _ = c.lease_revoke(lease).await;
-                        return Err(err(e));
+            self.shared
+                .run("acquire a lease", move |sh, mut c| async move {
+                    let cfg = &sh.cfg;
+                    let err = etcd_err(cfg, "acquire a lease");
+                    let ttl = cfg.ttl.as_secs().max(1) as i64;
+                    let lease = c.lease_grant(ttl, None).await.map_err(&err)?.id();
+                    let prefix = cfg.lease_prefix(&k);
+                    let (cmp, mine) = match mode {
+                        Mode::Exclusive => (
+                            Compare::create_revision(prefix.clone(), CompareOp::Equal, 0)
+                                .with_prefix(),
+                            format!("{prefix}x"),
+                        ),
+                        Mode::Shared => (
+                            Compare::create_revision(format!("{prefix}x"), CompareOp::Equal, 0),
+                            format!("{prefix}s/{lease:016x}"),
+                        ),
+                    };
+                    let txn = Txn::new()
+                        .when([cmp])
+                        .and_then([TxnOp::put(
+                            mine.clone(),
+                            value,
+                            Some(PutOptions::new().with_lease(lease)),
+                        )])
+                        .or_else([TxnOp::get(
+                            prefix.clone(),
+                            Some(GetOptions::new().with_prefix()),
+                        )]);
+                    let r = match c.txn(txn).await {
+                        Ok(r) => r,
+                        Err(e) => {
+                            let _ = c.lease_revoke(lease).await;
+                            return Err(err(e));
+                        }
+                    };
+                    if r.succeeded() {
+                        let token = r.header().map(|h| h.revision()).unwrap_or_default() as u64;
+                        return Ok((lease, token, mine));
                     }
-                };
-                if r.succeeded() {
-                    let token = r.header().map(|h| h.revision()).unwrap_or_default() as u64;
-                    return Ok((lease, token, mine));
-                }
-                let _ = c.lease_revoke(lease).await;
-                let mut holders = Vec::new();
-                for op in r.op_responses() {
-                    if let TxnOpResponse::Get(g) = op {
-                        holders.extend(records(g.kvs()));
+                    let _ = c.lease_revoke(lease).await;
+                    let mut holders = Vec::new();
+                    for op in r.op_responses() {
+                        if let TxnOpResponse::Get(g) = op {
+                            holders.extend(records(g.kvs()));
+                        }
                     }
-                }
-                // A shared request is refused by the exclusive holder only.
-                if mode == Mode::Shared {
-                    holders.retain(|h| h.mode == Mode::Exclusive);
-                }
-                Err(Error::conflict(k.display(), holders))
-            })
+                    // A shared request is refused by the exclusive holder only.
+                    if mode == Mode::Shared {
+                        holders.retain(|h| h.mode == Mode::Exclusive);
+                    }
+                    Err(Error::conflict(k.display(), holders))
+                })
         })?;
         let stop = Arc::new(AtomicBool::new(false));
         let lost = Arc::new(AtomicBool::new(false));
@@ -608,21 +611,18 @@ impl LeaseBackend for EtcdBackend {
     fn holders(&self, key: &ResourceKey) -> Result<Vec<HolderRecord>, Error> {
         self.shared.twice(|| {
             let k = key.clone();
-            self.shared.run("read lease holders", move |sh| async move {
-                let err = etcd_err(&sh.cfg, "read lease holders");
-                let mut c = sh
-                    .client()
-                    .await
-                    .map_err(|e| sh.cfg.unavailable("read lease holders", e))?;
-                let r = c
-                    .get(
-                        sh.cfg.lease_prefix(&k),
-                        Some(GetOptions::new().with_prefix()),
-                    )
-                    .await
-                    .map_err(&err)?;
-                Ok(records(r.kvs()))
-            })
+            self.shared
+                .run("read lease holders", move |sh, mut c| async move {
+                    let err = etcd_err(&sh.cfg, "read lease holders");
+                    let r = c
+                        .get(
+                            sh.cfg.lease_prefix(&k),
+                            Some(GetOptions::new().with_prefix()),
+                        )
+                        .await
+                        .map_err(&err)?;
+                    Ok(records(r.kvs()))
+                })
         })
     }
 
@@ -692,12 +692,8 @@ impl HeldLease for EtcdLease {
             let (k, value, display) = (k.clone(), value.clone(), display.clone());
             self.backend
                 .shared
-                .run("hand a lease over", move |sh| async move {
+                .run("hand a lease over", move |sh, mut c| async move {
                     let err = etcd_err(&sh.cfg, "hand a lease over");
-                    let mut c = sh
-                        .client()
-                        .await
-                        .map_err(|e| sh.cfg.unavailable("hand a lease over", e))?;
                     let r = c
                         .txn(
                             Txn::new()
