@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-const QEMU: &str = "/usr/bin/qemu-system-x86_64";
+pub(super) const QEMU: &str = "/usr/bin/qemu-system-x86_64";
 /// Every domain the bench defines starts with this (libvirt's cleanup goes by it).
 const PREFIX: &str = "vsbench-dom-";
 const OURS: &str = "vsbench-dom-virtsnap";
@@ -28,7 +28,7 @@ const PEER: &str = "vsbench-dom-libvirt";
 const FLOOR_NAME: &str = "vsbench-dom-floor";
 
 /// The domain XML both sides define.
-fn domain_xml(name: &str, disks: &[PathBuf; 2]) -> String {
+pub(super) fn domain_xml(name: &str, disks: &[PathBuf; 2]) -> String {
     format!(
         "<domain type='kvm'>
   <name>{name}</name>
@@ -57,7 +57,7 @@ fn domain_xml(name: &str, disks: &[PathBuf; 2]) -> String {
     )
 }
 
-fn quote(p: &Path) -> String {
+pub(super) fn quote(p: &Path) -> String {
     format!("'{}'", p.display().to_string().replace('\'', "'\\''"))
 }
 
@@ -68,7 +68,7 @@ fn sh(script: &str) -> Command {
 }
 
 /// Removes the work directory on drop (declared first: dropped after the daemons stop).
-struct WorkDir(PathBuf);
+pub(super) struct WorkDir(pub(super) PathBuf);
 
 impl Drop for WorkDir {
     fn drop(&mut self) {
@@ -76,32 +76,48 @@ impl Drop for WorkDir {
     }
 }
 
-/// virt-snap's side: the binary, its state directory; destroys and undefines the bench's
-/// domain on drop.
-struct Ours {
-    bin: PathBuf,
-    state: PathBuf,
+/// virt-snap's side: the binary, its state directory, global options before the command
+/// (`--lockspace ...`) and the bench's domain, which it destroys and undefines on drop.
+pub(super) struct Ours {
+    pub(super) bin: PathBuf,
+    pub(super) state: PathBuf,
+    pub(super) global: Vec<String>,
+    pub(super) name: String,
 }
 
 impl Ours {
-    fn cmd(&self, args: &[&str]) -> Command {
+    /// The bench's domain `OURS` in the default lockspace.
+    fn new(bin: PathBuf, state: PathBuf) -> Ours {
+        Ours {
+            bin,
+            state,
+            global: Vec::new(),
+            name: OURS.into(),
+        }
+    }
+    pub(super) fn cmd(&self, args: &[&str]) -> Command {
         let mut c = Command::new(&self.bin);
-        c.arg("--state-dir").arg(&self.state).args(args);
+        c.arg("--state-dir")
+            .arg(&self.state)
+            .args(&self.global)
+            .args(args);
         c
     }
     fn cmdline(&self, args: &str) -> String {
+        let global: Vec<String> = self.global.iter().map(|g| quote(Path::new(g))).collect();
         format!(
-            "{} --state-dir {} {args}",
+            "{} --state-dir {} {}{args}",
             quote(&self.bin),
-            quote(&self.state)
+            quote(&self.state),
+            global.iter().map(|g| format!("{g} ")).collect::<String>()
         )
     }
 }
 
 impl Drop for Ours {
     fn drop(&mut self) {
-        let _ = self.cmd(&["destroy", OURS]).output();
-        let _ = self.cmd(&["undefine", OURS]).output();
+        let _ = self.cmd(&["destroy", &self.name]).output();
+        let _ = self.cmd(&["undefine", &self.name]).output();
     }
 }
 
@@ -202,7 +218,7 @@ pub(super) fn kill_qemu_named(name: &str) {
     }
 }
 
-fn expect_running(what: &str, out: Result<String, String>) -> Result<(), String> {
+pub(super) fn expect_running(what: &str, out: Result<String, String>) -> Result<(), String> {
     let out = out?;
     if out.trim() != "running" {
         return Err(format!(
@@ -213,7 +229,7 @@ fn expect_running(what: &str, out: Result<String, String>) -> Result<(), String>
     Ok(())
 }
 
-fn loadavg() -> String {
+pub(super) fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
         .unwrap_or_else(|_| "?".into())
@@ -273,10 +289,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
     let work = util::target_dir().join("bench").join("domain");
     // What an interrupted earlier run (kill -9) may have left: its domain, its floor QEMU.
     if let Some(bin) = &ours_bin {
-        drop(Ours {
-            bin: bin.clone(),
-            state: work.join("state"),
-        });
+        drop(Ours::new(bin.clone(), work.join("state")));
     }
     kill_floor_leftovers();
     let _ = std::fs::remove_dir_all(&work);
@@ -316,10 +329,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
         )?),
         None => None,
     };
-    let ours = ours_bin.map(|bin| Ours {
-        bin,
-        state: work.join("state"),
-    });
+    let ours = ours_bin.map(|bin| Ours::new(bin, work.join("state")));
 
     let load_before = loadavg();
     step(&format!(

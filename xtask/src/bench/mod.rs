@@ -10,6 +10,7 @@ pub mod harness;
 mod image_info;
 mod image_snapshot;
 mod libvirt;
+mod locking;
 mod qemu_start;
 mod qmp;
 mod snapshot;
@@ -26,6 +27,10 @@ const BENCHES: &[(&str, &str)] = &[
     (
         "domain",
         "define + start to running, destroy: a no-OS KVM domain with 2 qcow2 disks, virt-snap vs libvirt 11.3 (virsh)",
+    ),
+    (
+        "locking",
+        "lease acquire + release, etcd 3.4 (3 members) vs local lockspace vs bare etcd-client floor; virt-snap start/destroy of a no-OS KVM domain, etcd vs local lockspace",
     ),
     (
         "qemu-start",
@@ -61,6 +66,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
             Ok(())
         }
         "domain" => domain::run(rest),
+        "locking" => locking::run(rest),
         "qemu-start" => qemu_start::run(rest),
         "image-info" => image_info::run(rest),
         "image-snapshot" => image_snapshot::run(rest),
