@@ -6,6 +6,7 @@ use crate::domain::{BackingStore, DomainDef, SourceRef};
 use crate::error::{Error, ErrorKind, Result};
 use crate::name::SnapshotName;
 use crate::revert::InternalDisk;
+use crate::store::OverlayOwner;
 use crate::tree::{DeleteScope, SnapshotTree};
 use crate::xml::{DomainSnapshot, Location, RawXml};
 use serde::{Deserialize, Serialize};
@@ -253,6 +254,30 @@ pub trait Facts {
     fn volume_path(&self, pool: &str, volume: &str) -> Option<String>;
     /// The files next to `image` (in its directory) that are overlays of it, by their headers.
     fn backed_by(&self, image: &str) -> Vec<String>;
+    /// Who made the file `path`, as the domain's overlay record says (the store's
+    /// [`crate::store::OverlayRecord`]); none where the record does not name it (a file made
+    /// before the record existed: its name tells, as before).
+    fn owner(&self, _path: &str) -> Option<OverlayOwner> {
+        None
+    }
+}
+
+/// Is `path` virt-snap's own overlay (made by a capture or a revert)? The overlay record
+/// says; for a file it does not name, `by_name` (the name a capture or a revert picks).
+fn ours(facts: &dyn Facts, path: &str, by_name: bool) -> bool {
+    match facts.owner(path) {
+        Some(o) => o.is_ours(),
+        None => by_name,
+    }
+}
+
+/// Was `path` made by a revert to `snapshot`? The overlay record says; for a file it does
+/// not name, `by_name`.
+fn revert_of(facts: &dyn Facts, path: &str, snapshot: &str, by_name: bool) -> bool {
+    match facts.owner(path) {
+        Some(o) => o.is_revert_of(snapshot),
+        None => by_name,
+    }
 }
 
 fn plan_error(object: &str, what: String) -> Error {
@@ -731,9 +756,10 @@ impl DeletePlan {
                             let revert_prefix =
                                 format!("{}.r", default_overlay_path(&base, sname.as_str()));
                             let is_revert_overlay = |r: &str| {
-                                r.strip_prefix(&revert_prefix).is_some_and(|n| {
+                                let by_name = r.strip_prefix(&revert_prefix).is_some_and(|n| {
                                     !n.is_empty() && n.chars().all(|c| c.is_ascii_digit())
-                                })
+                                });
+                                revert_of(facts, r, sname.as_str(), by_name)
                             };
                             // The revert overlays of this snapshot off the disk's active
                             // chain (states a later revert to it discarded) go first if
@@ -762,7 +788,11 @@ impl DeletePlan {
                                 }
                             }
                             deps.retain(|d| !dropped.contains(d));
-                            let ours = overlay == default_overlay_path(&base, sname.as_str());
+                            let ours = ours(
+                                facts,
+                                &overlay,
+                                overlay == default_overlay_path(&base, sname.as_str()),
+                            );
                             // Another snapshot's data is the base: its content must not change.
                             let base_is_data = sim.topological().iter().any(|n| {
                                 let Some(o) = sim.get(n.as_str()).filter(|_| *n != sname) else {
@@ -819,8 +849,10 @@ impl DeletePlan {
                                 // The base: virt-snap's own overlay (of the image below it)?
                                 let below = chains.back(&base);
                                 let base_ours = below.as_ref().is_some_and(|b| {
-                                    base.strip_prefix(&default_overlay_path(b, ""))
-                                        .is_some_and(|x| !x.is_empty() && !x.contains('/'))
+                                    let by_name = base
+                                        .strip_prefix(&default_overlay_path(b, ""))
+                                        .is_some_and(|x| !x.is_empty() && !x.contains('/'));
+                                    self::ours(facts, &base, by_name)
                                 });
                                 if gone {
                                     chains.known.remove(&overlay);
@@ -863,10 +895,7 @@ impl DeletePlan {
                                     .filter(|d| !(gone && *d == overlay))
                                     .collect();
                                 let candidate = match &rest[..] {
-                                    [r] if r.starts_with(&revert_prefix)
-                                        && r[revert_prefix.len()..]
-                                            .chars()
-                                            .all(|c| c.is_ascii_digit())
+                                    [r] if is_revert_overlay(r)
                                         && !base_is_data
                                         && !tagged(r, &removed_tags) =>
                                     {
@@ -960,14 +989,14 @@ impl DeletePlan {
                                 tops.insert(target.clone(), base.clone());
                             }
                             rewrites.push((target.clone(), overlay.clone(), cd.clone()));
-                            // Ours (the name a capture or a revert picks) unless the user
-                            // named it.
-                            if overlay == default_overlay_path(&base, sname.as_str())
+                            // Ours (the overlay record says; for a file it does not name,
+                            // the name a capture or a revert picks) unless the user gave it.
+                            let by_name = overlay == default_overlay_path(&base, sname.as_str())
                                 || overlay.starts_with(&format!(
                                     "{}.r",
                                     default_overlay_path(&base, sname.as_str())
-                                ))
-                            {
+                                ));
+                            if self::ours(facts, &overlay, by_name) {
                                 removes.push((overlay.clone(), base.clone()));
                             } else {
                                 notes.push(format!(

@@ -88,7 +88,11 @@ async fn act(caps: &Capabilities<'_>, store: &DomainStore, step: &Step) -> Resul
             store.remove(snapshot)?;
             store.set_current(current_after.as_ref())
         }
-        Step::RemoveOverlay { path, backing } => i.remove_overlay(path, backing).await,
+        Step::RemoveOverlay { path, backing } => {
+            i.remove_overlay(path, backing).await?;
+            // Gone: its entry in the overlay record goes too.
+            store.forget_overlay(path, false)
+        }
     }
 }
 

@@ -12,7 +12,7 @@ use crate::error::{Error, ErrorKind};
 use crate::name::SnapshotName;
 use crate::ops::DomainJournal;
 use crate::revert::Definition;
-use crate::store::{DomainStore, SnapshotStore};
+use crate::store::{DomainStore, MadeBy, OverlayOwner, SnapshotStore};
 use crate::testkit::{block_on, Faults, Faulty, Inject, Killed};
 use crate::xml::{self, DomainSnapshot, Location, RawXml};
 use crate::{DomainDef, SnapshotTree};
@@ -39,6 +39,8 @@ struct State {
     /// Commits refused before they start, counted down: `Some(0)` refuses the next one.
     refuse_commit: Option<usize>,
     faults: Faults,
+    /// The domain's store, whose overlay record answers [`Facts::owner`].
+    store: Option<DomainStore>,
 }
 
 impl State {
@@ -264,6 +266,10 @@ impl Facts for World {
             .filter(|(_, i)| i.backing.as_deref() == Some(image))
             .map(|(k, _)| k.clone())
             .collect()
+    }
+    fn owner(&self, path: &str) -> Option<crate::store::OverlayOwner> {
+        let s = self.st();
+        s.store.as_ref()?.overlays().ok()?.owner(path).cloned()
     }
 }
 
@@ -500,6 +506,7 @@ fn env(case: &Case) -> Env {
         s.top = case.top.into();
         s.up = case.up;
         s.definition = domain_xml(case.top);
+        s.store = Some(store.clone());
     }
     Env {
         _dir: dir,
@@ -1218,6 +1225,101 @@ fn a_revert_overlay_a_revert_to_the_child_discarded_does_not_block_the_merge() {
         assert_eq!(def_source(&s.definition), BASE);
         assert_eq!(s.images[BASE].data.as_deref(), Some("D"));
         assert!(s.violations.is_empty(), "{:?}", s.violations);
+    }
+}
+
+/// s3 taken on vda.s2.r1 (its overlay named after that top: vda.s2.s3), whose image a
+/// delete of s2 then merged into the base, then reverted to: vda.s2.s3 and the revert's
+/// overlay `top` (data D, the disk's top) on the base. Who made each file is `owners`.
+fn renamed(up: bool, top: &'static str, owners: &[(&str, MadeBy)]) -> Env {
+    let mut case = external(up);
+    case.snaps = vec![snap("s3", None, BASE, Some("/d/vda.s2.s3"))];
+    case.current = Some("s3");
+    case.images = vec![
+        (BASE, None, Some("A"), vec![]),
+        ("/d/vda.s2.s3", Some(BASE), Some("X"), vec![]),
+        (top, Some(BASE), Some("D"), vec![]),
+    ];
+    case.top = top;
+    case.data = vec![("s3", "A")];
+    let e = env(&case);
+    for (p, by) in owners {
+        e.store
+            .record_overlay(
+                p,
+                OverlayOwner {
+                    by: *by,
+                    snapshot: Some("s3".into()),
+                },
+            )
+            .unwrap();
+    }
+    e
+}
+
+#[test]
+fn the_overlay_record_not_the_name_tells_whose_an_overlay_is() {
+    for up in [false, true] {
+        // No record (metadata from before it): the name decides, vda.s2.s3 is not the name
+        // a capture picks on the base, so it is taken for the user's and kept, and the
+        // revert's overlay with it.
+        let e = renamed(up, "/d/vda.s3.r1", &[]);
+        let out = delete(&e, "s3", NONE).unwrap();
+        assert!(
+            out.warnings.iter().any(|w| w.contains("vda.s2.s3 is kept")),
+            "{out:?}"
+        );
+        assert!(e.world.st().images.contains_key("/d/vda.s2.s3"));
+        // The record says virt-snap made both: vda.s2.s3 goes, the revert's overlay is
+        // merged into the base, the disk back on its own file; also a revert overlay whose
+        // name is not the one a revert picks on the base now.
+        for top in ["/d/vda.s3.r1", "/d/vda.s2.s3.r1"] {
+            let e = renamed(
+                up,
+                top,
+                &[("/d/vda.s2.s3", MadeBy::Capture), (top, MadeBy::Revert)],
+            );
+            let out = delete(&e, "s3", NONE).unwrap();
+            assert!(out.warnings.is_empty(), "{top}: {out:?}");
+            let s = e.world.st();
+            assert_eq!(s.images.keys().collect::<Vec<_>>(), [BASE], "{top}");
+            assert_eq!(s.top, BASE);
+            assert_eq!(def_source(&s.definition), BASE);
+            assert_eq!(s.images[BASE].data.as_deref(), Some("D"));
+            assert!(s.violations.is_empty(), "{:?}", s.violations);
+            drop(s);
+            assert_eq!(e.store.overlays().unwrap().overlays.len(), 0, "forgotten");
+        }
+        // The record says the user gave vda.s2.s3 (--reuse-external): kept.
+        let e = renamed(up, "/d/vda.s3.r1", &[("/d/vda.s2.s3", MadeBy::User)]);
+        delete(&e, "s3", NONE).unwrap();
+        assert!(e.world.st().images.contains_key("/d/vda.s2.s3"));
+    }
+}
+
+#[test]
+fn a_file_the_user_gave_at_our_name_is_kept() {
+    // s2's overlay at the name a capture picks, but the user's (--reuse-external): merged
+    // (the disk's top, active or offline), kept.
+    for up in [false, true] {
+        let e = env(&external(up));
+        e.store
+            .record_overlay(
+                "/d/vda.s2",
+                OverlayOwner {
+                    by: MadeBy::User,
+                    snapshot: Some("s2".into()),
+                },
+            )
+            .unwrap();
+        let out = delete(&e, "s2", NONE).unwrap();
+        assert!(
+            out.warnings.iter().any(|w| w.contains("vda.s2 is kept")),
+            "{out:?}"
+        );
+        let s = e.world.st();
+        assert!(s.images.contains_key("/d/vda.s2"));
+        assert_eq!(def_source(&s.definition), "/d/vda.s1");
     }
 }
 
