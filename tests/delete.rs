@@ -740,13 +740,18 @@ fn an_overlay_holding_an_internal_snapshot_is_not_merged_away() {
     assert!(e1.exists() && d.tags(&e1).contains("i2"));
     assert_eq!(d.source(), e1.display().to_string());
     assert_eq!(d.names(), ["i1", "i2"]);
-    // --children of i1 in one go (shut off: i1 is in a backing file): i2's tag, then i1's.
+    // --children of i1 in one go (shut off: i1 is in a backing file): i2's tag, then i1's;
+    // then e1's overlay, virt-snap's and needed by nothing any more, goes back into the
+    // disk's own file.
     d.vs(&["destroy"]);
     let r = d.delete(&["i1", "--children"]);
     assert_eq!(r["deleted"], serde_json::json!(["i2", "i1"]), "{r}");
-    assert!(!d.tags(&e1).contains("i2"));
-    assert!(!d.tags(&d.file("vda.qcow2")).contains("i1"));
-    current_data(&e1);
+    let vda = d.file("vda.qcow2");
+    assert!(!d.tags(&vda).contains("i1"));
+    assert!(!e1.exists(), "e1's overlay merged and removed");
+    assert_eq!(d.defined_source(), vda.display().to_string());
+    assert!(!info(&vda).contains("backing file"));
+    current_data(&vda);
 }
 
 #[test]

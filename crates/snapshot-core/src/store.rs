@@ -316,6 +316,23 @@ impl DomainStore {
         self.write_overlays(&rec)
     }
 
+    /// Makes the entries of the overlays made for `snapshot` the user's (atomically; a
+    /// `--metadata` delete leaves them to the user); none writes nothing.
+    pub fn hand_over_overlays(&self, snapshot: &str) -> Result<()> {
+        let mut rec = self.overlays()?;
+        let mut changed = false;
+        for o in rec.overlays.values_mut() {
+            if o.is_ours() && o.snapshot.as_deref() == Some(snapshot) {
+                o.by = MadeBy::User;
+                changed = true;
+            }
+        }
+        if !changed {
+            return Ok(());
+        }
+        self.write_overlays(&rec)
+    }
+
     /// The file of snapshot `name`.
     pub fn snapshot_path(&self, name: &SnapshotName) -> PathBuf {
         self.dir.join(format!("{}.xml", name.as_str()))

@@ -237,6 +237,10 @@ pub struct DeletePlan {
     /// What is kept that a user may expect gone (an overlay the user named, a RAM file), one
     /// line each.
     pub notes: Vec<String>,
+    /// `--metadata`: the files of the snapshots deleted are left to the user (their entries
+    /// in the overlay record become the user's).
+    #[serde(default)]
+    pub metadata_only: bool,
 }
 
 /// What the planner asks about files and images (the facade answers from the file system;
@@ -258,6 +262,11 @@ pub trait Facts {
     /// [`crate::store::OverlayRecord`]); none where the record does not name it (a file made
     /// before the record existed: its name tells, as before).
     fn owner(&self, _path: &str) -> Option<OverlayOwner> {
+        None
+    }
+    /// The format of the backing file the qcow2 image `image` records (none if it records
+    /// none, or the facts cannot say).
+    fn backing_format(&self, _image: &str) -> Option<String> {
         None
     }
 }
@@ -482,6 +491,101 @@ fn needed(
     roots
         .iter()
         .any(|r| chains.chain(r).iter().any(|i| i == path))
+}
+
+/// An overlay left on a disk's top that nothing but the disk needs any more: virt-snap's own
+/// by the overlay record, made for a snapshot that is gone (or goes now, `deleting`), no
+/// remaining snapshot's overlay or image, holding no internal snapshot, the only overlay of
+/// the image below it, which is no remaining snapshot's image. (A revert's overlay of a
+/// snapshot deleted while its own overlay was still another snapshot's image: the delete of
+/// that one removes the image, and the revert's overlay would keep the disk off its own file
+/// for good.) Returns the merge into the image below and how the definition describes that
+/// image.
+#[allow(clippy::too_many_arguments)]
+fn orphan_on_top(
+    chains: &mut Chains<'_>,
+    sim: &SnapshotTree,
+    deleting: &str,
+    target: &str,
+    top: &str,
+    def: Option<&DomainDef>,
+    up: bool,
+    tagged: &dyn Fn(&str) -> bool,
+) -> Option<(Merge, crate::domain::Disk)> {
+    let facts = chains.facts;
+    let owner = facts.owner(top)?;
+    if !owner.is_ours() {
+        return None;
+    }
+    if let Some(made_for) = owner.snapshot.as_deref() {
+        if made_for != deleting && sim.contains(made_for) {
+            return None;
+        }
+    }
+    let below = chains.back(top)?;
+    if tagged(top) || chains.dependents(&below) != [top.to_string()] {
+        return None;
+    }
+    // No remaining snapshot names the top, or has the image below as its data.
+    for n in sim.topological() {
+        if n.as_str() == deleting {
+            continue;
+        }
+        let o = sim.get(n.as_str())?;
+        if o.disks.iter().any(|d| {
+            d.source
+                .as_ref()
+                .is_some_and(|x| x.file.as_deref() == Some(top) || x.dev.as_deref() == Some(top))
+        }) {
+            return None;
+        }
+        if let Some(raw) = &o.domain {
+            let copy = DomainDef::from_xml(raw.as_str()).ok()?;
+            for d in copy.disks() {
+                let img = image_path(d, facts);
+                if img.as_deref() == Some(top)
+                    || (d.target.dev == target && img.as_deref() == Some(below.as_str()))
+                    || d.backing_chain().any(|b| {
+                        matches!(b.source_ref(), Some(SourceRef::File(p)) | Some(SourceRef::Block(p)) if p == top)
+                    })
+                {
+                    return None;
+                }
+            }
+        }
+    }
+    // The image below as the definition describes it: the entry below the top where it
+    // writes the chain out, else a file of the format the top's header records.
+    let disk = def?.disk(target)?;
+    if source_path(disk).as_deref() != Some(top) {
+        return None;
+    }
+    let mut desc = disk.clone();
+    if !(desc.pop_overlay().is_some() && source_path(&desc).as_deref() == Some(below.as_str())) {
+        desc = disk.clone();
+        desc.disk_type = Some("file".into());
+        desc.source = Some(crate::domain::DiskSource::file(below.clone()));
+        desc.set_format(&facts.backing_format(top)?);
+        desc.set_backing_store(None);
+    }
+    let base_format = desc.format()?.to_string();
+    Some((
+        Merge {
+            disk: target.to_string(),
+            overlay: top.to_string(),
+            overlay_format: disk.format().unwrap_or("qcow2").to_string(),
+            base: below,
+            base_format,
+            above: None,
+            top: top.to_string(),
+            mode: if up {
+                CommitMode::Active
+            } else {
+                CommitMode::Offline
+            },
+        },
+        desc,
+    ))
 }
 
 /// Every snapshot's metadata, by name.
@@ -1007,6 +1111,39 @@ impl DeletePlan {
                         }
                     }
                 }
+                // What the deletes leave on a disk's top that nothing else needs goes back
+                // into the image below (not where a stream of this snapshot is planned on
+                // the disk: the streams run after the commits).
+                for dd in &dom.disks {
+                    let target = &dd.target;
+                    if streams.iter().any(|x: &Stream| x.disk == *target) {
+                        continue;
+                    }
+                    for _ in 0..16 {
+                        let Some(top) = tops.get(target).cloned() else {
+                            break;
+                        };
+                        let is_tagged = |i: &str| tagged(i, &removed_tags);
+                        let Some((merge, desc)) = orphan_on_top(
+                            &mut chains,
+                            &sim,
+                            sname.as_str(),
+                            target,
+                            &top,
+                            def.as_ref(),
+                            up,
+                            &is_tagged,
+                        ) else {
+                            break;
+                        };
+                        let base = merge.base.clone();
+                        chains.merged(&top, &base);
+                        tops.insert(target.clone(), base.clone());
+                        rewrites.push((target.clone(), top.clone(), desc));
+                        removes.push((top.clone(), base.clone()));
+                        commits.push(merge);
+                    }
+                }
                 if let Some(m) = &s.memory {
                     if m.location() == Some(Location::External) {
                         if let Some(file) = &m.file {
@@ -1143,6 +1280,7 @@ impl DeletePlan {
             steps,
             commit_point,
             notes,
+            metadata_only: f.metadata,
         })
     }
 }

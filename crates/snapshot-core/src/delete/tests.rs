@@ -267,6 +267,9 @@ impl Facts for World {
             .map(|(k, _)| k.clone())
             .collect()
     }
+    fn backing_format(&self, image: &str) -> Option<String> {
+        self.backing(image).map(|_| "qcow2".into())
+    }
     fn owner(&self, path: &str) -> Option<crate::store::OverlayOwner> {
         let s = self.st();
         s.store.as_ref()?.overlays().ok()?.owner(path).cloned()
@@ -1295,6 +1298,79 @@ fn the_overlay_record_not_the_name_tells_whose_an_overlay_is() {
         delete(&e, "s3", NONE).unwrap();
         assert!(e.world.st().images.contains_key("/d/vda.s2.s3"));
     }
+}
+
+#[test]
+fn a_revert_overlay_of_a_deleted_snapshot_goes_home_when_its_image_goes() {
+    // Found by tests/history.rs (seed 2): s1 <- s2, reverted to s2 (vda.s2.r1 on vda.s1) and
+    // then to s1 (vda.s1.r1 on the base, data D, the disk's top). Deleting s1 merges nothing
+    // (vda.s1 is s2's image); deleting s2 removes vda.s2, vda.s2.r1 and vda.s1, which leaves
+    // s1's revert overlay the only overlay of the base, needed by nothing: merged into it.
+    for (up, recorded) in [(false, true), (true, true), (true, false)] {
+        let mut case = external(up);
+        case.current = Some("s1");
+        case.images
+            .push(("/d/vda.s2.r1", Some("/d/vda.s1"), None, vec![]));
+        case.images
+            .push(("/d/vda.s1.r1", Some(BASE), Some("D"), vec![]));
+        case.top = "/d/vda.s1.r1";
+        let e = env(&case);
+        if recorded {
+            for (p, by, snap) in [
+                ("/d/vda.s1", MadeBy::Capture, "s1"),
+                ("/d/vda.s2", MadeBy::Capture, "s2"),
+                ("/d/vda.s2.r1", MadeBy::Revert, "s2"),
+                ("/d/vda.s1.r1", MadeBy::Revert, "s1"),
+            ] {
+                let o = OverlayOwner {
+                    by,
+                    snapshot: Some(snap.into()),
+                };
+                e.store.record_overlay(p, o).unwrap();
+            }
+        }
+        delete(&e, "s1", NONE).unwrap();
+        delete(&e, "s2", NONE).unwrap();
+        let s = e.world.st();
+        assert!(s.violations.is_empty(), "{:?}", s.violations);
+        if !recorded {
+            // Metadata from before the record: the names cannot tell that s1 is gone.
+            assert_eq!(s.top, "/d/vda.s1.r1");
+            continue;
+        }
+        assert_eq!(
+            s.images.keys().collect::<Vec<_>>(),
+            [BASE],
+            "up {up}: the disk on its own file"
+        );
+        assert_eq!(s.top, BASE);
+        assert_eq!(def_source(&s.definition), BASE);
+        assert_eq!(s.images[BASE].data.as_deref(), Some("D"));
+        drop(s);
+        assert!(e.store.overlays().unwrap().overlays.is_empty());
+    }
+}
+
+#[test]
+fn a_metadata_delete_leaves_the_files_to_the_user() {
+    // s2's files after `--metadata`: the user's; deleting s1 then merges nothing into them
+    // and removes none of them.
+    let e = env(&external(false));
+    for (p, snap) in [("/d/vda.s1", "s1"), ("/d/vda.s2", "s2")] {
+        let o = OverlayOwner {
+            by: MadeBy::Capture,
+            snapshot: Some(snap.into()),
+        };
+        e.store.record_overlay(p, o).unwrap();
+    }
+    delete(&e, "s2", METADATA).unwrap();
+    let rec = e.store.overlays().unwrap();
+    assert!(!rec.owner("/d/vda.s2").unwrap().is_ours());
+    assert!(rec.owner("/d/vda.s1").unwrap().is_ours());
+    delete(&e, "s1", NONE).unwrap();
+    let s = e.world.st();
+    assert!(s.images.contains_key("/d/vda.s2"), "{:?}", s.images.keys());
+    assert_eq!(s.top, "/d/vda.s2");
 }
 
 #[test]

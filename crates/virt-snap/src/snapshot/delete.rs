@@ -731,6 +731,12 @@ impl Facts for FsFacts {
             .cloned()
     }
 
+    fn backing_format(&self, image: &str) -> Option<String> {
+        image_formats::ImageInfo::open(Path::new(image), None)
+            .ok()?
+            .backing_format()
+    }
+
     fn owner(&self, path: &str) -> Option<snapshot_core::store::OverlayOwner> {
         if let Some(o) = self.owners.owner(path) {
             return Some(o.clone());
