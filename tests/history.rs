@@ -11,8 +11,9 @@
 //!
 //! Deterministic (a fixed seed; `VS_HISTORY_SEED`, `VS_HISTORY_CASES`, `VS_HISTORY_OPS`
 //! change it); no shrinking: a failure prints the whole history of the case (the commands run,
-//! in order) for reproduction. Files no metadata and no definition needs are reported as
-//! findings on stderr (`VS_HISTORY_STRICT=1` makes them failures).
+//! in order) for reproduction. Files no metadata and no definition needs, and a disk not back
+//! on its own file at the end, are findings: printed on stderr, and failures
+//! (`VS_HISTORY_STRICT=0` only reports them).
 
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngSeed, TestRunner};
@@ -676,6 +677,13 @@ impl History {
         while let Some(root) = self.m.snaps.iter().find(|s| s.parent.is_none()) {
             let root = root.name.clone();
             self.delete(&root, true, false);
+            if self.m.snaps.iter().any(|s| s.name == root) {
+                // Refused as predicted (an internal snapshot alone in a backing file the
+                // running QEMU has open read-only): shut off, as the refusal says, and again.
+                self.check(false);
+                self.destroy();
+                self.delete(&root, true, false);
+            }
             self.check(true);
         }
         if self.m.running {
@@ -688,7 +696,7 @@ impl History {
                     let info = qemu_img(&["info", "-U", &tops[i]]);
                     assert!(!info.contains("backing file"), "{t}: {info}");
                 } else {
-                    // The issue's requirement; a finding (fatal with VS_HISTORY_STRICT=1).
+                    // The issue's requirement; a finding (fatal unless VS_HISTORY_STRICT=0).
                     self.findings.insert(format!(
                         "{t} not back on its own file after every snapshot was deleted: on {} \
                          (chain {:?})",
@@ -727,7 +735,7 @@ fn env(key: &str, default: u64) -> u64 {
 fn random_histories_keep_files_graph_and_metadata_in_agreement() {
     let cases = env("VS_HISTORY_CASES", 10) as u32;
     let ops = env("VS_HISTORY_OPS", 12) as usize;
-    let strict = std::env::var_os("VS_HISTORY_STRICT").is_some_and(|v| v == "1");
+    let strict = std::env::var_os("VS_HISTORY_STRICT").is_none_or(|v| v != "0");
     let mut runner = TestRunner::new(Config {
         cases,
         max_shrink_iters: 0,
@@ -784,6 +792,6 @@ fn random_histories_keep_files_graph_and_metadata_in_agreement() {
     result.unwrap();
     assert!(
         !strict || findings.is_empty(),
-        "VS_HISTORY_STRICT: {findings:#?}"
+        "findings (VS_HISTORY_STRICT=0 only reports them): {findings:#?}"
     );
 }
