@@ -659,8 +659,16 @@ impl History {
                         })
                 })
             };
+            // ... and so is what they are backed by.
+            let mut kept = BTreeSet::new();
+            for e in std::fs::read_dir(&self.d.dir).unwrap() {
+                let f = e.unwrap().path().display().to_string();
+                if reverts_of_remaining(&f) {
+                    kept.extend(chain(&f));
+                }
+            }
             for p in self.needed.difference(&needed) {
-                if Path::new(p).exists() && !reverts_of_remaining(p) {
+                if Path::new(p).exists() && !reverts_of_remaining(p) && !kept.contains(p) {
                     self.findings.insert(format!(
                         "{p} left, needed by nothing after: {}",
                         self.log.last().unwrap()

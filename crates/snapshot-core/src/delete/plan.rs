@@ -869,26 +869,55 @@ impl DeletePlan {
                             // chain (states a later revert to it discarded) go first if
                             // nothing needs them: else one left behind keeps the base with
                             // two overlays, and neither this overlay nor the revert's one on
-                            // the active chain is ever merged back.
+                            // the active chain is ever merged back. So do, off the active
+                            // chain, virt-snap's overlays made for snapshots that are gone
+                            // (by the overlay record), with what only they held up, leaves
+                            // first: one kept by an earlier delete because a revert overlay
+                            // of this snapshot was on it.
+                            let disposable = |x: &str| {
+                                is_revert_overlay(x)
+                                    || facts.owner(x).is_some_and(|o| {
+                                        o.is_ours()
+                                            && o.snapshot.as_deref().is_some_and(|m| {
+                                                m == sname.as_str() || !sim.contains(m)
+                                            })
+                                    })
+                            };
                             let mut dropped: Vec<String> = vec![];
-                            for r in &deps {
-                                if *r != overlay
-                                    && is_revert_overlay(r)
-                                    && !chain.contains(r)
-                                    && !tagged(r, &removed_tags)
-                                    && !needed(
-                                        &mut chains,
-                                        &sim,
-                                        &tops,
-                                        def.as_ref(),
-                                        r,
-                                        Some(sname.as_str()),
-                                    )
-                                {
-                                    chains.known.remove(r);
-                                    chains.gone.insert(r.clone());
-                                    removes.push((r.clone(), base.clone()));
-                                    dropped.push(r.clone());
+                            for r in deps.clone() {
+                                if r == overlay || chain.contains(&r) || !disposable(&r) {
+                                    continue;
+                                }
+                                // r and what is backed by it, parents before children.
+                                let mut sub = vec![(r.clone(), base.clone())];
+                                let mut i = 0;
+                                while i < sub.len() && sub.len() < 64 {
+                                    let x = sub[i].0.clone();
+                                    for c in chains.dependents(&x) {
+                                        if !sub.iter().any(|(y, _)| *y == c) {
+                                            sub.push((c, x.clone()));
+                                        }
+                                    }
+                                    i += 1;
+                                }
+                                for (x, b) in sub.into_iter().rev() {
+                                    if disposable(&x)
+                                        && !chain.contains(&x)
+                                        && !tagged(&x, &removed_tags)
+                                        && !needed(
+                                            &mut chains,
+                                            &sim,
+                                            &tops,
+                                            def.as_ref(),
+                                            &x,
+                                            Some(sname.as_str()),
+                                        )
+                                    {
+                                        chains.known.remove(&x);
+                                        chains.gone.insert(x.clone());
+                                        removes.push((x.clone(), b));
+                                        dropped.push(x);
+                                    }
                                 }
                             }
                             deps.retain(|d| !dropped.contains(d));

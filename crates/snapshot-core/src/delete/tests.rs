@@ -1352,6 +1352,55 @@ fn a_revert_overlay_of_a_deleted_snapshot_goes_home_when_its_image_goes() {
 }
 
 #[test]
+fn an_overlay_kept_for_a_childs_discarded_revert_goes_with_the_child() {
+    // Found by tests/history.rs (seed 21, 24 steps): s2 <- s3, s3 reverted to and then left
+    // (vda.s3.r1 on vda.s2, discarded), the disk back on vda.s3. Deleting s2 merges vda.s2
+    // into the base but keeps it (vda.s3.r1 is on it); deleting s3 then removes vda.s3.r1
+    // and vda.s2 (made for s2, which is gone) before it merges vda.s3 home.
+    for up in [false, true] {
+        let mut case = external(up);
+        case.snaps = vec![
+            snap("s2", None, BASE, Some("/d/vda.s2")),
+            snap("s3", Some("s2"), "/d/vda.s2", Some("/d/vda.s3")),
+        ];
+        case.current = Some("s3");
+        case.images = vec![
+            (BASE, None, Some("A"), vec![]),
+            ("/d/vda.s2", Some(BASE), Some("B"), vec![]),
+            ("/d/vda.s3", Some("/d/vda.s2"), Some("X"), vec![]),
+            ("/d/vda.s3.r1", Some("/d/vda.s2"), Some("C"), vec![]),
+        ];
+        case.top = "/d/vda.s3";
+        case.data = vec![("s2", "A"), ("s3", "B")];
+        let e = env(&case);
+        for (p, by, snap) in [
+            ("/d/vda.s2", MadeBy::Capture, "s2"),
+            ("/d/vda.s3", MadeBy::Capture, "s3"),
+            ("/d/vda.s3.r1", MadeBy::Revert, "s3"),
+        ] {
+            let o = OverlayOwner {
+                by,
+                snapshot: Some(snap.into()),
+            };
+            e.store.record_overlay(p, o).unwrap();
+        }
+        delete(&e, "s2", NONE).unwrap();
+        assert!(e.world.st().images.contains_key("/d/vda.s2"), "up {up}");
+        delete(&e, "s3", NONE).unwrap();
+        let s = e.world.st();
+        assert!(s.violations.is_empty(), "{:?}", s.violations);
+        assert_eq!(
+            s.images.keys().collect::<Vec<_>>(),
+            [BASE],
+            "up {up}: the disk on its own file"
+        );
+        assert_eq!(s.top, BASE);
+        assert_eq!(def_source(&s.definition), BASE);
+        assert_eq!(s.images[BASE].data.as_deref(), Some("X"));
+    }
+}
+
+#[test]
 fn a_metadata_delete_leaves_the_files_to_the_user() {
     // s2's files after `--metadata`: the user's; deleting s1 then merges nothing into them
     // and removes none of them.
