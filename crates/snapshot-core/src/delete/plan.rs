@@ -948,10 +948,24 @@ impl DeletePlan {
                             let mut merged = overlay.clone();
                             let mut at = chain.iter().position(|i| *i == overlay);
                             let holds_tags = tagged(&overlay, &removed_tags);
+                            // Overlays of the overlay other than the one above it on the
+                            // active chain (a branch on it: a child's overlay or revert
+                            // overlay the domain was reverted away from): a commit re-points
+                            // only the one above, the others would stay on the overlay while
+                            // their snapshots' metadata named the base (found by
+                            // tests/history.rs, seeds 1 and 23 with 24 operations).
+                            let above_it =
+                                at.and_then(|p| p.checked_sub(1)).map(|p| chain[p].clone());
+                            let on_overlay: Vec<String> = chains
+                                .dependents(&overlay)
+                                .into_iter()
+                                .filter(|x| Some(x) != above_it.as_ref())
+                                .collect();
                             if deps != [overlay.clone()]
                                 || at.is_none()
                                 || base_is_data
                                 || holds_tags
+                                || !on_overlay.is_empty()
                             {
                                 // Not this overlay: the base is the backing of other overlays
                                 // too (the snapshot was reverted to, or has branches), or the
@@ -964,6 +978,11 @@ impl DeletePlan {
                                     format!("{base} is another snapshot's image")
                                 } else if deps != [overlay.clone()] {
                                     format!("{base} has {} overlays", deps.len())
+                                } else if !on_overlay.is_empty() {
+                                    format!(
+                                        "{overlay} has {} overlays",
+                                        on_overlay.len() + usize::from(above_it.is_some())
+                                    )
                                 } else {
                                     format!("{overlay} is off the disk's active chain")
                                 };
