@@ -428,6 +428,99 @@ fn a_discarded_revert_overlay_does_not_block_the_merge() {
     assert!(!info(&vda).contains("backing file"));
 }
 
+/// The files `vda.*` in the domain's directory other than its own disk.
+fn overlays_left(d: &Dom) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(&d.d.dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|f| f.starts_with("vda.") && f != "vda.qcow2")
+        .collect();
+    v.sort();
+    v
+}
+
+/// Found by tests/history.rs (seed 1): a capture names its overlay after the disk's top then
+/// (s3's on `vda.s2.r1` is `vda.s2.s3`); once the delete of s2 merged `vda.s2.r1` into
+/// `vda.qcow2`, the name of s3's overlay was not the one a capture picks for `vda.qcow2`, so
+/// deleting s3 took it for the user's and kept it, and s3's revert overlay kept the disk off
+/// its own file. The overlay record (who made each file) tells instead of the name.
+#[test]
+fn an_overlay_named_after_an_earlier_top_is_still_ours() {
+    let d = Dom::define("del-renamed");
+    let vda = d.file("vda.qcow2");
+    d.vs(&["start"]);
+    d.vs(&["snapshot-create-as", "s2", "--disk-only"]);
+    d.vs(&["snapshot-revert", "s2"]);
+    let s2r1 = d.file("vda.s2.r1");
+    assert_eq!(d.defined_source(), s2r1.display().to_string());
+    write(&s2r1, 0, 0xbb);
+    d.vs(&["snapshot-create-as", "s3", "--disk-only"]);
+    let s2s3 = d.file("vda.s2.s3");
+    assert_eq!(d.defined_source(), s2s3.display().to_string());
+    write(&s2s3, 0, 0xcc);
+    write(&s2s3, 64, 0xc1);
+    d.delete(&["s2"]);
+    assert_eq!(d.names(), ["s3"]);
+    d.vs(&["snapshot-revert", "s3"]);
+    let s3r1 = d.file("vda.s3.r1");
+    assert_eq!(d.defined_source(), s3r1.display().to_string());
+    holds(&s3r1, 0, 0xbb);
+    write(&s3r1, 0, 0xdd);
+    d.vs(&["start"]);
+    let o = virt_snap_e2e::in_state::vs(d.s(), &["snapshot-delete", d.name, "s3"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("kept"), "{}", stderr(&o));
+    assert_eq!(d.names(), Vec::<String>::new());
+    assert_eq!(overlays_left(&d), Vec::<String>::new(), "no overlay left");
+    assert_eq!(d.source(), vda.display().to_string());
+    assert_eq!(d.defined_source(), vda.display().to_string());
+    let nodes = d.node_files();
+    assert!(
+        nodes.iter().all(|f| *f == vda.display().to_string()),
+        "only its own file open in QEMU: {nodes:?}"
+    );
+    d.vs(&["destroy"]);
+    holds(&vda, 0, 0xdd);
+    holds(&vda, 64, 0);
+    assert!(!info(&vda).contains("backing file"));
+}
+
+/// A `--reuse-external` file at the very name a capture would pick is the user's: merged,
+/// never removed (the overlay record says whose it is; its name would say virt-snap's).
+#[test]
+fn a_reused_file_at_our_name_is_kept() {
+    let d = Dom::define("del-reused");
+    let vda = d.file("vda.qcow2");
+    let s1 = d.file("vda.s1");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        vda.to_str().unwrap(),
+        "-F",
+        "qcow2",
+        s1.to_str().unwrap(),
+    ]);
+    d.vs(&[
+        "snapshot-create-as",
+        "s1",
+        "--disk-only",
+        "--reuse-external",
+        "--diskspec",
+        &format!("vda,file={}", s1.display()),
+    ]);
+    write(&s1, 0, 0xcc);
+    let o = virt_snap_e2e::in_state::vs(d.s(), &["snapshot-delete", d.name, "s1"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("is kept"), "{}", stderr(&o));
+    assert!(s1.exists(), "the user's file is kept");
+    assert_eq!(d.defined_source(), vda.display().to_string());
+    holds(&vda, 0, 0xcc);
+}
+
 #[test]
 fn a_base_with_two_overlays_is_not_merged() {
     let d = Dom::two_external("del-two");
@@ -647,13 +740,18 @@ fn an_overlay_holding_an_internal_snapshot_is_not_merged_away() {
     assert!(e1.exists() && d.tags(&e1).contains("i2"));
     assert_eq!(d.source(), e1.display().to_string());
     assert_eq!(d.names(), ["i1", "i2"]);
-    // --children of i1 in one go (shut off: i1 is in a backing file): i2's tag, then i1's.
+    // --children of i1 in one go (shut off: i1 is in a backing file): i2's tag, then i1's;
+    // then e1's overlay, virt-snap's and needed by nothing any more, goes back into the
+    // disk's own file.
     d.vs(&["destroy"]);
     let r = d.delete(&["i1", "--children"]);
     assert_eq!(r["deleted"], serde_json::json!(["i2", "i1"]), "{r}");
-    assert!(!d.tags(&e1).contains("i2"));
-    assert!(!d.tags(&d.file("vda.qcow2")).contains("i1"));
-    current_data(&e1);
+    let vda = d.file("vda.qcow2");
+    assert!(!d.tags(&vda).contains("i1"));
+    assert!(!e1.exists(), "e1's overlay merged and removed");
+    assert_eq!(d.defined_source(), vda.display().to_string());
+    assert!(!info(&vda).contains("backing file"));
+    current_data(&vda);
 }
 
 #[test]

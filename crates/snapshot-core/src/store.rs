@@ -8,6 +8,8 @@
 //!     NAME.xml          0600  the snapshot's domainsnapshot XML (DomainSnapshot::to_xml)
 //!     current           0600  the current snapshot's name and a newline; absent: none
 //!     journal           0600  the domain's journal of in-flight operations (crate::journal)
+//!     overlays          0600  who made each overlay file (JSON, [`OverlayRecord`]); absent:
+//!                             none recorded (metadata from before the record existed)
 //! ```
 //!
 //! Every change is atomic: a temporary file in the same directory (`.NAME.tmp-PID`, created
@@ -28,12 +30,69 @@ use crate::fsutil;
 use crate::name::{check_component, DomainName, SnapshotName};
 use crate::tree::{SnapshotTree, TreeProblem};
 use crate::xml::DomainSnapshot;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 /// The name of the current-snapshot pointer file.
 pub const CURRENT_FILE: &str = "current";
 /// The name of a domain's journal file.
 pub const JOURNAL_FILE: &str = "journal";
+/// The name of a domain's overlay ownership record.
+pub const OVERLAYS_FILE: &str = "overlays";
+
+/// Who made an overlay file (docs/delete.md, "Whose overlay is it").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MadeBy {
+    /// A capture created it at the name it picked itself: virt-snap's.
+    Capture,
+    /// A revert created it: virt-snap's.
+    Revert,
+    /// The user gave it (`--reuse-external`) or named it (`--diskspec disk,file=PATH`):
+    /// never removed.
+    User,
+}
+
+/// One overlay file's entry in the record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OverlayOwner {
+    /// Who made it.
+    pub by: MadeBy,
+    /// The snapshot it was made for (the capture's snapshot, the snapshot reverted to).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<String>,
+}
+
+impl OverlayOwner {
+    /// Is the file virt-snap's own (made by a capture or a revert)?
+    pub fn is_ours(&self) -> bool {
+        self.by != MadeBy::User
+    }
+
+    /// Was it made by a revert to `snapshot`?
+    pub fn is_revert_of(&self, snapshot: &str) -> bool {
+        self.by == MadeBy::Revert && self.snapshot.as_deref() == Some(snapshot)
+    }
+}
+
+/// A domain's record of the overlay files virt-snap created and of the ones the user gave,
+/// by path. A path it does not name was made before the record existed (its owner is told by
+/// its name, as before).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OverlayRecord {
+    /// The format's version (1).
+    pub version: u32,
+    /// Each file's owner.
+    pub overlays: BTreeMap<String, OverlayOwner>,
+}
+
+impl OverlayRecord {
+    /// The owner the record gives `path`, if it names it.
+    pub fn owner(&self, path: &str) -> Option<&OverlayOwner> {
+        self.overlays.get(path)
+    }
+}
 
 /// Checked before every change of a domain's metadata (a snapshot written or removed, the
 /// current pointer moved): the facade's guard checks that the domain's cluster leases are
@@ -229,6 +288,87 @@ impl DomainStore {
     /// Where this domain's journal lives.
     pub fn journal_path(&self) -> PathBuf {
         self.dir.join(JOURNAL_FILE)
+    }
+
+    /// Where this domain's overlay ownership record lives.
+    pub fn overlays_path(&self) -> PathBuf {
+        self.dir.join(OVERLAYS_FILE)
+    }
+
+    /// The overlay ownership record (empty if there is none).
+    pub fn overlays(&self) -> Result<OverlayRecord> {
+        let path = self.overlays_path();
+        match std::fs::read(&path) {
+            Ok(b) => {
+                let rec: OverlayRecord = serde_json::from_slice(&b).map_err(|e| {
+                    Error::new(
+                        ErrorKind::Io,
+                        path.display().to_string(),
+                        format!("the overlay record is not valid: {e}"),
+                    )
+                    .with_path(&path)
+                })?;
+                if rec.version > 1 {
+                    return Err(Error::new(
+                        ErrorKind::UnsupportedVersion,
+                        path.display().to_string(),
+                        format!("overlay record version {} is not known", rec.version),
+                    )
+                    .with_path(&path));
+                }
+                Ok(rec)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(OverlayRecord::default()),
+            Err(e) => Err(Error::io("cannot read", &path, e)),
+        }
+    }
+
+    fn write_overlays(&self, rec: &OverlayRecord) -> Result<()> {
+        fsutil::create_dir(&self.dir)?;
+        let mut rec = rec.clone();
+        rec.version = 1;
+        let bytes = serde_json::to_vec_pretty(&rec).expect("a map of strings serializes");
+        fsutil::write_atomic(&self.overlays_path(), &bytes)
+    }
+
+    /// Records (atomically) who made the overlay file `path`; the same entry again writes
+    /// nothing.
+    pub fn record_overlay(&self, path: &str, owner: OverlayOwner) -> Result<()> {
+        let mut rec = self.overlays()?;
+        if rec.overlays.get(path) == Some(&owner) {
+            return Ok(());
+        }
+        rec.overlays.insert(path.to_string(), owner);
+        self.write_overlays(&rec)
+    }
+
+    /// Drops the entry of `path` (atomically; the file was removed), keeping the entry of a
+    /// file the user gave unless `user_too`; no entry writes nothing.
+    pub fn forget_overlay(&self, path: &str, user_too: bool) -> Result<()> {
+        let mut rec = self.overlays()?;
+        match rec.overlays.get(path) {
+            Some(o) if o.is_ours() || user_too => {}
+            _ => return Ok(()),
+        }
+        rec.overlays.remove(path);
+        self.write_overlays(&rec)
+    }
+
+    /// Makes the entries of the overlays made for `snapshot` the user's (atomically; a
+    /// `--metadata` delete leaves them to the user); none writes nothing.
+    pub fn hand_over_overlays(&self, snapshot: &str) -> Result<()> {
+        let mut rec = self.overlays()?;
+        let mut changed = false;
+        for o in rec.overlays.values_mut() {
+            if o.is_ours() && o.snapshot.as_deref() == Some(snapshot) {
+                o.by = MadeBy::User;
+                changed = true;
+            }
+        }
+        if !changed {
+            return Ok(());
+        }
+        self.write_overlays(&rec)
     }
 
     /// The file of snapshot `name`.
@@ -445,6 +585,58 @@ mod tests {
         store.remove(&name).unwrap();
         assert_eq!(store.read(&name).unwrap(), None);
         store.remove(&name).unwrap();
+    }
+
+    #[test]
+    fn the_overlay_record_round_trips_privately() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = SnapshotStore::new(tmp.path().join("snapshots"))
+            .domain("vm")
+            .unwrap();
+        // None yet: every file is told by its name.
+        assert_eq!(store.overlays().unwrap(), OverlayRecord::default());
+        assert!(!store.overlays_path().exists());
+        let own = |by, s: &str| OverlayOwner {
+            by,
+            snapshot: Some(s.into()),
+        };
+        store
+            .record_overlay("/d/vda.s1", own(MadeBy::Capture, "s1"))
+            .unwrap();
+        store
+            .record_overlay("/d/vda.s1.r1", own(MadeBy::Revert, "s1"))
+            .unwrap();
+        store
+            .record_overlay("/d/mine", own(MadeBy::User, "s2"))
+            .unwrap();
+        let mode = std::fs::metadata(store.overlays_path())
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o600);
+        let rec = store.overlays().unwrap();
+        assert_eq!(rec.version, 1);
+        assert!(rec.owner("/d/vda.s1").unwrap().is_ours());
+        assert!(rec.owner("/d/vda.s1.r1").unwrap().is_revert_of("s1"));
+        assert!(!rec.owner("/d/vda.s1").unwrap().is_revert_of("s1"));
+        assert!(!rec.owner("/d/mine").unwrap().is_ours());
+        assert!(rec.owner("/d/other").is_none());
+        // A file the user gave keeps its entry unless asked; ours go.
+        store.forget_overlay("/d/mine", false).unwrap();
+        store.forget_overlay("/d/vda.s1", false).unwrap();
+        store.forget_overlay("/d/nothing", false).unwrap();
+        let rec = store.overlays().unwrap();
+        assert!(rec.owner("/d/mine").is_some());
+        assert!(rec.owner("/d/vda.s1").is_none());
+        store.forget_overlay("/d/mine", true).unwrap();
+        assert!(store.overlays().unwrap().owner("/d/mine").is_none());
+        // A newer format is refused, never overwritten.
+        std::fs::write(store.overlays_path(), r#"{"version":2,"overlays":{}}"#).unwrap();
+        let e = store
+            .record_overlay("/d/x", own(MadeBy::Capture, "s"))
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::UnsupportedVersion);
     }
 }
 

@@ -6,7 +6,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::journal::{OpId, Outcome};
 pub use crate::ops::Recovered;
 use crate::ops::{self, DomainJournal, OpRecord, PlanRecord};
-use crate::store::DomainStore;
+use crate::store::{DomainStore, MadeBy, OverlayOwner};
 use crate::xml::DomainSnapshot;
 use serde::{Deserialize, Serialize};
 use std::future::Future;
@@ -118,6 +118,7 @@ impl Windows {
 async fn act(
     caps: &Capabilities<'_>,
     store: &DomainStore,
+    plan: &CapturePlan,
     step: &Step,
     win: &mut Windows,
 ) -> Result<()> {
@@ -148,6 +149,22 @@ async fn act(
                 }
             };
             within(c, bounded, &label, f).await?;
+            // Whose file it is, recorded once it is there (a crash before leaves the step
+            // recorded: its undo removes the file). The user's: reused, or named by the user
+            // (a path other than the one virt-snap picks).
+            let by = if *reuse || *path != super::default_overlay_path(backing, plan.name.as_str())
+            {
+                MadeBy::User
+            } else {
+                MadeBy::Capture
+            };
+            store.record_overlay(
+                path,
+                OverlayOwner {
+                    by,
+                    snapshot: Some(plan.name.to_string()),
+                },
+            )?;
         }
         Step::AddOverlayNode {
             node, path, format, ..
@@ -232,12 +249,14 @@ async fn act(
 }
 
 /// Undoes one step's effect (idempotently: it may not have acted).
-async fn undo(caps: &Capabilities<'_>, step: &Step) -> Result<()> {
+async fn undo(caps: &Capabilities<'_>, store: &DomainStore, step: &Step) -> Result<()> {
     match step {
         Step::Freeze { .. } => caps.agent.thaw().await.map(drop),
+        // The file is the user's: it stays, and so does its entry in the overlay record.
         Step::PreCreateOverlay { reuse: true, .. } => Ok(()),
         Step::PreCreateOverlay { path, backing, .. } => {
-            caps.block.remove_overlay(path, backing).await
+            caps.block.remove_overlay(path, backing).await?;
+            store.forget_overlay(path, true)
         }
         Step::AddOverlayNode { node, .. } => caps.block.del_node(node).await,
         Step::Pause { .. } => caps.vcpus.resume().await,
@@ -271,12 +290,13 @@ fn undo_after_failure(step: &Step, e: &Error) -> bool {
 async fn roll_back(
     caps: &Capabilities<'_>,
     journal: &mut J,
+    store: &DomainStore,
     op: OpId,
     plan: &CapturePlan,
     touched: &[(u32, Step)],
 ) -> Vec<String> {
     let mut failures =
-        ops::undo_in_reverse(journal, op, touched, Step::label, |s| undo(caps, s)).await;
+        ops::undo_in_reverse(journal, op, touched, Step::label, |s| undo(caps, store, s)).await;
     failures.extend(ensure_safe(caps, plan, touched).await);
     failures
 }
@@ -355,7 +375,7 @@ pub async fn run(
             step: step.clone(),
         });
         let res = match journal.record_step(op, rec) {
-            Ok(j) => match act(caps, store, step, &mut win).await {
+            Ok(j) => match act(caps, store, plan, step, &mut win).await {
                 Ok(()) => {
                     touched.push((j, step.clone()));
                     journal.step_done(op, j)
@@ -370,7 +390,7 @@ pub async fn run(
             Err(e) => Err(e),
         };
         if let Err(e) = res {
-            let undo_failures = roll_back(caps, journal, op, plan, &touched).await;
+            let undo_failures = roll_back(caps, journal, store, op, plan, &touched).await;
             let outcome = if undo_failures.is_empty() {
                 Outcome::RolledBack
             } else {
@@ -416,7 +436,7 @@ async fn roll_forward(
             }),
         ) {
             Ok(j) => {
-                let r = act(caps, store, step, &mut win).await;
+                let r = act(caps, store, plan, step, &mut win).await;
                 touched.push((j, step.clone()));
                 r.and_then(|()| journal.step_done(op, j))
             }
@@ -486,7 +506,7 @@ pub async fn recover(
                 Err(e) => return Err(e),
             }
         } else {
-            let undo_failures = roll_back(caps, journal, op, &plan, &acted).await;
+            let undo_failures = roll_back(caps, journal, store, op, &plan, &acted).await;
             let outcome = if undo_failures.is_empty() {
                 Outcome::RolledBack
             } else {

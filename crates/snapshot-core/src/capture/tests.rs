@@ -591,6 +591,12 @@ fn assert_nothing_left(e: &Env, mode: &Mode, ctx: &str) {
     drop(s);
     assert!(e.store.names().unwrap().is_empty(), "{ctx}: metadata");
     assert_eq!(e.store.current().unwrap(), None, "{ctx}: current");
+    // The overlay record names no file of ours (a reused file stays the user's).
+    let rec = e.store.overlays().unwrap();
+    assert!(
+        rec.overlays.values().all(|o| !o.is_ours()),
+        "{ctx}: overlay record {rec:?}"
+    );
     assert!(journal(e).pending().is_empty(), "{ctx}: journal pending");
 }
 
@@ -627,6 +633,24 @@ fn assert_completed(e: &Env, mode: &Mode, plan: &CapturePlan, ctx: &str) {
     }
     drop(s);
     let name = &plan.name;
+    // Each overlay's maker recorded: the capture's own, the user's when reused or named.
+    let rec = e.store.overlays().unwrap();
+    for step in &plan.steps {
+        if let Step::PreCreateOverlay {
+            path,
+            backing,
+            reuse,
+            ..
+        } = step
+        {
+            let o = rec
+                .owner(path)
+                .unwrap_or_else(|| panic!("{ctx}: {path} not recorded"));
+            let ours = !reuse && *path == super::default_overlay_path(backing, name.as_str());
+            assert_eq!(o.is_ours(), ours, "{ctx}: {path}: {o:?}");
+            assert_eq!(o.snapshot.as_deref(), Some(name.as_str()), "{ctx}");
+        }
+    }
     let snap = e.store.read(name).unwrap();
     assert_eq!(e.store.current().unwrap().as_ref(), Some(name), "{ctx}");
     for (target, loc) in &plan.disks {

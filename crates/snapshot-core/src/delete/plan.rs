@@ -6,6 +6,7 @@ use crate::domain::{BackingStore, DomainDef, SourceRef};
 use crate::error::{Error, ErrorKind, Result};
 use crate::name::SnapshotName;
 use crate::revert::InternalDisk;
+use crate::store::OverlayOwner;
 use crate::tree::{DeleteScope, SnapshotTree};
 use crate::xml::{DomainSnapshot, Location, RawXml};
 use serde::{Deserialize, Serialize};
@@ -236,6 +237,10 @@ pub struct DeletePlan {
     /// What is kept that a user may expect gone (an overlay the user named, a RAM file), one
     /// line each.
     pub notes: Vec<String>,
+    /// `--metadata`: the files of the snapshots deleted are left to the user (their entries
+    /// in the overlay record become the user's).
+    #[serde(default)]
+    pub metadata_only: bool,
 }
 
 /// What the planner asks about files and images (the facade answers from the file system;
@@ -253,6 +258,35 @@ pub trait Facts {
     fn volume_path(&self, pool: &str, volume: &str) -> Option<String>;
     /// The files next to `image` (in its directory) that are overlays of it, by their headers.
     fn backed_by(&self, image: &str) -> Vec<String>;
+    /// Who made the file `path`, as the domain's overlay record says (the store's
+    /// [`crate::store::OverlayRecord`]); none where the record does not name it (a file made
+    /// before the record existed: its name tells, as before).
+    fn owner(&self, _path: &str) -> Option<OverlayOwner> {
+        None
+    }
+    /// The format of the backing file the qcow2 image `image` records (none if it records
+    /// none, or the facts cannot say).
+    fn backing_format(&self, _image: &str) -> Option<String> {
+        None
+    }
+}
+
+/// Is `path` virt-snap's own overlay (made by a capture or a revert)? The overlay record
+/// says; for a file it does not name, `by_name` (the name a capture or a revert picks).
+fn ours(facts: &dyn Facts, path: &str, by_name: bool) -> bool {
+    match facts.owner(path) {
+        Some(o) => o.is_ours(),
+        None => by_name,
+    }
+}
+
+/// Was `path` made by a revert to `snapshot`? The overlay record says; for a file it does
+/// not name, `by_name`.
+fn revert_of(facts: &dyn Facts, path: &str, snapshot: &str, by_name: bool) -> bool {
+    match facts.owner(path) {
+        Some(o) => o.is_revert_of(snapshot),
+        None => by_name,
+    }
 }
 
 fn plan_error(object: &str, what: String) -> Error {
@@ -457,6 +491,101 @@ fn needed(
     roots
         .iter()
         .any(|r| chains.chain(r).iter().any(|i| i == path))
+}
+
+/// An overlay left on a disk's top that nothing but the disk needs any more: virt-snap's own
+/// by the overlay record, made for a snapshot that is gone (or goes now, `deleting`), no
+/// remaining snapshot's overlay or image, holding no internal snapshot, the only overlay of
+/// the image below it, which is no remaining snapshot's image. (A revert's overlay of a
+/// snapshot deleted while its own overlay was still another snapshot's image: the delete of
+/// that one removes the image, and the revert's overlay would keep the disk off its own file
+/// for good.) Returns the merge into the image below and how the definition describes that
+/// image.
+#[allow(clippy::too_many_arguments)]
+fn orphan_on_top(
+    chains: &mut Chains<'_>,
+    sim: &SnapshotTree,
+    deleting: &str,
+    target: &str,
+    top: &str,
+    def: Option<&DomainDef>,
+    up: bool,
+    tagged: &dyn Fn(&str) -> bool,
+) -> Option<(Merge, crate::domain::Disk)> {
+    let facts = chains.facts;
+    let owner = facts.owner(top)?;
+    if !owner.is_ours() {
+        return None;
+    }
+    if let Some(made_for) = owner.snapshot.as_deref() {
+        if made_for != deleting && sim.contains(made_for) {
+            return None;
+        }
+    }
+    let below = chains.back(top)?;
+    if tagged(top) || chains.dependents(&below) != [top.to_string()] {
+        return None;
+    }
+    // No remaining snapshot names the top, or has the image below as its data.
+    for n in sim.topological() {
+        if n.as_str() == deleting {
+            continue;
+        }
+        let o = sim.get(n.as_str())?;
+        if o.disks.iter().any(|d| {
+            d.source
+                .as_ref()
+                .is_some_and(|x| x.file.as_deref() == Some(top) || x.dev.as_deref() == Some(top))
+        }) {
+            return None;
+        }
+        if let Some(raw) = &o.domain {
+            let copy = DomainDef::from_xml(raw.as_str()).ok()?;
+            for d in copy.disks() {
+                let img = image_path(d, facts);
+                if img.as_deref() == Some(top)
+                    || (d.target.dev == target && img.as_deref() == Some(below.as_str()))
+                    || d.backing_chain().any(|b| {
+                        matches!(b.source_ref(), Some(SourceRef::File(p)) | Some(SourceRef::Block(p)) if p == top)
+                    })
+                {
+                    return None;
+                }
+            }
+        }
+    }
+    // The image below as the definition describes it: the entry below the top where it
+    // writes the chain out, else a file of the format the top's header records.
+    let disk = def?.disk(target)?;
+    if source_path(disk).as_deref() != Some(top) {
+        return None;
+    }
+    let mut desc = disk.clone();
+    if !(desc.pop_overlay().is_some() && source_path(&desc).as_deref() == Some(below.as_str())) {
+        desc = disk.clone();
+        desc.disk_type = Some("file".into());
+        desc.source = Some(crate::domain::DiskSource::file(below.clone()));
+        desc.set_format(&facts.backing_format(top)?);
+        desc.set_backing_store(None);
+    }
+    let base_format = desc.format()?.to_string();
+    Some((
+        Merge {
+            disk: target.to_string(),
+            overlay: top.to_string(),
+            overlay_format: disk.format().unwrap_or("qcow2").to_string(),
+            base: below,
+            base_format,
+            above: None,
+            top: top.to_string(),
+            mode: if up {
+                CommitMode::Active
+            } else {
+                CommitMode::Offline
+            },
+        },
+        desc,
+    ))
 }
 
 /// Every snapshot's metadata, by name.
@@ -731,38 +860,72 @@ impl DeletePlan {
                             let revert_prefix =
                                 format!("{}.r", default_overlay_path(&base, sname.as_str()));
                             let is_revert_overlay = |r: &str| {
-                                r.strip_prefix(&revert_prefix).is_some_and(|n| {
+                                let by_name = r.strip_prefix(&revert_prefix).is_some_and(|n| {
                                     !n.is_empty() && n.chars().all(|c| c.is_ascii_digit())
-                                })
+                                });
+                                revert_of(facts, r, sname.as_str(), by_name)
                             };
                             // The revert overlays of this snapshot off the disk's active
                             // chain (states a later revert to it discarded) go first if
                             // nothing needs them: else one left behind keeps the base with
                             // two overlays, and neither this overlay nor the revert's one on
-                            // the active chain is ever merged back.
+                            // the active chain is ever merged back. So do, off the active
+                            // chain, virt-snap's overlays made for snapshots that are gone
+                            // (by the overlay record), with what only they held up, leaves
+                            // first: one kept by an earlier delete because a revert overlay
+                            // of this snapshot was on it.
+                            let disposable = |x: &str| {
+                                is_revert_overlay(x)
+                                    || facts.owner(x).is_some_and(|o| {
+                                        o.is_ours()
+                                            && o.snapshot.as_deref().is_some_and(|m| {
+                                                m == sname.as_str() || !sim.contains(m)
+                                            })
+                                    })
+                            };
                             let mut dropped: Vec<String> = vec![];
-                            for r in &deps {
-                                if *r != overlay
-                                    && is_revert_overlay(r)
-                                    && !chain.contains(r)
-                                    && !tagged(r, &removed_tags)
-                                    && !needed(
-                                        &mut chains,
-                                        &sim,
-                                        &tops,
-                                        def.as_ref(),
-                                        r,
-                                        Some(sname.as_str()),
-                                    )
-                                {
-                                    chains.known.remove(r);
-                                    chains.gone.insert(r.clone());
-                                    removes.push((r.clone(), base.clone()));
-                                    dropped.push(r.clone());
+                            for r in deps.clone() {
+                                if r == overlay || chain.contains(&r) || !disposable(&r) {
+                                    continue;
+                                }
+                                // r and what is backed by it, parents before children.
+                                let mut sub = vec![(r.clone(), base.clone())];
+                                let mut i = 0;
+                                while i < sub.len() && sub.len() < 64 {
+                                    let x = sub[i].0.clone();
+                                    for c in chains.dependents(&x) {
+                                        if !sub.iter().any(|(y, _)| *y == c) {
+                                            sub.push((c, x.clone()));
+                                        }
+                                    }
+                                    i += 1;
+                                }
+                                for (x, b) in sub.into_iter().rev() {
+                                    if disposable(&x)
+                                        && !chain.contains(&x)
+                                        && !tagged(&x, &removed_tags)
+                                        && !needed(
+                                            &mut chains,
+                                            &sim,
+                                            &tops,
+                                            def.as_ref(),
+                                            &x,
+                                            Some(sname.as_str()),
+                                        )
+                                    {
+                                        chains.known.remove(&x);
+                                        chains.gone.insert(x.clone());
+                                        removes.push((x.clone(), b));
+                                        dropped.push(x);
+                                    }
                                 }
                             }
                             deps.retain(|d| !dropped.contains(d));
-                            let ours = overlay == default_overlay_path(&base, sname.as_str());
+                            let ours = ours(
+                                facts,
+                                &overlay,
+                                overlay == default_overlay_path(&base, sname.as_str()),
+                            );
                             // Another snapshot's data is the base: its content must not change.
                             let base_is_data = sim.topological().iter().any(|n| {
                                 let Some(o) = sim.get(n.as_str()).filter(|_| *n != sname) else {
@@ -785,10 +948,24 @@ impl DeletePlan {
                             let mut merged = overlay.clone();
                             let mut at = chain.iter().position(|i| *i == overlay);
                             let holds_tags = tagged(&overlay, &removed_tags);
+                            // Overlays of the overlay other than the one above it on the
+                            // active chain (a branch on it: a child's overlay or revert
+                            // overlay the domain was reverted away from): a commit re-points
+                            // only the one above, the others would stay on the overlay while
+                            // their snapshots' metadata named the base (found by
+                            // tests/history.rs, seeds 1 and 23 with 24 operations).
+                            let above_it =
+                                at.and_then(|p| p.checked_sub(1)).map(|p| chain[p].clone());
+                            let on_overlay: Vec<String> = chains
+                                .dependents(&overlay)
+                                .into_iter()
+                                .filter(|x| Some(x) != above_it.as_ref())
+                                .collect();
                             if deps != [overlay.clone()]
                                 || at.is_none()
                                 || base_is_data
                                 || holds_tags
+                                || !on_overlay.is_empty()
                             {
                                 // Not this overlay: the base is the backing of other overlays
                                 // too (the snapshot was reverted to, or has branches), or the
@@ -801,6 +978,11 @@ impl DeletePlan {
                                     format!("{base} is another snapshot's image")
                                 } else if deps != [overlay.clone()] {
                                     format!("{base} has {} overlays", deps.len())
+                                } else if !on_overlay.is_empty() {
+                                    format!(
+                                        "{overlay} has {} overlays",
+                                        on_overlay.len() + usize::from(above_it.is_some())
+                                    )
                                 } else {
                                     format!("{overlay} is off the disk's active chain")
                                 };
@@ -819,8 +1001,10 @@ impl DeletePlan {
                                 // The base: virt-snap's own overlay (of the image below it)?
                                 let below = chains.back(&base);
                                 let base_ours = below.as_ref().is_some_and(|b| {
-                                    base.strip_prefix(&default_overlay_path(b, ""))
-                                        .is_some_and(|x| !x.is_empty() && !x.contains('/'))
+                                    let by_name = base
+                                        .strip_prefix(&default_overlay_path(b, ""))
+                                        .is_some_and(|x| !x.is_empty() && !x.contains('/'));
+                                    self::ours(facts, &base, by_name)
                                 });
                                 if gone {
                                     chains.known.remove(&overlay);
@@ -863,10 +1047,7 @@ impl DeletePlan {
                                     .filter(|d| !(gone && *d == overlay))
                                     .collect();
                                 let candidate = match &rest[..] {
-                                    [r] if r.starts_with(&revert_prefix)
-                                        && r[revert_prefix.len()..]
-                                            .chars()
-                                            .all(|c| c.is_ascii_digit())
+                                    [r] if is_revert_overlay(r)
                                         && !base_is_data
                                         && !tagged(r, &removed_tags) =>
                                     {
@@ -960,14 +1141,14 @@ impl DeletePlan {
                                 tops.insert(target.clone(), base.clone());
                             }
                             rewrites.push((target.clone(), overlay.clone(), cd.clone()));
-                            // Ours (the name a capture or a revert picks) unless the user
-                            // named it.
-                            if overlay == default_overlay_path(&base, sname.as_str())
+                            // Ours (the overlay record says; for a file it does not name,
+                            // the name a capture or a revert picks) unless the user gave it.
+                            let by_name = overlay == default_overlay_path(&base, sname.as_str())
                                 || overlay.starts_with(&format!(
                                     "{}.r",
                                     default_overlay_path(&base, sname.as_str())
-                                ))
-                            {
+                                ));
+                            if self::ours(facts, &overlay, by_name) {
                                 removes.push((overlay.clone(), base.clone()));
                             } else {
                                 notes.push(format!(
@@ -976,6 +1157,39 @@ impl DeletePlan {
                                 ));
                             }
                         }
+                    }
+                }
+                // What the deletes leave on a disk's top that nothing else needs goes back
+                // into the image below (not where a stream of this snapshot is planned on
+                // the disk: the streams run after the commits).
+                for dd in &dom.disks {
+                    let target = &dd.target;
+                    if streams.iter().any(|x: &Stream| x.disk == *target) {
+                        continue;
+                    }
+                    for _ in 0..16 {
+                        let Some(top) = tops.get(target).cloned() else {
+                            break;
+                        };
+                        let is_tagged = |i: &str| tagged(i, &removed_tags);
+                        let Some((merge, desc)) = orphan_on_top(
+                            &mut chains,
+                            &sim,
+                            sname.as_str(),
+                            target,
+                            &top,
+                            def.as_ref(),
+                            up,
+                            &is_tagged,
+                        ) else {
+                            break;
+                        };
+                        let base = merge.base.clone();
+                        chains.merged(&top, &base);
+                        tops.insert(target.clone(), base.clone());
+                        rewrites.push((target.clone(), top.clone(), desc));
+                        removes.push((top.clone(), base.clone()));
+                        commits.push(merge);
                     }
                 }
                 if let Some(m) = &s.memory {
@@ -1114,6 +1328,7 @@ impl DeletePlan {
             steps,
             commit_point,
             notes,
+            metadata_only: f.metadata,
         })
     }
 }

@@ -59,7 +59,12 @@ pub struct DeleteOutcome {
 type J = DomainJournal;
 
 /// Performs one step's effect.
-async fn act(caps: &Capabilities<'_>, store: &DomainStore, step: &Step) -> Result<()> {
+async fn act(
+    caps: &Capabilities<'_>,
+    store: &DomainStore,
+    plan: &DeletePlan,
+    step: &Step,
+) -> Result<()> {
     let i = caps.images;
     match step {
         Step::DeleteInternal {
@@ -86,9 +91,19 @@ async fn act(caps: &Capabilities<'_>, store: &DomainStore, step: &Step) -> Resul
                 store.save(d)?;
             }
             store.remove(snapshot)?;
-            store.set_current(current_after.as_ref())
+            store.set_current(current_after.as_ref())?;
+            // --metadata leaves the snapshot's files as they are, to the user: virt-snap no
+            // longer takes them for its own (no later delete merges or removes them).
+            if plan.metadata_only {
+                store.hand_over_overlays(snapshot.as_str())?;
+            }
+            Ok(())
         }
-        Step::RemoveOverlay { path, backing } => i.remove_overlay(path, backing).await,
+        Step::RemoveOverlay { path, backing } => {
+            i.remove_overlay(path, backing).await?;
+            // Gone: its entry in the overlay record goes too.
+            store.forget_overlay(path, false)
+        }
     }
 }
 
@@ -165,7 +180,7 @@ pub async fn run(
             Ok(j) => {
                 // Every undo is idempotent, and a failed step may have acted in part.
                 touched.push((j, step.clone()));
-                match act(caps, store, step).await {
+                match act(caps, store, plan, step).await {
                     Ok(()) => journal.step_done(op, j),
                     Err(e) => Err(e),
                 }
@@ -270,7 +285,7 @@ async fn roll_forward(
             step: step.clone(),
         });
         let res = match journal.record_step(op, rec) {
-            Ok(j) => match act(caps, store, step).await {
+            Ok(j) => match act(caps, store, plan, step).await {
                 Ok(()) => journal.step_done(op, j),
                 Err(e) => Err(e),
             },

@@ -7,7 +7,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::journal::{OpId, Outcome};
 pub use crate::ops::Recovered;
 use crate::ops::{self, DomainJournal, OpRecord, PlanRecord};
-use crate::store::DomainStore;
+use crate::store::{DomainStore, MadeBy, OverlayOwner};
 use serde::{Deserialize, Serialize};
 
 /// The journal `kind` of a revert operation.
@@ -59,7 +59,12 @@ pub struct RevertOutcome {
 type J = DomainJournal;
 
 /// Performs one step's effect.
-async fn act(caps: &Capabilities<'_>, store: &DomainStore, step: &Step) -> Result<()> {
+async fn act(
+    caps: &Capabilities<'_>,
+    store: &DomainStore,
+    plan: &RevertPlan,
+    step: &Step,
+) -> Result<()> {
     let (m, i) = (caps.machine, caps.images);
     match step {
         Step::Pause => m.pause().await,
@@ -76,7 +81,18 @@ async fn act(caps: &Capabilities<'_>, store: &DomainStore, step: &Step) -> Resul
             backing,
             backing_format,
             ..
-        } => i.create_overlay(path, backing, backing_format).await,
+        } => {
+            i.create_overlay(path, backing, backing_format).await?;
+            // virt-snap's own, recorded once it is there (a crash before leaves the step
+            // recorded: its undo removes the file).
+            store.record_overlay(
+                path,
+                OverlayOwner {
+                    by: MadeBy::Revert,
+                    snapshot: Some(plan.name.to_string()),
+                },
+            )
+        }
         Step::AddOverlayNode { node, path, .. } => i.add_node(node, path).await,
         Step::Repoint { swaps } => i.repoint(swaps).await,
         Step::ResetGuest => m.reset().await,
@@ -117,7 +133,10 @@ async fn undo(caps: &Capabilities<'_>, store: &DomainStore, step: &Step) -> Resu
         Step::ApplyInternal {
             disks, undo_tag, ..
         } => i.apply_internal(undo_tag, disks).await,
-        Step::CreateOverlay { path, backing, .. } => i.remove_overlay(path, backing).await,
+        Step::CreateOverlay { path, backing, .. } => {
+            i.remove_overlay(path, backing).await?;
+            store.forget_overlay(path, false)
+        }
         Step::SwitchDefinition { before, .. } => caps.definition.set(before).await,
         Step::AddOverlayNode { node, .. } => i.del_node(node).await,
         Step::Repoint { swaps } => i.unpoint(swaps).await,
@@ -208,7 +227,7 @@ pub async fn run(
             step: step.clone(),
         });
         let res = match journal.record_step(op, rec) {
-            Ok(j) => match act(caps, store, step).await {
+            Ok(j) => match act(caps, store, plan, step).await {
                 Ok(()) => {
                     touched.push((j, step.clone()));
                     journal.step_done(op, j)
@@ -255,7 +274,7 @@ async fn roll_forward(
             step: step.clone(),
         });
         let res = match journal.record_step(op, rec) {
-            Ok(j) => match act(caps, store, step).await {
+            Ok(j) => match act(caps, store, plan, step).await {
                 Ok(()) => journal.step_done(op, j),
                 Err(e) => Err(e),
             },

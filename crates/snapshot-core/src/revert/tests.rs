@@ -1017,6 +1017,10 @@ fn assert_as_it_was(e: &Env, mode: &Mode, plan: &RevertPlan, ctx: &str) {
         mode.dom.current,
         "{ctx}: current"
     );
+    assert!(
+        e.store.overlays().unwrap().overlays.is_empty(),
+        "{ctx}: overlay record"
+    );
     assert!(journal(e).pending().is_empty(), "{ctx}: journal pending");
 }
 
@@ -1143,6 +1147,16 @@ fn assert_reverted(e: &Env, mode: &Mode, plan: &RevertPlan, warned: bool, ctx: &
         Some("s1"),
         "{ctx}: current"
     );
+    // Each new overlay recorded as the revert's own, of s1.
+    let rec = e.store.overlays().unwrap();
+    for step in &plan.steps {
+        if let Step::CreateOverlay { path, .. } = step {
+            let o = rec
+                .owner(path)
+                .unwrap_or_else(|| panic!("{ctx}: {path} not recorded"));
+            assert!(o.is_revert_of("s1"), "{ctx}: {path}: {o:?}");
+        }
+    }
     assert!(journal(e).pending().is_empty(), "{ctx}: journal pending");
 }
 

@@ -633,11 +633,14 @@ struct FsFacts {
     volumes: std::collections::BTreeMap<(String, String), String>,
     /// Per directory read: each image file in it and its backing file (resolved).
     dirs: std::sync::Mutex<std::collections::BTreeMap<PathBuf, Vec<(PathBuf, String)>>>,
+    /// The domain's overlay record: who made each overlay file (empty where there is none,
+    /// or it cannot be read: then every file's name tells, as before the record existed).
+    owners: snapshot_core::store::OverlayRecord,
 }
 
 impl FsFacts {
     /// Resolves the pool volumes the snapshots' copies of the definition name.
-    async fn new(dom: &Domain, tree: &snapshot_core::SnapshotTree) -> FsFacts {
+    async fn new(dom: &Domain, tree: &snapshot_core::SnapshotTree, store: &DomainStore) -> FsFacts {
         let mut volumes = std::collections::BTreeMap::new();
         for n in tree.topological() {
             let Some(raw) = tree.get(n.as_str()).and_then(|s| s.domain.as_ref()) else {
@@ -662,9 +665,14 @@ impl FsFacts {
                 }
             }
         }
+        let owners = store.overlays().unwrap_or_else(|e| {
+            tracing::warn!(domain = %dom.name, "overlay record not read, names decide: {e}");
+            Default::default()
+        });
         FsFacts {
             volumes,
             dirs: Default::default(),
+            owners,
         }
     }
 }
@@ -721,6 +729,24 @@ impl Facts for FsFacts {
         self.volumes
             .get(&(pool.to_string(), volume.to_string()))
             .cloned()
+    }
+
+    fn backing_format(&self, image: &str) -> Option<String> {
+        image_formats::ImageInfo::open(Path::new(image), None)
+            .ok()?
+            .backing_format()
+    }
+
+    fn owner(&self, path: &str) -> Option<snapshot_core::store::OverlayOwner> {
+        if let Some(o) = self.owners.owner(path) {
+            return Some(o.clone());
+        }
+        // The same file spelled differently.
+        self.owners
+            .overlays
+            .iter()
+            .find(|(p, _)| same_image(p, path))
+            .map(|(_, o)| o.clone())
     }
 }
 
@@ -783,7 +809,7 @@ impl Domain {
                 .await?
         };
         let req = core::DeleteRequest { name: sname, flags };
-        let facts = FsFacts::new(self, &loaded.tree).await;
+        let facts = FsFacts::new(self, &loaded.tree, &store).await;
         let plan = DeletePlan::new(&req, &info, &loaded.tree, &facts)?;
         let offline = |s: &core::Step| match s {
             core::Step::Commit { merge, .. } => merge.mode == CommitMode::Offline,
