@@ -343,3 +343,39 @@ fn two_state_directories_sharing_a_lockspace_directory_exclude_each_other() {
     s.a.ok(&["destroy", "vm1"]);
     s.b.ok(&["start", "vm1"]);
 }
+
+#[test]
+fn a_keeper_killed_outright_is_replaced_by_the_next_command() {
+    let cluster = testbed::EtcdCluster::start(3).unwrap();
+    let s = setup(&cluster.url("/e2e6", TTL));
+    s.a.ok(&["start", "vm1"]);
+    let pidfile = s.a.state.join("run/vm1/keeper.pid");
+    let old: i32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    // SAFETY: kill(2) on the keeper this test's domain start spawned.
+    unsafe { libc::kill(old, libc::SIGKILL) };
+    std::thread::sleep(Duration::from_millis(200));
+    // Any command on the domain starts a new keeper...
+    assert_eq!(s.a.state_of("vm1"), "running (booted)");
+    let new: i32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_ne!(new, old);
+    // ... which keeps the leases past the TTL.
+    std::thread::sleep(Duration::from_secs(TTL + 1));
+    let e = s.b.fails(&["start", "vm1"]);
+    assert!(
+        e.contains("on host \"hostA\""),
+        "{e}; A's keeper: {}",
+        s.a.keeper_log("vm1")
+    );
+}

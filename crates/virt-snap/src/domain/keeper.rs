@@ -55,6 +55,8 @@ pub struct Fenced {
 
 const LEASES: &str = "leases.json";
 const FENCED: &str = "fenced.json";
+/// The running keeper's pid and start time.
+const KEEPER_PID: &str = "keeper.pid";
 /// The keeper's own QMP monitor in the run directory.
 pub(crate) const MONITOR: &str = "keeper.sock";
 
@@ -72,6 +74,7 @@ pub(crate) fn save(dir: &Path, f: &LeaseFile) -> Result<()> {
 pub(crate) fn remove(dir: &Path) {
     let _ = std::fs::remove_file(dir.join(LEASES));
     let _ = std::fs::remove_file(dir.join(FENCED));
+    let _ = std::fs::remove_file(dir.join(KEEPER_PID));
 }
 
 /// The fence record, if the keeper fenced the domain.
@@ -117,6 +120,37 @@ pub(crate) fn hand_to_qemu(
     Ok(leases.hand_over(pid)?)
 }
 
+/// Does the keeper of `dir` still run (its pid with the recorded start time)?
+fn keeper_alive(dir: &Path) -> bool {
+    let Ok(text) = std::fs::read_to_string(dir.join(KEEPER_PID)) else {
+        return false;
+    };
+    let mut it = text.split_whitespace().map(|w| w.parse::<u64>().ok());
+    match (it.next().flatten(), it.next().flatten()) {
+        (Some(pid), Some(start)) => {
+            runstate::proc_stat(pid as u32).is_some_and(|s| s.start_time == start && s.state != 'Z')
+        }
+        _ => false,
+    }
+}
+
+/// A running cluster domain whose keeper is gone (killed outright): start a new one, which
+/// renews the leases if they are still current and fences the domain at once if they are
+/// not. Called by every command that takes the domain's operation lock. Returns whether a
+/// keeper was started.
+pub(crate) fn ensure_keeper(conn: &crate::Connection, dir: &Path) -> bool {
+    let Some(f) = load(dir) else {
+        return false;
+    };
+    if fenced(dir).is_some()
+        || runstate::proc_stat(f.pid).map(|s| s.start_time) != Some(f.start_time)
+        || keeper_alive(dir)
+    {
+        return false;
+    }
+    spawn(&conn.inner().keeper, dir).is_ok()
+}
+
 /// Start the keeper `program __keeper DIR` for the leases recorded in `DIR/leases.json`: in a
 /// session of its own, stdin and stdout on /dev/null, stderr in `DIR/keeper.log`. Returns
 /// its pid.
@@ -153,6 +187,12 @@ pub(crate) fn spawn(program: &Path, dir: &Path) -> Result<u32> {
         .with_kind(ErrorKind::ToolFailed)
     })?;
     let pid = child.id();
+    if let Some(st) = runstate::proc_stat(pid) {
+        runstate::write_private(
+            &dir.join(KEEPER_PID),
+            format!("{pid} {}\n", st.start_time).as_bytes(),
+        )?;
+    }
     // Reaped when it exits, if this process lives that long.
     std::thread::spawn(move || {
         let _ = child.wait();
@@ -277,6 +317,14 @@ pub async fn run(dir: PathBuf, log: &dyn Fn(&str)) -> i32 {
         log("QEMU already gone: revoking");
         locking::etcd::revoke(&f.tickets, Duration::from_secs(5)).await;
         return 0;
+    }
+    // Who keeps them: so that a later command can tell whether this keeper still runs.
+    let me = std::process::id();
+    if let Some(st) = runstate::proc_stat(me) {
+        let _ = runstate::write_private(
+            &dir.join(KEEPER_PID),
+            format!("{me} {}\n", st.start_time).as_bytes(),
+        );
     }
     log(&format!(
         "keeping {} lease(s) of QEMU pid {} as host {:?}",

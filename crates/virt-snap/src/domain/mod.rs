@@ -709,6 +709,11 @@ impl Domain {
             .locks
             .acquire_timeout(&p, self.op_timeout)
             .await?;
+        // A cluster domain's keeper killed outright: a new one (which fences at once if the
+        // leases are gone meanwhile).
+        if keeper::ensure_keeper(&self.conn, &self.dir()) {
+            tracing::warn!(domain = %self.name, "the lease keeper was gone: started a new one");
+        }
         // Operations that change a running domain's disks or snapshots begin only while its
         // cluster leases are current (a no-op in a local lockspace).
         if op.starts_with("snapshot ") {
