@@ -246,21 +246,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
         None => None,
     };
     let (do_ours, do_peer) = (only != Some("libvirt"), only != Some("virt-snap"));
-    for t in ["qemu-img", QEMU] {
-        if !util::have(t) {
-            return Err(format!("`{t}` is not installed: run `cargo xtask deps`"));
-        }
-    }
-    if std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_err()
-    {
-        return Err(
-            "/dev/kvm cannot be opened: this benchmark runs KVM domains (run as root)".into(),
-        );
-    }
+    super::require(&["qemu-img", QEMU], true)?;
     let ours_bin = if do_ours {
         let bin = build_release("virt-snap")?.join("virt-snap");
         let help = util::output(Command::new(&bin).arg("--help"))?;

@@ -270,21 +270,7 @@ fn domain_start(vs: PathBuf, driver: &Path, runs: usize, work: &Path) -> Result<
 /// Run the benchmark.
 pub fn run(args: &[String]) -> Result<(), String> {
     let runs = runs_arg(args, 20)?;
-    for t in ["qemu-img", QEMU, "etcd", "etcdctl"] {
-        if !util::have(t) {
-            return Err(format!("`{t}` is not installed: run `cargo xtask deps`"));
-        }
-    }
-    if std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_err()
-    {
-        return Err(
-            "/dev/kvm cannot be opened: this benchmark runs KVM domains (run as root)".into(),
-        );
-    }
+    super::require(&["qemu-img", QEMU, "etcd", "etcdctl"], true)?;
     let driver = build_release_bin("bench-drivers", "lock_bench")?.join("lock_bench");
     let vs = build_release("virt-snap")?.join("virt-snap");
 

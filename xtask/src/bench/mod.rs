@@ -99,6 +99,28 @@ pub fn build_release_bin(package: &str, bin: &str) -> Result<std::path::PathBuf,
     Ok(target.join("release"))
 }
 
+/// Fail, saying how to install them, unless the programs `tools` are installed; with `kvm`,
+/// also unless `/dev/kvm` can be opened (benchmarks that run KVM domains).
+pub fn require(tools: &[&str], kvm: bool) -> Result<(), String> {
+    for t in tools {
+        if !util::have(t) {
+            return Err(format!("`{t}` is not installed: run `cargo xtask deps`"));
+        }
+    }
+    if kvm
+        && std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .is_err()
+    {
+        return Err(
+            "/dev/kvm cannot be opened: this benchmark runs KVM domains (run as root)".into(),
+        );
+    }
+    Ok(())
+}
+
 /// Parse `--runs N` from the benchmark's arguments.
 pub fn runs_arg(args: &[String], default: usize) -> Result<usize, String> {
     num_arg(args, "--runs", default)

@@ -674,16 +674,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
             }
         }
     }
-    if std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_err()
-    {
-        return Err(
-            "/dev/kvm cannot be opened: this benchmark runs KVM domains (run as root)".into(),
-        );
-    }
+    super::require(&[], true)?;
     let virt_snap = if o.ours {
         Some(build_release("virt-snap")?.join("virt-snap"))
     } else {
