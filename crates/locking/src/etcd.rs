@@ -122,6 +122,17 @@ impl EtcdConfig {
         })
     }
 
+    /// Enough to renew or revoke a [`Ticket`]'s lease (leases need no prefix nor host).
+    fn of_ticket(t: &Ticket, ttl: Duration, timeout: Duration) -> EtcdConfig {
+        EtcdConfig {
+            endpoints: t.endpoints.clone(),
+            prefix: String::new(),
+            ttl,
+            timeout,
+            host: String::new(),
+        }
+    }
+
     /// `etcd://h1:p1,h2:p2/prefix`, for messages.
     pub fn url(&self) -> String {
         let hosts: Vec<&str> = self
@@ -456,18 +467,22 @@ impl EtcdBackend {
         let r = self
             .shared
             .run("revoke a lease", move |sh, mut c| async move {
-                match c.lease_revoke(lease).await {
-                    Ok(_) => Ok(()),
-                    // Already expired: the same outcome.
-                    Err(etcd_client::Error::GRpcStatus(s)) if s.message().contains("not found") => {
-                        Ok(())
-                    }
-                    Err(e) => Err(sh.cfg.unavailable("revoke a lease", e)),
-                }
+                revoke_one(&mut c, lease)
+                    .await
+                    .map_err(|e| sh.cfg.unavailable("revoke a lease", e))
             });
         if let Err(e) = r {
             tracing_like_warn(&format!("{e}; the lease expires on its own within its TTL"));
         }
+    }
+}
+
+/// Revoke `lease`; one that expired already (etcd: "lease not found") is the same outcome.
+async fn revoke_one(c: &mut Client, lease: i64) -> Result<(), etcd_client::Error> {
+    match c.lease_revoke(lease).await {
+        Ok(_) => Ok(()),
+        Err(etcd_client::Error::GRpcStatus(s)) if s.message().contains("not found") => Ok(()),
+        Err(e) => Err(e),
     }
 }
 
@@ -765,13 +780,7 @@ pub async fn keep(
         return Kept::Released;
     };
     let ttl = Duration::from_millis(tickets.iter().map(|t| t.ttl_ms).min().unwrap_or(10_000));
-    let cfg = EtcdConfig {
-        endpoints: first.endpoints.clone(),
-        prefix: String::new(),
-        ttl,
-        timeout: (ttl / 4).max(Duration::from_millis(500)),
-        host: String::new(),
-    };
+    let cfg = EtcdConfig::of_ticket(&first, ttl, (ttl / 4).max(Duration::from_millis(500)));
     let every = (ttl / 5).max(Duration::from_millis(200));
     // Renewals count from when they were sent: etcd extends the lease from when it received
     // them, which is later.
@@ -890,13 +899,7 @@ pub async fn revoke(tickets: &[Ticket], within: Duration) -> bool {
     let Some(first) = tickets.first() else {
         return true;
     };
-    let cfg = EtcdConfig {
-        endpoints: first.endpoints.clone(),
-        prefix: String::new(),
-        ttl: DEFAULT_TTL,
-        timeout: Duration::from_secs(1),
-        host: String::new(),
-    };
+    let cfg = EtcdConfig::of_ticket(first, DEFAULT_TTL, Duration::from_secs(1));
     let end = Instant::now() + within;
     let mut members = Endpoints::default();
     let mut left: Vec<i64> = tickets.iter().map(|t| t.lease).collect();
@@ -904,11 +907,11 @@ pub async fn revoke(tickets: &[Ticket], within: Duration) -> bool {
         if let Ok(mut c) = members.client(&cfg).await {
             let mut still = Vec::new();
             for l in left {
-                match tokio::time::timeout(cfg.timeout, c.lease_revoke(l)).await {
-                    Ok(Ok(_)) => {}
-                    Ok(Err(etcd_client::Error::GRpcStatus(s)))
-                        if s.message().contains("not found") => {}
-                    _ => still.push(l),
+                if !matches!(
+                    tokio::time::timeout(cfg.timeout, revoke_one(&mut c, l)).await,
+                    Ok(Ok(()))
+                ) {
+                    still.push(l);
                 }
             }
             if !still.is_empty() {
