@@ -27,6 +27,23 @@ const OURS: &str = "vsbench-dom-virtsnap";
 const PEER: &str = "vsbench-dom-libvirt";
 const FLOOR_NAME: &str = "vsbench-dom-floor";
 
+/// The bench domain's two 64 MiB qcow2 disks `DIR/TAG-a.qcow2` and `DIR/TAG-b.qcow2`, created.
+pub(super) fn two_disks(dir: &Path, tag: &str) -> Result<[PathBuf; 2], String> {
+    let d = [
+        dir.join(format!("{tag}-a.qcow2")),
+        dir.join(format!("{tag}-b.qcow2")),
+    ];
+    for p in &d {
+        util::output(
+            Command::new("qemu-img")
+                .args(["create", "-q", "-f", "qcow2"])
+                .arg(p)
+                .arg("64M"),
+        )?;
+    }
+    Ok(d)
+}
+
 /// The domain XML both sides define.
 pub(super) fn domain_xml(name: &str, disks: &[PathBuf; 2]) -> String {
     format!(
@@ -281,21 +298,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work).map_err(|e| e.to_string())?;
     let _work = WorkDir(work.clone());
-    let disks = |tag: &str| -> Result<[PathBuf; 2], String> {
-        let d = [
-            work.join(format!("{tag}-a.qcow2")),
-            work.join(format!("{tag}-b.qcow2")),
-        ];
-        for p in &d {
-            util::output(
-                Command::new("qemu-img")
-                    .args(["create", "-q", "-f", "qcow2"])
-                    .arg(p)
-                    .arg("64M"),
-            )?;
-        }
-        Ok(d)
-    };
+    let disks = |tag: &str| two_disks(&work, tag);
     step("two 64 MiB qcow2 disks per side, the domain XML");
     let ours_xml = work.join("ours.xml");
     let peer_xml = work.join("libvirt.xml");

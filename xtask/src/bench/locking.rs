@@ -170,18 +170,7 @@ fn domain_start(vs: PathBuf, driver: &Path, runs: usize, work: &Path) -> Result<
     step("two 64 MiB qcow2 disks per side, the domain XML; a 3-member etcd cluster");
     let mut xmls = Vec::new();
     for name in [LOCAL, ETCD] {
-        let disks = [
-            work.join(format!("{name}-a.qcow2")),
-            work.join(format!("{name}-b.qcow2")),
-        ];
-        for p in &disks {
-            util::output(
-                Command::new("qemu-img")
-                    .args(["create", "-q", "-f", "qcow2"])
-                    .arg(p)
-                    .arg("64M"),
-            )?;
-        }
+        let disks = super::domain::two_disks(work, name)?;
         let xml = work.join(format!("{name}.xml"));
         std::fs::write(&xml, domain_xml(name, &disks)).map_err(|e| e.to_string())?;
         xmls.push(xml);
