@@ -60,6 +60,17 @@ const KEEPER_PID: &str = "keeper.pid";
 /// The keeper's own QMP monitor in the run directory.
 pub(crate) const MONITOR: &str = "keeper.sock";
 
+impl LeaseFile {
+    /// Is its QEMU still the process running under that pid?
+    fn qemu_runs(&self) -> bool {
+        runstate::proc_stat(self.pid).map(|s| s.start_time) == Some(self.start_time)
+    }
+    /// Is it the record of the same QEMU as `other`?
+    fn same_qemu(&self, other: &LeaseFile) -> bool {
+        self.pid == other.pid && self.start_time == other.start_time
+    }
+}
+
 pub(crate) fn load(dir: &Path) -> Option<LeaseFile> {
     let s = std::fs::read(dir.join(LEASES)).ok()?;
     serde_json::from_slice(&s).ok()
@@ -142,10 +153,7 @@ pub(crate) fn ensure_keeper(conn: &crate::Connection, dir: &Path) -> bool {
     let Some(f) = load(dir) else {
         return false;
     };
-    if fenced(dir).is_some()
-        || runstate::proc_stat(f.pid).map(|s| s.start_time) != Some(f.start_time)
-        || keeper_alive(dir)
-    {
+    if fenced(dir).is_some() || !f.qemu_runs() || keeper_alive(dir) {
         return false;
     }
     spawn(&conn.inner().keeper, dir).is_ok()
@@ -312,7 +320,7 @@ pub async fn run(dir: PathBuf, log: &dyn Fn(&str)) -> i32 {
         log(&format!("no lease file in {}", dir.display()));
         return 2;
     };
-    if runstate::proc_stat(f.pid).map(|s| s.start_time) != Some(f.start_time) {
+    if !f.qemu_runs() {
         // QEMU is gone already: nothing to keep.
         log("QEMU already gone: revoking");
         locking::etcd::revoke(&f.tickets, Duration::from_secs(5)).await;
@@ -336,7 +344,7 @@ pub async fn run(dir: PathBuf, log: &dyn Fn(&str)) -> i32 {
     // file; each round picks them up.
     let more = || {
         load(&dir)
-            .filter(|now| now.pid == f.pid && now.start_time == f.start_time)
+            .filter(|now| now.same_qemu(&f))
             .map(|now| now.tickets)
             .unwrap_or_default()
     };
@@ -344,7 +352,7 @@ pub async fn run(dir: PathBuf, log: &dyn Fn(&str)) -> i32 {
         locking::etcd::Kept::Released => {
             log("QEMU exited: leases revoked");
             // Only if it is still ours (a new start may have written its own).
-            if load(&dir).is_some_and(|now| now.pid == f.pid && now.start_time == f.start_time) {
+            if load(&dir).is_some_and(|now| now.same_qemu(&f)) {
                 let _ = std::fs::remove_file(dir.join(LEASES));
             }
             0
@@ -363,7 +371,7 @@ pub async fn run(dir: PathBuf, log: &dyn Fn(&str)) -> i32 {
             }
             if let Err(e) = &fenced_ok {
                 log(&format!("fence through the monitor failed: {e}"));
-                if runstate::proc_stat(f.pid).map(|s| s.start_time) == Some(f.start_time) {
+                if f.qemu_runs() {
                     // The last resort: a QEMU that cannot be paused must not write on.
                     // SAFETY: kill(2) on the QEMU this keeper was started for (pid and start
                     // time checked just now).
@@ -376,7 +384,7 @@ pub async fn run(dir: PathBuf, log: &dyn Fn(&str)) -> i32 {
             }
             // Every lease of this QEMU, also those added since the keeper started.
             let tickets = load(&dir)
-                .filter(|now| now.pid == f.pid && now.start_time == f.start_time)
+                .filter(|now| now.same_qemu(&f))
                 .map_or(f.tickets.clone(), |now| now.tickets);
             let ttl = Duration::from_millis(tickets.iter().map(|t| t.ttl_ms).max().unwrap_or(0));
             if locking::etcd::revoke(&tickets, 2 * ttl).await {
@@ -419,7 +427,7 @@ pub(crate) fn leases_current(conn: &crate::Connection, domain: &str, what: &str)
     let Some(f) = load(&dir) else {
         return Ok(());
     };
-    if runstate::proc_stat(f.pid).map(|s| s.start_time) != Some(f.start_time) {
+    if !f.qemu_runs() {
         return Ok(());
     }
     if let Some(fenced) = fenced(&dir) {
