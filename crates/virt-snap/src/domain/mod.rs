@@ -714,11 +714,15 @@ impl Domain {
         if keeper::ensure_keeper(&self.conn, &self.dir()) {
             tracing::warn!(domain = %self.name, "the lease keeper was gone: started a new one");
         }
-        // Operations that change a running domain's disks or snapshots begin only while its
-        // cluster leases are current (a no-op in a local lockspace).
-        if op.starts_with("snapshot ") {
-            keeper::leases_current(&self.conn, &self.name, op)?;
-        }
+        Ok(held)
+    }
+
+    /// [`Domain::op_lock`] for an operation that changes the domain's disks or snapshots: it
+    /// begins only while the domain's cluster leases are current, recorded under their tokens
+    /// (a no-op in a local lockspace, or for a domain not running here).
+    pub(crate) async fn op_lock_to_change(&self, op: &str) -> Result<locking::Acquired> {
+        let held = self.op_lock(op).await?;
+        keeper::leases_current(&self.conn, &self.name, op)?;
         Ok(held)
     }
 

@@ -242,7 +242,7 @@ impl LiveDomain {
     async fn take_op(&self) -> Result<locking::Acquired> {
         match self.op.lock().await.take() {
             Some(op) => Ok(op),
-            None => self.dom.op_lock("snapshot create").await,
+            None => self.dom.op_lock_to_change("snapshot create").await,
         }
     }
 
@@ -253,7 +253,7 @@ impl LiveDomain {
         let mine = op.take().is_some();
         let r = f.await;
         if mine {
-            *op = Some(self.dom.op_lock("snapshot create").await?);
+            *op = Some(self.dom.op_lock_to_change("snapshot create").await?);
         }
         r
     }
@@ -1303,7 +1303,7 @@ impl Domain {
     /// thawed, the metadata unchanged. A defined domain's stored definition then points its
     /// disks at their new overlays, so that its next start uses them.
     pub async fn snapshot_create(&self, req: CaptureRequest) -> Result<CaptureResult> {
-        let op = self.op_lock("snapshot create").await?;
+        let op = self.op_lock_to_change("snapshot create").await?;
         let (recovered, op) = self.recover_captures(op).await;
         let op = op?;
         recovered?;

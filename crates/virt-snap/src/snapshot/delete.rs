@@ -782,7 +782,7 @@ impl Domain {
     /// connection's [`Progress`](crate::progress::Progress).
     pub async fn snapshot_delete(&self, name: &str, flags: DeleteFlags) -> Result<DeleteResult> {
         let t0 = Instant::now();
-        let op = self.op_lock("snapshot delete").await?;
+        let op = self.op_lock_to_change("snapshot delete").await?;
         let (recovered, op) = self.recover_captures(op).await;
         let _op = op?;
         recovered?;

@@ -667,7 +667,7 @@ impl Domain {
     /// ends as it was. Afterwards the snapshot is current. docs/revert.md has the kinds.
     pub async fn snapshot_revert(&self, name: &str, flags: RevertFlags) -> Result<RevertResult> {
         let t0 = Instant::now();
-        let op = self.op_lock("snapshot revert").await?;
+        let op = self.op_lock_to_change("snapshot revert").await?;
         let (recovered, op) = self.recover_captures(op).await;
         let _op = op?;
         recovered?;
