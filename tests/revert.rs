@@ -563,3 +563,105 @@ fn a_killed_revert_is_recovered_by_the_next_command() {
     );
     let _ = vda;
 }
+
+/// QEMU's guest memory in MiB (`query-memory-size-summary`).
+fn qemu_mib(d: &Dom) -> u64 {
+    let v: Value = serde_json::from_str(&d.vs(&[
+        "qemu-monitor-command",
+        r#"{"execute":"query-memory-size-summary"}"#,
+    ]))
+    .unwrap();
+    v["return"]["base-memory"].as_u64().unwrap() >> 20
+}
+
+/// The domain's XML with its `<memory>` set to `mib`, defined again.
+fn redefine_memory(d: &Dom, mib: u32) {
+    let xml = d.vs(&["dumpxml"]);
+    let at = xml.find("<memory").unwrap();
+    let end = at + xml[at..].find("</memory>").unwrap() + "</memory>".len();
+    let new = format!(
+        "{}<memory unit='MiB'>{mib}</memory>{}",
+        &xml[..at],
+        &xml[end..]
+    );
+    let f = d.file("redefined.xml");
+    std::fs::write(&f, new).unwrap();
+    ok(d.s(), &["define", f.to_str().unwrap()]);
+}
+
+/// The defined `<memory>` in MiB (dumpxml).
+fn defined_mib(d: &Dom) -> u64 {
+    let xml = d.vs(&["dumpxml"]);
+    let at = xml.find("<memory").unwrap();
+    let tag = &xml[at..at + xml[at..].find('>').unwrap()];
+    let value: u64 = xml[at + tag.len() + 1..][..xml[at + tag.len() + 1..].find('<').unwrap()]
+        .trim()
+        .parse()
+        .unwrap();
+    match tag {
+        t if t.contains("'MiB'") => value,
+        t if t.contains("'GiB'") => value << 10,
+        _ => value >> 10,
+    }
+}
+
+#[test]
+fn the_snapshot_configuration_comes_back_and_a_different_qemu_is_restarted_only_with_force() {
+    let d = Dom::define("rv-config");
+    let vda = d.file("vda.qcow2");
+    d.vs(&["start"]);
+    assert_eq!(qemu_mib(&d), 64);
+    d.vs(&["snapshot-create-as", "s1"]);
+    // Redefined while it runs: the stored definition changes, the QEMU does not.
+    redefine_memory(&d, 96);
+    assert_eq!(defined_mib(&d), 96);
+    let pid = d.pid().expect("running");
+    let r = d.revert(&["s1"]);
+    assert_eq!(r["kind"], "internal-in-place", "{r}");
+    assert_eq!(d.pid(), Some(pid), "the same QEMU");
+    assert_eq!(defined_mib(&d), 64, "the snapshot's configuration is back");
+
+    // Started with more memory since: the snapshot does not load into this QEMU.
+    d.vs(&["destroy"]);
+    write(&vda, 0xbb);
+    redefine_memory(&d, 96);
+    d.vs(&["start"]);
+    assert_eq!(qemu_mib(&d), 96);
+    let pid = d.pid().expect("running");
+    let err = fails(d.s(), &["snapshot-revert", d.name, "s1"]);
+    assert!(
+        err.contains("memory: 96 MiB now, 64 MiB in the snapshot") && err.contains("--force"),
+        "{err}"
+    );
+    assert_eq!(d.pid(), Some(pid), "nothing changed");
+    assert_eq!(defined_mib(&d), 96);
+    let r = d.revert(&["s1", "--force"]);
+    assert_eq!(r["kind"], "internal-restart", "{r}");
+    assert_eq!(r["state"], "running", "{r}");
+    assert_ne!(d.pid(), Some(pid), "a new QEMU");
+    assert_eq!(qemu_mib(&d), 64, "started with the snapshot's memory");
+    assert_eq!(d.status(), "running");
+    assert_eq!(defined_mib(&d), 64);
+    d.vs(&["destroy"]);
+    holds(&vda, 0xaa);
+}
+
+#[test]
+fn a_ram_file_loads_into_a_qemu_with_the_snapshots_configuration() {
+    let d = Dom::define("rv-config-mem");
+    d.vs(&["start"]);
+    let mem = d.file("s1.mem");
+    let memspec = format!("file={}", mem.display());
+    d.vs(&["snapshot-create-as", "s1", "--memspec", &memspec]);
+    d.vs(&["destroy"]);
+    // More memory since: a RAM state of 64 MiB does not load into a 96 MiB guest.
+    redefine_memory(&d, 96);
+    d.vs(&["start"]);
+    assert_eq!(qemu_mib(&d), 96);
+    let r = d.revert(&["s1"]);
+    assert_eq!(r["kind"], "external-memory", "{r}");
+    assert_eq!(r["state"], "running", "{r}");
+    assert_eq!(qemu_mib(&d), 64);
+    assert_eq!(defined_mib(&d), 64);
+    assert_eq!(d.status(), "running");
+}

@@ -21,8 +21,9 @@
 use crate::error::{Error, ErrorKind, Result};
 use crate::name::DomainName;
 pub use crate::xmltree::Extra;
-use crate::xmltree::{attr_rank, parse_tree, unit_scale, Elem, Out, OutNode};
+use crate::xmltree::{attr_rank, parse_tree, unit_scale, Elem, Out, OutNode, RawXml};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeSet;
 use std::fmt;
 
 /// The largest domain document accepted, in bytes (virsh's limit for an XML file).
@@ -1263,6 +1264,116 @@ impl DomainDef {
         let mut s = String::new();
         root.write(&mut s, 0);
         s
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A snapshot's configuration.
+
+/// Top-level elements that describe a domain without changing what QEMU runs: a difference
+/// in them needs no restart.
+const DESCRIPTIVE: [&str; 3] = ["description", "title", "metadata"];
+
+impl DomainDef {
+    /// Takes `snap`'s configuration (a snapshot's copy of the definition, for a revert):
+    /// its type, memory, vCPUs, `<os>`, emulator, serials, channels, other devices and
+    /// unknown elements, as libvirt's revert does. Kept from `self`: the name, the UUID and
+    /// the disks (a revert moves the snapshot's disks itself; a disk added since stays).
+    pub fn take_config_of(&mut self, snap: &DomainDef) {
+        self.domain_type = snap.domain_type.clone();
+        self.memory = snap.memory.clone();
+        self.current_memory = snap.current_memory.clone();
+        self.vcpu = snap.vcpu.clone();
+        self.os = snap.os.clone();
+        self.devices.emulator = snap.devices.emulator.clone();
+        self.devices.serials = snap.devices.serials.clone();
+        self.devices.channels = snap.devices.channels.clone();
+        self.devices.extra = snap.devices.extra.clone();
+        self.extra = snap.extra.clone();
+    }
+
+    /// What in `self` (a snapshot's configuration) a QEMU started from `running` does not
+    /// run as `self` says, so that loading the snapshot into it would need a new QEMU: one
+    /// line per difference, empty when none. Disks (which a revert moves itself),
+    /// `<currentMemory>` and the descriptive elements (`<description>`, `<title>`,
+    /// `<metadata>`) are not compared.
+    pub fn restart_differences(&self, running: &DomainDef) -> Vec<String> {
+        fn differ(out: &mut Vec<String>, what: &str, snap: String, now: String) {
+            if snap != now {
+                out.push(format!("{what}: {now} now, {snap} in the snapshot"));
+            }
+        }
+        let mut out = Vec::new();
+        differ(
+            &mut out,
+            "type",
+            self.domain_type.clone(),
+            running.domain_type.clone(),
+        );
+        let mib = |d: &DomainDef| match d.memory_bytes() {
+            Some(b) if b % (1 << 20) == 0 => format!("{} MiB", b >> 20),
+            Some(b) => format!("{b} bytes"),
+            None => "an unknown size".into(),
+        };
+        differ(&mut out, "memory", mib(self), mib(running));
+        differ(
+            &mut out,
+            "vcpus",
+            self.vcpus().to_string(),
+            running.vcpus().to_string(),
+        );
+        differ(
+            &mut out,
+            "vcpus online at boot",
+            self.current_vcpus().to_string(),
+            running.current_vcpus().to_string(),
+        );
+        if self.os != running.os {
+            out.push("os: the boot settings (<os>) differ".into());
+        }
+        differ(
+            &mut out,
+            "emulator",
+            self.devices
+                .emulator
+                .clone()
+                .unwrap_or_else(|| "the default".into()),
+            running
+                .devices
+                .emulator
+                .clone()
+                .unwrap_or_else(|| "the default".into()),
+        );
+        if self.devices.serials != running.devices.serials
+            || self.devices.channels != running.devices.channels
+        {
+            out.push("devices: the <serial> or <channel> devices differ".into());
+        }
+        if self.devices.extra != running.devices.extra {
+            out.push("devices: devices other than disks differ".into());
+        }
+        // Unknown top-level elements (<cpu>, <features>, <clock>, ...), compared by name.
+        let named = |e: &'_ Extra, n: &str| -> Vec<RawXml> {
+            e.children
+                .iter()
+                .filter(|c| c.element_name() == Some(n))
+                .cloned()
+                .collect()
+        };
+        let names: BTreeSet<&str> = self
+            .extra
+            .children
+            .iter()
+            .chain(&running.extra.children)
+            .filter_map(|c| c.element_name())
+            .filter(|n| !DESCRIPTIVE.contains(n))
+            .collect();
+        for n in names {
+            if named(&self.extra, n) != named(&running.extra, n) {
+                out.push(format!("<{n}> differs"));
+            }
+        }
+        out
     }
 }
 

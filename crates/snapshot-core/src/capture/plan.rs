@@ -251,8 +251,30 @@ pub struct DomainInfo {
     pub disks: Vec<DomainDisk>,
     /// The current snapshot (the new one's parent).
     pub current: Option<SnapshotName>,
-    /// The domain definition to embed in the snapshot's metadata.
+    /// The domain definition to embed in the snapshot's metadata (the stored one).
     pub domain_xml: Option<RawXml>,
+    /// The definition the running QEMU was started from, when the domain runs and it is
+    /// known (its disks may have moved since; only the rest is read): a revert compares a
+    /// snapshot's configuration with it to tell whether the snapshot loads in place.
+    /// `None`: the stored definition is taken for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub running_xml: Option<RawXml>,
+}
+
+impl DomainInfo {
+    /// The copy of the definition a snapshot keeps: the stored definition, with the
+    /// configuration the running QEMU was started from when it differs (a definition
+    /// changed while the domain runs applies from its next start; a snapshot's RAM is the
+    /// running configuration's), as libvirt keeps the live definition.
+    pub fn snapshot_copy(&self) -> Option<RawXml> {
+        let stored = self.domain_xml.as_ref()?;
+        let merged = self.running_xml.as_ref().and_then(|r| {
+            let mut d = crate::DomainDef::from_xml(stored.as_str()).ok()?;
+            d.take_config_of(&crate::DomainDef::from_xml(r.as_str()).ok()?);
+            RawXml::element(&d.to_xml()).ok()
+        });
+        Some(merged.unwrap_or_else(|| stored.clone()))
+    }
 }
 
 /// One `blockdev-snapshot` action of the transaction.
@@ -886,7 +908,7 @@ impl CapturePlan {
                     ..Default::default()
                 }),
                 disks: snap_disks,
-                domain: dom.domain_xml.clone(),
+                domain: dom.snapshot_copy(),
                 ..Default::default()
             };
             steps.push(Step::CommitMetadata {

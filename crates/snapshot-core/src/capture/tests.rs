@@ -7,7 +7,7 @@ use crate::journal::Journal;
 use crate::name::SnapshotName;
 use crate::store::{DomainStore, SnapshotStore};
 use crate::testkit::{block_on, Faults, Faulty, Inject, Killed};
-use crate::xml::Location;
+use crate::xml::{Location, RawXml};
 use std::collections::BTreeSet;
 use std::panic::AssertUnwindSafe;
 use std::sync::Mutex;
@@ -349,6 +349,7 @@ fn domain(disks: Vec<DomainDisk>) -> DomainInfo {
         disks,
         current: None,
         domain_xml: None,
+        running_xml: None,
     }
 }
 
@@ -1262,4 +1263,31 @@ fn a_refused_background_snapshot_fails_clearly_or_falls_back_when_asked() {
     r.flags.fallback_paused = true;
     r.memory = MemoryChoice::External { file: "/m".into() };
     assert!(plan_err(&r, &domain(vec![qcow2("vda")])).contains("--fallback-paused"));
+}
+
+#[test]
+fn a_snapshot_keeps_the_running_configuration_with_the_stored_disks() {
+    let def = |mem: u32, src: &str| {
+        format!(
+            "<domain type='kvm'><name>vm</name><uuid>0b0e6b0a-6f7e-4a5e-9d6c-2d1f3b7b9a01</uuid>\
+             <memory unit='KiB'>{mem}</memory><os><type arch='x86_64'>hvm</type></os>\
+             <devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/>\
+             <source file='{src}'/><target dev='vda' bus='virtio'/></disk></devices></domain>"
+        )
+    };
+    let mut d = domain(vec![]);
+    // Stored: redefined with more memory while it runs; its disk moved to an overlay.
+    d.domain_xml = Some(RawXml::element(&def(262144, "/img/vda.s1")).unwrap());
+    assert_eq!(
+        d.snapshot_copy(),
+        d.domain_xml,
+        "not running: the stored one"
+    );
+    d.running_xml = Some(RawXml::element(&def(131072, "/img/vda.qcow2")).unwrap());
+    let copy = crate::DomainDef::from_xml(d.snapshot_copy().unwrap().as_str()).unwrap();
+    assert_eq!(copy.memory_bytes(), Some(128 << 20));
+    assert_eq!(
+        copy.disks()[0].source_ref(),
+        Some(crate::domain::SourceRef::File("/img/vda.s1"))
+    );
 }

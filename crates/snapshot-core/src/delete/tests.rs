@@ -548,6 +548,7 @@ fn info(e: &Env) -> DomainInfo {
         }],
         current: e.store.current().unwrap(),
         domain_xml: Some(RawXml::element(&s.definition).unwrap()),
+        running_xml: None,
     }
 }
 

@@ -5,8 +5,9 @@
 //! kind [`JOURNAL_KIND`]); [`recover`] finishes or undoes what a killed run left there.
 //!
 //! ```text
-//! internal, in place:   [Pause] -> LoadInternal* -> SetCurrent -> [Resume]
-//! internal, offline:    [Destroy] -> SaveCurrent -> ApplyInternal -> [Start -> [LoadInternal]]
+//! internal, in place:   [SwitchDefinition] -> [Pause] -> LoadInternal* -> SetCurrent -> [Resume]
+//! internal, offline:    [Destroy] -> SaveCurrent -> ApplyInternal -> [SwitchDefinition]
+//!                       -> [Start -> [LoadInternal]]
 //!                       -> SetCurrent* -> [Resume] -> DropSaved
 //! external:             CreateOverlay.. -> [Destroy] -> SwitchDefinition
 //!                       -> [Start{incoming} -> [LoadMemory]] -> SetCurrent* -> [Resume]
@@ -19,7 +20,9 @@
 //!
 //! `*` is the commit point ([`RevertPlan::commit_point`]): a failure before it undoes every
 //! step in reverse order, so that the domain ends as it was (files, definition, metadata and
-//! run state); from it on the revert rolls forward. See docs/revert.md.
+//! run state); from it on the revert rolls forward. `SwitchDefinition` is there whenever the
+//! stored definition changes: the snapshot's configuration comes back with it
+//! ([`crate::DomainDef::take_config_of`]). See docs/revert.md.
 //!
 //! This module does nothing by itself: every effect goes through the traits below.
 

@@ -16,8 +16,9 @@ pub struct RevertFlags {
     /// `--paused`: the domain ends paused, whatever the snapshot's state.
     pub paused: bool,
     /// `--force`: revert where it is risky: a snapshot without a copy of the domain
-    /// definition (internal snapshots only), or whose disks are not the domain's disks now
-    /// (only the disks both have are reverted).
+    /// definition (internal snapshots only), whose disks are not the domain's disks now
+    /// (only the disks both have are reverted), or whose configuration differs from the
+    /// running QEMU's where the revert would otherwise be done in place (QEMU is restarted).
     pub force: bool,
 }
 
@@ -344,6 +345,17 @@ pub trait Facts {
     }
 }
 
+/// The step that stores `after` in place of `before`, if they differ (and the domain has a
+/// stored definition).
+fn switch_definition(before: Option<&str>, after: Option<&DomainDef>) -> Option<Step> {
+    let (before, after) = (before?, after?.to_xml());
+    let same = DomainDef::from_xml(before).is_ok_and(|b| b.to_xml() == after);
+    (!same).then(|| Step::SwitchDefinition {
+        before: before.to_string(),
+        after,
+    })
+}
+
 fn plan_error(object: &str, what: String) -> Error {
     Error::new(ErrorKind::InvalidPlan, object, what)
 }
@@ -501,6 +513,53 @@ impl RevertPlan {
         };
         let up = dom.state != RunState::ShutOff;
         let current_def = dom.domain_xml.as_ref().map(|x| x.as_str().to_string());
+        let stored = current_def
+            .as_deref()
+            .map(|b| {
+                DomainDef::from_xml(b).map_err(|e| {
+                    plan_error(&dom.name, "its stored definition is not valid".into())
+                        .with_source(e)
+                })
+            })
+            .transpose()?;
+        // The snapshot's configuration comes back with it (libvirt's revert does the same):
+        // the stored definition after the revert is the snapshot's copy with the current
+        // name, UUID and disks (the external disks moved below).
+        let mut after = stored.clone();
+        if let (Some(a), Some(c)) = (after.as_mut(), copy.as_ref()) {
+            a.take_config_of(c);
+        }
+        // What the running QEMU runs differently from the snapshot's configuration: a
+        // revert in place would keep it, so it restarts QEMU instead (with --force).
+        let config_changes = match (up, &copy) {
+            (true, Some(c)) => {
+                let running = match &dom.running_xml {
+                    Some(r) => Some(DomainDef::from_xml(r.as_str()).map_err(|e| {
+                        plan_error(
+                            &dom.name,
+                            "the definition its QEMU was started from is not valid".into(),
+                        )
+                        .with_source(e)
+                    })?),
+                    None => stored.clone(),
+                };
+                running.map_or_else(Vec::new, |r| c.restart_differences(&r))
+            }
+            _ => Vec::new(),
+        };
+        let needs_force_to_restart = |kind: &str| -> Result<()> {
+            if f.force {
+                return Ok(());
+            }
+            Err(plan_error(
+                name,
+                format!(
+                    "the snapshot's configuration differs from the running domain's ({}): \
+                     it cannot be {kind} in place, and --force reverts it by restarting QEMU",
+                    config_changes.join("; ")
+                ),
+            ))
+        };
         let restartable = |what: &str| {
             if current_def.is_none() {
                 return Err(plan_error(
@@ -566,8 +625,12 @@ impl RevertPlan {
                 disks: disks.clone(),
                 vmstate,
             };
-            if up && mem == Location::Internal {
+            if up && mem == Location::Internal && !config_changes.is_empty() {
+                needs_force_to_restart("loaded")?;
+            }
+            if up && mem == Location::Internal && config_changes.is_empty() {
                 kind = RevertKind::InternalInPlace;
+                steps.extend(switch_definition(current_def.as_deref(), after.as_ref()));
                 if dom.state == RunState::Running {
                     steps.push(Step::Pause);
                 }
@@ -593,6 +656,7 @@ impl RevertPlan {
                     disks: disks.clone(),
                     undo_tag: tag.clone(),
                 });
+                steps.extend(switch_definition(current_def.as_deref(), after.as_ref()));
                 if final_state != RunState::ShutOff {
                     if current_def.is_none() {
                         return Err(plan_error(
@@ -633,26 +697,14 @@ impl RevertPlan {
                     ))
                 }
             };
-            let before = match &current_def {
-                Some(b) if !external.is_empty() => Some(b),
-                _ if external.is_empty() => None,
-                _ => {
-                    return Err(plan_error(
-                        &dom.name,
-                        "reverting an external snapshot changes the domain's disks, and a \
-                         transient domain has no stored definition"
-                            .into(),
-                    ))
-                }
-            };
-            let mut after = before
-                .map(|b| {
-                    DomainDef::from_xml(b).map_err(|e| {
-                        plan_error(&dom.name, "its stored definition is not valid".into())
-                            .with_source(e)
-                    })
-                })
-                .transpose()?;
+            if current_def.is_none() && !external.is_empty() {
+                return Err(plan_error(
+                    &dom.name,
+                    "reverting an external snapshot changes the domain's disks, and a \
+                     transient domain has no stored definition"
+                        .into(),
+                ));
+            }
             let ram_file = match (mem, snap.memory.as_ref().and_then(|m| m.file.clone())) {
                 (Location::External, Some(file)) => {
                     if !facts.exists(&file) {
@@ -743,12 +795,7 @@ impl RevertPlan {
                 nd.set_backing_store(cd.backing_store.clone());
                 nd.put_overlay(&path, "qcow2");
             }
-            let switch = before
-                .zip(after)
-                .map(|(before, after)| Step::SwitchDefinition {
-                    before: before.clone(),
-                    after: after.to_xml(),
-                });
+            let switch = switch_definition(current_def.as_deref(), after.as_ref());
             // Storage disks: each volume's current state saved as an undo volume snapshot,
             // then the volume reverted by its backend, offline.
             let mut saves = Vec::new();
@@ -821,12 +868,15 @@ impl RevertPlan {
             }
             // In place: the domain runs and goes on running, no RAM to load, no storage disk,
             // and every disk's snapshot image is in its current chain (a node QEMU has open).
-            if up
+            let in_place = up
                 && storage.is_empty()
                 && ram_file.is_none()
                 && final_state != RunState::ShutOff
-                && swaps.len() == external.len()
-            {
+                && swaps.len() == external.len();
+            if in_place && !config_changes.is_empty() {
+                needs_force_to_restart("re-pointed")?;
+            }
+            if in_place && config_changes.is_empty() {
                 kind = RevertKind::ExternalInPlace;
                 for sw in &swaps {
                     steps.push(Step::AddOverlayNode {

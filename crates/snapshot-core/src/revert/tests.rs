@@ -12,6 +12,7 @@ use crate::ops::DomainJournal;
 use crate::store::{DomainStore, SnapshotStore};
 use crate::testkit::{block_on, FakeVolume as Vol, FakeVolumes, Faults, Faulty, Inject, Killed};
 use crate::xml::{self, DomainSnapshot, Location, RawXml, SnapshotState};
+use crate::DomainDef;
 use std::collections::BTreeMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::Mutex;
@@ -601,6 +602,7 @@ fn storage_modes() -> Vec<Mode> {
             })
             .unwrap(),
         ),
+        running_xml: None,
     };
     let only = snapshot_meta(
         SnapshotState::DiskSnapshot,
@@ -690,6 +692,13 @@ fn storage_modes() -> Vec<Mode> {
 }
 
 fn modes() -> Vec<Mode> {
+    modes_without_config()
+        .into_iter()
+        .chain(config_modes())
+        .collect()
+}
+
+fn modes_without_config() -> Vec<Mode> {
     let internal_dom = |state| DomainInfo {
         name: "vm".into(),
         state,
@@ -703,6 +712,7 @@ fn modes() -> Vec<Mode> {
             ]))
             .unwrap(),
         ),
+        running_xml: None,
     };
     let external_dom = |state| DomainInfo {
         name: "vm".into(),
@@ -717,6 +727,7 @@ fn modes() -> Vec<Mode> {
             ]))
             .unwrap(),
         ),
+        running_xml: None,
     };
     let int_disks = [
         ("vda", Location::Internal, None),
@@ -912,6 +923,41 @@ fn modes() -> Vec<Mode> {
     .collect()
 }
 
+/// A snapshot's copy with twice the memory of [`def_xml`]'s (the domain's memory was
+/// lowered since the snapshot).
+fn bigger(xml: String) -> String {
+    xml.replace(">131072<", ">262144<")
+}
+
+/// Reverts to a snapshot whose configuration (its memory) differs from the domain's now:
+/// the snapshot's comes back, and a revert that would have been in place restarts QEMU
+/// (with --force).
+fn config_modes() -> Vec<Mode> {
+    let mut out = Vec::new();
+    for mut m in modes_without_config() {
+        let (kind, force) = match (m.label.as_str(), m.kind) {
+            ("internal with RAM, running", _) => (RevertKind::InternalRestart, true),
+            ("external disk-only, running, --running: in place", _) => (RevertKind::External, true),
+            (_, RevertKind::InternalOffline | RevertKind::External | RevertKind::Storage) => {
+                (m.kind, false)
+            }
+            _ => continue,
+        };
+        if out.iter().any(|o: &Mode| o.kind == kind && !force) && !force {
+            continue;
+        }
+        m.label = format!("{}, configuration changed since", m.label);
+        m.kind = kind;
+        m.flags.force = force;
+        m.snap.domain = m
+            .snap
+            .domain
+            .map(|d| RawXml::element(&bigger(d.as_str().to_string())).unwrap());
+        out.push(m);
+    }
+    out
+}
+
 struct Env {
     _dir: tempfile::TempDir,
     store: DomainStore,
@@ -1062,13 +1108,19 @@ fn assert_reverted(e: &Env, mode: &Mode, plan: &RevertPlan, warned: bool, ctx: &
                 Step::SwitchDefinition { after, .. } => Some(after.clone()),
                 _ => None,
             });
+            let external = plan
+                .steps
+                .iter()
+                .any(|s| matches!(s, Step::CreateOverlay { .. }));
             if let Some(after) = after {
-                // The external disk of the same snapshot: a new overlay on its image.
                 assert_eq!(s.definition, after, "{ctx}: definition");
+            }
+            if external {
+                // The external disk of the same snapshot: a new overlay on its image.
                 assert!(s.definition.contains("/img/vdb.s1.r1"), "{ctx}");
                 assert_eq!(s.overlays["/img/vdb.s1.r1"], "/img/vdb.qcow2", "{ctx}");
                 assert!(s.overlays.contains_key("/img/vdb.s1"), "{ctx}: kept");
-            } else {
+            } else if !mode.label.contains("configuration changed") {
                 assert_eq!(s.definition, e.before.definition, "{ctx}: definition");
             }
             if plan
@@ -1091,9 +1143,17 @@ fn assert_reverted(e: &Env, mode: &Mode, plan: &RevertPlan, warned: bool, ctx: &
                     assert_eq!(keys, ["other", "s1"], "{ctx}: {p}: undo snapshot left");
                 }
             }
-            assert_eq!(s.definition, e.before.definition, "{ctx}: definition");
+            let after = plan.steps.iter().find_map(|s| match s {
+                Step::SwitchDefinition { after, .. } => Some(after.clone()),
+                _ => None,
+            });
+            let want = after.as_ref().unwrap_or(&e.before.definition);
+            assert_eq!(&s.definition, want, "{ctx}: definition");
             if with_ram {
                 assert_eq!(s.ram, "ram-s1", "{ctx}: RAM");
+            }
+            if s.up && mode.kind != RevertKind::InternalInPlace {
+                assert_eq!(&s.started_with, &s.definition, "{ctx}: started on it");
             }
         }
         RevertKind::External | RevertKind::ExternalMemory | RevertKind::ExternalInPlace => {
@@ -1140,6 +1200,18 @@ fn assert_reverted(e: &Env, mode: &Mode, plan: &RevertPlan, warned: bool, ctx: &
     }
     if mode.kind == RevertKind::InternalInPlace {
         assert_eq!(s.pid, e.pid, "{ctx}: the same QEMU");
+    }
+    // The snapshot's configuration is the domain's again (and the running QEMU's).
+    let copy = DomainDef::from_xml(mode.snap.domain.as_ref().unwrap().as_str()).unwrap();
+    let now = DomainDef::from_xml(&s.definition).unwrap();
+    assert_eq!(now.memory_bytes(), copy.memory_bytes(), "{ctx}: memory");
+    if s.up {
+        let running = DomainDef::from_xml(&s.started_with).unwrap();
+        assert!(
+            copy.restart_differences(&running).is_empty(),
+            "{ctx}: QEMU runs {:?}",
+            copy.restart_differences(&running)
+        );
     }
     drop(s);
     assert_eq!(
@@ -1551,4 +1623,86 @@ fn storage_planning_refuses_what_it_cannot_revert() {
     let mut m = storage_modes().remove(0);
     m.snap.domain = None;
     assert!(RevertPlan::new(&req(&m), &m.dom, &m.snap, &w).is_ok());
+}
+
+#[test]
+fn a_configuration_change_is_reverted_and_restarts_qemu_only_with_force() {
+    let w = World::default();
+    internal_world(&mut w.st());
+    let ext = World::default();
+    external_world(&mut ext.st());
+    let changed = |label: &str| {
+        let mut m = modes()
+            .into_iter()
+            .find(|m| m.label == label)
+            .unwrap_or_else(|| panic!("{label}"));
+        m.snap.domain = m
+            .snap
+            .domain
+            .map(|d| RawXml::element(&bigger(d.as_str().to_string())).unwrap());
+        m
+    };
+    // In place, without --force: refused, naming what differs.
+    for (label, world, verb) in [
+        ("internal with RAM, running", &w, "loaded"),
+        (
+            "external disk-only, running, --running: in place",
+            &ext,
+            "re-pointed",
+        ),
+    ] {
+        let err = plan_err(&changed(label), world);
+        assert!(
+            err.contains("memory: 128 MiB now, 256 MiB in the snapshot")
+                && err.contains(&format!("cannot be {verb} in place"))
+                && err.contains("--force"),
+            "{label}: {err}"
+        );
+    }
+    // What QEMU runs is what counts, not the stored definition: redefined with more memory
+    // while it runs (as the snapshot has), the running QEMU still has less.
+    let mut m = changed("internal with RAM, running");
+    m.dom.domain_xml = m.snap.domain.clone();
+    m.dom.running_xml = Some(RawXml::element(&internal_dom_xml()).unwrap());
+    assert!(plan_err(&m, &w).contains("memory: 128 MiB now"));
+    // And the other way: the running QEMU has the snapshot's configuration, the stored
+    // definition was changed since: in place, and the stored definition gets the
+    // snapshot's configuration back.
+    let mut m = modes().remove(0);
+    m.dom.domain_xml = Some(RawXml::element(&bigger(internal_dom_xml())).unwrap());
+    m.dom.running_xml = Some(RawXml::element(&internal_dom_xml()).unwrap());
+    let plan = plan_of(&m, &w);
+    assert_eq!(plan.kind, RevertKind::InternalInPlace);
+    let after = plan
+        .steps
+        .iter()
+        .find_map(|s| match s {
+            Step::SwitchDefinition { after, .. } => Some(after.clone()),
+            _ => None,
+        })
+        .expect("the stored definition switched");
+    assert!(after.contains(">131072<"), "{after}");
+    // Descriptive elements alone need no restart.
+    let mut m = modes().remove(0);
+    m.snap.domain = Some(
+        RawXml::element(
+            &internal_dom_xml()
+                .replace("<os>", "<description>before the upgrade</description><os>"),
+        )
+        .unwrap(),
+    );
+    assert_eq!(plan_of(&m, &w).kind, RevertKind::InternalInPlace);
+    // No change, no switch.
+    let plan = plan_of(&modes().remove(0), &w);
+    assert!(!plan
+        .steps
+        .iter()
+        .any(|s| matches!(s, Step::SwitchDefinition { .. })));
+}
+
+fn internal_dom_xml() -> String {
+    def_xml(&[
+        ("vda", "/img/vda.qcow2", "qcow2"),
+        ("vdb", "/img/vdb.qcow2", "qcow2"),
+    ])
 }

@@ -163,6 +163,7 @@ impl Connection {
         let name = def.name.as_str();
         let mut s = RunSpec::new(name);
         s.uuid = Some(def.uuid.to_string());
+        s.definition = Some(def.to_xml());
         s.kind = if def.is_kvm() {
             if let Err(e) = std::fs::OpenOptions::new()
                 .read(true)

@@ -40,6 +40,10 @@ pub const DEFAULT_OP_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long connecting to QEMU's monitor may take.
 const QMP_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The definition a running domain's QEMU was started from, in its run directory (only
+/// when it was started from one).
+pub(crate) const LIVE_XML: &str = "live.xml";
+
 /// A domain's state, as virsh names them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub enum DomainState {
@@ -367,6 +371,7 @@ impl Connection {
             "qemu.pid",
             "qemu.log",
             "launch.log",
+            LIVE_XML,
             keeper::MONITOR,
         ] {
             let _ = std::fs::remove_file(dir.join(f));
@@ -387,6 +392,9 @@ impl Connection {
             disks,
         };
         runstate::save(&dir, &st)?;
+        if let Some(xml) = &spec.definition {
+            runstate::write_private(&dir.join(LIVE_XML), xml.as_bytes())?;
+        }
         let kind = spec.kind.resolve();
         let dirfd = runstate::open_dir_path(&dir)?;
         let via = format!("/proc/self/fd/{}", dirfd.as_raw_fd());

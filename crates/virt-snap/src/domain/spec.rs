@@ -234,6 +234,10 @@ pub struct RunSpec {
     pub emulator: Option<PathBuf>,
     /// Arguments appended to QEMU's command line (tests).
     pub extra_args: Vec<String>,
+    /// The domain XML this spec was made from ([`crate::Connection::run_spec`]): kept in the
+    /// run directory while the domain runs (`live.xml`), so that a snapshot revert knows
+    /// what the running QEMU runs even after the definition changed.
+    pub definition: Option<String>,
 }
 
 impl RunSpec {
@@ -255,6 +259,7 @@ impl RunSpec {
             paused: false,
             emulator: None,
             extra_args: Vec::new(),
+            definition: None,
         }
     }
 

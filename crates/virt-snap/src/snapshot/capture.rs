@@ -1470,6 +1470,12 @@ impl Domain {
             }
         }
         let domain_xml = def.map(|d| RawXml::element(&d.to_xml())).transpose()?;
+        let running_xml = match st {
+            Some(_) => std::fs::read_to_string(self.dir().join(crate::domain::LIVE_XML))
+                .ok()
+                .and_then(|x| RawXml::element(&x).ok()),
+            None => None,
+        };
         Ok(DomainInfo {
             name: self.name.clone(),
             state,
@@ -1477,6 +1483,7 @@ impl Domain {
             disks,
             current: store.current()?,
             domain_xml,
+            running_xml,
         })
     }
 
