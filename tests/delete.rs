@@ -330,13 +330,14 @@ fn refusals_say_why_and_change_nothing() {
     assert_eq!(d.names(), ["s1", "s2"]);
     assert_eq!(d.names(), ["s1", "s2"]);
     assert!(d.file("vda.s1").exists() && d.file("vda.s2").exists());
-    // An internal snapshot in a backing file the running QEMU has open read-only.
+    // An internal snapshot in a backing file the running QEMU opened itself.
     let d = Dom::define("del-refuse2");
     d.vs(&["snapshot-create-as", "int"]);
     d.vs(&["snapshot-create-as", "ext", "--disk-only"]);
     d.vs(&["start"]);
     let e = d.fails(&["snapshot-delete", "int"]);
-    assert!(e.contains("read-only"), "{e}");
+    assert!(e.contains("opened by itself"), "{e}");
+    assert_eq!(d.names(), ["ext", "int"]);
     assert!(d.tags(&d.file("vda.qcow2")).contains("int"));
     // Offline it goes.
     d.vs(&["destroy"]);
@@ -707,9 +708,15 @@ fn a_mixed_tree_is_deleted_live_leaves_first() {
     let d = mixed("del-mixed");
     let (vda, e1) = (d.file("vda.qcow2"), d.file("vda.e1"));
     d.vs(&["start"]);
-    // i1 is in a backing file QEMU has open read-only: refused.
+    // i1 is in a backing file QEMU opened itself from vda.e1's header (no node name to
+    // reopen it by): refused, nothing changed.
     let e = d.fails(&["snapshot-delete", "i1"]);
-    assert!(e.contains("read-only"), "{e}");
+    assert!(
+        e.contains("opened by itself") && e.contains("shut the domain off"),
+        "{e}"
+    );
+    assert!(d.tags(&vda).contains("i1"));
+    assert_eq!(d.names(), ["e1", "i1", "i2"]);
     // i2 through QEMU (vda.e1 is the active image), then e1 by active commit into vda.qcow2
     // (i1's tag there untouched), then i1 through QEMU (vda.qcow2 is active now).
     assert_eq!(d.delete(&["i2"])["kind"], "internal");
@@ -723,6 +730,64 @@ fn a_mixed_tree_is_deleted_live_leaves_first() {
     d.vs(&["destroy"]);
     assert!(!d.tags(&vda).contains("i1"));
     current_data(&vda);
+}
+
+/// QEMU's nodes of image `p`: (node name, read-only).
+fn nodes_of(d: &Dom, p: &Path) -> Vec<(String, bool)> {
+    let v: Value = serde_json::from_str(&d.vs(&[
+        "qemu-monitor-command",
+        r#"{"execute":"query-named-block-nodes","arguments":{"flat":true}}"#,
+    ]))
+    .unwrap();
+    v["return"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|n| n["drv"] == "qcow2" && n["file"] == p.to_str().unwrap())
+        .map(|n| {
+            (
+                n["node-name"].as_str().unwrap().to_string(),
+                n["ro"].as_bool().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn an_internal_snapshot_in_a_backing_file_is_deleted_in_the_running_qemu() {
+    let d = Dom::define("del-int-backing");
+    let vda = d.file("vda.qcow2");
+    d.vs(&["start"]);
+    // With RAM, in vda.qcow2; then vda.qcow2 goes below a live external overlay (its node,
+    // the command line's, read-only now).
+    d.vs(&["snapshot-create-as", "i1"]);
+    d.vs(&["snapshot-create-as", "i2"]);
+    d.vs(&["snapshot-create-as", "e1", "--disk-only"]);
+    assert_eq!(nodes_of(&d, &vda), [("vs-vda-fmt".to_string(), true)]);
+    let pid = d.json(&["domstate"])["pid"].as_u64();
+    let r = d.delete(&["i2"]);
+    assert_eq!(r["kind"], "internal", "{r}");
+    assert!(!d.tags(&vda).contains("i2"), "{}", d.tags(&vda));
+    // Read-only again, in the same QEMU, still running on its overlay.
+    assert_eq!(nodes_of(&d, &vda), [("vs-vda-fmt".to_string(), true)]);
+    assert_eq!(d.json(&["domstate"])["pid"].as_u64(), pid);
+    assert_eq!(d.vs(&["domstate"]).trim(), "running");
+    assert_eq!(d.source(), d.file("vda.e1").display().to_string());
+    // Killed with the node read-write, before the job: the next command finishes it (the
+    // node read-only again).
+    killed_delete(&d, "i1", "reopen-rw");
+    d.vs(&["domstate"]);
+    assert_eq!(d.names(), ["e1"], "recovered by domstate");
+    assert!(!d.tags(&vda).contains("i1"), "{}", d.tags(&vda));
+    assert_eq!(nodes_of(&d, &vda), [("vs-vda-fmt".to_string(), true)]);
+    assert_eq!(d.json(&["domstate"])["pid"].as_u64(), pid);
+    // The overlay still merges home.
+    d.delete(&["e1"]);
+    d.vs(&["destroy"]);
+    let check = qemu_img(&["check", vda.to_str().unwrap()]);
+    assert!(check.contains("No errors"), "{check}");
+    holds(&vda, 0, 0xaa);
+    assert!(!d.file("vda.e1").exists());
 }
 
 #[test]

@@ -40,8 +40,9 @@ use async_trait::async_trait;
 /// are success.
 #[async_trait]
 pub trait Images: Send + Sync {
-    /// In the running QEMU: the `snapshot-delete` job of `tag` on the disks' nodes (by
-    /// target; each disk's image is its active image).
+    /// In the running QEMU: the `snapshot-delete` job of `tag` on the nodes of the disks'
+    /// images (by target; each image is the disk's active image, or an image below it in
+    /// its chain, which QEMU reopens read-write for the job and read-only after it).
     async fn delete_internal_live(&self, tag: &str, disks: &[InternalDisk]) -> Result<()>;
     /// Offline: deletes internal snapshot `tag` from each image (no QEMU has it open).
     async fn delete_internal_offline(&self, tag: &str, disks: &[InternalDisk]) -> Result<()>;

@@ -765,17 +765,12 @@ impl DeletePlan {
                                 image: image.clone(),
                             };
                             let top = tops.get(&target).cloned();
-                            if up && top.as_deref() == Some(image.as_str()) {
+                            // In the running QEMU: its top, or a backing node it reopens
+                            // read-write for the job.
+                            let in_qemu = top.as_deref() == Some(image.as_str())
+                                || top.is_some_and(|t| chains.chain(&t).contains(&image));
+                            if up && in_qemu {
                                 live.push(idisk);
-                            } else if up && top.is_some_and(|t| chains.chain(&t).contains(&image)) {
-                                return Err(plan_error(
-                                    &obj,
-                                    format!(
-                                        "the internal snapshot is in {image}, a backing file \
-                                         the running QEMU has open read-only: shut the \
-                                         domain off to delete it, or --metadata"
-                                    ),
-                                ));
                             } else {
                                 offline.push(idisk);
                             }

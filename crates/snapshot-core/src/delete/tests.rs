@@ -98,9 +98,9 @@ impl Images for World {
                 return Err(Error::backend("snapshot-delete", "QEMU is not running"));
             }
             for d in disks {
-                if d.image != s.top {
+                if !s.open_in_qemu(&d.image) {
                     s.violations
-                        .push(format!("snapshot-delete on {}, not the top", d.image));
+                        .push(format!("snapshot-delete on {}, not open in QEMU", d.image));
                 }
                 s.images.get_mut(&d.image).unwrap().tags.remove(tag);
             }
@@ -780,16 +780,28 @@ fn requests() -> Vec<Request> {
             "/d/vda.s2.r1",
         ));
     }
-    // Offline, the internal snapshot in a backing file can go too.
-    v.push((
-        mixed(false),
-        "s1",
-        CHILDREN,
-        DeleteKind::Mixed,
-        vec![],
-        None,
-        BASE,
-    ));
+    for up in [false, true] {
+        // The internal snapshot in a backing file goes too: offline, or in QEMU (which
+        // reopens the backing node read-write for the job).
+        v.push((
+            mixed(up),
+            "s1",
+            CHILDREN,
+            DeleteKind::Mixed,
+            vec![],
+            None,
+            BASE,
+        ));
+        v.push((
+            mixed(up),
+            "s1",
+            NONE,
+            DeleteKind::Internal,
+            vec!["s2"],
+            Some("s2"),
+            "/d/vda.s2",
+        ));
+    }
     v
 }
 
@@ -894,14 +906,6 @@ fn refused(e: &Env, name: &str, flags: DeleteFlags, needle: &str) {
 
 #[test]
 fn planning_refuses_what_it_cannot_do_safely() {
-    // An internal snapshot in a backing file QEMU has open read-only.
-    let e = env(&mixed(true));
-    refused(
-        &e,
-        "s1",
-        NONE,
-        "backing file the running QEMU has open read-only",
-    );
     // Flags.
     let e = env(&external(true));
     refused(

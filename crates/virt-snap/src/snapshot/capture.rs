@@ -284,6 +284,15 @@ pub(crate) fn file_node(node: &str) -> String {
     format!("{node}-f")
 }
 
+/// The protocol node under format node `node` as virt-snap names them: `<stem>-file` under a
+/// command line's `<stem>-fmt`, else `<node>-f` ([`file_node`]).
+pub(crate) fn file_child(node: &str) -> String {
+    match node.strip_suffix("-fmt") {
+        Some(stem) => format!("{stem}-file"),
+        None => file_node(node),
+    }
+}
+
 /// The name QEMU keeps an overlay's lease descriptor under.
 fn lease_fd_name(node: &str) -> String {
     format!("vs-lease-{node}")
@@ -680,8 +689,8 @@ pub(crate) async fn del_overlay_node(qmp: &QmpClient, node: &str) -> CoreResult<
         .map_err(|e| be("query-named-block-nodes", e))?;
     let have: Vec<String> = nodes.into_iter().filter_map(|n| n.node_name).collect();
     let mut names = vec![node.to_string(), file_node(node)];
-    if let Some(stem) = node.strip_suffix("-fmt") {
-        names.push(format!("{stem}-file"));
+    if node.ends_with("-fmt") {
+        names.push(file_child(node));
     }
     for n in names {
         if have.contains(&n) {

@@ -48,8 +48,8 @@ pub struct DeleteResult {
 }
 
 /// A test-only failpoint: `VIRT_SNAP_FAILPOINT=delete:<effect>` aborts the process right
-/// after the effect (`delete-internal`, `commit`, `stream`, `switch-definition`,
-/// `remove-overlay`), as
+/// after the effect (`delete-internal`, `reopen-rw` (a backing node made writable for an
+/// internal delete), `commit`, `stream`, `switch-definition`, `remove-overlay`), as
 /// a kill would; `delete:commit-ready` right after an active commit became ready, before it
 /// is completed.
 fn failpoint(name: &str) {
@@ -81,6 +81,52 @@ fn one_node_of<'a>(nodes: &'a [BlockDeviceInfo], path: &str, disk: &str) -> Core
             format!("QEMU has {} nodes of {path}, not one", found.len()),
         )),
     }
+}
+
+/// The `blockdev-reopen` options (read-only unset) that keep format node `node` of backing
+/// image `image` as virt-snap opened it: the command line's nodes (`vs-<disk>-fmt` on
+/// `vs-<disk>-file`, `discard=unmap`) and the captures' and reverts' overlay nodes (`<node>`
+/// on `<node>-f`), on the same protocol node and backing node. The protocol node is left as
+/// it is (opened read-write: it follows its format node's permissions; reopened read-only
+/// explicitly, it would stay so when a later commit makes the format node writable). A node
+/// QEMU opened itself from a header (an auto-generated `#block...` name; `blockdev-reopen`
+/// needs the node's name among its options) cannot be reopened: refused before anything
+/// changed.
+fn reopen_options(
+    graph: &[BlockDeviceInfo],
+    node: &str,
+    image: &str,
+    disk: &str,
+) -> CoreResult<qc::BlockdevOptions> {
+    let info = graph
+        .iter()
+        .find(|n| n.node_name.as_deref() == Some(node))
+        .expect("found by one_node_of");
+    let file = super::capture::file_child(node);
+    let has_file = graph
+        .iter()
+        .any(|n| n.node_name.as_deref() == Some(file.as_str()));
+    if node.starts_with('#') || !has_file {
+        return Err(snapshot_core::Error::not_started(
+            disk,
+            format!(
+                "the internal snapshot is in {image}, a backing file QEMU opened by itself from \
+                 an image header (node {node}), which QEMU cannot reopen read-write: shut the \
+                 domain off to delete it, or --metadata"
+            ),
+        ));
+    }
+    let below = match &info.backing_file {
+        Some(b) => Some(one_node_of(graph, b, disk)?),
+        None => None,
+    };
+    let mut f = qc::BlockdevOptions::new(&info.drv, node)
+        .set("file", file.as_str())
+        .backing(below);
+    if node.ends_with("-fmt") {
+        f = f.set("discard", "unmap");
+    }
+    Ok(f)
 }
 
 fn job_id(m: &Merge) -> String {
@@ -576,11 +622,46 @@ async fn connect_when_there(sock: &Path, child: &mut std::process::Child) -> Cor
 impl core::Images for Deleting {
     async fn delete_internal_live(&self, tag: &str, disks: &[InternalDisk]) -> CoreResult<()> {
         let qmp = self.qmp().await?;
-        let mut nodes = Vec::new();
+        let graph = qmp
+            .run(&qc::QueryNamedBlockNodes { flat: Some(true) })
+            .await
+            .map_err(|e| ns("query-named-block-nodes", e))?;
+        let mut at = Vec::new();
+        let mut backing = Vec::new();
         for d in disks {
-            nodes.push(self.top_of(&d.target).await?);
+            let top = self.top_of(&d.target).await.map_err(|e| ns(&d.target, e))?;
+            let on_top = graph
+                .iter()
+                .any(|n| n.node_name.as_deref() == Some(&top) && same_image(&n.file, &d.image));
+            if on_top {
+                at.push(top);
+            } else {
+                let node = one_node_of(&graph, &d.image, &d.target)?;
+                backing.push(reopen_options(&graph, node, &d.image, &d.target)?);
+                at.push(node.to_string());
+            }
         }
-        delete_internal_snapshot(&self.dom.conn, Some(&qmp), tag, &nodes).await?;
+        // QEMU deletes an internal snapshot only in a node it has open read-write: a
+        // backing node is reopened read-write for the job, and read-only again after it,
+        // whatever the job's outcome.
+        let reopen = |ro: bool| {
+            let options = backing.iter().map(|o| o.clone().read_only(ro)).collect();
+            qc::BlockdevReopen { options }
+        };
+        if !backing.is_empty() {
+            qmp.run(&reopen(false))
+                .await
+                .map_err(|e| ns("blockdev-reopen", e))?;
+            failpoint("reopen-rw");
+        }
+        let deleted = delete_internal_snapshot(&self.dom.conn, Some(&qmp), tag, &at).await;
+        if !backing.is_empty() {
+            let back = qmp.run(&reopen(true)).await;
+            if let (Ok(()), Err(e)) = (&deleted, back) {
+                return Err(be("blockdev-reopen (read-only again)", e));
+            }
+        }
+        deleted?;
         failpoint("delete-internal");
         Ok(())
     }
