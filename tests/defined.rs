@@ -460,3 +460,48 @@ fn user_errors_are_one_line_and_never_panic() {
     ok(s, &["destroy", "vm1"]);
     ok(s, &["undefine", "vm1"]);
 }
+
+#[test]
+fn a_defined_domains_disk_files_are_recorded_as_the_users() {
+    // A user's overlay named as virt-snap names its own (`vda.s1` on `vda.qcow2`).
+    let d = virt_snap_e2e::NoOsDomain::define("def-owner", &["vda"]);
+    let base = d.disk("vda");
+    let mine = d.dir.join("vda.s1");
+    virt_snap_e2e::qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        base.to_str().unwrap(),
+        "-F",
+        "qcow2",
+        mine.to_str().unwrap(),
+    ]);
+    let xml = ok(d.s(), &["dumpxml", "def-owner"]).replace(
+        &format!("file='{}'", base.display()),
+        &format!("file='{}'", mine.display()),
+    );
+    let f = d.dir.join("redefined.xml");
+    std::fs::write(&f, xml).unwrap();
+    ok(d.s(), &["define", f.to_str().unwrap()]);
+    let rec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(d.s().join("snapshots/def-owner/overlays")).unwrap())
+            .unwrap();
+    for p in [&base, &mine] {
+        assert_eq!(
+            rec["overlays"][p.to_str().unwrap()]["by"],
+            "user",
+            "{p:?}: {rec}"
+        );
+    }
+    // Their snapshots' deletes keep them: the disk ends on the user's file, both there.
+    ok(
+        d.s(),
+        &["snapshot-create-as", "def-owner", "s2", "--disk-only"],
+    );
+    ok(d.s(), &["snapshot-delete", "def-owner", "s2"]);
+    assert!(mine.exists() && base.exists());
+    let xml = ok(d.s(), &["dumpxml", "def-owner"]);
+    assert!(xml.contains(&format!("file='{}'", mine.display())), "{xml}");
+}

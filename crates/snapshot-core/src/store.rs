@@ -342,6 +342,30 @@ impl DomainStore {
         self.write_overlays(&rec)
     }
 
+    /// Records (atomically, in one write) each of `paths` that the record does not name as a
+    /// file the user gave (a domain's defined disk sources and the images below them): a
+    /// file virt-snap made keeps its entry. Nothing new writes nothing.
+    pub fn record_users_files(&self, paths: &[String]) -> Result<()> {
+        let mut rec = self.overlays()?;
+        let mut changed = false;
+        for p in paths {
+            if !rec.overlays.contains_key(p) {
+                rec.overlays.insert(
+                    p.clone(),
+                    OverlayOwner {
+                        by: MadeBy::User,
+                        snapshot: None,
+                    },
+                );
+                changed = true;
+            }
+        }
+        if !changed {
+            return Ok(());
+        }
+        self.write_overlays(&rec)
+    }
+
     /// Drops the entry of `path` (atomically; the file was removed), keeping the entry of a
     /// file the user gave unless `user_too`; no entry writes nothing.
     pub fn forget_overlay(&self, path: &str, user_too: bool) -> Result<()> {
@@ -631,6 +655,13 @@ mod tests {
         assert!(rec.owner("/d/vda.s1").is_none());
         store.forget_overlay("/d/mine", true).unwrap();
         assert!(store.overlays().unwrap().owner("/d/mine").is_none());
+        // A domain's defined sources: the user's, unless virt-snap made them.
+        store
+            .record_users_files(&["/d/vda.s1.r1".into(), "/d/vda.qcow2".into()])
+            .unwrap();
+        let rec = store.overlays().unwrap();
+        assert!(rec.owner("/d/vda.s1.r1").unwrap().is_revert_of("s1"));
+        assert!(!rec.owner("/d/vda.qcow2").unwrap().is_ours());
         // A newer format is refused, never overwritten.
         std::fs::write(store.overlays_path(), r#"{"version":2,"overlays":{}}"#).unwrap();
         let e = store

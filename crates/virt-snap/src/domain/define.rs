@@ -95,8 +95,47 @@ impl Connection {
                 ));
             }
         }
+        // Its disk files are the user's: a snapshot-delete never removes them, whatever they
+        // are named (an entry virt-snap made for its own overlay stays).
+        let files = self.defined_files(&def).await;
+        dom.snapshot_store()?.record_users_files(&files)?;
         self.definitions().save(&def)?;
         Ok(def)
+    }
+
+    /// The files `def`'s disks name (a pool volume resolved to its file, where its pool is
+    /// defined) and the images below each in its backing chain (read from the headers, where
+    /// they can be), as given and canonical.
+    async fn defined_files(&self, def: &DomainDef) -> Vec<String> {
+        let mut out = Vec::new();
+        for d in def.disks() {
+            let path = match d.source_ref() {
+                Some(SourceRef::File(p)) | Some(SourceRef::Block(p)) => PathBuf::from(p),
+                Some(SourceRef::Volume { pool, volume }) => match self.pool(pool) {
+                    Ok(p) => match p.volume(volume).path().await {
+                        Ok(v) => PathBuf::from(v),
+                        Err(_) => continue,
+                    },
+                    Err(_) => continue,
+                },
+                None => continue,
+            };
+            let format = d
+                .format()
+                .and_then(|f| image_formats::Format::from_name(f).ok());
+            let mut chain = vec![path.clone()];
+            if let Ok(c) = image_formats::backing_chain(&path, format, Default::default()) {
+                chain.extend(c.iter().skip(1).map(|i| PathBuf::from(&i.filename)));
+            }
+            for p in chain {
+                if let Ok(c) = std::fs::canonicalize(&p) {
+                    out.push(c.display().to_string());
+                }
+                out.push(p.display().to_string());
+            }
+        }
+        out.dedup();
+        out
     }
 
     /// The stored definition of domain `name` ([`ErrorKind::NotFound`] if it is not defined).
