@@ -1050,6 +1050,17 @@ impl DeletePlan {
                                     }
                                     _ => None,
                                 };
+                                // Not with a branch on it either: the commit would re-point
+                                // only the overlay above it on the active chain (found by
+                                // the fakes' random histories, seed 5, once the fake
+                                // re-pointed only that one too, as QEMU does).
+                                let candidate = candidate.filter(|(r, p)| {
+                                    let above_r = p.checked_sub(1).map(|k| chain[k].clone());
+                                    chains
+                                        .dependents(r)
+                                        .iter()
+                                        .all(|x| Some(x) == above_r.as_ref())
+                                });
                                 let Some((r, p)) = candidate else {
                                     // No merge: where the base is virt-snap's own overlay,
                                     // which only these overlays need, its data is streamed
@@ -1167,13 +1178,22 @@ impl DeletePlan {
                             break;
                         };
                         let is_tagged = |i: &str| tagged(i, &removed_tags);
+                        // The definition as this snapshot's merges so far leave it (they
+                        // are written into it after the loop): its disk is on the top now.
+                        let now = def.as_ref().map(|d| {
+                            let mut d = d.clone();
+                            for (t, o, cd) in &rewrites {
+                                repoint_disk(&mut d, t, o, cd);
+                            }
+                            d
+                        });
                         let Some((merge, desc)) = orphan_on_top(
                             &mut chains,
                             &sim,
                             sname.as_str(),
                             target,
                             &top,
-                            def.as_ref(),
+                            now.as_ref(),
                             up,
                             &is_tagged,
                         ) else {
