@@ -12,8 +12,8 @@
 //! Deterministic (a fixed seed; `VS_HISTORY_SEED`, `VS_HISTORY_CASES`, `VS_HISTORY_OPS`
 //! change it); no shrinking: a failure prints the whole history of the case (the commands run,
 //! in order) for reproduction. Files no metadata and no definition needs, and a disk not back
-//! on its own file at the end, are findings: printed on stderr (`VS_HISTORY_STRICT=1` makes
-//! them failures; the default run has none, longer ones still find some, docs/delete.md).
+//! on its own file at the end, are findings: printed on stderr, and they fail the test
+//! (`VS_HISTORY_STRICT=0` only prints them, to survey a longer run).
 
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngSeed, TestRunner};
@@ -711,7 +711,7 @@ impl History {
                     let info = qemu_img(&["info", "-U", &tops[i]]);
                     assert!(!info.contains("backing file"), "{t}: {info}");
                 } else {
-                    // The issue's requirement; a finding (fatal with VS_HISTORY_STRICT=1).
+                    // The issue's requirement; a finding (fatal unless VS_HISTORY_STRICT=0).
                     self.findings.insert(format!(
                         "{t} not back on its own file after every snapshot was deleted: on {} \
                          (chain {:?})",
@@ -750,7 +750,8 @@ fn env(key: &str, default: u64) -> u64 {
 fn random_histories_keep_files_graph_and_metadata_in_agreement() {
     let cases = env("VS_HISTORY_CASES", 10) as u32;
     let ops = env("VS_HISTORY_OPS", 12) as usize;
-    let strict = std::env::var_os("VS_HISTORY_STRICT").is_some_and(|v| v == "1");
+    // Strict unless asked not to (`VS_HISTORY_STRICT=0`, to survey a longer run's findings).
+    let strict = std::env::var_os("VS_HISTORY_STRICT").is_none_or(|v| v != "0");
     let mut runner = TestRunner::new(Config {
         cases,
         max_shrink_iters: 0,
@@ -807,6 +808,6 @@ fn random_histories_keep_files_graph_and_metadata_in_agreement() {
     result.unwrap();
     assert!(
         !strict || findings.is_empty(),
-        "VS_HISTORY_STRICT: {findings:#?}"
+        "findings (VS_HISTORY_STRICT=0 lists them without failing): {findings:#?}"
     );
 }
