@@ -314,3 +314,64 @@ fn a_storage_snapshot_with_an_external_disk_reverts_both() {
     assert_eq!(d.pid(), pid, "untouched");
     assert_eq!(d.vol_snapshots(), ["s1", "s2"]);
 }
+
+/// `snapshot-delete` of storage snapshots: running (under the domain's hold: its QEMU keeps
+/// the volume) and shut off, the backend snapshot gone, the volume's current data intact; one
+/// killed right after the backend delete finished by the next command.
+fn storage_delete_round_trip(d: &OnPool) {
+    d.write(0xaa);
+    d.vs(&["start"]);
+    for s in ["d1", "d2", "d3"] {
+        d.vs(&[
+            "snapshot-create-as",
+            s,
+            "--diskspec",
+            "vda,snapshot=storage",
+        ]);
+    }
+    assert_eq!(d.vol_snapshots(), ["d1", "d2", "d3"]);
+    let pid = d.pid().expect("running");
+    // Running: the same QEMU goes on.
+    let r = d.json(&["snapshot-delete", "d3"]);
+    assert_eq!(r["kind"], "storage", "{r}");
+    assert_eq!(d.vol_snapshots(), ["d1", "d2"]);
+    assert_eq!(d.pid(), Some(pid));
+    assert_eq!(d.state(), "running");
+    // Killed right after the backend delete: the next command finishes it.
+    let o = run(virt_snap()
+        .env("VIRT_SNAP_FAILPOINT", "delete:delete-volume-snapshot")
+        .arg("--state-dir")
+        .arg(&d.state)
+        .args(["snapshot-delete", d.name, "d2"]));
+    assert!(!o.status.success(), "not killed: {}", stderr(&o));
+    assert_eq!(d.state(), "running");
+    let names = d.vs(&["snapshot-list", "--name"]);
+    assert_eq!(
+        names.split_whitespace().collect::<Vec<_>>(),
+        ["d1"],
+        "{names}"
+    );
+    assert_eq!(d.vol_snapshots(), ["d1"]);
+    // Shut off: under the volume's lease.
+    d.vs(&["destroy"]);
+    d.write(0xbb);
+    let r = d.json(&["snapshot-delete", "d1"]);
+    assert_eq!(r["kind"], "storage", "{r}");
+    assert!(d.vol_snapshots().is_empty());
+    assert!(d.vs(&["snapshot-list", "--name"]).trim().is_empty());
+    d.holds(0xbb);
+}
+
+#[test]
+fn storage_snapshots_of_a_btrfs_pool_volume_are_deleted() {
+    let d = OnPool::new("dls-btrfs", "btrfs", "qcow2", false).expect("a btrfs pool");
+    storage_delete_round_trip(&d);
+}
+
+#[test]
+fn storage_snapshots_of_a_reflink_dir_pool_volume_are_deleted() {
+    let Some(d) = OnPool::new("dls-reflink", "dir", "raw", false) else {
+        return;
+    };
+    storage_delete_round_trip(&d);
+}

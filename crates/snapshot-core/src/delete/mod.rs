@@ -66,6 +66,9 @@ pub struct Capabilities<'a> {
     pub images: &'a dyn Images,
     /// The stored definition.
     pub definition: &'a dyn Definition,
+    /// The pool volumes of `snapshot='storage'` disks (only
+    /// [`crate::revert::Volumes::delete_snapshot`] is used).
+    pub volumes: &'a dyn crate::revert::Volumes,
 }
 
 impl std::fmt::Debug for Capabilities<'_> {

@@ -43,7 +43,10 @@ pub enum DeleteKind {
     /// External snapshots: their overlays merged into the images below (block-commit), or
     /// the images streamed up into their dependent overlays (block-stream).
     External,
-    /// Both.
+    /// Storage snapshots (`snapshot='storage'` disks): the pool volumes' backend snapshots
+    /// deleted.
+    Storage,
+    /// More than one of the above.
     Mixed,
 }
 
@@ -54,6 +57,7 @@ impl DeleteKind {
             DeleteKind::Metadata => "metadata",
             DeleteKind::Internal => "internal",
             DeleteKind::External => "external",
+            DeleteKind::Storage => "storage",
             DeleteKind::Mixed => "mixed",
         }
     }
@@ -141,6 +145,17 @@ pub enum Step {
         /// Deleted offline, in the images.
         offline: Vec<InternalDisk>,
     },
+    /// Delete the backend snapshot of a `snapshot='storage'` disk's pool volume (btrfs
+    /// subvolume, LVM snapshot, reflink copy), named after the domain snapshot. Cannot be
+    /// undone (a commit point); missing is success, so it can run again.
+    DeleteVolumeSnapshot {
+        /// The snapshot.
+        snapshot: SnapshotName,
+        /// The disk's target.
+        disk: String,
+        /// Its pool volume.
+        volume: crate::capture::PoolVolume,
+    },
     /// Merge the snapshot's overlay into the image below it (block-commit). Cannot be undone
     /// (a commit point); an overlay no longer in the chain is success, so it can run again.
     Commit {
@@ -198,6 +213,9 @@ impl Step {
     pub fn label(&self) -> String {
         match self {
             Step::DeleteInternal { snapshot, .. } => format!("delete-internal {snapshot}"),
+            Step::DeleteVolumeSnapshot { snapshot, disk, .. } => {
+                format!("delete-volume-snapshot {snapshot} {disk}")
+            }
             Step::Commit { snapshot, merge } => format!("commit {snapshot} {}", merge.disk),
             Step::Stream { snapshot, stream } => {
                 format!("stream {snapshot} {} {}", stream.disk, stream.overlay)
@@ -212,7 +230,10 @@ impl Step {
     pub fn changes_data(&self) -> bool {
         matches!(
             self,
-            Step::DeleteInternal { .. } | Step::Commit { .. } | Step::Stream { .. }
+            Step::DeleteInternal { .. }
+                | Step::DeleteVolumeSnapshot { .. }
+                | Step::Commit { .. }
+                | Step::Stream { .. }
         )
     }
 }
@@ -682,7 +703,7 @@ impl DeletePlan {
                 .into_iter()
                 .any(|t| !removed.contains(&(image.to_string(), t)))
         };
-        let (mut internal, mut external) = (false, false);
+        let (mut internal, mut external, mut storage) = (false, false, false);
         for sname in &order {
             let s = sim.get(sname.as_str()).cloned().ok_or_else(|| {
                 Error::new(ErrorKind::NotFound, sname.as_str(), "not in the tree")
@@ -703,6 +724,7 @@ impl DeletePlan {
                     None => None,
                 };
                 let (mut live, mut offline) = (Vec::new(), Vec::new());
+                let mut volume_snaps = Vec::new();
                 let mut commits = Vec::new();
                 let mut streams = Vec::new();
                 for d in &s.disks {
@@ -727,14 +749,40 @@ impl DeletePlan {
                             continue;
                         }
                         Location::Storage => {
-                            return Err(plan_error(
-                                &obj,
-                                format!(
-                                    "deleting a snapshot='{}' disk is not supported yet: \
-                                     --metadata deletes the metadata alone",
-                                    loc.as_str()
-                                ),
-                            ))
+                            // The volume the snapshot's copy names (the volume snapshot is
+                            // its), else the disk's volume now.
+                            let named = copy.as_ref().and_then(|c| c.disk(&target)).and_then(|x| {
+                                match x.source_ref() {
+                                    Some(SourceRef::Volume { pool, volume }) => {
+                                        Some((pool.to_string(), volume.to_string()))
+                                    }
+                                    _ => None,
+                                }
+                            });
+                            let now = dd.and_then(|x| x.volume.clone());
+                            let volume = match (named, now) {
+                                (Some((pool, volume)), now) => crate::capture::PoolVolume {
+                                    backend: now
+                                        .filter(|v| v.pool == pool && v.volume == volume)
+                                        .and_then(|v| v.backend),
+                                    pool,
+                                    volume,
+                                },
+                                (None, Some(v)) => v,
+                                (None, None) => {
+                                    return Err(plan_error(
+                                        &obj,
+                                        "no pool volume known to hold the storage snapshot \
+                                         (--metadata deletes the metadata alone)"
+                                            .into(),
+                                    ))
+                                }
+                            };
+                            volume_snaps.push(Step::DeleteVolumeSnapshot {
+                                snapshot: sname.clone(),
+                                disk: target.clone(),
+                                volume,
+                            });
                         }
                         Location::Internal => {
                             let image = copy
@@ -1223,6 +1271,10 @@ impl DeletePlan {
                         offline,
                     });
                 }
+                if !volume_snaps.is_empty() {
+                    storage = true;
+                }
+                steps.extend(volume_snaps);
                 if !commits.is_empty() {
                     external = true;
                 }
@@ -1329,11 +1381,12 @@ impl DeletePlan {
                     .position(|s| matches!(s, Step::Metadata { .. }))
             })
             .unwrap_or(0);
-        let kind = match (internal, external) {
-            (false, false) => DeleteKind::Metadata,
-            (true, false) => DeleteKind::Internal,
-            (false, true) => DeleteKind::External,
-            (true, true) => DeleteKind::Mixed,
+        let kind = match (internal, external, storage) {
+            (false, false, false) => DeleteKind::Metadata,
+            (true, false, false) => DeleteKind::Internal,
+            (false, true, false) => DeleteKind::External,
+            (false, false, true) => DeleteKind::Storage,
+            _ => DeleteKind::Mixed,
         };
         Ok(DeletePlan {
             domain: dom.name.clone(),

@@ -78,6 +78,13 @@ async fn act(
             }
             Ok(())
         }
+        Step::DeleteVolumeSnapshot {
+            snapshot, volume, ..
+        } => {
+            caps.volumes
+                .delete_snapshot(volume, snapshot.as_str())
+                .await
+        }
         Step::Commit { merge, .. } => i.commit(merge).await,
         Step::Stream { stream, .. } => i.stream(stream).await,
         Step::SwitchDefinition { after, .. } => caps.definition.set(after).await,
@@ -123,6 +130,7 @@ async fn undo(caps: &Capabilities<'_>, store: &DomainStore, step: &Step) -> Resu
         }
         // At or after the commit point: never undone.
         Step::DeleteInternal { .. }
+        | Step::DeleteVolumeSnapshot { .. }
         | Step::Commit { .. }
         | Step::Stream { .. }
         | Step::RemoveOverlay { .. } => Ok(()),
@@ -219,6 +227,7 @@ fn data_step_failed(
     e: Error,
 ) -> Error {
     let (Step::DeleteInternal { snapshot, .. }
+    | Step::DeleteVolumeSnapshot { snapshot, .. }
     | Step::Commit { snapshot, .. }
     | Step::Stream { snapshot, .. }) = step
     else {
@@ -293,7 +302,10 @@ async fn roll_forward(
         };
         let Err(e) = res else { continue };
         match step {
-            Step::DeleteInternal { .. } | Step::Commit { .. } | Step::Stream { .. } => {
+            Step::DeleteInternal { .. }
+            | Step::DeleteVolumeSnapshot { .. }
+            | Step::Commit { .. }
+            | Step::Stream { .. } => {
                 return Err(data_step_failed(plan, journal, store, op, step, e));
             }
             Step::SwitchDefinition { .. } | Step::Metadata { .. } => {

@@ -43,6 +43,8 @@ struct State {
     store: Option<DomainStore>,
     /// The overlays merged away (their files removed later).
     merged: std::collections::BTreeSet<String>,
+    /// Pool volumes of storage disks, by `pool/volume`.
+    volumes: crate::testkit::FakeVolumes,
 }
 
 impl State {
@@ -83,11 +85,30 @@ impl Faulty for World {
     }
 }
 
+#[async_trait::async_trait]
+impl crate::revert::Volumes for World {
+    async fn snapshot(&self, _: &crate::capture::PoolVolume, _: &str) -> Result<()> {
+        unreachable!("a delete takes no volume snapshot")
+    }
+    async fn revert(&self, _: &crate::capture::PoolVolume, _: &str) -> Result<()> {
+        unreachable!("a delete reverts no volume")
+    }
+    async fn delete_snapshot(&self, volume: &crate::capture::PoolVolume, name: &str) -> Result<()> {
+        // Running or not: the backend deletes a running domain's volume snapshot under the
+        // domain's hold (the facade's business).
+        self.effect("vol_delete_snapshot", |s| {
+            s.volumes.delete_snapshot(volume, name)
+        })
+        .await
+    }
+}
+
 impl World {
     fn caps(&self) -> Capabilities<'_> {
         Capabilities {
             images: self,
             definition: self,
+            volumes: self,
         }
     }
 }
@@ -1496,7 +1517,7 @@ fn an_overlay_the_user_named_is_merged_but_kept() {
 }
 
 #[test]
-fn manual_disks_are_left_to_the_user_and_storage_disks_refused() {
+fn manual_disks_are_left_to_the_user() {
     let e = env(&internal(false));
     let mut m = snap("m", Some("s2"), BASE, None);
     m.disks[0].snapshot = Some(Location::Manual);
@@ -1504,11 +1525,131 @@ fn manual_disks_are_left_to_the_user_and_storage_disks_refused() {
     let p = plan(&e, "m", NONE).unwrap();
     assert_eq!(p.kind, DeleteKind::Metadata);
     assert!(p.notes[0].contains("manual"), "{:?}", p.notes);
+}
+
+/// A storage snapshot `st` (child of s2) of vda on pool volume p/v1, whose backend snapshot
+/// `st` is there, with another volume snapshot beside it.
+fn storage_env(up: bool) -> Env {
+    let e = env(&internal(up));
     let mut st = snap("st", Some("s2"), BASE, None);
     st.disks[0].snapshot = Some(Location::Storage);
+    st.domain = Some(
+        RawXml::element(&domain_xml(BASE).replace(
+            &format!("<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{BASE}'/>"),
+            "<disk type='volume' device='disk'><driver name='qemu' type='raw'/><source pool='p' volume='v1'/>",
+        ))
+        .unwrap(),
+    );
     e.store.save(&st).unwrap();
-    refused(&e, "st", NONE, "snapshot='storage'");
-    assert!(plan(&e, "st", METADATA).is_ok());
+    let mut vol = crate::testkit::FakeVolume {
+        data: "now".into(),
+        ..Default::default()
+    };
+    vol.snaps.insert("st".into(), "then".into());
+    vol.snaps.insert("other".into(), "other".into());
+    e.world.st().volumes.0.insert("p/v1".into(), vol);
+    e
+}
+
+#[test]
+fn a_storage_snapshot_is_deleted_by_its_backend() {
+    for up in [false, true] {
+        let e = storage_env(up);
+        let p = plan(&e, "st", NONE).unwrap();
+        assert_eq!(p.kind, DeleteKind::Storage, "up {up}");
+        assert!(matches!(
+            &p.steps[p.commit_point],
+            Step::DeleteVolumeSnapshot { volume, .. } if volume.pool == "p" && volume.volume == "v1"
+        ));
+        delete(&e, "st", NONE).unwrap();
+        let s = e.world.st();
+        let v = s.volumes.get("p", "v1").unwrap();
+        assert_eq!(v.snaps.keys().collect::<Vec<_>>(), ["other"], "up {up}");
+        assert_eq!(v.data, "now", "the volume's data untouched");
+        drop(s);
+        assert!(!names(&e).contains(&"st".to_string()));
+        // Already gone (deleted behind virt-snap's back): the metadata goes all the same.
+        let e = storage_env(up);
+        e.world
+            .st()
+            .volumes
+            .0
+            .get_mut("p/v1")
+            .unwrap()
+            .snaps
+            .remove("st");
+        delete(&e, "st", NONE).unwrap();
+        assert!(!names(&e).contains(&"st".to_string()));
+        // --metadata leaves the volume snapshot.
+        let e = storage_env(up);
+        delete(&e, "st", METADATA).unwrap();
+        assert!(e
+            .world
+            .st()
+            .volumes
+            .get("p", "v1")
+            .unwrap()
+            .snaps
+            .contains_key("st"));
+        // --children of s2: the storage child's backend snapshot, then s2's tag.
+        let e = storage_env(up);
+        let p = plan(&e, "s2", CHILDREN).unwrap();
+        assert_eq!(p.kind, DeleteKind::Mixed);
+        delete(&e, "s2", CHILDREN).unwrap();
+        assert!(!e
+            .world
+            .st()
+            .volumes
+            .get("p", "v1")
+            .unwrap()
+            .snaps
+            .contains_key("st"));
+        let left = names(&e);
+        assert!(!left.iter().any(|n| n == "s2" || n == "st"), "{left:?}");
+    }
+}
+
+#[test]
+fn a_failed_or_killed_volume_snapshot_delete_is_finished_or_left_as_it_was() {
+    for up in [false, true] {
+        // Failed at the step (it is the commit point): nothing changed, the snapshot kept.
+        let e = storage_env(up);
+        e.world.st().faults.arm(0, Inject::Fail);
+        let err = delete(&e, "st", NONE).unwrap_err();
+        assert!(err.to_string().contains("delete-volume-snapshot"), "{err}");
+        assert!(names(&e).contains(&"st".to_string()));
+        assert!(e
+            .world
+            .st()
+            .volumes
+            .get("p", "v1")
+            .unwrap()
+            .snaps
+            .contains_key("st"));
+        // Killed before and after it: recovery rolls forward.
+        for how in [Inject::KillBefore, Inject::KillAfter] {
+            let e = storage_env(up);
+            e.world.st().faults.arm(0, how);
+            let p = plan(&e, "st", NONE).unwrap();
+            let mut j = journal(&e);
+            let r = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                block_on(run(&p, &e.world.caps(), &mut j, &e.store))
+            }));
+            assert!(r.is_err(), "{how:?}: not killed");
+            drop(j);
+            let mut j = journal(&e);
+            block_on(recover(&e.world.caps(), &mut j, &e.store)).unwrap();
+            assert!(!names(&e).contains(&"st".to_string()), "{how:?}");
+            assert!(!e
+                .world
+                .st()
+                .volumes
+                .get("p", "v1")
+                .unwrap()
+                .snaps
+                .contains_key("st"));
+        }
+    }
 }
 
 #[test]

@@ -14,6 +14,7 @@ use crate::progress::{Progress, Unit};
 use async_trait::async_trait;
 use qmp_proto::commands::{self as qc, BlockDeviceInfo, JobStatus};
 use qmp_proto::QmpClient;
+use snapshot_core::capture::PoolVolume;
 use snapshot_core::delete::{
     self as core, Capabilities, CommitMode, DeletePlan, Facts, Merge, Stream, StreamMode,
 };
@@ -49,7 +50,7 @@ pub struct DeleteResult {
 
 /// A test-only failpoint: `VIRT_SNAP_FAILPOINT=delete:<effect>` aborts the process right
 /// after the effect (`delete-internal`, `reopen-rw` (a backing node made writable for an
-/// internal delete), `commit`, `stream`, `switch-definition`, `remove-overlay`), as
+/// internal delete), `delete-volume-snapshot`, `commit`, `stream`, `switch-definition`, `remove-overlay`), as
 /// a kill would; `delete:commit-ready` right after an active commit became ready, before it
 /// is completed.
 fn failpoint(name: &str) {
@@ -60,6 +61,10 @@ fn failpoint(name: &str) {
 pub(crate) struct Deleting {
     dom: Domain,
     qmp: DomainQmp,
+    /// The domain's operation lock, when this delete holds it through the capabilities:
+    /// handed over for a backend call that takes it itself (a running domain's volume
+    /// snapshot deleted under its hold), taken again after.
+    op: tokio::sync::Mutex<Option<locking::Acquired>>,
 }
 
 /// The format nodes (not protocol nodes) of image `path`.
@@ -311,7 +316,15 @@ impl Deleting {
         Deleting {
             dom: dom.clone(),
             qmp: DomainQmp::new(dom),
+            op: tokio::sync::Mutex::new(None),
         }
+    }
+
+    /// The same, holding the domain's operation lock `op`.
+    fn holding(dom: &Domain, op: locking::Acquired) -> Self {
+        let mut d = Deleting::new(dom);
+        d.op = tokio::sync::Mutex::new(Some(op));
+        d
     }
 
     async fn qmp(&self) -> CoreResult<QmpClient> {
@@ -695,6 +708,70 @@ impl core::Images for Deleting {
 }
 
 #[async_trait]
+impl snapshot_core::revert::Volumes for Deleting {
+    async fn snapshot(&self, v: &PoolVolume, _: &str) -> CoreResult<()> {
+        Err(snapshot_core::Error::backend(
+            &v.volume,
+            "a delete takes no volume snapshot",
+        ))
+    }
+
+    async fn revert(&self, v: &PoolVolume, _: &str) -> CoreResult<()> {
+        Err(snapshot_core::Error::backend(
+            &v.volume,
+            "a delete reverts no volume",
+        ))
+    }
+
+    /// Shut off: under the volume's lease (as `vol-snapshot-delete`). Running: for the
+    /// domain whose QEMU holds the volume, under the domain's operation lock (which this
+    /// delete hands over for the call), never the volume's lease.
+    async fn delete_snapshot(&self, v: &PoolVolume, name: &str) -> CoreResult<()> {
+        let obj = format!("{}/{}", v.pool, v.volume);
+        let vol = self
+            .dom
+            .conn
+            .pool(&v.pool)
+            .map_err(|e| ns(&obj, e))?
+            .volume(&v.volume);
+        // Gone already (a recovery running the step again): success, no lock needed.
+        let listed = vol.snapshots().await.map_err(|e| ns(&obj, e))?;
+        if !listed.iter().any(|s| s.name == name) {
+            failpoint("delete-volume-snapshot");
+            return Ok(());
+        }
+        let r = match self.dom.pid().map_err(|e| ns(&obj, e))? {
+            Some(qemu_pid) => {
+                let d = storage_backends::DomainRef {
+                    domain: self.dom.name.clone(),
+                    qemu_pid,
+                };
+                let mut op = self.op.lock().await;
+                let mine = op.take().is_some();
+                let r = vol.delete_snapshot_for_domain(name, &d).await;
+                if mine {
+                    *op = Some(
+                        self.dom
+                            .op_lock_to_change("snapshot delete")
+                            .await
+                            .map_err(|e| be(&self.dom.name, e))?,
+                    );
+                }
+                r
+            }
+            None => vol.delete_snapshot(name).await,
+        };
+        match r {
+            // Not there (any more) is success.
+            Err(e) if e.kind() != ErrorKind::NotFound => return Err(be(&obj, e)),
+            _ => {}
+        }
+        failpoint("delete-volume-snapshot");
+        Ok(())
+    }
+}
+
+#[async_trait]
 impl snapshot_core::revert::Definition for Deleting {
     async fn set(&self, xml: &str) -> CoreResult<()> {
         let def = snapshot_core::DomainDef::from_xml(xml)?;
@@ -835,6 +912,7 @@ fn caps(d: &Deleting) -> Capabilities<'_> {
     Capabilities {
         images: d,
         definition: d,
+        volumes: d,
     }
 }
 
@@ -865,7 +943,7 @@ impl Domain {
         let t0 = Instant::now();
         let op = self.op_lock_to_change("snapshot delete").await?;
         let (recovered, op) = self.recover_captures(op).await;
-        let _op = op?;
+        let op = op?;
         recovered?;
         let st = self.running_or_off()?;
         self.refuse_if_held(st.as_ref())?;
@@ -901,7 +979,7 @@ impl Domain {
             require_storage_daemon()?;
         }
         let mut journal = self.journal(&store)?;
-        let d = Deleting::new(self);
+        let d = Deleting::holding(self, op);
         let outcome = core::run(&plan, &caps(&d), &mut journal, &store).await;
         if let Err(e) = journal.compact() {
             tracing::warn!(domain = %self.name, "cannot compact the journal: {e}");
