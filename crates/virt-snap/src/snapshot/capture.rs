@@ -7,6 +7,7 @@
 //! frozen.
 
 use super::hold::ManualHold;
+use super::ops::{delete_volume_snapshot, OpLock};
 use super::watchdog::ThawWatchdog;
 use crate::domain::runstate::{self, RunState as RunRecord};
 use crate::domain::Domain;
@@ -134,7 +135,7 @@ pub(crate) struct LiveDomain {
     dom: Domain,
     /// The domain's operation lock, when this operation holds it through the capabilities
     /// (see [`core::BackendSnapshots::create`] below).
-    op: tokio::sync::Mutex<Option<locking::Acquired>>,
+    op: OpLock,
     domain: String,
     qemu_pid: u32,
     qmp_path: Option<PathBuf>,
@@ -235,27 +236,6 @@ impl LiveDomain {
                 _ => tokio::time::sleep(every).await,
             }
         }
-    }
-
-    /// The operation lock back from the capabilities (taken again if it was handed over
-    /// and not taken back).
-    async fn take_op(&self) -> Result<locking::Acquired> {
-        match self.op.lock().await.take() {
-            Some(op) => Ok(op),
-            None => self.dom.op_lock_to_change("snapshot create").await,
-        }
-    }
-
-    /// Runs `f`, a storage backend's domain path, which takes the domain's operation lock
-    /// itself: this operation's is handed over for the call and taken back after it.
-    async fn as_domain_op<T>(&self, f: impl std::future::Future<Output = Result<T>>) -> Result<T> {
-        let mut op = self.op.lock().await;
-        let mine = op.take().is_some();
-        let r = f.await;
-        if mine {
-            *op = Some(self.dom.op_lock_to_change("snapshot create").await?);
-        }
-        r
     }
 
     fn domain_ref(&self) -> storage_backends::DomainRef {
@@ -1103,7 +1083,8 @@ impl core::BackendSnapshots for LiveDomain {
             .map_err(|e| be(&obj, e))?
             .volume(&volume.volume);
         let d = self.domain_ref();
-        self.as_domain_op(vol.create_snapshot_for_domain(name, &d, &Default::default()))
+        self.op
+            .lend(vol.create_snapshot_for_domain(name, &d, &Default::default()))
             .await
             .map_err(|e| be(&obj, e))?;
         failpoint("backend-snapshot");
@@ -1111,24 +1092,7 @@ impl core::BackendSnapshots for LiveDomain {
     }
 
     async fn delete(&self, volume: &PoolVolume, _kind: BackendKind, name: &str) -> CoreResult<()> {
-        let obj = format!("{}/{}", volume.pool, volume.volume);
-        let vol = self
-            .conn
-            .pool(&volume.pool)
-            .map_err(|e| be(&obj, e))?
-            .volume(&volume.volume);
-        let d = self.domain_ref();
-        let r = if self.qmp.is_some() {
-            self.as_domain_op(vol.delete_snapshot_for_domain(name, &d))
-                .await
-        } else {
-            vol.delete_snapshot(name).await
-        };
-        match r {
-            // Not there (any more) is success.
-            Err(e) if e.kind() != ErrorKind::NotFound => Err(be(&obj, e)),
-            _ => Ok(()),
-        }
+        delete_volume_snapshot(&self.dom, &self.op, volume, name).await
     }
 }
 
@@ -1183,7 +1147,7 @@ impl Domain {
         Ok(LiveDomain {
             conn: self.conn.clone(),
             dom: self.clone(),
-            op: tokio::sync::Mutex::new(None),
+            op: OpLock::new(self, "snapshot create", None),
             domain: self.name.clone(),
             qemu_pid: st.map_or(0, |s| s.pid),
             qmp_path: st.map(|s| s.qmp.clone()),
@@ -1258,7 +1222,7 @@ impl Domain {
                 Ok(l) => l,
                 Err(e) => return (Err(e), Ok(op)),
             };
-            *live.op.lock().await = Some(op);
+            live.op.put(op).await;
             let clock = RealClock(Instant::now());
             let r = core::recover(&caps(&live, &clock), &mut journal, &store)
                 .await
@@ -1276,7 +1240,7 @@ impl Domain {
                     let _ = live.set_background_snapshot(false).await;
                 }
             }
-            op = match live.take_op().await {
+            op = match live.op.take().await {
                 Ok(op) => op,
                 Err(e) => return (r, Err(e)),
             };
@@ -1286,13 +1250,23 @@ impl Domain {
             }
         }
         if pending(&journal, snapshot_core::revert::JOURNAL_KIND) {
-            match super::revert::recover(self, &mut journal, &store).await {
+            let (r, back) = super::revert::recover(self, &mut journal, &store, op).await;
+            op = match back {
+                Ok(op) => op,
+                Err(e) => return (r, Err(e)),
+            };
+            match r {
                 Ok(r) => out.extend(r),
                 Err(e) => return (Err(e), Ok(op)),
             }
         }
         if pending(&journal, snapshot_core::delete::JOURNAL_KIND) {
-            match super::delete::recover(self, &mut journal, &store).await {
+            let (r, back) = super::delete::recover(self, &mut journal, &store, op).await;
+            op = match back {
+                Ok(op) => op,
+                Err(e) => return (r, Err(e)),
+            };
+            match r {
                 Ok(r) => out.extend(r),
                 Err(e) => return (Err(e), Ok(op)),
             }
@@ -1326,7 +1300,7 @@ impl Domain {
             }));
         }
         let live = self.live(st.as_ref()).await?;
-        *live.op.lock().await = Some(op);
+        live.op.put(op).await;
         let store = self.snapshot_store()?;
         let info = self
             .domain_info(&live, st.as_ref(), def.as_ref(), &store)

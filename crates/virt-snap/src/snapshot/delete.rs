@@ -6,7 +6,7 @@
 use super::capture::{
     be, crc, del_overlay_node, delete_internal_snapshot, remove_overlay_file, JOB_TIMEOUT,
 };
-use super::ops::{same_image, DomainQmp};
+use super::ops::{delete_volume_snapshot, ns, same_image, DomainQmp, OpLock};
 use crate::domain::runstate;
 use crate::domain::Domain;
 use crate::error::{Error, ErrorKind, Result};
@@ -27,13 +27,6 @@ use std::time::{Duration, Instant};
 pub use snapshot_core::delete::{DeleteFlags, DeleteKind};
 
 type CoreResult<T> = snapshot_core::Result<T>;
-
-/// A lower error of a step that changed nothing yet, as snapshot-core's
-/// [`snapshot_core::ErrorKind::NotStarted`] (the facade error as its source).
-fn ns(object: &str, e: impl Into<Error>) -> snapshot_core::Error {
-    let e: Error = e.into();
-    snapshot_core::Error::not_started(object, e.to_string()).caused_by(e)
-}
 
 /// What [`Domain::snapshot_delete`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,10 +54,9 @@ fn failpoint(name: &str) {
 pub(crate) struct Deleting {
     dom: Domain,
     qmp: DomainQmp,
-    /// The domain's operation lock, when this delete holds it through the capabilities:
-    /// handed over for a backend call that takes it itself (a running domain's volume
-    /// snapshot deleted under its hold), taken again after.
-    op: tokio::sync::Mutex<Option<locking::Acquired>>,
+    /// The domain's operation lock, lent to a backend call that takes it itself (a running
+    /// domain's volume snapshot deleted under its hold).
+    op: OpLock,
 }
 
 /// The format nodes (not protocol nodes) of image `path`.
@@ -316,15 +308,16 @@ impl Deleting {
         Deleting {
             dom: dom.clone(),
             qmp: DomainQmp::new(dom),
-            op: tokio::sync::Mutex::new(None),
+            op: OpLock::new(dom, "snapshot delete", None),
         }
     }
 
     /// The same, holding the domain's operation lock `op`.
     fn holding(dom: &Domain, op: locking::Acquired) -> Self {
-        let mut d = Deleting::new(dom);
-        d.op = tokio::sync::Mutex::new(Some(op));
-        d
+        Deleting {
+            op: OpLock::new(dom, "snapshot delete", Some(op)),
+            ..Deleting::new(dom)
+        }
     }
 
     async fn qmp(&self) -> CoreResult<QmpClient> {
@@ -727,45 +720,7 @@ impl snapshot_core::revert::Volumes for Deleting {
     /// domain whose QEMU holds the volume, under the domain's operation lock (which this
     /// delete hands over for the call), never the volume's lease.
     async fn delete_snapshot(&self, v: &PoolVolume, name: &str) -> CoreResult<()> {
-        let obj = format!("{}/{}", v.pool, v.volume);
-        let vol = self
-            .dom
-            .conn
-            .pool(&v.pool)
-            .map_err(|e| ns(&obj, e))?
-            .volume(&v.volume);
-        // Gone already (a recovery running the step again): success, no lock needed.
-        let listed = vol.snapshots().await.map_err(|e| ns(&obj, e))?;
-        if !listed.iter().any(|s| s.name == name) {
-            failpoint("delete-volume-snapshot");
-            return Ok(());
-        }
-        let r = match self.dom.pid().map_err(|e| ns(&obj, e))? {
-            Some(qemu_pid) => {
-                let d = storage_backends::DomainRef {
-                    domain: self.dom.name.clone(),
-                    qemu_pid,
-                };
-                let mut op = self.op.lock().await;
-                let mine = op.take().is_some();
-                let r = vol.delete_snapshot_for_domain(name, &d).await;
-                if mine {
-                    *op = Some(
-                        self.dom
-                            .op_lock_to_change("snapshot delete")
-                            .await
-                            .map_err(|e| be(&self.dom.name, e))?,
-                    );
-                }
-                r
-            }
-            None => vol.delete_snapshot(name).await,
-        };
-        match r {
-            // Not there (any more) is success.
-            Err(e) if e.kind() != ErrorKind::NotFound => return Err(be(&obj, e)),
-            _ => {}
-        }
+        delete_volume_snapshot(&self.dom, &self.op, v, name).await?;
         failpoint("delete-volume-snapshot");
         Ok(())
     }
@@ -916,15 +871,17 @@ fn caps(d: &Deleting) -> Capabilities<'_> {
     }
 }
 
-/// Recovers the deletes a killed virt-snap left pending in `journal` (the caller holds the
-/// domain's operation lock).
+/// Recovers the deletes a killed virt-snap left pending in `journal`, under the domain's
+/// operation lock `op` (given back).
 pub(crate) async fn recover(
     dom: &Domain,
     journal: &mut DomainJournal,
     store: &DomainStore,
-) -> Result<Vec<Recovered>> {
-    let d = Deleting::new(dom);
-    Ok(core::recover(&caps(&d), journal, store).await?)
+    op: locking::Acquired,
+) -> (Result<Vec<Recovered>>, Result<locking::Acquired>) {
+    let d = Deleting::holding(dom, op);
+    let r = core::recover(&caps(&d), journal, store).await;
+    (r.map_err(Error::from), d.op.take().await)
 }
 
 impl Domain {

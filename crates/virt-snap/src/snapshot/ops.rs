@@ -49,6 +49,13 @@ impl DomainQmp {
     }
 }
 
+/// A lower error of a step that changed nothing yet, as snapshot-core's
+/// [`snapshot_core::ErrorKind::NotStarted`] (the facade error as its source).
+pub(crate) fn ns(object: &str, e: impl Into<crate::Error>) -> snapshot_core::Error {
+    let e: crate::Error = e.into();
+    snapshot_core::Error::not_started(object, e.to_string()).caused_by(e)
+}
+
 /// A test-only failpoint: `VIRT_SNAP_FAILPOINT=<op>:<name>` aborts the process here, as a
 /// kill would (`op` is `revert` or `delete`; each module lists its names).
 pub(crate) fn failpoint(op: &str, name: &str) {
@@ -68,4 +75,88 @@ pub(crate) fn same_image(a: &str, b: &str) -> bool {
             (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
             _ => false,
         }
+}
+
+/// The domain's operation lock as an operation's capabilities hold it: lent to a storage
+/// backend's domain path (which takes the domain's operation lock itself) for the call, and
+/// taken again after it.
+pub(crate) struct OpLock {
+    dom: Domain,
+    /// The operation, as the lock names it.
+    what: &'static str,
+    op: tokio::sync::Mutex<Option<locking::Acquired>>,
+}
+
+impl OpLock {
+    /// Holding `op` (none: nothing to lend, a backend call takes the lock itself).
+    pub(crate) fn new(dom: &Domain, what: &'static str, op: Option<locking::Acquired>) -> Self {
+        OpLock {
+            dom: dom.clone(),
+            what,
+            op: tokio::sync::Mutex::new(op),
+        }
+    }
+
+    /// Holds `op` from now on.
+    pub(crate) async fn put(&self, op: locking::Acquired) {
+        *self.op.lock().await = Some(op);
+    }
+
+    /// The lock back (taken again if it was lent and could not be taken back).
+    pub(crate) async fn take(&self) -> crate::Result<locking::Acquired> {
+        match self.op.lock().await.take() {
+            Some(op) => Ok(op),
+            None => self.dom.op_lock_to_change(self.what).await,
+        }
+    }
+
+    /// Runs `f` with the lock lent: released before, taken again after (if it was held).
+    pub(crate) async fn lend<T>(
+        &self,
+        f: impl std::future::Future<Output = crate::Result<T>>,
+    ) -> crate::Result<T> {
+        let mut op = self.op.lock().await;
+        let held = op.take().is_some();
+        let r = f.await;
+        if held {
+            *op = Some(self.dom.op_lock_to_change(self.what).await?);
+        }
+        r
+    }
+}
+
+/// Deletes volume snapshot `name` of pool volume `v`: while the domain's QEMU runs (and
+/// holds the volume), for the domain, under its operation lock `lock` lends; shut off, under
+/// the volume's lease (as `vol-snapshot-delete`). A snapshot that is not there is success.
+pub(crate) async fn delete_volume_snapshot(
+    dom: &Domain,
+    lock: &OpLock,
+    v: &snapshot_core::capture::PoolVolume,
+    name: &str,
+) -> CoreResult<()> {
+    let obj = format!("{}/{}", v.pool, v.volume);
+    // Until the backend is called nothing changed: refused (not started).
+    let vol = dom
+        .conn
+        .pool(&v.pool)
+        .map_err(|e| ns(&obj, e))?
+        .volume(&v.volume);
+    let listed = vol.snapshots().await.map_err(|e| ns(&obj, e))?;
+    if !listed.iter().any(|s| s.name == name) {
+        return Ok(());
+    }
+    let r = match dom.pid().map_err(|e| ns(&obj, e))? {
+        Some(qemu_pid) => {
+            let d = storage_backends::DomainRef {
+                domain: dom.name.clone(),
+                qemu_pid,
+            };
+            lock.lend(vol.delete_snapshot_for_domain(name, &d)).await
+        }
+        None => vol.delete_snapshot(name).await,
+    };
+    match r {
+        Err(e) if e.kind() != crate::error::ErrorKind::NotFound => Err(be(&obj, e)),
+        _ => Ok(()),
+    }
 }

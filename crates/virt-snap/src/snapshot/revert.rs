@@ -10,7 +10,7 @@ use super::capture::{
     add_overlay_node, be, crc, create_overlay_file, del_overlay_node, delete_internal_snapshot,
     file_node, merge_back, remove_overlay_file, sweep_detached_nodes, JOB_TIMEOUT,
 };
-use super::ops::{same_image, DomainQmp};
+use super::ops::{delete_volume_snapshot, same_image, DomainQmp, OpLock};
 use crate::domain::runstate;
 use crate::domain::{Domain, DomainState};
 use crate::error::{Error, ErrorKind, Result};
@@ -59,6 +59,9 @@ pub(crate) struct Reverting {
     dom: Domain,
     /// The connection to the QEMU that runs now (made on first use, dropped when it stops).
     qmp: DomainQmp,
+    /// The domain's operation lock, lent to a backend call that takes it itself (an undo
+    /// volume snapshot deleted while the reverted domain's QEMU runs).
+    op: OpLock,
 }
 
 impl Reverting {
@@ -66,6 +69,15 @@ impl Reverting {
         Reverting {
             dom: dom.clone(),
             qmp: DomainQmp::new(dom),
+            op: OpLock::new(dom, "snapshot revert", None),
+        }
+    }
+
+    /// The same, holding the domain's operation lock `op`.
+    fn holding(dom: &Domain, op: locking::Acquired) -> Self {
+        Reverting {
+            op: OpLock::new(dom, "snapshot revert", Some(op)),
+            ..Reverting::new(dom)
         }
     }
 
@@ -510,13 +522,10 @@ impl core::Volumes for Reverting {
         Ok(())
     }
 
+    /// Shut off, under the volume's lease; while the reverted domain's QEMU runs (a
+    /// snapshot with RAM, loaded before the undo snapshots are dropped), for the domain.
     async fn delete_snapshot(&self, v: &PoolVolume, name: &str) -> CoreResult<()> {
-        let (vol, obj) = self.volume(v)?;
-        match vol.delete_snapshot(name).await {
-            // Not there (any more) is success.
-            Err(e) if e.kind() != ErrorKind::NotFound => return Err(be(&obj, e)),
-            _ => {}
-        }
+        delete_volume_snapshot(&self.dom, &self.op, v, name).await?;
         failpoint("drop-volume-saved");
         Ok(())
     }
@@ -601,15 +610,17 @@ fn caps(r: &Reverting) -> Capabilities<'_> {
     }
 }
 
-/// Recovers the reverts a killed virt-snap left pending in `journal` (the caller holds the
-/// domain's operation lock).
+/// Recovers the reverts a killed virt-snap left pending in `journal`, under the domain's
+/// operation lock `op` (given back).
 pub(crate) async fn recover(
     dom: &Domain,
     journal: &mut DomainJournal,
     store: &DomainStore,
-) -> Result<Vec<Recovered>> {
-    let r = Reverting::new(dom);
-    Ok(core::recover(&caps(&r), journal, store).await?)
+    op: locking::Acquired,
+) -> (Result<Vec<Recovered>>, Result<locking::Acquired>) {
+    let r = Reverting::holding(dom, op);
+    let out = core::recover(&caps(&r), journal, store).await;
+    (out.map_err(Error::from), r.op.take().await)
 }
 
 impl Domain {
@@ -669,7 +680,7 @@ impl Domain {
         let t0 = Instant::now();
         let op = self.op_lock_to_change("snapshot revert").await?;
         let (recovered, op) = self.recover_captures(op).await;
-        let _op = op?;
+        let op = op?;
         recovered?;
         let st = self.running_or_off()?;
         self.refuse_if_held(st.as_ref())?;
@@ -700,12 +711,14 @@ impl Domain {
         };
         let plan = RevertPlan::new(&req, &info, &snap, &facts)?;
         let mut journal = self.journal(&store)?;
-        let r = Reverting::new(self);
+        let r = Reverting::holding(self, op);
         let outcome = core::run(&plan, &caps(&r), &mut journal, &store).await;
         if let Err(e) = journal.compact() {
             tracing::warn!(domain = %self.name, "cannot compact the journal: {e}");
         }
         let outcome = outcome?;
+        // The lock kept to the end; the QMP connection to the QEMU the revert used dropped.
+        let _op = r.op.take().await;
         drop(r);
         let state = match self.running_or_off()? {
             None => DomainState::ShutOff,
