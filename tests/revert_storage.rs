@@ -261,7 +261,7 @@ fn a_storage_snapshot_of_a_reflink_dir_pool_volume_reverts() {
 
 /// A storage disk and an external qcow2 disk in one snapshot (the capture's default for the
 /// other disks): both reverted, the volume by its backend, the qcow2 disk onto a new overlay
-/// on the snapshot's image. A snapshot with RAM and storage disks is refused clearly.
+/// on the snapshot's image; with a RAM file too, loaded into a QEMU started on them.
 #[test]
 fn a_storage_snapshot_with_an_external_disk_reverts_both() {
     let d = OnPool::new("rvs-mixed", "btrfs", "raw", true).expect("a btrfs pool");
@@ -296,7 +296,11 @@ fn a_storage_snapshot_with_an_external_disk_reverts_both() {
     qemu_io("qcow2", &s1, "read -P 0x22 0 64k");
     assert_eq!(d.vol_snapshots(), ["s1"]);
 
-    // With RAM: refused, naming what is not supported, nothing changed.
+    // With RAM (a file): the volume reverted, the qcow2 disk onto a new overlay, then a
+    // QEMU started on them with `-incoming defer` loads the RAM; the snapshot's state
+    // (running) comes back. The undo volume snapshot is dropped after the load, for the
+    // running domain (its QEMU holds the volume).
+    d.write(0x33);
     d.vs(&["start"]);
     let mem = d.dir.join("s2.mem");
     let spec = format!("snapshot=external,file={}", mem.display());
@@ -308,11 +312,38 @@ fn a_storage_snapshot_with_an_external_disk_reverts_both() {
         "--diskspec",
         "vda,snapshot=storage",
     ]);
+    d.vs(&["destroy"]);
+    d.write(0x44);
+    d.vs(&["start"]);
     let pid = d.pid();
-    let e = virt_snap_e2e::in_state::fails(&d.state, &["snapshot-revert", d.name, "s2"]);
-    assert!(e.contains("RAM and storage disks"), "{e}");
-    assert_eq!(d.pid(), pid, "untouched");
-    assert_eq!(d.vol_snapshots(), ["s1", "s2"]);
+    let r = d.revert(&["s2"]);
+    assert_eq!(r["kind"], "storage-memory", "{r}");
+    assert_eq!(r["state"], "running", "the snapshot's state: {r}");
+    assert_eq!(r["warnings"].as_array().map_or(0, Vec::len), 0, "{r}");
+    assert_eq!(d.state(), "running");
+    assert_ne!(d.pid(), pid, "a new QEMU, started for the RAM");
+    assert_eq!(d.vol_snapshots(), ["s1", "s2"], "the undo snapshot is gone");
+    let blk = ok_json(&d.state, &["domblklist", d.name]);
+    let vdb_now = blk[1]["source"].as_str().unwrap_or_default();
+    assert!(vdb_now.ends_with(".s2.r1"), "vdb on a new overlay: {blk}");
+    d.vs(&["destroy"]);
+    d.holds(0x33);
+
+    // Killed right after the RAM was loaded (before the commit point): the next command
+    // undoes it: that QEMU stopped, the volume holds what it held, the domain running again
+    // on its disks as they were.
+    d.write(0x55);
+    d.vs(&["start"]);
+    let o = run(virt_snap()
+        .env("VIRT_SNAP_FAILPOINT", "revert:load-memory")
+        .arg("--state-dir")
+        .arg(&d.state)
+        .args(["snapshot-revert", d.name, "s2"]));
+    assert!(!o.status.success(), "not killed: {}", stderr(&o));
+    assert_eq!(d.state(), "running", "started again by the recovery");
+    assert_eq!(d.vol_snapshots(), ["s1", "s2"], "the undo snapshot is gone");
+    d.vs(&["destroy"]);
+    d.holds(0x55);
 }
 
 /// `snapshot-delete` of storage snapshots: running (under the domain's hold: its QEMU keeps

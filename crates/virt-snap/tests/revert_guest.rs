@@ -5,7 +5,8 @@
 //! overlay of the snapshot's image re-pointed in the same QEMU, the guest reset), and an
 //! external snapshot with a RAM file (a QEMU started with `-incoming defer` loads it), and a
 //! storage snapshot of a btrfs pool volume (`snapshot='storage'`: the volume reverted by its
-//! backend, the guest booted afresh on it).
+//! backend, the guest booted afresh on it; with a RAM file, the RAM loaded into a QEMU
+//! started on the reverted volume).
 //!
 //! The guest is a defined TCG domain (a revert may start it again from its definition; the
 //! guest's kernel does not boot under this host's KVM CPU model) with an ext4 qcow2 data disk
@@ -147,4 +148,40 @@ fn a_btrfs_storage_snapshot_reverts_the_volume_and_boots_on_it() {
             .unwrap();
     let names: Vec<&str> = snaps.iter().map(|s| s.name.as_str()).collect();
     assert_eq!(names, ["b1"]);
+}
+
+#[test]
+fn a_btrfs_storage_snapshot_with_ram_brings_back_volume_and_ram() {
+    let g = Guest::define_on("rvg-btrfsm", true);
+    g.write("A");
+    let mut req = CaptureRequest::new(name("bm1"));
+    req.memory = MemoryChoice::External {
+        file: g.file("rvg-btrfsm.bm1").display().to_string(),
+    };
+    req.disks.push(DiskRequest {
+        name: "vda".into(),
+        choice: DiskChoice::Storage,
+    });
+    g.snapshot(req);
+    g.write("B");
+    assert_eq!((g.disk(), g.ram()), ("B".into(), "B".into()));
+    let pid = g.dom.pid().unwrap();
+    let r = g.revert("bm1", RevertFlags::default());
+    assert_eq!(r.kind, RevertKind::StorageMemory);
+    assert_eq!(r.state, DomainState::Running, "the snapshot's state");
+    assert_ne!(g.dom.pid().unwrap(), pid, "a new QEMU, its RAM loaded");
+    g.wait_agent();
+    assert_eq!(g.disk(), "A", "the volume as it was at the snapshot");
+    assert_eq!(g.ram(), "A", "the RAM as it was at the snapshot");
+    // Again after more writes: the volume snapshot and the RAM file stay usable.
+    g.write("C");
+    g.revert("bm1", RevertFlags::default());
+    g.wait_agent();
+    assert_eq!((g.disk(), g.ram()), ("A".into(), "A".into()));
+    let conn = Connection::open(g.file("state")).unwrap();
+    let snaps =
+        g.rt.block_on(conn.pool("gp").unwrap().volume("data").snapshots())
+            .unwrap();
+    let names: Vec<&str> = snaps.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["bm1"], "the undo snapshots are gone");
 }

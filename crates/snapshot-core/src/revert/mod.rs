@@ -104,14 +104,16 @@ pub trait Images: Send + Sync {
 
 /// The pool volumes of `snapshot='storage'` disks, snapshotted and reverted by their pool's
 /// backend (btrfs subvolume snapshots, LVM snapshots, reflink copies in a dir pool), offline:
-/// the domain is stopped, so its leases of the volumes are free.
+/// the domain is stopped, so its leases of the volumes are free (a volume snapshot is also
+/// deleted while the domain's QEMU runs on the volume).
 #[async_trait]
 pub trait Volumes: Send + Sync {
     /// Takes volume snapshot `name` of `volume`'s current state.
     async fn snapshot(&self, volume: &PoolVolume, name: &str) -> Result<()>;
     /// Makes `volume`'s content that of its volume snapshot `name` (the snapshot is kept).
     async fn revert(&self, volume: &PoolVolume, name: &str) -> Result<()>;
-    /// Deletes volume snapshot `name` of `volume`; missing is success.
+    /// Deletes volume snapshot `name` of `volume`; missing is success. Unlike the two
+    /// above, also while the domain's QEMU runs on the volume (for the domain).
     async fn delete_snapshot(&self, volume: &PoolVolume, name: &str) -> Result<()>;
 }
 

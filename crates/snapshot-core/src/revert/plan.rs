@@ -60,6 +60,11 @@ pub enum RevertKind {
     /// after it if the flags ask; external qcow2 disks of the same snapshot get new overlays
     /// as in [`RevertKind::External`].
     Storage,
+    /// A snapshot with `snapshot='storage'` disks and a RAM file: as [`RevertKind::Storage`],
+    /// then a QEMU started waiting for the RAM (`-incoming defer`) loads it from the file
+    /// before the commit point; the undo volume snapshots are dropped after it, while that
+    /// QEMU runs.
+    StorageMemory,
 }
 
 impl RevertKind {
@@ -73,6 +78,7 @@ impl RevertKind {
             RevertKind::ExternalInPlace => "external-in-place",
             RevertKind::ExternalMemory => "external-memory",
             RevertKind::Storage => "storage",
+            RevertKind::StorageMemory => "storage-memory",
         }
     }
 }
@@ -672,14 +678,13 @@ impl RevertPlan {
                 saved = Some((tag, disks));
             }
         } else {
-            if !storage.is_empty() && mem != Location::No {
-                // Its RAM would be loaded into a QEMU started after the commit point (the
-                // volumes' undo snapshots are dropped before the start, while the domain's
-                // leases of the volumes are free), where a failed load cannot be undone.
+            if !storage.is_empty() && mem == Location::Internal {
+                // (The capture never makes one: internal RAM needs a qcow2 image of an
+                // internal disk.)
                 return Err(plan_error(
                     "memory",
-                    "reverting a snapshot with RAM and storage disks is not supported yet: \
-                     only disk-only storage snapshots are reverted"
+                    "a snapshot with storage disks and internal RAM cannot be reverted: its \
+                     RAM needs an internal disk's image"
                         .into(),
                 ));
             }
@@ -929,11 +934,20 @@ impl RevertPlan {
             steps.extend(reverts);
             steps.extend(switch);
             if with_storage {
-                // Started after the commit point and after the undo volume snapshots are
-                // dropped: a backend changes a volume only while nobody holds its lease, and
-                // the started QEMU would.
-                kind = RevertKind::Storage;
-                start_after = final_state != RunState::ShutOff;
+                if let Some(file) = ram_file {
+                    // The RAM loaded into a QEMU started on the reverted volumes before the
+                    // commit point, so that a failed load is undone (that QEMU stopped, the
+                    // volumes reverted to their undo snapshots); the undo volume snapshots
+                    // are dropped after it, for the running domain.
+                    kind = RevertKind::StorageMemory;
+                    steps.push(Step::Start { incoming: true });
+                    steps.push(Step::LoadMemory { file });
+                } else {
+                    // Started after the commit point and after the undo volume snapshots
+                    // are dropped.
+                    kind = RevertKind::Storage;
+                    start_after = final_state != RunState::ShutOff;
+                }
             } else if let Some(file) = ram_file {
                 kind = RevertKind::ExternalMemory;
                 steps.push(Step::Start { incoming: true });

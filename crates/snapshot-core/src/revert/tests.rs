@@ -377,8 +377,8 @@ impl Volumes for World {
         .await
     }
     async fn delete_snapshot(&self, volume: &PoolVolume, name: &str) -> Result<()> {
+        // Also while QEMU runs (for the domain), unlike the two above.
         self.effect("vol_delete_snapshot", |s| {
-            s.offline("vol_delete_snapshot");
             s.volumes.delete_snapshot(volume, name)
         })
         .await
@@ -617,6 +617,22 @@ fn storage_modes() -> Vec<Mode> {
             ("vdb", "/pool/v2", "raw"),
         ])),
     );
+    let only_with_ram = |st| {
+        snapshot_meta(
+            st,
+            Location::External,
+            Some("/img/vm.mem"),
+            &[
+                ("vda", Location::Storage, None),
+                ("vdb", Location::Storage, None),
+            ],
+            Some(def_xml(&[
+                ("vda", "/pool/v1", "raw"),
+                ("vdb", "/pool/v2", "raw"),
+            ])),
+        )
+    };
+    let storage_with_ram = only_with_ram(SnapshotState::Running);
     let mixed = |mem: Location, file: Option<&str>, st| {
         snapshot_meta(
             st,
@@ -688,7 +704,50 @@ fn storage_modes() -> Vec<Mode> {
             Running,
             mixed_world,
         ),
+        Mode {
+            kind: RevertKind::StorageMemory,
+            ..m(
+                "storage disks with a RAM file, running",
+                dom(Running, false),
+                storage_with_ram,
+                flags(false, false),
+                Running,
+                storage_ram_world,
+            )
+        },
+        Mode {
+            kind: RevertKind::StorageMemory,
+            ..m(
+                "storage disks with a RAM file, shut off, --paused",
+                dom(ShutOff, false),
+                only_with_ram(SnapshotState::Running),
+                flags(false, true),
+                Paused,
+                storage_ram_world,
+            )
+        },
+        Mode {
+            kind: RevertKind::StorageMemory,
+            ..m(
+                "storage and external disks with a RAM file, paused snapshot, running",
+                dom(Running, true),
+                mixed(
+                    Location::External,
+                    Some("/img/vm.mem"),
+                    SnapshotState::Paused,
+                ),
+                flags(false, false),
+                Paused,
+                mixed_world,
+            )
+        },
     ]
+}
+
+/// [`storage_world`] with s1's RAM file.
+fn storage_ram_world(s: &mut State) {
+    storage_world(s);
+    s.memory_files.push("/img/vm.mem".into());
 }
 
 fn modes() -> Vec<Mode> {
@@ -938,9 +997,13 @@ fn config_modes() -> Vec<Mode> {
         let (kind, force) = match (m.label.as_str(), m.kind) {
             ("internal with RAM, running", _) => (RevertKind::InternalRestart, true),
             ("external disk-only, running, --running: in place", _) => (RevertKind::External, true),
-            (_, RevertKind::InternalOffline | RevertKind::External | RevertKind::Storage) => {
-                (m.kind, false)
-            }
+            (
+                _,
+                RevertKind::InternalOffline
+                | RevertKind::External
+                | RevertKind::Storage
+                | RevertKind::StorageMemory,
+            ) => (m.kind, false),
             _ => continue,
         };
         if out.iter().any(|o: &Mode| o.kind == kind && !force) && !force {
@@ -1095,7 +1158,7 @@ fn assert_reverted(e: &Env, mode: &Mode, plan: &RevertPlan, warned: bool, ctx: &
             .iter()
             .any(|s| matches!(s, Step::LoadInternal { .. })));
     match mode.kind {
-        RevertKind::Storage => {
+        RevertKind::Storage | RevertKind::StorageMemory => {
             for (v, vol) in &s.volumes.0 {
                 assert_eq!(vol.data, vol.snaps["s1"], "{ctx}: {v} reverted");
                 if !warned {
@@ -1603,19 +1666,12 @@ fn storage_planning_refuses_what_it_cannot_revert() {
     let mut m = storage_modes().remove(2);
     m.dom.domain_xml = None;
     assert!(plan_err(&m, &w).contains("transient"));
-    // RAM (internal or in a file), internal disks mixed in.
+    // Internal RAM (no capture makes one), a RAM file that is gone, internal disks mixed in.
     let mut m = storage_modes().remove(2);
     m.snap.memory.as_mut().unwrap().snapshot = Some(Location::Internal);
-    assert!(plan_err(&m, &w).contains("RAM and storage disks"));
-    let mut m = storage_modes().remove(4);
-    m.snap.memory = Some(xml::Memory {
-        snapshot: Some(Location::External),
-        file: Some("/img/vm.mem".into()),
-        ..Default::default()
-    });
-    let mw = World::default();
-    mixed_world(&mut mw.st());
-    assert!(plan_err(&m, &mw).contains("not supported yet"));
+    assert!(plan_err(&m, &w).contains("storage disks and internal RAM"));
+    let m = storage_modes().remove(5);
+    assert!(plan_err(&m, &w).contains("RAM file /img/vm.mem is missing"));
     let mut m = storage_modes().remove(2);
     m.snap.disks[1].snapshot = Some(Location::Internal);
     assert!(plan_err(&m, &w).contains("mixes"));
