@@ -383,6 +383,33 @@ fn storage_delete_round_trip(d: &OnPool) {
         "{names}"
     );
     assert_eq!(d.vol_snapshots(), ["d1"]);
+    // Killed right before it, the domain running: recovered by another command (`domstate`,
+    // not a snapshot-delete), which lends its hold of the domain to the backend's delete.
+    d.vs(&[
+        "snapshot-create-as",
+        "d4",
+        "--diskspec",
+        "vda,snapshot=storage",
+    ]);
+    let o = run(virt_snap()
+        .env(
+            "VIRT_SNAP_FAILPOINT",
+            "delete:before-delete-volume-snapshot",
+        )
+        .arg("--state-dir")
+        .arg(&d.state)
+        .args(["snapshot-delete", d.name, "d4"]));
+    assert!(!o.status.success(), "not killed: {}", stderr(&o));
+    assert_eq!(
+        d.vol_snapshots(),
+        ["d1", "d4"],
+        "killed before the backend call"
+    );
+    assert_eq!(d.state(), "running");
+    assert_eq!(d.vol_snapshots(), ["d1"], "finished by the recovery");
+    let names = d.vs(&["snapshot-list", "--name"]);
+    assert_eq!(names.split_whitespace().collect::<Vec<_>>(), ["d1"]);
+    assert_eq!(d.pid(), Some(pid));
     // Shut off: under the volume's lease.
     d.vs(&["destroy"]);
     d.write(0xbb);

@@ -43,7 +43,8 @@ pub struct DeleteResult {
 
 /// A test-only failpoint: `VIRT_SNAP_FAILPOINT=delete:<effect>` aborts the process right
 /// after the effect (`delete-internal`, `reopen-rw` (a backing node made writable for an
-/// internal delete), `delete-volume-snapshot`, `commit`, `stream`, `switch-definition`, `remove-overlay`), as
+/// internal delete), `delete-volume-snapshot` (and `before-delete-volume-snapshot`: right
+/// before it), `commit`, `stream`, `switch-definition`, `remove-overlay`), as
 /// a kill would; `delete:commit-ready` right after an active commit became ready, before it
 /// is completed.
 fn failpoint(name: &str) {
@@ -720,6 +721,7 @@ impl snapshot_core::revert::Volumes for Deleting {
     /// domain whose QEMU holds the volume, under the domain's operation lock (which this
     /// delete hands over for the call), never the volume's lease.
     async fn delete_snapshot(&self, v: &PoolVolume, name: &str) -> CoreResult<()> {
+        failpoint("before-delete-volume-snapshot");
         delete_volume_snapshot(&self.dom, &self.op, v, name).await?;
         failpoint("delete-volume-snapshot");
         Ok(())
