@@ -84,12 +84,12 @@ fn one_node_of<'a>(nodes: &'a [BlockDeviceInfo], path: &str, disk: &str) -> Core
 /// The `blockdev-reopen` options (read-only unset) that keep format node `node` of backing
 /// image `image` as virt-snap opened it: the command line's nodes (`vs-<disk>-fmt` on
 /// `vs-<disk>-file`, `discard=unmap`) and the captures' and reverts' overlay nodes (`<node>`
-/// on `<node>-f`), on the same protocol node and backing node. The protocol node is left as
-/// it is (opened read-write: it follows its format node's permissions; reopened read-only
+/// on `<node>-f`, and the nodes [`named_chain_node`] puts in place of those QEMU opened
+/// itself), on the same protocol node and backing node. The protocol node is left as it is
+/// (opened read-write: it follows its format node's permissions; reopened read-only
 /// explicitly, it would stay so when a later commit makes the format node writable). A node
-/// QEMU opened itself from a header (an auto-generated `#block...` name; `blockdev-reopen`
-/// needs the node's name among its options) cannot be reopened: refused before anything
-/// changed.
+/// virt-snap did not open (an auto-generated `#block...` name, or another tool's) is
+/// refused before anything changed: its options are not known.
 fn reopen_options(
     graph: &[BlockDeviceInfo],
     node: &str,
@@ -108,9 +108,10 @@ fn reopen_options(
         return Err(snapshot_core::Error::not_started(
             disk,
             format!(
-                "the internal snapshot is in {image}, a backing file QEMU opened by itself from \
-                 an image header (node {node}), which QEMU cannot reopen read-write: shut the \
-                 domain off to delete it, or --metadata"
+                "the internal snapshot is in {image}, and its node {node} (or one above it) \
+                 was not opened by virt-snap (a QEMU started by another tool?), so its \
+                 options to reopen it read-write are not known: shut the domain off to delete \
+                 it, or --metadata"
             ),
         ));
     }
@@ -125,6 +126,108 @@ fn reopen_options(
         f = f.set("discard", "unmap");
     }
     Ok(f)
+}
+
+/// The node of backing image `image` on disk `disk`'s chain from its top node `top`, named by
+/// virt-snap: a node QEMU opened itself from a header on the way down (an auto-generated
+/// `#block...` name, which `blockdev-reopen` cannot name) is replaced by one virt-snap
+/// names, `vs-n-<hash>` on `vs-n-<hash>-f`: the same image opened again (`blockdev-add`
+/// of the protocol node, then of the format node read-only; the protocol node, opened
+/// read-write with no permission taken, follows the format node's, so that a later reopen
+/// or commit can make it writable), with the same backing node, then put under its parent with a
+/// `blockdev-reopen` of the parent (same options, the new backing); QEMU closes the old node,
+/// which nothing uses then. Top-down, so that each parent is named when it is reopened.
+/// Nothing in the guest's view changes: the same data, read-only, under the same top.
+async fn named_chain_node(
+    qmp: &QmpClient,
+    top: &str,
+    image: &str,
+    disk: &str,
+) -> CoreResult<(String, Vec<BlockDeviceInfo>)> {
+    let graph_now = || async {
+        qmp.run(&qc::QueryNamedBlockNodes { flat: Some(true) })
+            .await
+            .map_err(|e| ns("query-named-block-nodes", e))
+    };
+    let mut graph = graph_now().await?;
+    let mut parent = top.to_string();
+    // A chain is short; the bound only stops a graph that loops.
+    for _ in 0..64 {
+        let info = graph
+            .iter()
+            .find(|n| n.node_name.as_deref() == Some(parent.as_str()))
+            .ok_or_else(|| {
+                snapshot_core::Error::not_started(disk, format!("QEMU has no node {parent}"))
+            })?;
+        if same_image(&info.file, image) {
+            return Ok((parent, graph));
+        }
+        let Some(b) = info.backing_file.clone() else {
+            return Err(snapshot_core::Error::not_started(
+                disk,
+                format!("{image} is not in the disk's chain in QEMU"),
+            ));
+        };
+        let child = one_node_of(&graph, &b, disk)?.to_string();
+        if !child.starts_with('#') {
+            parent = child;
+            continue;
+        }
+        let cinfo = graph
+            .iter()
+            .find(|n| n.node_name.as_deref() == Some(child.as_str()))
+            .expect("found by one_node_of");
+        let below = match &cinfo.backing_file {
+            Some(bb) => Some(one_node_of(&graph, bb, disk)?.to_string()),
+            None => None,
+        };
+        let named = format!("vs-n-{:08x}", crc(&format!("{disk}:{}", cinfo.file)));
+        let fnode = super::capture::file_node(&named);
+        let is_blk = std::fs::metadata(&cinfo.file).is_ok_and(|m| {
+            use std::os::unix::fs::FileTypeExt;
+            m.file_type().is_block_device()
+        });
+        let proto = if is_blk { "host_device" } else { "file" };
+        // Two nodes, as the captures' overlays have: each closed by its own blockdev-del.
+        let file = qc::BlockdevOptions::new(proto, &fnode).set("filename", cinfo.file.as_str());
+        qmp.run(&qc::BlockdevAdd(file))
+            .await
+            .map_err(|e| ns("blockdev-add", e))?;
+        let add = qc::BlockdevOptions::new(&cinfo.drv, &named)
+            .set("file", fnode.as_str())
+            .read_only(true)
+            .backing(below.as_deref());
+        let del = |node: &str| qc::BlockdevDel {
+            node_name: node.to_string(),
+        };
+        if let Err(e) = qmp.run(&qc::BlockdevAdd(add)).await {
+            let _ = qmp.run(&del(&fnode)).await;
+            return Err(ns("blockdev-add", e));
+        }
+        let pinfo = graph
+            .iter()
+            .find(|n| n.node_name.as_deref() == Some(parent.as_str()))
+            .expect("found above");
+        let reopen = reopen_options(&graph, &parent, &pinfo.file, disk)?
+            .read_only(pinfo.ro)
+            .backing(Some(&named));
+        if let Err(e) = qmp
+            .run(&qc::BlockdevReopen {
+                options: vec![reopen],
+            })
+            .await
+        {
+            let _ = qmp.run(&del(&named)).await;
+            let _ = qmp.run(&del(&fnode)).await;
+            return Err(ns("blockdev-reopen", e));
+        }
+        graph = graph_now().await?;
+        parent = named;
+    }
+    Err(snapshot_core::Error::not_started(
+        disk,
+        format!("{image} not found down the disk's chain in QEMU"),
+    ))
 }
 
 fn job_id(m: &Merge) -> String {
@@ -643,9 +746,9 @@ impl core::Images for Deleting {
             if on_top {
                 at.push(top);
             } else {
-                let node = one_node_of(&graph, &d.image, &d.target)?;
-                backing.push(reopen_options(&graph, node, &d.image, &d.target)?);
-                at.push(node.to_string());
+                let (node, graph) = named_chain_node(&qmp, &top, &d.image, &d.target).await?;
+                backing.push(reopen_options(&graph, &node, &d.image, &d.target)?);
+                at.push(node);
             }
         }
         // QEMU deletes an internal snapshot only in a node it has open read-write: a
