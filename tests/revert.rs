@@ -259,16 +259,25 @@ fn external_disk_only_reverts_onto_new_overlays() {
     assert_eq!(d.source(), s2r.display().to_string());
     assert_eq!(d.pid(), Some(pid));
     // Back to s1 in place (vda.qcow2 is in the chain), then to s2 again: its image
-    // vda.s1.r3 is not in the chain any more, so QEMU is restarted.
+    // vda.s1.r3 is on another branch now (off the chain): opened for the new overlay, on
+    // the node QEMU has of vda.qcow2, in place too.
     let r = d.revert(&["s1", "--running"]);
     assert_eq!(r["kind"], "external-in-place", "{r}");
     assert_eq!(d.pid(), Some(pid));
     let r = d.revert(&["s2", "--running"]);
-    assert_eq!(r["kind"], "external", "{r}");
-    assert_ne!(d.pid(), Some(pid), "restarted");
+    assert_eq!(r["kind"], "external-in-place", "{r}");
+    assert_eq!(d.pid(), Some(pid), "the same QEMU");
     assert_eq!(d.status(), "running");
     let s2r2 = d.file("vda.s1.s2.r2");
     assert_eq!(d.source(), s2r2.display().to_string());
+    assert_eq!(d.defined_source(), s2r2.display().to_string());
+    // One node per image of the new chain, none of the discarded one.
+    let nodes = d.node_files();
+    let count = |f: &Path| nodes.iter().filter(|n| Path::new(n) == f).count();
+    assert_eq!(count(&s2r2), 2, "{nodes:?}");
+    assert_eq!(count(&d.file("vda.s1.r3")), 2, "{nodes:?}");
+    assert_eq!(count(&vda), 2, "{nodes:?}");
+    assert_eq!(count(&d.file("vda.s1.r4")), 0, "{nodes:?}");
     d.vs(&["destroy"]);
     for f in [&s2r, &s2r2] {
         let info = qemu_img(&["info", f.to_str().unwrap()]);
@@ -664,4 +673,69 @@ fn a_ram_file_loads_into_a_qemu_with_the_snapshots_configuration() {
     assert_eq!(qemu_mib(&d), 64);
     assert_eq!(defined_mib(&d), 64);
     assert_eq!(d.status(), "running");
+}
+
+/// A disk-only snapshot whose image is on another branch of the tree, neither in the running
+/// QEMU's chain nor opened by it since its start: re-pointed in place all the same (the
+/// image opened read-only for the new overlay, on the node QEMU has of the image below it,
+/// with a shared lease, so an offline write to it is refused while QEMU has it); a revert
+/// killed after the re-pointing is undone by the next command, which closes that node again.
+#[test]
+fn a_snapshot_on_another_branch_is_reverted_in_place() {
+    let d = Dom::define("rv-branch");
+    let vda = d.file("vda.qcow2");
+    // s1 on vda.qcow2 (0xaa); s2 on vda.s1 (0xbb); then back to s1 (vda.s1.r1, 0xcc).
+    d.vs(&["snapshot-create-as", "s1", "--disk-only"]);
+    let s1 = d.file("vda.s1");
+    write(&s1, 0xbb);
+    d.vs(&["snapshot-create-as", "s2", "--disk-only"]);
+    d.revert(&["s1"]);
+    let r1 = d.file("vda.s1.r1");
+    write(&r1, 0xcc);
+    d.start_settled();
+    let pid = d.pid().unwrap();
+    // Killed right after the re-pointing: undone, the same QEMU on vda.s1.r1, vda.s1 closed.
+    killed_revert(&d, "s2", &["--running"], "repoint");
+    assert_eq!(d.status(), "running");
+    assert_eq!(d.pid(), Some(pid));
+    assert_eq!(d.source(), r1.display().to_string());
+    let nodes = d.node_files();
+    assert!(!nodes.iter().any(|f| Path::new(f) == s1), "{nodes:?}");
+    // ... and its lease given back: an offline change of vda.s1 is allowed again.
+    let img = |args: &[&str]| {
+        let mut a = vec!["image", "snapshot"];
+        a.extend(args);
+        virt_snap_e2e::in_state::vs(d.s(), &a)
+    };
+    let s1s = s1.to_str().unwrap();
+    let o = img(&["create", s1s, "x"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = img(&["delete", s1s, "x"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // Now to the end: in place, onto a new overlay of vda.s1.
+    let r = d.revert(&["s2", "--running"]);
+    assert_eq!(r["kind"], "external-in-place", "{r}");
+    assert_eq!(d.pid(), Some(pid), "the same QEMU");
+    let new = PathBuf::from(d.source());
+    assert!(new.display().to_string().ends_with(".s2.r1"), "{new:?}");
+    let nodes = d.node_files();
+    let count = |f: &Path| nodes.iter().filter(|n| Path::new(n) == f).count();
+    assert_eq!(count(&s1), 2, "vda.s1 opened once: {nodes:?}");
+    assert_eq!(
+        count(&vda),
+        2,
+        "vda.qcow2 shared, not opened again: {nodes:?}"
+    );
+    assert_eq!(count(&r1), 0, "the discarded top closed: {nodes:?}");
+    // QEMU holds vda.s1 now: an offline change of it is refused.
+    let o = img(&["create", s1s, "x"]);
+    assert!(!o.status.success(), "vda.s1 changed while QEMU reads it");
+    d.vs(&["destroy"]);
+    holds(&new, 0xbb);
+    holds(&r1, 0xcc);
+    let info = qemu_img(&["info", new.to_str().unwrap()]);
+    assert!(
+        info.contains(&format!("backing file: {}", s1.display())),
+        "{info}"
+    );
 }

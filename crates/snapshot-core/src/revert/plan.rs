@@ -288,8 +288,9 @@ pub struct Swap {
     pub overlay: String,
     /// The new overlay.
     pub path: String,
-    /// The image holding the snapshot's data (the new overlay's backing), a node in the
-    /// current top's chain (or the top itself).
+    /// The image holding the snapshot's data (the new overlay's backing): a node in the
+    /// current top's chain (or the top itself), or an image off it (another branch of the
+    /// tree), which the re-pointing opens read-only.
     pub base: String,
 }
 
@@ -772,8 +773,10 @@ impl RevertPlan {
                 let path = revert_overlay_path(&base, name, facts, &overlays);
                 overlays.push(path.clone());
                 let top = d.source.clone().unwrap_or_default();
-                if !d.node.is_empty() && (top == base || facts.backing_chain(&top).contains(&base))
-                {
+                // Re-pointed in place wherever QEMU has the disk: onto the node of the
+                // snapshot's image in the current chain, or (a snapshot on another branch)
+                // onto a node the re-pointing opens for it.
+                if !d.node.is_empty() {
                     swaps.push(Swap {
                         disk: t.clone(),
                         top: d.node.clone(),
@@ -872,7 +875,7 @@ impl RevertPlan {
                 });
             }
             // In place: the domain runs and goes on running, no RAM to load, no storage disk,
-            // and every disk's snapshot image is in its current chain (a node QEMU has open).
+            // and QEMU has every disk (a snapshot image off the current chain is opened for it).
             let in_place = up
                 && storage.is_empty()
                 && ram_file.is_none()

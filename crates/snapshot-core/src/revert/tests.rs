@@ -950,11 +950,11 @@ fn modes_without_config() -> Vec<Mode> {
             external_world,
         ),
         m(
-            "external disk-only, running elsewhere, --running: restarted",
+            "external disk-only, running elsewhere (another branch), --running: in place",
             external_dom(Running),
             ext_snap,
             flags(true, false),
-            External,
+            ExternalInPlace,
             Running,
             external_world_elsewhere,
         ),

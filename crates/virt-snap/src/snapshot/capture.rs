@@ -608,29 +608,7 @@ pub(crate) async fn add_overlay_node(
     format: &str,
 ) -> CoreResult<()> {
     // The overlay's lease, handed to QEMU so that it lives as long as QEMU.
-    let uses = vec![DiskUse {
-        resource: Resource::file(path),
-        read_only: false,
-        shareable: false,
-    }];
-    let leases = conn
-        .inner()
-        .locks
-        .acquire(&Purpose::VmAttach {
-            domain: domain.to_string(),
-            qemu_pid,
-            disks: uses.clone(),
-        })
-        .map_err(|e| be(path, e))?;
-    for fd in leases.lock_fds() {
-        qmp.getfd(&lease_fd_name(node), fd.as_fd())
-            .await
-            .map_err(|e| be("getfd", e))?;
-    }
-    let start_time = crate::domain::runstate::proc_stat(qemu_pid).map_or(0, |s| s.start_time);
-    let dir = crate::domain::runstate::run_dir(conn.state_dir(), domain);
-    crate::domain::keeper::hand_to_qemu(conn, &dir, leases, &uses, qemu_pid, start_time)
-        .map_err(|e| be(path, e))?;
+    lease_to_qemu(conn, domain, qemu_pid, qmp, node, path, false).await?;
     let fnode = file_node(node);
     let added = async {
         qmp.run(&BlockdevAdd(BlockdevOptions::file(&fnode, path)))
@@ -657,6 +635,44 @@ pub(crate) async fn add_overlay_node(
             .await;
         return Err(be("blockdev-add", e));
     }
+    Ok(())
+}
+
+/// Takes the lease of image `path` (shared if `read_only`) for the domain's QEMU `qemu_pid`
+/// and hands it to that QEMU (`getfd` as the lease of node `node`, closed with the node by
+/// [`del_overlay_node`]), so that it lives as long as QEMU.
+pub(crate) async fn lease_to_qemu(
+    conn: &Connection,
+    domain: &str,
+    qemu_pid: u32,
+    qmp: &QmpClient,
+    node: &str,
+    path: &str,
+    read_only: bool,
+) -> CoreResult<()> {
+    let uses = vec![DiskUse {
+        resource: Resource::file(path),
+        read_only,
+        shareable: false,
+    }];
+    let leases = conn
+        .inner()
+        .locks
+        .acquire(&Purpose::VmAttach {
+            domain: domain.to_string(),
+            qemu_pid,
+            disks: uses.clone(),
+        })
+        .map_err(|e| be(path, e))?;
+    for fd in leases.lock_fds() {
+        qmp.getfd(&lease_fd_name(node), fd.as_fd())
+            .await
+            .map_err(|e| be("getfd", e))?;
+    }
+    let start_time = crate::domain::runstate::proc_stat(qemu_pid).map_or(0, |s| s.start_time);
+    let dir = crate::domain::runstate::run_dir(conn.state_dir(), domain);
+    crate::domain::keeper::hand_to_qemu(conn, &dir, leases, &uses, qemu_pid, start_time)
+        .map_err(|e| be(path, e))?;
     Ok(())
 }
 

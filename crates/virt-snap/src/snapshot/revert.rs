@@ -8,7 +8,7 @@
 
 use super::capture::{
     add_overlay_node, be, crc, create_overlay_file, del_overlay_node, delete_internal_snapshot,
-    file_node, merge_back, remove_overlay_file, sweep_detached_nodes, JOB_TIMEOUT,
+    file_node, lease_to_qemu, merge_back, remove_overlay_file, sweep_detached_nodes, JOB_TIMEOUT,
 };
 use super::ops::{delete_volume_snapshot, same_image, DomainQmp, OpLock};
 use crate::domain::runstate;
@@ -376,6 +376,32 @@ impl core::Images for Reverting {
 
     async fn repoint(&self, swaps: &[Swap]) -> CoreResult<()> {
         let qmp = self.qmp().await?;
+        // A snapshot's image off the current chain (another branch of the tree): opened
+        // read-only first, on the node QEMU has of its backing image if it has one (shared:
+        // the lower chain stays one node per image), else on the chain its header names.
+        let nodes = qmp
+            .run(&qc::QueryNamedBlockNodes { flat: Some(true) })
+            .await
+            .map_err(|e| be("query-named-block-nodes", e))?;
+        let mut opened: Vec<String> = Vec::new();
+        for sw in swaps.iter().filter(|sw| sw.top_image != sw.base) {
+            let has = nodes
+                .iter()
+                .any(|n| n.drv != "file" && same_image(&n.file, &sw.base));
+            if has || opened.iter().any(|o| *o == branch_node_name(&sw.base)) {
+                continue;
+            }
+            let r = self.open_branch_base(&qmp, &nodes, &sw.base).await;
+            match r {
+                Ok(node) => opened.push(node),
+                Err(e) => {
+                    for n in &opened {
+                        let _ = del_overlay_node(&qmp, n).await;
+                    }
+                    return Err(e);
+                }
+            }
+        }
         let actions = swaps
             .iter()
             .map(|sw| {
@@ -385,10 +411,14 @@ impl core::Images for Reverting {
                 })
             })
             .collect();
-        qmp.run(&qc::Transaction::new(actions))
-            .await
-            .map_err(|e| be("transaction", e))?;
-        // Each new overlay onto the node of the snapshot's image in the old chain.
+        if let Err(e) = qmp.run(&qc::Transaction::new(actions)).await {
+            for n in &opened {
+                let _ = del_overlay_node(&qmp, n).await;
+            }
+            return Err(be("transaction", e));
+        }
+        // Each new overlay onto the node of the snapshot's image in the old chain (or the
+        // one opened above).
         let nodes = qmp
             .run(&qc::QueryNamedBlockNodes { flat: Some(true) })
             .await
@@ -493,12 +523,84 @@ impl core::Images for Reverting {
 }
 
 impl Reverting {
+    /// Opens image `base` (its format read from its header) read-only as node `rv-b-<hash>`
+    /// on protocol node `rv-b-<hash>-f`; its backing is the node QEMU has of the image its
+    /// header names, if it has exactly one, else QEMU opens the chain from the header. Its
+    /// lease (shared) is handed to QEMU with it.
+    async fn open_branch_base(
+        &self,
+        qmp: &QmpClient,
+        nodes: &[qc::BlockDeviceInfo],
+        base: &str,
+    ) -> CoreResult<String> {
+        let node = branch_node_name(base);
+        let pid = self
+            .dom
+            .pid()
+            .map_err(|e| be(&self.dom.name, e))?
+            .ok_or_else(|| snapshot_core::Error::backend(base, "the domain is not running"))?;
+        let fnode = file_node(&node);
+        let chain = image_formats::backing_chain(Path::new(base), None, Default::default())
+            .map_err(|e| be(base, e))?;
+        let format = chain[0].format().as_str();
+        let below = chain.get(1).map(|i| i.filename.clone());
+        let shared = below.as_deref().and_then(|b| {
+            let found: Vec<&str> = nodes
+                .iter()
+                .filter(|n| n.drv != "file" && n.drv != "host_device" && same_image(&n.file, b))
+                .filter_map(|n| n.node_name.as_deref())
+                .collect();
+            match found[..] {
+                [one] => Some(one.to_string()),
+                _ => None,
+            }
+        });
+        // Its lease (shared: read-only), handed to QEMU as the node's, unless this domain
+        // holds it already (an image its QEMU was started on keeps its lease until QEMU
+        // exits).
+        let ours = self
+            .dom
+            .conn
+            .inner()
+            .locks
+            .holders(&locking::Resource::file(base))
+            .map_err(|e| be(base, e))?
+            .iter()
+            .any(|h| h.holder == locking::Holder::Domain(self.dom.name.clone()));
+        if !ours {
+            lease_to_qemu(&self.dom.conn, &self.dom.name, pid, qmp, &node, base, true).await?;
+        }
+        if let Err(e) = qmp
+            .run(&qc::BlockdevAdd(BlockdevOptions::file(&fnode, base)))
+            .await
+        {
+            let _ = del_overlay_node(qmp, &node).await;
+            return Err(be("blockdev-add", e));
+        }
+        let mut fmt = BlockdevOptions::new(format, &node)
+            .set("file", fnode.as_str())
+            .read_only(true);
+        if let (Some(b), false) = (&shared, format == "raw") {
+            fmt = fmt.backing(Some(b));
+        }
+        if let Err(e) = qmp.run(&qc::BlockdevAdd(fmt)).await {
+            let _ = del_overlay_node(qmp, &node).await;
+            return Err(be("blockdev-add", e));
+        }
+        Ok(node)
+    }
+
     /// The facade's handle of pool volume `v`, and its name for messages.
     fn volume(&self, v: &PoolVolume) -> CoreResult<(crate::pool::Volume, String)> {
         let obj = format!("{}/{}", v.pool, v.volume);
         let pool = self.dom.conn.pool(&v.pool).map_err(|e| be(&obj, e))?;
         Ok((pool.volume(&v.volume), obj))
     }
+}
+
+/// The node a revert opens for a snapshot image `base` off the disk's current chain.
+fn branch_node_name(base: &str) -> String {
+    format!("rv-b-{:08x}", crc(base))
 }
 
 /// The storage disks' volumes, through their pools' backends with each volume's lease (the
