@@ -104,14 +104,7 @@ impl Dom {
 
     /// The image file of every node QEMU has.
     fn node_files(&self) -> Vec<String> {
-        let v: Value = serde_json::from_str(&self.vs(&[
-            "qemu-monitor-command",
-            r#"{"execute":"query-named-block-nodes","arguments":{"flat":true}}"#,
-        ]))
-        .unwrap();
-        v["return"]
-            .as_array()
-            .unwrap()
+        virt_snap_e2e::in_state::block_nodes(self.s(), self.name)
             .iter()
             .map(|n| n["file"].as_str().unwrap().to_string())
             .collect()
@@ -714,14 +707,7 @@ fn a_mixed_tree_is_deleted_live_leaves_first() {
 
 /// QEMU's nodes of image `p`: (node name, read-only).
 fn nodes_of(d: &Dom, p: &Path) -> Vec<(String, bool)> {
-    let v: Value = serde_json::from_str(&d.vs(&[
-        "qemu-monitor-command",
-        r#"{"execute":"query-named-block-nodes","arguments":{"flat":true}}"#,
-    ]))
-    .unwrap();
-    v["return"]
-        .as_array()
-        .unwrap()
+    virt_snap_e2e::in_state::block_nodes(d.s(), d.name)
         .iter()
         .filter(|n| n["drv"] == "qcow2" && n["file"] == p.to_str().unwrap())
         .map(|n| {

@@ -541,12 +541,7 @@ impl History {
             // Every image QEMU has open is in a disk's chain (no node left over from a
             // merge or a re-pointing); one that is not is a finding.
             let in_chains: BTreeSet<String> = tops.iter().flat_map(|t| chain(t)).collect();
-            let nodes: Value = serde_json::from_str(&self.q(&[
-                "qemu-monitor-command",
-                r#"{"execute":"query-named-block-nodes","arguments":{"flat":true}}"#,
-            ]))
-            .unwrap();
-            for n in nodes["return"].as_array().unwrap() {
+            for n in &virt_snap_e2e::in_state::block_nodes(self.d.s(), &self.d.name) {
                 let f = n["file"].as_str().unwrap_or_default();
                 if n["drv"] == "qcow2" && !in_chains.contains(f) {
                     self.findings.insert(format!(

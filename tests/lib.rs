@@ -82,6 +82,20 @@ pub mod in_state {
         serde_json::from_str(&ok(state, &a)).expect("one JSON document")
     }
 
+    /// The block nodes the running domain's QEMU has (`query-named-block-nodes`, flat).
+    pub fn block_nodes(state: &Path, domain: &str) -> Vec<serde_json::Value> {
+        let out = ok(
+            state,
+            &[
+                "qemu-monitor-command",
+                domain,
+                r#"{"execute":"query-named-block-nodes","arguments":{"flat":true}}"#,
+            ],
+        );
+        let v: serde_json::Value = serde_json::from_str(&out).expect("a QMP reply");
+        v["return"].as_array().expect("a list of nodes").clone()
+    }
+
     /// A failure: one line on stderr, a non-zero exit, nothing on stdout.
     pub fn fails(state: &Path, args: &[&str]) -> String {
         let o = vs(state, args);

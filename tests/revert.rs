@@ -86,14 +86,7 @@ impl Dom {
 
     /// The image file of every node QEMU has.
     fn node_files(&self) -> Vec<String> {
-        let v: Value = serde_json::from_str(&self.vs(&[
-            "qemu-monitor-command",
-            r#"{"execute":"query-named-block-nodes","arguments":{"flat":true}}"#,
-        ]))
-        .unwrap();
-        v["return"]
-            .as_array()
-            .unwrap()
+        virt_snap_e2e::in_state::block_nodes(self.s(), self.name)
             .iter()
             .map(|n| n["file"].as_str().unwrap().to_string())
             .collect()
