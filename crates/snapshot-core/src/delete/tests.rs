@@ -2171,3 +2171,54 @@ fn a_deleted_snapshots_overlay_left_on_top_by_a_merge_of_the_same_delete_goes_ho
         assert!(s.violations.is_empty(), "{:?}", s.violations);
     }
 }
+
+#[test]
+fn a_gone_snapshots_discarded_revert_overlay_beside_the_top_goes_and_the_disk_comes_home() {
+    // Found by tests/history.rs (seed 10, 24 operations): s3 deleted while its overlay
+    // vda.s3 was s4's image and its revert overlay vda.s3.r1 the disk's top; a revert to s4
+    // discarded vda.s3.r1. Deleting s4 merges s4's revert overlay into vda.s3, which is
+    // left on the top beside vda.s3.r1, both on the base: vda.s3.r1 (needed by nothing)
+    // goes, then vda.s3 goes home.
+    for up in [false, true] {
+        let mut case = external(up);
+        case.snaps = vec![snap("s4", None, "/d/vda.s3", Some("/d/vda.s4"))];
+        case.current = Some("s4");
+        case.images = vec![
+            (BASE, None, Some("A"), vec![]),
+            ("/d/vda.s3", Some(BASE), Some("B"), vec![]),
+            ("/d/vda.s3.r1", Some(BASE), Some("X"), vec![]),
+            ("/d/vda.s4", Some("/d/vda.s3"), Some("Y"), vec![]),
+            ("/d/vda.s4.r1", Some("/d/vda.s3"), Some("C"), vec![]),
+        ];
+        case.top = "/d/vda.s4.r1";
+        case.data = vec![("s4", "B")];
+        let e = env(&case);
+        for (p, by, s) in [
+            ("/d/vda.s3", MadeBy::Capture, "s3"),
+            ("/d/vda.s3.r1", MadeBy::Revert, "s3"),
+            ("/d/vda.s4", MadeBy::Capture, "s4"),
+            ("/d/vda.s4.r1", MadeBy::Revert, "s4"),
+        ] {
+            e.store
+                .record_overlay(
+                    p,
+                    OverlayOwner {
+                        by,
+                        snapshot: Some(s.into()),
+                    },
+                )
+                .unwrap();
+        }
+        delete(&e, "s4", NONE).unwrap();
+        let s = e.world.st();
+        assert_eq!(
+            s.images.keys().collect::<Vec<_>>(),
+            [BASE],
+            "up {up}: the disk on its own file"
+        );
+        assert_eq!(s.top, BASE);
+        assert_eq!(def_source(&s.definition), BASE);
+        assert_eq!(s.images[BASE].data.as_deref(), Some("C"));
+        assert!(s.violations.is_empty(), "{:?}", s.violations);
+    }
+}
