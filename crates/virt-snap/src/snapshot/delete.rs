@@ -296,6 +296,8 @@ async fn commit_job(
 /// Waits for the block job `job` (a `kind` job, `commit` or `stream`, doing `what`, of disk
 /// `disk`) to end, reporting its progress; with `pivot`, completes it once it is ready (an
 /// active commit's pivot). Dismisses it when concluded; a job QEMU no longer lists has ended.
+/// Looks at the job (`query-jobs`) again on each of its `JOB_STATUS_CHANGE` events, and every
+/// 100 ms for its progress.
 async fn follow_job(
     qmp: &QmpClient,
     job: &str,
@@ -307,6 +309,9 @@ async fn follow_job(
 ) -> CoreResult<()> {
     let end = Instant::now() + JOB_TIMEOUT;
     let mut completed = false;
+    // Subscribed before the first look: every status change after it comes as an event, so
+    // the job is looked at again as soon as it moves (not after a fixed sleep).
+    let mut events = qmp.subscribe();
     loop {
         let jobs = qmp
             .run(&qc::QueryJobs)
@@ -323,6 +328,7 @@ async fn follow_job(
                     .await
                     .map_err(|e| be("job-complete", e))?;
                 completed = true;
+                continue;
             }
             JobStatus::Concluded => {
                 let _ = qmp.run(&qc::JobDismiss::new(job)).await;
@@ -340,7 +346,19 @@ async fn follow_job(
                     format!("the {kind} job {job} did not end in {JOB_TIMEOUT:?}; it runs on"),
                 ))
             }
-            _ => tokio::time::sleep(Duration::from_millis(10)).await,
+            _ => {
+                // The job's next status change, or a look at its progress every 100 ms.
+                let moved = async {
+                    while let Some(e) = events.next().await {
+                        if e.name == "JOB_STATUS_CHANGE" && e.data["id"] == job {
+                            return;
+                        }
+                    }
+                    // The connection's event stream ended: look again after a pause.
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                };
+                let _ = tokio::time::timeout(Duration::from_millis(100), moved).await;
+            }
         }
     }
 }
@@ -704,8 +722,12 @@ fn spawn_storage_daemon(sock: &Path) -> Result<std::process::Child> {
         })
 }
 
+/// How long a storage daemon may take to bring its monitor up: seconds on a loaded host
+/// (10 s was once not enough under tests/history.rs with builds running).
+const QSD_START: Duration = Duration::from_secs(30);
+
 async fn connect_when_there(sock: &Path, child: &mut std::process::Child) -> CoreResult<QmpClient> {
-    let end = Instant::now() + Duration::from_secs(10);
+    let end = Instant::now() + QSD_START;
     loop {
         if sock.exists() {
             if let Ok(q) = QmpClient::connect_unix(sock).await {
@@ -721,7 +743,7 @@ async fn connect_when_there(sock: &Path, child: &mut std::process::Child) -> Cor
         if Instant::now() > end {
             return Err(snapshot_core::Error::not_started(
                 "qemu-storage-daemon",
-                "its monitor did not come up in 10 s",
+                format!("its monitor did not come up in {} s", QSD_START.as_secs()),
             ));
         }
         tokio::time::sleep(Duration::from_millis(10)).await;

@@ -11,6 +11,10 @@
 //!   --running` each run: ours is `external-in-place` (new overlays, `blockdev-reopen`,
 //!   `system_reset`, the same QEMU), virsh's (libvirt 11.3 reverts external snapshots)
 //!   stops QEMU and starts a new one on new overlays.
+//! - **external on another branch `--running`**: disk-only snapshots `a`, then (after a
+//!   revert to `a`) `r` on a's revert overlay, untimed; each run reverts to `a` (untimed: r's
+//!   image leaves the disk's chain) and then, timed, to `r`: ours is `external-in-place`
+//!   onto an image QEMU did not have open (opened for the new overlay), virsh's restarts.
 //!
 //! Each run reverts ours and libvirt's domain of each case, the order alternating from run
 //! to run; before each call every bench QEMU must be quiet (a guest reset or a new QEMU
@@ -38,6 +42,7 @@ const MEMORY_MIB: u64 = 256;
 enum Case {
     Internal,
     ExternalRunning,
+    Branch,
 }
 
 impl Case {
@@ -45,6 +50,7 @@ impl Case {
         match self {
             Case::Internal => "int",
             Case::ExternalRunning => "ext",
+            Case::Branch => "br",
         }
     }
     /// The JSON key stem (`revert-internal-ms`, ...).
@@ -52,37 +58,58 @@ impl Case {
         match self {
             Case::Internal => "revert-internal",
             Case::ExternalRunning => "revert-external-running",
+            Case::Branch => "revert-branch-running",
         }
     }
     /// The kind virt-snap must report.
     fn kind(self) -> &'static str {
         match self {
             Case::Internal => "internal-in-place",
-            Case::ExternalRunning => "external-in-place",
+            Case::ExternalRunning | Case::Branch => "external-in-place",
         }
     }
-    fn create_args(self) -> &'static [&'static str] {
+    /// The untimed set-up of domain `dom` (the same commands for virt-snap and virsh).
+    fn setup(self, dom: &str) -> Vec<Vec<String>> {
+        let cmd = |a: &[&str]| a.iter().map(|s| s.replace("DOM", dom)).collect();
         match self {
-            Case::Internal => &[],
-            Case::ExternalRunning => &["--disk-only"],
+            Case::Internal => vec![cmd(&["snapshot-create-as", "DOM", "r"])],
+            Case::ExternalRunning => vec![cmd(&["snapshot-create-as", "DOM", "r", "--disk-only"])],
+            Case::Branch => vec![
+                cmd(&["snapshot-create-as", "DOM", "a", "--disk-only"]),
+                cmd(&["snapshot-revert", "DOM", "a", "--running"]),
+                cmd(&["snapshot-create-as", "DOM", "r", "--disk-only"]),
+            ],
+        }
+    }
+    /// What each run does first, untimed: the branch case's revert to `a`.
+    fn before_each(self, dom: &str) -> Option<Vec<String>> {
+        match self {
+            Case::Branch => Some(
+                ["snapshot-revert", dom, "a", "--running"]
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect(),
+            ),
+            _ => None,
         }
     }
     fn revert_args(self) -> &'static [&'static str] {
         match self {
             Case::Internal => &[],
-            Case::ExternalRunning => &["--running"],
+            Case::ExternalRunning | Case::Branch => &["--running"],
         }
     }
     fn target(self) -> Duration {
         match self {
             Case::Internal => INTERNAL_MAX,
-            Case::ExternalRunning => EXTERNAL_RUNNING_MAX,
+            Case::ExternalRunning | Case::Branch => EXTERNAL_RUNNING_MAX,
         }
     }
     fn what(self) -> &'static str {
         match self {
             Case::Internal => "internal with RAM",
             Case::ExternalRunning => "external disk-only, --running",
+            Case::Branch => "external disk-only on another branch, --running",
         }
     }
     /// Short enough for the table's first column.
@@ -90,6 +117,7 @@ impl Case {
         match self {
             Case::Internal => "internal+RAM",
             Case::ExternalRunning => "ext. --running",
+            Case::Branch => "branch --running",
         }
     }
 }
@@ -255,7 +283,13 @@ fn peer_once(dom: &str, case: Case) -> Result<(Duration, bool), String> {
     Ok((wall, qemu_pid(dom) != before))
 }
 
-/// (d) revert of a running domain: internal with RAM, external disk-only `--running`.
+/// `cmd` as the argument list `Ours::ok` and `virsh` take.
+fn args(cmd: &[String]) -> Vec<&str> {
+    cmd.iter().map(String::as_str).collect()
+}
+
+/// (d) revert of a running domain: internal with RAM, external disk-only `--running`, and
+/// external disk-only `--running` onto another branch of the tree.
 pub(super) fn revert_part(
     o: &Opts,
     bins: &Bins,
@@ -263,7 +297,7 @@ pub(super) fn revert_part(
     dir: &Path,
     peer: bool,
 ) -> Result<Vec<Verdict>, String> {
-    let cases = [Case::Internal, Case::ExternalRunning];
+    let cases = [Case::Internal, Case::ExternalRunning, Case::Branch];
     let ours_dom = |c: Case| format!("vsbench-snap-rev-{}", c.tag());
     let peer_dom = |c: Case| format!("vsbench-snap-rev-{}-libvirt", c.tag());
     crate::util::step(
@@ -296,24 +330,25 @@ pub(super) fn revert_part(
     }
     wait_quiet("revert");
 
-    // The snapshots, untimed: each side's domain of each case gets snapshot `r`.
+    // The snapshots, untimed: each side's domain of each case gets snapshot `r` (and the
+    // branch case its `a`).
     let mut m: Vec<Measured> = cases.iter().map(|&c| Measured::new(c)).collect();
     for x in &mut m {
         let c = x.case;
         if let Some(us) = &ours {
-            let d = ours_dom(c);
-            let mut a = vec!["snapshot-create-as", d.as_str(), "r"];
-            a.extend(c.create_args());
-            if let Err(e) = us.ok(&a) {
-                x.ours_setup = Some(e);
+            for cmd in c.setup(&ours_dom(c)) {
+                if let Err(e) = us.ok(&args(&cmd)) {
+                    x.ours_setup.get_or_insert(e);
+                }
+                wait_quiet("revert set-up");
             }
         }
         if peer {
-            let d = peer_dom(c);
-            let mut a = vec!["snapshot-create-as", d.as_str(), "r"];
-            a.extend(c.create_args());
-            if let Err(e) = crate::util::output(&mut libvirt::virsh(&a)) {
-                x.peer_setup = Some(e);
+            for cmd in c.setup(&peer_dom(c)) {
+                if let Err(e) = crate::util::output(&mut libvirt::virsh(&args(&cmd))) {
+                    x.peer_setup.get_or_insert(e);
+                }
+                wait_quiet("revert set-up");
             }
         }
     }
@@ -333,6 +368,13 @@ pub(super) fn revert_part(
                     if x.ours_setup.is_some() {
                         continue;
                     }
+                    if let Some(cmd) = c.before_each(&ours_dom(c)) {
+                        busy += usize::from(!settle().0);
+                        if let Err(e) = us.ok(&args(&cmd)) {
+                            x.ours_fails.add(format!("run {i}, before it: {e}"));
+                            continue;
+                        }
+                    }
                     busy += usize::from(!settle().0);
                     match ours_once(us, &ours_dom(c), c) {
                         Ok((wall, elapsed, restarted)) if keep => {
@@ -346,6 +388,13 @@ pub(super) fn revert_part(
                 } else {
                     if !peer || x.peer_setup.is_some() {
                         continue;
+                    }
+                    if let Some(cmd) = c.before_each(&peer_dom(c)) {
+                        busy += usize::from(!settle().0);
+                        if let Err(e) = crate::util::output(&mut libvirt::virsh(&args(&cmd))) {
+                            x.peer_fails.add(format!("run {i}, before it: {e}"));
+                            continue;
+                        }
                     }
                     busy += usize::from(!settle().0);
                     match peer_once(&peer_dom(c), c) {
@@ -513,6 +562,28 @@ mod tests {
         )
         .is_err());
         assert!(status_running("garbage", "revert").is_err());
+    }
+
+    #[test]
+    fn the_branch_case_takes_r_on_as_revert_overlay_and_reverts_to_a_first() {
+        let s = Case::Branch.setup("d");
+        assert_eq!(
+            s,
+            [
+                ["snapshot-create-as", "d", "a", "--disk-only"],
+                ["snapshot-revert", "d", "a", "--running"],
+                ["snapshot-create-as", "d", "r", "--disk-only"],
+            ]
+        );
+        assert_eq!(
+            Case::Branch.before_each("d").unwrap(),
+            ["snapshot-revert", "d", "a", "--running"]
+        );
+        assert!(Case::Internal.before_each("d").is_none());
+        assert_eq!(
+            Case::Internal.setup("d"),
+            [["snapshot-create-as", "d", "r"]]
+        );
     }
 
     #[test]
