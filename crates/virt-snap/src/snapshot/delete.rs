@@ -4,7 +4,8 @@
 //! snapshots, the stored definition, and [`Domain::snapshot_delete`]. See docs/delete.md.
 
 use super::capture::{
-    be, crc, del_overlay_node, delete_internal_snapshot, remove_overlay_file, JOB_TIMEOUT,
+    be, crc, del_overlay_node, delete_internal_snapshot, remove_overlay_file, sweep_detached_nodes,
+    JOB_TIMEOUT,
 };
 use super::ops::{delete_volume_snapshot, ns, same_image, DomainQmp, OpLock};
 use crate::domain::runstate;
@@ -43,7 +44,8 @@ pub struct DeleteResult {
 
 /// A test-only failpoint: `VIRT_SNAP_FAILPOINT=delete:<effect>` aborts the process right
 /// after the effect (`delete-internal`, `reopen-rw` (a backing node made writable for an
-/// internal delete), `delete-volume-snapshot` (and `before-delete-volume-snapshot`: right
+/// internal delete), `name-node` (a node QEMU opened itself replaced: the new one added,
+/// not yet put in place), `delete-volume-snapshot` (and `before-delete-volume-snapshot`: right
 /// before it), `commit`, `stream`, `switch-definition`, `remove-overlay`), as
 /// a kill would; `delete:commit-ready` right after an active commit became ready, before it
 /// is completed.
@@ -149,6 +151,9 @@ async fn named_chain_node(
             .await
             .map_err(|e| ns("query-named-block-nodes", e))
     };
+    // A node a killed run added and did not put in place yet is attached to nothing: closed
+    // first, so that each image has one node again.
+    sweep_detached_nodes(qmp).await;
     let mut graph = graph_now().await?;
     let mut parent = top.to_string();
     // A chain is short; the bound only stops a graph that loops.
@@ -204,6 +209,7 @@ async fn named_chain_node(
             let _ = qmp.run(&del(&fnode)).await;
             return Err(ns("blockdev-add", e));
         }
+        failpoint("name-node");
         let pinfo = graph
             .iter()
             .find(|n| n.node_name.as_deref() == Some(parent.as_str()))
