@@ -49,7 +49,8 @@ pub struct RevertResult {
 /// A test-only failpoint: `VIRT_SNAP_FAILPOINT=revert:<effect>` aborts the process right
 /// after the effect (`pause`, `load-internal`, `destroy`, `save-current`, `apply-internal`,
 /// `create-overlay`, `switch-definition`, `start`, `load-memory`, `save-volume`,
-/// `revert-volume`, `drop-volume-saved`), as a kill would.
+/// `revert-volume`, `drop-volume-saved`; `before-drop-volume-saved` right before that delete),
+/// as a kill would.
 fn failpoint(name: &str) {
     super::ops::failpoint("revert", name);
 }
@@ -627,6 +628,7 @@ impl core::Volumes for Reverting {
     /// Shut off, under the volume's lease; while the reverted domain's QEMU runs (a
     /// snapshot with RAM, loaded before the undo snapshots are dropped), for the domain.
     async fn delete_snapshot(&self, v: &PoolVolume, name: &str) -> CoreResult<()> {
+        failpoint("before-drop-volume-saved");
         delete_volume_snapshot(&self.dom, &self.op, v, name).await?;
         failpoint("drop-volume-saved");
         Ok(())
