@@ -732,3 +732,76 @@ fn a_snapshot_on_another_branch_is_reverted_in_place() {
         "{info}"
     );
 }
+
+/// The domain defined again without its disk `target` (dumpxml, that `<disk>` cut out).
+fn redefine_without(d: &Dom, target: &str) {
+    let xml = d.vs(&["dumpxml"]);
+    let mut out = String::new();
+    let mut rest = xml.as_str();
+    while let Some(at) = rest.find("<disk") {
+        let end = at + rest[at..].find("</disk>").unwrap() + "</disk>".len();
+        out += &rest[..at];
+        if !rest[at..end].contains(&format!("dev='{target}'"))
+            && !rest[at..end].contains(&format!("dev=\"{target}\""))
+        {
+            out += &rest[at..end];
+        }
+        rest = &rest[end..];
+    }
+    out += rest;
+    assert_ne!(out, xml, "no disk {target} in {xml}");
+    let f = d.file("without.xml");
+    std::fs::write(&f, out).unwrap();
+    ok(d.s(), &["define", f.to_str().unwrap()]);
+}
+
+/// A disk removed from the domain after a snapshot comes back with the revert, as the
+/// snapshot's copy of the definition describes it (libvirt's revert puts the snapshot's whole
+/// definition back): internal offline (its image reverted), and external of a running
+/// domain, whose QEMU lacks the disk: restarted, which an otherwise in-place revert does
+/// only with --force (refused without it, naming the disk).
+#[test]
+fn a_disk_removed_since_the_snapshot_comes_back() {
+    let d = Dom {
+        d: NoOsDomain::define("rv-back", &["vda", "vdb"]),
+        name: "rv-back",
+    };
+    let (vda, vdb) = (d.file("vda.qcow2"), d.file("vdb.qcow2"));
+    write(&vda, 0xaa);
+    write(&vdb, 0xaa);
+    // Internal, shut off.
+    d.vs(&["snapshot-create-as", "i1"]);
+    write(&vdb, 0xbb);
+    redefine_without(&d, "vdb");
+    assert!(!d.vs(&["dumpxml"]).contains("vdb.qcow2"));
+    let r = d.revert(&["i1"]);
+    assert_eq!(r["kind"], "internal-offline", "{r}");
+    assert!(
+        d.vs(&["dumpxml"]).contains(vdb.to_str().unwrap()),
+        "vdb defined again"
+    );
+    holds(&vdb, 0xaa);
+    holds(&vda, 0xaa);
+    // External disk-only of the running domain, then vdb removed (and the domain started
+    // without it).
+    d.start_settled();
+    d.vs(&["snapshot-create-as", "e1", "--disk-only"]);
+    d.vs(&["destroy"]);
+    let e1 = d.file("vdb.e1");
+    write(&e1, 0xcc);
+    redefine_without(&d, "vdb");
+    d.start_settled();
+    let pid = d.pid();
+    let e = fails(d.s(), &["snapshot-revert", d.name, "e1", "--running"]);
+    assert!(e.contains("disk vdb") && e.contains("--force"), "{e}");
+    assert_eq!(d.pid(), pid, "nothing changed");
+    let r = d.revert(&["e1", "--running", "--force"]);
+    assert_eq!(r["kind"], "external", "{r}");
+    assert_eq!(r["state"], "running", "{r}");
+    assert_ne!(d.pid(), pid, "restarted with the disk");
+    let blk = d.d.blklist();
+    let vdb_now = &blk.iter().find(|(t, _)| t == "vdb").expect("vdb is back").1;
+    assert!(vdb_now.ends_with("vdb.e1.r1"), "{blk:?}");
+    d.vs(&["destroy"]);
+    holds(Path::new(vdb_now), 0xaa);
+}

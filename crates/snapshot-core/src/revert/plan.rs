@@ -1,7 +1,7 @@
 //! The plan: a revert request checked against the domain and the target snapshot's metadata,
 //! as a list of [`Step`]s.
 
-use crate::capture::{default_overlay_path, DomainInfo, PoolVolume, RunState};
+use crate::capture::{default_overlay_path, DomainDisk, DomainInfo, PoolVolume, RunState};
 use crate::domain::{DomainDef, SourceRef};
 use crate::error::{Error, ErrorKind, Result};
 use crate::name::SnapshotName;
@@ -426,6 +426,45 @@ impl RevertPlan {
             .as_ref()
             .and_then(|m| m.location())
             .unwrap_or(Location::No);
+        let copy = match &snap.domain {
+            Some(raw) => Some(DomainDef::from_xml(raw.as_str()).map_err(|e| {
+                plan_error(
+                    name,
+                    "its copy of the domain definition is not valid".into(),
+                )
+                .with_source(e)
+            })?),
+            None => None,
+        };
+        // A disk the snapshot captured (internal or external) that the domain no longer has
+        // comes back as the snapshot's copy describes it (libvirt's revert puts the
+        // snapshot's whole definition back): its image is the copy's source.
+        let restored: Vec<DomainDisk> =
+            snap.disks
+                .iter()
+                .filter(|d| {
+                    matches!(d.location(), Some(Location::Internal | Location::External))
+                        && !dom.disks.iter().any(|x| {
+                            x.target == d.name || x.source.as_deref() == Some(d.name.as_str())
+                        })
+                })
+                .filter_map(|d| {
+                    let cd = copy.as_ref()?.disk(&d.name)?;
+                    let source = match cd.source_ref()? {
+                        SourceRef::File(p) | SourceRef::Block(p) => p.to_string(),
+                        SourceRef::Volume { pool, volume } => facts.volume_path(pool, volume)?,
+                    };
+                    Some(DomainDisk {
+                        target: d.name.clone(),
+                        source: Some(source),
+                        format: cd.format().unwrap_or("raw").to_string(),
+                        volume: None,
+                        readonly: false,
+                        cdrom: false,
+                        node: String::new(),
+                    })
+                })
+                .collect();
         // The disks captured, matched with the domain's by target (or current source).
         let mut internal = Vec::new();
         let mut external = Vec::new();
@@ -436,6 +475,7 @@ impl RevertPlan {
             let dd = dom
                 .disks
                 .iter()
+                .chain(&restored)
                 .find(|x| x.target == d.name || x.source.as_deref() == Some(d.name.as_str()));
             if let Some(dd) = dd {
                 matched.push(dd.target.clone());
@@ -458,7 +498,9 @@ impl RevertPlan {
                 }
                 return Err(plan_error(
                     &d.name,
-                    "the domain has no such disk any more: --force reverts the other disks".into(),
+                    "the domain has no such disk any more, and the snapshot's copy of the \
+                     definition does not describe it: --force reverts the other disks"
+                        .into(),
                 ));
             };
             match loc {
@@ -494,16 +536,6 @@ impl RevertPlan {
                 "the snapshot captured no disk of the domain: nothing to revert".into(),
             ));
         }
-        let copy = match &snap.domain {
-            Some(raw) => Some(DomainDef::from_xml(raw.as_str()).map_err(|e| {
-                plan_error(
-                    name,
-                    "its copy of the domain definition is not valid".into(),
-                )
-                .with_source(e)
-            })?),
-            None => None,
-        };
         let snap_state = snap.state.unwrap_or(SnapshotState::Shutoff);
         let with_ram = matches!(mem, Location::Internal | Location::External);
         let final_state = if f.running {
@@ -535,6 +567,13 @@ impl RevertPlan {
         let mut after = stored.clone();
         if let (Some(a), Some(c)) = (after.as_mut(), copy.as_ref()) {
             a.take_config_of(c);
+            // The disks that come back, as the copy has them (an external one is moved onto
+            // its new overlay below).
+            for d in &restored {
+                if let Some(cd) = c.disk(&d.target) {
+                    a.devices.disks.push(cd.clone());
+                }
+            }
         }
         // What the running QEMU runs differently from the snapshot's configuration: a
         // revert in place would keep it, so it restarts QEMU instead (with --force).
@@ -550,7 +589,14 @@ impl RevertPlan {
                     })?),
                     None => stored.clone(),
                 };
-                running.map_or_else(Vec::new, |r| c.restart_differences(&r))
+                let mut v = running.map_or_else(Vec::new, |r| c.restart_differences(&r));
+                for d in &restored {
+                    v.push(format!(
+                        "disk {}: in the snapshot, not in the running domain",
+                        d.target
+                    ));
+                }
+                v
             }
             _ => Vec::new(),
         };
@@ -876,11 +922,18 @@ impl RevertPlan {
             }
             // In place: the domain runs and goes on running, no RAM to load, no storage disk,
             // and QEMU has every disk (a snapshot image off the current chain is opened for it).
+            // (A disk that comes back has no node: QEMU must be restarted for it, which
+            // config_changes says.)
             let in_place = up
                 && storage.is_empty()
                 && ram_file.is_none()
                 && final_state != RunState::ShutOff
-                && swaps.len() == external.len();
+                && swaps.len()
+                    + restored
+                        .iter()
+                        .filter(|r| external.iter().any(|e| e.target == r.target))
+                        .count()
+                    == external.len();
             if in_place && !config_changes.is_empty() {
                 needs_force_to_restart("re-pointed")?;
             }

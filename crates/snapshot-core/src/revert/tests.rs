@@ -1485,8 +1485,11 @@ fn planning_refuses_what_it_cannot_revert() {
     m.flags.force = true;
     let p = RevertPlan::new(&req(&m), &m.dom, &m.snap, &w).unwrap();
     assert_eq!(p.disks, ["vda", "vdb"]);
+    // One the domain has not any more: back from the copy (a_disk_removed_since_...), unless
+    // the copy does not describe it.
     let mut m = modes().remove(0);
     m.dom.disks.pop();
+    m.snap.domain = None;
     assert!(plan_err(&m, &w).contains("no such disk any more"));
 
     // Storage and manual disks, mixed kinds.
@@ -1761,4 +1764,87 @@ fn internal_dom_xml() -> String {
         ("vda", "/img/vda.qcow2", "qcow2"),
         ("vdb", "/img/vdb.qcow2", "qcow2"),
     ])
+}
+
+/// `xml` (a domain definition) without its disk `vdb`.
+fn without_vdb(xml: &str) -> String {
+    let mut d = DomainDef::from_xml(xml).unwrap();
+    d.devices.disks.retain(|x| x.target.dev != "vdb");
+    d.to_xml()
+}
+
+#[test]
+fn a_disk_removed_since_comes_back_from_the_snapshots_copy() {
+    // Every internal and external mode, with vdb removed from the domain after the
+    // snapshot: vdb comes back as the copy describes it (its image reverted, or a new
+    // overlay on it), in the definition QEMU is started from; a running QEMU, which lacks
+    // the disk, is restarted (with --force where the revert would have been in place).
+    let mut seen = 0;
+    for i in 0..modes().len() {
+        let mut m = modes().remove(i);
+        let kind = match m.kind {
+            RevertKind::InternalInPlace => RevertKind::InternalRestart,
+            RevertKind::ExternalInPlace => RevertKind::External,
+            k @ (RevertKind::InternalOffline
+            | RevertKind::InternalRestart
+            | RevertKind::External
+            | RevertKind::ExternalMemory) => k,
+            _ => continue,
+        };
+        if m.label.contains("configuration") || m.snap.domain.is_none() {
+            continue;
+        }
+        let ctx = format!("{}, vdb removed since", m.label);
+        m.dom.disks.retain(|d| d.target != "vdb");
+        for x in [&mut m.dom.domain_xml, &mut m.dom.running_xml]
+            .into_iter()
+            .flatten()
+        {
+            *x = RawXml::element(&without_vdb(x.as_str())).unwrap();
+        }
+        let up = m.dom.state != RunState::ShutOff;
+        // In place before (the same QEMU): refused without --force, naming the disk.
+        if up && kind != m.kind {
+            let e = plan_err(&m, &{
+                let w = World::default();
+                (m.setup)(&mut w.st());
+                w
+            });
+            assert!(
+                e.contains("disk vdb: in the snapshot, not in the running domain")
+                    && e.contains("--force"),
+                "{ctx}: {e}"
+            );
+            m.flags.force = true;
+        }
+        m.kind = kind;
+        let mut e = env(&m);
+        {
+            let mut s = e.world.st();
+            s.definition = without_vdb(&s.definition);
+            s.started_with = s.definition.clone();
+            s.roots.remove("vdb");
+        }
+        e.before = e.world.st().files();
+        let plan = plan_of(&m, &e.world);
+        assert_eq!(plan.kind, kind, "{ctx}");
+        assert!(
+            plan.disks.contains(&"vdb".to_string()),
+            "{ctx}: {:?}",
+            plan.disks
+        );
+        let mut j = journal(&e);
+        let out = block_on(run(&plan, &e.world.caps(), &mut j, &e.store))
+            .unwrap_or_else(|err| panic!("{ctx}: {err}"));
+        drop(j);
+        assert!(out.warnings.is_empty(), "{ctx}: {:?}", out.warnings);
+        assert_reverted(&e, &m, &plan, false, &ctx);
+        let def = DomainDef::from_xml(&e.world.st().definition).unwrap();
+        assert!(
+            def.disk("vdb").is_some(),
+            "{ctx}: vdb back in the definition"
+        );
+        seen += 1;
+    }
+    assert!(seen >= 6, "{seen} modes");
 }
