@@ -50,6 +50,13 @@ pub trait Images: Send + Sync {
     /// image above (or the disk, for an active commit) is backed by (on) the base, and no
     /// node of the overlay is left in QEMU.
     async fn commit(&self, merge: &Merge) -> Result<()>;
+    /// Starts `merge`'s commit job without waiting for it (a live merge; nothing to do if
+    /// it runs or is done already), so that the merges of one snapshot's disks run side by
+    /// side; [`Images::commit`] then finds the job and finishes it. The default does
+    /// nothing (the commit then starts it).
+    async fn start_commit(&self, _merge: &Merge) -> Result<()> {
+        Ok(())
+    }
     /// Streams `stream.image`'s data into `stream.overlay` ([`Stream`], [`StreamMode`]);
     /// afterwards the overlay is backed by `stream.base`, and (live) no node of the image is
     /// left in QEMU. An overlay no longer backed by the image is success.

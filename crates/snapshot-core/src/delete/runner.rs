@@ -1,10 +1,11 @@
 //! Executing a delete plan, undoing it before its commit point, and recovering a killed run
 //! from the journal.
 
-use super::plan::{DeletePlan, Step};
+use super::plan::{CommitMode, DeletePlan, Merge, Step};
 use super::Capabilities;
 use crate::error::{Error, ErrorKind, Result};
 use crate::journal::{OpId, Outcome};
+use crate::name::SnapshotName;
 pub use crate::ops::Recovered;
 use crate::ops::{self, DomainJournal, OpRecord, PlanRecord};
 use crate::store::DomainStore;
@@ -58,6 +59,38 @@ pub struct DeleteOutcome {
 
 type J = DomainJournal;
 
+/// The live merges of `snapshot` that follow `step` (a live commit) in `plan` without another
+/// step between them, each on a disk of its own (a merge on the same disk as an earlier one
+/// waits for it: the chain changes under it).
+fn side_by_side<'p>(plan: &'p DeletePlan, step: &Step, snapshot: &SnapshotName) -> Vec<&'p Merge> {
+    let Some(at) = plan.steps.iter().position(|s| std::ptr::eq(s, step)) else {
+        return Vec::new();
+    };
+    let Step::Commit { merge: first, .. } = step else {
+        return Vec::new();
+    };
+    let mut disks = vec![first.disk.as_str()];
+    let mut out = Vec::new();
+    for s in &plan.steps[at + 1..] {
+        let Step::Commit {
+            merge,
+            snapshot: sn,
+        } = s
+        else {
+            break;
+        };
+        if sn != snapshot
+            || !matches!(merge.mode, CommitMode::Active | CommitMode::Intermediate)
+            || disks.contains(&merge.disk.as_str())
+        {
+            break;
+        }
+        disks.push(merge.disk.as_str());
+        out.push(merge);
+    }
+    out
+}
+
 /// Performs one step's effect.
 async fn act(
     caps: &Capabilities<'_>,
@@ -85,7 +118,20 @@ async fn act(
                 .delete_snapshot(volume, snapshot.as_str())
                 .await
         }
-        Step::Commit { merge, .. } => i.commit(merge).await,
+        Step::Commit { merge, snapshot } => {
+            if matches!(merge.mode, CommitMode::Active | CommitMode::Intermediate) {
+                // This merge's job first (a refusal here changed nothing), then those of the
+                // same snapshot's other disks that follow it, so that they run side by side
+                // (each step then finds its job running, or finished).
+                i.start_commit(merge).await?;
+                for m in side_by_side(plan, step, snapshot) {
+                    // One that cannot start here is started (and its error reported) by its
+                    // own step.
+                    let _ = i.start_commit(m).await;
+                }
+            }
+            i.commit(merge).await
+        }
         Step::Stream { stream, .. } => i.stream(stream).await,
         Step::SwitchDefinition { after, .. } => caps.definition.set(after).await,
         Step::Metadata {

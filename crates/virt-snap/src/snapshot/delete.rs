@@ -253,6 +253,20 @@ async fn commit_job(
     job: &str,
     progress: &dyn Progress,
 ) -> CoreResult<()> {
+    start_commit_job(qmp, m, root, job).await?;
+    progress.start(
+        &format!("merging {} into {}", m.overlay, m.base),
+        Unit::Work,
+    );
+    let what = format!("{} into {}", m.overlay, m.base);
+    let r = follow_job(qmp, job, &m.disk, "commit", &what, true, progress).await;
+    progress.finish(r.is_ok());
+    r
+}
+
+/// Starts the commit job `job` of `m` on the disk whose top node is `root`, unless QEMU has
+/// it already or the overlay is out of the disk's chain (merged already).
+async fn start_commit_job(qmp: &QmpClient, m: &Merge, root: &str, job: &str) -> CoreResult<()> {
     // Until QEMU accepted the job, nothing changed.
     let jobs = qmp
         .run(&qc::QueryJobs)
@@ -289,14 +303,7 @@ async fn commit_job(
         .await
         .map_err(|e| ns("block-commit", e))?;
     }
-    progress.start(
-        &format!("merging {} into {}", m.overlay, m.base),
-        Unit::Work,
-    );
-    let what = format!("{} into {}", m.overlay, m.base);
-    let r = follow_job(qmp, job, &m.disk, "commit", &what, true, progress).await;
-    progress.finish(r.is_ok());
-    r
+    Ok(())
 }
 
 /// Waits for the block job `job` (a `kind` job, `commit` or `stream`, doing `what`, of disk
@@ -809,6 +816,18 @@ impl core::Images for Deleting {
         delete_internal_snapshot(&self.dom.conn, None, tag, &images).await?;
         failpoint("delete-internal");
         Ok(())
+    }
+
+    async fn start_commit(&self, m: &Merge) -> CoreResult<()> {
+        if m.mode == CommitMode::Offline {
+            return Ok(());
+        }
+        let not_started = |e: snapshot_core::Error| {
+            snapshot_core::Error::not_started(m.disk.as_str(), e.to_string()).caused_by(e)
+        };
+        let qmp = self.qmp().await.map_err(not_started)?;
+        let root = self.top_of(&m.disk).await.map_err(not_started)?;
+        start_commit_job(&qmp, m, &root, &job_id(m)).await
     }
 
     async fn commit(&self, m: &Merge) -> CoreResult<()> {
