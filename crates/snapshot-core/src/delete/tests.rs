@@ -1206,16 +1206,7 @@ fn a_reverted_to_snapshot_deleted_takes_its_revert_overlay_back_into_its_image()
     let p = plan(&e, "s1", NONE).unwrap();
     assert_eq!(p.kind, DeleteKind::External, "{:?}", p.steps);
     delete(&e, "s1", NONE).unwrap();
-    let s = e.world.st();
-    assert_eq!(
-        s.images.keys().collect::<Vec<_>>(),
-        [BASE],
-        "the disk on its own file"
-    );
-    assert_eq!(s.top, BASE);
-    assert_eq!(def_source(&s.definition), BASE);
-    assert_eq!(s.images[BASE].data.as_deref(), Some("C"));
-    assert!(s.violations.is_empty(), "{:?}", s.violations);
+    assert_home(&e, "C", "the disk on its own file");
 }
 
 #[test]
@@ -1235,16 +1226,7 @@ fn a_snapshot_reverted_to_twice_deleted_drops_the_first_revert_and_merges_the_se
     let p = plan(&e, "s1", NONE).unwrap();
     assert_eq!(p.kind, DeleteKind::External, "{:?}", p.steps);
     delete(&e, "s1", NONE).unwrap();
-    let s = e.world.st();
-    assert_eq!(
-        s.images.keys().collect::<Vec<_>>(),
-        [BASE],
-        "the disk on its own file"
-    );
-    assert_eq!(s.top, BASE);
-    assert_eq!(def_source(&s.definition), BASE);
-    assert_eq!(s.images[BASE].data.as_deref(), Some("C"));
-    assert!(s.violations.is_empty(), "{:?}", s.violations);
+    assert_home(&e, "C", "the disk on its own file");
 }
 
 #[test]
@@ -1260,16 +1242,7 @@ fn a_revert_overlay_a_revert_to_the_child_discarded_does_not_block_the_merge() {
         case.top = "/d/vda.s2.r1";
         let e = env(&case);
         delete(&e, "s1", CHILDREN).unwrap();
-        let s = e.world.st();
-        assert_eq!(
-            s.images.keys().collect::<Vec<_>>(),
-            [BASE],
-            "up {up}: the disk on its own file"
-        );
-        assert_eq!(s.top, BASE);
-        assert_eq!(def_source(&s.definition), BASE);
-        assert_eq!(s.images[BASE].data.as_deref(), Some("D"));
-        assert!(s.violations.is_empty(), "{:?}", s.violations);
+        assert_home(&e, "D", &format!("up {up}: the disk on its own file"));
     }
 }
 
@@ -2143,32 +2116,16 @@ fn a_deleted_snapshots_overlay_left_on_top_by_a_merge_of_the_same_delete_goes_ho
         case.top = "/d/vda.s3";
         case.data = vec![("s2", "B"), ("s3", "C")];
         let e = env(&case);
-        for (p, s) in [
-            ("/d/vda.s1", "s1"),
-            ("/d/vda.s2", "s2"),
-            ("/d/vda.s3", "s3"),
-        ] {
-            e.store
-                .record_overlay(
-                    p,
-                    OverlayOwner {
-                        by: MadeBy::Capture,
-                        snapshot: Some(s.into()),
-                    },
-                )
-                .unwrap();
-        }
-        delete(&e, "s2", CHILDREN).unwrap();
-        let s = e.world.st();
-        assert_eq!(
-            s.images.keys().collect::<Vec<_>>(),
-            [BASE],
-            "up {up}: the disk on its own file"
+        record(
+            &e,
+            &[
+                ("/d/vda.s1", MadeBy::Capture, "s1"),
+                ("/d/vda.s2", MadeBy::Capture, "s2"),
+                ("/d/vda.s3", MadeBy::Capture, "s3"),
+            ],
         );
-        assert_eq!(s.top, BASE);
-        assert_eq!(def_source(&s.definition), BASE);
-        assert_eq!(s.images[BASE].data.as_deref(), Some("D"));
-        assert!(s.violations.is_empty(), "{:?}", s.violations);
+        delete(&e, "s2", CHILDREN).unwrap();
+        assert_home(&e, "D", &format!("up {up}: the disk on its own file"));
     }
 }
 
@@ -2193,32 +2150,42 @@ fn a_gone_snapshots_discarded_revert_overlay_beside_the_top_goes_and_the_disk_co
         case.top = "/d/vda.s4.r1";
         case.data = vec![("s4", "B")];
         let e = env(&case);
-        for (p, by, s) in [
-            ("/d/vda.s3", MadeBy::Capture, "s3"),
-            ("/d/vda.s3.r1", MadeBy::Revert, "s3"),
-            ("/d/vda.s4", MadeBy::Capture, "s4"),
-            ("/d/vda.s4.r1", MadeBy::Revert, "s4"),
-        ] {
-            e.store
-                .record_overlay(
-                    p,
-                    OverlayOwner {
-                        by,
-                        snapshot: Some(s.into()),
-                    },
-                )
-                .unwrap();
-        }
-        delete(&e, "s4", NONE).unwrap();
-        let s = e.world.st();
-        assert_eq!(
-            s.images.keys().collect::<Vec<_>>(),
-            [BASE],
-            "up {up}: the disk on its own file"
+        record(
+            &e,
+            &[
+                ("/d/vda.s3", MadeBy::Capture, "s3"),
+                ("/d/vda.s3.r1", MadeBy::Revert, "s3"),
+                ("/d/vda.s4", MadeBy::Capture, "s4"),
+                ("/d/vda.s4.r1", MadeBy::Revert, "s4"),
+            ],
         );
-        assert_eq!(s.top, BASE);
-        assert_eq!(def_source(&s.definition), BASE);
-        assert_eq!(s.images[BASE].data.as_deref(), Some("C"));
-        assert!(s.violations.is_empty(), "{:?}", s.violations);
+        delete(&e, "s4", NONE).unwrap();
+        assert_home(&e, "C", &format!("up {up}: the disk on its own file"));
+    }
+}
+
+/// The disk back on its own file after the deletes: no other image, the definition and the
+/// top on the base, holding `data`, and no violation.
+fn assert_home(e: &Env, data: &str, ctx: &str) {
+    let s = e.world.st();
+    assert_eq!(s.images.keys().collect::<Vec<_>>(), [BASE], "{ctx}");
+    assert_eq!(s.top, BASE, "{ctx}");
+    assert_eq!(def_source(&s.definition), BASE, "{ctx}");
+    assert_eq!(s.images[BASE].data.as_deref(), Some(data), "{ctx}");
+    assert!(s.violations.is_empty(), "{ctx}: {:?}", s.violations);
+}
+
+/// Records who made each overlay (path, by, snapshot) in the overlay record.
+fn record(e: &Env, entries: &[(&str, MadeBy, &str)]) {
+    for (p, by, s) in entries {
+        e.store
+            .record_overlay(
+                p,
+                OverlayOwner {
+                    by: *by,
+                    snapshot: Some((*s).into()),
+                },
+            )
+            .unwrap();
     }
 }
