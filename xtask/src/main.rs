@@ -23,7 +23,7 @@ commands:
   deps [--libvirt]     install QEMU 10.0.2, btrfs-progs, lvm2 and the benchmark peers (idempotent; root);
                        --libvirt adds libvirt 11.3 (bookworm-backports, systemd left as it is)
   guest-image          build the test guest into target/guest (cached)
-  test [ARGS...]       deps + guest-image + fmt/clippy + the whole test suite; ARGS go to cargo test
+  test [ARGS...]       deps + guest-image + fmt/clippy/doc + the whole test suite; ARGS go to cargo test
   bench NAME|list      run a benchmark against its peer in the same run
   demo [--keep]        run what virt-snap can do today and say what it did (in target/demo,
                        removed at the end unless --keep)
@@ -75,6 +75,11 @@ fn test(extra: &[String]) -> Result<(), String> {
         "-D",
         "warnings",
     ])?;
+    util::step("cargo doc -D warnings (every crate's docs build, links resolve)");
+    util::cargo_env(
+        &["doc", "--workspace", "--no-deps", "--quiet"],
+        &[("RUSTDOCFLAGS", std::ffi::OsStr::new("-D warnings"))],
+    )?;
     util::step("cargo test (whole workspace, real components)");
     let mut args: Vec<&str> = vec!["test", "--workspace", "--no-fail-fast"];
     args.extend(extra.iter().map(String::as_str));

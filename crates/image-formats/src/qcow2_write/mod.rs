@@ -1,4 +1,4 @@
-//! Writing qcow2 images natively: creating images and overlays ([`create`]) and internal
+//! Writing qcow2 images natively: creating images and overlays ([`create()`]) and internal
 //! snapshots ([`SnapshotEditor`]: create, apply, delete), compatible with QEMU.
 //!
 //! Refcounts are counted per L1 path (an L2 table shared by N snapshots and the active

@@ -2,7 +2,7 @@
 //! QMP monitor, its guest agent, image-formats and the storage backends, and
 //! [`Domain::snapshot_create`]. See docs/capture.md.
 //!
-//! One [`LiveDomain`] serves one operation: it owns the operation's single QMP connection and
+//! One `LiveDomain` serves one operation: it owns the operation's single QMP connection and
 //! the guest agent connection, and measures how long the vCPUs were paused and the guest
 //! frozen.
 

@@ -1047,7 +1047,7 @@ impl Domain {
     /// the user gave are never removed.
     /// docs/delete.md has the kinds and what a failure leaves.
     /// Long jobs (the merges, internal deletes through QEMU) report their progress to the
-    /// connection's [`Progress`](crate::progress::Progress).
+    /// connection's [`Progress`].
     pub async fn snapshot_delete(&self, name: &str, flags: DeleteFlags) -> Result<DeleteResult> {
         let t0 = Instant::now();
         let op = self.op_lock_to_change("snapshot delete").await?;

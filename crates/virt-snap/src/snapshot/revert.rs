@@ -2,7 +2,7 @@
 //! implemented over the domain's QMP monitor, image-formats and the stored definition, and
 //! [`Domain::snapshot_revert`]. See docs/revert.md.
 //!
-//! One [`Reverting`] serves one operation. Unlike a capture's, its QEMU may change under it
+//! One `Reverting` serves one operation. Unlike a capture's, its QEMU may change under it
 //! (a revert stops the domain and starts it again), so it connects to whichever QEMU runs
 //! when a step needs one.
 
