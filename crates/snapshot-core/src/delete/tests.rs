@@ -2189,3 +2189,36 @@ fn record(e: &Env, entries: &[(&str, MadeBy, &str)]) {
             .unwrap();
     }
 }
+
+#[test]
+fn a_gone_snapshots_overlay_on_the_top_goes_home_after_a_stream_under_it() {
+    // Found by tests/history.rs (seed 42, 48 operations): s6's data is vda.s5 (the overlay
+    // of a snapshot that is gone), which has s6's overlay and a gone snapshot's revert
+    // overlay (the disk's top) on it. Deleting s6 removes s6's overlay and streams vda.s5
+    // up into the top, which then sits on the base alone, needed by nothing: merged home
+    // after the stream.
+    for up in [false, true] {
+        let mut case = external(up);
+        case.snaps = vec![snap("s6", None, "/d/vda.s5", Some("/d/vda.s6"))];
+        case.current = Some("s6");
+        case.images = vec![
+            (BASE, None, Some("A"), vec![]),
+            ("/d/vda.s5", Some(BASE), Some("B"), vec![]),
+            ("/d/vda.s6", Some("/d/vda.s5"), Some("X"), vec![]),
+            ("/d/vda.s7.r1", Some("/d/vda.s5"), Some("C"), vec![]),
+        ];
+        case.top = "/d/vda.s7.r1";
+        case.data = vec![("s6", "B")];
+        let e = env(&case);
+        record(
+            &e,
+            &[
+                ("/d/vda.s5", MadeBy::Capture, "s5"),
+                ("/d/vda.s6", MadeBy::Capture, "s6"),
+                ("/d/vda.s7.r1", MadeBy::Revert, "s7"),
+            ],
+        );
+        delete(&e, "s6", NONE).unwrap();
+        assert_home(&e, "C", &format!("up {up}"));
+    }
+}
