@@ -21,6 +21,16 @@ impl RunFiles<'_> {
 }
 
 /// QEMU's option syntax doubles commas inside values.
+/// QEMU's protocol driver for image `path`: `host_device` for a block device (QEMU's `file`
+/// driver refuses one), else `file`.
+pub(crate) fn protocol_driver(path: &Path) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::metadata(path) {
+        Ok(m) if m.file_type().is_block_device() => "host_device",
+        _ => "file",
+    }
+}
+
 pub(crate) fn esc(s: &str) -> String {
     s.replace(',', ",,")
 }
@@ -104,11 +114,7 @@ pub(crate) fn build(
     for (d, path) in spec.disks.iter().zip(paths) {
         let ro = d.readonly || d.device == DiskDevice::Cdrom;
         let ro = if ro { "on" } else { "off" };
-        let is_blk = std::fs::metadata(path).is_ok_and(|m| {
-            use std::os::unix::fs::FileTypeExt;
-            m.file_type().is_block_device()
-        });
-        let proto = if is_blk { "host_device" } else { "file" };
+        let proto = protocol_driver(path);
         push(&[
             "-blockdev",
             &format!(

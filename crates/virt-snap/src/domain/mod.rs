@@ -13,7 +13,7 @@
 //! QMP client per socket): a second one waits for it, up to [`Domain::op_timeout`], then fails
 //! naming the operation in the way.
 
-mod argv;
+pub(crate) mod argv;
 mod define;
 pub mod keeper;
 pub mod runstate;

@@ -7,7 +7,7 @@ use super::capture::{
     be, crc, del_overlay_node, delete_internal_snapshot, remove_overlay_file, sweep_detached_nodes,
     JOB_TIMEOUT,
 };
-use super::ops::{delete_volume_snapshot, ns, same_image, DomainQmp, OpLock};
+use super::ops::{delete_volume_snapshot, nodes_of, ns, same_image, DomainQmp, OpLock};
 use crate::domain::runstate;
 use crate::domain::Domain;
 use crate::error::{Error, ErrorKind, Result};
@@ -60,15 +60,6 @@ pub(crate) struct Deleting {
     /// The domain's operation lock, lent to a backend call that takes it itself (a running
     /// domain's volume snapshot deleted under its hold).
     op: OpLock,
-}
-
-/// The format nodes (not protocol nodes) of image `path`.
-fn nodes_of<'a>(nodes: &'a [BlockDeviceInfo], path: &str) -> Vec<&'a str> {
-    nodes
-        .iter()
-        .filter(|n| !matches!(n.drv.as_str(), "file" | "host_device") && same_image(&n.file, path))
-        .filter_map(|n| n.node_name.as_deref())
-        .collect()
 }
 
 /// The one format node of image `path` (of disk `disk`); several or none: refused before
@@ -188,12 +179,8 @@ async fn named_chain_node(
         };
         let named = format!("vs-n-{:08x}", crc(&format!("{disk}:{}", cinfo.file)));
         let fnode = super::capture::file_node(&named);
-        let is_blk = std::fs::metadata(&cinfo.file).is_ok_and(|m| {
-            use std::os::unix::fs::FileTypeExt;
-            m.file_type().is_block_device()
-        });
-        let proto = if is_blk { "host_device" } else { "file" };
-        // Two nodes, as the captures' overlays have: each closed by its own blockdev-del.
+        // Two nodes, as the captures' overlays have (del_overlay_node closes both).
+        let proto = crate::domain::argv::protocol_driver(Path::new(&cinfo.file));
         let file = qc::BlockdevOptions::new(proto, &fnode).set("filename", cinfo.file.as_str());
         qmp.run(&qc::BlockdevAdd(file))
             .await
@@ -202,11 +189,8 @@ async fn named_chain_node(
             .set("file", fnode.as_str())
             .read_only(true)
             .backing(below.as_deref());
-        let del = |node: &str| qc::BlockdevDel {
-            node_name: node.to_string(),
-        };
         if let Err(e) = qmp.run(&qc::BlockdevAdd(add)).await {
-            let _ = qmp.run(&del(&fnode)).await;
+            let _ = del_overlay_node(qmp, &named).await;
             return Err(ns("blockdev-add", e));
         }
         failpoint("name-node");
@@ -223,8 +207,7 @@ async fn named_chain_node(
             })
             .await
         {
-            let _ = qmp.run(&del(&named)).await;
-            let _ = qmp.run(&del(&fnode)).await;
+            let _ = del_overlay_node(qmp, &named).await;
             return Err(ns("blockdev-reopen", e));
         }
         graph = graph_now().await?;
@@ -439,19 +422,13 @@ async fn stream_job(
 }
 
 impl Deleting {
-    pub(crate) fn new(dom: &Domain) -> Self {
+    /// Holding the domain's operation lock `op` (lent to backend calls, given back by
+    /// `self.op.take()`).
+    fn holding(dom: &Domain, op: locking::Acquired) -> Self {
         Deleting {
             dom: dom.clone(),
             qmp: DomainQmp::new(dom),
-            op: OpLock::new(dom, "snapshot delete", None),
-        }
-    }
-
-    /// The same, holding the domain's operation lock `op`.
-    fn holding(dom: &Domain, op: locking::Acquired) -> Self {
-        Deleting {
             op: OpLock::new(dom, "snapshot delete", Some(op)),
-            ..Deleting::new(dom)
         }
     }
 
@@ -488,12 +465,19 @@ impl Deleting {
     }
 
     /// A merge in the running QEMU.
-    async fn commit_live(&self, m: &Merge) -> CoreResult<()> {
+    /// The running QEMU and disk `disk`'s top node there; failing to reach either changed
+    /// nothing (not started).
+    async fn live_disk(&self, disk: &str) -> CoreResult<(QmpClient, String)> {
         let not_started = |e: snapshot_core::Error| {
-            snapshot_core::Error::not_started(m.disk.as_str(), e.to_string()).caused_by(e)
+            snapshot_core::Error::not_started(disk, e.to_string()).caused_by(e)
         };
         let qmp = self.qmp().await.map_err(not_started)?;
-        let root = self.top_of(&m.disk).await.map_err(not_started)?;
+        let root = self.top_of(disk).await.map_err(not_started)?;
+        Ok((qmp, root))
+    }
+
+    async fn commit_live(&self, m: &Merge) -> CoreResult<()> {
+        let (qmp, root) = self.live_disk(&m.disk).await?;
         commit_job(&qmp, m, &root, &job_id(m), self.dom.conn.progress()).await?;
         failpoint("commit");
         // The overlay's nodes, out of the graph now, dropped (QEMU drops the ones it opened
@@ -822,11 +806,7 @@ impl core::Images for Deleting {
         if m.mode == CommitMode::Offline {
             return Ok(());
         }
-        let not_started = |e: snapshot_core::Error| {
-            snapshot_core::Error::not_started(m.disk.as_str(), e.to_string()).caused_by(e)
-        };
-        let qmp = self.qmp().await.map_err(not_started)?;
-        let root = self.top_of(&m.disk).await.map_err(not_started)?;
+        let (qmp, root) = self.live_disk(&m.disk).await?;
         start_commit_job(&qmp, m, &root, &job_id(m)).await
     }
 

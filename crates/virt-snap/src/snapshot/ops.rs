@@ -67,6 +67,18 @@ pub(crate) fn failpoint(op: &str, name: &str) {
     }
 }
 
+/// The format nodes (not protocol nodes) QEMU has of image `path`.
+pub(crate) fn nodes_of<'a>(
+    nodes: &'a [qmp_proto::commands::BlockDeviceInfo],
+    path: &str,
+) -> Vec<&'a str> {
+    nodes
+        .iter()
+        .filter(|n| !matches!(n.drv.as_str(), "file" | "host_device") && same_image(&n.file, path))
+        .filter_map(|n| n.node_name.as_deref())
+        .collect()
+}
+
 /// Do the image names `a` (as QEMU reports it) and `b` name the same file?
 pub(crate) fn same_image(a: &str, b: &str) -> bool {
     use std::os::unix::fs::MetadataExt;

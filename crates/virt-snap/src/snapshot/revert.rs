@@ -10,7 +10,7 @@ use super::capture::{
     add_overlay_node, be, crc, create_overlay_file, del_overlay_node, delete_internal_snapshot,
     file_node, lease_to_qemu, merge_back, remove_overlay_file, sweep_detached_nodes, JOB_TIMEOUT,
 };
-use super::ops::{delete_volume_snapshot, same_image, DomainQmp, OpLock};
+use super::ops::{delete_volume_snapshot, nodes_of, DomainQmp, OpLock};
 use crate::domain::runstate;
 use crate::domain::{Domain, DomainState};
 use crate::error::{Error, ErrorKind, Result};
@@ -66,19 +66,13 @@ pub(crate) struct Reverting {
 }
 
 impl Reverting {
-    pub(crate) fn new(dom: &Domain) -> Self {
+    /// Holding the domain's operation lock `op` (lent to backend calls, given back by
+    /// `self.op.take()`).
+    fn holding(dom: &Domain, op: locking::Acquired) -> Self {
         Reverting {
             dom: dom.clone(),
             qmp: DomainQmp::new(dom),
-            op: OpLock::new(dom, "snapshot revert", None),
-        }
-    }
-
-    /// The same, holding the domain's operation lock `op`.
-    fn holding(dom: &Domain, op: locking::Acquired) -> Self {
-        Reverting {
             op: OpLock::new(dom, "snapshot revert", Some(op)),
-            ..Reverting::new(dom)
         }
     }
 
@@ -386,9 +380,7 @@ impl core::Images for Reverting {
             .map_err(|e| be("query-named-block-nodes", e))?;
         let mut opened: Vec<String> = Vec::new();
         for sw in swaps.iter().filter(|sw| sw.top_image != sw.base) {
-            let has = nodes
-                .iter()
-                .any(|n| n.drv != "file" && same_image(&n.file, &sw.base));
+            let has = !nodes_of(&nodes, &sw.base).is_empty();
             if has || opened.iter().any(|o| *o == branch_node_name(&sw.base)) {
                 continue;
             }
@@ -426,10 +418,8 @@ impl core::Images for Reverting {
             .map_err(|e| be("query-named-block-nodes", e))?;
         let mut options = Vec::new();
         for sw in swaps.iter().filter(|sw| sw.top_image != sw.base) {
-            let found: Vec<&str> = nodes
-                .iter()
-                .filter(|n| n.drv != "file" && same_image(&n.file, &sw.base))
-                .filter_map(|n| n.node_name.as_deref())
+            let found: Vec<&str> = nodes_of(&nodes, &sw.base)
+                .into_iter()
                 .filter(|n| *n != sw.overlay)
                 .collect();
             let [base] = found[..] else {
@@ -545,16 +535,9 @@ impl Reverting {
             .map_err(|e| be(base, e))?;
         let format = chain[0].format().as_str();
         let below = chain.get(1).map(|i| i.filename.clone());
-        let shared = below.as_deref().and_then(|b| {
-            let found: Vec<&str> = nodes
-                .iter()
-                .filter(|n| n.drv != "file" && n.drv != "host_device" && same_image(&n.file, b))
-                .filter_map(|n| n.node_name.as_deref())
-                .collect();
-            match found[..] {
-                [one] => Some(one.to_string()),
-                _ => None,
-            }
+        let shared = below.as_deref().and_then(|b| match nodes_of(nodes, b)[..] {
+            [one] => Some(one.to_string()),
+            _ => None,
         });
         // Its lease (shared: read-only), handed to QEMU as the node's, unless this domain
         // holds it already (an image its QEMU was started on keeps its lease until QEMU
@@ -572,7 +555,13 @@ impl Reverting {
             lease_to_qemu(&self.dom.conn, &self.dom.name, pid, qmp, &node, base, true).await?;
         }
         if let Err(e) = qmp
-            .run(&qc::BlockdevAdd(BlockdevOptions::file(&fnode, base)))
+            .run(&qc::BlockdevAdd(
+                BlockdevOptions::new(
+                    crate::domain::argv::protocol_driver(Path::new(base)),
+                    &fnode,
+                )
+                .set("filename", base),
+            ))
             .await
         {
             let _ = del_overlay_node(qmp, &node).await;
