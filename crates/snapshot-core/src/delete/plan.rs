@@ -514,6 +514,22 @@ fn needed(
         .any(|r| chains.chain(r).iter().any(|i| i == path))
 }
 
+/// Is `path` virt-snap's own overlay (by the overlay record) made for snapshot `deleting` or
+/// for one that is gone from `sim`?
+fn ours_for_gone(
+    facts: &dyn Facts,
+    sim: &SnapshotTree,
+    deleting: &SnapshotName,
+    path: &str,
+) -> bool {
+    facts.owner(path).is_some_and(|o| {
+        o.is_ours()
+            && o.snapshot
+                .as_deref()
+                .is_some_and(|m| m == deleting.as_str() || !sim.contains(m))
+    })
+}
+
 /// What must stay when overlays are dropped: the tree as the plan leaves it, the disks'
 /// tops and the definition, the snapshot being deleted (not counted as needing anything),
 /// the disk's active chain, and images that hold internal snapshots.
@@ -982,13 +998,7 @@ impl DeletePlan {
                             // first: one kept by an earlier delete because a revert overlay
                             // of this snapshot was on it.
                             let disposable = |x: &str| {
-                                is_revert_overlay(x)
-                                    || facts.owner(x).is_some_and(|o| {
-                                        o.is_ours()
-                                            && o.snapshot.as_deref().is_some_and(|m| {
-                                                m == sname.as_str() || !sim.contains(m)
-                                            })
-                                    })
+                                is_revert_overlay(x) || ours_for_gone(facts, &sim, sname, x)
                             };
                             let is_tagged = |i: &str| tagged(i, &removed_tags);
                             let dropped = drop_disposable_dependents(
@@ -1289,14 +1299,7 @@ impl DeletePlan {
                         // that snapshot's own overlay).
                         if let Some(below) = chains.back(&top) {
                             let chain = chains.chain(&top);
-                            let gone_ours = |x: &str| {
-                                facts.owner(x).is_some_and(|o| {
-                                    o.is_ours()
-                                        && o.snapshot.as_deref().is_some_and(|m| {
-                                            m == sname.as_str() || !sim.contains(m)
-                                        })
-                                })
-                            };
+                            let gone_ours = |x: &str| ours_for_gone(facts, &sim, sname, x);
                             drop_disposable_dependents(
                                 &mut chains,
                                 Keep {

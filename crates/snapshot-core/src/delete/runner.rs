@@ -59,14 +59,11 @@ pub struct DeleteOutcome {
 
 type J = DomainJournal;
 
-/// The live merges of `snapshot` that follow `step` (a live commit) in `plan` without another
-/// step between them, each on a disk of its own (a merge on the same disk as an earlier one
-/// waits for it: the chain changes under it).
-fn side_by_side<'p>(plan: &'p DeletePlan, step: &Step, snapshot: &SnapshotName) -> Vec<&'p Merge> {
-    let Some(at) = plan.steps.iter().position(|s| std::ptr::eq(s, step)) else {
-        return Vec::new();
-    };
-    let Step::Commit { merge: first, .. } = step else {
+/// The live merges of `snapshot` that follow step `at` (a live commit) in `plan` without
+/// another step between them, each on a disk of its own (a merge on the same disk as an
+/// earlier one waits for it: the chain changes under it).
+fn side_by_side<'p>(plan: &'p DeletePlan, at: usize, snapshot: &SnapshotName) -> Vec<&'p Merge> {
+    let Some(Step::Commit { merge: first, .. }) = plan.steps.get(at) else {
         return Vec::new();
     };
     let mut disks = vec![first.disk.as_str()];
@@ -91,14 +88,15 @@ fn side_by_side<'p>(plan: &'p DeletePlan, step: &Step, snapshot: &SnapshotName) 
     out
 }
 
-/// Performs one step's effect.
+/// Performs the effect of step `at` of `plan`.
 async fn act(
     caps: &Capabilities<'_>,
     store: &DomainStore,
     plan: &DeletePlan,
-    step: &Step,
+    at: usize,
 ) -> Result<()> {
     let i = caps.images;
+    let step = &plan.steps[at];
     match step {
         Step::DeleteInternal {
             tag, live, offline, ..
@@ -124,7 +122,7 @@ async fn act(
                 // same snapshot's other disks that follow it, so that they run side by side
                 // (each step then finds its job running, or finished).
                 i.start_commit(merge).await?;
-                for m in side_by_side(plan, step, snapshot) {
+                for m in side_by_side(plan, at, snapshot) {
                     // One that cannot start here is started (and its error reported) by its
                     // own step.
                     let _ = i.start_commit(m).await;
@@ -234,7 +232,7 @@ pub async fn run(
             Ok(j) => {
                 // Every undo is idempotent, and a failed step may have acted in part.
                 touched.push((j, step.clone()));
-                match act(caps, store, plan, step).await {
+                match act(caps, store, plan, at).await {
                     Ok(()) => journal.step_done(op, j),
                     Err(e) => Err(e),
                 }
@@ -340,7 +338,7 @@ async fn roll_forward(
             step: step.clone(),
         });
         let res = match journal.record_step(op, rec) {
-            Ok(j) => match act(caps, store, plan, step).await {
+            Ok(j) => match act(caps, store, plan, at).await {
                 Ok(()) => journal.step_done(op, j),
                 Err(e) => Err(e),
             },

@@ -439,33 +439,34 @@ impl RevertPlan {
         // A disk the snapshot captured (internal or external) that the domain no longer has
         // comes back as the snapshot's copy describes it (libvirt's revert puts the
         // snapshot's whole definition back): its image is the copy's source.
-        let restored: Vec<DomainDisk> =
-            snap.disks
-                .iter()
-                .filter(|d| {
-                    matches!(d.location(), Some(Location::Internal | Location::External))
-                        && !dom.disks.iter().any(|x| {
-                            x.target == d.name || x.source.as_deref() == Some(d.name.as_str())
-                        })
+        // A snapshot disk names a domain disk by target (or by its current source).
+        let is_disk =
+            |x: &DomainDisk, name: &str| x.target == name || x.source.as_deref() == Some(name);
+        let restored: Vec<DomainDisk> = snap
+            .disks
+            .iter()
+            .filter(|d| {
+                matches!(d.location(), Some(Location::Internal | Location::External))
+                    && !dom.disks.iter().any(|x| is_disk(x, &d.name))
+            })
+            .filter_map(|d| {
+                let cd = copy.as_ref()?.disk(&d.name)?;
+                let source = match cd.source_ref()? {
+                    SourceRef::File(p) | SourceRef::Block(p) => p.to_string(),
+                    SourceRef::Volume { pool, volume } => facts.volume_path(pool, volume)?,
+                };
+                Some(DomainDisk {
+                    target: d.name.clone(),
+                    source: Some(source),
+                    format: cd.format().unwrap_or("raw").to_string(),
+                    volume: None,
+                    readonly: false,
+                    cdrom: false,
+                    node: String::new(),
                 })
-                .filter_map(|d| {
-                    let cd = copy.as_ref()?.disk(&d.name)?;
-                    let source = match cd.source_ref()? {
-                        SourceRef::File(p) | SourceRef::Block(p) => p.to_string(),
-                        SourceRef::Volume { pool, volume } => facts.volume_path(pool, volume)?,
-                    };
-                    Some(DomainDisk {
-                        target: d.name.clone(),
-                        source: Some(source),
-                        format: cd.format().unwrap_or("raw").to_string(),
-                        volume: None,
-                        readonly: false,
-                        cdrom: false,
-                        node: String::new(),
-                    })
-                })
-                .collect();
-        // The disks captured, matched with the domain's by target (or current source).
+            })
+            .collect();
+        // The disks captured, matched with the domain's.
         let mut internal = Vec::new();
         let mut external = Vec::new();
         let mut storage = Vec::new();
@@ -476,7 +477,7 @@ impl RevertPlan {
                 .disks
                 .iter()
                 .chain(&restored)
-                .find(|x| x.target == d.name || x.source.as_deref() == Some(d.name.as_str()));
+                .find(|x| is_disk(x, &d.name));
             if let Some(dd) = dd {
                 matched.push(dd.target.clone());
             }
